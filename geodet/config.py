@@ -1,0 +1,253 @@
+"""Typed settings for every stage, with one source of defaults: the dataclasses below.
+
+YAML files (see ``configs/``) override these defaults; CLI flags override the YAML.
+Unknown keys and wrong types raise a GeodetError naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import GeodetError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class SceneConfig:
+    """How a raster is read: bands, dtype scaling, ground resolution."""
+
+    bands: list[int] = field(default_factory=lambda: [1, 2, 3])
+    # uint16 and float bands are scaled to 0..1 between these per-band percentiles.
+    percentiles: list[float] = field(default_factory=lambda: [2.0, 98.0])
+    # Resample on read to this ground resolution (metres per pixel); None keeps the native grid.
+    gsd_m: Optional[float] = None
+    # Tiles whose valid (not nodata) fraction is at or below this are skipped.
+    min_valid_fraction: float = 0.0
+
+
+@dataclass
+class TilingConfig:
+    tile_size: int = 512
+    overlap: int = 64
+    # If set, the overlap in metres; converted to pixels at the (resampled) GSD.
+    overlap_m: Optional[float] = None
+
+
+@dataclass
+class ModelConfig:
+    classes: list[str] = field(default_factory=lambda: ["object"])
+    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | resnet101
+    pretrained: str = "none"  # none | imagenet (needs torchvision's weights cached)
+    trainable_layers: int = 5
+    # Pyramid levels [min, max]: P2 has stride 4, P7 stride 128.
+    levels: list[int] = field(default_factory=lambda: [2, 5])
+    # One base anchor size (pixels) per level, smallest first.
+    anchor_sizes: list[float] = field(default_factory=lambda: [12.0, 24.0, 48.0, 96.0])
+    scales_per_octave: int = 1
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    channels: int = 128  # FPN and head width
+    head_depth: int = 4  # conv layers in each subnet before the output conv
+    group_norm: bool = False
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    prior_probability: float = 0.01
+    fg_iou: float = 0.5
+    bg_iou: float = 0.4
+    score_threshold: float = 0.05
+    nms_iou: float = 0.5
+    topk_candidates: int = 3000
+    detections_per_tile: int = 1000
+
+
+@dataclass
+class SceneLabels:
+    scene: str = ""
+    labels: str = ""
+
+
+@dataclass
+class TrainConfig:
+    scenes: list[SceneLabels] = field(default_factory=list)
+    # Separate validation scenes; when empty a spatial block of each training scene is held out.
+    val_scenes: list[SceneLabels] = field(default_factory=list)
+    class_column: str = "label"
+    unknown_classes: str = "drop"  # drop | keep (keep adds them as new classes)
+    point_box_m: float = 1.0  # points become squares of this side
+    epochs: int = 10
+    steps_per_epoch: int = 50
+    max_steps: Optional[int] = None
+    time_limit_min: Optional[float] = None
+    batch_size: int = 4
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 0.001
+    weight_decay: float = 0.0001
+    warmup_steps: int = 50
+    grad_clip: float = 10.0
+    negative_fraction: float = 0.2
+    min_visibility: float = 0.5
+    max_nodata_fraction: float = 0.5
+    val_fraction: float = 0.2
+    augment: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class DetectConfig:
+    batch_size: int = 8
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: Optional[int] = None  # None: min(2, cpu count - 1)
+    score_threshold: Optional[float] = None  # None: the model card's
+
+
+@dataclass
+class OutputConfig:
+    format: Optional[str] = None  # geojson | gpkg | fgb | shp | csv; None: by extension
+    csv_geometry: str = "wkt"  # wkt | pixel
+
+
+@dataclass
+class Config:
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in that type."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except GeodetError:
+                pass
+        raise GeodetError(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise GeodetError(f"{source}: '{key}' must be a {_type_name(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise GeodetError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return _merge(tp(), value, key, source)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise GeodetError(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _merge(obj: Any, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise GeodetError(f"{source}: unknown key '{full}' (allowed here: {', '.join(names)})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            _merge(current, value, full, source)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full, source))
+    return obj
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of one in ``configs/`` (``trees`` -> configs/trees.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / f"{name_or_path}.yaml", CONFIG_DIR / str(name_or_path)):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    hint = f" (built-in configs: {', '.join(known)})" if known else ""
+    raise GeodetError(f"config file not found: {name_or_path}{hint}")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (dotted keys)."""
+    cfg = Config()
+    if path is not None:
+        file = resolve_config_path(path)
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise GeodetError(f"{file}: not valid YAML{where}: fix the syntax") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise GeodetError(f"cannot read config {file}: {exc}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise GeodetError(f"{file}: the top level must be a mapping of sections (scene, tiling, model, ...)")
+        _merge(cfg, data, "", str(file))
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "command line") -> Config:
+    """Set dotted keys such as ``{"tiling.tile_size": 256}``; ``None`` values are ignored."""
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = dotted.rpartition(".")
+        nested: dict[str, Any] = {key: value}
+        for part in reversed(section.split(".")) if section else []:
+            nested = {part: nested}
+        _merge(cfg, nested, "", source)
+    return cfg
+
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    return _merge(Config(), copy.deepcopy(data), "", source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,258 @@
+"""Opening a raster scene: band choice, dtype scaling, nodata masks and resampling on read.
+
+Only windows are ever read. Per-band scaling statistics for non-uint8 data come from one
+decimated read (GDAL uses overviews when the file has them), never from a full read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import GeodetError
+
+log = logging.getLogger(__name__)
+
+STATS_MAX_SIDE = 1024  # decimated read for percentile statistics
+
+
+def _rasterio():
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+    return rasterio
+
+
+def open_raster(path: str | Path):
+    """rasterio.open with a clear GeodetError for missing or unreadable files."""
+    rasterio = _rasterio()
+    p = Path(path)
+    if not str(path).startswith(("/vsi", "http://", "https://", "s3://")):
+        if not p.exists():
+            raise GeodetError(f"scene not found: {path}")
+        if p.is_dir():
+            raise GeodetError(f"scene is a folder, not a raster file: {path}")
+    try:
+        return rasterio.open(path)
+    except rasterio.errors.RasterioIOError:
+        raise GeodetError(
+            f"{path}: not a raster that GDAL can read (expected a GeoTIFF or another georeferenced raster)"
+        ) from None
+
+
+def pixel_size_m(transform) -> float:
+    """Ground resolution of a (possibly rotated) affine transform, in CRS units per pixel."""
+    return float(math.hypot(transform.a, transform.d))
+
+
+class Scene:
+    """A raster opened for windowed reads of selected bands, scaled to float32 in 0..1.
+
+    ``width``, ``height`` and ``transform`` describe the pixel grid that tiles live in: the file's
+    own, or the resampled one when ``gsd_m`` differs from the file's resolution.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        bands: Sequence[int] | None = (1, 2, 3),
+        gsd_m: float | None = None,
+        percentiles: Sequence[float] = (2.0, 98.0),
+        stats: dict | None = None,
+    ):
+        self.path = str(path)
+        self._handle = None
+        self._pid = None
+        src = open_raster(self.path)
+        try:
+            self.file_count = src.count
+            self.file_width, self.file_height = src.width, src.height
+            self.file_transform = src.transform
+            self.crs = src.crs
+            self.dtype = np.dtype(src.dtypes[0])
+            self.nodata = src.nodata
+            self.native_gsd = pixel_size_m(src.transform)
+            self.has_georef = src.crs is not None and not src.transform.is_identity
+            flags = src.mask_flag_enums
+        finally:
+            src.close()
+        if bands is None or len(bands) == 0:
+            bands = list(range(1, self.file_count + 1))
+        self.bands = [int(b) for b in bands]
+        bad = [b for b in self.bands if not 1 <= b <= self.file_count]
+        if bad:
+            raise GeodetError(
+                f"{self.path}: band {bad[0]} requested but the scene has {self.file_count} band(s): pass --bands "
+                f"with numbers from 1 to {self.file_count}"
+            )
+        from rasterio.enums import MaskFlags
+
+        self.all_valid = all(f == [MaskFlags.all_valid] for f in flags) and self.nodata is None
+        self.is_float = self.dtype.kind == "f"
+        self.gsd_m = gsd_m
+        self.resampled = False
+        self.width, self.height, self.transform = self.file_width, self.file_height, self.file_transform
+        if gsd_m is not None:
+            if gsd_m <= 0:
+                raise GeodetError(f"gsd_m must be positive, got {gsd_m}")
+            if self.crs is None or not self.crs.is_projected:
+                raise GeodetError(
+                    f"{self.path}: resampling to {gsd_m} m needs a projected CRS in metres; "
+                    "reproject the scene (e.g. gdalwarp -t_srs EPSG:326xx) or unset gsd_m"
+                )
+            factor = gsd_m / self.native_gsd
+            if abs(factor - 1.0) > 1e-6:
+                from rasterio.transform import Affine
+
+                self.resampled = True
+                self.width = max(1, int(round(self.file_width / factor)))
+                self.height = max(1, int(round(self.file_height / factor)))
+                # Scale so that the resampled grid covers exactly the file's extent.
+                self.transform = self.file_transform * Affine.scale(
+                    self.file_width / self.width, self.file_height / self.height
+                )
+        self.percentiles = tuple(float(p) for p in percentiles)
+        if self.dtype == np.uint8:
+            self.stats = {"lo": [0.0] * len(self.bands), "hi": [255.0] * len(self.bands)}
+        elif stats is not None:
+            self.stats = {"lo": list(stats["lo"]), "hi": list(stats["hi"])}
+        else:
+            self.stats = self._percentile_stats()
+
+    # -- handles ---------------------------------------------------------------------------
+    @property
+    def handle(self):
+        """The open dataset of this process (reopened after fork or unpickling)."""
+        if self._handle is None or self._pid != os.getpid():
+            src = open_raster(self.path)
+            if self.resampled:
+                from rasterio.enums import Resampling
+                from rasterio.vrt import WarpedVRT
+
+                src = WarpedVRT(
+                    src,
+                    crs=self.crs,
+                    transform=self.transform,
+                    width=self.width,
+                    height=self.height,
+                    resampling=Resampling.bilinear,
+                )
+            self._handle, self._pid = src, os.getpid()
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+
+    def __enter__(self) -> "Scene":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+    # -- reading ---------------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        return len(self.bands)
+
+    @property
+    def pixel_gsd(self) -> float:
+        return pixel_size_m(self.transform)
+
+    def _percentile_stats(self) -> dict:
+        scale = max(self.width, self.height) / STATS_MAX_SIDE
+        out_w = max(1, int(self.width / max(scale, 1)))
+        out_h = max(1, int(self.height / max(scale, 1)))
+        src = self.handle
+        from rasterio.enums import Resampling
+
+        data = src.read(self.bands, out_shape=(self.count, out_h, out_w), resampling=Resampling.nearest)
+        valid = np.ones((out_h, out_w), bool)
+        if not self.all_valid:
+            valid &= src.dataset_mask(out_shape=(out_h, out_w), resampling=Resampling.nearest) > 0
+        if self.is_float:
+            valid &= np.all(np.isfinite(data), axis=0)
+        lo, hi = [], []
+        p0, p1 = self.percentiles
+        for band in data:
+            vals = band[valid].astype(np.float64)
+            if vals.size == 0:
+                lo.append(0.0)
+                hi.append(1.0)
+                continue
+            a, b = np.percentile(vals, [p0, p1])
+            if not b > a:
+                b = a + 1.0
+            lo.append(float(a))
+            hi.append(float(b))
+        log.debug("%s: band scaling limits lo=%s hi=%s", self.path, lo, hi)
+        return {"lo": lo, "hi": hi}
+
+    def read_raw(self, window) -> np.ndarray:
+        """The selected bands of ``window`` in the file's dtype (in the resampled grid if any)."""
+        return self.handle.read(self.bands, window=window)
+
+    def read_valid(self, window) -> np.ndarray:
+        """Boolean mask of valid pixels (not nodata, not masked, finite)."""
+        h, w = int(window.height), int(window.width)
+        if self.all_valid:
+            return np.ones((h, w), bool)
+        return self.handle.dataset_mask(window=window) > 0
+
+    def scale(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        out = data.astype(np.float32)
+        lo = np.asarray(self.stats["lo"], np.float32)[:, None, None]
+        hi = np.asarray(self.stats["hi"], np.float32)[:, None, None]
+        out = (out - lo) / (hi - lo)
+        np.clip(out, 0.0, 1.0, out=out)
+        if self.is_float:
+            valid = valid & np.all(np.isfinite(data), axis=0)
+        out[:, ~valid] = 0.0
+        return out
+
+    def read_tile(self, tile) -> tuple[np.ndarray, float]:
+        """A tile as float32 ``[C, tile, tile]`` (padded with 0 past the scene) and its valid fraction."""
+        window = tile.window()
+        data = self.read_raw(window)
+        valid = self.read_valid(window)
+        if self.is_float:
+            valid = valid & np.all(np.isfinite(data), axis=0)
+        frac = float(valid.mean()) if valid.size else 0.0
+        scaled = self.scale(data, valid)
+        if scaled.shape[1:] != (tile.height, tile.width):
+            padded = np.zeros((self.count, tile.height, tile.width), np.float32)
+            padded[:, : scaled.shape[1], : scaled.shape[2]] = scaled
+            scaled = padded
+        return scaled, frac
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        from rasterio.transform import array_bounds
+
+        south, west, north, east = array_bounds(self.height, self.width, self.transform)
+        return (west, south, east, north)
+
+    def describe(self) -> str:
+        crs = self.crs.to_string() if self.crs else "no CRS"
+        extra = f", resampled to {self.gsd_m} m: {self.width} x {self.height}" if self.resampled else ""
+        return (
+            f"{self.path}: {self.file_width} x {self.file_height} px, {self.file_count} band(s) {self.dtype}, "
+            f"{crs}, {self.native_gsd:.4g} units/px{extra}"
+        )
+
+
+def scene_from_config(path: str | Path, scene_cfg, stats: dict | None = None) -> Scene:
+    return Scene(path, bands=scene_cfg.bands, gsd_m=scene_cfg.gsd_m, percentiles=scene_cfg.percentiles, stats=stats)
