@@ -1,0 +1,232 @@
+"""Merging tile detections into scene detections: core ownership plus a seam-only merge.
+
+Each detection belongs to the tile whose core holds its box centre; when objects are no larger
+than the overlap that keeps each object exactly once, in O(n). Boxes cut by an internal tile edge,
+and whole boxes near a seam, also enter a merge that runs only among seam boxes, in spatial
+buckets, per class, pairing boxes from different tiles by intersection over the smaller box. A
+cut fragment is dropped when a whole box covers it; fragments with no whole box are joined into
+one box. Links are mutual best matches between tiles, so two distinct neighbours, even
+overlapping ones, never merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .tiling import Tile, TileGrid
+
+EDGE_EPS = 1.0  # a box within this many pixels of an internal tile edge is cut by it
+
+
+@dataclass
+class SceneDetections:
+    boxes: np.ndarray  # [N, 4] float64 pixel-edge boxes in scene coordinates
+    scores: np.ndarray  # [N] float32
+    labels: np.ndarray  # [N] int64
+    tile_row: np.ndarray  # [N] int32
+    tile_col: np.ndarray  # [N] int32
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+class Stitcher:
+    """Receives each tile's detections as it is done; ``finish()`` gives the scene's."""
+
+    def __init__(self, grid: TileGrid, ios_threshold: float = 0.6):
+        self.grid = grid
+        self.ios_threshold = ios_threshold
+        self.xs, self.ys = grid.core_arrays()
+        self._final: list[tuple] = []
+        self._seam: list[tuple] = []  # (boxes, scores, labels, rows, cols, whole, owned)
+        self.n_in = 0
+
+    def add(self, tile: Tile, boxes, scores, labels) -> None:
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        n = len(boxes)
+        self.n_in += n
+        if n == 0:
+            return
+        scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        g = self.grid
+        vx0, vy0, vx1, vy1 = tile.valid
+        b = boxes + [tile.col_off, tile.row_off, tile.col_off, tile.row_off]
+        # Nothing past the scene edge (padded tiles).
+        np.clip(b[:, 0::2], vx0, vx1, out=b[:, 0::2])
+        np.clip(b[:, 1::2], vy0, vy1, out=b[:, 1::2])
+        keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        b, scores, labels = b[keep], scores[keep], labels[keep]
+        cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        cx0, cy0, cx1, cy1 = tile.core
+        owned = (cx >= cx0) & (cx < cx1) & (cy >= cy0) & (cy < cy1)
+        # Which edges of this tile face another tile, and which boxes they cut.
+        left, top = tile.col > 0, tile.row > 0
+        right, bottom = tile.col < g.n_cols - 1, tile.row < g.n_rows - 1
+        x_end, y_end = tile.col_off + tile.width, tile.row_off + tile.height
+        cut = np.zeros(len(b), bool)
+        if left:
+            cut |= b[:, 0] <= tile.col_off + EDGE_EPS
+        if top:
+            cut |= b[:, 1] <= tile.row_off + EDGE_EPS
+        if right:
+            cut |= b[:, 2] >= x_end - EDGE_EPS
+        if bottom:
+            cut |= b[:, 3] >= y_end - EDGE_EPS
+        # Boxes reaching into a strip this tile shares with a neighbour can meet that
+        # neighbour's copy there (strips can be wider than ``overlap`` with even spacing).
+        near = np.zeros(len(b), bool)
+        if left:
+            near |= b[:, 0] < g.col_offsets[tile.col - 1] + g.tile_size
+        if top:
+            near |= b[:, 1] < g.row_offsets[tile.row - 1] + g.tile_size
+        if right:
+            near |= b[:, 2] > g.col_offsets[tile.col + 1]
+        if bottom:
+            near |= b[:, 3] > g.row_offsets[tile.row + 1]
+        whole = ~cut
+        rows = np.full(len(b), tile.row, np.int32)
+        cols = np.full(len(b), tile.col, np.int32)
+        final = whole & owned & ~near
+        # Whole boxes centred in another core always reach into a shared strip, so they meet
+        # the owner's copy in the merge (and stand alone only where the owner missed them).
+        seam = ~final
+        if final.any():
+            self._final.append((b[final], scores[final], labels[final], rows[final], cols[final]))
+        if seam.any():
+            self._seam.append(
+                (b[seam], scores[seam], labels[seam], rows[seam], cols[seam], whole[seam], owned[seam])
+            )
+
+    def finish(self) -> SceneDetections:
+        parts = list(self._final)
+        if self._seam:
+            parts.append(self._merge_seams())
+        if not parts:
+            return SceneDetections(
+                np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32)
+            )
+        cat = [np.concatenate([p[i] for p in parts]) for i in range(5)]
+        return SceneDetections(*cat)
+
+    def _merge_seams(self):
+        b, s, lab, rows, cols, whole, owned = (np.concatenate([p[i] for p in self._seam]) for i in range(7))
+        n = len(b)
+        tile_id = rows.astype(np.int64) * self.grid.n_cols + cols
+        edges = _overlapping_pairs(b, lab, tile_id, self.ios_threshold, self.grid.tile_size)
+        comp = _components(n, edges)
+        # Per component: the best whole box that some tile owns, else the best whole box,
+        # else the union of the fragments.
+        order = np.lexsort((-s, ~owned, ~whole, comp))
+        first = np.ones(n, bool)
+        first[1:] = comp[order][1:] != comp[order][:-1]
+        rep = order[first]
+        rep_comp = comp[rep]
+        out_b = b[rep].copy()
+        out_s = s[rep].copy()
+        frag = ~whole[rep]
+        if frag.any():
+            ux0 = np.full(comp.max() + 1, np.inf)
+            uy0 = np.full(comp.max() + 1, np.inf)
+            ux1 = np.full(comp.max() + 1, -np.inf)
+            uy1 = np.full(comp.max() + 1, -np.inf)
+            smax = np.full(comp.max() + 1, -np.inf, np.float32)
+            np.minimum.at(ux0, comp, b[:, 0])
+            np.minimum.at(uy0, comp, b[:, 1])
+            np.maximum.at(ux1, comp, b[:, 2])
+            np.maximum.at(uy1, comp, b[:, 3])
+            np.maximum.at(smax, comp, s)
+            c = rep_comp[frag]
+            out_b[frag] = np.column_stack([ux0[c], uy0[c], ux1[c], uy1[c]])
+            out_s[frag] = smax[c]
+        return out_b, out_s, lab[rep], rows[rep], cols[rep]
+
+
+def _bucket_keys(boxes, cell):
+    c = (boxes[:, :2] + boxes[:, 2:]) / 2
+    return np.floor(c / cell).astype(np.int64)
+
+
+def _overlapping_pairs(b, lab, tile_id, thr, cell) -> np.ndarray:
+    """Pairs (i, j) from different tiles, same class, intersection / smaller area >= thr.
+
+    Boxes are bucketed by centre on a grid of ``cell`` pixels and compared only with the
+    neighbouring buckets, so the cost follows the local density, never n^2 over the scene.
+    """
+    n = len(b)
+    if n < 2:
+        return np.zeros((0, 2), np.int64)
+    keys = _bucket_keys(b, cell)
+    kx, ky = keys[:, 0] - keys[:, 0].min(), keys[:, 1] - keys[:, 1].min()
+    width = int(kx.max()) + 3
+    flat = ky * width + kx
+    order = np.argsort(flat, kind="stable")
+    sorted_keys = flat[order]
+    uniq, starts = np.unique(sorted_keys, return_index=True)
+    ends = np.append(starts[1:], n)
+    where = {int(k): (int(a), int(e)) for k, a, e in zip(uniq, starts, ends)}
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    pairs = []
+    for k, (a, e) in where.items():
+        mine = order[a:e]
+        # Each unordered bucket pair once: self, right, and the three below.
+        for dk in (0, 1, width - 1, width, width + 1):
+            other = where.get(k + dk)
+            if other is None:
+                continue
+            theirs = order[other[0] : other[1]]
+            bi, bj = b[mine], b[theirs]
+            ix0 = np.maximum(bi[:, None, 0], bj[None, :, 0])
+            iy0 = np.maximum(bi[:, None, 1], bj[None, :, 1])
+            ix1 = np.minimum(bi[:, None, 2], bj[None, :, 2])
+            iy1 = np.minimum(bi[:, None, 3], bj[None, :, 3])
+            inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
+            smaller = np.minimum(area[mine][:, None], area[theirs][None, :])
+            ok = inter >= thr * np.maximum(smaller, 1e-12)
+            ok &= lab[mine][:, None] == lab[theirs][None, :]
+            ok &= tile_id[mine][:, None] != tile_id[theirs][None, :]
+            ii, jj = np.nonzero(ok)
+            if len(ii):
+                w = inter[ii, jj] / np.maximum(smaller[ii, jj], 1e-12)
+                pairs.append(np.column_stack([mine[ii], theirs[jj], w]))
+    if not pairs:
+        return np.zeros((0, 2), np.int64)
+    p = np.concatenate(pairs)
+    p = np.concatenate([p, p[:, [1, 0, 2]]])  # both directions
+    i, j, w = p[:, 0].astype(np.int64), p[:, 1].astype(np.int64), p[:, 2]
+    # Keep, for each box and each other tile, only its best partner there; an edge stays when
+    # it is the best for both ends, so overlapping distinct objects never chain together.
+    order = np.lexsort((-w, tile_id[j], i))
+    i, j, w = i[order], j[order], w[order]
+    first = np.ones(len(i), bool)
+    first[1:] = (i[1:] != i[:-1]) | (tile_id[j][1:] != tile_id[j][:-1])
+    best = set(zip(i[first].tolist(), j[first].tolist()))
+    mutual = [(a, c) for a, c in best if a < c and (c, a) in best]
+    return np.asarray(mutual, np.int64).reshape(-1, 2)
+
+
+def _components(n: int, edges: np.ndarray) -> np.ndarray:
+    """Connected components (label = smallest member index) by vectorised label propagation."""
+    comp = np.arange(n)
+    if len(edges) == 0:
+        return comp
+    i, j = edges[:, 0], edges[:, 1]
+    while True:
+        m = np.minimum(comp[i], comp[j])
+        new = comp.copy()
+        np.minimum.at(new, i, m)
+        np.minimum.at(new, j, m)
+        new = new[new]  # pointer jumping
+        if np.array_equal(new, comp):
+            return comp
+        comp = new
+
+
+def stitch_detections(grid: TileGrid, tile_results, ios_threshold: float = 0.6) -> SceneDetections:
+    """Stitch an iterable of ``(tile, boxes, scores, labels)`` (boxes in tile pixels)."""
+    st = Stitcher(grid, ios_threshold)
+    for tile, boxes, scores, labels in tile_results:
+        st.add(tile, boxes, scores, labels)
+    return st.finish()
