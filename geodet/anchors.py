@@ -1,0 +1,111 @@
+"""Anchor coverage and fitting anchor sizes and aspect ratios to label box sizes.
+
+Coverage is measured with the model's real anchors (torchvision's AnchorGenerator on a tile)
+against label boxes of the given sizes placed at random sub-pixel positions: the share of boxes
+whose best anchor reaches the matcher's foreground IoU.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from .config import ModelConfig
+from .errors import GeodetError
+from .model import anchor_generator
+
+COVERAGE_TILE = 256
+
+
+def _anchors(cfg: ModelConfig, tile: int) -> torch.Tensor:
+    from torchvision.models.detection.image_list import ImageList
+
+    gen = anchor_generator(cfg)
+    lo, hi = cfg.levels
+    feats = [torch.zeros(1, 1, max(1, tile // 2**lv), max(1, tile // 2**lv)) for lv in range(lo, hi + 1)]
+    images = ImageList(torch.zeros(1, 3, tile, tile), [(tile, tile)])
+    return gen(images, feats)[0]
+
+
+def anchor_coverage(box_sizes_px, cfg: ModelConfig, iou: float | None = None, n_max: int = 2000, seed: int = 0) -> float:
+    """Share of boxes (``[N, 2]`` widths and heights in pixels) whose best anchor has IoU >= ``iou``
+    (default: the config's foreground threshold)."""
+    sizes = np.asarray(box_sizes_px, np.float64).reshape(-1, 2)
+    if len(sizes) == 0:
+        raise GeodetError("no label boxes to measure anchor coverage on")
+    rng = np.random.default_rng(seed)
+    if len(sizes) > n_max:
+        sizes = sizes[rng.choice(len(sizes), n_max, replace=False)]
+    thr = cfg.fg_iou if iou is None else iou
+    big = float(sizes.max())
+    tile = int(max(COVERAGE_TILE, 2 ** np.ceil(np.log2(big * 2 + 64))))
+    anchors = _anchors(cfg, tile)
+    stride_max = 2 ** cfg.levels[1]
+    c = rng.uniform(tile / 2 - stride_max, tile / 2 + stride_max, size=(len(sizes), 2))
+    boxes = torch.tensor(np.concatenate([c - sizes / 2, c + sizes / 2], 1), dtype=torch.float32)
+    best = torch.zeros(len(boxes))
+    for s in range(0, len(anchors), 200_000):
+        best = torch.maximum(best, box_iou(boxes, anchors[s : s + 200_000]).max(dim=1).values)
+    return float((best >= thr - 1e-6).float().mean())
+
+
+@dataclass
+class AnchorFit:
+    anchor_sizes: list[float]
+    aspect_ratios: list[float]
+    coverage: float
+
+
+def fit_anchors(box_sizes_px, levels, scales_per_octave: int = 1, base_cfg: ModelConfig | None = None,
+                n_ratios: int = 3) -> AnchorFit:
+    """Choose anchor sizes (one octave per level) and aspect ratios from label box sizes.
+
+    Aspect ratios (height / width, torchvision's convention) come from quantiles of the boxes'
+    ratios; the smallest anchor size is then searched on a log grid for the best coverage.
+    """
+    sizes = np.asarray(box_sizes_px, np.float64).reshape(-1, 2)
+    sizes = sizes[(sizes > 0).all(1)]
+    if len(sizes) == 0:
+        raise GeodetError("no label boxes with positive size to fit anchors to")
+    cfg = copy.deepcopy(base_cfg or ModelConfig())
+    cfg.levels = list(levels)
+    cfg.scales_per_octave = scales_per_octave
+    n_levels = levels[1] - levels[0] + 1
+    ratio = sizes[:, 1] / sizes[:, 0]
+    if n_ratios == 1:
+        ratio_sets = [[1.0]]
+    else:
+        q = np.quantile(np.log(ratio), np.linspace(0.1, 0.9, n_ratios))
+        ratio_sets = [sorted({float(np.round(np.exp(v), 2)) for v in q}), [0.5, 1.0, 2.0]]
+    scale = np.sqrt(sizes[:, 0] * sizes[:, 1])
+    lo = max(2.0, float(np.quantile(scale, 0.02)) / 2)
+    best = None
+    sample = sizes[np.random.default_rng(0).choice(len(sizes), min(len(sizes), 400), replace=False)]
+    for ratios in ratio_sets:
+        cfg.aspect_ratios = ratios
+        for base in np.exp(np.linspace(np.log(lo), np.log(lo * 4), 13)):
+            cfg.anchor_sizes = [float(np.round(base * 2**i, 1)) for i in range(n_levels)]
+            cov = anchor_coverage(sample, cfg, n_max=400)
+            if best is None or cov > best.coverage + 1e-9:
+                best = AnchorFit(list(cfg.anchor_sizes), list(ratios), cov)
+    cfg.anchor_sizes, cfg.aspect_ratios = best.anchor_sizes, best.aspect_ratios
+    best.coverage = anchor_coverage(sizes, cfg)
+    return best
+
+
+def size_summary(box_sizes_px) -> str:
+    s = np.asarray(box_sizes_px, np.float64).reshape(-1, 2)
+    q = [5, 25, 50, 75, 95]
+    w, h = np.percentile(s[:, 0], q), np.percentile(s[:, 1], q)
+    a = np.percentile(np.sqrt(s[:, 0] * s[:, 1]), q)
+    head = "percentile " + " ".join(f"{p:>6d}" for p in q)
+    return "\n".join([
+        f"{len(s)} boxes", head,
+        "width px   " + " ".join(f"{v:6.1f}" for v in w),
+        "height px  " + " ".join(f"{v:6.1f}" for v in h),
+        "sqrt(area) " + " ".join(f"{v:6.1f}" for v in a),
+    ])

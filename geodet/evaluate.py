@@ -1,0 +1,222 @@
+"""COCO metrics of detections against labels, in map space or in a scene's pixel grid.
+
+AP comes from faster-coco-eval (the same numbers as pycocotools, fast on one huge image). A
+whole scene is one image; ``maxDets`` is raised to the number of detections so nothing is capped.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GeodetError
+
+log = logging.getLogger(__name__)
+SIZE_RANGES_PX = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, 1e10)}
+
+
+def _read_detections(path):
+    """Any detection file geodet writes (vector formats, or CSV with a wkt column)."""
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+
+    p = Path(path)
+    if not p.exists():
+        raise GeodetError(f"detections not found: {path}")
+    if p.suffix.lower() == ".csv":
+        df = pd.read_csv(p)
+        if "wkt" in df.columns:
+            return gpd.GeoDataFrame(df.drop(columns="wkt"), geometry=shapely.from_wkt(df["wkt"]), crs=None)
+        if {"x0", "y0", "x1", "y1"} <= set(df.columns):
+            geom = shapely.box(df.x0, df.y0, df.x1, df.y1)
+            return gpd.GeoDataFrame(df, geometry=geom, crs=None)
+        raise GeodetError(f"{path}: a CSV of detections needs a wkt column or x0, y0, x1, y1 pixel boxes")
+    from .labels import read_labels
+
+    try:
+        return read_labels(p)
+    except GeodetError as exc:
+        if "holds no features" in str(exc):
+            import geopandas as gpd  # noqa: F811
+
+            return gpd.read_file(p, engine="pyogrio")
+        raise
+
+
+def _coco(boxes, labels, scores=None):
+    """One-image COCO dict from [N, 4] xyxy boxes."""
+    anns = []
+    for i, (b, lab) in enumerate(zip(boxes, labels)):
+        w, h = float(b[2] - b[0]), float(b[3] - b[1])
+        ann = {"id": i + 1, "image_id": 1, "category_id": int(lab) + 1, "bbox": [float(b[0]), float(b[1]), w, h],
+               "area": w * h, "iscrowd": 0}
+        if scores is not None:
+            ann["score"] = float(scores[i])
+        anns.append(ann)
+    return anns
+
+
+def coco_metrics(
+    det_boxes, det_scores, det_labels, gt_boxes, gt_labels, classes, iou: float = 0.5, area_scale: float = 1.0
+) -> dict:
+    """COCO AP/AP50/AP75/size APs plus precision, recall and F1 at ``iou`` and the best score.
+
+    Boxes are xyxy in any common unit; ``area_scale`` converts their area to pixels for the
+    size ranges (pixel area = area * area_scale).
+    """
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    det_boxes = np.asarray(det_boxes, np.float64).reshape(-1, 4)
+    gt_boxes = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(classes)]
+    # Shift and scale so COCO's pixel-area size ranges apply to these units.
+    s = float(np.sqrt(area_scale))
+    origin = np.vstack([det_boxes, gt_boxes]).min(axis=0)[:2] if len(det_boxes) + len(gt_boxes) else np.zeros(2)
+    shift = np.array([origin[0], origin[1], origin[0], origin[1]])
+    gt = COCO()
+    gt.dataset = {"images": [{"id": 1, "width": 1, "height": 1}], "categories": cats,
+                  "annotations": _coco((gt_boxes - shift) * s, gt_labels)}
+    gt.createIndex()
+    n_det = len(det_boxes)
+    out = {"n_detections": int(n_det), "n_labels": int(len(gt_boxes)), "iou": iou}
+    if n_det == 0 or len(gt_boxes) == 0:
+        out.update({k: 0.0 for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "precision", "recall", "f1")})
+        out["score_threshold"] = None
+        return out
+    dt = gt.loadRes(_coco((det_boxes - shift) * s, det_labels, det_scores))
+    ev = COCOeval_faster(gt, dt, iouType="bbox", print_function=log.debug)
+    max_dets = max(100, n_det)
+    ev.params.maxDets = [1, 10, max_dets]
+    iou_thrs = sorted(set(np.round(np.linspace(0.5, 0.95, 10), 2).tolist()) | {round(iou, 2)})
+    ev.params.iouThrs = np.array(iou_thrs)
+    ev.evaluate()
+    ev.accumulate()
+    prec = ev.eval["precision"]  # [T, R, K, A, M]
+    scores_arr = ev.eval["scores"]
+    std = [i for i, t in enumerate(iou_thrs) if round(t, 2) in set(np.round(np.linspace(0.5, 0.95, 10), 2))]
+
+    def ap(t_idx, area=0, k=slice(None)):
+        p = prec[t_idx, :, k, area, -1]
+        p = p[p > -1]
+        return float(p.mean()) if p.size else float("nan")
+
+    t50 = iou_thrs.index(0.5)
+    t75 = iou_thrs.index(0.75)
+    ti = iou_thrs.index(round(iou, 2))
+    out.update({
+        "AP": ap(std), "AP50": ap(t50), "AP75": ap(t75),
+        "AP_small": ap(std, 1), "AP_medium": ap(std, 2), "AP_large": ap(std, 3),
+    })
+    # Best-F1 operating point on the PR curve at the chosen IoU, all classes pooled by mean.
+    rec_thrs = ev.params.recThrs
+    p_curve = prec[ti, :, :, 0, -1]
+    valid_k = (p_curve > -1).any(axis=0)
+    pc = np.where(p_curve > -1, p_curve, 0)[:, valid_k].mean(axis=1)
+    sc = scores_arr[ti, :, :, 0, -1][:, valid_k].mean(axis=1)
+    f1 = 2 * pc * rec_thrs / np.maximum(pc + rec_thrs, 1e-12)
+    best = int(np.argmax(f1))
+    out.update({"precision": float(pc[best]), "recall": float(rec_thrs[best]), "f1": float(f1[best]),
+                "score_threshold": float(sc[best])})
+    out["pr_curve"] = {"recall": rec_thrs.tolist(), "precision": pc.tolist()}
+    per_class = {}
+    for k, name in enumerate(classes):
+        if not (gt_labels == k).any() and not (det_labels == k).any():
+            continue
+        per_class[name] = {
+            "AP": ap(std, 0, k), "AP50": ap(t50, 0, k), "AP75": ap(t75, 0, k),
+            "n_labels": int((gt_labels == k).sum()), "n_detections": int((det_labels == k).sum()),
+        }
+    out["per_class"] = per_class
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in out.items()}
+
+
+def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str = "label", bands=None) -> dict:
+    """Evaluate detections (a frame or any file geodet writes) against labels (a frame or any
+    OGR vector). With ``scene`` both go to its pixel grid, so size ranges are in its pixels;
+    otherwise labels are reprojected to the detections' CRS."""
+    import geopandas as gpd
+    import shapely
+
+    from .labels import labels_to_boxes, map_bounds_to_pixels, read_labels, repair_geometries
+    from .scene import Scene
+
+    det = detections if isinstance(detections, gpd.GeoDataFrame) else _read_detections(detections)
+    gt = labels if isinstance(labels, gpd.GeoDataFrame) else read_labels(labels, class_column)
+    if class_column not in gt.columns:
+        class_column_gt = None
+    else:
+        class_column_gt = class_column
+    det_names = det["label"].astype(str).to_numpy() if "label" in det.columns else np.full(len(det), "object")
+    gt_names = gt[class_column_gt].astype(str).to_numpy() if class_column_gt else np.full(len(gt), "object")
+    classes = sorted(set(gt_names) | set(det_names))
+    lookup = {n: i for i, n in enumerate(classes)}
+    scores = det["score"].to_numpy(np.float64) if "score" in det.columns else np.ones(len(det))
+    area_scale = 1.0
+    if scene is not None:
+        sc = scene if isinstance(scene, Scene) else Scene(scene, bands=None)
+        lb = labels_to_boxes(gt, sc, class_column_gt, classes=classes, unknown="keep")
+        gt_boxes, gt_labels = lb.boxes, lb.labels
+        if len(det):
+            if det.crs is not None and sc.crs is not None and det.crs != sc.crs:
+                det = det.to_crs(sc.crs)
+            det_boxes = map_bounds_to_pixels(shapely.bounds(np.array(det.geometry.values, dtype=object)), sc.transform) if det.crs is not None else det[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
+        else:
+            det_boxes = np.zeros((0, 4))
+    else:
+        if det.crs is not None and gt.crs is not None and det.crs != gt.crs:
+            gt = gt.to_crs(det.crs)
+        gt, _ = repair_geometries(gt)
+        gt_names = gt[class_column_gt].astype(str).to_numpy() if class_column_gt else np.full(len(gt), "object")
+        gt_boxes = shapely.bounds(np.array(gt.geometry.values, dtype=object)).reshape(-1, 4)
+        gt_labels = np.array([lookup[n] for n in gt_names], np.int64)
+        det_boxes = shapely.bounds(np.array(det.geometry.values, dtype=object)).reshape(-1, 4) if len(det) else np.zeros((0, 4))
+        if det.crs is not None and det.crs.is_geographic:
+            log.warning("evaluating in degrees: pass the scene (--scene) for pixel-based IoU and size ranges")
+        if {"x0", "x1"} <= set(det.columns) and len(det) and det.crs is not None and det.crs.is_projected:
+            # geodet output carries pixel boxes: their ratio to the map boxes gives the pixel size.
+            gsd = np.median((det_boxes[:, 2] - det_boxes[:, 0]) / np.maximum(det["x1"] - det["x0"], 1e-12))
+            area_scale = 1.0 / float(gsd) ** 2
+    det_labels = np.array([lookup[n] for n in det_names], np.int64)
+    return coco_metrics(det_boxes, scores, det_labels, gt_boxes, gt_labels, classes, iou=iou, area_scale=area_scale)
+
+
+def format_table(m: dict) -> str:
+    def f(v):
+        return "  -  " if v is None else f"{v:.3f}"
+
+    lines = [
+        f"{'':12s} {'AP':>6s} {'AP50':>6s} {'AP75':>6s} {'labels':>7s} {'dets':>7s}",
+        f"{'all':12s} {f(m['AP']):>6s} {f(m['AP50']):>6s} {f(m['AP75']):>6s} {m['n_labels']:7d} {m['n_detections']:7d}",
+    ]
+    for name, c in (m.get("per_class") or {}).items():
+        lines.append(f"{name[:12]:12s} {f(c['AP']):>6s} {f(c['AP50']):>6s} {f(c['AP75']):>6s} {c['n_labels']:7d} {c['n_detections']:7d}")
+    lines.append(
+        f"AP small/medium/large: {f(m['AP_small'])} / {f(m['AP_medium'])} / {f(m['AP_large'])}; at IoU {m['iou']}: "
+        f"precision {f(m['precision'])}, recall {f(m['recall'])}, F1 {f(m['f1'])}"
+        + (f" (score >= {m['score_threshold']:.3f})" if m.get("score_threshold") is not None else "")
+    )
+    return "\n".join(lines)
+
+
+def plot_pr(m: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .export import atomic_path
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    if m.get("pr_curve"):
+        ax.plot(m["pr_curve"]["recall"], m["pr_curve"]["precision"])
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"PR at IoU {m['iou']}: AP50 {m['AP50'] or 0:.3f}")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

@@ -1,0 +1,181 @@
+"""Vector labels: reading (any OGR format), reprojection, repair, pixel boxes, clipping to chips."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import GeodetError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelBoxes:
+    """Label boxes of one scene in its (possibly resampled) pixel grid."""
+
+    boxes: np.ndarray  # [N, 4] float64 pixel-edge boxes
+    labels: np.ndarray  # [N] int64 class indices
+    classes: list[str]
+    counts: dict = field(default_factory=dict)  # repaired, empty, outside, unknown, points, used
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_labels(path: str | Path, class_column: str | None = None):
+    """Read a vector file with pyogrio; clear errors for missing, unreadable, empty or CRS-less files."""
+    import geopandas as gpd
+    import pyogrio
+
+    p = Path(path)
+    if not p.exists():
+        raise GeodetError(f"labels not found: {path}")
+    try:
+        gdf = gpd.read_file(p, engine="pyogrio")
+    except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, ValueError, OSError) as exc:
+        raise GeodetError(
+            f"{path}: not a vector file that OGR can read (use a shapefile, GeoPackage or GeoJSON): "
+            f"{str(exc).splitlines()[0][:120]}"
+        ) from None
+    if len(gdf) == 0:
+        raise GeodetError(f"{path}: the labels file holds no features")
+    if gdf.crs is None:
+        raise GeodetError(f"{path}: the labels have no CRS: assign one (e.g. in QGIS, or ogr2ogr -a_srs EPSG:xxxx)")
+    if class_column and class_column not in gdf.columns:
+        cols = [c for c in gdf.columns if c != gdf.geometry.name]
+        raise GeodetError(
+            f"{path}: class column '{class_column}' not found; available columns: {', '.join(cols) or '(none)'} "
+            "(set train.class_column or pass --class-column)"
+        )
+    return gdf
+
+
+def repair_geometries(gdf) -> tuple[object, dict]:
+    """Repair invalid geometries with make_valid and drop empty ones; returns counts."""
+    import shapely
+
+    geoms = gdf.geometry.values
+    missing = np.asarray([g is None for g in geoms])
+    arr = np.array(geoms, dtype=object)
+    arr[missing] = shapely.Polygon()
+    empty = shapely.is_empty(arr) | missing
+    invalid = ~shapely.is_valid(arr) & ~empty
+    if invalid.any():
+        arr[invalid] = shapely.make_valid(arr[invalid])
+    empty |= shapely.is_empty(arr)
+    out = gdf.set_geometry(list(arr), crs=gdf.crs)[~empty]
+    return out, {"repaired": int(invalid.sum()), "empty": int(empty.sum())}
+
+
+def map_bounds_to_pixels(bounds: np.ndarray, transform) -> np.ndarray:
+    """Map-coordinate bounds [N, 4] (minx, miny, maxx, maxy) to pixel-edge boxes [N, 4]."""
+    inv = ~transform
+    x0, y0, x1, y1 = np.asarray(bounds, np.float64).reshape(-1, 4).T
+    xs = np.stack([x0, x1, x1, x0], 1)
+    ys = np.stack([y0, y0, y1, y1], 1)
+    cols = inv.a * xs + inv.b * ys + inv.c
+    rows = inv.d * xs + inv.e * ys + inv.f
+    return np.stack([cols.min(1), rows.min(1), cols.max(1), rows.max(1)], 1)
+
+
+def class_names(gdf, class_column: str | None) -> list[str]:
+    if not class_column:
+        return ["object"]
+    return sorted({str(v) for v in gdf[class_column].dropna()})
+
+
+def labels_to_boxes(
+    gdf,
+    scene,
+    class_column: str | None = "label",
+    classes: Sequence[str] | None = None,
+    unknown: str = "drop",
+    point_box_m: float = 1.0,
+    source: str = "labels",
+) -> LabelBoxes:
+    """Reproject labels to the scene, repair them, and turn each into a pixel box.
+
+    Polygons become their bounding boxes; points become squares of ``point_box_m``. Classes not in
+    ``classes`` are dropped (``unknown='drop'``) or added (``'keep'``). Raises GeodetError when
+    no label falls inside the scene.
+    """
+    import shapely
+
+    if scene.crs is None:
+        raise GeodetError(f"{scene.path}: the scene has no CRS, so labels cannot be placed on it")
+    if gdf.crs is not None and gdf.crs != scene.crs:
+        gdf = gdf.to_crs(scene.crs)
+    gdf, counts = repair_geometries(gdf)
+    geoms = np.array(gdf.geometry.values, dtype=object)
+    is_point = np.isin(shapely.get_type_id(geoms), [0, 4])  # Point, MultiPoint
+    counts["points"] = int(is_point.sum())
+    bounds = shapely.bounds(geoms).reshape(-1, 4)
+    if is_point.any():
+        half = point_box_m / 2
+        c = bounds[is_point]
+        cx, cy = (c[:, 0] + c[:, 2]) / 2, (c[:, 1] + c[:, 3]) / 2
+        bounds[is_point] = np.stack([cx - half, cy - half, cx + half, cy + half], 1)
+    boxes = map_bounds_to_pixels(bounds, scene.transform)
+    # Class mapping.
+    names = list(classes) if classes else class_names(gdf, class_column)
+    if class_column:
+        values = gdf[class_column].astype(str).to_numpy()
+    else:
+        values = np.full(len(gdf), names[0], dtype=object)
+    lookup = {n: i for i, n in enumerate(names)}
+    unknown_values = sorted(set(values) - set(lookup))
+    if unknown_values:
+        if unknown == "keep":
+            for v in unknown_values:
+                lookup[v] = len(names)
+                names.append(v)
+        else:
+            log.warning("%s: dropping labels of classes not in the model: %s", source, ", ".join(unknown_values[:10]))
+    idx = np.array([lookup.get(v, -1) for v in values], np.int64)
+    counts["unknown"] = int((idx < 0).sum())
+    # Clip to the scene; count the ones entirely outside.
+    w, h = scene.width, scene.height
+    inside = (boxes[:, 2] > 0) & (boxes[:, 0] < w) & (boxes[:, 3] > 0) & (boxes[:, 1] < h)
+    counts["outside"] = int((~inside).sum())
+    clipped = boxes.copy()
+    np.clip(clipped[:, 0::2], 0, w, out=clipped[:, 0::2])
+    np.clip(clipped[:, 1::2], 0, h, out=clipped[:, 1::2])
+    keep = inside & (idx >= 0) & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    if not inside.any():
+        lb = gdf.total_bounds
+        sb = scene.bounds()
+        raise GeodetError(
+            f"{source}: no label falls inside scene {Path(scene.path).name}: labels extent "
+            f"({lb[0]:.2f}, {lb[1]:.2f}, {lb[2]:.2f}, {lb[3]:.2f}) vs scene extent ({sb[0]:.2f}, {sb[1]:.2f}, "
+            f"{sb[2]:.2f}, {sb[3]:.2f}) in {scene.crs.to_string()}: check that they cover the same area"
+        )
+    counts["used"] = int(keep.sum())
+    if counts["repaired"] or counts["empty"] or counts["outside"] or counts["unknown"]:
+        log.info("%s: %s", source, ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return LabelBoxes(clipped[keep], idx[keep], names, counts)
+
+
+def clip_boxes(boxes: np.ndarray, window: tuple[float, float, float, float], min_visibility: float = 0.5):
+    """Boxes clipped to ``window`` (x0, y0, x1, y1) in window coordinates, and the kept mask.
+
+    A box is kept when at least ``min_visibility`` of its area lies inside the window.
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    wx0, wy0, wx1, wy1 = window
+    c = boxes.copy()
+    np.clip(c[:, 0::2], wx0, wx1, out=c[:, 0::2])
+    np.clip(c[:, 1::2], wy0, wy1, out=c[:, 1::2])
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    vis = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
+    keep = (vis > 0) & (vis >= min_visibility * np.maximum(area, 1e-12) - 1e-9)
+    return c[keep] - [wx0, wy0, wx0, wy0], keep
+
+
+def load_scene_labels(scene, labels_path, class_column="label", classes=None, unknown="drop", point_box_m=1.0):
+    gdf = read_labels(labels_path, class_column or None)
+    return labels_to_boxes(gdf, scene, class_column or None, classes, unknown, point_box_m, source=str(labels_path))
