@@ -1,0 +1,88 @@
+"""``geodet tile``: write a scene's tiles as GeoTIFF chips, their footprints and COCO annotations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GeodetError
+from .progress import progress_bar
+from .scene import Scene
+from .tiling import TileGrid, overlap_pixels
+
+
+def write_chips(scene_path, out_dir, tile_size=512, overlap=64, overlap_m=None, bands=None, gsd_m=None, labels=None,
+                class_column="label", min_visibility=0.5, min_valid_fraction=0.0, progress=True) -> str:
+    """Write ``out_dir/chips/r{row}_c{col}.tif`` (the scene's transform and CRS for each window,
+    original dtype and bands), ``out_dir/chips.gpkg`` and, with ``labels``, ``annotations.json``."""
+    import geopandas as gpd
+    import rasterio
+    from rasterio.windows import transform as window_transform
+
+    from .export import atomic_path, boxes_to_polygons, write_json
+    from .labels import clip_boxes, load_scene_labels
+
+    sc = Scene(scene_path, bands=bands, gsd_m=gsd_m, stats={"lo": [0.0], "hi": [1.0]})
+    if overlap_m is not None:
+        overlap = overlap_pixels(overlap_m, sc.pixel_gsd)
+    grid = TileGrid(sc.width, sc.height, tile_size, overlap)
+    lb = None
+    if labels:
+        lb = load_scene_labels(sc, labels, class_column or None, unknown="keep")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise GeodetError(f"--out must be a folder, but {out} is a file")
+    (out / "chips").mkdir(parents=True, exist_ok=True)
+    rows = []
+    images, anns = [], []
+    profile = dict(driver="GTiff", count=sc.count, dtype=sc.dtype.name, crs=sc.crs, nodata=sc.nodata,
+                   tiled=True, blockxsize=min(256, tile_size // 16 * 16 or 16), blockysize=min(256, tile_size // 16 * 16 or 16),
+                   compress="deflate")
+    written = skipped = 0
+    bar = progress_bar(total=len(grid), desc=f"tile {Path(scene_path).name}", unit="chip", enabled=progress)
+    for tile in grid:
+        win = tile.window()
+        valid = sc.read_valid(win)
+        frac = float(valid.mean()) if valid.size else 0.0
+        bar.update(1)
+        if frac <= min_valid_fraction:
+            skipped += 1
+            continue
+        data = sc.read_raw(win)
+        name = f"r{tile.row}_c{tile.col}.tif"
+        path = out / "chips" / name
+        with atomic_path(path) as tmp:
+            with rasterio.open(tmp, "w", width=int(win.width), height=int(win.height),
+                               transform=window_transform(win, sc.transform), **profile) as dst:
+                dst.write(data)
+                if not sc.all_valid:
+                    dst.write_mask(valid.astype(np.uint8) * 255)
+        written += 1
+        rows.append({"row": tile.row, "col": tile.col, "path": f"chips/{name}", "valid_fraction": frac,
+                     "box": tile.valid})
+        if lb is not None:
+            image_id = len(images) + 1
+            images.append({"id": image_id, "file_name": f"chips/{name}", "width": int(win.width), "height": int(win.height),
+                           "row": tile.row, "col": tile.col})
+            boxes, keep = clip_boxes(lb.boxes, tile.valid, min_visibility)
+            for b, lab in zip(boxes, lb.labels[keep]):
+                w, h = float(b[2] - b[0]), float(b[3] - b[1])
+                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(lab) + 1,
+                             "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": 0})
+    bar.close()
+    sc.close()
+    footprints = gpd.GeoDataFrame(
+        {k: [r[k] for r in rows] for k in ("row", "col", "path", "valid_fraction")},
+        geometry=boxes_to_polygons(np.array([r["box"] for r in rows], float).reshape(-1, 4), sc.transform), crs=sc.crs,
+    )
+    with atomic_path(out / "chips.gpkg") as tmp:
+        footprints.to_file(tmp, driver="GPKG", layer="chips", engine="pyogrio")
+    msg = f"{written} chips ({skipped} empty skipped) of {len(grid)} tiles in {grid.n_rows} rows x {grid.n_cols} cols -> {out}"
+    if lb is not None:
+        coco = {"images": images, "annotations": anns,
+                "categories": [{"id": i + 1, "name": n} for i, n in enumerate(lb.classes)]}
+        write_json(coco, out / "annotations.json")
+        msg += f"; {len(anns)} boxes in annotations.json"
+    return msg

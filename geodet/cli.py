@@ -1,0 +1,367 @@
+"""The ``geodet`` command. Thin: each subcommand parses flags and calls the Python API.
+
+Expected failures (GeodetError) print one line ``geodet: error: ...`` and exit 2; anything else
+prints one line with a hint to rerun with --verbose and exits 1. Tracebacks only with --verbose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .errors import GeodetError
+
+log = logging.getLogger("geodet")
+
+
+def _bands(text: str) -> list[int]:
+    try:
+        bands = [int(b) for b in text.replace(" ", "").split(",") if b]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bands must be comma-separated numbers such as 1,2,3, got '{text}'") from None
+    if not bands or min(bands) < 1:
+        raise argparse.ArgumentTypeError(f"band numbers start at 1, got '{text}'")
+    return bands
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or positive, got {v}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like GeodetError
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"geodet: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p = _Parser(
+        prog="geodet", parents=[common],
+        description="Find dense small objects (vehicles, trees, buildings, boats) in whole-scene GeoTIFFs.",
+        epilog="Run 'geodet COMMAND --help' for a command's options. Start with 'geodet demo'.",
+    )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"geodet {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("tile", parents=[common], help="cut a scene into overlapping georeferenced chips",
+                       description="Cut a scene into overlapping GeoTIFF chips (exact georeferencing, original dtype "
+                                   "and bands), a chips.gpkg of footprints and, with --labels, COCO annotations.")
+    t.add_argument("scene", help="GeoTIFF (or any raster GDAL reads)")
+    t.add_argument("--out", "-o", required=True, help="output folder (created)")
+    t.add_argument("--tile-size", type=_positive_int, default=None, help="tile side in pixels (default from config: 512)")
+    t.add_argument("--overlap", type=_nonneg_int, default=None, help="overlap in pixels (default from config: 64)")
+    t.add_argument("--overlap-m", type=float, default=None, help="overlap in metres instead of pixels")
+    t.add_argument("--labels", help="vector labels (shapefile, GeoPackage, GeoJSON) for annotations.json")
+    t.add_argument("--class-column", default=None, help="class column of the labels (default: label)")
+    t.add_argument("--min-visibility", type=float, default=0.5, help="keep a clipped box if this share is inside (0.5)")
+    t.add_argument("--bands", type=_bands, default=None, help="bands to keep, e.g. 1,2,3 (default: all)")
+    t.add_argument("--gsd", type=float, default=None, help="resample to this ground resolution in metres")
+    t.add_argument("--min-valid", type=float, default=0.0, help="skip chips with this valid fraction or less (0)")
+    t.add_argument("--config", help="YAML config (a path or a name in configs/)")
+
+    tr = sub.add_parser("train", parents=[common], help="train a model on GeoTIFFs with vector labels",
+                        description="Train a RetinaNet on scenes with vector labels. Writes RUN_DIR/model.pt (best by "
+                                    "validation AP50), RUN_DIR/last.pt (for --resume) and RUN_DIR/metrics.csv.")
+    tr.add_argument("--config", help="YAML config (a path or a name in configs/, e.g. cpu, small_objects, trees)")
+    tr.add_argument("--scene", action="append", default=[], help="training scene; repeat with --labels for each")
+    tr.add_argument("--labels", action="append", default=[], help="labels of the --scene at the same position")
+    tr.add_argument("--val-scene", action="append", default=[], help="validation scene (else a held-out strip)")
+    tr.add_argument("--val-labels", action="append", default=[], help="labels of the --val-scene at the same position")
+    tr.add_argument("--class-column", default=None, help="class column of the labels ('' for one class)")
+    tr.add_argument("--out", "-o", required=True, help="run folder")
+    tr.add_argument("--epochs", type=_positive_int)
+    tr.add_argument("--steps-per-epoch", type=_positive_int)
+    tr.add_argument("--max-steps", type=_positive_int, help="stop after this many optimiser steps")
+    tr.add_argument("--time-limit", type=float, help="stop cleanly after this many minutes and save")
+    tr.add_argument("--batch-size", type=_positive_int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--tile-size", type=_positive_int)
+    tr.add_argument("--overlap", type=_nonneg_int)
+    tr.add_argument("--bands", type=_bands)
+    tr.add_argument("--gsd", type=float, help="train at this ground resolution (scenes resampled on read)")
+    tr.add_argument("--device", help="auto, cpu or cuda")
+    tr.add_argument("--workers", type=_nonneg_int, help="DataLoader workers for chip reading")
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+
+    d = sub.add_parser("detect", parents=[common], help="detect objects over whole scenes",
+                       description="Detect objects over one or more whole scenes and write GeoJSON (EPSG:4326), "
+                                   "GeoPackage, FlatGeobuf, Shapefile (scene CRS) or CSV, plus OUT.report.json.")
+    d.add_argument("scenes", nargs="+", metavar="SCENE")
+    d.add_argument("--model", "-m", required=True, help="model file (model.pt from geodet train)")
+    d.add_argument("--out", "-o", required=True, help="output file: .geojson, .gpkg, .fgb, .shp or .csv")
+    d.add_argument("--format", choices=["geojson", "gpkg", "fgb", "shp", "csv"], help="override the format")
+    d.add_argument("--tile-size", type=_positive_int, help="default: the model card's")
+    d.add_argument("--overlap", type=_nonneg_int, help="default: the model card's")
+    d.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per model call (8)")
+    d.add_argument("--score-threshold", type=float, help="default: the model card's")
+    d.add_argument("--device", default=None, help="auto (CUDA if present), cpu, cuda")
+    d.add_argument("--workers", type=_nonneg_int, default=None, help="tile-reading workers (default 1 on 2 cores)")
+    d.add_argument("--bands", type=_bands, help="scene bands to feed the model, e.g. 3,2,1")
+    d.add_argument("--gsd", type=float, help="resample scenes to this GSD (default: the model card's)")
+    d.add_argument("--csv-geometry", choices=["wkt", "pixel"], default=None, help="CSV: WKT polygons or pixel boxes only")
+    d.add_argument("--quicklook", help="also write a PNG of the scene with the detections drawn")
+    d.add_argument("--config", help="YAML config for detect/output settings")
+
+    e = sub.add_parser("evaluate", parents=[common], help="COCO AP and precision/recall against labels",
+                       description="Evaluate detections (any format geodet writes) against labels (any OGR vector).")
+    e.add_argument("detections")
+    e.add_argument("labels")
+    e.add_argument("--scene", help="evaluate in this scene's pixel grid (size ranges in its pixels)")
+    e.add_argument("--iou", type=float, default=0.5, help="IoU for precision/recall/F1 (0.5)")
+    e.add_argument("--class-column", default="label", help="class column of the labels (label)")
+    e.add_argument("--json", help="write the metrics here")
+    e.add_argument("--plot", help="write a precision-recall plot (PNG) here")
+
+    a = sub.add_parser("anchors", parents=[common], help="label box sizes, fitted anchors and anchor coverage",
+                       description="Print the label boxes' size distribution at the model's GSD, the anchor coverage "
+                                   "of the config, and anchors fitted to the boxes with their coverage.")
+    a.add_argument("--scene", required=True)
+    a.add_argument("--labels", required=True)
+    a.add_argument("--config", help="YAML config (a path or a name in configs/)")
+    a.add_argument("--class-column", default=None)
+    a.add_argument("--write-config", help="write the config with the fitted anchors to this YAML file")
+
+    m = sub.add_parser("demo", parents=[common], help="the whole job on synthetic scenes, offline, in minutes",
+                       description="Make synthetic train/test scenes, train the CPU preset briefly, detect over the "
+                                   "test scene, evaluate, and write detections, a quicklook and metrics.")
+    m.add_argument("--out", "-o", default="demo_out", help="output folder (demo_out)")
+    m.add_argument("--minutes", type=float, default=4.0, help="training budget in minutes (4)")
+    m.add_argument("--size", type=_positive_int, default=1024, help="synthetic scene side in pixels (1024)")
+    m.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+                        if verbose else "%(message)s", stream=sys.stderr)
+    for noisy in ("pyogrio", "rasterio", "fiona", "matplotlib", "PIL", "faster_coco_eval"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_tile(args) -> int:
+    from .chips import write_chips
+    from .config import load_config
+
+    cfg = load_config(args.config, {"tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap,
+                                    "tiling.overlap_m": args.overlap_m, "scene.gsd_m": args.gsd})
+    summary = write_chips(args.scene, args.out, cfg.tiling.tile_size, cfg.tiling.overlap, overlap_m=cfg.tiling.overlap_m,
+                          bands=args.bands, gsd_m=cfg.scene.gsd_m, labels=args.labels,
+                          class_column=args.class_column or cfg.train.class_column, min_visibility=args.min_visibility,
+                          min_valid_fraction=args.min_valid, progress=not args.quiet)
+    print(summary)
+    return 0
+
+
+def _train_config(args):
+    from .config import SceneLabels, load_config
+
+    cfg = load_config(args.config, {
+        "train.epochs": args.epochs, "train.steps_per_epoch": args.steps_per_epoch, "train.max_steps": args.max_steps,
+        "train.time_limit_min": args.time_limit, "train.batch_size": args.batch_size, "train.lr": args.lr,
+        "tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap, "scene.bands": args.bands,
+        "scene.gsd_m": args.gsd, "train.device": args.device, "train.num_workers": args.workers,
+        "train.seed": args.seed, "train.class_column": args.class_column,
+    })
+    for flag, a, b in (("--scene/--labels", args.scene, args.labels), ("--val-scene/--val-labels", args.val_scene, args.val_labels)):
+        if len(a) != len(b):
+            raise GeodetError(f"{flag}: give one labels file per scene ({len(a)} scene(s), {len(b)} labels)")
+    if args.scene:
+        cfg.train.scenes = [SceneLabels(s, lab) for s, lab in zip(args.scene, args.labels)]
+    if args.val_scene:
+        cfg.train.val_scenes = [SceneLabels(s, lab) for s, lab in zip(args.val_scene, args.val_labels)]
+    return cfg
+
+
+def _cmd_train(args) -> int:
+    from .train import Interrupted, Trainer
+
+    cfg = _train_config(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise GeodetError(f"run folder path is a file: {out}")
+    if not out.parent.is_dir():
+        raise GeodetError(f"folder does not exist: {out.parent} (create it first)")
+    try:
+        path = Trainer(cfg, out, resume=args.resume, progress=not args.quiet).run()
+    except Interrupted as exc:
+        print(f"geodet: {exc}", file=sys.stderr)
+        return 130
+    print(f"model: {path}\nlast checkpoint: {out / 'last.pt'}\nmetrics: {out / 'metrics.csv'}")
+    return 0
+
+
+def _cmd_detect(args) -> int:
+    import time
+
+    from .config import load_config
+    from .detect import detect_scenes, file_sha256
+    from .export import check_output_path, output_format, report_path, write_detections, write_json
+    from .model import load_model
+    from .scene import open_raster
+
+    cfg = load_config(args.config, {"detect.batch_size": args.batch_size, "detect.device": args.device,
+                                    "detect.num_workers": args.workers, "detect.score_threshold": args.score_threshold,
+                                    "output.format": args.format, "output.csv_geometry": args.csv_geometry})
+    # Everything that can be checked is checked before any work starts.
+    out = check_output_path(args.out)
+    fmt = output_format(out, cfg.output.format)
+    if args.quicklook:
+        check_output_path(args.quicklook)
+    for s in args.scenes:
+        with open_raster(s) as src:
+            if fmt != "csv" and src.crs is None:
+                raise GeodetError(
+                    f"{s}: the scene has no CRS, so {fmt} output cannot be georeferenced: write CSV (-o out.csv) "
+                    "for pixel boxes, or assign a CRS (gdal_edit.py -a_srs EPSG:xxxx)"
+                )
+    from .detect import resolve_device
+
+    resolve_device(cfg.detect.device)
+    if args.tile_size is not None and args.overlap is not None and args.overlap >= args.tile_size:
+        raise GeodetError(f"--overlap ({args.overlap}) must be smaller than --tile-size ({args.tile_size})")
+    model = load_model(args.model)
+    t0 = time.perf_counter()
+    frame = detect_scenes(
+        args.scenes, model, tile_size=args.tile_size, overlap=args.overlap, batch_size=cfg.detect.batch_size,
+        score_threshold=cfg.detect.score_threshold, device=cfg.detect.device, num_workers=cfg.detect.num_workers,
+        progress=not args.quiet, bands=args.bands, gsd_m=args.gsd,
+    )
+    t1 = time.perf_counter()
+    write_detections(frame, out, fmt, cfg.output.csv_geometry)
+    t2 = time.perf_counter()
+    report = {
+        "output": str(out), "format": fmt, "detections": len(frame),
+        "model": {"path": str(args.model), "sha256": file_sha256(args.model), "classes": model.card["classes"]},
+        "inputs": [{"path": str(s), "bytes": os.path.getsize(s), "mtime": os.path.getmtime(s)} for s in args.scenes],
+        "scenes": frame.attrs["report"]["scenes"],
+        "seconds": {"detect": round(t1 - t0, 3), "write": round(t2 - t1, 3)},
+    }
+    write_json(report, report_path(out))
+    if args.quicklook:
+        from .quicklook import quicklook
+
+        sub = frame[frame["scene"] == str(args.scenes[0])]
+        quicklook(args.scenes[0], sub, args.quicklook, classes=model.card["classes"])
+    skipped = sum(r["tiles_skipped"] for r in report["scenes"])
+    print(f"{len(frame)} detections in {len(args.scenes)} scene(s) ({skipped} empty tiles skipped) -> {out}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, format_table, plot_pr
+    from .export import check_output_path, write_json
+
+    for p in (args.json, args.plot):
+        if p:
+            check_output_path(p)
+    if not 0 < args.iou < 1:
+        raise GeodetError(f"--iou must be between 0 and 1, got {args.iou}")
+    m = evaluate(args.detections, args.labels, scene=args.scene, iou=args.iou, class_column=args.class_column)
+    print(format_table(m))
+    if args.json:
+        write_json({k: v for k, v in m.items() if k != "pr_curve"}, args.json)
+    if args.plot:
+        plot_pr(m, args.plot)
+    return 0
+
+
+def _cmd_anchors(args) -> int:
+    from .anchors import anchor_coverage, fit_anchors, size_summary
+    from .config import load_config, save_config
+    from .labels import load_scene_labels
+    from .scene import scene_from_config
+
+    cfg = load_config(args.config)
+    sc = scene_from_config(args.scene, cfg.scene)
+    col = args.class_column if args.class_column is not None else cfg.train.class_column
+    lb = load_scene_labels(sc, args.labels, col or None, unknown="keep", point_box_m=cfg.train.point_box_m)
+    sizes = lb.boxes[:, 2:] - lb.boxes[:, :2]
+    print(f"label boxes at {sc.pixel_gsd:.4g} m/px:")
+    print(size_summary(sizes))
+    m = cfg.model
+    cur = anchor_coverage(sizes, m)
+    print(f"\nconfig anchors: levels P{m.levels[0]}-P{m.levels[1]}, sizes {m.anchor_sizes}, ratios {m.aspect_ratios}, "
+          f"{m.scales_per_octave} scale(s)/octave: coverage {cur:.3f} (IoU >= {m.fg_iou})")
+    fit = fit_anchors(sizes, m.levels, m.scales_per_octave, base_cfg=m)
+    print(f"fitted anchors: sizes {fit.anchor_sizes}, ratios {fit.aspect_ratios}: coverage {fit.coverage:.3f}")
+    if args.write_config:
+        cfg.model.anchor_sizes, cfg.model.aspect_ratios = fit.anchor_sizes, fit.aspect_ratios
+        save_config(cfg, args.write_config)
+        print(f"wrote {args.write_config}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, minutes=args.minutes, size=args.size, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+COMMANDS = {"tile": _cmd_tile, "train": _cmd_train, "detect": _cmd_detect, "evaluate": _cmd_evaluate,
+            "anchors": _cmd_anchors, "demo": _cmd_demo}
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    if os.environ.get("GEODET_NO_PROGRESS"):
+        args.quiet = True
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return COMMANDS[args.command](args)
+    except GeodetError as exc:
+        if args.verbose:
+            log.exception("details")
+        print(f"geodet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("geodet: interrupted; no partial output was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # unexpected: one line, details with --verbose
+        if args.verbose:
+            log.exception("unexpected error")
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"geodet: unexpected error: {type(exc).__name__}: {msg} (rerun with --verbose for details)", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

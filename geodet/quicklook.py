@@ -1,0 +1,60 @@
+"""A downsampled picture of a scene with detections drawn, coloured by class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+MAX_SIDE = 1600
+
+
+def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX_SIDE, bands=None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    from rasterio.enums import Resampling
+
+    from .export import atomic_path
+    from .labels import map_bounds_to_pixels
+    from .scene import Scene
+
+    sc = Scene(scene_path, bands=bands or None)
+    show = sc.bands[:3] if sc.count >= 3 else sc.bands[:1]
+    scale = max(1.0, max(sc.width, sc.height) / max_side)
+    oh, ow = max(1, int(sc.height / scale)), max(1, int(sc.width / scale))
+    raw = sc.handle.read(show, out_shape=(len(show), oh, ow), resampling=Resampling.average)
+    idx = [sc.bands.index(b) for b in show]
+    lo = np.asarray(sc.stats["lo"])[idx][:, None, None]
+    hi = np.asarray(sc.stats["hi"])[idx][:, None, None]
+    img = np.clip((raw.astype(np.float32) - lo) / (hi - lo), 0, 1).transpose(1, 2, 0)
+    if img.shape[2] == 1:
+        img = img[:, :, 0]
+    fig, ax = plt.subplots(figsize=(ow / 100, oh / 100), dpi=100)
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+    names = list(classes or sorted(set(detections["label"].astype(str))) if len(detections) else classes or [])
+    cmap = plt.get_cmap("tab10")
+    if len(detections):
+        det = detections
+        if det.crs is not None and sc.crs is not None and det.crs != sc.crs:
+            det = det.to_crs(sc.crs)
+        import shapely
+
+        boxes = map_bounds_to_pixels(shapely.bounds(np.array(det.geometry.values, dtype=object)), sc.transform) / scale
+        labels = det["label"].astype(str).to_numpy()
+        for b, lab in zip(boxes, labels):
+            k = names.index(lab) if lab in names else 0
+            ax.add_patch(Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False,
+                                   edgecolor=cmap(k % 10), linewidth=0.8))
+        for k, n in enumerate(names):
+            ax.plot([], [], color=cmap(k % 10), label=n)
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_axis_off()
+    fig.subplots_adjust(0, 0, 1, 1)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    sc.close()
+    return Path(out_png)
