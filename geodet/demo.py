@@ -44,8 +44,9 @@ def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: i
     frame = detect_scene(test_s.image, model, progress=progress)
     write_detections(frame, out / "detections.geojson")
     write_detections(frame, out / "detections.gpkg")
-    quicklook(test_s.image, frame, out / "quicklook.png", classes=model.card["classes"])
     metrics = evaluate(frame, test_s.labels, scene=test_s.image)
+    quicklook(test_s.image, frame, out / "quicklook.png", classes=model.card["classes"],
+              min_score=metrics.get("score_threshold") or 0.3)
     metrics.pop("pr_curve", None)
     metrics["train_steps"] = model.card.get("trained_steps")
     metrics["seconds"] = round(time.perf_counter() - t0, 1)

@@ -9,7 +9,9 @@ import numpy as np
 MAX_SIDE = 1600
 
 
-def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX_SIDE, bands=None) -> Path:
+def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX_SIDE, bands=None,
+              min_score: float = 0.3) -> Path:
+    """Write a PNG of the scene (at most ``max_side`` px) with boxes scoring ``min_score`` or more."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,6 +38,8 @@ def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
     names = list(classes or sorted(set(detections["label"].astype(str))) if len(detections) else classes or [])
     cmap = plt.get_cmap("tab10")
+    if "score" in detections.columns:
+        detections = detections[detections["score"] >= min_score]
     if len(detections):
         det = detections
         if det.crs is not None and sc.crs is not None and det.crs != sc.crs:

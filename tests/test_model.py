@@ -1,0 +1,172 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from geodet import GeodetError
+from geodet.anchors import anchor_coverage, fit_anchors
+from geodet.config import ModelConfig, load_config
+from geodet.model import build_model, load_model, save_model
+
+TINY = dict(classes=["car", "truck"], channels=32, head_depth=1, levels=[2, 4], anchor_sizes=[8.0, 16.0, 32.0],
+            scales_per_octave=2)
+
+
+def test_forward_shapes_and_coordinate_range():
+    m = build_model(ModelConfig(**TINY, score_threshold=0.0, detections_per_tile=50), tile_size=128).eval()
+    with torch.inference_mode():
+        out = m(torch.rand(2, 3, 128, 128))
+    assert len(out) == 2
+    for o in out:
+        assert o["boxes"].shape[1] == 4 and len(o["boxes"]) == len(o["scores"]) == len(o["labels"]) <= 50
+        assert len(o["boxes"]) > 0
+        assert o["boxes"].min() >= 0 and o["boxes"].max() <= 128
+        assert set(o["labels"].tolist()) <= {0, 1}
+
+
+def test_no_hidden_resize_and_n_bands():
+    m = build_model(ModelConfig(**TINY), bands=[1, 2, 3, 4], tile_size=96).eval()
+    imgs, _ = m.net.transform([torch.rand(4, 96, 96)])
+    assert imgs.tensors.shape[-2:] == (96, 96)
+
+
+def test_anchors_at_configured_sizes_and_levels():
+    from geodet.anchors import _anchors
+
+    cfg = ModelConfig(levels=[2, 6], anchor_sizes=[8, 16, 32, 64, 128], scales_per_octave=1, aspect_ratios=[1.0])
+    a = _anchors(cfg, 256)
+    sizes = (a[:, 2] - a[:, 0]).round()
+    assert sorted(set(sizes.tolist())) == [8, 16, 32, 64, 128]
+    assert (sizes == 8).sum() == (256 // 4) ** 2  # P2: stride 4
+    assert (sizes == 128).sum() == (256 // 64) ** 2  # P6: stride 64
+
+
+def test_paper_levels_p3_p7_build():
+    m = build_model(ModelConfig(levels=[3, 7], anchor_sizes=[32, 64, 128, 256, 512], channels=32, head_depth=1))
+    feats = m.net.backbone(torch.rand(1, 3, 256, 256))
+    assert [f.shape[-1] for f in feats.values()] == [32, 16, 8, 4, 2]
+    bias = m.net.head.classification_head.cls_logits.bias
+    assert torch.allclose(bias, torch.full_like(bias, -np.log(99)))  # prior 0.01
+
+
+def test_anchor_coverage_small_preset_beats_stock():
+    rng = np.random.default_rng(0)
+    s = rng.uniform(8, 16, (400, 1))
+    sizes = np.hstack([s, s * rng.uniform(0.8, 1.25, (400, 1))])
+    small = load_config("small_objects").model
+    stock = ModelConfig(levels=[3, 7], anchor_sizes=[32, 64, 128, 256, 512], scales_per_octave=3)
+    assert anchor_coverage(sizes, small) >= 0.95
+    assert anchor_coverage(sizes, stock) < 0.5
+    fit = fit_anchors(sizes, [2, 4])
+    assert fit.coverage >= 0.95 and len(fit.anchor_sizes) == 3
+
+
+def _tile_with_objects(seed=0, n=12, size=128):
+    rng = np.random.default_rng(seed)
+    img = np.full((3, size, size), 0.35, np.float32) + rng.normal(0, 0.02, (3, size, size)).astype(np.float32)
+    boxes, labels = [], []
+    while len(boxes) < n:
+        w, h = rng.integers(8, 16, 2)
+        x, y = rng.integers(2, size - 18, 2)
+        b = (x, y, x + w, y + h)
+        if any(not (b[2] + 2 < o[0] or o[2] + 2 < b[0] or b[3] + 2 < o[1] or o[3] + 2 < b[1]) for o in boxes):
+            continue
+        k = int(rng.integers(2))
+        img[:, y : y + h, x : x + w] = np.array([0.9, 0.9, 0.9] if k == 0 else [0.8, 0.2, 0.1])[:, None, None]
+        boxes.append(b)
+        labels.append(k)
+    return torch.from_numpy(img), torch.tensor(boxes, dtype=torch.float32), torch.tensor(labels)
+
+
+def test_overfit_one_tile_loss_falls_and_objects_found():
+    torch.manual_seed(0)
+    img, boxes, labels = _tile_with_objects()
+    m = build_model(ModelConfig(**{**TINY, "channels": 48, "head_depth": 2}), tile_size=128)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    m.train()
+    losses = []
+    for _ in range(70):
+        out = m(img[None], [{"boxes": boxes, "labels": labels}])
+        loss = out["classification"] + out["bbox_regression"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.3 * np.mean(losses[:5])
+    m.eval()
+    m.set_thresholds(score_threshold=0.3)
+    with torch.inference_mode():
+        det = m(img[None])[0]
+    from torchvision.ops import box_iou
+
+    iou = box_iou(boxes, det["boxes"])
+    recall = (iou.max(dim=1).values >= 0.5).float().mean().item() if len(det["boxes"]) else 0.0
+    assert recall >= 0.9
+
+
+def test_save_load_round_trip_identical(tmp_path):
+    m = build_model(ModelConfig(**TINY, score_threshold=0.0), tile_size=128, gsd_m=0.3).eval()
+    save_model(m, tmp_path / "m.pt")
+    m2 = load_model(tmp_path / "m.pt")
+    x = torch.rand(1, 3, 128, 128)
+    with torch.inference_mode():
+        a, b = m(x)[0], m2(x)[0]
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+    assert m2.card["gsd_m"] == 0.3 and m2.card["classes"] == ["car", "truck"]
+    assert m2.card["model"]["levels"] == [2, 4]
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch EVIL_RAN",))
+
+
+def test_malicious_pickle_refused_without_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "evil.pt"
+    torch.save({"format": "geodet-model", "version": 1, "card": {}, "state_dict": {}, "x": _Evil()}, p)
+    with pytest.raises(GeodetError, match="refuses|not a readable"):
+        load_model(p)
+    assert not (tmp_path / "EVIL_RAN").exists()
+    p2 = tmp_path / "evil.pkl"
+    p2.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(GeodetError):
+        load_model(p2)
+    assert not (tmp_path / "EVIL_RAN").exists()
+
+
+def test_bad_model_files(tmp_path):
+    m = build_model(ModelConfig(**TINY), tile_size=64)
+    good = save_model(m, tmp_path / "m.pt")
+    (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:2000])
+    (tmp_path / "rand.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    torch.save({"format": "geodet-model", "version": 99, "card": {}, "state_dict": {}}, tmp_path / "v99.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    for name, msg in [("trunc.pt", "not a readable"), ("rand.pt", "not a readable"), ("v99.pt", "version 99"),
+                      ("other.pt", "not a geodet model"), ("missing.pt", "not found")]:
+        with pytest.raises(GeodetError, match=msg):
+            load_model(tmp_path / name)
+
+
+def test_chunked_matching_equals_torchvision_matcher():
+    from torchvision.models.detection._utils import Matcher
+    from torchvision.ops import box_iou
+
+    from geodet.model import match_anchors
+
+    g = torch.Generator().manual_seed(0)
+    b = torch.rand(40, 2, generator=g) * 200
+    b = torch.cat([b, b + torch.rand(40, 2, generator=g) * 20 + 3], 1)
+    a = torch.rand(6000, 2, generator=g) * 200
+    a = torch.cat([a, a + torch.rand(6000, 2, generator=g) * 30 + 2], 1)
+    ref = Matcher(0.5, 0.4, allow_low_quality_matches=True)(box_iou(b, a))
+    assert torch.equal(match_anchors(b, a, 0.5, 0.4, chunk_elements=777), ref)
+
+
+def test_imagenet_weights_missing_gives_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(GeodetError, match="not in the torch cache"):
+        build_model(ModelConfig(**{**TINY, "pretrained": "imagenet"}))

@@ -1,0 +1,131 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import geopandas as gpd
+import numpy as np
+import pytest
+from helpers import PerfectDetector, match_counts, packed_boxes, write_id_scene
+from rasterio.transform import from_origin
+
+from geodet.detect import detect_scene
+from geodet.export import write_detections
+
+
+@pytest.mark.parametrize(
+    "w,h,tile,overlap,max_size",
+    [(700, 600, 128, 32, 32), (900, 850, 256, 64, 64), (640, 512, 200, 50, 50), (100, 90, 128, 32, 32), (513, 257, 256, 16, 16)],
+)
+def test_seams_no_duplicates_no_misses(tmp_path, w, h, tile, overlap, max_size):
+    boxes = packed_boxes(w, h, 3, max_size, seed=w)
+    p = write_id_scene(tmp_path / "id.tif", boxes, w, h)
+    g = detect_scene(p, PerfectDetector(), tile_size=tile, overlap=overlap, num_workers=0, progress=False, batch_size=4)
+    pred = g[["x0", "y0", "x1", "y1"]].to_numpy()
+    dup, miss = match_counts(pred, boxes, iou=0.9)
+    assert (dup, miss) == (0, 0)
+    assert len(g) == len(boxes)
+    # many objects really lie across seams
+    from geodet.tiling import TileGrid
+
+    cuts = TileGrid(w, h, tile, overlap).col_cuts[1:-1]
+    if cuts:
+        assert sum(((boxes[:, 0] < c) & (boxes[:, 2] > c)).sum() for c in cuts) > 3
+
+
+def test_objects_up_to_twice_the_overlap(tmp_path):
+    w, h, tile, overlap = 900, 800, 160, 32
+    boxes = packed_boxes(w, h, 4, 2 * overlap, seed=5)
+    p = write_id_scene(tmp_path / "id.tif", boxes, w, h)
+    g = detect_scene(p, PerfectDetector(), tile_size=tile, overlap=overlap, num_workers=0, progress=False)
+    dup, miss = match_counts(g[["x0", "y0", "x1", "y1"]].to_numpy(), boxes, iou=0.9)
+    assert (dup + miss) / len(boxes) < 0.01
+
+
+def test_workers_give_the_same_result(tmp_path):
+    boxes = packed_boxes(600, 500, 3, 24, seed=3)
+    p = write_id_scene(tmp_path / "id.tif", boxes, 600, 500)
+    a = detect_scene(p, PerfectDetector(), tile_size=128, overlap=24, num_workers=0, progress=False)
+    b = detect_scene(p, PerfectDetector(), tile_size=128, overlap=24, num_workers=2, progress=False)
+    ka = np.sort(a[["x0", "y0", "x1", "y1"]].to_numpy(), axis=0)
+    kb = np.sort(b[["x0", "y0", "x1", "y1"]].to_numpy(), axis=0)
+    assert np.array_equal(ka, kb)
+
+
+class OneBox:
+    """Returns the pixel box (3, 5, 4, 6) in the first tile only."""
+
+    def __call__(self, batch):
+        import torch
+
+        out = []
+        for i in range(len(batch)):
+            out.append({"boxes": torch.tensor([[3.0, 5.0, 4.0, 6.0]]), "scores": torch.tensor([0.9]),
+                        "labels": torch.tensor([0])})
+        return out
+
+
+def _plain_scene(path, crs, transform, w=64, h=48):
+    import rasterio
+
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8", crs=crs,
+                       transform=transform) as dst:
+        dst.write(np.full((3, h, w), 100, np.uint8))
+    return path
+
+
+def test_pixel_box_maps_to_exact_pixel_footprint(tmp_path):
+    t = from_origin(431234.5, 5123456.25, 0.3, 0.3)
+    p = _plain_scene(tmp_path / "s.tif", "EPSG:32633", t)
+    g = detect_scene(p, OneBox(), tile_size=128, overlap=16, num_workers=0, progress=False)
+    assert len(g) == 1
+    write_detections(g, tmp_path / "d.gpkg")
+    back = gpd.read_file(tmp_path / "d.gpkg")
+    assert back.crs.to_epsg() == 32633
+    x0, y0 = t * (3, 5)
+    x1, y1 = t * (4, 6)
+    assert back.geometry[0].bounds == pytest.approx((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), abs=1e-9)
+    assert back.geometry[0].area == pytest.approx(0.09, rel=1e-9)
+
+
+def test_geojson_is_lonlat_with_ccw_rings(tmp_path):
+    from shapely.geometry import shape
+
+    p = _plain_scene(tmp_path / "s.tif", "EPSG:32633", from_origin(500000, 4600000, 0.3, 0.3))
+    g = detect_scene(p, OneBox(), tile_size=128, overlap=16, num_workers=0, progress=False)
+    write_detections(g, tmp_path / "d.geojson")
+    data = json.loads((tmp_path / "d.geojson").read_text())
+    assert "crs" not in data  # RFC 7946: WGS84 lon/lat only
+    geom = shape(data["features"][0]["geometry"])
+    lon, lat = geom.exterior.coords[0]
+    assert 14.9 < lon < 15.1 and 41 < lat < 42  # UTM 33N, x=500000 is 15 E
+    assert geom.exterior.is_ccw
+    assert data["features"][0]["properties"]["label"] == "0"
+
+
+def test_scene_in_epsg4326(tmp_path):
+    t = from_origin(10.0, 50.0, 1e-5, 1e-5)
+    p = _plain_scene(tmp_path / "s.tif", "EPSG:4326", t)
+    g = detect_scene(p, OneBox(), tile_size=128, overlap=16, num_workers=0, progress=False)
+    write_detections(g, tmp_path / "d.geojson")
+    geom = gpd.read_file(tmp_path / "d.geojson").geometry[0]
+    assert geom.bounds == pytest.approx((10.0 + 3e-5, 50.0 - 6e-5, 10.0 + 4e-5, 50.0 - 5e-5), abs=1e-12)
+
+
+def test_memory_flat_on_6000px_scene(tmp_path):
+    """Perfect detector over a 6000^2 scene: peak RSS stays under 1.5 GB (the scene alone is 108 MB
+    of pixels; the stitcher holds only detections)."""
+    boxes = packed_boxes(6000, 6000, 4, 24, seed=9, gap_choices=(20, 40, 60))
+    p = write_id_scene(tmp_path / "big.tif", boxes, 6000, 6000)
+    code = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {str((__import__('pathlib').Path(__file__).parent))!r})
+        from helpers import PerfectDetector
+        from geodet.detect import detect_scene
+        g = detect_scene({str(p)!r}, PerfectDetector(), tile_size=512, overlap=64, num_workers=0, progress=False)
+        print(len(g), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    n, peak_kb = int(out[0]), int(out[1])
+    assert n == len(boxes)
+    assert peak_kb < 1_500_000
