@@ -74,10 +74,21 @@ def open_scene_for(scene, detector, bands=None, gsd_m=None, percentiles=None) ->
                 f"model expects {model_n} band(s) ({listed}); scene {Path(path).name} has {count}: pass --bands "
                 f"with {model_n} band number(s) from 1 to {count}"
             )
+    if gsd_m is None and card.get("gsd_m"):
+        gsd_m = card["gsd_m"]
+        from .scene import open_raster
+
+        with open_raster(path) as src:
+            projected = src.crs is not None and src.crs.is_projected
+        if not projected:
+            # The card's GSD is in metres; a scene without a projected CRS cannot be resampled
+            # to it, so it runs at its own resolution (an explicit --gsd still fails clearly).
+            log.warning("%s has no projected CRS: running at its native resolution, not the model's %.3g m", path, gsd_m)
+            gsd_m = None
     return Scene(
         path,
         bands=want or (1, 2, 3),
-        gsd_m=gsd_m if gsd_m is not None else card.get("gsd_m"),
+        gsd_m=gsd_m,
         percentiles=percentiles or card.get("percentiles") or (2.0, 98.0),
     )
 

@@ -15,3 +15,36 @@ def trees_dir():
     if not (SHARED / "yell_541000.tif").exists():
         pytest.skip("shared tree data not found beside the checkout")
     return SHARED
+
+
+def tiny_config(scene, labels, **train):
+    from geodet.config import SceneLabels, load_config
+
+    cfg = load_config("cpu")
+    cfg.tiling.tile_size, cfg.tiling.overlap = 128, 24
+    cfg.model.channels, cfg.model.head_depth = 32, 1
+    cfg.train.scenes = [SceneLabels(str(scene), str(labels))]
+    cfg.train.batch_size = 2
+    cfg.train.steps_per_epoch = 6
+    cfg.train.epochs = 2
+    cfg.train.warmup_steps = 2
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    from geodet.synthetic import make_scene
+
+    d = tmp_path_factory.mktemp("synth")
+    return make_scene(d / "s.tif", d / "s.gpkg", size=384, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, synth):
+    from geodet.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    path = train(tiny_config(synth.image, synth.labels), out, progress=False)
+    return path

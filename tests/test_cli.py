@@ -1,0 +1,268 @@
+"""The bad-input matrix, through the real CLI in a subprocess: exit code, one-line message,
+no traceback, nothing half-written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+from shapely.geometry import box
+
+ENV = {**os.environ, "GEODET_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def geodet(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "geodet.cli", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=600)
+
+
+def assert_clean_error(r, pattern, code=2):
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.strip().splitlines() if line.startswith("geodet: error:")]
+    assert len(lines) == 1, r.stderr
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def raster(path, count=3, dtype="uint8", w=100, h=80, crs="EPSG:32633", nodata=None, fill=None):
+    data = np.random.default_rng(0).integers(1, 200, (count, h, w)).astype(dtype) if fill is None else np.full((count, h, w), fill, dtype)
+    kw = dict(crs=crs, transform=from_origin(500000, 4600000, 0.3, 0.3)) if crs else {}
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=count, dtype=dtype, nodata=nodata, **kw) as d:
+        d.write(data)
+    return path
+
+
+def test_help_lists_subcommands():
+    r = geodet("--help")
+    assert r.returncode == 0
+    for cmd in ("tile", "train", "detect", "evaluate", "anchors", "demo"):
+        assert cmd in r.stdout
+    for cmd in ("tile", "train", "detect", "evaluate", "anchors", "demo"):
+        assert geodet(cmd, "--help").returncode == 0
+
+
+def test_missing_scene(tmp_path, tiny_model):
+    assert_clean_error(geodet("detect", tmp_path / "nope.tif", "-m", tiny_model, "-o", tmp_path / "o.gpkg"), "scene not found")
+
+
+def test_text_file_scene(tmp_path, tiny_model):
+    (tmp_path / "a.tif").write_text("hello")
+    assert_clean_error(geodet("detect", tmp_path / "a.tif", "-m", tiny_model, "-o", tmp_path / "o.gpkg"), "not a raster")
+    assert not (tmp_path / "o.gpkg").exists()
+
+
+def test_png_without_georeferencing(tmp_path, tiny_model):
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3)).astype(np.uint8)).save(tmp_path / "p.png")
+    assert_clean_error(geodet("detect", tmp_path / "p.png", "-m", tiny_model, "-o", tmp_path / "o.geojson"), "no CRS.*CSV")
+    r = geodet("detect", tmp_path / "p.png", "-m", tiny_model, "-o", tmp_path / "o.csv")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o.csv").exists()
+
+
+def test_scene_smaller_than_tile_works(tmp_path, tiny_model):
+    p = raster(tmp_path / "s.tif", w=50, h=40)
+    r = geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg", "--score-threshold", "0.0")
+    assert r.returncode == 0, r.stderr
+    g = gpd.read_file(tmp_path / "o.gpkg")
+    if len(g):
+        b = g.total_bounds
+        assert b[0] >= 500000 - 1e-6 and b[2] <= 500000 + 15 + 1e-6  # inside the 50 px x 0.3 m scene
+
+
+def test_all_nodata_scene_zero_detections(tmp_path, tiny_model):
+    p = raster(tmp_path / "s.tif", w=300, h=300, nodata=0, fill=0)
+    r = geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg")
+    assert r.returncode == 0, r.stderr
+    assert len(gpd.read_file(tmp_path / "o.gpkg")) == 0
+    rep = json.loads((tmp_path / "o.report.json").read_text())
+    s = rep["scenes"][0]
+    assert s["tiles_skipped"] == s["tiles_total"] > 1 and s["tiles_run"] == 0
+
+
+@pytest.mark.parametrize("count,dtype", [(1, "uint8"), (4, "uint16"), (4, "float32")])
+def test_band_mismatch_message_and_bands_flag(tmp_path, tiny_model, count, dtype):
+    p = raster(tmp_path / "s.tif", count=count, dtype=dtype)
+    r = geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg")
+    if count == 1:
+        assert_clean_error(r, r"model expects 3 band\(s\) \(1,2,3\); scene s.tif has 1: pass --bands")
+        r = geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg", "--bands", "1,1,1")
+    else:
+        assert r.returncode == 0, r.stderr  # bands 1,2,3 of a 4-band scene
+        r = geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg", "--bands", "4,3,2")
+    assert r.returncode == 0, r.stderr
+    r = geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg", "--bands", "1,2")
+    assert_clean_error(r, "model expects 3 band")
+
+
+def _train_args(tmp_path, scene, labels, *extra):
+    return ("train", "--config", "cpu", "--scene", scene, "--labels", labels, "--out", tmp_path / "run",
+            "--max-steps", "1", "--tile-size", "128", "--overlap", "16", *extra)
+
+
+def test_bad_labels(tmp_path, synth):
+    (tmp_path / "l.gpkg").write_text("not a vector")
+    assert_clean_error(geodet(*_train_args(tmp_path, synth.image, tmp_path / "l.gpkg")), "not a vector file")
+    empty = gpd.GeoDataFrame({"label": []}, geometry=[], crs="EPSG:32633")
+    empty.to_file(tmp_path / "e.gpkg")
+    assert_clean_error(geodet(*_train_args(tmp_path, synth.image, tmp_path / "e.gpkg")), "no features")
+    nocrs = gpd.GeoDataFrame({"label": ["car"]}, geometry=[box(500010, 4599990, 500012, 4599992)])
+    nocrs.to_file(tmp_path / "n.geojson", driver="GeoJSON")
+    # GeoJSON readers assume WGS84; a shapefile without .prj truly has no CRS
+    nocrs.to_file(tmp_path / "n.shp")
+    assert_clean_error(geodet(*_train_args(tmp_path, synth.image, tmp_path / "n.shp")), "no CRS")
+    far = gpd.GeoDataFrame({"label": ["car"]}, geometry=[box(0, 0, 5, 5)], crs="EPSG:32633")
+    far.to_file(tmp_path / "f.gpkg")
+    assert_clean_error(geodet(*_train_args(tmp_path, synth.image, tmp_path / "f.gpkg")), r"labels extent .* scene extent")
+    wrongcol = gpd.read_file(synth.labels).rename(columns={"label": "kind"})
+    wrongcol.to_file(tmp_path / "w.gpkg")
+    assert_clean_error(geodet(*_train_args(tmp_path, synth.image, tmp_path / "w.gpkg")), "available columns: kind")
+
+
+def test_invalid_geometries_repaired_and_counted(tmp_path, synth):
+    from shapely.geometry import Polygon
+
+    g = gpd.read_file(synth.labels)
+    x0, y0, x1, y1 = g.geometry[0].bounds
+    bow = Polygon([(x0, y0), (x1, y1), (x1, y0), (x0, y1)])
+    g = gpd.GeoDataFrame({"label": list(g.label) + ["car", "car"]}, geometry=list(g.geometry) + [bow, Polygon()], crs=g.crs)
+    g.to_file(tmp_path / "bad.gpkg")
+    r = geodet(*_train_args(tmp_path, synth.image, tmp_path / "bad.gpkg"))
+    assert r.returncode == 0, r.stderr
+    assert "repaired 1" in r.stderr and "empty 1" in r.stderr
+
+
+def test_bad_model_files(tmp_path):
+    p = raster(tmp_path / "s.tif")
+    (tmp_path / "rand.pt").write_bytes(os.urandom(4000))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'EVIL'}",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    for name in ("rand.pt", "evil.pt"):
+        r = geodet("detect", p, "-m", tmp_path / name, "-o", tmp_path / "o.gpkg")
+        assert_clean_error(r, "not a readable geodet model")
+    assert not (tmp_path / "EVIL").exists() and not (tmp_path / "o.gpkg").exists()
+
+
+def test_truncated_model(tmp_path, tiny_model):
+    p = raster(tmp_path / "s.tif")
+    (tmp_path / "t.pt").write_bytes(tiny_model.read_bytes()[:5000])
+    assert_clean_error(geodet("detect", p, "-m", tmp_path / "t.pt", "-o", tmp_path / "o.gpkg"), "not a readable")
+
+
+def test_config_unknown_key_and_wrong_type(tmp_path, synth):
+    (tmp_path / "c.yaml").write_text("tiling:\n  tile_sise: 256\n")
+    assert_clean_error(geodet(*_train_args(tmp_path, synth.image, synth.labels)[:1], "--config", tmp_path / "c.yaml",
+                              "--out", tmp_path / "r"), r"c\.yaml: unknown key 'tiling\.tile_sise'")
+    (tmp_path / "c.yaml").write_text("train:\n  lr: fast\n")
+    assert_clean_error(geodet("train", "--config", tmp_path / "c.yaml", "--out", tmp_path / "r"), r"c\.yaml: 'train\.lr' must be float")
+
+
+def test_output_folder_missing_or_not_writable(tmp_path, tiny_model):
+    p = raster(tmp_path / "s.tif")
+    assert_clean_error(geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "nope" / "o.gpkg"), "output folder does not exist")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        assert_clean_error(geodet("detect", p, "-m", tiny_model, "-o", ro / "o.gpkg"), "not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (("--tile-size", "64", "--overlap", "64"), "must be smaller"),
+    (("--tile-size", "0"), "positive"),
+    (("--tile-size", "-5"), "positive"),
+    (("--overlap", "-1"), "zero or positive"),
+])
+def test_bad_tile_settings(tmp_path, tiny_model, args, pattern):
+    p = raster(tmp_path / "s.tif")
+    assert_clean_error(geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg", *args), pattern)
+    assert not (tmp_path / "o.gpkg").exists()
+
+
+def test_cuda_requested_without_cuda(tmp_path, tiny_model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    p = raster(tmp_path / "s.tif")
+    assert_clean_error(geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg", "--device", "cuda"), "CUDA is not available")
+    r = geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg", "--device", "auto")
+    assert r.returncode == 0, r.stderr
+
+
+def test_sigterm_during_detect_leaves_previous_output(tmp_path, tiny_model):
+    from geodet.synthetic import make_scene
+
+    s = make_scene(tmp_path / "big.tif", tmp_path / "big.gpkg", size=2048, seed=4)
+    out = tmp_path / "o.gpkg"
+    out.write_bytes(b"previous result")
+    proc = subprocess.Popen([sys.executable, "-m", "geodet.cli", "detect", str(s.image), "-m", str(tiny_model), "-o",
+                             str(out), "--batch-size", "1"], env=ENV, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert out.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.gpkg", "big.tif", "o.gpkg"]
+
+
+def test_sigterm_during_train_then_resume(tmp_path, synth):
+    args = ("train", "--config", "cpu", "--scene", synth.image, "--labels", synth.labels, "--out", tmp_path / "run",
+            "--tile-size", "128", "--overlap", "16", "--steps-per-epoch", "4", "--epochs", "400")
+    proc = subprocess.Popen([sys.executable, "-m", "geodet.cli", *map(str, args)], env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    step = state["step"]
+    assert step >= 4
+    r = geodet(*args[:-2], "--epochs", str(step // 4 + 1), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] > step
+
+
+def test_end_to_end_cli_detect_and_evaluate(tmp_path, tiny_model, synth):
+    out = tmp_path / "d.geojson"
+    r = geodet("detect", synth.image, "-m", tiny_model, "-o", out, "--quicklook", tmp_path / "q.png")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "d.report.json").read_text())
+    import hashlib
+
+    assert rep["model"]["sha256"] == hashlib.sha256(tiny_model.read_bytes()).hexdigest()
+    assert rep["inputs"][0]["bytes"] == os.path.getsize(synth.image)
+    assert (tmp_path / "q.png").stat().st_size > 0
+    r = geodet("evaluate", out, synth.labels, "--scene", synth.image, "--json", tmp_path / "m.json", "--plot", tmp_path / "pr.png")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "m.json").read_text())
+    for k in ("AP", "AP50", "AP75", "AP_small", "precision", "recall", "f1", "n_detections", "n_labels", "per_class"):
+        assert k in m
+    assert m["n_labels"] == len(gpd.read_file(synth.labels))
+    r = geodet("anchors", "--scene", synth.image, "--labels", synth.labels, "--config", "cpu")
+    assert r.returncode == 0 and "coverage" in r.stdout
+    r = geodet("tile", synth.image, "--out", tmp_path / "chips", "--tile-size", "128", "--overlap", "16", "--labels", synth.labels)
+    assert r.returncode == 0, r.stderr
+    coco = json.loads((tmp_path / "chips" / "annotations.json").read_text())
+    assert len(coco["images"]) == 16 and len(coco["annotations"]) >= m["n_labels"]
