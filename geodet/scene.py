@@ -214,14 +214,23 @@ class Scene:
         return self.handle.dataset_mask(window=window) > 0
 
     def scale(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        out = data.astype(np.float32)
-        lo = np.asarray(self.stats["lo"], np.float32)[:, None, None]
-        hi = np.asarray(self.stats["hi"], np.float32)[:, None, None]
-        out = (out - lo) / (hi - lo)
-        np.clip(out, 0.0, 1.0, out=out)
-        if self.is_float:
-            valid = valid & np.all(np.isfinite(data), axis=0)
-        out[:, ~valid] = 0.0
+        """Scale to float32 0..1 (uint8 / 255; others by the percentile limits); invalid -> 0."""
+        if self.dtype == np.uint8:
+            out = data.astype(np.float32)
+            out *= np.float32(1 / 255)
+        else:
+            out = data.astype(np.float32)
+            lo = np.asarray(self.stats["lo"], np.float32)[:, None, None]
+            hi = np.asarray(self.stats["hi"], np.float32)[:, None, None]
+            out -= lo
+            out /= hi - lo
+            np.clip(out, 0.0, 1.0, out=out)
+            if self.is_float:
+                finite = np.all(np.isfinite(data), axis=0)
+                valid = valid & finite
+                out[:, ~finite] = 0.0
+        if not valid.all():
+            out[:, ~valid] = 0.0
         return out
 
     def read_tile(self, tile) -> tuple[np.ndarray, float]:
@@ -231,7 +240,7 @@ class Scene:
         valid = self.read_valid(window)
         if self.is_float:
             valid = valid & np.all(np.isfinite(data), axis=0)
-        frac = float(valid.mean()) if valid.size else 0.0
+        frac = 1.0 if self.all_valid and not self.is_float else (float(valid.mean()) if valid.size else 0.0)
         scaled = self.scale(data, valid)
         if scaled.shape[1:] != (tile.height, tile.width):
             padded = np.zeros((self.count, tile.height, tile.width), np.float32)
