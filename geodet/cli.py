@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("labels")
     e.add_argument("--scene", help="evaluate in this scene's pixel grid (size ranges in its pixels)")
     e.add_argument("--iou", type=float, default=0.5, help="IoU for precision/recall/F1 (0.5)")
-    e.add_argument("--class-column", default="label", help="class column of the labels (label)")
+    e.add_argument("--class-column", default="label", help="class column of the labels (label); '' ignores classes")
     e.add_argument("--json", help="write the metrics here")
     e.add_argument("--plot", help="write a precision-recall plot (PNG) here")
 

@@ -66,6 +66,9 @@ class ModelConfig:
     nms_iou: float = 0.5
     topk_candidates: int = 3000
     detections_per_tile: int = 1000
+    # None runs tiles at native size. A number resizes every tile so its short side is this
+    # (torchvision's stock behaviour, min_size=800): kept only for like-for-like comparisons.
+    resize_min_size: Optional[int] = None
 
 
 @dataclass

@@ -108,7 +108,7 @@ def detect_scene(
     bands: Sequence[int] | None = None,
     gsd_m: float | None = None,
     min_valid_fraction: float = 0.0,
-    ios_threshold: float = 0.6,
+    match_iou: float = 0.5,
 ):
     """Detect objects over a whole scene; returns a GeoDataFrame in the scene's CRS.
 
@@ -151,7 +151,7 @@ def detect_scene(
         worker_init_fn=worker_init if workers > 0 else None,
         prefetch_factor=2 if workers > 0 else None,
     )
-    stitcher = Stitcher(grid, ios_threshold)
+    stitcher = Stitcher(grid, match_iou)
     timings = {"read_wait": 0.0, "model": 0.0, "stitch": 0.0}
     n_run = n_skipped = 0
     bar = progress_bar(total=len(grid), desc=f"detect {Path(sc.path).name}", unit="tile", enabled=progress)

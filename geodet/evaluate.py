@@ -136,7 +136,7 @@ def coco_metrics(
 def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str = "label", bands=None) -> dict:
     """Evaluate detections (a frame or any file geodet writes) against labels (a frame or any
     OGR vector). With ``scene`` both go to its pixel grid, so size ranges are in its pixels;
-    otherwise labels are reprojected to the detections' CRS."""
+    otherwise labels are reprojected to the detections' CRS. ``class_column=""`` ignores classes."""
     import geopandas as gpd
     import shapely
 
@@ -145,11 +145,13 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
 
     det = detections if isinstance(detections, gpd.GeoDataFrame) else _read_detections(detections)
     gt = labels if isinstance(labels, gpd.GeoDataFrame) else read_labels(labels, class_column)
-    if class_column not in gt.columns:
-        class_column_gt = None
+    # An empty class column means class-agnostic: every label and detection is one class.
+    agnostic = not class_column
+    class_column_gt = None if agnostic or class_column not in gt.columns else class_column
+    if agnostic or "label" not in det.columns:
+        det_names = np.full(len(det), "object", dtype=object)
     else:
-        class_column_gt = class_column
-    det_names = det["label"].astype(str).to_numpy() if "label" in det.columns else np.full(len(det), "object")
+        det_names = det["label"].astype(str).to_numpy()
     gt_names = gt[class_column_gt].astype(str).to_numpy() if class_column_gt else np.full(len(gt), "object")
     classes = sorted(set(gt_names) | set(det_names))
     lookup = {n: i for i, n in enumerate(classes)}

@@ -313,7 +313,11 @@ def build_model(
         fg_iou_thresh=cfg.fg_iou,
         bg_iou_thresh=cfg.bg_iou,
     )
-    net.transform = NativeSizeTransform(tile_size, tile_size, norm["mean"], norm["std"])
+    if cfg.resize_min_size:
+        # torchvision's stock transform (resizes tiles); only for comparisons with stock settings
+        net.transform = GeneralizedRCNNTransform(cfg.resize_min_size, max(1333, cfg.resize_min_size), norm["mean"], norm["std"])
+    else:
+        net.transform = NativeSizeTransform(tile_size, tile_size, norm["mean"], norm["std"])
     card = {
         "classes": list(cfg.classes),
         "bands": [int(b) for b in bands],

@@ -3,10 +3,11 @@
 Each detection belongs to the tile whose core holds its box centre; when objects are no larger
 than the overlap that keeps each object exactly once, in O(n). Boxes cut by an internal tile edge,
 and whole boxes near a seam, also enter a merge that runs only among seam boxes, in spatial
-buckets, per class, pairing boxes from different tiles by intersection over the smaller box. A
-cut fragment is dropped when a whole box covers it; fragments with no whole box are joined into
-one box. Links are mutual best matches between tiles, so two distinct neighbours, even
-overlapping ones, never merge.
+buckets, per class. Two boxes from different tiles are one object when they agree inside the
+region both tiles saw (IoU of the boxes clipped to the two windows' intersection): a fragment cut
+at one tile's edge and the neighbour's whole box coincide there, while distinct objects, even
+overlapping ones, do not. Links are mutual best matches between tiles. A cut fragment is dropped
+when a whole box of the same object exists; fragments with no whole box are joined into one box.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ class SceneDetections:
 class Stitcher:
     """Receives each tile's detections as it is done; ``finish()`` gives the scene's."""
 
-    def __init__(self, grid: TileGrid, ios_threshold: float = 0.6):
+    def __init__(self, grid: TileGrid, match_iou: float = 0.5):
         self.grid = grid
-        self.ios_threshold = ios_threshold
+        self.match_iou = match_iou
         self.xs, self.ys = grid.core_arrays()
         self._final: list[tuple] = []
         self._seam: list[tuple] = []  # (boxes, scores, labels, rows, cols, whole, owned)
@@ -115,7 +116,11 @@ class Stitcher:
         b, s, lab, rows, cols, whole, owned = (np.concatenate([p[i] for p in self._seam]) for i in range(7))
         n = len(b)
         tile_id = rows.astype(np.int64) * self.grid.n_cols + cols
-        edges = _overlapping_pairs(b, lab, tile_id, self.ios_threshold, self.grid.tile_size)
+        g = self.grid
+        wx0 = np.asarray(g.col_offsets, np.float64)[cols]
+        wy0 = np.asarray(g.row_offsets, np.float64)[rows]
+        windows = np.stack([wx0, wy0, np.minimum(wx0 + g.tile_size, g.width), np.minimum(wy0 + g.tile_size, g.height)], 1)
+        edges = _overlapping_pairs(b, lab, tile_id, windows, self.match_iou, g.tile_size)
         comp = _components(n, edges)
         # Per component: the best whole box that some tile owns, else the best whole box,
         # else the union of the fragments.
@@ -149,8 +154,12 @@ def _bucket_keys(boxes, cell):
     return np.floor(c / cell).astype(np.int64)
 
 
-def _overlapping_pairs(b, lab, tile_id, thr, max_cell) -> np.ndarray:
-    """Pairs (i, j) from different tiles, same class, intersection / smaller area >= thr.
+def _overlapping_pairs(b, lab, tile_id, windows, thr, max_cell) -> np.ndarray:
+    """Pairs (i, j) from different tiles and the same class that agree where both tiles looked:
+    clipped to the intersection of their two tile windows, their IoU is at least ``thr``.
+
+    One object gives the same box there whether a tile saw it whole or cut at its edge, while
+    two distinct objects, even overlapping ones, do not.
 
     Boxes are bucketed by centre on a grid whose cell is the largest box side (so overlapping
     boxes sit in the same or adjacent cells), and candidate pairs come from a vectorised
@@ -167,7 +176,6 @@ def _overlapping_pairs(b, lab, tile_id, thr, max_cell) -> np.ndarray:
     flat = ky * width + kx
     order = np.argsort(flat, kind="stable")
     sorted_keys = flat[order]
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     pairs = []
     # Each unordered cell pair once: the same cell, right, and the three below.
     for dk in (0, 1, width - 1, width, width + 1):
@@ -183,13 +191,23 @@ def _overlapping_pairs(b, lab, tile_id, thr, max_cell) -> np.ndarray:
         keep = (ii < jj) if dk == 0 else np.ones(total, bool)
         keep &= (lab[ii] == lab[jj]) & (tile_id[ii] != tile_id[jj])
         ii, jj = ii[keep], jj[keep]
-        inter = np.clip(np.minimum(b[ii, 2], b[jj, 2]) - np.maximum(b[ii, 0], b[jj, 0]), 0, None) * np.clip(
-            np.minimum(b[ii, 3], b[jj, 3]) - np.maximum(b[ii, 1], b[jj, 1]), 0, None
+        # the region both tiles saw
+        sx0 = np.maximum(windows[ii, 0], windows[jj, 0])
+        sy0 = np.maximum(windows[ii, 1], windows[jj, 1])
+        sx1 = np.minimum(windows[ii, 2], windows[jj, 2])
+        sy1 = np.minimum(windows[ii, 3], windows[jj, 3])
+        ax0, ay0 = np.clip(b[ii, 0], sx0, sx1), np.clip(b[ii, 1], sy0, sy1)
+        ax1, ay1 = np.clip(b[ii, 2], sx0, sx1), np.clip(b[ii, 3], sy0, sy1)
+        bx0, by0 = np.clip(b[jj, 0], sx0, sx1), np.clip(b[jj, 1], sy0, sy1)
+        bx1, by1 = np.clip(b[jj, 2], sx0, sx1), np.clip(b[jj, 3], sy0, sy1)
+        inter = np.clip(np.minimum(ax1, bx1) - np.maximum(ax0, bx0), 0, None) * np.clip(
+            np.minimum(ay1, by1) - np.maximum(ay0, by0), 0, None
         )
-        smaller = np.maximum(np.minimum(area[ii], area[jj]), 1e-12)
-        ok = inter >= thr * smaller
+        union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
+        iou = inter / np.maximum(union, 1e-12)
+        ok = (inter > 0) & (iou >= thr)
         if ok.any():
-            pairs.append(np.column_stack([ii[ok], jj[ok], inter[ok] / smaller[ok]]))
+            pairs.append(np.column_stack([ii[ok], jj[ok], iou[ok]]))
     if not pairs:
         return np.zeros((0, 2), np.int64)
     p = np.concatenate(pairs)
@@ -228,9 +246,9 @@ def _components(n: int, edges: np.ndarray) -> np.ndarray:
         comp = new
 
 
-def stitch_detections(grid: TileGrid, tile_results, ios_threshold: float = 0.6) -> SceneDetections:
+def stitch_detections(grid: TileGrid, tile_results, match_iou: float = 0.5) -> SceneDetections:
     """Stitch an iterable of ``(tile, boxes, scores, labels)`` (boxes in tile pixels)."""
-    st = Stitcher(grid, ios_threshold)
+    st = Stitcher(grid, match_iou)
     for tile, boxes, scores, labels in tile_results:
         st.add(tile, boxes, scores, labels)
     return st.finish()

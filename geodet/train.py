@@ -130,11 +130,16 @@ def collate_chips(batch):
     return images, targets
 
 
-def _lr_lambda(warmup: int, total: int):
+def _lr_lambda(warmup: int, total: int, time_fraction=None):
+    """Linear warm-up, then cosine decay over the run. With a time limit the run's progress is
+    the larger of the step fraction and the time fraction, so the decay completes in the budget."""
+
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
         t = (step - warmup) / max(1, total - warmup)
+        if time_fraction is not None:
+            t = max(t, time_fraction())
         return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     return f
@@ -369,7 +374,10 @@ class Trainer:
         total = tc.max_steps if tc.max_steps is not None else tc.epochs * tc.steps_per_epoch
         if total <= 0:
             raise GeodetError("nothing to train: epochs, steps_per_epoch and max_steps must be positive")
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(tc.warmup_steps, total // 4), total))
+        budget_s = tc.time_limit_min * 60 if tc.time_limit_min else None
+        started = time.perf_counter()  # a resumed run gets a fresh budget, as its deadline does
+        time_fraction = (lambda: (time.perf_counter() - started) / budget_s) if budget_s else None
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(tc.warmup_steps, total // 4), total, time_fraction))
         step, epoch, best = 0, 0, -1.0
         if state is not None:
             model.net.load_state_dict(state["model"])

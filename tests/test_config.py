@@ -11,7 +11,7 @@ def test_defaults_yaml_equals_code_defaults():
     assert load_config(CONFIG_DIR / "default.yaml").to_dict() == Config().to_dict()
 
 
-@pytest.mark.parametrize("name", ["default", "small_objects", "trees", "cpu"])
+@pytest.mark.parametrize("name", ["default", "small_objects", "trees", "cpu", "stock"])
 def test_shipped_configs_load_and_build(name):
     from geodet.model import anchor_generator
 
