@@ -28,24 +28,23 @@ def _bands(text: str) -> list[int]:
     return bands
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {v}")
-    return v
+def _int_at_least(minimum: int):
+    """An argparse type: a whole number >= ``minimum``, with a one-line message otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {v}" if minimum > 0 else f"must be zero or positive, got {v}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or positive, got {v}")
-    return v
+_positive_int = _int_at_least(1)
+_nonneg_int = _int_at_least(0)
 
 
 class _Parser(argparse.ArgumentParser):

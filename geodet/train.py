@@ -404,7 +404,9 @@ class Trainer:
         t_start = time.perf_counter()
         deadline = t_start + tc.time_limit_min * 60 if tc.time_limit_min else None
         old_handlers = self._handle_signals()
-        bar = progress_bar(total=total, initial=step, desc="train", unit="step", enabled=self.progress and self.main)
+        timed = tc.time_limit_min is not None  # the clock, not the step count, may end the run
+        bar = progress_bar(total=None if timed else total, initial=step, unit="step", enabled=self.progress and self.main,
+                           desc=f"train (up to {tc.time_limit_min:g} min)" if timed else "train")
         model.train()
         stopped = None
         try:
