@@ -151,3 +151,35 @@ def test_chip_transforms_match_rasterio_windows(tmp_path):
                 assert chip.transform == window_transform(win, src.transform)
                 assert chip.crs == src.crs and chip.dtypes == src.dtypes
                 assert (chip.read() == src.read(window=win)).all()
+
+
+def test_coco_annotations_are_label_boxes_clipped_to_chips(tmp_path):
+    import json
+
+    import geopandas as gpd
+    from shapely.geometry import box as sbox
+
+    from geodet.chips import write_chips
+
+    t = from_origin(300000, 5000000, 0.5, 0.5)
+    p = _write(tmp_path / "s.tif", np.full((3, 200, 300), 50, np.uint8), transform=t)
+    px = np.array([[10, 10, 20, 16], [120, 40, 140, 60], [95, 95, 125, 105], [280, 190, 300, 200]], float)
+    polys = [sbox(*(t * (b[0], b[3])), *(t * (b[2], b[1]))) for b in px]
+    gpd.GeoDataFrame({"label": ["car", "truck", "car", "car"]}, geometry=polys, crs="EPSG:32633").to_file(tmp_path / "l.gpkg")
+    write_chips(p, tmp_path / "out", tile_size=128, overlap=16, labels=tmp_path / "l.gpkg", progress=False)
+    coco = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    cats = {c["id"]: c["name"] for c in coco["categories"]}
+    assert sorted(cats.values()) == ["car", "truck"]
+    g = TileGrid(300, 200, 128, 16)
+    for img in coco["images"]:
+        tile = g.tile(img["row"] * g.n_cols + img["col"])
+        x0, y0, x1, y1 = tile.valid
+        expect = []
+        for b in px:
+            c = np.clip(b, [x0, y0, x0, y0], [x1, y1, x1, y1])
+            area = (b[2] - b[0]) * (b[3] - b[1])
+            vis = (c[2] - c[0]) * (c[3] - c[1])
+            if vis > 0 and vis >= 0.5 * area:
+                expect.append([c[0] - x0, c[1] - y0, c[2] - c[0], c[3] - c[1]])
+        got = [a["bbox"] for a in coco["annotations"] if a["image_id"] == img["id"]]
+        assert sorted(map(tuple, np.round(got, 6))) == sorted(map(tuple, np.round(expect, 6)))
