@@ -130,9 +130,13 @@ def collate_chips(batch):
     return images, targets
 
 
+DECAY_SHARE = 0.3  # the LR holds at its peak, then follows a cosine to 0 over the run's last 30%
+
+
 def _lr_lambda(warmup: int, total: int, time_fraction=None):
-    """Linear warm-up, then cosine decay over the run. With a time limit the run's progress is
-    the larger of the step fraction and the time fraction, so the decay completes in the budget."""
+    """Linear warm-up, a hold at the peak, then a cosine decay over the last ``DECAY_SHARE`` of the
+    run. With a time limit the run's progress is the larger of the step and the time fraction, so
+    the decay completes within the budget. Short budgets need the peak LR for most of the run."""
 
     def f(step: int) -> float:
         if step < warmup:
@@ -140,7 +144,8 @@ def _lr_lambda(warmup: int, total: int, time_fraction=None):
         t = (step - warmup) / max(1, total - warmup)
         if time_fraction is not None:
             t = max(t, time_fraction())
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        d = (min(1.0, t) - (1 - DECAY_SHARE)) / DECAY_SHARE
+        return 1.0 if d <= 0 else 0.5 * (1 + math.cos(math.pi * d))
 
     return f
 
