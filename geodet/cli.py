@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per model call (8)")
     d.add_argument("--score-threshold", type=float, help="default: the model card's")
     d.add_argument("--device", default=None, help="auto (CUDA if present), cpu, cuda")
-    d.add_argument("--workers", type=_nonneg_int, default=None, help="tile-reading workers (default 1 on 2 cores)")
+    d.add_argument("--workers", type=_nonneg_int, default=None, help="tile-reading worker processes (default: none on a 2-core CPU, a few with CUDA)")
     d.add_argument("--bands", type=_bands, help="scene bands to feed the model, e.g. 3,2,1")
     d.add_argument("--gsd", type=float, help="resample scenes to this GSD (default: the model card's)")
     d.add_argument("--csv-geometry", choices=["wkt", "pixel"], default=None, help="CSV: WKT polygons or pixel boxes only")

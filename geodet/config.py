@@ -109,7 +109,7 @@ class TrainConfig:
 class DetectConfig:
     batch_size: int = 8
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: Optional[int] = None  # None: min(2, cpu count - 1)
+    num_workers: Optional[int] = None  # None: 0 on a CPU with <= 2 cores, else a few (see detect.default_workers)
     score_threshold: Optional[float] = None  # None: the model card's
 
 

@@ -39,8 +39,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     raise GeodetError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N")
 
 
-def default_workers() -> int:
-    return max(0, min(2, (os.cpu_count() or 1) - 1))
+def default_workers(device: torch.device | None = None) -> int:
+    """Tile-reading workers. On the CPU the model wants every core: with 2 cores a reader process
+    beside 2 torch threads slowed the model 1.7x (docs/benchmarks.md), while reading all tiles
+    in-process costs a few percent. With CUDA, readers overlap I/O with the GPU."""
+    cores = os.cpu_count() or 1
+    if device is not None and device.type == "cpu":
+        return 0 if cores <= 2 else min(2, cores // 4)
+    return max(0, min(4, cores - 1))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -141,7 +147,7 @@ def detect_scene(
             detector.to(memory_format=torch.channels_last)
         if score_threshold is not None and hasattr(detector, "set_thresholds"):
             detector.set_thresholds(score_threshold=score_threshold)
-    workers = default_workers() if num_workers is None else int(num_workers)
+    workers = default_workers(dev) if num_workers is None else int(num_workers)
     loader = torch.utils.data.DataLoader(
         TileDataset(sc, grid),
         batch_size=batch_size,
