@@ -34,6 +34,18 @@ _fix_malloc_threshold()
 
 __version__ = "0.1.0"
 
+# The API names are bound eagerly: lazily, importing the submodules geodet.train or
+# geodet.evaluate would rebind ``geodet.train`` / ``geodet.evaluate`` to the modules.
+from .anchors import fit_anchors  # noqa: E402
+from .config import load_config  # noqa: E402
+from .detect import detect_scene, detect_scenes  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .export import write_detections  # noqa: E402
+from .model import build_model, load_model, save_model  # noqa: E402
+from .scene import Scene  # noqa: E402
+from .tiling import TileGrid  # noqa: E402
+from .train import train  # noqa: E402
+
 __all__ = [
     "GeodetError",
     "__version__",
@@ -50,16 +62,3 @@ __all__ = [
     "train",
     "evaluate",
 ]
-
-
-def __getattr__(name):  # lazy imports keep `geodet --help` fast
-    import importlib
-
-    where = {
-        "load_config": "config", "Scene": "scene", "TileGrid": "tiling", "build_model": "model",
-        "load_model": "model", "save_model": "model", "fit_anchors": "anchors", "detect_scene": "detect",
-        "detect_scenes": "detect", "write_detections": "export", "train": "train", "evaluate": "evaluate",
-    }
-    if name in where:
-        return getattr(importlib.import_module(f".{where[name]}", __name__), name)
-    raise AttributeError(name)

@@ -55,3 +55,14 @@ def test_demo_tiny_budget_writes_everything(tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["n_labels"] > 20 and "AP50" in saved and saved["AP50"] == m["AP50"]
     assert gpd.read_file(tmp_path / "detections.gpkg").crs.to_epsg() == 32633
+
+
+def test_api_names_stay_functions_after_submodule_imports():
+    import importlib
+
+    import geodet
+
+    importlib.import_module("geodet.train")
+    importlib.import_module("geodet.evaluate")
+    assert callable(geodet.train) and callable(geodet.evaluate) and callable(geodet.detect_scene)
+    assert geodet.evaluate.__module__ == "geodet.evaluate" and geodet.train.__module__ == "geodet.train"
