@@ -12,7 +12,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 
 CHILD = textwrap.dedent("""
     import json, resource, sys, time, numpy as np

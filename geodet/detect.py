@@ -65,14 +65,14 @@ def open_scene_for(scene, detector, bands=None, gsd_m=None, percentiles=None) ->
     """Open ``scene`` with the bands, GSD and scaling the detector's card asks for."""
     if isinstance(scene, Scene):
         return scene
+    from .scene import open_raster
+
     card = _card(detector)
     want = list(bands) if bands else card.get("bands")
     path = str(scene)
+    with open_raster(path) as src:
+        count, projected = src.count, src.crs is not None and src.crs.is_projected
     if card and want:
-        from .scene import open_raster
-
-        with open_raster(path) as src:
-            count = src.count
         model_n = len(card["bands"])
         if len(want) != model_n or max(want) > count:
             listed = ",".join(str(b) for b in card["bands"])
@@ -82,10 +82,6 @@ def open_scene_for(scene, detector, bands=None, gsd_m=None, percentiles=None) ->
             )
     if gsd_m is None and card.get("gsd_m"):
         gsd_m = card["gsd_m"]
-        from .scene import open_raster
-
-        with open_raster(path) as src:
-            projected = src.crs is not None and src.crs.is_projected
         if not projected:
             # The card's GSD is in metres; a scene without a projected CRS cannot be resampled
             # to it, so it runs at its own resolution (an explicit --gsd still fails clearly).
@@ -227,7 +223,6 @@ def detect_scene(
         "num_workers": workers,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
     }
-    frame.attrs["transform"] = tuple(sc.transform)[:6]
     sc.close()
     return frame
 

@@ -36,14 +36,7 @@ def _read_detections(path):
         raise GeodetError(f"{path}: a CSV of detections needs a wkt column or x0, y0, x1, y1 pixel boxes")
     from .labels import read_labels
 
-    try:
-        return read_labels(p)
-    except GeodetError as exc:
-        if "holds no features" in str(exc):
-            import geopandas as gpd  # noqa: F811
-
-            return gpd.read_file(p, engine="pyogrio")
-        raise
+    return read_labels(p, allow_empty=True)
 
 
 def _coco(boxes, labels, scores=None):

@@ -27,8 +27,9 @@ class LabelBoxes:
         return len(self.labels)
 
 
-def read_labels(path: str | Path, class_column: str | None = None):
-    """Read a vector file with pyogrio; clear errors for missing, unreadable, empty or CRS-less files."""
+def read_labels(path: str | Path, class_column: str | None = None, allow_empty: bool = False):
+    """Read a vector file with pyogrio; clear errors for missing, unreadable, empty (unless
+    ``allow_empty``: a detection file may hold none) or CRS-less files."""
     import geopandas as gpd
     import pyogrio
 
@@ -42,9 +43,9 @@ def read_labels(path: str | Path, class_column: str | None = None):
             f"{path}: not a vector file that OGR can read (use a shapefile, GeoPackage or GeoJSON): "
             f"{str(exc).splitlines()[0][:120]}"
         ) from None
-    if len(gdf) == 0:
+    if len(gdf) == 0 and not allow_empty:
         raise GeodetError(f"{path}: the labels file holds no features")
-    if gdf.crs is None:
+    if gdf.crs is None and len(gdf):
         raise GeodetError(f"{path}: the labels have no CRS: assign one (e.g. in QGIS, or ogr2ogr -a_srs EPSG:xxxx)")
     if class_column and class_column not in gdf.columns:
         cols = [c for c in gdf.columns if c != gdf.geometry.name]

@@ -8,7 +8,6 @@ up to ``detections_per_tile`` boxes per tile.
 from __future__ import annotations
 
 import datetime
-import io
 import logging
 import math
 import os

@@ -36,7 +36,7 @@ def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX
         img = img[:, :, 0]
     fig, ax = plt.subplots(figsize=(ow / 100, oh / 100), dpi=100)
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
-    names = list(classes or sorted(set(detections["label"].astype(str))) if len(detections) else classes or [])
+    names = list(classes) if classes else sorted(set(detections["label"].astype(str)))
     cmap = plt.get_cmap("tab10")
     if "score" in detections.columns:
         detections = detections[detections["score"] >= min_score]

@@ -213,8 +213,13 @@ class Scene:
             return np.ones((h, w), bool)
         return self.handle.dataset_mask(window=window) > 0
 
+    def valid_pixels(self, data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """``mask`` (the dataset mask) and, for float data, finite in every band."""
+        return mask & np.all(np.isfinite(data), axis=0) if self.is_float else mask
+
     def scale(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Scale to float32 0..1 (uint8 / 255; others by the percentile limits); invalid -> 0."""
+        """Scale to float32 0..1 (uint8 / 255; others by the percentile limits); pixels outside
+        ``valid`` (from ``valid_pixels``, so NaNs included) become 0."""
         if self.dtype == np.uint8:
             out = data.astype(np.float32)
             out *= np.float32(1 / 255)
@@ -225,10 +230,6 @@ class Scene:
             out -= lo
             out /= hi - lo
             np.clip(out, 0.0, 1.0, out=out)
-            if self.is_float:
-                finite = np.all(np.isfinite(data), axis=0)
-                valid = valid & finite
-                out[:, ~finite] = 0.0
         if not valid.all():
             out[:, ~valid] = 0.0
         return out
@@ -237,9 +238,7 @@ class Scene:
         """A tile as float32 ``[C, tile, tile]`` (padded with 0 past the scene) and its valid fraction."""
         window = tile.window()
         data = self.read_raw(window)
-        valid = self.read_valid(window)
-        if self.is_float:
-            valid = valid & np.all(np.isfinite(data), axis=0)
+        valid = self.valid_pixels(data, self.read_valid(window))
         frac = 1.0 if self.all_valid and not self.is_float else (float(valid.mean()) if valid.size else 0.0)
         scaled = self.scale(data, valid)
         if scaled.shape[1:] != (tile.height, tile.width):

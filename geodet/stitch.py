@@ -39,7 +39,6 @@ class Stitcher:
     def __init__(self, grid: TileGrid, match_iou: float = 0.5):
         self.grid = grid
         self.match_iou = match_iou
-        self.xs, self.ys = grid.core_arrays()
         self._final: list[tuple] = []
         self._seam: list[tuple] = []  # (boxes, scores, labels, rows, cols, whole, owned)
         self.n_in = 0

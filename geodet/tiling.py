@@ -111,10 +111,6 @@ class TileGrid:
 
     __iter__ = windows
 
-    def core_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Core boundaries along x and y: tile col c owns x in [xs[c], xs[c+1])."""
-        return np.asarray(self.col_cuts, dtype=np.float64), np.asarray(self.row_cuts, dtype=np.float64)
-
     def __repr__(self) -> str:
         return (
             f"TileGrid({self.width}x{self.height}, tile_size={self.tile_size}, overlap={self.overlap}: "

@@ -161,6 +161,7 @@ def _normalisation(scenes: list[TrainScene]) -> dict:
         oh, ow = max(1, int(sc.height / scale)), max(1, int(sc.width / scale))
         data = sc.handle.read(sc.bands, out_shape=(sc.count, oh, ow), resampling=Resampling.average)
         valid = np.ones((oh, ow), bool) if sc.all_valid else sc.handle.dataset_mask(out_shape=(oh, ow)) > 0
+        valid = sc.valid_pixels(data, valid)
         x = sc.scale(data, valid)[:, valid].astype(np.float64)
         sums = sums + x.sum(1)
         sq = sq + (x**2).sum(1)
@@ -172,21 +173,25 @@ def _normalisation(scenes: list[TrainScene]) -> dict:
     return {"mean": mean.tolist(), "std": np.maximum(std, 0.02).tolist()}
 
 
-def _write_area(scene: Scene, area, path: Path) -> None:
-    """The held-out area as its own GeoTIFF (original dtype, exact georeferencing)."""
+def _write_area(scene: Scene, area, path: Path, rows_per_block: int = 512) -> None:
+    """The held-out area as its own tiled GeoTIFF (original dtype, exact georeferencing), copied
+    in strips of ``rows_per_block`` rows so memory stays flat however large the area is."""
     import rasterio
     from rasterio.windows import Window
     from rasterio.windows import transform as window_transform
 
     x0, y0, x1, y1 = area
     win = Window(x0, y0, x1 - x0, y1 - y0)
-    data = scene.read_raw(win)
-    prof = dict(driver="GTiff", width=x1 - x0, height=y1 - y0, count=scene.count, dtype=data.dtype.name,
-                crs=scene.crs, transform=window_transform(win, scene.transform), nodata=scene.nodata)
+    prof = dict(driver="GTiff", width=x1 - x0, height=y1 - y0, count=scene.count, dtype=scene.dtype.name,
+                crs=scene.crs, transform=window_transform(win, scene.transform), nodata=scene.nodata,
+                tiled=True, blockxsize=256, blockysize=256)
     with rasterio.open(path, "w", **prof) as dst:
-        dst.write(data)
-        if not scene.all_valid:
-            dst.write_mask(scene.handle.dataset_mask(window=win))
+        for r in range(y0, y1, rows_per_block):
+            h = min(rows_per_block, y1 - r)
+            src_win, dst_win = Window(x0, r, x1 - x0, h), Window(0, r - y0, x1 - x0, h)
+            dst.write(scene.read_raw(src_win), window=dst_win)
+            if not scene.all_valid:
+                dst.write_mask(scene.handle.dataset_mask(window=src_win), window=dst_win)
 
 
 class Trainer:
@@ -199,6 +204,7 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.main = self.rank == 0
         self._stop = None
+        self._val_dir = None  # temporary folder of the held-out areas' GeoTIFFs
 
     # -- data ---------------------------------------------------------------------------
     def _open(self, pairs, classes):
@@ -287,27 +293,28 @@ class Trainer:
 
         if not self.val_sets:
             return {}
-        det_all, gt_all = [], []
         allb, alls, alll, gb, gl = [], [], [], [], []
-        with tempfile.TemporaryDirectory() as tmp:
+        if self._val_dir is None:  # the held-out areas are copied once per run, not per epoch
+            self._val_dir = tempfile.TemporaryDirectory(prefix="geodet-val-")
             for i, (ts, area) in enumerate(self.val_sets):
-                path = Path(tmp) / f"val{i}.tif"
-                _write_area(ts.scene, area, path)
-                frame = detect_scene(
-                    path, model, tile_size=model.card["tile_size"], overlap=self.overlap, device=str(device),
-                    num_workers=0, progress=False, bands=list(range(1, ts.scene.count + 1)), gsd_m=None,
-                    batch_size=self.cfg.detect.batch_size,
-                )
-                off = np.array([area[0], area[1], area[0], area[1]], float)
-                allb.append(frame[["x0", "y0", "x1", "y1"]].to_numpy(np.float64) + off)
-                alls.append(frame["score"].to_numpy())
-                alll.append(np.array([self.classes.index(n) for n in frame["label"]], np.int64))
-                boxes, keep = clip_boxes(ts.labels.boxes, area, self.cfg.train.min_visibility)
-                # offset by scene index so boxes of different scenes never match each other
-                shift = np.array([0, i * 1e7, 0, i * 1e7])
-                gb.append(boxes + off + shift)
-                gl.append(ts.labels.labels[keep])
-                allb[-1] = allb[-1] + shift
+                _write_area(ts.scene, area, Path(self._val_dir.name) / f"val{i}.tif")
+        for i, (ts, area) in enumerate(self.val_sets):
+            path = Path(self._val_dir.name) / f"val{i}.tif"
+            frame = detect_scene(
+                path, model, tile_size=model.card["tile_size"], overlap=self.overlap, device=str(device),
+                num_workers=0, progress=False, bands=list(range(1, ts.scene.count + 1)), gsd_m=None,
+                batch_size=self.cfg.detect.batch_size,
+            )
+            off = np.array([area[0], area[1], area[0], area[1]], float)
+            allb.append(frame[["x0", "y0", "x1", "y1"]].to_numpy(np.float64) + off)
+            alls.append(frame["score"].to_numpy())
+            alll.append(frame["label"].map({n: k for k, n in enumerate(self.classes)}).to_numpy(np.int64))
+            boxes, keep = clip_boxes(ts.labels.boxes, area, self.cfg.train.min_visibility)
+            # offset by scene index so boxes of different scenes never match each other
+            shift = np.array([0, i * 1e7, 0, i * 1e7])
+            gb.append(boxes + off + shift)
+            gl.append(ts.labels.labels[keep])
+            allb[-1] = allb[-1] + shift
         m = coco_metrics(np.concatenate(allb), np.concatenate(alls), np.concatenate(alll),
                          np.concatenate(gb), np.concatenate(gl), self.classes, iou=0.5)
         model.train()
@@ -459,6 +466,9 @@ class Trainer:
             bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+            if self._val_dir is not None:
+                self._val_dir.cleanup()
+                self._val_dir = None
         if self.world > 1:
             import torch.distributed as dist
 

@@ -135,3 +135,18 @@ def test_ddp_two_cpu_processes(tmp_path, synth):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "run" / "model.pt").exists()
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_held_out_area_copied_exactly_in_strips(tmp_path, synth):
+    from rasterio.windows import Window
+    from rasterio.windows import transform as window_transform
+
+    from geodet.train import _write_area
+
+    sc = Scene(synth.image)
+    area = (300, 17, 384, 384)
+    _write_area(sc, area, tmp_path / "v.tif", rows_per_block=50)  # 367 rows: strips of 50 and a short one
+    with rasterio.open(synth.image) as src, rasterio.open(tmp_path / "v.tif") as out:
+        win = Window(300, 17, 84, 367)
+        assert out.transform == window_transform(win, src.transform) and out.crs == src.crs
+        assert (out.read() == src.read(window=win)).all()
