@@ -115,11 +115,7 @@ class Stitcher:
         b, s, lab, rows, cols, whole, owned = (np.concatenate([p[i] for p in self._seam]) for i in range(7))
         n = len(b)
         tile_id = rows.astype(np.int64) * self.grid.n_cols + cols
-        g = self.grid
-        wx0 = np.asarray(g.col_offsets, np.float64)[cols]
-        wy0 = np.asarray(g.row_offsets, np.float64)[rows]
-        windows = np.stack([wx0, wy0, np.minimum(wx0 + g.tile_size, g.width), np.minimum(wy0 + g.tile_size, g.height)], 1)
-        edges = _overlapping_pairs(b, lab, tile_id, windows, self.match_iou, g.tile_size)
+        edges = _overlapping_pairs(b, lab, rows, cols, tile_id, self.grid, self.match_iou)
         comp = _components(n, edges)
         # Per component: the best whole box that some tile owns, else the best whole box,
         # else the union of the fragments.
@@ -148,68 +144,113 @@ class Stitcher:
         return out_b, out_s, lab[rep], rows[rep], cols[rep]
 
 
-def _bucket_keys(boxes, cell):
-    c = (boxes[:, :2] + boxes[:, 2:]) / 2
-    return np.floor(c / cell).astype(np.int64)
+def _reach(offsets, tile_size: int) -> int:
+    """How many tiles apart two tiles along an axis can be and still share pixels."""
+    off = np.asarray(offsets, np.int64)
+    k = 0
+    while k + 1 < len(off) and (off[k + 1 :] - off[: -(k + 1)]).min() < tile_size:
+        k += 1
+    return k
 
 
-def _overlapping_pairs(b, lab, tile_id, windows, thr, max_cell) -> np.ndarray:
-    """Pairs (i, j) from different tiles and the same class that agree where both tiles looked:
-    clipped to the intersection of their two tile windows, their IoU is at least ``thr``.
+def _candidate_pairs(b, lab, rows, cols, tile_id, grid: TileGrid, thr: float) -> np.ndarray:
+    """Rows (i, j, iou) for every pair of boxes from different tiles and the same class that
+    agree where both tiles looked: clipped to the intersection of their two tile windows, they
+    intersect and their IoU is at least ``thr``. Each unordered pair appears once.
 
     One object gives the same box there whether a tile saw it whole or cut at its edge, while
     two distinct objects, even overlapping ones, do not.
 
-    Boxes are bucketed by centre on a grid whose cell is the largest box side (so overlapping
-    boxes sit in the same or adjacent cells), and candidate pairs come from a vectorised
-    sort-and-search join of neighbouring cells: the cost follows local density, never n^2.
+    Tile pairs are taken one direction at a time (right, down-left, down, down-right, and further
+    when the overlap is over half a tile). In a direction each box has one shared window and one
+    clipped box; candidates are the partner tile's clipped boxes of the same class in the 3 x 3
+    neighbouring cells of a grid whose cell bounds the centre distance of any pair with IoU >=
+    ``thr``. Joins are vectorised sort-and-search: the cost follows local density, never n^2.
     """
-    n = len(b)
-    if n < 2:
-        return np.zeros((0, 2), np.int64)
-    side = float(np.max(np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])))
-    cell = min(max(side, 1.0), float(max_cell))
-    keys = _bucket_keys(b, cell)
-    kx, ky = keys[:, 0] - keys[:, 0].min(), keys[:, 1] - keys[:, 1].min()
-    width = int(kx.max()) + 3
-    flat = ky * width + kx
-    order = np.argsort(flat, kind="stable")
-    sorted_keys = flat[order]
+    if len(b) < 2:
+        return np.zeros((0, 3))
+    g = grid
+    ts = int(g.tile_size)
+    col_off = np.asarray(g.col_offsets, np.float64)
+    row_off = np.asarray(g.row_offsets, np.float64)
+    n_labels = int(lab.max()) + 1
+    C = ts + 3  # cells per axis inside a shared window (cell >= 1 px), with a margin each side
+    # IoU >= t needs |centre distance| <= (1 - t) * longest side on each axis.
+    slack = 1.0 - min(max(float(thr), 0.0), 1.0)
+    kr, kc = _reach(g.row_offsets, ts), _reach(g.col_offsets, ts)
+
+    def shared(r, c, dr, dc):
+        """The window tiles (r, c) and (r + dr, c + dc) both saw, per box."""
+        x0 = np.maximum(col_off[c], col_off[c + dc])
+        y0 = np.maximum(row_off[r], row_off[r + dr])
+        x1 = np.minimum(np.minimum(col_off[c], col_off[c + dc]) + ts, g.width)
+        y1 = np.minimum(np.minimum(row_off[r], row_off[r + dr]) + ts, g.height)
+        return np.column_stack([x0, y0, x1, y1])
+
+    def clipped(idx, win):
+        cb = np.minimum(np.maximum(b[idx], np.tile(win[:, :2], 2)), np.tile(win[:, 2:], 2))
+        ok = (cb[:, 2] > cb[:, 0]) & (cb[:, 3] > cb[:, 1])
+        return idx[ok], cb[ok], win[ok]
+
     pairs = []
-    # Each unordered cell pair once: the same cell, right, and the three below.
-    for dk in (0, 1, width - 1, width, width + 1):
-        lo = np.searchsorted(sorted_keys, flat + dk, side="left")
-        hi = np.searchsorted(sorted_keys, flat + dk, side="right")
-        counts = hi - lo
-        total = int(counts.sum())
-        if total == 0:
-            continue
-        ii = np.repeat(np.arange(n), counts)
-        offs = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-        jj = order[np.repeat(lo, counts) + offs]
-        keep = (ii < jj) if dk == 0 else np.ones(total, bool)
-        keep &= (lab[ii] == lab[jj]) & (tile_id[ii] != tile_id[jj])
-        ii, jj = ii[keep], jj[keep]
-        # the region both tiles saw
-        sx0 = np.maximum(windows[ii, 0], windows[jj, 0])
-        sy0 = np.maximum(windows[ii, 1], windows[jj, 1])
-        sx1 = np.minimum(windows[ii, 2], windows[jj, 2])
-        sy1 = np.minimum(windows[ii, 3], windows[jj, 3])
-        ax0, ay0 = np.clip(b[ii, 0], sx0, sx1), np.clip(b[ii, 1], sy0, sy1)
-        ax1, ay1 = np.clip(b[ii, 2], sx0, sx1), np.clip(b[ii, 3], sy0, sy1)
-        bx0, by0 = np.clip(b[jj, 0], sx0, sx1), np.clip(b[jj, 1], sy0, sy1)
-        bx1, by1 = np.clip(b[jj, 2], sx0, sx1), np.clip(b[jj, 3], sy0, sy1)
-        inter = np.clip(np.minimum(ax1, bx1) - np.maximum(ax0, bx0), 0, None) * np.clip(
-            np.minimum(ay1, by1) - np.maximum(ay0, by0), 0, None
-        )
-        union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
-        iou = inter / np.maximum(union, 1e-12)
-        ok = (inter > 0) & (iou >= thr)
-        if ok.any():
-            pairs.append(np.column_stack([ii[ok], jj[ok], iou[ok]]))
-    if not pairs:
+    for dr in range(0, kr + 1):
+        for dc in range(-kc, kc + 1):
+            if dr == 0 and dc <= 0:
+                continue
+            # side a: boxes whose tile has a partner at (+dr, +dc); side b: at (-dr, -dc)
+            ia = np.flatnonzero((rows + dr < g.n_rows) & (cols + dc >= 0) & (cols + dc < g.n_cols))
+            ib = np.flatnonzero((rows - dr >= 0) & (cols - dc >= 0) & (cols - dc < g.n_cols))
+            if len(ia) == 0 or len(ib) == 0:
+                continue
+            ia, ca, wa = clipped(ia, shared(rows[ia], cols[ia], dr, dc))
+            pb_r, pb_c = rows[ib] - dr, cols[ib] - dc  # the pair's a-side tile
+            ib, cb, wb = clipped(ib, shared(pb_r, pb_c, dr, dc))
+            if len(ia) == 0 or len(ib) == 0:
+                continue
+            pair_a = tile_id[ia]
+            pair_b = tile_id[ib] - (dr * g.n_cols + dc)
+            side = max(np.max(ca[:, 2:] - ca[:, :2]), np.max(cb[:, 2:] - cb[:, :2]))
+            cell = max(slack * float(side) * 1.001 + 1e-9, 1.0)
+
+            def keys(cbox, win, pair, labels):
+                cx = np.floor(((cbox[:, 0] + cbox[:, 2]) / 2 - win[:, 0]) / cell).astype(np.int64) + 1
+                cy = np.floor(((cbox[:, 1] + cbox[:, 3]) / 2 - win[:, 1]) / cell).astype(np.int64) + 1
+                return ((pair * n_labels + labels) * C + cy) * C + cx
+
+            ka = keys(ca, wa, pair_a, lab[ia])
+            kb = keys(cb, wb, pair_b, lab[ib])
+            order = np.argsort(kb, kind="stable")
+            kb_sorted = kb[order]
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    target = ka + dy * C + dx
+                    lo = np.searchsorted(kb_sorted, target, side="left")
+                    counts = np.searchsorted(kb_sorted, target, side="right") - lo
+                    total = int(counts.sum())
+                    if total == 0:
+                        continue
+                    start = lo - (np.cumsum(counts) - counts)
+                    ai = np.repeat(np.arange(len(ia)), counts)
+                    bj = order[np.repeat(start, counts) + np.arange(total)]
+                    A, B = ca[ai], cb[bj]
+                    inter = np.clip(np.minimum(A[:, 2], B[:, 2]) - np.maximum(A[:, 0], B[:, 0]), 0, None) * np.clip(
+                        np.minimum(A[:, 3], B[:, 3]) - np.maximum(A[:, 1], B[:, 1]), 0, None
+                    )
+                    union = (A[:, 2] - A[:, 0]) * (A[:, 3] - A[:, 1]) + (B[:, 2] - B[:, 0]) * (B[:, 3] - B[:, 1]) - inter
+                    iou = inter / np.maximum(union, 1e-12)
+                    ok = (inter > 0) & (iou >= thr)
+                    if ok.any():
+                        pairs.append(np.column_stack([ia[ai[ok]], ib[bj[ok]], iou[ok]]))
+    return np.concatenate(pairs) if pairs else np.zeros((0, 3))
+
+
+def _overlapping_pairs(b, lab, rows, cols, tile_id, grid: TileGrid, thr: float) -> np.ndarray:
+    """Edges (i, j) between boxes that are one object: candidate pairs (``_candidate_pairs``)
+    that are each other's best match in the other's tile."""
+    n = len(b)
+    p = _candidate_pairs(b, lab, rows, cols, tile_id, grid, thr)
+    if len(p) == 0:
         return np.zeros((0, 2), np.int64)
-    p = np.concatenate(pairs)
     p = np.concatenate([p, p[:, [1, 0, 2]]])  # both directions
     i, j, w = p[:, 0].astype(np.int64), p[:, 1].astype(np.int64), p[:, 2]
     # Keep, for each box and each other tile, only its best partner there; an edge stays when
