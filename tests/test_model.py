@@ -166,6 +166,33 @@ def test_chunked_matching_equals_torchvision_matcher():
     assert torch.equal(match_anchors(b, a, 0.5, 0.4, chunk_elements=777), ref)
 
 
+@pytest.mark.parametrize("levels,sizes,scales,size", [([2, 4], [8.0, 16.0, 32.0], 2, 256), ([3, 6], [16.0, 32.0, 64.0, 128.0], 1, 200)])
+def test_grid_matching_equals_torchvision_matcher(levels, sizes, scales, size):
+    """Matching from the anchor grid gives exactly torchvision's Matcher over the full IoU matrix:
+    boxes of all sizes, at the tile's edges, duplicated (ties), and equal to anchors."""
+    from torchvision.models.detection._utils import Matcher
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.ops import box_iou
+
+    from geodet.model import anchor_generator, match_anchors_on_grid
+
+    cfg = ModelConfig(**{**TINY, "levels": levels, "anchor_sizes": sizes, "scales_per_octave": scales})
+    gen = anchor_generator(cfg)
+    feats = [torch.zeros(1, 8, -(-size // 2**lv), -(-size // 2**lv)) for lv in range(levels[0], levels[1] + 1)]
+    anchors = gen(ImageList(torch.zeros(1, 3, size, size), [(size, size)]), feats)[0]
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(300, 2, generator=g) * (size + 40) - 20
+    wh = torch.exp(torch.rand(300, 2, generator=g) * 4) + 1  # 2 .. 56 px
+    boxes = torch.cat([xy, xy + wh], 1).clamp(0, size)  # clipped to the chip, as training boxes are
+    boxes = boxes[(boxes[:, 2] - boxes[:, 0] > 0.5) & (boxes[:, 3] - boxes[:, 1] > 0.5)]
+    boxes = torch.cat([boxes, boxes[:20], anchors[::997][:10]])  # exact duplicates and anchor-shaped boxes
+    for fg, bg in ((0.5, 0.4), (0.6, 0.3)):
+        ref = Matcher(fg, bg, allow_low_quality_matches=True)(box_iou(boxes, anchors))
+        got = match_anchors_on_grid(boxes, anchors, gen.layout, fg, bg)
+        assert (ref >= 0).sum() > 100
+        assert torch.equal(got, ref)
+
+
 def test_imagenet_weights_missing_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(GeodetError, match="not in the torch cache"):
