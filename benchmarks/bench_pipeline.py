@@ -63,6 +63,7 @@ def main():
     n = len(grid)
     print(f"{args.size}^2 scene, {n} tiles of {card['tile_size']} px, batch {args.batch_size}, {len(frame)} detections, "
           f"{frame.attrs['report']['num_workers']} reader workers")
+    print("runs (bare, pipeline) s: " + ", ".join(f"({b:.1f}, {q:.1f})" for b, q in zip(t_bare, t_pipe)))
     print(f"pipeline {n / tp:.2f} tiles/s (median of {args.reps}: {tp:.1f} s; last run's stages "
           f"{frame.attrs['report']['seconds']}) vs bare model {n / tb:.2f} tiles/s ({tb:.1f} s): ratio {tb / tp:.3f}")
 

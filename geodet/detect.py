@@ -20,7 +20,7 @@ from .errors import GeodetError
 from .progress import progress_bar
 from .scene import Scene
 from .stitch import Stitcher
-from .tiling import TileDataset, TileGrid, make_collate, overlap_pixels, worker_init
+from .tiling import TileDataset, TileGrid, make_collate, overlap_pixels, read_batches, worker_init
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +144,20 @@ def detect_scene(
         if score_threshold is not None and hasattr(detector, "set_thresholds"):
             detector.set_thresholds(score_threshold=score_threshold)
     workers = default_workers(dev) if num_workers is None else int(num_workers)
-    loader = torch.utils.data.DataLoader(
-        TileDataset(sc, grid),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=make_collate(min_valid_fraction),
-        pin_memory=dev.type == "cuda",
-        worker_init_fn=worker_init if workers > 0 else None,
-        prefetch_factor=2 if workers > 0 else None,
-    )
+    if workers == 0 and dev.type == "cpu":
+        # in-process reading into one reused batch buffer (the model consumes each batch
+        # before the next is read; on CUDA the copy to the GPU may still be running)
+        loader = read_batches(sc, grid, batch_size, min_valid_fraction)
+    else:
+        loader = torch.utils.data.DataLoader(
+            TileDataset(sc, grid),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=make_collate(min_valid_fraction),
+            pin_memory=dev.type == "cuda",
+            worker_init_fn=worker_init if workers > 0 else None,
+            prefetch_factor=2 if workers > 0 else None,
+        )
     stitcher = Stitcher(grid, match_iou)
     timings = {"read_wait": 0.0, "model": 0.0, "stitch": 0.0}
     n_run = n_skipped = 0

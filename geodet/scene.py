@@ -217,14 +217,16 @@ class Scene:
         """``mask`` (the dataset mask) and, for float data, finite in every band."""
         return mask & np.all(np.isfinite(data), axis=0) if self.is_float else mask
 
-    def scale(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    def scale(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Scale to float32 0..1 (uint8 / 255; others by the percentile limits); pixels outside
-        ``valid`` (from ``valid_pixels``, so NaNs included) become 0."""
+        ``valid`` (from ``valid_pixels``, so NaNs included) become 0. Written into ``out`` (float32,
+        the shape of ``data``) when given."""
+        if out is None:
+            out = np.empty(data.shape, np.float32)
         if self.dtype == np.uint8:
-            out = data.astype(np.float32)
-            out *= np.float32(1 / 255)
+            np.multiply(data, np.float32(1 / 255), out=out)
         else:
-            out = data.astype(np.float32)
+            out[...] = data
             lo = np.asarray(self.stats["lo"], np.float32)[:, None, None]
             hi = np.asarray(self.stats["hi"], np.float32)[:, None, None]
             out -= lo
@@ -234,18 +236,21 @@ class Scene:
             out[:, ~valid] = 0.0
         return out
 
-    def read_tile(self, tile) -> tuple[np.ndarray, float]:
-        """A tile as float32 ``[C, tile, tile]`` (padded with 0 past the scene) and its valid fraction."""
+    def read_tile(self, tile, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        """A tile as float32 ``[C, tile, tile]`` (padded with 0 past the scene) and its valid
+        fraction; read into ``out`` (float32 ``[C, tile, tile]``) when given."""
         window = tile.window()
         data = self.read_raw(window)
         valid = self.valid_pixels(data, self.read_valid(window))
         frac = 1.0 if self.all_valid and not self.is_float else (float(valid.mean()) if valid.size else 0.0)
-        scaled = self.scale(data, valid)
-        if scaled.shape[1:] != (tile.height, tile.width):
-            padded = np.zeros((self.count, tile.height, tile.width), np.float32)
-            padded[:, : scaled.shape[1], : scaled.shape[2]] = scaled
-            scaled = padded
-        return scaled, frac
+        h, w = data.shape[1:]
+        padded = (h, w) != (tile.height, tile.width)
+        if out is None:
+            out = (np.zeros if padded else np.empty)((self.count, tile.height, tile.width), np.float32)
+        elif padded:
+            out[...] = 0.0
+        self.scale(data, valid, out=out[:, :h, :w])
+        return out, frac
 
     def bounds(self) -> tuple[float, float, float, float]:
         from rasterio.transform import array_bounds

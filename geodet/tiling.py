@@ -149,6 +149,26 @@ class TileDataset:
         return torch.from_numpy(data), tile, frac
 
 
+def read_batches(scene, grid: TileGrid, batch_size: int, min_valid_fraction: float = 0.0):
+    """Batches read in this process into one reused buffer: ``(images [n, C, T, T] or None,
+    tiles, skipped)``, the batches a DataLoader over ``TileDataset`` with ``make_collate`` gives,
+    without a per-tile array, a stacking copy or a new batch allocation each time.
+
+    Each batch's ``images`` are overwritten by the next batch: use them before asking for it.
+    """
+    import torch
+
+    buf = torch.empty((batch_size, scene.count, grid.tile_size, grid.tile_size))
+    arr = buf.numpy()
+    for start in range(0, len(grid), batch_size):
+        tiles, skipped = [], []
+        for i in range(start, min(start + batch_size, len(grid))):
+            tile = grid.tile(i)
+            _, frac = scene.read_tile(tile, out=arr[len(tiles)])
+            (tiles if frac > min_valid_fraction else skipped).append(tile)
+        yield (buf[: len(tiles)] if tiles else None), tiles, skipped
+
+
 def worker_init(_worker_id: int) -> None:
     """DataLoader workers use one thread each: oversubscribed threads slow the model badly."""
     import torch

@@ -105,6 +105,32 @@ def test_uint16_four_band_scaled_and_nodata_tiles_skipped(tmp_path):
     assert min(sc.stats["lo"]) > 100
 
 
+@pytest.mark.parametrize("dtype,shape,tile", [("uint8", (3, 300, 260), 128), ("uint16", (4, 300, 300), 128), ("float32", (3, 90, 70), 128)])
+def test_in_process_batches_equal_dataloader_batches(tmp_path, dtype, shape, tile):
+    """The reused-buffer reader gives the DataLoader's batches: same tiles, same pixels, same
+    skipped nodata tiles, padding past the edge of a scene smaller than a tile."""
+    import torch
+
+    from geodet.tiling import TileDataset, make_collate, read_batches
+
+    rng = np.random.default_rng(1)
+    data = rng.uniform(1, 250, shape).astype(dtype)
+    data[:, :, : shape[2] // 2] = 0  # nodata on the left half
+    if dtype == "float32":
+        data[0, 5, -5] = np.nan
+    sc = Scene(_write(tmp_path / "s.tif", data, nodata=0), bands=list(range(1, shape[0] + 1)))
+    g = TileGrid(sc.width, sc.height, tile, 16)
+    ref = list(torch.utils.data.DataLoader(TileDataset(sc, g), batch_size=3, collate_fn=make_collate(0.0)))
+    got = [(None if im is None else im.clone(), t, s) for im, t, s in read_batches(sc, g, 3, 0.0)]
+    assert len(got) == len(ref)
+    assert sum(len(s) for _, _, s in got) > 0 or len(g) == 1
+    for (ia, ta, sa), (ib, tb, sb) in zip(got, ref):
+        assert ta == tb and sa == sb
+        assert (ia is None) == (ib is None)
+        if ia is not None:
+            assert torch.equal(ia, ib)
+
+
 def test_stats_use_decimated_read_not_full_read(tmp_path, monkeypatch):
     data = np.random.default_rng(1).integers(0, 60000, (3, 2000, 2000)).astype(np.uint16)
     p = _write(tmp_path / "big.tif", data)
