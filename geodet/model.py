@@ -214,12 +214,12 @@ class DenseRetinaNet(RetinaNet):
     def compute_loss(self, targets, head_outputs, anchors):
         matched_idxs = []
         layout = getattr(self.anchor_generator, "layout", None)
+        n_grid = sum(gh * gw * base.shape[0] for _, gh, gw, _, _, base in layout) if layout else -1
+        hi, lo = self.proposal_matcher.high_threshold, self.proposal_matcher.low_threshold
         for anchors_per_image, targets_per_image in zip(anchors, targets):
             if targets_per_image["boxes"].numel() == 0:
                 matched_idxs.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64, device=anchors_per_image.device))
                 continue
-            hi, lo = self.proposal_matcher.high_threshold, self.proposal_matcher.low_threshold
-            n_grid = sum(gh * gw * base.shape[0] for _, gh, gw, _, _, base in layout) if layout else -1
             if n_grid == anchors_per_image.shape[0]:
                 matched_idxs.append(match_anchors_on_grid(targets_per_image["boxes"], anchors_per_image, layout, hi, lo))
             else:

@@ -193,6 +193,20 @@ def test_grid_matching_equals_torchvision_matcher(levels, sizes, scales, size):
         assert torch.equal(got, ref)
 
 
+def test_training_matches_on_the_grid_not_the_dense_fallback(monkeypatch):
+    """The model's training loss uses grid matching (the dense chunked path is only a fallback)."""
+    import geodet.model as gm
+
+    def dense(*a, **k):
+        raise AssertionError("dense matching used")
+
+    monkeypatch.setattr(gm, "match_anchors", dense)
+    m = build_model(ModelConfig(**TINY), tile_size=128).train()
+    boxes = torch.tensor([[10.0, 12.0, 22.0, 20.0], [60.0, 60.0, 75.0, 70.0]])
+    losses = m(torch.rand(2, 3, 128, 128), [{"boxes": boxes, "labels": torch.tensor([0, 1])}] * 2)
+    assert set(losses) == {"classification", "bbox_regression"} and all(torch.isfinite(v) for v in losses.values())
+
+
 def test_imagenet_weights_missing_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(GeodetError, match="not in the torch cache"):
