@@ -114,34 +114,138 @@ class Stitcher:
     def _merge_seams(self):
         b, s, lab, rows, cols, whole, owned = (np.concatenate([p[i] for p in self._seam]) for i in range(7))
         n = len(b)
-        tile_id = rows.astype(np.int64) * self.grid.n_cols + cols
-        edges = _overlapping_pairs(b, lab, rows, cols, tile_id, self.grid, self.match_iou)
-        comp = _components(n, edges)
-        # Per component: the best whole box that some tile owns, else the best whole box,
-        # else the union of the fragments.
-        order = np.lexsort((-s, ~owned, ~whole, comp))
+        g = self.grid
+        tile_id = rows.astype(np.int64) * g.n_cols + cols
+        pairs = _candidate_pairs(b, lab, rows, cols, tile_id, g, self.match_iou)
+        edges, weights, best = _mutual_best(n, pairs, tile_id, len(g))
+        comp = _one_box_per_tile(_components(n, edges), edges, weights, tile_id)
+        win = _windows(g, rows, cols)
+        # The box of each component's members together, and whether a member's tile saw all of it.
+        ncomp = int(comp.max()) + 1
+        ub = np.empty((ncomp, 4))
+        ub[:, :2], ub[:, 2:] = np.inf, -np.inf
+        np.minimum.at(ub[:, 0], comp, b[:, 0])
+        np.minimum.at(ub[:, 1], comp, b[:, 1])
+        np.maximum.at(ub[:, 2], comp, b[:, 2])
+        np.maximum.at(ub[:, 3], comp, b[:, 3])
+        sees_all = _inside(ub[comp], win)
+        # Per component: a box from a tile that saw the whole component, owned by its tile, whole,
+        # best scoring, in that order; with no whole box, the union of the fragments.
+        order = np.lexsort((-s, ~owned, ~whole, ~sees_all, comp))
         first = np.ones(n, bool)
         first[1:] = comp[order][1:] != comp[order][:-1]
         rep = order[first]
-        rep_comp = comp[rep]
         out_b = b[rep].copy()
         out_s = s[rep].copy()
-        frag = ~whole[rep]
+        # no whole box, or none from a tile that saw all the merged boxes: their union
+        frag = ~whole[rep] | ~sees_all[rep]
         if frag.any():
-            ux0 = np.full(comp.max() + 1, np.inf)
-            uy0 = np.full(comp.max() + 1, np.inf)
-            ux1 = np.full(comp.max() + 1, -np.inf)
-            uy1 = np.full(comp.max() + 1, -np.inf)
-            smax = np.full(comp.max() + 1, -np.inf, np.float32)
-            np.minimum.at(ux0, comp, b[:, 0])
-            np.minimum.at(uy0, comp, b[:, 1])
-            np.maximum.at(ux1, comp, b[:, 2])
-            np.maximum.at(uy1, comp, b[:, 3])
+            smax = np.full(ncomp, -np.inf, np.float32)
             np.maximum.at(smax, comp, s)
-            c = rep_comp[frag]
-            out_b[frag] = np.column_stack([ux0[c], uy0[c], ux1[c], uy1[c]])
+            c = comp[rep][frag]
+            out_b[frag] = ub[c]
             out_s[frag] = smax[c]
+        comp_owned = np.zeros(ncomp, bool)
+        comp_owned[comp[whole & owned]] = True
+        gone = _seen_better(rep, out_b, comp, comp_owned, b, lab, tile_id, owned, win, best, g)
+        rep, out_b, out_s = rep[~gone], out_b[~gone], out_s[~gone]
         return out_b, out_s, lab[rep], rows[rep], cols[rep]
+
+
+COVER = 0.5  # a box is inside another when at least this share of its area lies in it
+
+
+def _windows(grid: TileGrid, rows, cols) -> np.ndarray:
+    """Each box's tile window (x0, y0, x1, y1), clipped to the scene."""
+    x0 = np.asarray(grid.col_offsets, np.float64)[cols]
+    y0 = np.asarray(grid.row_offsets, np.float64)[rows]
+    return np.column_stack([x0, y0, np.minimum(x0 + grid.tile_size, grid.width), np.minimum(y0 + grid.tile_size, grid.height)])
+
+
+def _inside(boxes, windows, eps: float = 1e-6) -> np.ndarray:
+    return np.all(boxes[:, :2] >= windows[:, :2] - eps, axis=1) & np.all(boxes[:, 2:] <= windows[:, 2:] + eps, axis=1)
+
+
+def _windows_holding(boxes: np.ndarray, grid: TileGrid):
+    """The tiles whose windows hold each box whole, as ranges ``(first_col, last_col, first_row,
+    last_row)`` (windows along an axis are sorted, so those holding an interval are consecutive)."""
+    out = []
+    for lo_col, hi_col, offsets, length in ((0, 2, grid.col_offsets, grid.width), (1, 3, grid.row_offsets, grid.height)):
+        off = np.asarray(offsets, np.float64)
+        end = np.minimum(off + grid.tile_size, length)
+        out.append(np.searchsorted(end, boxes[:, hi_col] - 1e-6, side="left"))
+        out.append(np.searchsorted(off, boxes[:, lo_col] + 1e-6, side="right") - 1)
+    return out
+
+
+def _n_windows_holding(boxes: np.ndarray, grid: TileGrid) -> np.ndarray:
+    c0, c1, r0, r1 = _windows_holding(boxes, grid)
+    return np.maximum(c1 - c0 + 1, 0) * np.maximum(r1 - r0 + 1, 0)
+
+
+def _seen_better(rep, out_b, comp, comp_owned, b, lab, tile_id, owned, win, best, grid: TileGrid) -> np.ndarray:
+    """True for each merged object (representative ``rep``, box ``out_b``) that is a partial view
+    of an object another tile reported better: a tile that reported none of the merged boxes,
+    though it saw the object's whole box, reported a box there that it owns (its centre lies in
+    that tile's core), and that box's merged object is at least as large and holds most of this
+    one (``COVER``). A box's visible part can depend on pixels outside the strip two tiles share
+    (an object partly covered by another), so such views need not agree inside the strip.
+
+    An object that no tile owns whole (its centre lies in another tile's core, or it is cut) goes
+    to any such object. One that some tile owns whole goes only to one reaching past the window
+    of its representative's tile (that tile then saw only part of the object), from a tile where
+    the representative had no other match candidate (that tile did not report it separately).
+    """
+    import shapely
+
+    n_tiles = len(grid)
+    gone = np.zeros(len(rep), bool)
+    slot = np.full(int(comp.max()) + 1, -1)
+    slot[comp[rep]] = np.arange(len(rep))
+    # Only an object inside the window of a tile that reported none of its boxes can be seen
+    # better, and most objects are in no such window: find those first, cheaply.
+    holders = np.bincount(slot[comp], weights=_inside(out_b[slot[comp]], win), minlength=len(rep))
+    q = np.flatnonzero(_n_windows_holding(out_b, grid) > holders + 0.5)
+    if len(q) == 0:
+        return gone
+    # candidates: owned boxes of the tiles whose windows hold a queried object
+    near = np.zeros(n_tiles, bool)
+    for c0, c1, r0, r1 in zip(*_windows_holding(out_b[q], grid)):
+        for row in range(r0, r1 + 1):
+            near[row * grid.n_cols + c0 : row * grid.n_cols + c1 + 1] = True
+    cand = np.flatnonzero(owned & near[tile_id])
+    if len(cand) == 0:
+        return gone
+    vbox = out_b[slot[comp[cand]]]  # the merged object each owned box belongs to
+    tree = shapely.STRtree(shapely.box(*out_b[q].T))
+    ci, qi = tree.query(shapely.box(*vbox.T), predicate="intersects")
+    qi = q[qi]
+    r, v, o, vb = rep[qi], cand[ci], out_b[qi], vbox[ci]
+    c, d = comp[r], comp[cand[ci]]
+    # the covering box's tile reported none of the merged boxes
+    sel = np.isin(comp, c)
+    member = np.sort(comp[sel] * n_tiles + tile_id[sel])
+    code = c * n_tiles + tile_id[v]
+    pos = np.clip(np.searchsorted(member, code), 0, len(member) - 1)
+    area_o = (o[:, 2] - o[:, 0]) * (o[:, 3] - o[:, 1])
+    area_v = (vb[:, 2] - vb[:, 0]) * (vb[:, 3] - vb[:, 1])
+    larger = (area_v > area_o) | ((area_v == area_o) & (d < c))
+    ok = (lab[r] == lab[v]) & (member[pos] != code) & (d != c) & larger
+    r, v, o, vb, c, qi, area_o = r[ok], v[ok], o[ok], vb[ok], c[ok], qi[ok], area_o[ok]
+    inter = np.clip(np.minimum(o[:, 2], vb[:, 2]) - np.maximum(o[:, 0], vb[:, 0]), 0, None) * np.clip(
+        np.minimum(o[:, 3], vb[:, 3]) - np.maximum(o[:, 1], vb[:, 1]), 0, None
+    )
+    ok = (inter >= COVER * area_o) & _inside(o, win[v])
+    beyond = ~_inside(vb, win[r])
+    key = r * n_tiles + tile_id[v]
+    if len(best[0]):
+        pos = np.clip(np.searchsorted(best[0], key), 0, len(best[0]) - 1)
+        other = (best[0][pos] == key) & (best[1][pos] != v)
+    else:
+        other = np.zeros(len(key), bool)
+    ok &= ~comp_owned[c] | (beyond & ~other)
+    gone[qi[ok]] = True
+    return gone
 
 
 def _reach(offsets, tile_size: int) -> int:
@@ -244,29 +348,30 @@ def _candidate_pairs(b, lab, rows, cols, tile_id, grid: TileGrid, thr: float) ->
     return np.concatenate(pairs) if pairs else np.zeros((0, 3))
 
 
-def _overlapping_pairs(b, lab, rows, cols, tile_id, grid: TileGrid, thr: float) -> np.ndarray:
-    """Edges (i, j) between boxes that are one object: candidate pairs (``_candidate_pairs``)
-    that are each other's best match in the other's tile."""
-    n = len(b)
-    p = _candidate_pairs(b, lab, rows, cols, tile_id, grid, thr)
+def _mutual_best(n: int, p: np.ndarray, tile_id, n_tiles: int):
+    """From candidate pairs ``p`` (``_candidate_pairs``): the edges (i, j) between boxes that are
+    one object, i.e. each other's best candidate in the other's tile, so overlapping distinct
+    objects never chain together, with their IoUs; and each box's best candidate per other tile,
+    as sorted keys ``i * n_tiles + tile`` with the partner index."""
     if len(p) == 0:
-        return np.zeros((0, 2), np.int64)
+        empty = np.zeros(0, np.int64)
+        return np.zeros((0, 2), np.int64), np.zeros(0), (empty, empty)
     p = np.concatenate([p, p[:, [1, 0, 2]]])  # both directions
     i, j, w = p[:, 0].astype(np.int64), p[:, 1].astype(np.int64), p[:, 2]
-    # Keep, for each box and each other tile, only its best partner there; an edge stays when
-    # it is the best for both ends, so overlapping distinct objects never chain together.
     order = np.lexsort((-w, tile_id[j], i))
     i, j, w = i[order], j[order], w[order]
     first = np.ones(len(i), bool)
     first[1:] = (i[1:] != i[:-1]) | (tile_id[j][1:] != tile_id[j][:-1])
     bi, bj = i[first], j[first]
+    best_key = bi * n_tiles + tile_id[bj]  # sorted: bi, then tile
     # mutual: (a, c) and (c, a) both best; find by sorting encoded pairs
     code = bi * n + bj
     rev = bj * n + bi
     sorted_code = np.sort(code)
     pos = np.clip(np.searchsorted(sorted_code, rev), 0, len(sorted_code) - 1)
     mutual = (sorted_code[pos] == rev) & (bi < bj)
-    return np.column_stack([bi[mutual], bj[mutual]]).astype(np.int64)
+    edges = np.column_stack([bi[mutual], bj[mutual]]).astype(np.int64)
+    return edges, w[first][mutual], (best_key, bj)
 
 
 def _components(n: int, edges: np.ndarray) -> np.ndarray:
@@ -284,6 +389,44 @@ def _components(n: int, edges: np.ndarray) -> np.ndarray:
         if np.array_equal(new, comp):
             return comp
         comp = new
+
+
+def _one_box_per_tile(comp: np.ndarray, edges: np.ndarray, weights: np.ndarray, tile_id: np.ndarray) -> np.ndarray:
+    """A tile reports an object once, so a component holding two boxes of one tile joins two
+    objects through a chain of pairs (e.g. fragments meeting in a diagonal neighbour's corner).
+    Such components (rare) are rebuilt greedily from their best pairs, never joining two groups
+    that share a tile; the others stay as they are."""
+    if len(edges) == 0:
+        return comp
+    linked = np.flatnonzero(np.bincount(comp, minlength=len(comp))[comp] > 1)
+    n_tiles = int(tile_id.max()) + 1
+    key = np.sort(comp[linked] * n_tiles + tile_id[linked])
+    bad = np.unique(key[1:][key[1:] == key[:-1]] // n_tiles)
+    if len(bad) == 0:
+        return comp
+    comp = comp.copy()
+    in_bad = np.isin(comp[edges[:, 0]], bad) if len(edges) else np.zeros(0, bool)
+    sel = np.flatnonzero(in_bad)
+    sel = sel[np.argsort(-weights[sel], kind="stable")]
+    nodes = np.flatnonzero(np.isin(comp, bad))
+    parent = {int(i): int(i) for i in nodes}
+    tiles = {int(i): {int(tile_id[i])} for i in nodes}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for e in sel:
+        a, b = root(int(edges[e, 0])), root(int(edges[e, 1]))
+        if a != b and not (tiles[a] & tiles[b]):
+            a, b = min(a, b), max(a, b)
+            parent[b] = a
+            tiles[a] |= tiles.pop(b)
+    for i in nodes:
+        comp[i] = root(int(i))
+    return comp
 
 
 def stitch_detections(grid: TileGrid, tile_results, match_iou: float = 0.5) -> SceneDetections:

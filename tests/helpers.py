@@ -97,3 +97,59 @@ def match_counts(pred, truth, iou=0.9):
         else:
             dup += 1
     return dup, len(truth) - len(matched_truth)
+
+
+def occluded_ids(width, height, n, min_size, max_size, seed=0):
+    """An object-ID image [height, width] (0 = background, i = object i) of ``n`` axis-aligned
+    rectangles of random sizes painted one after another, so later objects partly (or wholly)
+    cover earlier ones, as parked cars and tree crowns do."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((height, width), np.int32)
+    w = rng.integers(min_size, max_size + 1, n)
+    h = rng.integers(min_size, max_size + 1, n)
+    x = rng.integers(0, np.maximum(width - w, 0) + 1)
+    y = rng.integers(0, np.maximum(height - h, 0) + 1)
+    for i in range(n):
+        ids[y[i] : y[i] + h[i], x[i] : x[i] + w[i]] = i + 1
+    return ids
+
+
+def visible_boxes(ids, x0=0, y0=0, x1=None, y1=None):
+    """(ids, boxes [N, 4] in window pixels): for each object with pixels in the window, the box of
+    its visible pixels there. A perfect detector reports exactly this for each tile; for the whole
+    scene it is the truth."""
+    x1 = ids.shape[1] if x1 is None else x1
+    y1 = ids.shape[0] if y1 is None else y1
+    win = ids[y0:y1, x0:x1]
+    ys, xs = np.nonzero(win)
+    if len(ys) == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 4))
+    uniq, inv = np.unique(win[ys, xs], return_inverse=True)
+    n = len(uniq)
+    bx0 = np.full(n, 1 << 30); by0 = np.full(n, 1 << 30); bx1 = np.full(n, -1); by1 = np.full(n, -1)
+    np.minimum.at(bx0, inv, xs); np.minimum.at(by0, inv, ys)
+    np.maximum.at(bx1, inv, xs + 1); np.maximum.at(by1, inv, ys + 1)
+    return uniq, np.stack([bx0, by0, bx1, by1], 1).astype(np.float64)
+
+
+def visible_tile_feeds(ids, grid):
+    """The perfect visible-pixels detector's ``(tile, boxes, scores, labels)`` for every tile."""
+    for t in grid:
+        x0, y0, x1, y1 = t.valid
+        _, b = visible_boxes(ids, x0, y0, x1, y1)
+        yield t, b, np.ones(len(b), np.float32), np.zeros(len(b), np.int64)
+
+
+def write_ids_geotiff(path, ids, crs="EPSG:32633", transform=None):
+    """An object-ID image as an RGB uint8 GeoTIFF that ``PerfectDetector`` decodes."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    transform = transform or from_origin(500000, 4600000, 0.3, 0.3)
+    h, w = ids.shape
+    ids = ids.astype(np.int64)
+    rgb = np.stack([(ids >> 16) & 255, (ids >> 8) & 255, ids & 255]).astype(np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8", crs=crs,
+                       transform=transform, tiled=True, blockxsize=256, blockysize=256, compress="deflate") as dst:
+        dst.write(rgb)
+    return path
