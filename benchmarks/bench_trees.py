@@ -1,5 +1,5 @@
 """Real tree crowns: train from scratch on yell_541000 for at most N minutes with geodet's
-trees preset, then with stock torchvision settings (configs/stock.yaml over the trees preset:
+trees preset, then with stock torchvision settings (geodet/configs/stock.yaml over the trees preset:
 P3-P7, 32-512 px anchors, 256-channel heads, 800 px resize), the same budget each. Reports
 whole-scene AP50, and precision/recall at IoU 0.4, on osbs_029 and soap_061 (class-agnostic).
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from geodet.config import SceneLabels, apply_overrides, load_config
+from geodet.config import SceneLabels, apply_overrides, config_dir, load_config
 from geodet.detect import detect_scene
 from geodet.evaluate import evaluate
 from geodet.model import load_model
@@ -54,7 +54,7 @@ def main():
         rows += run("geodet trees preset", load_config("trees"), data, args.minutes, out)
     if args.only in (None, "stock"):
         stock = load_config("trees")
-        over = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "stock.yaml").read_text())["model"]
+        over = yaml.safe_load((config_dir() / "stock.yaml").read_text())["model"]
         apply_overrides(stock, {f"model.{k}": v for k, v in over.items()})
         rows += run("stock torchvision settings", stock, data, args.minutes, out)
     for r in rows:

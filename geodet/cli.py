@@ -82,12 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bands", type=_bands, default=None, help="bands to keep, e.g. 1,2,3 (default: all)")
     t.add_argument("--gsd", type=float, default=None, help="resample to this ground resolution in metres")
     t.add_argument("--min-valid", type=float, default=0.0, help="skip chips with this valid fraction or less (0)")
-    t.add_argument("--config", help="YAML config (a path or a name in configs/)")
+    t.add_argument("--config", help="YAML config (a path, or a built-in preset: cpu, small_objects, trees, default, stock)")
 
     tr = sub.add_parser("train", parents=[common], help="train a model on GeoTIFFs with vector labels",
                         description="Train a RetinaNet on scenes with vector labels. Writes RUN_DIR/model.pt (best by "
                                     "validation AP50), RUN_DIR/last.pt (for --resume) and RUN_DIR/metrics.csv.")
-    tr.add_argument("--config", help="YAML config (a path or a name in configs/, e.g. cpu, small_objects, trees)")
+    tr.add_argument("--config", help="YAML config (a path, or a built-in preset: cpu, small_objects, trees, default, stock)")
     tr.add_argument("--scene", action="append", default=[], help="training scene; repeat with --labels for each")
     tr.add_argument("--labels", action="append", default=[], help="labels of the --scene at the same position")
     tr.add_argument("--val-scene", action="append", default=[], help="validation scene (else a held-out strip)")
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of the config, and anchors fitted to the boxes with their coverage.")
     a.add_argument("--scene", required=True)
     a.add_argument("--labels", required=True)
-    a.add_argument("--config", help="YAML config (a path or a name in configs/)")
+    a.add_argument("--config", help="YAML config (a path, or a built-in preset: cpu, small_objects, trees, default, stock)")
     a.add_argument("--class-column", default=None)
     a.add_argument("--write-config", help="write the config with the fitted anchors to this YAML file")
 
@@ -339,6 +339,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     _setup_logging(args.verbose)
+    from .memory import tune_memory
+
+    tune_memory()  # the command owns its process: keep memory flat in the scene size
     if os.environ.get("GEODET_NO_PROGRESS"):
         args.quiet = True
     previous = signal.signal(signal.SIGTERM, _sigterm)

@@ -1,6 +1,7 @@
 """Typed settings for every stage, with one source of defaults: the dataclasses below.
 
-YAML files (see ``configs/``) override these defaults; CLI flags override the YAML.
+YAML files override these defaults (the built-in presets live in the package, ``geodet/configs/``, and
+are read with importlib.resources, so a wheel has them too); CLI flags override the YAML.
 Unknown keys and wrong types raise a GeodetError naming the key and the file.
 """
 
@@ -18,7 +19,19 @@ import yaml
 
 from .errors import GeodetError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_dir():
+    """The built-in presets (``geodet/configs/*.yaml``), wherever geodet is installed."""
+    from importlib.resources import files
+
+    return files("geodet") / "configs"
+
+
+def preset_names() -> list[str]:
+    """Names of the built-in presets, e.g. ``cpu``, ``small_objects``, ``trees``."""
+    d = config_dir()
+    return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml")) if d.is_dir() else []
 
 
 @dataclass
@@ -199,16 +212,18 @@ def _merge(obj: Any, data: dict, prefix: str, source: str) -> Any:
     return obj
 
 
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A path to a YAML file, or the name of one in ``configs/`` (``trees`` -> configs/trees.yaml)."""
+def resolve_config_path(name_or_path: str | Path):
+    """A path to a YAML file, or the name of a built-in preset (``trees`` -> geodet/configs/trees.yaml).
+    Returns a path-like object with ``read_text()``."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    for candidate in (CONFIG_DIR / f"{name_or_path}.yaml", CONFIG_DIR / str(name_or_path)):
+    d = config_dir()
+    for candidate in (d / f"{name_or_path}.yaml", d / str(name_or_path)):
         if candidate.is_file():
             return candidate
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-    hint = f" (built-in configs: {', '.join(known)})" if known else ""
+    known = preset_names()
+    hint = f" (built-in presets: {', '.join(known)})" if known else ""
     raise GeodetError(f"config file not found: {name_or_path}{hint}")
 
 

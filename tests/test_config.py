@@ -4,11 +4,11 @@ import pytest
 import yaml
 
 from geodet import GeodetError
-from geodet.config import CONFIG_DIR, Config, load_config
+from geodet.config import Config, config_dir, load_config
 
 
 def test_defaults_yaml_equals_code_defaults():
-    assert load_config(CONFIG_DIR / "default.yaml").to_dict() == Config().to_dict()
+    assert load_config(config_dir() / "default.yaml").to_dict() == Config().to_dict()
 
 
 @pytest.mark.parametrize("name", ["default", "small_objects", "trees", "cpu", "stock"])
