@@ -17,8 +17,11 @@ CHILD = textwrap.dedent("""
     import json, resource, sys, time, numpy as np
     sys.path.insert(0, {tests!r})
     mode, path = sys.argv[1], sys.argv[2]
+    import geodet
     from geodet.scene import Scene
     from geodet.tiling import TileGrid
+    if mode != "plain":
+        geodet.tune_memory()  # what the geodet command does; the API leaves it to the caller
     t0 = time.perf_counter()
     if mode == "tile":
         sc = Scene(path)

@@ -197,14 +197,14 @@ def format_table(m: dict) -> str:
 
 
 def plot_pr(m: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A precision-recall plot (PNG); drawn with matplotlib's Figure API, so the process's
+    pyplot backend is left as it was."""
+    from matplotlib.figure import Figure
 
     from .export import atomic_path
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
     if m.get("pr_curve"):
         ax.plot(m["pr_curve"]["recall"], m["pr_curve"]["precision"])
     ax.set_xlabel("recall")
@@ -214,4 +214,3 @@ def plot_pr(m: dict, path) -> None:
     ax.set_title(f"PR at IoU {m['iou']}: AP50 {m['AP50'] or 0:.3f}")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)

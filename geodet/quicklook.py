@@ -13,11 +13,8 @@ def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX
               min_score: float = 0.3) -> Path:
     """Write a PNG of the scene (at most ``max_side`` px) with boxes scoring ``min_score`` or more."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
-    from rasterio.enums import Resampling
 
     from .export import atomic_path
     from .labels import map_bounds_to_pixels
@@ -25,19 +22,19 @@ def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX
 
     sc = Scene(scene_path, bands=bands or None)
     show = sc.bands[:3] if sc.count >= 3 else sc.bands[:1]
-    scale = max(1.0, max(sc.width, sc.height) / max_side)
-    oh, ow = max(1, int(sc.height / scale)), max(1, int(sc.width / scale))
-    raw = sc.handle.read(show, out_shape=(len(show), oh, ow), resampling=Resampling.average)
+    raw, _, scale = sc.overview(max_side, bands=show)
+    oh, ow = raw.shape[1:]
     idx = [sc.bands.index(b) for b in show]
     lo = np.asarray(sc.stats["lo"])[idx][:, None, None]
     hi = np.asarray(sc.stats["hi"])[idx][:, None, None]
     img = np.clip((raw.astype(np.float32) - lo) / (hi - lo), 0, 1).transpose(1, 2, 0)
     if img.shape[2] == 1:
         img = img[:, :, 0]
-    fig, ax = plt.subplots(figsize=(ow / 100, oh / 100), dpi=100)
+    fig = Figure(figsize=(ow / 100, oh / 100), dpi=100)
+    ax = fig.subplots()
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
     names = list(classes) if classes else sorted(set(detections["label"].astype(str)))
-    cmap = plt.get_cmap("tab10")
+    cmap = matplotlib.colormaps["tab10"]
     if "score" in detections.columns:
         detections = detections[detections["score"] >= min_score]
     if len(detections):
@@ -59,6 +56,5 @@ def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX
     fig.subplots_adjust(0, 0, 1, 1)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     sc.close()
     return Path(out_png)

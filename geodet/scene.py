@@ -22,17 +22,27 @@ log = logging.getLogger(__name__)
 STATS_MAX_SIDE = 1024  # decimated read for percentile statistics
 
 
-def _rasterio():
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning
+# GDAL's block cache defaults to 5% of RAM and fills as a scene streams through, so memory would
+# grow with scene size; windows are read once, so a small cache loses nothing. geodet's reads run
+# with this cap (unless GDAL_CACHEMAX is set); nothing is changed for the rest of the process.
+GDAL_CACHE_MB = 128
 
-    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
-    return rasterio
+
+def gdal_env():
+    """The ``rasterio.Env`` geodet reads in: GDAL's block cache capped at ``GDAL_CACHE_MB``
+    unless the user set ``GDAL_CACHEMAX``. Entering it costs ~50 us; leaving it restores GDAL."""
+    import rasterio
+
+    if os.environ.get("GDAL_CACHEMAX"):
+        return rasterio.Env()
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
 
 
 def open_raster(path: str | Path):
     """rasterio.open with a clear GeodetError for missing or unreadable files."""
-    rasterio = _rasterio()
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
     p = Path(path)
     if not str(path).startswith(("/vsi", "http://", "https://", "s3://")):
         if not p.exists():
@@ -40,7 +50,10 @@ def open_raster(path: str | Path):
         if p.is_dir():
             raise GeodetError(f"scene is a folder, not a raster file: {path}")
     try:
-        return rasterio.open(path)
+        with warnings.catch_warnings():
+            # a scene without georeferencing is handled (and explained) by the caller
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
     except rasterio.errors.RasterioIOError:
         raise GeodetError(
             f"{path}: not a raster that GDAL can read (expected a GeoTIFF or another georeferenced raster)"
@@ -180,10 +193,11 @@ class Scene:
         src = self.handle
         from rasterio.enums import Resampling
 
-        data = src.read(self.bands, out_shape=(self.count, out_h, out_w), resampling=Resampling.nearest)
-        valid = np.ones((out_h, out_w), bool)
-        if not self.all_valid:
-            valid &= src.dataset_mask(out_shape=(out_h, out_w), resampling=Resampling.nearest) > 0
+        with gdal_env():
+            data = src.read(self.bands, out_shape=(self.count, out_h, out_w), resampling=Resampling.nearest)
+            valid = np.ones((out_h, out_w), bool)
+            if not self.all_valid:
+                valid &= src.dataset_mask(out_shape=(out_h, out_w), resampling=Resampling.nearest) > 0
         if self.is_float:
             valid &= np.all(np.isfinite(data), axis=0)
         lo, hi = [], []
@@ -204,14 +218,36 @@ class Scene:
 
     def read_raw(self, window) -> np.ndarray:
         """The selected bands of ``window`` in the file's dtype (in the resampled grid if any)."""
-        return self.handle.read(self.bands, window=window)
+        with gdal_env():
+            return self.handle.read(self.bands, window=window)
 
-    def read_valid(self, window) -> np.ndarray:
-        """Boolean mask of valid pixels (not nodata, not masked, finite)."""
+    def read_mask(self, window) -> np.ndarray:
+        """GDAL's dataset mask of ``window`` (uint8, 255 valid, 0 nodata or masked)."""
         h, w = int(window.height), int(window.width)
         if self.all_valid:
-            return np.ones((h, w), bool)
-        return self.handle.dataset_mask(window=window) > 0
+            return np.full((h, w), 255, np.uint8)
+        with gdal_env():
+            return self.handle.dataset_mask(window=window)
+
+    def read_valid(self, window) -> np.ndarray:
+        """Boolean mask of valid pixels (not nodata, not masked; finiteness is ``valid_pixels``)."""
+        return self.read_mask(window) > 0
+
+    def overview(self, max_side: int, bands: Sequence[int] | None = None, resampling: str = "average"):
+        """A decimated read of the whole grid, at most ``max_side`` px on its long side: ``(data
+        [C, h, w] in the file's dtype, valid [h, w] bool, scale)``, where ``scale`` is grid pixels
+        per overview pixel. GDAL uses the file's overviews when it has them."""
+        from rasterio.enums import Resampling
+
+        bands = list(bands) if bands else self.bands
+        scale = max(1.0, max(self.width, self.height) / max_side)
+        oh, ow = max(1, int(self.height / scale)), max(1, int(self.width / scale))
+        with gdal_env():
+            data = self.handle.read(bands, out_shape=(len(bands), oh, ow), resampling=Resampling[resampling])
+            valid = np.ones((oh, ow), bool) if self.all_valid else self.handle.dataset_mask(out_shape=(oh, ow)) > 0
+        if self.is_float:
+            valid &= np.all(np.isfinite(data), axis=0)
+        return data, valid, scale
 
     def valid_pixels(self, data: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """``mask`` (the dataset mask) and, for float data, finite in every band."""

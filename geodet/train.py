@@ -152,16 +152,10 @@ def _lr_lambda(warmup: int, total: int, time_fraction=None):
 
 def _normalisation(scenes: list[TrainScene]) -> dict:
     """Per-band mean and std of the scaled training pixels (from decimated reads)."""
-    from rasterio.enums import Resampling
-
     sums, sq, n = 0, 0, 0
     for ts in scenes:
         sc = ts.scene
-        scale = max(1.0, max(sc.width, sc.height) / 512)
-        oh, ow = max(1, int(sc.height / scale)), max(1, int(sc.width / scale))
-        data = sc.handle.read(sc.bands, out_shape=(sc.count, oh, ow), resampling=Resampling.average)
-        valid = np.ones((oh, ow), bool) if sc.all_valid else sc.handle.dataset_mask(out_shape=(oh, ow)) > 0
-        valid = sc.valid_pixels(data, valid)
+        data, valid, _ = sc.overview(512)
         x = sc.scale(data, valid)[:, valid].astype(np.float64)
         sums = sums + x.sum(1)
         sq = sq + (x**2).sum(1)
@@ -191,7 +185,7 @@ def _write_area(scene: Scene, area, path: Path, rows_per_block: int = 512) -> No
             src_win, dst_win = Window(x0, r, x1 - x0, h), Window(0, r - y0, x1 - x0, h)
             dst.write(scene.read_raw(src_win), window=dst_win)
             if not scene.all_valid:
-                dst.write_mask(scene.handle.dataset_mask(window=src_win), window=dst_win)
+                dst.write_mask(scene.read_mask(src_win), window=dst_win)
 
 
 class Trainer:

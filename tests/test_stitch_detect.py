@@ -124,7 +124,9 @@ def test_memory_flat_on_6000px_scene(tmp_path):
         import resource, sys
         sys.path.insert(0, {str((__import__('pathlib').Path(__file__).parent))!r})
         from helpers import PerfectDetector
+        import geodet
         from geodet.detect import detect_scene
+        geodet.tune_memory()
         g = detect_scene({str(p)!r}, PerfectDetector(), tile_size=512, overlap=64, num_workers=0, progress=False)
         # VmHWM is this address space's peak; ru_maxrss would carry pytest's peak across exec
         hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
