@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 from geodet.config import SceneLabels, load_config
-from geodet.detect import detect_scene
+from geodet.pipeline.detect import detect_scene
 from geodet.evaluate import evaluate
 from geodet.model import load_model
 from geodet.synthetic import make_scene
-from geodet.train import Trainer
+from geodet.training.trainer import Trainer
 
 
 def main():
@@ -40,7 +40,7 @@ def main():
     frame = detect_scene(te.image, model, progress=False)
     t_det = time.perf_counter() - t1
     m = evaluate(frame, te.labels, scene=te.image)
-    res = {"config": args.config, "train_minutes": round(t_train / 60, 2), "steps": model.card.get("trained_steps"),
+    res = {"config": args.config, "train_minutes": round(t_train / 60, 2), "steps": model.card.trained_steps,
            "train_objects": tr.n_objects, "test_objects": te.n_objects, "detect_seconds": round(t_det, 1),
            **{k: m[k] for k in ("AP", "AP50", "AP75", "precision", "recall", "f1")}}
     print(json.dumps(res))

@@ -18,8 +18,8 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     mode, path = sys.argv[1], sys.argv[2]
     import geodet
-    from geodet.scene import Scene
-    from geodet.tiling import TileGrid
+    from geodet.io.scene import Scene
+    from geodet.pipeline.grid import TileGrid
     if mode != "plain":
         geodet.tune_memory()  # what the geodet command does; the API leaves it to the caller
     t0 = time.perf_counter()
@@ -39,7 +39,7 @@ CHILD = textwrap.dedent("""
         n = len(g)
     else:
         from helpers import PerfectDetector
-        from geodet.detect import detect_scene
+        from geodet.pipeline.detect import detect_scene
         n = len(detect_scene(path, PerfectDetector(), tile_size=512, overlap=64, progress=False))
     dt = time.perf_counter() - t0
     hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]  # peak of this exec

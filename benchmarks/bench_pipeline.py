@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from geodet.detect import detect_scene
+from geodet.pipeline.detect import detect_scene
 from geodet.model import load_model
-from geodet.scene import Scene
+from geodet.io.scene import Scene
 from geodet.synthetic import make_scene
-from geodet.tiling import TileGrid
+from geodet.pipeline.grid import TileGrid
 
 
 def main():
@@ -33,8 +33,8 @@ def main():
         make_scene(p, wd / f"vehicles_{args.size}.gpkg", size=args.size, seed=7)
     model = load_model(args.model).eval()
     card = model.card
-    sc = Scene(p, bands=card["bands"])
-    grid = TileGrid(sc.width, sc.height, card["tile_size"], card["overlap"])
+    sc = Scene(p, bands=card.bands)
+    grid = TileGrid(sc.width, sc.height, card.tile_size, card.overlap)
     tiles = torch.stack([torch.from_numpy(sc.read_tile(t)[0]) for t in grid])  # bare model: pre-read
 
     def bare():
@@ -61,7 +61,7 @@ def main():
         t_pipe.append(dt)
     tb, tp = statistics.median(t_bare), statistics.median(t_pipe)
     n = len(grid)
-    print(f"{args.size}^2 scene, {n} tiles of {card['tile_size']} px, batch {args.batch_size}, {len(frame)} detections, "
+    print(f"{args.size}^2 scene, {n} tiles of {card.tile_size} px, batch {args.batch_size}, {len(frame)} detections, "
           f"{frame.attrs['report']['num_workers']} reader workers")
     print("runs (bare, pipeline) s: " + ", ".join(f"({b:.1f}, {q:.1f})" for b, q in zip(t_bare, t_pipe)))
     print(f"pipeline {n / tp:.2f} tiles/s (median of {args.reps}: {tp:.1f} s; last run's stages "

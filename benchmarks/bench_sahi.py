@@ -26,20 +26,20 @@ CHILD = textwrap.dedent("""
     card = model.card
     t0 = time.perf_counter()
     if mode == "geodet":
-        from geodet.detect import detect_scene
+        from geodet.pipeline.detect import detect_scene
         f = detect_scene(scene, model, progress=False)
         boxes, scores = f[["x0", "y0", "x1", "y1"]].to_numpy(), f["score"].to_numpy()
-        labels = np.array([card["classes"].index(n) for n in f["label"]])
+        labels = np.array([card.classes.index(n) for n in f["label"]])
     else:
         import rasterio
         from sahi.models.torchvision import TorchVisionDetectionModel
         from sahi.predict import get_sliced_prediction
         with rasterio.open(scene) as src:
             image = src.read().transpose(1, 2, 0)  # SAHI works on the whole image in memory
-        dm = TorchVisionDetectionModel(model=model.net, confidence_threshold=card["model"]["score_threshold"],
-                                       category_mapping={str(i): n for i, n in enumerate(card["classes"])},
+        dm = TorchVisionDetectionModel(model=model.net, confidence_threshold=card.model.score_threshold,
+                                       category_mapping={str(i): n for i, n in enumerate(card.classes)},
                                        device="cpu", load_at_init=True)
-        t, o = card["tile_size"], card["overlap"] / card["tile_size"]
+        t, o = card.tile_size, card.overlap / card.tile_size
         res = get_sliced_prediction(image, dm, slice_height=t, slice_width=t, overlap_height_ratio=o,
                                     overlap_width_ratio=o, perform_standard_pred=False, verbose=0)
         preds = res.object_prediction_list
@@ -62,9 +62,9 @@ def main():
     import numpy as np
 
     from geodet.evaluate import coco_metrics
-    from geodet.labels import load_scene_labels
+    from geodet.io.labels import load_scene_labels
     from geodet.model import load_model
-    from geodet.scene import Scene
+    from geodet.io.scene import Scene
     from geodet.synthetic import make_scene
 
     wd = Path(args.workdir)
@@ -73,7 +73,7 @@ def main():
     labels = wd / f"vehicles_{args.size}.gpkg"
     if not scene.exists():
         make_scene(scene, labels, size=args.size, seed=7)
-    classes = load_model(args.model).card["classes"]
+    classes = load_model(args.model).card.classes
     truth = load_scene_labels(Scene(scene), labels, "label", classes=classes)
     for mode in ("geodet", "sahi"):
         out = wd / f"{mode}.npz"

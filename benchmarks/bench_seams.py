@@ -34,7 +34,7 @@ CASES = [  # side, objects, tile, overlap, min size, max size
 def stitcher_at(ref):
     """The ``Stitcher`` class of geodet/stitch.py at git revision ``ref`` (None: the current one)."""
     if ref is None:
-        from geodet.stitch import Stitcher
+        from geodet.pipeline.stitch import Stitcher
 
         return Stitcher
     root = Path(__file__).resolve().parents[1]
@@ -42,7 +42,12 @@ def stitcher_at(ref):
                          check=True).stdout
     path = Path(tempfile.mkdtemp()) / "stitch_ref.py"
     path.write_text(src)
-    spec = importlib.util.spec_from_file_location("geodet._stitch_ref", path)
+    import geodet.pipeline.grid
+
+    # revisions before the package had folders import the grid as ``.tiling``
+    src = src.replace("from .tiling import", "from .grid import")
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("geodet.pipeline._stitch_ref", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
@@ -52,7 +57,7 @@ def stitcher_at(ref):
 def perfect(args, versions):
     from helpers import match_counts, occluded_ids, visible_boxes, visible_tile_feeds
 
-    from geodet.tiling import TileGrid
+    from geodet.pipeline.grid import TileGrid
 
     print("| scene | tile / overlap | objects (side) | seed | " + " | ".join(f"{v} dup / miss" for v in versions) + " |")
     print("|---|---|---|---|" + "---|" * len(versions))
@@ -90,7 +95,7 @@ class Replay:
 
 
 def real(args, versions):
-    import geodet.detect as detect
+    import geodet.pipeline.detect as detect
     from geodet.evaluate import evaluate
     from geodet.model import load_model
 

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from geodet.stitch import Stitcher
-from geodet.tiling import TileGrid
+from geodet.pipeline.stitch import Stitcher
+from geodet.pipeline.grid import TileGrid
 
 
 def tile_results(grid, boxes):

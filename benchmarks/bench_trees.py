@@ -14,10 +14,10 @@ from pathlib import Path
 import yaml
 
 from geodet.config import SceneLabels, apply_overrides, config_dir, load_config
-from geodet.detect import detect_scene
+from geodet.pipeline.detect import detect_scene
 from geodet.evaluate import evaluate
 from geodet.model import load_model
-from geodet.train import Trainer
+from geodet.training.trainer import Trainer
 
 
 def run(name, cfg, data, minutes, out):
@@ -36,7 +36,7 @@ def run(name, cfg, data, minutes, out):
         rows.append({"settings": name, "scene": scene, "AP50": round(m50["AP50"], 3),
                      "precision@0.4": round(m40["precision"], 3), "recall@0.4": round(m40["recall"], 3),
                      "f1@0.4": round(m40["f1"], 3), "train_min": round(minutes_used, 1),
-                     "steps": model.card.get("trained_steps"), "labels": m50["n_labels"]})
+                     "steps": model.card.trained_steps, "labels": m50["n_labels"]})
     return rows
 
 

@@ -5,17 +5,18 @@ from .memory import tune_memory
 
 __version__ = "0.1.0"
 
-# The API names are bound eagerly: lazily, importing the submodules geodet.train or
-# geodet.evaluate would rebind ``geodet.train`` / ``geodet.evaluate`` to the modules.
-from .anchors import fit_anchors
+# The API names are bound eagerly: lazily, importing the submodule geodet.evaluate would rebind
+# ``geodet.evaluate`` to the module. (Training lives in ``geodet.training``, so ``geodet.train`` is
+# only ever the function.)
+from .model.anchors import fit_anchors
 from .config import load_config
-from .detect import detect_scene, detect_scenes
+from .pipeline.detect import detect_scene, detect_scenes
 from .evaluate import evaluate
-from .export import write_detections
+from .io.writers import write_detections
 from .model import build_model, load_model, save_model
-from .scene import Scene
-from .tiling import TileGrid
-from .train import train
+from .io.scene import Scene
+from .pipeline.grid import TileGrid
+from .training.trainer import train
 
 __all__ = [
     "GeodetError",

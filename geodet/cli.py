@@ -165,7 +165,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _cmd_tile(args) -> int:
-    from .chips import write_chips
+    from .io.chips import write_chips
     from .config import load_config
 
     cfg = load_config(args.config, {"tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap,
@@ -199,7 +199,7 @@ def _train_config(args):
 
 
 def _cmd_train(args) -> int:
-    from .train import Interrupted, Trainer
+    from .training.trainer import Interrupted, Trainer
 
     cfg = _train_config(args)
     out = Path(args.out)
@@ -217,65 +217,24 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_detect(args) -> int:
-    import time
-
     from .config import load_config
-    from .detect import detect_scenes, file_sha256
-    from .export import check_output_path, output_format, report_path, write_detections, write_json
-    from .model import load_model
-    from .scene import open_raster
+    from .pipeline.job import detect_to_file
 
     cfg = load_config(args.config, {"detect.batch_size": args.batch_size, "detect.device": args.device,
                                     "detect.num_workers": args.workers, "detect.score_threshold": args.score_threshold,
+                                    "tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap,
+                                    "scene.bands": args.bands, "scene.gsd_m": args.gsd,
                                     "output.format": args.format, "output.csv_geometry": args.csv_geometry})
-    # Everything that can be checked is checked before any work starts.
-    out = check_output_path(args.out)
-    fmt = output_format(out, cfg.output.format)
-    if args.quicklook:
-        check_output_path(args.quicklook)
-    for s in args.scenes:
-        with open_raster(s) as src:
-            if fmt != "csv" and src.crs is None:
-                raise GeodetError(
-                    f"{s}: the scene has no CRS, so {fmt} output cannot be georeferenced: write CSV (-o out.csv) "
-                    "for pixel boxes, or assign a CRS (gdal_edit.py -a_srs EPSG:xxxx)"
-                )
-    from .detect import resolve_device
-
-    resolve_device(cfg.detect.device)
-    if args.tile_size is not None and args.overlap is not None and args.overlap >= args.tile_size:
-        raise GeodetError(f"--overlap ({args.overlap}) must be smaller than --tile-size ({args.tile_size})")
-    model = load_model(args.model)
-    t0 = time.perf_counter()
-    frame = detect_scenes(
-        args.scenes, model, tile_size=args.tile_size, overlap=args.overlap, batch_size=cfg.detect.batch_size,
-        score_threshold=cfg.detect.score_threshold, device=cfg.detect.device, num_workers=cfg.detect.num_workers,
-        progress=not args.quiet, bands=args.bands, gsd_m=args.gsd,
-    )
-    t1 = time.perf_counter()
-    write_detections(frame, out, fmt, cfg.output.csv_geometry)
-    t2 = time.perf_counter()
-    report = {
-        "output": str(out), "format": fmt, "detections": len(frame),
-        "model": {"path": str(args.model), "sha256": file_sha256(args.model), "classes": model.card["classes"]},
-        "inputs": [{"path": str(s), "bytes": os.path.getsize(s), "mtime": os.path.getmtime(s)} for s in args.scenes],
-        "scenes": frame.attrs["report"]["scenes"],
-        "seconds": {"detect": round(t1 - t0, 3), "write": round(t2 - t1, 3)},
-    }
-    write_json(report, report_path(out))
-    if args.quicklook:
-        from .quicklook import quicklook
-
-        sub = frame[frame["scene"] == str(args.scenes[0])]
-        quicklook(args.scenes[0], sub, args.quicklook, classes=model.card["classes"])
+    frame = detect_to_file(args.scenes, args.model, args.out, config=cfg, quicklook=args.quicklook, progress=not args.quiet)
+    report = frame.attrs["report"]
     skipped = sum(r["tiles_skipped"] for r in report["scenes"])
-    print(f"{len(frame)} detections in {len(args.scenes)} scene(s) ({skipped} empty tiles skipped) -> {out}")
+    print(f"{len(frame)} detections in {len(args.scenes)} scene(s) ({skipped} empty tiles skipped) -> {args.out}")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table, plot_pr
-    from .export import check_output_path, write_json
+    from .io.writers import check_output_path, write_json
 
     for p in (args.json, args.plot):
         if p:
@@ -292,10 +251,10 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_anchors(args) -> int:
-    from .anchors import anchor_coverage, fit_anchors, size_summary
+    from .model.anchors import anchor_coverage, fit_anchors, size_summary
     from .config import load_config, save_config
-    from .labels import load_scene_labels
-    from .scene import scene_from_config
+    from .io.labels import load_scene_labels
+    from .io.scene import scene_from_config
 
     cfg = load_config(args.config)
     sc = scene_from_config(args.scene, cfg.scene)

@@ -124,6 +124,8 @@ class DetectConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: Optional[int] = None  # None: 0 on a CPU with <= 2 cores, else a few (see detect.default_workers)
     score_threshold: Optional[float] = None  # None: the model card's
+    # Seam merge: two tiles' boxes are one object when they agree to this IoU where both looked.
+    match_iou: float = 0.5
 
 
 @dataclass
@@ -143,6 +145,12 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def explicit(self) -> set:
+        """Dotted keys set by a YAML file or overrides (not defaults): for the settings resolver,
+        a value the user wrote beats the model card's, a default does not."""
+        return self.__dict__.setdefault("_explicit", set())
 
 
 def _type_name(tp: Any) -> str:
@@ -197,7 +205,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise GeodetError(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r}")
 
 
-def _merge(obj: Any, data: dict, prefix: str, source: str) -> Any:
+def _merge(obj: Any, data: dict, prefix: str, source: str, root: Any = None) -> Any:
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
@@ -206,9 +214,11 @@ def _merge(obj: Any, data: dict, prefix: str, source: str) -> Any:
             raise GeodetError(f"{source}: unknown key '{full}' (allowed here: {', '.join(names)})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            _merge(current, value, full, source)
+            _merge(current, value, full, source, root or obj)
         else:
             setattr(obj, key, _coerce(value, hints[key], full, source))
+            if isinstance(root or obj, Config):
+                (root or obj).explicit.add(full)
     return obj
 
 

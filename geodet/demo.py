@@ -14,13 +14,13 @@ log = logging.getLogger(__name__)
 def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: int = 0, progress: bool = True,
              max_steps: int | None = None) -> dict:
     """Make train/test scenes, train the CPU preset for ``minutes``, detect, evaluate, write files."""
-    from .detect import detect_scene
+    from .pipeline.detect import detect_scene
     from .evaluate import evaluate
-    from .export import check_output_path, write_detections, write_json
+    from .io.writers import check_output_path, write_detections, write_json
     from .model import load_model
-    from .quicklook import quicklook
+    from .io.quicklook import quicklook
     from .synthetic import make_scene
-    from .train import Trainer
+    from .training.trainer import Trainer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -45,10 +45,10 @@ def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: i
     write_detections(frame, out / "detections.geojson")
     write_detections(frame, out / "detections.gpkg")
     metrics = evaluate(frame, test_s.labels, scene=test_s.image)
-    quicklook(test_s.image, frame, out / "quicklook.png", classes=model.card["classes"],
+    quicklook(test_s.image, frame, out / "quicklook.png", classes=model.card.classes,
               min_score=metrics.get("score_threshold") or 0.3)
     metrics.pop("pr_curve", None)
-    metrics["train_steps"] = model.card.get("trained_steps")
+    metrics["train_steps"] = model.card.trained_steps
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(metrics, out / "metrics.json")
     print(

@@ -34,17 +34,18 @@ def _read_detections(path):
             geom = shapely.box(df.x0, df.y0, df.x1, df.y1)
             return gpd.GeoDataFrame(df, geometry=geom, crs=None)
         raise GeodetError(f"{path}: a CSV of detections needs a wkt column or x0, y0, x1, y1 pixel boxes")
-    from .labels import read_labels
+    from .io.labels import read_labels
 
     return read_labels(p, allow_empty=True)
 
 
-def _coco(boxes, labels, scores=None):
-    """One-image COCO dict from [N, 4] xyxy boxes."""
+def _coco(boxes, labels, scores=None, images=None):
+    """COCO annotations from [N, 4] xyxy boxes (``images``: each box's image id, default 1)."""
     anns = []
+    images = np.ones(len(boxes), np.int64) if images is None else np.asarray(images)
     for i, (b, lab) in enumerate(zip(boxes, labels)):
         w, h = float(b[2] - b[0]), float(b[3] - b[1])
-        ann = {"id": i + 1, "image_id": 1, "category_id": int(lab) + 1, "bbox": [float(b[0]), float(b[1]), w, h],
+        ann = {"id": i + 1, "image_id": int(images[i]), "category_id": int(lab) + 1, "bbox": [float(b[0]), float(b[1]), w, h],
                "area": w * h, "iscrowd": 0}
         if scores is not None:
             ann["score"] = float(scores[i])
@@ -53,12 +54,15 @@ def _coco(boxes, labels, scores=None):
 
 
 def coco_metrics(
-    det_boxes, det_scores, det_labels, gt_boxes, gt_labels, classes, iou: float = 0.5, area_scale: float = 1.0
+    det_boxes, det_scores, det_labels, gt_boxes, gt_labels, classes, iou: float = 0.5, area_scale: float = 1.0,
+    det_images=None, gt_images=None,
 ) -> dict:
     """COCO AP/AP50/AP75/size APs plus precision, recall and F1 at ``iou`` and the best score.
 
     Boxes are xyxy in any common unit; ``area_scale`` converts their area to pixels for the
-    size ranges (pixel area = area * area_scale).
+    size ranges (pixel area = area * area_scale). ``det_images`` / ``gt_images`` give each box's
+    image (e.g. one id per validation area; boxes of different images never match); default:
+    everything is one image.
     """
     from faster_coco_eval import COCO, COCOeval_faster
 
@@ -69,9 +73,12 @@ def coco_metrics(
     s = float(np.sqrt(area_scale))
     origin = np.vstack([det_boxes, gt_boxes]).min(axis=0)[:2] if len(det_boxes) + len(gt_boxes) else np.zeros(2)
     shift = np.array([origin[0], origin[1], origin[0], origin[1]])
+    det_images = np.ones(len(det_boxes), np.int64) if det_images is None else np.asarray(det_images, np.int64) + 1
+    gt_images = np.ones(len(gt_boxes), np.int64) if gt_images is None else np.asarray(gt_images, np.int64) + 1
+    ids = sorted(set(det_images.tolist()) | set(gt_images.tolist()) | {1})
     gt = COCO()
-    gt.dataset = {"images": [{"id": 1, "width": 1, "height": 1}], "categories": cats,
-                  "annotations": _coco((gt_boxes - shift) * s, gt_labels)}
+    gt.dataset = {"images": [{"id": int(i), "width": 1, "height": 1} for i in ids], "categories": cats,
+                  "annotations": _coco((gt_boxes - shift) * s, gt_labels, images=gt_images)}
     gt.createIndex()
     n_det = len(det_boxes)
     out = {"n_detections": int(n_det), "n_labels": int(len(gt_boxes)), "iou": iou}
@@ -79,7 +86,7 @@ def coco_metrics(
         out.update({k: 0.0 for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "precision", "recall", "f1")})
         out["score_threshold"] = None
         return out
-    dt = gt.loadRes(_coco((det_boxes - shift) * s, det_labels, det_scores))
+    dt = gt.loadRes(_coco((det_boxes - shift) * s, det_labels, det_scores, images=det_images))
     ev = COCOeval_faster(gt, dt, iouType="bbox", print_function=log.debug)
     max_dets = max(100, n_det)
     ev.params.maxDets = [1, 10, max_dets]
@@ -133,8 +140,8 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     import geopandas as gpd
     import shapely
 
-    from .labels import labels_to_boxes, map_bounds_to_pixels, read_labels, repair_geometries
-    from .scene import Scene
+    from .io.labels import labels_to_boxes, map_bounds_to_pixels, read_labels, repair_geometries
+    from .io.scene import Scene
 
     det = detections if isinstance(detections, gpd.GeoDataFrame) else _read_detections(detections)
     gt = labels if isinstance(labels, gpd.GeoDataFrame) else read_labels(labels, class_column)
@@ -201,7 +208,7 @@ def plot_pr(m: dict, path) -> None:
     pyplot backend is left as it was."""
     from matplotlib.figure import Figure
 
-    from .export import atomic_path
+    from .io.writers import atomic_path
 
     fig = Figure(figsize=(5, 4))
     ax = fig.subplots()

@@ -43,7 +43,7 @@ def synth(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, synth):
-    from geodet.train import train
+    from geodet.training.trainer import train
 
     out = tmp_path_factory.mktemp("run")
     path = train(tiny_config(synth.image, synth.labels), out, progress=False)

@@ -86,7 +86,7 @@ def test_all_nodata_scene_zero_detections(tmp_path, tiny_model):
     r = geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg")
     assert r.returncode == 0, r.stderr
     assert len(gpd.read_file(tmp_path / "o.gpkg")) == 0
-    rep = json.loads((tmp_path / "o.report.json").read_text())
+    rep = json.loads((tmp_path / "o.gpkg.report.json").read_text())
     s = rep["scenes"][0]
     assert s["tiles_skipped"] == s["tiles_total"] > 1 and s["tiles_run"] == 0
 
@@ -248,7 +248,7 @@ def test_end_to_end_cli_detect_and_evaluate(tmp_path, tiny_model, synth):
     out = tmp_path / "d.geojson"
     r = geodet("detect", synth.image, "-m", tiny_model, "-o", out, "--quicklook", tmp_path / "q.png")
     assert r.returncode == 0, r.stderr
-    rep = json.loads((tmp_path / "d.report.json").read_text())
+    rep = json.loads((tmp_path / "d.geojson.report.json").read_text())
     import hashlib
 
     assert rep["model"]["sha256"] == hashlib.sha256(tiny_model.read_bytes()).hexdigest()

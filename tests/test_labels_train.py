@@ -13,10 +13,10 @@ from rasterio.transform import from_origin
 from shapely.geometry import Point, Polygon, box
 
 from geodet import GeodetError
-from geodet.labels import labels_to_boxes, read_labels
+from geodet.io.labels import labels_to_boxes, read_labels
 from geodet.model import load_model
-from geodet.scene import Scene
-from geodet.train import augment
+from geodet.io.scene import Scene
+from geodet.training.sampler import augment
 
 
 def _scene(path, w=200, h=100, t=from_origin(500000, 4600000, 0.5, 0.5), crs="EPSG:32633"):
@@ -88,8 +88,8 @@ def test_augmentations_keep_boxes_on_their_objects():
 
 def test_short_run_lowers_loss_and_writes_loadable_model(tiny_model):
     model = load_model(tiny_model)
-    assert model.card["classes"] == ["car", "truck"]
-    assert model.card["trained_on"] and "AP50" in model.card["metrics"]
+    assert model.card.classes == ["car", "truck"]
+    assert model.card.trained_on and "AP50" in model.card.metrics
     rows = list(csv.DictReader(open(tiny_model.parent / "metrics.csv")))
     losses = [float(r["loss"]) for r in rows if r["loss"]]
     assert len(losses) == 12
@@ -98,7 +98,7 @@ def test_short_run_lowers_loss_and_writes_loadable_model(tiny_model):
 
 
 def test_resume_continues_from_same_step(tmp_path, synth):
-    from geodet.train import train
+    from geodet.training.trainer import train
 
     cfg = tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0)
     train(cfg, tmp_path, progress=False)
@@ -112,7 +112,7 @@ def test_resume_continues_from_same_step(tmp_path, synth):
 
 
 def test_deterministic_on_cpu(tmp_path, synth):
-    from geodet.train import train
+    from geodet.training.trainer import train
 
     for d in ("a", "b"):
         train(tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0), tmp_path / d, progress=False)
@@ -137,16 +137,36 @@ def test_ddp_two_cpu_processes(tmp_path, synth):
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 3
 
 
-def test_held_out_area_copied_exactly_in_strips(tmp_path, synth):
+def test_area_view_reads_the_scene_exactly(synth):
+    """Validation detects over an area of its scene in place: the view's transform and tiles are
+    exactly the scene's pixels there, scaled as the whole scene is."""
     from rasterio.windows import Window
     from rasterio.windows import transform as window_transform
 
-    from geodet.train import _write_area
+    from geodet.pipeline.grid import TileGrid
 
     sc = Scene(synth.image)
-    area = (300, 17, 384, 384)
-    _write_area(sc, area, tmp_path / "v.tif", rows_per_block=50)  # 367 rows: strips of 50 and a short one
-    with rasterio.open(synth.image) as src, rasterio.open(tmp_path / "v.tif") as out:
-        win = Window(300, 17, 84, 367)
-        assert out.transform == window_transform(win, src.transform) and out.crs == src.crs
-        assert (out.read() == src.read(window=win)).all()
+    view = sc.area(300, 17, 384, 384)
+    assert (view.width, view.height) == (84, 367)
+    assert view.transform == window_transform(Window(300, 17, 84, 367), sc.transform)
+    grid = TileGrid(view.width, view.height, 64, 8)
+    tile = grid.tile(len(grid) - 1)
+    got, _ = view.read_tile(tile)
+    with rasterio.open(synth.image) as src:
+        x0, y0, x1, y1 = tile.valid
+        want = src.read(window=Window(300 + x0, 17 + y0, x1 - x0, y1 - y0)) * np.float32(1 / 255)
+    assert np.array_equal(got[:, : y1 - y0, : x1 - x0], want)
+    view.close()
+    assert sc.read_tile(tile)[0].shape == got.shape  # closing the view left the scene open
+
+
+def test_chip_windows_stay_inside_their_area():
+    from geodet.training.sampler import ChipWindows
+
+    rng = np.random.default_rng(0)
+    boxes = np.array([[10, 10, 20, 20], [250, 5, 260, 15], [500, 500, 510, 510]], float)
+    w = ChipWindows([(0, 0, 300, 200)], [boxes], 128, negative_fraction=0.3)
+    for _ in range(500):
+        k, t = w.draw(rng)
+        assert k == 0 and 0 <= t.col_off and t.col_off + 128 <= 300 and 0 <= t.row_off and t.row_off + 128 <= 200
+    assert len(w.inside[0]) == 2  # the box outside the area is never a chip centre

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from geodet import GeodetError
-from geodet.anchors import anchor_coverage, fit_anchors
+from geodet.model.anchors import anchor_coverage, fit_anchors
 from geodet.config import ModelConfig, load_config
 from geodet.model import build_model, load_model, save_model
 
@@ -32,7 +32,7 @@ def test_no_hidden_resize_and_n_bands():
 
 
 def test_anchors_at_configured_sizes_and_levels():
-    from geodet.anchors import _anchors
+    from geodet.model.anchors import _anchors
 
     cfg = ModelConfig(levels=[2, 6], anchor_sizes=[8, 16, 32, 64, 128], scales_per_octave=1, aspect_ratios=[1.0])
     a = _anchors(cfg, 256)
@@ -102,9 +102,8 @@ def test_overfit_one_tile_loss_falls_and_objects_found():
             falling = np.mean(losses[-5:]) < 0.3 * np.mean(losses[:5])
             if falling:
                 m.eval()
-                m.set_thresholds(score_threshold=0.3)
                 with torch.inference_mode():
-                    det = m(img[None])[0]
+                    det = m.predict(img[None], score_threshold=0.3)[0]
                 iou = box_iou(boxes, det["boxes"])
                 recall = (iou.max(dim=1).values >= 0.5).float().mean().item() if len(det["boxes"]) else 0.0
                 if recall >= 0.9:
@@ -121,8 +120,8 @@ def test_save_load_round_trip_identical(tmp_path):
     with torch.inference_mode():
         a, b = m(x)[0], m2(x)[0]
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
-    assert m2.card["gsd_m"] == 0.3 and m2.card["classes"] == ["car", "truck"]
-    assert m2.card["model"]["levels"] == [2, 4]
+    assert m2.card.gsd_m == 0.3 and m2.card.classes == ["car", "truck"]
+    assert m2.card.model.levels == [2, 4]
 
 
 class _Evil:

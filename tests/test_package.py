@@ -14,7 +14,7 @@ env = dict(os.environ)
 backend = matplotlib.get_backend()
 filters = list(warnings.filters)
 threshold = None
-import geodet, geodet.quicklook, geodet.evaluate, geodet.scene
+import geodet, geodet.io.quicklook, geodet.evaluate, geodet.io.scene
 import rasterio
 from rasterio._env import get_gdal_config
 print(json.dumps({"env_same": dict(os.environ) == env, "new_env": sorted(set(os.environ) - set(env)),
@@ -35,8 +35,8 @@ def test_scene_reads_cap_gdal_cache_and_restore_it(tmp_path):
     from rasterio._env import get_gdal_config
     from rasterio.transform import from_origin
 
-    from geodet.scene import Scene
-    from geodet.tiling import TileGrid
+    from geodet.io.scene import Scene
+    from geodet.pipeline.grid import TileGrid
 
     p = tmp_path / "s.tif"
     with rasterio.open(p, "w", driver="GTiff", width=300, height=200, count=3, dtype="uint8", crs="EPSG:32633",

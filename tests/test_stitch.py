@@ -11,9 +11,9 @@ import pytest
 from helpers import (PerfectDetector, match_counts, occluded_ids, visible_boxes, visible_tile_feeds,
                      write_ids_geotiff)
 
-from geodet.detect import detect_scene
-from geodet.stitch import stitch_detections
-from geodet.tiling import TileGrid
+from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.stitch import stitch_detections
+from geodet.pipeline.grid import TileGrid
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from helpers import PerfectDetector, match_counts, packed_boxes, write_id_scene
 from rasterio.transform import from_origin
 
-from geodet.detect import detect_scene
-from geodet.tiling import TileGrid
-from geodet.export import write_detections
+from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.grid import TileGrid
+from geodet.io.writers import write_detections
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,7 @@ def test_seams_no_duplicates_no_misses(tmp_path, w, h, tile, overlap, max_size):
     assert (dup, miss) == (0, 0)
     assert len(g) == len(boxes)
     # many objects really lie across seams
-    from geodet.tiling import TileGrid
+    from geodet.pipeline.grid import TileGrid
 
     cuts = TileGrid(w, h, tile, overlap).col_cuts[1:-1]
     if cuts:
@@ -125,7 +125,7 @@ def test_memory_flat_on_6000px_scene(tmp_path):
         sys.path.insert(0, {str((__import__('pathlib').Path(__file__).parent))!r})
         from helpers import PerfectDetector
         import geodet
-        from geodet.detect import detect_scene
+        from geodet.pipeline.detect import detect_scene
         geodet.tune_memory()
         g = detect_scene({str(p)!r}, PerfectDetector(), tile_size=512, overlap=64, num_workers=0, progress=False)
         # VmHWM is this address space's peak; ru_maxrss would carry pytest's peak across exec
@@ -142,8 +142,8 @@ def test_memory_flat_on_6000px_scene(tmp_path):
 def test_overlapping_distinct_objects_stay_distinct(tile, overlap, max_size):
     """Objects that overlap each other (crowns, packed cars seen obliquely): each tile reports every
     object it sees, cut at its edge; the stitched result has each object exactly once."""
-    from geodet.stitch import stitch_detections
-    from geodet.tiling import TileGrid
+    from geodet.pipeline.stitch import stitch_detections
+    from geodet.pipeline.grid import TileGrid
 
     rng = np.random.default_rng(tile)
     w = h = 1500
@@ -178,7 +178,7 @@ def test_overlapping_distinct_objects_stay_distinct(tile, overlap, max_size):
 def test_seam_candidate_pairs_equal_brute_force(w, h, tile, overlap_share, n, thr, seed):
     """The sort-and-search join finds exactly the pairs an all-pairs loop finds, for any grid,
     including overlaps over half a tile (tiles two apart then share pixels)."""
-    from geodet.stitch import _candidate_pairs
+    from geodet.pipeline.stitch import _candidate_pairs
 
     grid = TileGrid(w, h, tile, int(overlap_share * tile))
     rng = np.random.default_rng(seed)

@@ -8,8 +8,8 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from geodet import GeodetError
-from geodet.scene import Scene
-from geodet.tiling import TileGrid, overlap_pixels
+from geodet.io.scene import Scene
+from geodet.pipeline.grid import TileGrid, overlap_pixels
 
 
 @settings(max_examples=200, deadline=None)
@@ -95,7 +95,7 @@ def test_uint16_four_band_scaled_and_nodata_tiles_skipped(tmp_path):
         if x1 <= 150:
             assert frac == 0 and img.max() == 0  # invalid pixels filled with 0
     assert min(fracs) == 0 and max(fracs) == 1
-    from geodet.tiling import TileDataset, make_collate
+    from geodet.pipeline.reader import TileDataset, make_collate
 
     ds = TileDataset(sc, g)
     images, tiles, skipped = make_collate(0.0)([ds[i] for i in range(len(ds))])
@@ -111,7 +111,7 @@ def test_in_process_batches_equal_dataloader_batches(tmp_path, dtype, shape, til
     skipped nodata tiles, padding past the edge of a scene smaller than a tile."""
     import torch
 
-    from geodet.tiling import TileDataset, make_collate, read_batches
+    from geodet.pipeline.reader import TileDataset, make_collate, read_batches
 
     rng = np.random.default_rng(1)
     data = rng.uniform(1, 250, shape).astype(dtype)
@@ -134,7 +134,7 @@ def test_in_process_batches_equal_dataloader_batches(tmp_path, dtype, shape, til
 def test_stats_use_decimated_read_not_full_read(tmp_path, monkeypatch):
     data = np.random.default_rng(1).integers(0, 60000, (3, 2000, 2000)).astype(np.uint16)
     p = _write(tmp_path / "big.tif", data)
-    import geodet.scene as scene_mod
+    import geodet.io.scene as scene_mod
 
     reads = []
     orig = rasterio.io.DatasetReader.read
@@ -160,7 +160,7 @@ def test_resampled_grid_georeferencing(tmp_path):
 
 
 def test_chip_transforms_match_rasterio_windows(tmp_path):
-    from geodet.chips import write_chips
+    from geodet.io.chips import write_chips
 
     data = np.random.default_rng(2).integers(0, 255, (3, 300, 250)).astype(np.uint8)
     p = _write(tmp_path / "s.tif", data)
@@ -185,7 +185,7 @@ def test_coco_annotations_are_label_boxes_clipped_to_chips(tmp_path):
     import geopandas as gpd
     from shapely.geometry import box as sbox
 
-    from geodet.chips import write_chips
+    from geodet.io.chips import write_chips
 
     t = from_origin(300000, 5000000, 0.5, 0.5)
     p = _write(tmp_path / "s.tif", np.full((3, 200, 300), 50, np.uint8), transform=t)

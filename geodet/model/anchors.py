@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from .config import ModelConfig
-from .errors import GeodetError
-from .model import anchor_generator
+from ..config import ModelConfig
+from ..errors import GeodetError
+from ..model import anchor_generator
 
 COVERAGE_TILE = 256
 

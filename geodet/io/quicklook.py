@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +11,15 @@ MAX_SIDE = 1600
 
 
 def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX_SIDE, bands=None,
-              min_score: float = 0.3) -> Path:
-    """Write a PNG of the scene (at most ``max_side`` px) with boxes scoring ``min_score`` or more."""
+              min_score: float | None = None) -> Path:
+    """Write a PNG of the scene (at most ``max_side`` px) with the boxes scoring ``min_score`` or
+    more (None: every box given; callers pass the model's operating point). The threshold and the
+    number of boxes drawn are written on the picture and logged."""
     import matplotlib
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from .export import atomic_path
+    from .writers import atomic_path
     from .labels import map_bounds_to_pixels
     from .scene import Scene
 
@@ -35,7 +38,7 @@ def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
     names = list(classes) if classes else sorted(set(detections["label"].astype(str)))
     cmap = matplotlib.colormaps["tab10"]
-    if "score" in detections.columns:
+    if "score" in detections.columns and min_score is not None:
         detections = detections[detections["score"] >= min_score]
     if len(detections):
         det = detections
@@ -52,6 +55,10 @@ def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX
         for k, n in enumerate(names):
             ax.plot([], [], color=cmap(k % 10), label=n)
         ax.legend(loc="upper right", fontsize=8)
+    what = f"{len(detections)} boxes" + (f" with score >= {min_score:.3g}" if min_score is not None else "")
+    ax.text(4, 4, what, color="white", fontsize=8, va="top", ha="left",
+            bbox={"facecolor": "black", "alpha": 0.6, "pad": 2, "edgecolor": "none"})
+    logging.getLogger(__name__).info("quicklook %s: %s drawn", out_png, what)
     ax.set_axis_off()
     fig.subplots_adjust(0, 0, 1, 1)
     with atomic_path(out_png) as tmp:

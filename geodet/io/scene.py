@@ -6,6 +6,7 @@ decimated read (GDAL uses overviews when the file has them), never from a full r
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import GeodetError
+from ..errors import GeodetError
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,18 @@ class Scene:
     def __init__(
         self,
         path: str | Path,
-        bands: Sequence[int] | None = (1, 2, 3),
+        bands: Sequence[int] | None = None,
         gsd_m: float | None = None,
-        percentiles: Sequence[float] = (2.0, 98.0),
+        percentiles: Sequence[float] | None = None,
         stats: dict | None = None,
     ):
+        """``bands``: 1-based band numbers (None: all); ``percentiles``: the scaling limits for
+        non-uint8 data (None: the default of ``geodet.config``)."""
         self.path = str(path)
         self._handle = None
         self._pid = None
+        self._origin = (0, 0)  # a view of an area (see ``area``) reads from here
+        self._owns_handle = True
         src = open_raster(self.path)
         try:
             self.file_count = src.count
@@ -131,6 +136,10 @@ class Scene:
                 self.transform = self.file_transform * Affine.scale(
                     self.file_width / self.width, self.file_height / self.height
                 )
+        if percentiles is None:
+            from ..config import SceneConfig
+
+            percentiles = SceneConfig().percentiles
         self.percentiles = tuple(float(p) for p in percentiles)
         if self.dtype == np.uint8:
             self.stats = {"lo": [0.0] * len(self.bands), "hi": [255.0] * len(self.bands)}
@@ -161,9 +170,28 @@ class Scene:
         return self._handle
 
     def close(self) -> None:
-        if self._handle is not None and self._pid == os.getpid():
+        if self._owns_handle and self._handle is not None and self._pid == os.getpid():
             self._handle.close()
         self._handle = None
+
+    def area(self, x0: int, y0: int, x1: int, y1: int) -> "Scene":
+        """A view of the pixel area ``[x0, x1) x [y0, y1)`` of this scene's grid: its own width,
+        height and transform, the same file handle and scaling statistics (so an area is scaled
+        exactly as the whole scene). Its tiles are read from the area; closing it closes nothing."""
+        from rasterio.windows import Window
+        from rasterio.windows import transform as window_transform
+
+        x0, y0, x1, y1 = (int(v) for v in (x0, y0, x1, y1))
+        if not (0 <= x0 < x1 <= self.width and 0 <= y0 < y1 <= self.height):
+            raise GeodetError(f"{self.path}: area {(x0, y0, x1, y1)} is not inside the {self.width} x {self.height} px grid")
+        self.handle  # opened here first, so the view shares this handle
+        view = copy.copy(self)
+        view._owns_handle = False
+        ox, oy = self._origin
+        view._origin = (ox + x0, oy + y0)
+        view.width, view.height = x1 - x0, y1 - y0
+        view.transform = window_transform(Window(x0, y0, x1 - x0, y1 - y0), self.transform)
+        return view
 
     def __enter__(self) -> "Scene":
         return self
@@ -276,6 +304,10 @@ class Scene:
         """A tile as float32 ``[C, tile, tile]`` (padded with 0 past the scene) and its valid
         fraction; read into ``out`` (float32 ``[C, tile, tile]``) when given."""
         window = tile.window()
+        if self._origin != (0, 0):
+            from rasterio.windows import Window
+
+            window = Window(window.col_off + self._origin[0], window.row_off + self._origin[1], window.width, window.height)
         data = self.read_raw(window)
         valid = self.valid_pixels(data, self.read_valid(window))
         frac = 1.0 if self.all_valid and not self.is_float else (float(valid.mean()) if valid.size else 0.0)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GeodetError
-from .progress import progress_bar
+from ..errors import GeodetError
+from ..progress import progress_bar
 from .scene import Scene
-from .tiling import TileGrid, overlap_pixels
+from ..pipeline.grid import TileGrid, overlap_pixels
 
 
 def write_chips(scene_path, out_dir, tile_size=512, overlap=64, overlap_m=None, bands=None, gsd_m=None, labels=None,
@@ -20,7 +20,7 @@ def write_chips(scene_path, out_dir, tile_size=512, overlap=64, overlap_m=None, 
     import rasterio
     from rasterio.windows import transform as window_transform
 
-    from .export import atomic_path, boxes_to_polygons, write_json
+    from .writers import atomic_path, boxes_to_polygons, write_json
     from .labels import clip_boxes, load_scene_labels
 
     sc = Scene(scene_path, bands=bands, gsd_m=gsd_m, stats={"lo": [0.0], "hi": [1.0]})

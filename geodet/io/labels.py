@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import GeodetError
+from ..errors import GeodetError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Tile geometry (``TileGrid``: pure integer arithmetic, no I/O) and the torch dataset of tiles."""
+"""Tile geometry: ``TileGrid`` and ``Tile``, pure integer arithmetic with no I/O."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import GeodetError
+from ..errors import GeodetError
 
 
 @dataclass(frozen=True)
@@ -125,66 +125,3 @@ def overlap_pixels(overlap_m: float, gsd_m: float) -> int:
     if gsd_m <= 0:
         raise GeodetError(f"ground resolution must be positive, got {gsd_m} m")
     return int(math.ceil(overlap_m / gsd_m - 1e-9))
-
-
-class TileDataset:
-    """A torch map-style dataset of a scene's tiles: ``(image [C, T, T], tile, valid_fraction)``.
-
-    The scene object is pickled without its file handle, so each DataLoader worker opens its own.
-    """
-
-    def __init__(self, scene, grid: TileGrid, indices=None):
-        self.scene = scene
-        self.grid = grid
-        self.indices = list(range(len(grid))) if indices is None else list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        import torch
-
-        tile = self.grid.tile(self.indices[i])
-        data, frac = self.scene.read_tile(tile)
-        return torch.from_numpy(data), tile, frac
-
-
-def read_batches(scene, grid: TileGrid, batch_size: int, min_valid_fraction: float = 0.0):
-    """Batches read in this process into one reused buffer: ``(images [n, C, T, T] or None,
-    tiles, skipped)``, the batches a DataLoader over ``TileDataset`` with ``make_collate`` gives,
-    without a per-tile array, a stacking copy or a new batch allocation each time.
-
-    Each batch's ``images`` are overwritten by the next batch: use them before asking for it.
-    """
-    import torch
-
-    buf = torch.empty((batch_size, scene.count, grid.tile_size, grid.tile_size))
-    arr = buf.numpy()
-    for start in range(0, len(grid), batch_size):
-        tiles, skipped = [], []
-        for i in range(start, min(start + batch_size, len(grid))):
-            tile = grid.tile(i)
-            _, frac = scene.read_tile(tile, out=arr[len(tiles)])
-            (tiles if frac > min_valid_fraction else skipped).append(tile)
-        yield (buf[: len(tiles)] if tiles else None), tiles, skipped
-
-
-def worker_init(_worker_id: int) -> None:
-    """DataLoader workers use one thread each: oversubscribed threads slow the model badly."""
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def make_collate(min_valid_fraction: float):
-    """A collate function that drops tiles at or below ``min_valid_fraction`` valid pixels."""
-
-    def collate(samples):
-        import torch
-
-        keep = [s for s in samples if s[2] > min_valid_fraction]
-        skipped = [s[1] for s in samples if s[2] <= min_valid_fraction]
-        images = torch.stack([s[0] for s in keep]) if keep else None
-        return images, [s[1] for s in keep], skipped
-
-    return collate

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GeodetError
+from ..errors import GeodetError
 
 FORMATS = {
     ".geojson": "geojson", ".json": "geojson", ".gpkg": "gpkg", ".fgb": "fgb", ".shp": "shp", ".csv": "csv",
@@ -49,6 +49,16 @@ def check_output_path(path: str | Path) -> Path:
     if p.is_dir():
         raise GeodetError(f"output path is a folder: {p}; give a file name such as {p / 'detections.gpkg'}")
     return p
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def boxes_to_polygons(boxes: np.ndarray, transform):
@@ -128,5 +138,7 @@ def write_json(data: dict, path: str | Path) -> Path:
 
 
 def report_path(output: str | Path) -> Path:
+    """``out.gpkg`` -> ``out.gpkg.report.json``: named after the whole output name, so outputs that
+    differ only in format never share a report."""
     p = Path(output)
-    return p.with_name(p.stem + ".report.json")
+    return p.with_name(p.name + ".report.json")

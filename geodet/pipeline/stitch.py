@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tiling import Tile, TileGrid
+from .grid import Tile, TileGrid
 
 EDGE_EPS = 1.0  # a box within this many pixels of an internal tile edge is cut by it
 

@@ -1,0 +1,81 @@
+"""The model file: ``{format, version, card, state_dict}``, loaded with
+``torch.load(weights_only=True)`` so a file from a stranger cannot run code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import GeodetError
+from .card import ModelCard
+from .network import GeodetModel, build_model
+
+MODEL_FORMAT = "geodet-model"
+MODEL_VERSION = 1
+
+
+def save_model(model: GeodetModel, path: str | Path) -> Path:
+    """Write the model file atomically: ``{format, version, card, state_dict}``."""
+    path = Path(path)
+    payload = {
+        "format": MODEL_FORMAT,
+        "version": MODEL_VERSION,
+        "card": model.card.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_model_file(path: str | Path) -> dict:
+    """The checked payload of a model file; nothing in it is executed."""
+    p = Path(path)
+    if not p.is_file():
+        raise GeodetError(f"model file not found: {path}")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad files; none of them run code
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it holds Python objects that a safe load refuses"
+        raise GeodetError(f"{path}: not a readable geodet model file ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise GeodetError(f"{path}: not a geodet model file (no '{MODEL_FORMAT}' format tag)")
+    if payload.get("version") != MODEL_VERSION:
+        raise GeodetError(
+            f"{path}: model file version {payload.get('version')!r} is not supported by this geodet "
+            f"(it reads version {MODEL_VERSION}): upgrade geodet or re-export the model"
+        )
+    if not isinstance(payload.get("card"), dict) or not isinstance(payload.get("state_dict"), dict):
+        raise GeodetError(f"{path}: model file is missing its card or weights")
+    return payload
+
+
+def model_from_payload(payload: dict, source: str = "model") -> GeodetModel:
+    card = ModelCard.from_dict(payload["card"], source=f"{source} card")
+    model = build_model(card.model, bands=card.bands, tile_size=card.tile_size, overlap=card.overlap,
+                        normalisation={"mean": card.mean, "std": card.std}, load_pretrained=False)
+    try:
+        model.net.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise GeodetError(f"{source}: weights do not fit the architecture in the card ({str(exc).splitlines()[0]})") from None
+    model.card = card
+    return model.eval()
+
+
+def load_model(path: str | Path) -> GeodetModel:
+    """Load a model file with ``torch.load(weights_only=True)``; ``model.card`` describes it and
+    ``model.source`` names the file and its SHA-256."""
+    from ..io.writers import file_sha256
+
+    model = model_from_payload(read_model_file(path), source=str(path))
+    model.source = {"path": str(path), "sha256": file_sha256(path)}
+    return model

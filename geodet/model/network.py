@@ -1,0 +1,349 @@
+"""RetinaNet for dense small objects, assembled from torchvision parts.
+
+The model runs tiles at their native size (no hidden resize), on configurable pyramid levels
+(P2-P6 for small objects, P3-P7 as in the paper) with anchors sized for the objects, and keeps
+up to ``detections_per_tile`` boxes per tile.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+import math
+import os
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.retinanet import RetinaNetClassificationHead, RetinaNetHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
+
+from ..config import ModelConfig, SceneConfig, TilingConfig
+from ..errors import GeodetError
+from .card import ModelCard
+from .matching import anchor_generator, match_anchors, match_anchors_on_grid
+
+log = logging.getLogger(__name__)
+
+BACKBONES = {
+    "resnet18": (resnet.resnet18, resnet.ResNet18_Weights),
+    "resnet34": (resnet.resnet34, resnet.ResNet34_Weights),
+    "resnet50": (resnet.resnet50, resnet.ResNet50_Weights),
+    "resnet101": (resnet.resnet101, resnet.ResNet101_Weights),
+}
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class ExtraLevels(ExtraFPNBlock):
+    """Pyramid levels above P5, each a stride-2 3x3 conv of the one below (P6, P7 of the paper)."""
+
+    def __init__(self, channels: int, n: int, first_level: int):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, 2, 1) for _ in range(n))
+        self.first_level = first_level
+        for conv in self.convs:
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.constant_(conv.bias, 0)
+
+    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]):
+        top = results[-1]
+        for i, conv in enumerate(self.convs):
+            top = conv(top if i == 0 else F.relu(top))
+            results.append(top)
+            names.append(f"p{self.first_level + i}")
+        return results, names
+
+
+class NativeSizeTransform(GeneralizedRCNNTransform):
+    """Normalise and batch, but never resize: tiles run at their native resolution."""
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+class FocalClassificationHead(RetinaNetClassificationHead):
+    """torchvision's classification subnet with configurable focal-loss alpha and gamma."""
+
+    def __init__(self, *args, alpha: float = 0.25, gamma: float = 2.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alpha, self.gamma = alpha, gamma
+
+    def compute_loss(self, targets, head_outputs, matched_idxs):
+        losses = []
+        for tgt, logits, matched in zip(targets, head_outputs["cls_logits"], matched_idxs):
+            foreground = matched >= 0
+            num_foreground = int(foreground.sum())
+            gt = torch.zeros_like(logits)
+            gt[foreground, tgt["labels"][matched[foreground]]] = 1.0
+            valid = matched != self.BETWEEN_THRESHOLDS
+            loss = sigmoid_focal_loss(logits[valid], gt[valid], alpha=self.alpha, gamma=self.gamma, reduction="sum")
+            losses.append(loss / max(1, num_foreground))
+        return sum(losses) / len(targets)
+
+
+class DenseRetinaNet(RetinaNet):
+    """RetinaNet whose training-time matching visits only nearby anchors (see
+    ``match_anchors_on_grid``), or is chunked when the anchor layout is unknown."""
+
+    def compute_loss(self, targets, head_outputs, anchors):
+        matched_idxs = []
+        layout = getattr(self.anchor_generator, "layout", None)
+        n_grid = sum(gh * gw * base.shape[0] for _, gh, gw, _, _, base in layout) if layout else -1
+        hi, lo = self.proposal_matcher.high_threshold, self.proposal_matcher.low_threshold
+        for anchors_per_image, targets_per_image in zip(anchors, targets):
+            if targets_per_image["boxes"].numel() == 0:
+                matched_idxs.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64, device=anchors_per_image.device))
+                continue
+            if n_grid == anchors_per_image.shape[0]:
+                matched_idxs.append(match_anchors_on_grid(targets_per_image["boxes"], anchors_per_image, layout, hi, lo))
+            else:
+                matched_idxs.append(match_anchors(targets_per_image["boxes"], anchors_per_image, hi, lo))
+        return self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
+
+    def postprocess_detections(self, head_outputs, anchors, image_shapes):
+        return self.decode(head_outputs, anchors, image_shapes, self.score_thresh, self.nms_thresh,
+                           self.detections_per_img, self.topk_candidates)
+
+    def detect(self, images: list[Tensor], score_thresh: float, nms_thresh: float, detections_per_img: int,
+               topk_candidates: int | None = None) -> list[dict[str, Tensor]]:
+        """Eval-mode forward with the thresholds of this call (the model's attributes untouched)."""
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        image_list, _ = self.transform(images)
+        features = list(self.backbone(image_list.tensors).values())
+        head_outputs = self.head(features)
+        anchors = self.anchor_generator(image_list, features)
+        per_level = [x.size(2) * x.size(3) for x in features]
+        a = head_outputs["cls_logits"].size(1) // sum(per_level)
+        per_level = [hw * a for hw in per_level]
+        split_outputs = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
+        split_anchors = [list(x.split(per_level)) for x in anchors]
+        dets = self.decode(split_outputs, split_anchors, image_list.image_sizes, score_thresh, nms_thresh,
+                           detections_per_img, topk_candidates or self.topk_candidates)
+        return self.transform.postprocess(dets, image_list.image_sizes, original_sizes)
+
+    def decode(self, head_outputs, anchors, image_shapes, score_thresh: float, nms_thresh: float,
+               detections_per_img: int, topk_candidates: int) -> list[dict[str, Tensor]]:
+        """torchvision's ``postprocess_detections`` with the thresholds as arguments: per level,
+        scores above ``score_thresh``, the top ``topk_candidates``, decoded and clipped; then
+        class-wise NMS and the best ``detections_per_img``."""
+        out = []
+        for index in range(len(image_shapes)):
+            boxes_all, scores_all, labels_all = [], [], []
+            for reg, logits, anc in zip(head_outputs["bbox_regression"], head_outputs["cls_logits"], anchors[index]):
+                reg, logits = reg[index], logits[index]
+                num_classes = logits.shape[-1]
+                scores = torch.sigmoid(logits).flatten()
+                keep = scores > score_thresh
+                scores = scores[keep]
+                idxs = torch.where(keep)[0]
+                scores, top = scores.topk(det_utils._topk_min(idxs, topk_candidates, 0))
+                idxs = idxs[top]
+                anchor_idxs = torch.div(idxs, num_classes, rounding_mode="floor")
+                boxes = self.box_coder.decode_single(reg[anchor_idxs], anc[anchor_idxs])
+                boxes_all.append(box_ops.clip_boxes_to_image(boxes, image_shapes[index]))
+                scores_all.append(scores)
+                labels_all.append(idxs % num_classes)
+            boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+            keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+            out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return out
+
+
+def _check_model_config(cfg: ModelConfig) -> None:
+    if cfg.backbone not in BACKBONES:
+        raise GeodetError(f"model.backbone '{cfg.backbone}' is not supported: use one of {', '.join(BACKBONES)}")
+    if len(cfg.levels) != 2 or not 2 <= cfg.levels[0] <= 5 or cfg.levels[1] < cfg.levels[0] or cfg.levels[1] > 8:
+        raise GeodetError(f"model.levels must be [min, max] with 2 <= min <= 5 and min <= max <= 8, got {cfg.levels}")
+    if cfg.pretrained not in ("none", "imagenet"):
+        raise GeodetError(f"model.pretrained must be 'none' or 'imagenet', got '{cfg.pretrained}'")
+    if not 0 <= cfg.trainable_layers <= 5:
+        raise GeodetError(f"model.trainable_layers must be 0..5, got {cfg.trainable_layers}")
+    if cfg.channels < 8 or not 1 <= cfg.head_depth <= 8:
+        raise GeodetError("model.channels must be >= 8 and model.head_depth 1..8")
+    if not cfg.classes:
+        raise GeodetError("model.classes is empty: name at least one class")
+
+
+def _imagenet_weights(backbone: str):
+    """The torchvision weights enum, only if its file is already in the torch hub cache."""
+    _, weights_enum = BACKBONES[backbone]
+    weights = weights_enum.IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if not cached.is_file():
+        raise GeodetError(
+            f"ImageNet weights for {backbone} are not in the torch cache ({cached}) and geodet does not download "
+            f"at run time: fetch {weights.url} on a machine with internet into that folder, or set model.pretrained: none"
+        )
+    return weights
+
+
+def _subnet(channels: int, depth: int, norm_layer) -> nn.Sequential:
+    layers = nn.Sequential(*[Conv2dNormActivation(channels, channels, norm_layer=norm_layer) for _ in range(depth)])
+    for layer in layers.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.normal_(layer.weight, std=0.01)
+            if layer.bias is not None:
+                nn.init.constant_(layer.bias, 0)
+    return layers
+
+
+def build_backbone(cfg: ModelConfig, in_channels: int, load_pretrained: bool = True) -> BackboneWithFPN:
+    fn, _ = BACKBONES[cfg.backbone]
+    pretrained = cfg.pretrained == "imagenet"
+    weights = _imagenet_weights(cfg.backbone) if pretrained and load_pretrained else None
+    # Frozen BN only makes sense with pretrained statistics; from scratch BN must learn.
+    norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    body = fn(weights=weights, norm_layer=norm)
+    if in_channels != 3:
+        old = body.conv1
+        new = nn.Conv2d(in_channels, old.out_channels, 7, 2, 3, bias=False)
+        with torch.no_grad():
+            if pretrained:
+                mean_w = old.weight.mean(dim=1)
+                for c in range(in_channels):
+                    new.weight[:, c] = old.weight[:, c] if c < 3 and in_channels >= 3 else mean_w
+        body.conv1 = new
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][: cfg.trainable_layers]
+    if cfg.trainable_layers == 5:
+        layers_to_train.append("bn1")
+    if pretrained:
+        for name, p in body.named_parameters():
+            if not any(name.startswith(layer) for layer in layers_to_train):
+                p.requires_grad_(False)
+    lo, hi = cfg.levels
+    returned = list(range(lo - 1, min(hi, 5)))
+    return_layers = {f"layer{k}": str(i) for i, k in enumerate(returned)}
+    stage2 = body.inplanes // 8
+    in_list = [stage2 * 2 ** (k - 1) for k in returned]
+    # Always pass our block: BackboneWithFPN would otherwise add a max-pool level.
+    extra = ExtraLevels(cfg.channels, max(0, hi - 5), 6)
+    fpn_norm = partial(nn.GroupNorm, math.gcd(32, cfg.channels)) if cfg.group_norm else None
+    return BackboneWithFPN(body, return_layers, in_list, cfg.channels, extra_blocks=extra, norm_layer=fpn_norm)
+
+
+class GeodetModel(nn.Module):
+    """A RetinaNet plus its card. In eval mode, ``model(batch)`` follows the detector protocol:
+    a float batch ``[B, C, H, W]`` gives ``[{"boxes", "scores", "labels"}]`` in tile pixels, with
+    the card's thresholds; ``model.predict(batch, score_threshold=...)`` takes them per call.
+    In train mode, ``model(batch, targets)`` gives ``{"classification", "bbox_regression"}``.
+    """
+
+    def __init__(self, net: DenseRetinaNet, card: ModelCard):
+        super().__init__()
+        self.net = net
+        self.card = card
+        self.source: dict | None = None  # {"path", "sha256"} when loaded from a file
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.card.classes)
+
+    def forward(self, images: Tensor | list[Tensor], targets: list[dict] | None = None):
+        imgs = list(images)
+        if self.training:
+            if targets is None:
+                raise GeodetError("training the model needs targets")
+            return self.net(imgs, targets)
+        return self.predict(imgs)
+
+    def predict(self, images: Tensor | list[Tensor], score_threshold: float | None = None, nms_iou: float | None = None,
+                detections_per_tile: int | None = None) -> list[dict[str, Tensor]]:
+        """Detections for a batch with these thresholds (None: the card's); changes nothing on
+        the model. Call it in eval mode and under ``torch.inference_mode()`` for speed."""
+        m = self.card.model
+        return self.net.detect(
+            list(images),
+            float(m.score_threshold if score_threshold is None else score_threshold),
+            float(m.nms_iou if nms_iou is None else nms_iou),
+            int(m.detections_per_tile if detections_per_tile is None else detections_per_tile),
+        )
+
+
+def default_normalisation(cfg: ModelConfig, n_bands: int) -> dict:
+    if cfg.pretrained == "imagenet":
+        mean = (IMAGENET_MEAN + [float(np.mean(IMAGENET_MEAN))] * n_bands)[:n_bands]
+        std = (IMAGENET_STD + [float(np.mean(IMAGENET_STD))] * n_bands)[:n_bands]
+        if n_bands < 3:
+            mean, std = [float(np.mean(IMAGENET_MEAN))] * n_bands, [float(np.mean(IMAGENET_STD))] * n_bands
+        return {"mean": mean, "std": std}
+    return {"mean": [0.5] * n_bands, "std": [0.25] * n_bands}
+
+
+def build_model(
+    cfg: ModelConfig,
+    bands: Sequence[int] | None = None,
+    normalisation: dict | None = None,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    gsd_m: float | None = None,
+    percentiles: Sequence[float] | None = None,
+    load_pretrained: bool = True,
+) -> GeodetModel:
+    """A RetinaNet for ``len(bands)`` input bands, configured by ``cfg``, with its card. Settings
+    left as None take the defaults of ``geodet.config``.
+
+    ``load_pretrained=False`` builds the pretrained architecture (frozen BN) without fetching
+    weights, for loading a model file."""
+    _check_model_config(cfg)
+    bands = list(bands) if bands else list(SceneConfig().bands)
+    tile_size = int(tile_size if tile_size is not None else TilingConfig().tile_size)
+    overlap = int(overlap if overlap is not None else TilingConfig().overlap)
+    n_bands = len(bands)
+    norm = normalisation or default_normalisation(cfg, n_bands)
+    if len(norm["mean"]) != n_bands or len(norm["std"]) != n_bands:
+        raise GeodetError(f"normalisation has {len(norm['mean'])} band(s) but the model has {n_bands}")
+    backbone = build_backbone(cfg, n_bands, load_pretrained)
+    anchors = anchor_generator(cfg)
+    n_anchors = anchors.num_anchors_per_location()[0]
+    head_norm = partial(nn.GroupNorm, math.gcd(32, cfg.channels)) if cfg.group_norm else None
+    head = RetinaNetHead(cfg.channels, n_anchors, len(cfg.classes), norm_layer=head_norm)
+    head.classification_head = FocalClassificationHead(
+        cfg.channels, n_anchors, len(cfg.classes), prior_probability=cfg.prior_probability,
+        norm_layer=head_norm, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma,
+    )
+    head.classification_head.conv = _subnet(cfg.channels, cfg.head_depth, head_norm)
+    head.regression_head.conv = _subnet(cfg.channels, cfg.head_depth, head_norm)
+    net = DenseRetinaNet(
+        backbone,
+        num_classes=len(cfg.classes),
+        anchor_generator=anchors,
+        head=head,
+        score_thresh=cfg.score_threshold,
+        nms_thresh=cfg.nms_iou,
+        detections_per_img=cfg.detections_per_tile,
+        topk_candidates=cfg.topk_candidates,
+        fg_iou_thresh=cfg.fg_iou,
+        bg_iou_thresh=cfg.bg_iou,
+    )
+    if cfg.resize_min_size:
+        # torchvision's stock transform (resizes tiles); only for comparisons with stock settings
+        net.transform = GeneralizedRCNNTransform(cfg.resize_min_size, max(1333, cfg.resize_min_size), norm["mean"], norm["std"])
+    else:
+        net.transform = NativeSizeTransform(tile_size, tile_size, norm["mean"], norm["std"])
+    card = ModelCard(
+        classes=list(cfg.classes),
+        bands=[int(b) for b in bands],
+        mean=[float(v) for v in norm["mean"]],
+        std=[float(v) for v in norm["std"]],
+        model=copy.deepcopy(cfg),
+        tile_size=tile_size,
+        overlap=overlap,
+        percentiles=[float(p) for p in (percentiles if percentiles is not None else SceneConfig().percentiles)],
+        gsd_m=None if gsd_m is None else float(gsd_m),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    return GeodetModel(net, card)

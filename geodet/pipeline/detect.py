@@ -1,0 +1,286 @@
+"""Whole-scene detection: settings resolved once, tiles streamed through a batched detector, a
+per-tile detection generator, the stitcher, and one function that makes the frame.
+
+No stage holds the whole scene: windows are read one batch at a time, each batch's detections
+go to the stitcher as soon as the batch is done, and only detections accumulate.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import GeodetError
+from ..io.scene import Scene
+from ..progress import progress_bar
+from .grid import Tile, TileGrid, overlap_pixels
+from .reader import TileDataset, make_collate, read_batches, worker_init
+from .settings import DetectSettings, resolve_detect_settings
+from .stitch import SceneDetections, Stitcher
+
+log = logging.getLogger(__name__)
+
+
+class Detector(Protocol):
+    """The detector protocol: a float batch ``[B, C, H, W]`` (scaled as the tile reader does) to
+    one ``{"boxes" [N, 4] tile pixels, "scores" [N], "labels" [N]}`` per tile. A ``card``
+    attribute (a ``ModelCard``), when present, supplies settings the caller leaves out."""
+
+    def __call__(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]: ...
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; an explicit CUDA request without CUDA fails."""
+    device = (device or "auto").lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise GeodetError(f"device '{device}' requested but CUDA is not available here: use --device cpu or auto")
+        return torch.device(device)
+    if device == "cpu":
+        return torch.device("cpu")
+    raise GeodetError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N")
+
+
+def default_workers(device: torch.device | None = None) -> int:
+    """Tile-reading workers. On the CPU the model wants every core: with 2 cores a reader process
+    beside 2 torch threads slowed the model 1.7x (docs/benchmarks.md), while reading all tiles
+    in-process costs a few percent. With CUDA, readers overlap I/O with the GPU."""
+    cores = os.cpu_count() or 1
+    if device is not None and device.type == "cpu":
+        return 0 if cores <= 2 else min(2, cores // 4)
+    return max(0, min(4, cores - 1))
+
+
+class TorchDetector:
+    """A geodet model ready to run with this call's thresholds, without touching the caller's
+    object: it runs the model as is when it is already in eval mode on ``device``, else an eval
+    copy moved there (channels_last on CUDA)."""
+
+    def __init__(self, model, device: torch.device, settings: DetectSettings):
+        self.card = model.card
+        self.source = getattr(model, "source", None)
+        on_device = next(model.parameters()).device == device
+        if model.training or not on_device:
+            model = copy.deepcopy(model).eval().to(device)
+            if device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.kw = dict(score_threshold=settings.score_threshold, nms_iou=settings.nms_iou,
+                       detections_per_tile=settings.detections_per_tile)
+
+    def __call__(self, batch):
+        return self.model.predict(batch, **self.kw)
+
+
+def as_detector(detector, device: torch.device, settings: DetectSettings):
+    """A geodet model becomes a ``TorchDetector``; any other callable is used as it is."""
+    if isinstance(detector, TorchDetector):
+        return detector
+    if isinstance(detector, torch.nn.Module) and hasattr(detector, "predict"):
+        return TorchDetector(detector, device, settings)
+    return detector
+
+
+def open_scene(scene, settings: DetectSettings, card=None) -> Scene:
+    """Open ``scene`` (a path or a ``Scene``) with the bands, GSD and scaling of ``settings``."""
+    if isinstance(scene, Scene):
+        return scene
+    from ..io.scene import open_raster
+
+    path = str(scene)
+    with open_raster(path) as src:
+        count, projected = src.count, src.crs is not None and src.crs.is_projected
+    bands = list(settings.bands)
+    if card is not None and (len(bands) != card.n_bands or max(bands) > count):
+        listed = ",".join(str(b) for b in card.bands)
+        raise GeodetError(
+            f"model expects {card.n_bands} band(s) ({listed}); scene {Path(path).name} has {count}: pass --bands "
+            f"with {card.n_bands} band number(s) from 1 to {count}"
+        )
+    gsd_m = settings.gsd_m
+    if gsd_m is not None and settings.sources.get("gsd_m") == "card" and not projected:
+        # The card's GSD is in metres; a scene without a projected CRS cannot be resampled to
+        # it, so it runs at its own resolution (an explicit --gsd still fails clearly).
+        log.warning("%s has no projected CRS: running at its native resolution, not the model's %.3g m", path, gsd_m)
+        gsd_m = None
+    return Scene(path, bands=bands, gsd_m=gsd_m, percentiles=settings.percentiles)
+
+
+@dataclass
+class TileResult:
+    """One tile's detections in tile pixels (``boxes`` is None for a skipped, empty tile)."""
+
+    tile: Tile
+    boxes: np.ndarray | None
+    scores: np.ndarray | None
+    labels: np.ndarray | None
+
+
+def tile_detections(scene: Scene, grid: TileGrid, detector, settings: DetectSettings, device: torch.device,
+                    indices: Iterable[int] | None = None, timings: dict | None = None) -> Iterator[TileResult]:
+    """Run ``detector`` over the tiles ``indices`` (default: all) of ``grid``, in batches, and
+    yield each tile's detections as soon as its batch is done. Skipped tiles (no valid pixels)
+    are yielded with ``boxes=None``. ``timings`` collects seconds of read wait and model."""
+    timings = timings if timings is not None else {}
+    for k in ("read_wait", "model"):
+        timings.setdefault(k, 0.0)
+    workers = default_workers(device) if settings.num_workers is None else settings.num_workers
+    if workers == 0 and device.type == "cpu":
+        # in-process reading into one reused batch buffer (the model consumes each batch
+        # before the next is read; on CUDA the copy to the GPU may still be running)
+        batches = read_batches(scene, grid, settings.batch_size, settings.min_valid_fraction, indices)
+    else:
+        data = TileDataset(scene, grid, indices)
+        batches = torch.utils.data.DataLoader(
+            data, batch_size=settings.batch_size, num_workers=workers, collate_fn=make_collate(settings.min_valid_fraction),
+            pin_memory=device.type == "cuda", worker_init_fn=worker_init if workers > 0 else None,
+            prefetch_factor=2 if workers > 0 else None,
+        )
+    t0 = time.perf_counter()
+    for images, tiles, skipped in batches:
+        t1 = time.perf_counter()
+        timings["read_wait"] += t1 - t0
+        for tile in skipped:
+            yield TileResult(tile, None, None, None)
+        if images is not None:
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
+                outputs = detector(images)
+            timings["model"] += time.perf_counter() - t1
+            for tile, out in zip(tiles, outputs):
+                scores = out["scores"].float().cpu().numpy()
+                keep = scores >= settings.score_threshold  # plain detectors get the threshold here
+                yield TileResult(tile, out["boxes"].float().cpu().numpy()[keep], scores[keep],
+                                 out["labels"].cpu().numpy()[keep])
+        t0 = time.perf_counter()
+
+
+def to_frame(det: SceneDetections, scene: Scene, classes: Sequence[str] | None):
+    """Stitched detections as a GeoDataFrame in the scene's CRS (polygons from pixel edges)."""
+    import geopandas as gpd
+
+    from ..io.writers import boxes_to_polygons
+
+    names = np.array(list(classes or []), dtype=object)
+    if len(names) and len(det) and det.labels.max() >= len(names):
+        raise GeodetError(f"detector returned label {int(det.labels.max())} but its card names {len(names)} classes")
+    label_col = names[det.labels] if len(names) else det.labels.astype(str)
+    return gpd.GeoDataFrame(
+        {
+            "label": np.asarray(label_col, dtype=object),
+            "score": det.scores.astype(np.float64),
+            "tile_row": det.tile_row,
+            "tile_col": det.tile_col,
+            "x0": det.boxes[:, 0], "y0": det.boxes[:, 1], "x1": det.boxes[:, 2], "y1": det.boxes[:, 3],
+        },
+        geometry=boxes_to_polygons(det.boxes, scene.transform),
+        crs=scene.crs,
+    )
+
+
+def detect_scene(scene, detector, *, config=None, progress: bool = True, area=None, **settings):
+    """Detect objects over a whole scene (or the pixel ``area`` (x0, y0, x1, y1) of it); returns a
+    GeoDataFrame in the scene's CRS. The caller's detector is never changed.
+
+    ``detector`` is a geodet model or any callable of the ``Detector`` protocol. ``settings``
+    (tile_size, overlap, overlap_m, score_threshold, nms_iou, detections_per_tile, bands, gsd_m,
+    percentiles, min_valid_fraction, batch_size, device, num_workers, match_iou) override
+    ``config`` (a ``Config`` whose file set them), which overrides the model card, which overrides
+    the defaults (``resolve_detect_settings``). Columns: ``label``, ``score``, ``tile_row``,
+    ``tile_col`` and the pixel box ``x0, y0, x1, y1`` (pixel edges of the possibly resampled grid);
+    ``frame.attrs["report"]`` says what ran, with which settings, and how long each stage took.
+    """
+    t_start = time.perf_counter()
+    card = getattr(detector, "card", None)
+    s = resolve_detect_settings(card, config, **settings)
+    device = resolve_device(s.device)
+    runner = as_detector(detector, device, s)
+    sc = open_scene(scene, s, card)
+    view = sc.area(*area) if area is not None else sc
+    overlap = overlap_pixels(s.overlap_m, view.pixel_gsd) if s.overlap_m is not None else s.overlap
+    grid = TileGrid(view.width, view.height, s.tile_size, overlap)
+    stitcher = Stitcher(grid, s.match_iou)
+    timings = {"read_wait": 0.0, "model": 0.0, "stitch": 0.0}
+    n_run = n_skipped = 0
+    bar = progress_bar(total=len(grid), desc=f"detect {Path(sc.path).name}", unit="tile", enabled=progress)
+    try:
+        for r in tile_detections(view, grid, runner, s, device, timings=timings):
+            t0 = time.perf_counter()
+            if r.boxes is None:
+                n_skipped += 1
+            else:
+                n_run += 1
+                stitcher.add(r.tile, r.boxes, r.scores, r.labels)
+            timings["stitch"] += time.perf_counter() - t0
+            bar.update(1)
+        t0 = time.perf_counter()
+        det = stitcher.finish()
+        timings["stitch"] += time.perf_counter() - t0
+        frame = to_frame(det, view, card.classes if card is not None else None)
+    finally:
+        bar.close()
+        if sc is not scene:
+            sc.close()
+    timings["total"] = time.perf_counter() - t_start
+    frame.attrs["report"] = scene_report(view, grid, s, device, n_run, n_skipped, stitcher.n_in, len(det), timings,
+                                         card, getattr(runner, "source", None), area)
+    return frame
+
+
+def scene_report(sc, grid, s: DetectSettings, device, n_run, n_skipped, n_in, n_out, timings, card, source, area) -> dict:
+    return {
+        "scene": sc.path,
+        "area_px": list(area) if area is not None else None,
+        "scene_size_px": [sc.file_width, sc.file_height],
+        "grid_size_px": [sc.width, sc.height],
+        "resampled_to_gsd_m": sc.gsd_m if sc.resampled else None,
+        "crs": sc.crs.to_string() if sc.crs else None,
+        "bands": sc.bands,
+        "tile_size": grid.tile_size,
+        "overlap": grid.overlap,
+        "tiles_total": len(grid),
+        "tiles_run": n_run,
+        "tiles_skipped": n_skipped,
+        "detections_before_stitch": n_in,
+        "detections": n_out,
+        "device": str(device),
+        "settings": s.to_dict(),
+        "settings_from": dict(s.sources),
+        "model": {"classes": list(card.classes), "operating_point": card.operating_point, **(source or {})} if card else None,
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def detect_scenes(paths: Sequence, detector, **kwargs):
+    """``detect_scene`` over many scenes: one frame with a ``scene`` column. The detector is
+    prepared once (one eval copy for a geodet model). Scenes in different CRSs are brought to the
+    first scene's CRS."""
+    import pandas as pd
+
+    if not paths:
+        raise GeodetError("no scenes given")
+    card = getattr(detector, "card", None)
+    s = resolve_detect_settings(card, kwargs.get("config"), **{k: v for k, v in kwargs.items() if k not in ("config", "progress")})
+    detector = as_detector(detector, resolve_device(s.device), s)
+    frames = []
+    for p in paths:
+        f = detect_scene(p, detector, **kwargs)
+        f.insert(0, "scene", str(p))
+        frames.append(f)
+    crs = frames[0].crs
+    frames = [f.to_crs(crs) if (crs is not None and f.crs is not None and f.crs != crs) else f for f in frames]
+    out = pd.concat(frames, ignore_index=True)
+    out.attrs["report"] = {"scenes": [f.attrs["report"] for f in frames]}
+    return out

@@ -1,0 +1,89 @@
+"""A detection job as the ``geodet detect`` command runs it, for the Python API too: checks
+before any work, detection over every scene, the output file, its report and quicklooks."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import GeodetError
+
+
+def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None = None, csv_geometry: str | None = None,
+                   quicklook=None, progress: bool = True, **settings):
+    """Detect over ``scenes`` with ``model`` (a model file path or a loaded geodet model) and
+    write ``out`` (format from ``fmt`` or the extension) plus ``OUT.report.json``; with
+    ``quicklook`` also a PNG per scene. Every check (output folder, format, scene CRS, device,
+    bands) runs before any work. Returns the frame; ``frame.attrs["report"]`` is the report."""
+    from ..config import load_config
+    from ..io.scene import open_raster
+    from ..io.writers import check_output_path, file_sha256, output_format, report_path, write_detections, write_json
+    from ..model import load_model
+    from .detect import detect_scenes, resolve_device
+
+    cfg = config if config is not None else load_config()
+    if not scenes:
+        raise GeodetError("no scenes given")
+    out = check_output_path(out)
+    fmt = output_format(out, fmt or cfg.output.format)
+    looks = _quicklook_paths(quicklook, scenes) if quicklook else []
+    for p in looks:
+        check_output_path(p)
+    for s in scenes:
+        with open_raster(s) as src:
+            if fmt != "csv" and src.crs is None:
+                raise GeodetError(
+                    f"{s}: the scene has no CRS, so {fmt} output cannot be georeferenced: write CSV (-o out.csv) "
+                    "for pixel boxes, or assign a CRS (gdal_edit.py -a_srs EPSG:xxxx)"
+                )
+    resolve_device(settings.get("device") or cfg.detect.device)
+    if isinstance(model, (str, Path)):
+        model = load_model(model)
+    t0 = time.perf_counter()
+    frame = detect_scenes(list(scenes), model, config=cfg, progress=progress, **settings)
+    t1 = time.perf_counter()
+    write_detections(frame, out, fmt, csv_geometry or cfg.output.csv_geometry)
+    t2 = time.perf_counter()
+    source = getattr(model, "source", None) or {}
+    card = getattr(model, "card", None)
+    report = {
+        "output": str(out), "format": fmt, "detections": len(frame),
+        "model": {"path": source.get("path"), "sha256": source.get("sha256") or _sha_or_none(source.get("path"), file_sha256),
+                  "classes": list(card.classes) if card else None,
+                  "operating_point": card.operating_point if card else None},
+        "inputs": [_input(s) for s in scenes],
+        "scenes": frame.attrs["report"]["scenes"],
+        "seconds": {"detect": round(t1 - t0, 3), "write": round(t2 - t1, 3)},
+    }
+    write_json(report, report_path(out))
+    if looks:
+        from ..io.quicklook import quicklook as draw
+
+        min_score = card.operating_point if card is not None else None
+        for scene, png in zip(scenes, looks):
+            draw(scene, frame[frame["scene"] == str(scene)], png, classes=card.classes if card else None,
+                 min_score=min_score)
+        report["quicklooks"] = [str(p) for p in looks]
+    frame.attrs["report"] = report
+    return frame
+
+
+def _quicklook_paths(path, scenes) -> list[Path]:
+    """One PNG per scene: ``path`` itself for one scene, ``STEM_<scene>.png`` beside it for several."""
+    path = Path(path)
+    if len(scenes) == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{Path(str(s)).stem}{path.suffix or '.png'}") for s in scenes]
+
+
+def _input(s) -> dict:
+    p = str(s)
+    if os.path.exists(p):
+        return {"path": p, "bytes": os.path.getsize(p), "mtime": os.path.getmtime(p)}
+    return {"path": p}
+
+
+def _sha_or_none(path, sha):
+    return sha(path) if path and os.path.isfile(path) else None

@@ -1,0 +1,119 @@
+"""One place that decides every detection setting.
+
+Order: an explicit argument (API keyword or command-line flag) > a value written in the config
+file > the model card > the defaults in ``geodet/config.py``. ``DetectSettings.sources`` says
+where each value came from, and the report carries it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import Config
+from ..errors import GeodetError
+
+# setting -> (config key, card attribute or None)
+SETTINGS = {
+    "tile_size": ("tiling.tile_size", "tile_size"),
+    "overlap": ("tiling.overlap", "overlap"),
+    "overlap_m": ("tiling.overlap_m", None),
+    "score_threshold": ("detect.score_threshold", "model.score_threshold"),
+    "nms_iou": ("model.nms_iou", "model.nms_iou"),
+    "detections_per_tile": ("model.detections_per_tile", "model.detections_per_tile"),
+    "bands": ("scene.bands", "bands"),
+    "gsd_m": ("scene.gsd_m", "gsd_m"),
+    "percentiles": ("scene.percentiles", "percentiles"),
+    "min_valid_fraction": ("scene.min_valid_fraction", None),
+    "batch_size": ("detect.batch_size", None),
+    "device": ("detect.device", None),
+    "num_workers": ("detect.num_workers", None),
+    "match_iou": ("detect.match_iou", None),
+}
+
+
+@dataclass(frozen=True)
+class DetectSettings:
+    tile_size: int
+    overlap: int
+    overlap_m: Optional[float]
+    score_threshold: float
+    nms_iou: float
+    detections_per_tile: int
+    bands: tuple
+    gsd_m: Optional[float]
+    percentiles: tuple
+    min_valid_fraction: float
+    batch_size: int
+    device: str
+    num_workers: Optional[int]
+    match_iou: float
+    sources: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items() if k != "sources"}
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve_detect_settings(card=None, config: Config | None = None, **explicit) -> DetectSettings:
+    """Every detection setting from ``explicit`` keywords (None means not given), ``config`` (only
+    keys its YAML or overrides set), the model ``card`` (a ``ModelCard``; None for a plain
+    detector), then the defaults of ``geodet.config``."""
+    unknown = set(explicit) - set(SETTINGS)
+    if unknown:
+        raise TypeError(f"unknown detection setting(s): {', '.join(sorted(unknown))}")
+    defaults = Config()
+    values, sources = {}, {}
+    for name, (key, card_attr) in SETTINGS.items():
+        if explicit.get(name) is not None:
+            values[name], sources[name] = explicit[name], "argument"
+        elif config is not None and key in config.explicit and _get(config, key) is not None:
+            values[name], sources[name] = _get(config, key), "config"
+        elif card is not None and card_attr is not None and _get(card, card_attr) is not None:
+            values[name], sources[name] = _get(card, card_attr), "card"
+        else:
+            values[name], sources[name] = _get(defaults, key), "default"
+    # an overlap in metres replaces the one in pixels when it was asked for at least as directly
+    rank = {"argument": 3, "config": 2, "card": 1, "default": 0}
+    if values["overlap_m"] is not None and rank[sources["overlap_m"]] < rank[sources["overlap"]]:
+        values["overlap_m"], sources["overlap_m"] = None, "default"
+    if values["score_threshold"] is None:  # no card and no config: the network default
+        values["score_threshold"] = defaults.model.score_threshold
+    s = DetectSettings(
+        tile_size=int(values["tile_size"]), overlap=int(values["overlap"]),
+        overlap_m=None if values["overlap_m"] is None else float(values["overlap_m"]),
+        score_threshold=float(values["score_threshold"]), nms_iou=float(values["nms_iou"]),
+        detections_per_tile=int(values["detections_per_tile"]), bands=tuple(int(b) for b in values["bands"]),
+        gsd_m=None if values["gsd_m"] is None else float(values["gsd_m"]),
+        percentiles=tuple(float(p) for p in values["percentiles"]),
+        min_valid_fraction=float(values["min_valid_fraction"]), batch_size=int(values["batch_size"]),
+        device=str(values["device"]), num_workers=None if values["num_workers"] is None else int(values["num_workers"]),
+        match_iou=float(values["match_iou"]), sources=sources,
+    )
+    _check(s)
+    return s
+
+
+def _check(s: DetectSettings) -> None:
+    if s.tile_size < 1:
+        raise GeodetError(f"tile size must be a positive number of pixels, got {s.tile_size}")
+    if s.overlap_m is None and s.overlap < 0:
+        raise GeodetError(f"overlap must be zero or a positive number of pixels, got {s.overlap}")
+    if s.overlap_m is None and s.overlap >= s.tile_size:
+        raise GeodetError(f"overlap ({s.overlap} px) must be smaller than the tile size ({s.tile_size} px): "
+                          "lower --overlap or raise --tile-size")
+    if s.batch_size < 1:
+        raise GeodetError(f"batch size must be at least 1, got {s.batch_size}")
+    if not 0 <= s.score_threshold <= 1:
+        raise GeodetError(f"score threshold must be between 0 and 1, got {s.score_threshold}")
+    if not 0 < s.nms_iou <= 1 or not 0 < s.match_iou <= 1:
+        raise GeodetError("nms_iou and match_iou must be in (0, 1]")
+    if s.detections_per_tile < 1:
+        raise GeodetError(f"detections per tile must be at least 1, got {s.detections_per_tile}")
+    if len(s.percentiles) != 2 or not 0 <= s.percentiles[0] < s.percentiles[1] <= 100:
+        raise GeodetError(f"percentiles must be two numbers 0 <= low < high <= 100, got {list(s.percentiles)}")

@@ -1,0 +1,370 @@
+"""The training loop on GeoTIFFs with vector labels: setup, optimiser and schedule, the step loop,
+the metrics log, checkpoints and resume.
+
+Validation holds out an area (the right-hand ``val_fraction`` strip of each scene, or separate
+validation scenes) and runs the real whole-scene pipeline on it each epoch, so overlapping chips
+never leak into validation. The model with the best validation AP50 is kept as ``model.pt``; its
+card records the validation metrics and the operating point (best-F1 score).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, config_from_dict
+from ..errors import GeodetError
+from ..io.labels import class_names, labels_to_boxes, read_labels
+from ..io.scene import scene_from_config
+from ..model import GeodetModel, ModelCard, build_model, save_model
+from ..pipeline.grid import overlap_pixels
+from ..progress import progress_bar
+from .sampler import ChipDataset, TrainScene, collate_chips
+from .schedule import lr_lambda, make_optimizer
+from .validation import validate
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "geodet-checkpoint"
+METRICS_HEADER = ["step", "epoch", "loss", "classification", "bbox_regression", "lr", "val_AP", "val_AP50", "seconds"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _normalisation(scenes: list[TrainScene]) -> dict:
+    """Per-band mean and std of the scaled training pixels (from decimated reads)."""
+    sums, sq, n = 0, 0, 0
+    for ts in scenes:
+        data, valid, _ = ts.scene.overview(512)
+        x = ts.scene.scale(data, valid)[:, valid].astype(np.float64)
+        sums = sums + x.sum(1)
+        sq = sq + (x**2).sum(1)
+        n += x.shape[1]
+    if n == 0:
+        raise GeodetError("training scenes hold no valid pixels")
+    mean = sums / n
+    std = np.sqrt(np.maximum(sq / n - mean**2, 1e-6))
+    return {"mean": mean.tolist(), "std": np.maximum(std, 0.02).tolist()}
+
+
+@dataclass
+class Run:
+    """What one training run works with, made by ``Trainer.setup``."""
+
+    model: GeodetModel
+    train_model: torch.nn.Module  # the model, or its DDP wrapper
+    params: list
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    total: int
+    step: int = 0
+    epoch: int = 0
+    best: float = -1.0
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.resume = resume
+        self.progress = progress
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.main = self.rank == 0
+        self._stop = None
+
+    # -- data ---------------------------------------------------------------------------
+    def _open(self, pairs, classes):
+        opened = []
+        for pair in pairs:
+            if not pair.scene or not pair.labels:
+                raise GeodetError("each training entry needs both 'scene' and 'labels'")
+            sc = scene_from_config(pair.scene, self.cfg.scene)
+            if sc.crs is None:
+                raise GeodetError(f"{pair.scene}: the scene has no CRS, so vector labels cannot be placed on it")
+            gdf = read_labels(pair.labels, self.cfg.train.class_column or None)
+            opened.append((sc, gdf, pair.labels))
+        if classes is None:
+            names = set()
+            for _, gdf, _ in opened:
+                names |= set(class_names(gdf, self.cfg.train.class_column or None))
+            classes = sorted(names)
+        out = []
+        for sc, gdf, lp in opened:
+            lb = labels_to_boxes(gdf, sc, self.cfg.train.class_column or None, classes, self.cfg.train.unknown_classes,
+                                 self.cfg.train.point_box_m, source=str(lp))
+            if len(lb) == 0:
+                raise GeodetError(f"{lp}: no usable labels inside {sc.path} (counts: {lb.counts})")
+            classes = lb.classes
+            out.append(TrainScene(sc, lb, (0, 0, sc.width, sc.height), str(lp)))
+        return out, classes
+
+    def prepare(self):
+        cfg = self.cfg
+        if not cfg.train.scenes:
+            raise GeodetError("no training scenes: list train.scenes in the config or pass --scene and --labels")
+        user_classes = cfg.model.classes if cfg.model.classes != ["object"] or not cfg.train.class_column else None
+        self.train_scenes, classes = self._open(cfg.train.scenes, user_classes)
+        self.val_sets = []  # (scene path or Scene, area, labels frame path)
+        if cfg.train.val_scenes:
+            vs, classes = self._open(cfg.train.val_scenes, classes)
+            self.val_sets = [(v, v.area) for v in vs]
+        elif cfg.train.val_fraction > 0:
+            for ts in self.train_scenes:
+                w = ts.scene.width
+                split = int(round(w * (1 - cfg.train.val_fraction)))
+                if split < 16 or w - split < 16:
+                    continue
+                ts.area = (0, 0, split, ts.scene.height)
+                self.val_sets.append((ts, (split, 0, w, ts.scene.height)))
+        self.classes = classes
+        t = cfg.tiling
+        gsd = self.train_scenes[0].scene.pixel_gsd
+        self.overlap = overlap_pixels(t.overlap_m, gsd) if t.overlap_m is not None else t.overlap
+        n_labels = sum(len(s.labels) for s in self.train_scenes)
+        log.info("training on %d scene(s), %d labels, classes %s", len(self.train_scenes), n_labels, classes)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _save_checkpoint(self, r: Run) -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT, "version": 1, "step": r.step, "epoch": r.epoch, "best_ap50": r.best,
+            "card": r.model.card.to_dict(), "config": asdict(self.cfg),
+            "model": r.model.net.state_dict(), "optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict(),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".pt", dir=self.out)
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.out / "last.pt")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _load_checkpoint(self) -> dict:
+        path = self.out / "last.pt"
+        if not path.is_file():
+            raise GeodetError(f"--resume: no checkpoint at {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged file; nothing in it runs
+            raise GeodetError(f"{path}: checkpoint cannot be read ({str(exc).splitlines()[0][:120]})") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise GeodetError(f"{path}: not a geodet training checkpoint")
+        return state
+
+    # -- setup ---------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        from ..pipeline.detect import resolve_device
+
+        device = resolve_device(self.cfg.train.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(device)
+        return device
+
+    def _build(self, state: dict | None) -> GeodetModel:
+        cfg = self.cfg
+        cfg.model.classes = list(self.classes)
+        if state is not None:
+            old = ModelCard.from_dict(state["card"], source=str(self.out / "last.pt"))
+            norm = {"mean": old.mean, "std": old.std}
+        else:
+            norm = _normalisation(self.train_scenes) if cfg.model.pretrained == "none" else None
+        sc0 = self.train_scenes[0].scene
+        model = build_model(cfg.model, bands=sc0.bands, normalisation=norm, tile_size=cfg.tiling.tile_size,
+                            overlap=self.overlap, gsd_m=cfg.scene.gsd_m, percentiles=cfg.scene.percentiles,
+                            load_pretrained=state is None)
+        card = model.card
+        card.trained_on = [{"scene": ts.scene.path, "labels": ts.labels_path, "labels_used": len(ts.labels),
+                            "counts": ts.labels.counts} for ts in self.train_scenes]
+        native = float(sc0.pixel_gsd) if sc0.crs is not None and sc0.crs.is_projected else None
+        card.gsd_m = cfg.scene.gsd_m if cfg.scene.gsd_m else native
+        return model
+
+    def setup(self) -> Run:
+        """Data, device (and the process group when distributed), model, optimiser, schedule;
+        the state of ``last.pt`` when resuming."""
+        tc = self.cfg.train
+        torch.manual_seed(tc.seed + self.rank)
+        self.prepare()
+        device = self._device()
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = self._load_checkpoint() if self.resume else None
+        model = self._build(state).to(device)
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, tc)
+        total = tc.max_steps if tc.max_steps is not None else tc.epochs * tc.steps_per_epoch
+        if total <= 0:
+            raise GeodetError("nothing to train: epochs, steps_per_epoch and max_steps must be positive")
+        budget_s = tc.time_limit_min * 60 if tc.time_limit_min else None
+        started = time.perf_counter()  # a resumed run gets a fresh budget, as its deadline does
+        time_fraction = (lambda: (time.perf_counter() - started) / budget_s) if budget_s else None
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(tc.warmup_steps, total // 4), total, time_fraction))
+        train_model = model
+        if self.world > 1:
+            train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        r = Run(model, train_model, params, opt, sched, torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
+                device, total)
+        if state is not None:
+            model.net.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            r.step, r.epoch, r.best = int(state["step"]), int(state["epoch"]), float(state["best_ap50"])
+            log.info("resuming at step %d (epoch %d)", r.step, r.epoch)
+        return r
+
+    def _loader(self, r: Run):
+        tc = self.cfg.train
+        steps_per_epoch = tc.steps_per_epoch if tc.max_steps is None else min(tc.steps_per_epoch, r.total)
+        data = ChipDataset(self.train_scenes, self.cfg.tiling.tile_size, tc, steps_per_epoch * tc.batch_size, tc.seed, self.rank)
+        kw = dict(batch_size=tc.batch_size, shuffle=False, collate_fn=collate_chips, num_workers=tc.num_workers,
+                  pin_memory=r.device.type == "cuda")
+        if tc.num_workers > 0:
+            from ..pipeline.reader import worker_init
+
+            kw.update(worker_init_fn=worker_init, persistent_workers=False)
+        return data, kw
+
+    # -- the loop ------------------------------------------------------------------------
+    def _handle_signals(self):
+        def handler(signum, _frame):
+            if self._stop is not None:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self._stop = signal.Signals(signum).name
+            log.warning("%s received: stopping after this step and saving last.pt", self._stop)
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in old:
+                signal.signal(s, handler)
+        except ValueError:  # not the main thread
+            old = {}
+        return old
+
+    def step(self, r: Run, images, targets) -> dict:
+        """One optimiser step; returns the losses as floats."""
+        images = images.to(r.device, non_blocking=True)
+        targets = [{k: v.to(r.device) for k, v in t.items()} for t in targets]
+        with torch.autocast(r.device.type, enabled=r.device.type == "cuda"):
+            losses = r.train_model(images, targets)
+            loss = losses["classification"] + losses["bbox_regression"]
+        if not torch.isfinite(loss):
+            raise GeodetError(f"training diverged at step {r.step} (loss {loss.item()}): lower train.lr")
+        r.opt.zero_grad(set_to_none=True)
+        r.scaler.scale(loss).backward()
+        r.scaler.unscale_(r.opt)
+        torch.nn.utils.clip_grad_norm_(r.params, self.cfg.train.grad_clip)
+        r.scaler.step(r.opt)
+        r.scaler.update()
+        r.sched.step()
+        r.step += 1
+        return {"loss": loss.item(), "classification": losses["classification"].item(),
+                "bbox_regression": losses["bbox_regression"].item()}
+
+    def _log(self, row: list) -> None:
+        if self.main:
+            with open(self.out / "metrics.csv", "a", newline="") as f:
+                csv.writer(f).writerow(row)
+
+    def run(self) -> Path:
+        r = self.setup()
+        tc = self.cfg.train
+        if self.main and (not self.resume or not (self.out / "metrics.csv").exists()):
+            with open(self.out / "metrics.csv", "w", newline="") as f:
+                csv.writer(f).writerow(METRICS_HEADER)
+        data, loader_kw = self._loader(r)
+        t_start = time.perf_counter()
+        deadline = t_start + tc.time_limit_min * 60 if tc.time_limit_min else None
+        old_handlers = self._handle_signals()
+        timed = tc.time_limit_min is not None  # the clock, not the step count, may end the run
+        bar = progress_bar(total=None if timed else r.total, initial=r.step, unit="step", enabled=self.progress and self.main,
+                           desc=f"train (up to {tc.time_limit_min:g} min)" if timed else "train")
+        r.model.train()
+        stopped = None
+        try:
+            while r.step < r.total and stopped is None:
+                data.epoch = r.epoch
+                for images, targets in torch.utils.data.DataLoader(data, **loader_kw):
+                    losses = self.step(r, images, targets)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses['loss']:.3f}")
+                    self._log([r.step, r.epoch, *(f"{losses[k]:.5f}" for k in ("loss", "classification", "bbox_regression")),
+                               f"{r.sched.get_last_lr()[0]:.3g}", "", "", f"{time.perf_counter() - t_start:.1f}"])
+                    if self._stop:
+                        stopped = self._stop
+                    elif deadline and time.perf_counter() > deadline:
+                        stopped = "time limit"
+                    if stopped or r.step >= r.total:
+                        break
+                r.epoch += 1
+                if stopped in (None, "time limit"):
+                    self._end_of_epoch(r, t_start)
+                elif self.main:
+                    self._save_checkpoint(r)
+        finally:
+            bar.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if stopped not in (None, "time limit"):
+            raise Interrupted(f"stopped by {stopped} at step {r.step}; {self.out / 'last.pt'} is saved: rerun with --resume")
+        if stopped == "time limit":
+            log.warning("time limit reached at step %d of %d", r.step, r.total)
+        return self.out / "model.pt"
+
+    def _end_of_epoch(self, r: Run, t_start: float) -> None:
+        """Validate, log, keep the best model (its card holds the metrics and the operating
+        point), and save ``last.pt``."""
+        if not self.main:
+            return
+        m = validate(r.model, self.val_sets, self.classes, self.overlap, r.device, self.cfg.detect.batch_size,
+                     self.cfg.train.min_visibility)
+        ap50 = m.get("AP50") if m else None
+        self._log([r.step, r.epoch, "", "", "", "", f"{m.get('AP') or 0:.4f}" if m else "", f"{ap50 or 0:.4f}" if m else "",
+                   f"{time.perf_counter() - t_start:.1f}"])
+        score = ap50 if ap50 is not None else 0.0
+        if not m or score > r.best or not (self.out / "model.pt").exists():
+            r.best = max(r.best, score)
+            card = r.model.card
+            card.metrics = {k: m[k] for k in ("AP", "AP50", "AP75", "precision", "recall", "f1") if k in m}
+            card.metrics.update({"step": r.step, "epoch": r.epoch, "validation": "held-out area" if m else "none"})
+            card.operating_point = m.get("score_threshold") if m else None
+            card.trained_steps = r.step
+            save_model(r.model, self.out / "model.pt")
+            log.info("epoch %d: val AP50 %.3f (saved model.pt)", r.epoch, score)
+        else:
+            log.info("epoch %d: val AP50 %.3f (best %.3f)", r.epoch, score, r.best)
+        self._save_checkpoint(r)
+
+
+def train(config: Config | dict | str | Path, out_dir: str | Path = "runs/geodet", resume: bool = False, progress: bool = True) -> Path:
+    """Train a model from a config (object, dict or YAML path); returns the path of ``model.pt``."""
+    from ..config import load_config
+
+    if isinstance(config, (str, Path)):
+        config = load_config(config)
+    elif isinstance(config, dict):
+        config = config_from_dict(config)
+    return Trainer(config, out_dir, resume=resume, progress=progress).run()
