@@ -101,14 +101,15 @@ def real(args, versions):
 
     model = load_model(args.model)
     rec = Replay(model.eval())
-    print(f"model {args.model} on {args.scene}")
+    print(f"model {args.model} on {args.scene} (tile size {args.tile_size or model.card.tile_size}, "
+          f"overlap {args.overlap if args.overlap is not None else model.card.overlap})")
     print("| stitcher | boxes before stitch | boxes after | AP50 | AP | precision | recall | stitch s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, cls in versions.items():
         detect.Stitcher = cls
         rec.i = None if not rec.calls else 0
         t0 = time.perf_counter()
-        frame = detect.detect_scene(args.scene, rec, progress=False)
+        frame = detect.detect_scene(args.scene, rec, progress=False, tile_size=args.tile_size, overlap=args.overlap)
         rep = frame.attrs["report"]
         m = evaluate(frame, args.labels, scene=args.scene, class_column=args.class_column)
         print(f"| {name} | {rep['detections_before_stitch']} | {len(frame)} | {m['AP50']:.4f} | {m['AP']:.4f} | "
@@ -124,6 +125,8 @@ def main():
     ap.add_argument("--scene")
     ap.add_argument("--labels")
     ap.add_argument("--class-column", default="")
+    ap.add_argument("--tile-size", type=int, help="default: the model card's")
+    ap.add_argument("--overlap", type=int, help="default: the model card's")
     args = ap.parse_args()
     versions = {"current": stitcher_at(None)}
     if args.ref:
