@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -38,19 +37,28 @@ def stitcher_at(ref):
 
         return Stitcher
     root = Path(__file__).resolve().parents[1]
-    src = subprocess.run(["git", "show", f"{ref}:geodet/stitch.py"], cwd=root, capture_output=True, text=True,
-                         check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "stitch_ref.py"
-    path.write_text(src)
-    import geodet.pipeline.grid
 
-    # revisions before the package had folders import the grid as ``.tiling``
-    src = src.replace("from .tiling import", "from .grid import")
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("geodet.pipeline._stitch_ref", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    def show(path):
+        r = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=root, capture_output=True, text=True)
+        return r.stdout if r.returncode == 0 else None
+
+    def load(name, src):
+        path = Path(tempfile.mkdtemp()) / f"{name}.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location(f"geodet.pipeline.{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+    src = show("geodet/pipeline/stitch.py")
+    if src is None:  # revisions before the package had folders import the grid as ``.tiling``
+        src = show("geodet/stitch.py").replace("from .tiling import", "from .grid import")
+    seams = show("geodet/pipeline/seams.py")
+    if seams is not None:
+        load("_seams_ref", seams)
+        src = src.replace("from .seams import", "from ._seams_ref import")
+    mod = load("_stitch_ref", src)
     return mod.Stitcher
 
 

@@ -11,9 +11,10 @@ __version__ = "0.1.0"
 from .model.anchors import fit_anchors
 from .config import load_config
 from .pipeline.detect import detect_scene, detect_scenes
+from .pipeline.job import detect_to_file
 from .evaluate import evaluate
 from .io.writers import write_detections
-from .model import build_model, load_model, save_model
+from .model import ModelCard, build_model, load_model, save_model
 from .io.scene import Scene
 from .pipeline.grid import TileGrid
 from .training.trainer import train
@@ -31,6 +32,8 @@ __all__ = [
     "fit_anchors",
     "detect_scene",
     "detect_scenes",
+    "detect_to_file",
+    "ModelCard",
     "write_detections",
     "train",
     "evaluate",

@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and bands), a chips.gpkg of footprints and, with --labels, COCO annotations.")
     t.add_argument("scene", help="GeoTIFF (or any raster GDAL reads)")
     t.add_argument("--out", "-o", required=True, help="output folder (created)")
-    t.add_argument("--tile-size", type=_positive_int, default=None, help="tile side in pixels (default from config: 512)")
-    t.add_argument("--overlap", type=_nonneg_int, default=None, help="overlap in pixels (default from config: 64)")
+    t.add_argument("--tile-size", type=_positive_int, default=None, help="tile side in pixels (default: the config's tiling.tile_size)")
+    t.add_argument("--overlap", type=_nonneg_int, default=None, help="overlap in pixels (default: the config's tiling.overlap)")
     t.add_argument("--overlap-m", type=float, default=None, help="overlap in metres instead of pixels")
     t.add_argument("--labels", help="vector labels (shapefile, GeoPackage, GeoJSON) for annotations.json")
     t.add_argument("--class-column", default=None, help="class column of the labels (default: label)")
@@ -125,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bands", type=_bands, help="scene bands to feed the model, e.g. 3,2,1")
     d.add_argument("--gsd", type=float, help="resample scenes to this GSD (default: the model card's)")
     d.add_argument("--csv-geometry", choices=["wkt", "pixel"], default=None, help="CSV: WKT polygons or pixel boxes only")
-    d.add_argument("--quicklook", help="also write a PNG of the scene with the detections drawn")
+    d.add_argument("--quicklook", help="also write a PNG per scene with the detections drawn")
+    d.add_argument("--min-score", type=float, default=None,
+                   help="quicklook: draw boxes scoring at least this (default: the model's operating point, "
+                        "the best-F1 score at validation)")
     d.add_argument("--config", help="YAML config for detect/output settings")
 
     e = sub.add_parser("evaluate", parents=[common], help="COCO AP and precision/recall against labels",
@@ -225,7 +228,8 @@ def _cmd_detect(args) -> int:
                                     "tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap,
                                     "scene.bands": args.bands, "scene.gsd_m": args.gsd,
                                     "output.format": args.format, "output.csv_geometry": args.csv_geometry})
-    frame = detect_to_file(args.scenes, args.model, args.out, config=cfg, quicklook=args.quicklook, progress=not args.quiet)
+    frame = detect_to_file(args.scenes, args.model, args.out, config=cfg, quicklook=args.quicklook,
+                           quicklook_min_score=args.min_score, progress=not args.quiet)
     report = frame.attrs["report"]
     skipped = sum(r["tiles_skipped"] for r in report["scenes"])
     print(f"{len(frame)} detections in {len(args.scenes)} scene(s) ({skipped} empty tiles skipped) -> {args.out}")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from geodet import GeodetError
-from geodet.model.anchors import anchor_coverage, fit_anchors
 from geodet.config import ModelConfig, load_config
 from geodet.model import build_model, load_model, save_model
+from geodet.model.anchors import anchor_coverage, fit_anchors
 
 TINY = dict(classes=["car", "truck"], channels=32, head_depth=1, levels=[2, 4], anchor_sizes=[8.0, 16.0, 32.0],
             scales_per_octave=2)

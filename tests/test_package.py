@@ -68,3 +68,14 @@ def test_presets_come_from_the_package():
     assert {"cpu", "small_objects", "trees", "default", "stock"} <= set(preset_names())
     assert (config_dir() / "cpu.yaml").is_file()
     assert load_config("cpu").tiling.tile_size == 256
+
+
+def test_api_names_stay_functions_after_submodule_imports():
+    import importlib
+
+    import geodet
+
+    importlib.import_module("geodet.training")
+    importlib.import_module("geodet.evaluate")
+    assert callable(geodet.train) and callable(geodet.evaluate) and callable(geodet.detect_scene)
+    assert geodet.evaluate.__module__ == "geodet.evaluate" and geodet.train.__module__.startswith("geodet.training")

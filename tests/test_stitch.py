@@ -6,14 +6,23 @@ ones: a tile that sees an object whole and a tile that sees it near its edge can
 different boxes for it even inside the strip both saw, as a real detector does.
 """
 
+
 import numpy as np
 import pytest
-from helpers import (PerfectDetector, match_counts, occluded_ids, visible_boxes, visible_tile_feeds,
-                     write_ids_geotiff)
+from helpers import (
+    PerfectDetector,
+    match_counts,
+    occluded_ids,
+    packed_boxes,
+    visible_boxes,
+    visible_tile_feeds,
+    write_id_scene,
+    write_ids_geotiff,
+)
 
 from geodet.pipeline.detect import detect_scene
-from geodet.pipeline.stitch import stitch_detections
 from geodet.pipeline.grid import TileGrid
+from geodet.pipeline.stitch import stitch_detections
 
 
 @pytest.mark.parametrize(
@@ -85,8 +94,8 @@ def test_box_from_a_tile_that_does_not_own_it_survives_when_the_owner_missed_it(
             yield t, c, np.full(len(c), 0.9), np.zeros(len(c), int)
 
     out = stitch_detections(grid, feeds())
-    from torchvision.ops import box_iou
     import torch
+    from torchvision.ops import box_iou
 
     # objects that only other tiles' cut views show may come out as those views: set them aside
     partial_only = missed_by_owner & ~seen_whole_elsewhere
@@ -95,3 +104,59 @@ def test_box_from_a_tile_that_does_not_own_it_survives_when_the_owner_missed_it(
     dup, miss = match_counts(out.boxes[~touches], truth[expect], iou=0.9)
     assert dup == 0 and miss == 0
     assert (missed_by_owner & seen_whole_elsewhere).sum() > 50  # the rule was exercised
+
+
+@pytest.mark.parametrize(
+    "w,h,tile,overlap,max_size",
+    [(700, 600, 128, 32, 32), (900, 850, 256, 64, 64), (640, 512, 200, 50, 50), (100, 90, 128, 32, 32), (513, 257, 256, 16, 16)],
+)
+def test_seams_no_duplicates_no_misses(tmp_path, w, h, tile, overlap, max_size):
+    boxes = packed_boxes(w, h, 3, max_size, seed=w)
+    p = write_id_scene(tmp_path / "id.tif", boxes, w, h)
+    g = detect_scene(p, PerfectDetector(), tile_size=tile, overlap=overlap, num_workers=0, progress=False, batch_size=4)
+    pred = g[["x0", "y0", "x1", "y1"]].to_numpy()
+    dup, miss = match_counts(pred, boxes, iou=0.9)
+    assert (dup, miss) == (0, 0)
+    assert len(g) == len(boxes)
+    # many objects really lie across seams
+    from geodet.pipeline.grid import TileGrid
+
+    cuts = TileGrid(w, h, tile, overlap).col_cuts[1:-1]
+    if cuts:
+        assert sum(((boxes[:, 0] < c) & (boxes[:, 2] > c)).sum() for c in cuts) > 3
+
+
+def test_objects_up_to_twice_the_overlap(tmp_path):
+    w, h, tile, overlap = 900, 800, 160, 32
+    boxes = packed_boxes(w, h, 4, 2 * overlap, seed=5)
+    p = write_id_scene(tmp_path / "id.tif", boxes, w, h)
+    g = detect_scene(p, PerfectDetector(), tile_size=tile, overlap=overlap, num_workers=0, progress=False)
+    dup, miss = match_counts(g[["x0", "y0", "x1", "y1"]].to_numpy(), boxes, iou=0.9)
+    assert (dup + miss) / len(boxes) < 0.01
+
+
+@pytest.mark.parametrize("tile,overlap,max_size", [(256, 48, 40), (200, 32, 64)])
+def test_overlapping_distinct_objects_stay_distinct(tile, overlap, max_size):
+    """Objects that overlap each other (crowns, packed cars seen obliquely): each tile reports every
+    object it sees, cut at its edge; the stitched result has each object exactly once."""
+    from geodet.pipeline.grid import TileGrid
+    from geodet.pipeline.stitch import stitch_detections
+
+    rng = np.random.default_rng(tile)
+    w = h = 1500
+    xy = rng.uniform(0, w - max_size, (3000, 2))
+    wh = rng.uniform(6, max_size, (3000, 2))
+    truth = np.hstack([xy, xy + wh])
+    grid = TileGrid(w, h, tile, overlap)
+
+    def feeds():
+        for t in grid:
+            x0, y0, x1, y1 = t.bounds
+            sel = truth[(truth[:, 2] > x0) & (truth[:, 0] < x1) & (truth[:, 3] > y0) & (truth[:, 1] < y1)]
+            c = np.clip(sel, [x0, y0, x0, y0], [x1, y1, x1, y1]) - [x0, y0, x0, y0]
+            yield t, c, np.full(len(c), 0.9), np.zeros(len(c), int)
+
+    out = stitch_detections(grid, feeds())
+    dup, miss = match_counts(out.boxes, truth, iou=0.9)
+    assert miss == 0
+    assert dup == 0 and len(out) == len(truth)

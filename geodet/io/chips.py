@@ -12,7 +12,7 @@ from .scene import Scene
 from ..pipeline.grid import TileGrid, overlap_pixels
 
 
-def write_chips(scene_path, out_dir, tile_size=512, overlap=64, overlap_m=None, bands=None, gsd_m=None, labels=None,
+def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=None, bands=None, gsd_m=None, labels=None,
                 class_column="label", min_visibility=0.5, min_valid_fraction=0.0, progress=True) -> str:
     """Write ``out_dir/chips/r{row}_c{col}.tif`` (the scene's transform and CRS for each window,
     original dtype and bands), ``out_dir/chips.gpkg`` and, with ``labels``, ``annotations.json``."""
@@ -23,7 +23,7 @@ def write_chips(scene_path, out_dir, tile_size=512, overlap=64, overlap_m=None, 
     from .writers import atomic_path, boxes_to_polygons, write_json
     from .labels import clip_boxes, load_scene_labels
 
-    sc = Scene(scene_path, bands=bands, gsd_m=gsd_m, stats={"lo": [0.0], "hi": [1.0]})
+    sc = Scene(scene_path, bands=bands, gsd_m=gsd_m)  # chips keep raw values: no scaling statistics needed
     if overlap_m is not None:
         overlap = overlap_pixels(overlap_m, sc.pixel_gsd)
     grid = TileGrid(sc.width, sc.height, tile_size, overlap)

@@ -141,12 +141,20 @@ class Scene:
 
             percentiles = SceneConfig().percentiles
         self.percentiles = tuple(float(p) for p in percentiles)
+        self._stats = None
         if self.dtype == np.uint8:
-            self.stats = {"lo": [0.0] * len(self.bands), "hi": [255.0] * len(self.bands)}
+            self._stats = {"lo": [0.0] * len(self.bands), "hi": [255.0] * len(self.bands)}
         elif stats is not None:
-            self.stats = {"lo": list(stats["lo"]), "hi": list(stats["hi"])}
-        else:
-            self.stats = self._percentile_stats()
+            self._stats = {"lo": list(stats["lo"]), "hi": list(stats["hi"])}
+
+    @property
+    def stats(self) -> dict:
+        """Per-band scaling limits ``{"lo", "hi"}``: 0 and 255 for uint8; otherwise the scene's
+        percentiles from one decimated read, computed on first use (a view of an area shares its
+        scene's, so both scale identically)."""
+        if self._stats is None:
+            self._stats = self._percentile_stats()
+        return self._stats
 
     # -- handles ---------------------------------------------------------------------------
     @property
@@ -185,6 +193,7 @@ class Scene:
         if not (0 <= x0 < x1 <= self.width and 0 <= y0 < y1 <= self.height):
             raise GeodetError(f"{self.path}: area {(x0, y0, x1, y1)} is not inside the {self.width} x {self.height} px grid")
         self.handle  # opened here first, so the view shares this handle
+        self.stats  # and the statistics, from the whole scene
         view = copy.copy(self)
         view._owns_handle = False
         ox, oy = self._origin

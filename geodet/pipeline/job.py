@@ -12,10 +12,12 @@ from ..errors import GeodetError
 
 
 def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None = None, csv_geometry: str | None = None,
-                   quicklook=None, progress: bool = True, **settings):
+                   quicklook=None, quicklook_min_score: float | None = None, progress: bool = True,
+                   **settings):
     """Detect over ``scenes`` with ``model`` (a model file path or a loaded geodet model) and
     write ``out`` (format from ``fmt`` or the extension) plus ``OUT.report.json``; with
-    ``quicklook`` also a PNG per scene. Every check (output folder, format, scene CRS, device,
+    ``quicklook`` also a PNG per scene, drawing boxes scoring ``quicklook_min_score`` or more
+    (default: the card's operating point). Every check (output folder, format, scene CRS, device,
     bands) runs before any work. Returns the frame; ``frame.attrs["report"]`` is the report."""
     from ..config import load_config
     from ..io.scene import open_raster
@@ -61,7 +63,7 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     if looks:
         from ..io.quicklook import quicklook as draw
 
-        min_score = card.operating_point if card is not None else None
+        min_score = quicklook_min_score if quicklook_min_score is not None else (card.operating_point if card else None)
         for scene, png in zip(scenes, looks):
             draw(scene, frame[frame["scene"] == str(scene)], png, classes=card.classes if card else None,
                  min_score=min_score)

@@ -13,6 +13,7 @@ class TileDataset:
     """
 
     def __init__(self, scene, grid: TileGrid, indices=None):
+        scene.stats  # computed once here, not in every worker
         self.scene = scene
         self.grid = grid
         self.indices = list(range(len(grid))) if indices is None else list(indices)

@@ -63,6 +63,8 @@ class ChipDataset(torch.utils.data.Dataset):
     whatever the number of workers. A chip with too much nodata is redrawn (up to 10 times)."""
 
     def __init__(self, scenes: list[TrainScene], tile_size: int, cfg, length: int, seed: int, rank: int = 0):
+        for ts in scenes:
+            ts.scene.stats  # computed once here, not in every worker
         self.scenes = scenes
         self.windows = ChipWindows([s.area for s in scenes], [s.labels.boxes for s in scenes], tile_size,
                                    cfg.negative_fraction)

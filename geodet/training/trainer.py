@@ -34,6 +34,7 @@ from .validation import validate
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "geodet-checkpoint"
+NORM_SAMPLE_SIDE = 512  # long side of the decimated read that normalisation statistics come from
 METRICS_HEADER = ["step", "epoch", "loss", "classification", "bbox_regression", "lr", "val_AP", "val_AP50", "seconds"]
 
 
@@ -45,7 +46,7 @@ def _normalisation(scenes: list[TrainScene]) -> dict:
     """Per-band mean and std of the scaled training pixels (from decimated reads)."""
     sums, sq, n = 0, 0, 0
     for ts in scenes:
-        data, valid, _ = ts.scene.overview(512)
+        data, valid, _ = ts.scene.overview(NORM_SAMPLE_SIDE)
         x = ts.scene.scale(data, valid)[:, valid].astype(np.float64)
         sums = sums + x.sum(1)
         sq = sq + (x**2).sum(1)

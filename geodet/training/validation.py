@@ -24,8 +24,8 @@ def validate(model, val_sets, classes: list[str], overlap: int, device, batch_si
         det_s.append(frame["score"].to_numpy())
         det_l.append(frame["label"].map(index).to_numpy(np.int64))
         det_i.append(np.full(len(frame), i))
-        boxes, keep = clip_boxes(ts.labels.boxes, area, min_visibility)
-        gt_b.append(boxes - np.array([area[0], area[1], area[0], area[1]], float))
+        boxes, keep = clip_boxes(ts.labels.boxes, area, min_visibility)  # in area pixels, as the detections
+        gt_b.append(boxes)
         gt_l.append(ts.labels.labels[keep])
         gt_i.append(np.full(len(boxes), i))
     cat = np.concatenate

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rasterio.features import rasterize
 
-from geodet.io.writers import boxes_to_polygons
 from geodet.io.labels import map_bounds_to_pixels
+from geodet.io.writers import boxes_to_polygons
 from geodet.synthetic import make_layout, make_scene
 
 

@@ -1,0 +1,67 @@
+import numpy as np
+import rasterio
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+
+from geodet.pipeline.grid import TileGrid
+
+
+def _write(path, data, nodata=None, transform=None, crs="EPSG:32633"):
+    c, h, w = data.shape
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=c, dtype=data.dtype.name, crs=crs,
+                       transform=transform or from_origin(300000, 5000000, 0.5, 0.5), nodata=nodata) as dst:
+        dst.write(data)
+    return path
+
+
+def test_chip_transforms_match_rasterio_windows(tmp_path):
+    from geodet.io.chips import write_chips
+
+    data = np.random.default_rng(2).integers(0, 255, (3, 300, 250)).astype(np.uint8)
+    p = _write(tmp_path / "s.tif", data)
+    write_chips(p, tmp_path / "out", tile_size=128, overlap=20, progress=False)
+    import geopandas as gpd
+
+    fp = gpd.read_file(tmp_path / "out" / "chips.gpkg")
+    g = TileGrid(250, 300, 128, 20)
+    assert len(fp) == len(g)
+    with rasterio.open(p) as src:
+        for t in g:
+            with rasterio.open(tmp_path / "out" / "chips" / f"r{t.row}_c{t.col}.tif") as chip:
+                win = Window(t.col_off, t.row_off, 128, 128)
+                assert chip.transform == window_transform(win, src.transform)
+                assert chip.crs == src.crs and chip.dtypes == src.dtypes
+                assert (chip.read() == src.read(window=win)).all()
+
+
+def test_coco_annotations_are_label_boxes_clipped_to_chips(tmp_path):
+    import json
+
+    import geopandas as gpd
+    from shapely.geometry import box as sbox
+
+    from geodet.io.chips import write_chips
+
+    t = from_origin(300000, 5000000, 0.5, 0.5)
+    p = _write(tmp_path / "s.tif", np.full((3, 200, 300), 50, np.uint8), transform=t)
+    px = np.array([[10, 10, 20, 16], [120, 40, 140, 60], [95, 95, 125, 105], [280, 190, 300, 200]], float)
+    polys = [sbox(*(t * (b[0], b[3])), *(t * (b[2], b[1]))) for b in px]
+    gpd.GeoDataFrame({"label": ["car", "truck", "car", "car"]}, geometry=polys, crs="EPSG:32633").to_file(tmp_path / "l.gpkg")
+    write_chips(p, tmp_path / "out", tile_size=128, overlap=16, labels=tmp_path / "l.gpkg", progress=False)
+    coco = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    cats = {c["id"]: c["name"] for c in coco["categories"]}
+    assert sorted(cats.values()) == ["car", "truck"]
+    g = TileGrid(300, 200, 128, 16)
+    for img in coco["images"]:
+        tile = g.tile(img["row"] * g.n_cols + img["col"])
+        x0, y0, x1, y1 = tile.valid
+        expect = []
+        for b in px:
+            c = np.clip(b, [x0, y0, x0, y0], [x1, y1, x1, y1])
+            area = (b[2] - b[0]) * (b[3] - b[1])
+            vis = (c[2] - c[0]) * (c[3] - c[1])
+            if vis > 0 and vis >= 0.5 * area:
+                expect.append([c[0] - x0, c[1] - y0, c[2] - c[0], c[3] - c[1]])
+        got = [a["bbox"] for a in coco["annotations"] if a["image_id"] == img["id"]]
+        assert sorted(map(tuple, np.round(got, 6))) == sorted(map(tuple, np.round(expect, 6)))

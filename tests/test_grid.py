@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geodet import GeodetError
+from geodet.pipeline.grid import TileGrid, overlap_pixels
+
+
+@settings(max_examples=200, deadline=None)
+@given(w=st.integers(1, 3000), h=st.integers(1, 3000), tile=st.integers(8, 700), frac=st.floats(0, 0.9))
+def test_grid_covers_and_cores_partition(w, h, tile, frac):
+    overlap = int(tile * frac)
+    g = TileGrid(w, h, tile, overlap)
+    cover = np.zeros((h, w), np.int32)
+    core = np.zeros((h, w), np.int32)
+    for t in g.windows():
+        assert t.width == t.height == tile
+        x0, y0, x1, y1 = t.valid
+        cover[y0:y1, x0:x1] += 1
+        cx0, cy0, cx1, cy1 = t.core
+        core[cy0:cy1, cx0:cx1] += 1
+        assert x0 <= cx0 and cx1 <= x1 and y0 <= cy0 and cy1 <= y1  # core inside its tile
+        if w >= tile:
+            assert t.col_off + tile <= w  # last tiles moved inside, never padded
+        if h >= tile:
+            assert t.row_off + tile <= h
+    assert (cover >= 1).all()
+    assert (core == 1).all()  # the cores partition the scene exactly
+
+
+@settings(max_examples=100, deadline=None)
+@given(w=st.integers(50, 5000), tile=st.integers(16, 600), frac=st.floats(0.01, 0.9))
+def test_spacing_even_and_overlap_at_least_requested(w, tile, frac):
+    overlap = int(tile * frac)
+    g = TileGrid(w, 10, tile, overlap)
+    offs = np.array(g.col_offsets)
+    if len(offs) > 1:
+        steps = np.diff(offs)
+        assert steps.max() - steps.min() <= 1
+        assert (tile - steps >= overlap).all()
+        # cores keep at least half the overlap from every internal tile edge
+        for c in range(len(offs)):
+            if c > 0:
+                assert g.col_cuts[c] - offs[c] >= overlap // 2
+            if c < len(offs) - 1:
+                assert offs[c] + tile - g.col_cuts[c + 1] >= overlap // 2
+
+
+def test_scene_smaller_than_tile_gives_one_padded_tile():
+    g = TileGrid(100, 60, 256, 32)
+    assert len(g) == 1
+    t = g.tile(0)
+    assert t.valid == (0, 0, 100, 60) and t.core == (0, 0, 100, 60) and t.width == 256
+
+
+@pytest.mark.parametrize("tile,overlap", [(256, 256), (256, 300), (0, 0), (-5, 0), (256, -1)])
+def test_invalid_values_raise(tile, overlap):
+    with pytest.raises(GeodetError):
+        TileGrid(1000, 1000, tile, overlap)
+
+
+def test_overlap_in_metres():
+    assert overlap_pixels(6.0, 0.3) == 20
+    assert overlap_pixels(6.1, 0.3) == 21

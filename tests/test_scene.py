@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from geodet.io.scene import Scene
+from geodet.pipeline.grid import TileGrid
+
+
+def _write(path, data, nodata=None, transform=None, crs="EPSG:32633"):
+    c, h, w = data.shape
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=c, dtype=data.dtype.name, crs=crs,
+                       transform=transform or from_origin(300000, 5000000, 0.5, 0.5), nodata=nodata) as dst:
+        dst.write(data)
+    return path
+
+
+def test_uint16_four_band_scaled_and_nodata_tiles_skipped(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.integers(100, 4000, (4, 300, 300)).astype(np.uint16)
+    data[:, :, :150] = 0  # nodata on the left half
+    p = _write(tmp_path / "s.tif", data, nodata=0)
+    sc = Scene(p, bands=[1, 2, 3, 4])
+    g = TileGrid(sc.width, sc.height, 128, 16)
+    fracs = []
+    for t in g:
+        img, frac = sc.read_tile(t)
+        assert img.dtype == np.float32 and img.shape == (4, 128, 128)
+        assert img.min() >= 0 and img.max() <= 1
+        fracs.append(frac)
+        x0, y0, x1, y1 = t.valid
+        if x1 <= 150:
+            assert frac == 0 and img.max() == 0  # invalid pixels filled with 0
+    assert min(fracs) == 0 and max(fracs) == 1
+    from geodet.pipeline.reader import TileDataset, make_collate
+
+    ds = TileDataset(sc, g)
+    images, tiles, skipped = make_collate(0.0)([ds[i] for i in range(len(ds))])
+    assert len(skipped) == sum(f == 0 for f in fracs) > 0
+    assert images.shape[0] == len(tiles) == len(g) - len(skipped)
+    # percentile limits come from valid pixels only
+    assert min(sc.stats["lo"]) > 100
+
+
+def test_stats_use_decimated_read_not_full_read(tmp_path, monkeypatch):
+    data = np.random.default_rng(1).integers(0, 60000, (3, 2000, 2000)).astype(np.uint16)
+    p = _write(tmp_path / "big.tif", data)
+    import geodet.io.scene as scene_mod
+
+    reads = []
+    orig = rasterio.io.DatasetReader.read
+
+    def spy(self, *a, **k):
+        reads.append(k.get("out_shape"))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", spy)
+    monkeypatch.setattr(scene_mod, "STATS_MAX_SIDE", 500)
+    Scene(p)
+    assert reads and all(s is not None and s[1] * s[2] <= 500 * 500 for s in reads)
+
+
+def test_resampled_grid_georeferencing(tmp_path):
+    data = np.zeros((3, 400, 600), np.uint8)
+    p = _write(tmp_path / "s.tif", data, transform=from_origin(300000, 5000000, 0.15, 0.15))
+    sc = Scene(p, gsd_m=0.3)
+    assert (sc.width, sc.height) == (300, 200)
+    assert sc.transform.a == pytest.approx(0.3) and sc.transform.c == 300000 and sc.transform.f == 5000000
+    img, frac = sc.read_tile(TileGrid(sc.width, sc.height, 128, 0).tile(0))
+    assert img.shape == (3, 128, 128) and frac == 1
+
+
+def test_area_view_reads_the_scene_exactly(synth):
+    """Validation detects over an area of its scene in place: the view's transform and tiles are
+    exactly the scene's pixels there, scaled as the whole scene is."""
+    from rasterio.windows import Window
+    from rasterio.windows import transform as window_transform
+
+    from geodet.pipeline.grid import TileGrid
+
+    sc = Scene(synth.image)
+    view = sc.area(300, 17, 384, 384)
+    assert (view.width, view.height) == (84, 367)
+    assert view.transform == window_transform(Window(300, 17, 84, 367), sc.transform)
+    grid = TileGrid(view.width, view.height, 64, 8)
+    tile = grid.tile(len(grid) - 1)
+    got, _ = view.read_tile(tile)
+    with rasterio.open(synth.image) as src:
+        x0, y0, x1, y1 = tile.valid
+        want = src.read(window=Window(300 + x0, 17 + y0, x1 - x0, y1 - y0)) * np.float32(1 / 255)
+    assert np.array_equal(got[:, : y1 - y0, : x1 - x0], want)
+    view.close()
+    assert sc.read_tile(tile)[0].shape == got.shape  # closing the view left the scene open

@@ -1,0 +1,61 @@
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from conftest import tiny_config
+
+from geodet.model import load_model
+
+
+def test_short_run_lowers_loss_and_writes_loadable_model(tiny_model):
+    model = load_model(tiny_model)
+    assert model.card.classes == ["car", "truck"]
+    assert model.card.trained_on and "AP50" in model.card.metrics
+    rows = list(csv.DictReader(open(tiny_model.parent / "metrics.csv")))
+    losses = [float(r["loss"]) for r in rows if r["loss"]]
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert any(r["val_AP50"] for r in rows)
+
+
+def test_resume_continues_from_same_step(tmp_path, synth):
+    from geodet.training.trainer import train
+
+    cfg = tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0)
+    train(cfg, tmp_path, progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["step"] == 6
+    cfg2 = tiny_config(synth.image, synth.labels, epochs=2, val_fraction=0.0)
+    train(cfg2, tmp_path, resume=True, progress=False)
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r["loss"]]
+    assert steps == list(range(1, 13))  # 1..6, then 7..12 after resuming
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 12
+
+
+def test_deterministic_on_cpu(tmp_path, synth):
+    from geodet.training.trainer import train
+
+    for d in ("a", "b"):
+        train(tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0), tmp_path / d, progress=False)
+    la = [r["loss"] for r in csv.DictReader(open(tmp_path / "a" / "metrics.csv"))]
+    lb = [r["loss"] for r in csv.DictReader(open(tmp_path / "b" / "metrics.csv"))]
+    assert la == lb
+
+
+def test_ddp_two_cpu_processes(tmp_path, synth):
+    from geodet.config import save_config
+
+    cfg = tiny_config(synth.image, synth.labels, epochs=1, steps_per_epoch=3, val_fraction=0.0)
+    save_config(cfg, tmp_path / "c.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GEODET_NO_PROGRESS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m",
+         "geodet.cli", "train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "model.pt").exists()
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 3

@@ -1,0 +1,69 @@
+import json
+
+import geopandas as gpd
+import numpy as np
+import pytest
+from rasterio.transform import from_origin
+
+from geodet.io.writers import write_detections
+from geodet.pipeline.detect import detect_scene
+
+
+class OneBox:
+    """Returns the pixel box (3, 5, 4, 6) in the first tile only."""
+
+    def __call__(self, batch):
+        import torch
+
+        out = []
+        for i in range(len(batch)):
+            out.append({"boxes": torch.tensor([[3.0, 5.0, 4.0, 6.0]]), "scores": torch.tensor([0.9]),
+                        "labels": torch.tensor([0])})
+        return out
+
+
+def _plain_scene(path, crs, transform, w=64, h=48):
+    import rasterio
+
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8", crs=crs,
+                       transform=transform) as dst:
+        dst.write(np.full((3, h, w), 100, np.uint8))
+    return path
+
+
+def test_pixel_box_maps_to_exact_pixel_footprint(tmp_path):
+    t = from_origin(431234.5, 5123456.25, 0.3, 0.3)
+    p = _plain_scene(tmp_path / "s.tif", "EPSG:32633", t)
+    g = detect_scene(p, OneBox(), tile_size=128, overlap=16, num_workers=0, progress=False)
+    assert len(g) == 1
+    write_detections(g, tmp_path / "d.gpkg")
+    back = gpd.read_file(tmp_path / "d.gpkg")
+    assert back.crs.to_epsg() == 32633
+    x0, y0 = t * (3, 5)
+    x1, y1 = t * (4, 6)
+    assert back.geometry[0].bounds == pytest.approx((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), abs=1e-9)
+    assert back.geometry[0].area == pytest.approx(0.09, rel=1e-9)
+
+
+def test_geojson_is_lonlat_with_ccw_rings(tmp_path):
+    from shapely.geometry import shape
+
+    p = _plain_scene(tmp_path / "s.tif", "EPSG:32633", from_origin(500000, 4600000, 0.3, 0.3))
+    g = detect_scene(p, OneBox(), tile_size=128, overlap=16, num_workers=0, progress=False)
+    write_detections(g, tmp_path / "d.geojson")
+    data = json.loads((tmp_path / "d.geojson").read_text())
+    assert "crs" not in data  # RFC 7946: WGS84 lon/lat only
+    geom = shape(data["features"][0]["geometry"])
+    lon, lat = geom.exterior.coords[0]
+    assert 14.9 < lon < 15.1 and 41 < lat < 42  # UTM 33N, x=500000 is 15 E
+    assert geom.exterior.is_ccw
+    assert data["features"][0]["properties"]["label"] == "0"
+
+
+def test_scene_in_epsg4326(tmp_path):
+    t = from_origin(10.0, 50.0, 1e-5, 1e-5)
+    p = _plain_scene(tmp_path / "s.tif", "EPSG:4326", t)
+    g = detect_scene(p, OneBox(), tile_size=128, overlap=16, num_workers=0, progress=False)
+    write_detections(g, tmp_path / "d.geojson")
+    geom = gpd.read_file(tmp_path / "d.geojson").geometry[0]
+    assert geom.bounds == pytest.approx((10.0 + 3e-5, 50.0 - 6e-5, 10.0 + 4e-5, 50.0 - 5e-5), abs=1e-12)
