@@ -11,7 +11,7 @@ from pathlib import Path
 
 from geodet.config import SceneLabels, load_config
 from geodet.pipeline.detect import detect_scene
-from geodet.evaluate import evaluate
+from geodet.evaluation import evaluate
 from geodet.model import load_model
 from geodet.synthetic import make_scene
 from geodet.training.trainer import Trainer

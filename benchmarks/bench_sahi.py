@@ -28,7 +28,7 @@ CHILD = textwrap.dedent("""
     if mode == "geodet":
         from geodet.pipeline.detect import detect_scene
         f = detect_scene(scene, model, progress=False)
-        boxes, scores = f[["x0", "y0", "x1", "y1"]].to_numpy(), f["score"].to_numpy()
+        boxes, scores = f[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(), f["score"].to_numpy()
         labels = np.array([card.classes.index(n) for n in f["label"]])
     else:
         import rasterio
@@ -61,7 +61,7 @@ def main():
     args = ap.parse_args()
     import numpy as np
 
-    from geodet.evaluate import coco_metrics
+    from geodet.evaluation import coco_metrics
     from geodet.io.labels import load_scene_labels
     from geodet.model import load_model
     from geodet.io.scene import Scene

@@ -104,7 +104,7 @@ class Replay:
 
 def real(args, versions):
     import geodet.pipeline.detect as detect
-    from geodet.evaluate import evaluate
+    from geodet.evaluation import evaluate
     from geodet.model import load_model
 
     model = load_model(args.model)

@@ -15,7 +15,7 @@ import yaml
 
 from geodet.config import SceneLabels, apply_overrides, config_dir, load_config
 from geodet.pipeline.detect import detect_scene
-from geodet.evaluate import evaluate
+from geodet.evaluation import evaluate
 from geodet.model import load_model
 from geodet.training.trainer import Trainer
 

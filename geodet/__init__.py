@@ -1,40 +1,46 @@
-"""geodet: find dense small objects in whole-scene GeoTIFFs."""
+"""geodet: find dense small objects in whole-scene GeoTIFFs.
+
+The public names below load on first use, so ``import geodet`` (and every ``geodet --help``)
+costs milliseconds and changes nothing in the process; torch loads when a model is first needed.
+"""
+
+from importlib import import_module
 
 from .errors import GeodetError
 from .memory import tune_memory
 
 __version__ = "0.1.0"
 
-# The API names are bound eagerly: lazily, importing the submodule geodet.evaluate would rebind
-# ``geodet.evaluate`` to the module. (Training lives in ``geodet.training``, so ``geodet.train`` is
-# only ever the function.)
-from .model.anchors import fit_anchors
-from .config import load_config
-from .pipeline.detect import detect_scene, detect_scenes
-from .pipeline.job import detect_to_file
-from .evaluate import evaluate
-from .io.writers import write_detections
-from .model import ModelCard, build_model, load_model, save_model
-from .io.scene import Scene
-from .pipeline.grid import TileGrid
-from .training.trainer import train
+# public name -> module that defines it (modules are named apart from the functions, e.g.
+# ``geodet.evaluation`` holds ``evaluate`` and ``geodet.training`` holds ``train``, so importing a
+# submodule never shadows a function)
+_API = {
+    "load_config": "config",
+    "Scene": "io.scene",
+    "TileGrid": "pipeline.grid",
+    "ModelCard": "model.card",
+    "build_model": "model.network",
+    "load_model": "model.file",
+    "save_model": "model.file",
+    "fit_anchors": "model.anchors",
+    "detect_scene": "pipeline.detect",
+    "detect_scenes": "pipeline.detect",
+    "detect_to_file": "pipeline.job",
+    "write_detections": "io.writers",
+    "train": "training.trainer",
+    "evaluate": "evaluation",
+}
 
-__all__ = [
-    "GeodetError",
-    "__version__",
-    "tune_memory",
-    "load_config",
-    "Scene",
-    "TileGrid",
-    "build_model",
-    "load_model",
-    "save_model",
-    "fit_anchors",
-    "detect_scene",
-    "detect_scenes",
-    "detect_to_file",
-    "ModelCard",
-    "write_detections",
-    "train",
-    "evaluate",
-]
+__all__ = ["GeodetError", "__version__", "tune_memory", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'geodet' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))

@@ -56,8 +56,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    # SUPPRESS: a flag given before the command (geodet -q detect ...) is not reset by the
+    # command's own parser
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging and full tracebacks")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     p = _Parser(
         prog="geodet", parents=[common],
         description="Find dense small objects (vehicles, trees, buildings, boats) in whole-scene GeoTIFFs.",
@@ -111,15 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("detect", parents=[common], help="detect objects over whole scenes",
                        description="Detect objects over one or more whole scenes and write GeoJSON (EPSG:4326), "
-                                   "GeoPackage, FlatGeobuf, Shapefile (scene CRS) or CSV, plus OUT.report.json.")
+                                   "GeoPackage, FlatGeobuf, Shapefile, GeoParquet (scene CRS) or CSV, plus "
+                                   "OUT.report.json; vector files come with a QGIS style.")
     d.add_argument("scenes", nargs="+", metavar="SCENE")
     d.add_argument("--model", "-m", required=True, help="model file (model.pt from geodet train)")
-    d.add_argument("--out", "-o", required=True, help="output file: .geojson, .gpkg, .fgb, .shp or .csv")
-    d.add_argument("--format", choices=["geojson", "gpkg", "fgb", "shp", "csv"], help="override the format")
+    d.add_argument("--out", "-o", required=True, help="output file: .geojson, .gpkg, .fgb, .shp, .csv or .parquet")
+    d.add_argument("--format", choices=["geojson", "gpkg", "fgb", "shp", "csv", "parquet"], help="override the format")
     d.add_argument("--tile-size", type=_positive_int, help="default: the model card's")
     d.add_argument("--overlap", type=_nonneg_int, help="default: the model card's")
     d.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per model call (8)")
     d.add_argument("--score-threshold", type=float, help="default: the model card's")
+    d.add_argument("--detections-per-tile", type=_positive_int, help="most boxes kept per tile (default: the model card's)")
     d.add_argument("--device", default=None, help="auto (CUDA if present), cpu, cuda")
     d.add_argument("--workers", type=_nonneg_int, default=None, help="tile-reading worker processes (default: none on a 2-core CPU, a few with CUDA)")
     d.add_argument("--bands", type=_bands, help="scene bands to feed the model, e.g. 3,2,1")
@@ -208,8 +213,9 @@ def _cmd_train(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise GeodetError(f"run folder path is a file: {out}")
-    if not out.parent.is_dir():
-        raise GeodetError(f"folder does not exist: {out.parent} (create it first)")
+    for parent in out.parents:  # the run folder is geodet's: create it and any missing parents
+        if parent.exists() and not parent.is_dir():
+            raise GeodetError(f"cannot create the run folder {out}: {parent} is a file")
     try:
         path = Trainer(cfg, out, resume=args.resume, progress=not args.quiet).run()
     except Interrupted as exc:
@@ -226,6 +232,7 @@ def _cmd_detect(args) -> int:
     cfg = load_config(args.config, {"detect.batch_size": args.batch_size, "detect.device": args.device,
                                     "detect.num_workers": args.workers, "detect.score_threshold": args.score_threshold,
                                     "tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap,
+                                    "model.detections_per_tile": args.detections_per_tile,
                                     "scene.bands": args.bands, "scene.gsd_m": args.gsd,
                                     "output.format": args.format, "output.csv_geometry": args.csv_geometry})
     frame = detect_to_file(args.scenes, args.model, args.out, config=cfg, quicklook=args.quicklook,
@@ -237,7 +244,7 @@ def _cmd_detect(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluate import evaluate, format_table, plot_pr
+    from .evaluation import evaluate, format_table, plot_pr
     from .io.writers import check_output_path, write_json
 
     for p in (args.json, args.plot):
@@ -247,6 +254,8 @@ def _cmd_evaluate(args) -> int:
         raise GeodetError(f"--iou must be between 0 and 1, got {args.iou}")
     m = evaluate(args.detections, args.labels, scene=args.scene, iou=args.iou, class_column=args.class_column)
     print(format_table(m))
+    if m.get("warning"):
+        print(f"warning: {m['warning']}")
     if args.json:
         write_json({k: v for k, v in m.items() if k != "pr_curve"}, args.json)
     if args.plot:
@@ -298,6 +307,8 @@ def _sigterm(signum, frame):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
+    args.quiet = getattr(args, "quiet", False)
     if not args.command:
         parser.print_help()
         return 2

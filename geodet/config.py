@@ -130,7 +130,7 @@ class DetectConfig:
 
 @dataclass
 class OutputConfig:
-    format: Optional[str] = None  # geojson | gpkg | fgb | shp | csv; None: by extension
+    format: Optional[str] = None  # geojson | gpkg | fgb | shp | csv | parquet; None: by extension
     csv_geometry: str = "wkt"  # wkt | pixel
 
 

@@ -3,19 +3,51 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 from .config import SceneLabels, load_config
 
 log = logging.getLogger(__name__)
+LOW_CPU_SHARE = 0.6  # below this share of its threads' CPU time, training was starved by other work
+
+
+class _CpuShare:
+    """The share of wall time x torch threads that this process spent on the CPU since creation:
+    near 1 when training had its cores, far lower when other programs took them."""
+
+    def __init__(self):
+        import resource
+
+        self._t = time.perf_counter()
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        self._cpu = r.ru_utime + r.ru_stime
+
+    def share(self) -> float | None:
+        import resource
+
+        import torch
+
+        wall = time.perf_counter() - self._t
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+        return None if wall <= 0 else (r.ru_utime + r.ru_stime - self._cpu) / (wall * threads)
+
+
+def _steps_made(metrics_csv) -> int:
+    import csv
+
+    with open(metrics_csv, newline="") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r["loss"]]
+    return max(steps, default=0)
 
 
 def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: int = 0, progress: bool = True,
              max_steps: int | None = None) -> dict:
     """Make train/test scenes, train the CPU preset for ``minutes``, detect, evaluate, write files."""
     from .pipeline.detect import detect_scene
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .io.writers import check_output_path, write_detections, write_json
     from .model import load_model
     from .io.quicklook import quicklook
@@ -38,19 +70,28 @@ def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: i
     cfg.train.epochs = 1000 if max_steps is None else cfg.train.epochs
     cfg.train.seed = seed
     log.info("training the CPU preset for up to %.1f min on %d vehicles", minutes, train_s.n_objects)
+    usage = _CpuShare()
     model_path = Trainer(cfg, out / "run", progress=progress).run()
+    share = usage.share()
     model = load_model(model_path)
+    steps = _steps_made(out / "run" / "metrics.csv")
     log.info("detecting over the test scene")
     frame = detect_scene(test_s.image, model, progress=progress)
     write_detections(frame, out / "detections.geojson")
     write_detections(frame, out / "detections.gpkg")
     metrics = evaluate(frame, test_s.labels, scene=test_s.image)
-    quicklook(test_s.image, frame, out / "quicklook.png", classes=model.card.classes,
-              min_score=metrics.get("score_threshold") or 0.3)
+    quicklook(test_s.image, frame, out / "quicklook.png", classes=model.card.classes, min_score=model.card.operating_point)
     metrics.pop("pr_curve", None)
-    metrics["train_steps"] = model.card.trained_steps
+    metrics["train_steps"] = steps
+    metrics["model_from_step"] = model.card.trained_steps
+    metrics["train_cpu_share"] = None if share is None else round(share, 2)
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(metrics, out / "metrics.json")
+    print(f"geodet demo: trained {steps} steps in {minutes:g} min (model from step {model.card.trained_steps})")
+    if share is not None and share < LOW_CPU_SHARE:
+        print(f"geodet demo: warning: training got {share:.0%} of the CPU time its threads could use (other programs "
+              "were busy on these cores), so it made fewer steps than the budget buys on an idle machine and the "
+              "scores below are lower than usual: rerun on an idle machine or with a larger --minutes")
     print(
         f"geodet demo: {len(frame)} detections of {test_s.n_objects} vehicles; AP50 {metrics['AP50']:.3f}, "
         f"AP {metrics['AP']:.3f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}\n"

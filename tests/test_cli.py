@@ -154,7 +154,7 @@ def test_bad_model_files(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     for name in ("rand.pt", "evil.pt"):
         r = geodet("detect", p, "-m", tmp_path / name, "-o", tmp_path / "o.gpkg")
-        assert_clean_error(r, "not a readable geodet model")
+        assert_clean_error(r, "not a model file|not a readable geodet model")
     assert not (tmp_path / "EVIL").exists() and not (tmp_path / "o.gpkg").exists()
 
 
@@ -225,23 +225,24 @@ def test_sigterm_during_detect_leaves_previous_output(tmp_path, tiny_model):
 
 
 def test_sigterm_during_train_then_resume(tmp_path, synth):
-    args = ("train", "--config", "cpu", "--scene", synth.image, "--labels", synth.labels, "--out", tmp_path / "run",
+    run = tmp_path / "runs" / "a"  # parents that do not exist yet: the command creates its run folder
+    args = ("train", "--config", "cpu", "--scene", synth.image, "--labels", synth.labels, "--out", run,
             "--tile-size", "128", "--overlap", "16", "--steps-per-epoch", "4", "--epochs", "400")
     proc = subprocess.Popen([sys.executable, "-m", "geodet.cli", *map(str, args)], env=ENV, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (tmp_path / "run" / "last.pt").exists() and time.time() < deadline:
+    while not (run / "last.pt").exists() and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    state = torch.load(run / "last.pt", weights_only=True)
     step = state["step"]
     assert step >= 4
     r = geodet(*args[:-2], "--epochs", str(step // 4 + 1), "--resume")
     assert r.returncode == 0, r.stderr
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] > step
+    assert torch.load(run / "last.pt", weights_only=True)["step"] > step
 
 
 def test_end_to_end_cli_detect_and_evaluate(tmp_path, tiny_model, synth):
@@ -266,3 +267,13 @@ def test_end_to_end_cli_detect_and_evaluate(tmp_path, tiny_model, synth):
     assert r.returncode == 0, r.stderr
     coco = json.loads((tmp_path / "chips" / "annotations.json").read_text())
     assert len(coco["images"]) == 16 and len(coco["annotations"]) >= m["n_labels"]
+
+
+def test_flags_before_or_after_the_command():
+    from geodet.cli import build_parser
+
+    p = build_parser()
+    for argv in (["-q", "demo"], ["demo", "-q"]):
+        a = p.parse_args(argv)
+        assert getattr(a, "quiet", False) is True
+    assert getattr(p.parse_args(["demo"]), "quiet", False) is False

@@ -48,12 +48,12 @@ def test_area_detection_equals_whole_scene_inside_the_area(tmp_path):
     p = write_id_scene(tmp_path / "id.tif", boxes, 600, 500)
     area = (200, 100, 520, 420)
     f = detect_scene(p, PerfectDetector(), area=area, tile_size=128, overlap=24, progress=False)
-    got = f[["x0", "y0", "x1", "y1"]].to_numpy() + [area[0], area[1], area[0], area[1]]
+    got = f[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy() + [area[0], area[1], area[0], area[1]]
     inside = boxes[(boxes[:, 0] >= area[0]) & (boxes[:, 2] <= area[2]) & (boxes[:, 1] >= area[1]) & (boxes[:, 3] <= area[3])]
     assert {tuple(b) for b in inside} <= {tuple(b) for b in got.astype(int)}
     # and the georeferencing of the area frame is the scene's
     whole = detect_scene(p, PerfectDetector(), tile_size=128, overlap=24, progress=False)
-    wb = whole[["x0", "y0", "x1", "y1"]].to_numpy().astype(int)
+    wb = whole[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy().astype(int)
     k = next(i for i, b in enumerate(wb) if tuple(b) == tuple(inside[0]))
     j = next(i for i, b in enumerate(got.astype(int)) if tuple(b) == tuple(inside[0]))
     assert whole.geometry.iloc[k].equals_exact(f.geometry.iloc[j], 1e-9)
@@ -81,8 +81,8 @@ def test_workers_give_the_same_result(tmp_path):
     p = write_id_scene(tmp_path / "id.tif", boxes, 600, 500)
     a = detect_scene(p, PerfectDetector(), tile_size=128, overlap=24, num_workers=0, progress=False)
     b = detect_scene(p, PerfectDetector(), tile_size=128, overlap=24, num_workers=2, progress=False)
-    ka = np.sort(a[["x0", "y0", "x1", "y1"]].to_numpy(), axis=0)
-    kb = np.sort(b[["x0", "y0", "x1", "y1"]].to_numpy(), axis=0)
+    ka = np.sort(a[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(), axis=0)
+    kb = np.sort(b[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(), axis=0)
     assert np.array_equal(ka, kb)
 
 
@@ -107,3 +107,27 @@ def test_memory_flat_on_6000px_scene(tmp_path):
     n, peak_kb = int(out[0]), int(out[1])
     assert n == len(boxes)
     assert peak_kb < 1_500_000
+
+
+def test_tiles_at_the_detection_cap_are_counted_and_named(tmp_path, caplog):
+    """A detector that fills every tile to the cap: the report counts those tiles and a warning
+    names the setting to raise."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    with rasterio.open(tmp_path / "s.tif", "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(0, 0, 1, 1)) as dst:
+        dst.write(np.full((3, 300, 300), 50, np.uint8))
+
+    def full(batch):
+        g = torch.arange(10.0)
+        b = torch.stack([g * 10, g * 10, g * 10 + 5, g * 10 + 5], 1)
+        return [{"boxes": b, "scores": torch.full((10,), 0.9), "labels": torch.zeros(10, dtype=torch.int64)} for _ in batch]
+
+    with caplog.at_level("WARNING"):
+        f = detect_scene(tmp_path / "s.tif", full, tile_size=128, overlap=16, detections_per_tile=10, progress=False)
+    rep = f.attrs["report"]
+    assert rep["tiles_capped"] == rep["tiles_run"] == 9
+    assert "detections_per_tile" in caplog.text
+    f2 = detect_scene(tmp_path / "s.tif", full, tile_size=128, overlap=16, detections_per_tile=50, progress=False)
+    assert f2.attrs["report"]["tiles_capped"] == 0

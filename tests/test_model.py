@@ -152,7 +152,7 @@ def test_bad_model_files(tmp_path):
     (tmp_path / "rand.pt").write_bytes(np.random.default_rng(0).bytes(5000))
     torch.save({"format": "geodet-model", "version": 99, "card": {}, "state_dict": {}}, tmp_path / "v99.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    for name, msg in [("trunc.pt", "not a readable"), ("rand.pt", "not a readable"), ("v99.pt", "version 99"),
+    for name, msg in [("trunc.pt", "not a readable"), ("rand.pt", "not a model file \\(not a PyTorch file"), ("v99.pt", "version 99"),
                       ("other.pt", "not a geodet model"), ("missing.pt", "not found")]:
         with pytest.raises(GeodetError, match=msg):
             load_model(tmp_path / name)

@@ -14,7 +14,7 @@ env = dict(os.environ)
 backend = matplotlib.get_backend()
 filters = list(warnings.filters)
 threshold = None
-import geodet, geodet.io.quicklook, geodet.evaluate, geodet.io.scene
+import geodet, geodet.io.quicklook, geodet.evaluation, geodet.io.scene
 import rasterio
 from rasterio._env import get_gdal_config
 print(json.dumps({"env_same": dict(os.environ) == env, "new_env": sorted(set(os.environ) - set(env)),
@@ -53,7 +53,7 @@ def test_plots_leave_pyplot_backend_alone(tmp_path):
     code = f"""
 import matplotlib
 matplotlib.use("pdf")
-from geodet.evaluate import plot_pr
+from geodet.evaluation import plot_pr
 plot_pr({{"iou": 0.5, "AP50": 0.5, "pr_curve": {{"recall": [0, 1], "precision": [1, 0]}}}}, {str(tmp_path / 'pr.png')!r})
 print(matplotlib.get_backend())
 """
@@ -76,6 +76,23 @@ def test_api_names_stay_functions_after_submodule_imports():
     import geodet
 
     importlib.import_module("geodet.training")
-    importlib.import_module("geodet.evaluate")
+    importlib.import_module("geodet.evaluation")
     assert callable(geodet.train) and callable(geodet.evaluate) and callable(geodet.detect_scene)
-    assert geodet.evaluate.__module__ == "geodet.evaluate" and geodet.train.__module__.startswith("geodet.training")
+    assert geodet.evaluate.__module__ == "geodet.evaluation" and geodet.train.__module__.startswith("geodet.training")
+    for name in geodet.__all__:
+        assert getattr(geodet, name) is not None, name
+
+
+def test_command_line_help_does_not_load_torch():
+    """`geodet --version` and `geodet detect --help` answer without importing torch (3.5 s)."""
+    code = """
+import sys
+from geodet.cli import main
+try:
+    main(["detect", "--help"])
+except SystemExit:
+    pass
+print("torch" in sys.modules, "rasterio" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-2:] == ["False", "False"]

@@ -56,8 +56,11 @@ def test_stats_use_decimated_read_not_full_read(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rasterio.io.DatasetReader, "read", spy)
     monkeypatch.setattr(scene_mod, "STATS_MAX_SIDE", 500)
-    Scene(p)
+    sc = Scene(p)
+    assert not reads  # statistics are computed on first use, not on opening
+    lo = sc.stats["lo"]
     assert reads and all(s is not None and s[1] * s[2] <= 500 * 500 for s in reads)
+    assert len(lo) == 3 and sc.stats["lo"] is lo  # once
 
 
 def test_resampled_grid_georeferencing(tmp_path):

@@ -66,7 +66,7 @@ def test_detect_scene_on_occluded_scene_is_exact(tmp_path):
     _, truth = visible_boxes(ids)
     p = write_ids_geotiff(tmp_path / "ids.tif", ids)
     g = detect_scene(p, PerfectDetector(), tile_size=256, overlap=48, num_workers=0, progress=False, batch_size=4)
-    assert match_counts(g[["x0", "y0", "x1", "y1"]].to_numpy(), truth, iou=0.9) == (0, 0)
+    assert match_counts(g[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(), truth, iou=0.9) == (0, 0)
     assert len(g) == len(truth)
 
 
@@ -114,7 +114,7 @@ def test_seams_no_duplicates_no_misses(tmp_path, w, h, tile, overlap, max_size):
     boxes = packed_boxes(w, h, 3, max_size, seed=w)
     p = write_id_scene(tmp_path / "id.tif", boxes, w, h)
     g = detect_scene(p, PerfectDetector(), tile_size=tile, overlap=overlap, num_workers=0, progress=False, batch_size=4)
-    pred = g[["x0", "y0", "x1", "y1"]].to_numpy()
+    pred = g[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy()
     dup, miss = match_counts(pred, boxes, iou=0.9)
     assert (dup, miss) == (0, 0)
     assert len(g) == len(boxes)
@@ -131,7 +131,7 @@ def test_objects_up_to_twice_the_overlap(tmp_path):
     boxes = packed_boxes(w, h, 4, 2 * overlap, seed=5)
     p = write_id_scene(tmp_path / "id.tif", boxes, w, h)
     g = detect_scene(p, PerfectDetector(), tile_size=tile, overlap=overlap, num_workers=0, progress=False)
-    dup, miss = match_counts(g[["x0", "y0", "x1", "y1"]].to_numpy(), boxes, iou=0.9)
+    dup, miss = match_counts(g[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(), boxes, iou=0.9)
     assert (dup + miss) / len(boxes) < 0.01
 
 

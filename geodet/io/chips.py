@@ -72,12 +72,15 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
                              "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": 0})
     bar.close()
     sc.close()
+    columns = {k: [r[k] for r in rows] for k in ("row", "col", "path", "valid_fraction")}
+    columns["row"] = np.asarray(columns["row"], np.int32)  # the same integer width as detections' tile_row
+    columns["col"] = np.asarray(columns["col"], np.int32)
     footprints = gpd.GeoDataFrame(
-        {k: [r[k] for r in rows] for k in ("row", "col", "path", "valid_fraction")},
+        columns,
         geometry=boxes_to_polygons(np.array([r["box"] for r in rows], float).reshape(-1, 4), sc.transform), crs=sc.crs,
     )
     with atomic_path(out / "chips.gpkg") as tmp:
-        footprints.to_file(tmp, driver="GPKG", layer="chips", engine="pyogrio")
+        footprints.to_file(tmp, driver="GPKG", layer="chips", engine="pyogrio", VERSION="1.2")
     msg = f"{written} chips ({skipped} empty skipped) of {len(grid)} tiles in {grid.n_rows} rows x {grid.n_cols} cols -> {out}"
     if lb is not None:
         coco = {"images": images, "annotations": anns,

@@ -27,7 +27,7 @@ class LabelBoxes:
         return len(self.labels)
 
 
-def read_labels(path: str | Path, class_column: str | None = None, allow_empty: bool = False):
+def read_labels(path: str | Path, class_column: str | None = None, allow_empty: bool = False, layer: str | None = None):
     """Read a vector file with pyogrio; clear errors for missing, unreadable, empty (unless
     ``allow_empty``: a detection file may hold none) or CRS-less files."""
     import geopandas as gpd
@@ -37,7 +37,10 @@ def read_labels(path: str | Path, class_column: str | None = None, allow_empty: 
     if not p.exists():
         raise GeodetError(f"labels not found: {path}")
     try:
-        gdf = gpd.read_file(p, engine="pyogrio")
+        if layer is None:  # the first layer with geometry (a GeoPackage may hold a layer_styles table)
+            spatial = [name for name, geom in pyogrio.list_layers(p) if geom]
+            layer = spatial[0] if spatial else None
+        gdf = gpd.read_file(p, engine="pyogrio", layer=layer)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, ValueError, OSError) as exc:
         raise GeodetError(
             f"{path}: not a vector file that OGR can read (use a shapefile, GeoPackage or GeoJSON): "

@@ -18,21 +18,25 @@ from ..errors import GeodetError
 
 FORMATS = {
     ".geojson": "geojson", ".json": "geojson", ".gpkg": "gpkg", ".fgb": "fgb", ".shp": "shp", ".csv": "csv",
+    ".parquet": "parquet",
 }
+SINGLE_CRS = ("fgb", "shp", "parquet")  # formats that hold one CRS per file
+SCORE_DECIMALS = 4  # scores are float32 sigmoids: 4 decimals say all a user can act on
+GPKG_VERSION = "1.2"  # 1.4 warns in GDAL 3.6 / QGIS 3.22 (Debian 12, Ubuntu 22.04); 1.2 has all we use
 DRIVERS = {"geojson": "GeoJSON", "gpkg": "GPKG", "fgb": "FlatGeobuf", "shp": "ESRI Shapefile"}
-NEEDS_CRS = {"geojson", "gpkg", "fgb", "shp"}
+NEEDS_CRS = {"geojson", "gpkg", "fgb", "shp", "parquet"}
 
 
 def output_format(path: str | Path, fmt: str | None = None) -> str:
     if fmt:
         fmt = fmt.lower()
         if fmt not in set(FORMATS.values()):
-            raise GeodetError(f"unknown output format '{fmt}': use one of geojson, gpkg, fgb, shp, csv")
+            raise GeodetError(f"unknown output format '{fmt}': use one of geojson, gpkg, fgb, shp, csv, parquet")
         return fmt
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         raise GeodetError(
-            f"cannot tell the output format from '{Path(path).name}': use a .geojson, .gpkg, .fgb, .shp or .csv "
+            f"cannot tell the output format from '{Path(path).name}': use a .geojson, .gpkg, .fgb, .shp, .csv or .parquet "
             "name, or pass --format"
         )
     return FORMATS[suffix]
@@ -98,36 +102,138 @@ class atomic_path:
         return False
 
 
+def crs_groups(frames) -> list:
+    """Frames grouped by CRS, in first-seen order: ``[(crs, [frames])]``."""
+    groups = []
+    for f in frames:
+        for crs, members in groups:
+            if crs == f.crs:
+                members.append(f)
+                break
+        else:
+            groups.append((f.crs, [f]))
+    return groups
+
+
+def check_crs_fits(fmt: str, crss: list) -> None:
+    """Refuse, before any work, a single-CRS format for scenes in several CRSs."""
+    distinct = []
+    for c in crss:
+        if c is not None and all(c != d for d in distinct):
+            distinct.append(c)
+    if len(distinct) > 1 and fmt in SINGLE_CRS:
+        names = ", ".join(c.to_string() for c in distinct[:4])
+        raise GeodetError(
+            f"the scenes are in {len(distinct)} CRSs ({names}) and a {fmt} file holds one: write .gpkg (one layer per "
+            "CRS, each in its own CRS), .geojson (all in EPSG:4326) or .csv (WKT with a crs column), or run the "
+            "scenes of each CRS separately"
+        )
+
+
+def combine_frames(frames):
+    """One frame of several scenes' detections: in their CRS when they share one, else in EPSG:4326
+    (with a ``crs`` column naming each row's scene CRS) rather than in one scene's projection."""
+    import pandas as pd
+
+    groups = crs_groups(frames)
+    if len(groups) <= 1:
+        out = pd.concat(frames, ignore_index=True)
+        return out.set_crs(frames[0].crs, allow_override=True) if frames[0].crs is not None else out
+    parts = []
+    for crs, members in groups:
+        g = pd.concat(members, ignore_index=True)
+        g.insert(1, "crs", crs.to_string() if crs is not None else None)
+        parts.append(g.to_crs("EPSG:4326") if crs is not None else g)
+    return pd.concat(parts, ignore_index=True).set_crs("EPSG:4326", allow_override=True)
+
+
 def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry: str = "wkt") -> Path:
-    """Write detections; the format comes from ``fmt`` or the file's extension."""
+    """Write detections (a frame, or a list of per-scene frames); the format comes from ``fmt`` or
+    the file's extension. What a GIS user opens:
+
+    - GeoPackage 1.2 with the default style in its ``layer_styles`` table; other vector formats
+      get the same style as a ``.qml`` sidecar (QGIS loads it with the layer);
+    - CSV with ``.prj`` (the CRS) and ``.csvt`` (column types) sidecars, which GDAL's CSV driver
+      reads, and full-precision WKT;
+    - GeoParquet (``.parquet``, with ``geo`` metadata) for large results;
+    - scores rounded to ``SCORE_DECIMALS``.
+
+    Scenes in several CRSs: GeoJSON is EPSG:4326 anyway; a GeoPackage gets one layer per CRS
+    (``STEM_EPSG``), each in its own CRS; CSV gets each row's WKT in its scene's CRS and a ``crs``
+    column; FlatGeobuf, Shapefile and GeoParquet are refused (one CRS per file)."""
+    import pandas as pd
     import pyogrio
     from shapely.geometry.polygon import orient
 
+    from .style import add_gpkg_style, qml
+
     path = Path(path)
     fmt = output_format(path, fmt)
-    if fmt in NEEDS_CRS and gdf.crs is None:
+    frames = [_rounded(f) for f in (list(gdf) if isinstance(gdf, (list, tuple)) else [gdf])]
+    groups = crs_groups(frames)
+    check_crs_fits(fmt, [c for c, _ in groups])
+    if fmt in NEEDS_CRS and any(c is None for c, _ in groups):
         raise GeodetError(
             f"the scene has no CRS, so {fmt} output cannot be georeferenced: write CSV (-o out.csv) for pixel "
             "boxes, or assign the scene a CRS (gdal_edit.py -a_srs EPSG:xxxx)"
         )
+    classes = sorted({str(v) for f in frames if "label" in f.columns for v in f["label"]})
     with atomic_path(path) as tmp:
         if fmt == "csv":
-            df = gdf.drop(columns="geometry").copy()
-            if csv_geometry == "wkt":
-                df["wkt"] = gdf.geometry.to_wkt()
-            df.to_csv(tmp, index=False)
+            _write_csv(groups, tmp, csv_geometry)
+        elif fmt == "gpkg":
+            for k, (crs, members) in enumerate(groups):
+                g = pd.concat(members, ignore_index=True).set_crs(crs, allow_override=True)
+                epsg = crs.to_epsg()
+                layer = path.stem if len(groups) == 1 else f"{path.stem}_{epsg if epsg else k + 1}"
+                pyogrio.write_dataframe(g, tmp, driver=DRIVERS[fmt], layer=layer, geometry_type="Polygon",
+                                        append=k > 0, dataset_options={"VERSION": GPKG_VERSION} if k == 0 else None)
+                add_gpkg_style(tmp, layer, classes)
+        elif fmt == "parquet":
+            combine_frames(frames).to_parquet(tmp, index=False)
         else:
-            out = gdf
+            out = combine_frames(frames)
             layer_opts = None
             if fmt == "geojson":
-                out = gdf.to_crs("EPSG:4326")
+                out = out.to_crs("EPSG:4326")
                 out = out.set_geometry([orient(g, sign=1.0) for g in out.geometry], crs="EPSG:4326")
                 layer_opts = {"RFC7946": "YES", "WRITE_BBOX": "NO"}
-            pyogrio.write_dataframe(
-                out, tmp, driver=DRIVERS[fmt], layer_options=layer_opts, geometry_type="Polygon",
-                **({"layer": path.stem} if fmt == "gpkg" else {}),
-            )
+            pyogrio.write_dataframe(out, tmp, driver=DRIVERS[fmt], layer_options=layer_opts, geometry_type="Polygon")
+            tmp.with_suffix(".qml").write_text(qml(classes), encoding="utf-8")
     return path
+
+
+def _rounded(frame):
+    if "score" in frame.columns:
+        frame = frame.copy()
+        frame["score"] = frame["score"].astype("float64").round(SCORE_DECIMALS)
+    return frame
+
+
+CSVT = {"i": "Integer", "u": "Integer", "f": "Real", "b": "Integer(Boolean)"}
+
+
+def _write_csv(groups, tmp: Path, csv_geometry: str) -> None:
+    """CSV with full-precision WKT, a ``.csvt`` of column types and, with one CRS, a ``.prj``."""
+    import pandas as pd
+
+    parts = []
+    for crs, members in groups:
+        g = pd.concat(members, ignore_index=True)
+        df = g.drop(columns="geometry").copy()
+        if len(groups) > 1:
+            df.insert(1, "crs", crs.to_string() if crs is not None else None)
+        if csv_geometry == "wkt":
+            df["wkt"] = g.geometry.to_wkt(rounding_precision=-1)
+        parts.append(df)
+    df = pd.concat(parts, ignore_index=True)
+    df.to_csv(tmp, index=False)
+    kinds = [("WKT" if c == "wkt" else ("Integer64" if df[c].dtype.kind == "i" and df[c].dtype.itemsize == 8
+                                       else CSVT.get(df[c].dtype.kind, "String"))) for c in df.columns]
+    tmp.with_suffix(".csvt").write_text(",".join(f'"{k}"' for k in kinds) + "\n", encoding="ascii")
+    crss = [c for c, _ in groups if c is not None]
+    if len(groups) == 1 and crss:
+        tmp.with_suffix(".prj").write_text(crss[0].to_wkt("WKT1_GDAL"), encoding="ascii")
 
 
 def write_json(data: dict, path: str | Path) -> Path:

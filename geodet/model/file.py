@@ -40,6 +40,12 @@ def read_model_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise GeodetError(f"model file not found: {path}")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; a legacy torch file starts with a pickle protocol byte
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise GeodetError(f"{path}: not a model file (not a PyTorch file at all): give the model.pt that geodet train "
+                          "wrote, or import other checkpoints first")
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files; none of them run code

@@ -124,6 +124,7 @@ class TileResult:
     boxes: np.ndarray | None
     scores: np.ndarray | None
     labels: np.ndarray | None
+    capped: bool = False  # the detector returned its maximum number of boxes for this tile
 
 
 def tile_detections(scene: Scene, grid: TileGrid, detector, settings: DetectSettings, device: torch.device,
@@ -163,7 +164,7 @@ def tile_detections(scene: Scene, grid: TileGrid, detector, settings: DetectSett
                 scores = out["scores"].float().cpu().numpy()
                 keep = scores >= settings.score_threshold  # plain detectors get the threshold here
                 yield TileResult(tile, out["boxes"].float().cpu().numpy()[keep], scores[keep],
-                                 out["labels"].cpu().numpy()[keep])
+                                 out["labels"].cpu().numpy()[keep], capped=len(scores) >= settings.detections_per_tile)
         t0 = time.perf_counter()
 
 
@@ -179,11 +180,12 @@ def to_frame(det: SceneDetections, scene: Scene, classes: Sequence[str] | None):
     label_col = names[det.labels] if len(names) else det.labels.astype(str)
     return gpd.GeoDataFrame(
         {
+            "scene": np.full(len(det), Path(scene.path).name, dtype=object),
             "label": np.asarray(label_col, dtype=object),
             "score": det.scores.astype(np.float64),
             "tile_row": det.tile_row,
             "tile_col": det.tile_col,
-            "x0": det.boxes[:, 0], "y0": det.boxes[:, 1], "x1": det.boxes[:, 2], "y1": det.boxes[:, 3],
+            "px_x0": det.boxes[:, 0], "px_y0": det.boxes[:, 1], "px_x1": det.boxes[:, 2], "px_y1": det.boxes[:, 3],
         },
         geometry=boxes_to_polygons(det.boxes, scene.transform),
         crs=scene.crs,
@@ -199,7 +201,7 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
     percentiles, min_valid_fraction, batch_size, device, num_workers, match_iou) override
     ``config`` (a ``Config`` whose file set them), which overrides the model card, which overrides
     the defaults (``resolve_detect_settings``). Columns: ``label``, ``score``, ``tile_row``,
-    ``tile_col`` and the pixel box ``x0, y0, x1, y1`` (pixel edges of the possibly resampled grid);
+    ``tile_col``, ``scene`` (the file name) and the pixel box ``px_x0, px_y0, px_x1, px_y1`` (pixel edges of the possibly resampled grid);
     ``frame.attrs["report"]`` says what ran, with which settings, and how long each stage took.
     """
     t_start = time.perf_counter()
@@ -213,7 +215,7 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
     grid = TileGrid(view.width, view.height, s.tile_size, overlap)
     stitcher = Stitcher(grid, s.match_iou)
     timings = {"read_wait": 0.0, "model": 0.0, "stitch": 0.0}
-    n_run = n_skipped = 0
+    n_run = n_skipped = n_capped = 0
     bar = progress_bar(total=len(grid), desc=f"detect {Path(sc.path).name}", unit="tile", enabled=progress)
     try:
         for r in tile_detections(view, grid, runner, s, device, timings=timings):
@@ -222,6 +224,7 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
                 n_skipped += 1
             else:
                 n_run += 1
+                n_capped += r.capped
                 stitcher.add(r.tile, r.boxes, r.scores, r.labels)
             timings["stitch"] += time.perf_counter() - t0
             bar.update(1)
@@ -234,8 +237,13 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
         if sc is not scene:
             sc.close()
     timings["total"] = time.perf_counter() - t_start
+    if n_capped > max(2, 0.01 * n_run):
+        log.warning("%s: %d of %d tiles returned the maximum of %d detections, so some objects may be missing: raise "
+                    "detections_per_tile (--detections-per-tile) or lower the tile size", Path(sc.path).name, n_capped,
+                    n_run, s.detections_per_tile)
     frame.attrs["report"] = scene_report(view, grid, s, device, n_run, n_skipped, stitcher.n_in, len(det), timings,
                                          card, getattr(runner, "source", None), area)
+    frame.attrs["report"]["tiles_capped"] = n_capped
     return frame
 
 
@@ -256,6 +264,7 @@ def scene_report(sc, grid, s: DetectSettings, device, n_run, n_skipped, n_in, n_
         "detections_before_stitch": n_in,
         "detections": n_out,
         "device": str(device),
+        "num_workers": default_workers(device) if s.num_workers is None else s.num_workers,
         "settings": s.to_dict(),
         "settings_from": dict(s.sources),
         "model": {"classes": list(card.classes), "operating_point": card.operating_point, **(source or {})} if card else None,
@@ -263,11 +272,21 @@ def scene_report(sc, grid, s: DetectSettings, device, n_run, n_skipped, n_in, n_
     }
 
 
-def detect_scenes(paths: Sequence, detector, **kwargs):
-    """``detect_scene`` over many scenes: one frame with a ``scene`` column. The detector is
-    prepared once (one eval copy for a geodet model). Scenes in different CRSs are brought to the
-    first scene's CRS."""
-    import pandas as pd
+def scene_names(paths: Sequence) -> list[str]:
+    """What the ``scene`` column says for each scene: its file name, or, when two scenes share a
+    file name, its path (the report always lists full paths)."""
+    names = [Path(str(p)).name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [str(p) for p in paths]
+
+
+def detect_scenes(paths: Sequence, detector, *, per_scene: bool = False, **kwargs):
+    """``detect_scene`` over many scenes, with a ``scene`` column. The detector is prepared once
+    (one eval copy for a geodet model). Returns one frame: in the scenes' CRS when they share
+    one, else in EPSG:4326 with a ``crs`` column (``io.writers.combine_frames``); with
+    ``per_scene=True``, the list of per-scene frames, each in its own CRS."""
+    from ..io.writers import combine_frames
 
     if not paths:
         raise GeodetError("no scenes given")
@@ -275,12 +294,13 @@ def detect_scenes(paths: Sequence, detector, **kwargs):
     s = resolve_detect_settings(card, kwargs.get("config"), **{k: v for k, v in kwargs.items() if k not in ("config", "progress")})
     detector = as_detector(detector, resolve_device(s.device), s)
     frames = []
-    for p in paths:
+    names = scene_names(paths)
+    for p, name in zip(paths, names):
         f = detect_scene(p, detector, **kwargs)
-        f.insert(0, "scene", str(p))
+        f["scene"] = name
         frames.append(f)
-    crs = frames[0].crs
-    frames = [f.to_crs(crs) if (crs is not None and f.crs is not None and f.crs != crs) else f for f in frames]
-    out = pd.concat(frames, ignore_index=True)
+    if per_scene:
+        return frames
+    out = combine_frames(frames)
     out.attrs["report"] = {"scenes": [f.attrs["report"] for f in frames]}
     return out

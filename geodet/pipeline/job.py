@@ -21,7 +21,8 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     bands) runs before any work. Returns the frame; ``frame.attrs["report"]`` is the report."""
     from ..config import load_config
     from ..io.scene import open_raster
-    from ..io.writers import check_output_path, file_sha256, output_format, report_path, write_detections, write_json
+    from ..io.writers import (check_crs_fits, check_output_path, combine_frames, file_sha256, output_format, report_path,
+                              write_detections, write_json)
     from ..model import load_model
     from .detect import detect_scenes, resolve_device
 
@@ -33,6 +34,7 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     looks = _quicklook_paths(quicklook, scenes) if quicklook else []
     for p in looks:
         check_output_path(p)
+    crss = []
     for s in scenes:
         with open_raster(s) as src:
             if fmt != "csv" and src.crs is None:
@@ -40,13 +42,16 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
                     f"{s}: the scene has no CRS, so {fmt} output cannot be georeferenced: write CSV (-o out.csv) "
                     "for pixel boxes, or assign a CRS (gdal_edit.py -a_srs EPSG:xxxx)"
                 )
+            crss.append(src.crs)
+    check_crs_fits(fmt, crss)
     resolve_device(settings.get("device") or cfg.detect.device)
     if isinstance(model, (str, Path)):
         model = load_model(model)
     t0 = time.perf_counter()
-    frame = detect_scenes(list(scenes), model, config=cfg, progress=progress, **settings)
+    frames = detect_scenes(list(scenes), model, config=cfg, progress=progress, per_scene=True, **settings)
+    frame = combine_frames(frames)
     t1 = time.perf_counter()
-    write_detections(frame, out, fmt, csv_geometry or cfg.output.csv_geometry)
+    write_detections(frames, out, fmt, csv_geometry or cfg.output.csv_geometry)
     t2 = time.perf_counter()
     source = getattr(model, "source", None) or {}
     card = getattr(model, "card", None)
@@ -56,7 +61,8 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
                   "classes": list(card.classes) if card else None,
                   "operating_point": card.operating_point if card else None},
         "inputs": [_input(s) for s in scenes],
-        "scenes": frame.attrs["report"]["scenes"],
+        "output_crs": _output_crs(fmt, frames),
+        "scenes": [f.attrs["report"] for f in frames],
         "seconds": {"detect": round(t1 - t0, 3), "write": round(t2 - t1, 3)},
     }
     write_json(report, report_path(out))
@@ -64,12 +70,24 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
         from ..io.quicklook import quicklook as draw
 
         min_score = quicklook_min_score if quicklook_min_score is not None else (card.operating_point if card else None)
-        for scene, png in zip(scenes, looks):
-            draw(scene, frame[frame["scene"] == str(scene)], png, classes=card.classes if card else None,
-                 min_score=min_score)
+        for scene, png, f in zip(scenes, looks, frames):
+            draw(scene, f, png, classes=card.classes if card else None, min_score=min_score)
         report["quicklooks"] = [str(p) for p in looks]
     frame.attrs["report"] = report
     return frame
+
+
+def _output_crs(fmt: str, frames) -> str | dict | None:
+    """The output file's CRS as the report states it (per layer for a multi-CRS GeoPackage)."""
+    if fmt == "geojson":
+        return "EPSG:4326"
+    crss = []
+    for f in frames:
+        if f.crs is not None and all(f.crs != c for c in crss):
+            crss.append(f.crs)
+    if len(crss) <= 1:
+        return crss[0].to_string() if crss else None
+    return {"layers": [c.to_string() for c in crss]} if fmt == "gpkg" else "per row (crs column)"
 
 
 def _quicklook_paths(path, scenes) -> list[Path]:

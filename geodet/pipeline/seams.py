@@ -68,30 +68,39 @@ def seen_better(rep, out_b, comp, comp_owned, b, lab, tile_id, owned, win, best,
     q = np.flatnonzero(_n_windows_holding(out_b, grid) > holders + 0.5)
     if len(q) == 0:
         return gone
-    # candidates: owned boxes of the tiles whose windows hold a queried object
-    near = np.zeros(n_tiles, bool)
-    for c0, c1, r0, r1 in zip(*_windows_holding(out_b[q], grid)):
-        for row in range(r0, r1 + 1):
-            near[row * grid.n_cols + c0 : row * grid.n_cols + c1 + 1] = True
+    # candidates: owned boxes of the tiles whose windows hold a queried object (a 2-D prefix sum
+    # over each query's block of tiles)
+    c0, c1, r0, r1 = _windows_holding(out_b[q], grid)
+    diff = np.zeros((grid.n_rows + 1, grid.n_cols + 1), np.int64)
+    for rr, cc, sign in ((r0, c0, 1), (r0, c1 + 1, -1), (r1 + 1, c0, -1), (r1 + 1, c1 + 1, 1)):
+        np.add.at(diff, (rr, cc), sign)
+    near = (diff.cumsum(0).cumsum(1)[: grid.n_rows, : grid.n_cols] > 0).ravel()
     cand = np.flatnonzero(owned & near[tile_id])
     if len(cand) == 0:
         return gone
-    vbox = out_b[slot[comp[cand]]]  # the merged object each owned box belongs to
-    tree = shapely.STRtree(shapely.box(*out_b[q].T))
-    ci, qi = tree.query(shapely.box(*vbox.T), predicate="intersects")
+    # one candidate per (merged object, tile): the merged object each owned box belongs to
+    vbox = out_b[slot[comp[cand]]]
+    area = (out_b[:, 2] - out_b[:, 0]) * (out_b[:, 3] - out_b[:, 1])
+    # a box holding half of another's area holds its centre (each side of their intersection is
+    # at least half the other's side), so candidates are the boxes around each queried centre
+    tree = shapely.STRtree(shapely.box(*vbox.T))
+    centres = shapely.points((out_b[q, 0] + out_b[q, 2]) / 2, (out_b[q, 1] + out_b[q, 3]) / 2)
+    qi, ci = tree.query(centres, predicate="intersects")
     qi = q[qi]
-    r, v, o, vb = rep[qi], cand[ci], out_b[qi], vbox[ci]
-    c, d = comp[r], comp[cand[ci]]
+    v = cand[ci]
+    r = rep[qi]
+    c, d = comp[r], comp[v]
+    # cheap tests first: same class, another object, at least as large
+    area_o, area_v = area[qi], area[slot[d]]
+    ok = (lab[r] == lab[v]) & (d != c) & ((area_v > area_o) | ((area_v == area_o) & (d < c)))
+    qi, v, r, c, area_o = qi[ok], v[ok], r[ok], c[ok], area_o[ok]
     # the covering box's tile reported none of the merged boxes
-    sel = np.isin(comp, c)
-    member = np.sort(comp[sel] * n_tiles + tile_id[sel])
+    member = np.sort(comp * n_tiles + tile_id)
     code = c * n_tiles + tile_id[v]
     pos = np.clip(np.searchsorted(member, code), 0, len(member) - 1)
-    area_o = (o[:, 2] - o[:, 0]) * (o[:, 3] - o[:, 1])
-    area_v = (vb[:, 2] - vb[:, 0]) * (vb[:, 3] - vb[:, 1])
-    larger = (area_v > area_o) | ((area_v == area_o) & (d < c))
-    ok = (lab[r] == lab[v]) & (member[pos] != code) & (d != c) & larger
-    r, v, o, vb, c, qi, area_o = r[ok], v[ok], o[ok], vb[ok], c[ok], qi[ok], area_o[ok]
+    ok = member[pos] != code
+    qi, v, r, c, area_o = qi[ok], v[ok], r[ok], c[ok], area_o[ok]
+    o, vb = out_b[qi], out_b[slot[comp[v]]]
     inter = np.clip(np.minimum(o[:, 2], vb[:, 2]) - np.maximum(o[:, 0], vb[:, 0]), 0, None) * np.clip(
         np.minimum(o[:, 3], vb[:, 3]) - np.maximum(o[:, 1], vb[:, 1]), 0, None
     )

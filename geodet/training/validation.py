@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..evaluate import coco_metrics
+from ..evaluation import coco_metrics
 from ..io.labels import clip_boxes
 from ..pipeline.detect import detect_scene
 
@@ -20,7 +20,7 @@ def validate(model, val_sets, classes: list[str], overlap: int, device, batch_si
     for i, (ts, area) in enumerate(val_sets):
         frame = detect_scene(ts.scene, model, area=area, overlap=overlap, device=str(device), num_workers=0,
                              progress=False, batch_size=batch_size)
-        det_b.append(frame[["x0", "y0", "x1", "y1"]].to_numpy(np.float64))
+        det_b.append(frame[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float64))
         det_s.append(frame["score"].to_numpy())
         det_l.append(frame["label"].map(index).to_numpy(np.int64))
         det_i.append(np.full(len(frame), i))

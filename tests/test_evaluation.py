@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
-from geodet.evaluate import coco_metrics, evaluate
+from geodet.evaluation import coco_metrics, evaluate
 
 
 def _frame(boxes, crs="EPSG:32633", scores=None):
@@ -43,3 +43,22 @@ def test_many_detections_not_capped_at_100():
     b = np.hstack([xy, xy + 5])
     m = coco_metrics(b, np.linspace(1, 0.1, 3000), np.zeros(3000, int), b, np.zeros(3000, int), ["a"])
     assert m["AP50"] == 1 and m["recall"] == 1
+
+
+def test_class_names_that_never_meet_are_reported():
+    """A one-class 'Tree' model against 'Dead'/'Alive' labels: AP 0, and a warning that says why
+    and what to pass; class-agnostic evaluation then scores the same boxes."""
+    det = _frame(BOXES, scores=[0.9] * 5)
+    det["label"] = "Tree"
+    gt = _frame(BOXES)
+    gt["label"] = ["Dead", "Alive", "Dead", "Dead", "Alive"]
+    m = evaluate(det, gt)
+    assert m["AP50"] == 0 and "--class-column ''" in m["warning"]
+    m2 = evaluate(det, gt, class_column="")
+    assert m2["AP50"] == pytest.approx(1.0) and "warning" not in m2
+
+
+def test_printed_metrics_summarise_the_pr_curve():
+    m = evaluate(_frame(BOXES), _frame(BOXES))
+    assert len(m["pr_curve"]["recall"]) == 101  # the data is all there
+    assert "points>" in repr(m) and len(repr(m)) < 1500

@@ -17,6 +17,15 @@ log = logging.getLogger(__name__)
 SIZE_RANGES_PX = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, 1e10)}
 
 
+def _pixel_columns(df) -> list[str] | None:
+    """The pixel-box columns of a detection table: ``px_x0..px_y1``, or the ``x0..y1`` that
+    geodet wrote before 0.2."""
+    for cols in (["px_x0", "px_y0", "px_x1", "px_y1"], ["x0", "y0", "x1", "y1"]):
+        if set(cols) <= set(df.columns):
+            return cols
+    return None
+
+
 def _read_detections(path):
     """Any detection file geodet writes (vector formats, or CSV with a wkt column)."""
     import geopandas as gpd
@@ -30,13 +39,40 @@ def _read_detections(path):
         df = pd.read_csv(p)
         if "wkt" in df.columns:
             return gpd.GeoDataFrame(df.drop(columns="wkt"), geometry=shapely.from_wkt(df["wkt"]), crs=None)
-        if {"x0", "y0", "x1", "y1"} <= set(df.columns):
-            geom = shapely.box(df.x0, df.y0, df.x1, df.y1)
+        cols = _pixel_columns(df)
+        if cols:
+            geom = shapely.box(*(df[c] for c in cols))
             return gpd.GeoDataFrame(df, geometry=geom, crs=None)
-        raise GeodetError(f"{path}: a CSV of detections needs a wkt column or x0, y0, x1, y1 pixel boxes")
+        raise GeodetError(f"{path}: a CSV of detections needs a wkt column or px_x0, px_y0, px_x1, px_y1 pixel boxes")
     from .io.labels import read_labels
 
+    if p.suffix.lower() == ".gpkg":
+        import pyogrio
+
+        layers = [name for name, geom in pyogrio.list_layers(p) if geom]  # not layer_styles
+        if len(layers) > 1:  # one layer per CRS (scenes in several UTM zones)
+            parts = [gpd.read_file(p, layer=name, engine="pyogrio") for name in layers]
+            parts = [f for f in parts if len(f)] or parts[:1]
+            crs = parts[0].crs
+            return pd.concat([f.to_crs(crs) if f.crs != crs else f for f in parts], ignore_index=True).set_crs(
+                crs, allow_override=True)
+        if len(layers) == 1:
+            return read_labels(p, allow_empty=True, layer=layers[0])
     return read_labels(p, allow_empty=True)
+
+
+def _only_scene(det, scene):
+    """The detections of ``scene`` from a file of several scenes (its ``scene`` column)."""
+    if "scene" not in det.columns or scene is None or len(det) == 0:
+        return det
+    names = det["scene"].astype(str)
+    want = str(scene)
+    sel = (names == want) | (names.map(lambda n: Path(n).name) == Path(want).name)
+    if not sel.any():
+        listed = ", ".join(sorted(set(names.map(lambda n: Path(n).name)))[:5])
+        raise GeodetError(f"none of the detections come from {Path(want).name} (scenes in the file: {listed}): "
+                          "pass the --scene the detections were made on")
+    return det[sel.to_numpy()]
 
 
 def _coco(boxes, labels, scores=None, images=None):
@@ -85,7 +121,7 @@ def coco_metrics(
     if n_det == 0 or len(gt_boxes) == 0:
         out.update({k: 0.0 for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "precision", "recall", "f1")})
         out["score_threshold"] = None
-        return out
+        return Metrics(out)
     dt = gt.loadRes(_coco((det_boxes - shift) * s, det_labels, det_scores, images=det_images))
     ev = COCOeval_faster(gt, dt, iouType="bbox", print_function=log.debug)
     max_dets = max(100, n_det)
@@ -130,7 +166,15 @@ def coco_metrics(
             "n_labels": int((gt_labels == k).sum()), "n_detections": int((det_labels == k).sum()),
         }
     out["per_class"] = per_class
-    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in out.items()}
+    return Metrics({k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in out.items()})
+
+
+class Metrics(dict):
+    """The metrics dict; printed, it shows the figures and summarises the PR curve."""
+
+    def __repr__(self) -> str:
+        shown = {k: (f"<{len(v['recall'])} points>" if k == "pr_curve" and v else v) for k, v in self.items()}
+        return repr(shown)
 
 
 def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str = "label", bands=None) -> dict:
@@ -144,6 +188,8 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     from .io.scene import Scene
 
     det = detections if isinstance(detections, gpd.GeoDataFrame) else _read_detections(detections)
+    if scene is not None:
+        det = _only_scene(det, scene if not hasattr(scene, "path") else scene.path)
     gt = labels if isinstance(labels, gpd.GeoDataFrame) else read_labels(labels, class_column)
     # An empty class column means class-agnostic: every label and detection is one class.
     agnostic = not class_column
@@ -154,6 +200,12 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
         det_names = det["label"].astype(str).to_numpy()
     gt_names = gt[class_column_gt].astype(str).to_numpy() if class_column_gt else np.full(len(gt), "object")
     classes = sorted(set(gt_names) | set(det_names))
+    mismatch = None
+    if not agnostic and len(det_names) and len(gt_names) and not set(det_names) & set(gt_names):
+        mismatch = (f"no detection class ({', '.join(sorted(set(det_names))[:5])}) matches a label class "
+                    f"({', '.join(sorted(set(gt_names))[:5])}), so every AP is 0: pass --class-column '' to "
+                    "evaluate class-agnostically")
+        log.warning(mismatch)
     lookup = {n: i for i, n in enumerate(classes)}
     scores = det["score"].to_numpy(np.float64) if "score" in det.columns else np.ones(len(det))
     area_scale = 1.0
@@ -164,7 +216,7 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
         if len(det):
             if det.crs is not None and sc.crs is not None and det.crs != sc.crs:
                 det = det.to_crs(sc.crs)
-            det_boxes = map_bounds_to_pixels(shapely.bounds(np.array(det.geometry.values, dtype=object)), sc.transform) if det.crs is not None else det[["x0", "y0", "x1", "y1"]].to_numpy(np.float64)
+            det_boxes = map_bounds_to_pixels(shapely.bounds(np.array(det.geometry.values, dtype=object)), sc.transform) if det.crs is not None else det[_pixel_columns(det)].to_numpy(np.float64)
         else:
             det_boxes = np.zeros((0, 4))
     else:
@@ -177,12 +229,16 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
         det_boxes = shapely.bounds(np.array(det.geometry.values, dtype=object)).reshape(-1, 4) if len(det) else np.zeros((0, 4))
         if det.crs is not None and det.crs.is_geographic:
             log.warning("evaluating in degrees: pass the scene (--scene) for pixel-based IoU and size ranges")
-        if {"x0", "x1"} <= set(det.columns) and len(det) and det.crs is not None and det.crs.is_projected:
+        px = _pixel_columns(det)
+        if px and len(det) and det.crs is not None and det.crs.is_projected:
             # geodet output carries pixel boxes: their ratio to the map boxes gives the pixel size.
-            gsd = np.median((det_boxes[:, 2] - det_boxes[:, 0]) / np.maximum(det["x1"] - det["x0"], 1e-12))
+            gsd = np.median((det_boxes[:, 2] - det_boxes[:, 0]) / np.maximum(det[px[2]] - det[px[0]], 1e-12))
             area_scale = 1.0 / float(gsd) ** 2
     det_labels = np.array([lookup[n] for n in det_names], np.int64)
-    return coco_metrics(det_boxes, scores, det_labels, gt_boxes, gt_labels, classes, iou=iou, area_scale=area_scale)
+    m = coco_metrics(det_boxes, scores, det_labels, gt_boxes, gt_labels, classes, iou=iou, area_scale=area_scale)
+    if mismatch:
+        m["warning"] = mismatch
+    return m
 
 
 def format_table(m: dict) -> str:

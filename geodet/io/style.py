@@ -1,0 +1,84 @@
+"""The default QGIS style of detection layers: outlines only (cars and crowns stay visible under
+them), one colour per class, line width growing with the score, and the score as a label when
+zoomed in. Stored in a GeoPackage's ``layer_styles`` table (QGIS applies it on load) or written
+as a ``.qml`` sidecar beside other formats."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+# matplotlib's tab10, as the quicklook draws classes
+COLOURS = ["31,119,180", "255,127,14", "44,160,44", "214,39,40", "148,103,189", "140,86,75", "227,119,194",
+           "127,127,127", "188,189,34", "23,190,207"]
+LABEL_MAX_SCALE = 2500  # the score label shows from 1:2500 closer in
+
+
+def qml(classes: list[str]) -> str:
+    """A QGIS style (QML) for detection polygons with a ``label`` and a ``score`` column."""
+    cats, symbols = [], []
+    for i, name in enumerate(classes):
+        cats.append(f'      <category value={quoteattr(str(name))} symbol="{i}" label={quoteattr(str(name))} render="true"/>')
+        symbols.append(f"""      <symbol type="fill" name="{i}" alpha="1" clip_to_extent="1" force_rhr="0">
+        <layer class="SimpleFill" enabled="1" pass="0" locked="0">
+          <prop k="style" v="no"/>
+          <prop k="color" v="{COLOURS[i % 10]},0"/>
+          <prop k="outline_style" v="solid"/>
+          <prop k="outline_color" v="{COLOURS[i % 10]},255"/>
+          <prop k="outline_width" v="0.4"/>
+          <prop k="outline_width_unit" v="MM"/>
+          <data_defined_properties>
+            <Option type="Map">
+              <Option type="QString" name="name" value=""/>
+              <Option type="Map" name="properties">
+                <Option type="Map" name="outlineWidth">
+                  <Option type="bool" name="active" value="true"/>
+                  <Option type="QString" name="expression" value="0.2 + 0.6 * coalesce(&quot;score&quot;, 0)"/>
+                  <Option type="int" name="type" value="3"/>
+                </Option>
+              </Option>
+              <Option type="QString" name="type" value="collection"/>
+            </Option>
+          </data_defined_properties>
+        </layer>
+      </symbol>""")
+    return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis version="3.22.0" styleCategories="Symbology|Labeling">
+  <renderer-v2 type="categorizedSymbol" attr="label" symbollevels="0" enableorderby="0" forceraster="0">
+    <categories>
+{chr(10).join(cats)}
+    </categories>
+    <symbols>
+{chr(10).join(symbols)}
+    </symbols>
+  </renderer-v2>
+  <labeling type="simple">
+    <settings calloutType="simple">
+      <text-style fieldName="format_number(&quot;score&quot;, 2)" isExpression="1" fontSize="8" textColor="255,255,255,255"/>
+      <text-buffer bufferDraw="1" bufferSize="0.7" bufferColor="0,0,0,255"/>
+      <placement placement="1"/>
+      <rendering scaleVisibility="1" scaleMin="{LABEL_MAX_SCALE}" scaleMax="0"/>
+    </settings>
+  </labeling>
+</qgis>
+"""
+
+
+def add_gpkg_style(path: str | Path, layer: str, classes: list[str], geometry_column: str = "geometry") -> None:
+    """Store the default style for ``layer`` in the GeoPackage's ``layer_styles`` table, the way QGIS
+    does (registered in ``gpkg_contents`` as an attributes table), as the layer's default."""
+    con = sqlite3.connect(str(path))
+    try:
+        con.execute("""CREATE TABLE IF NOT EXISTS layer_styles (id INTEGER PRIMARY KEY AUTOINCREMENT,
+            f_table_catalog TEXT(256), f_table_schema TEXT(256), f_table_name TEXT(256), f_geometry_column TEXT(256),
+            styleName TEXT(30), styleQML TEXT, styleSLD TEXT, useAsDefault BOOLEAN, description TEXT, owner TEXT(30),
+            ui TEXT(30), update_time DATETIME DEFAULT CURRENT_TIMESTAMP)""")
+        con.execute("INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier) "
+                    "VALUES ('layer_styles', 'attributes', 'layer_styles')")
+        con.execute("INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, styleName, "
+                    "styleQML, styleSLD, useAsDefault, description, owner) VALUES ('', '', ?, ?, ?, ?, '', 1, ?, 'geodet')",
+                    (layer, geometry_column, f"{layer} (geodet)", qml(classes), "geodet default: outlines by class"))
+        con.commit()
+    finally:
+        con.close()
