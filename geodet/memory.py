@@ -16,9 +16,13 @@ def tune_memory() -> bool:
 
     glibc raises its mmap threshold after large frees, after which every per-tile temporary lands
     on a heap that never shrinks: peak memory then grows with the number of tiles (measured: 3.5 GB
-    vs 0.8 GB for a 16000^2 scene). Fixing the threshold keeps memory flat in the scene size. This
-    changes the allocator of the whole process, so geodet never does it on import: the ``geodet``
-    command calls it, and API users streaming huge scenes may. Returns whether it applied.
+    vs 0.8 GB for a 16000^2 scene). Fixing the threshold keeps memory flat in the scene size.
+
+    It has a price: every large tensor is then mapped and unmapped each time, which measured 15%
+    slower detection and 41% slower training on this project's 2-core CPU (docs/benchmarks.md).
+    It changes the allocator of the whole process, so geodet never does it on import: ``geodet
+    detect`` and ``geodet tile`` call it (they stream whole scenes); training does not; API users
+    streaming very large scenes may. Returns whether it applied.
     """
     global _TUNED
     if _TUNED:

@@ -111,3 +111,13 @@ def test_geoparquet_and_report_crs(tmp_path, scene):
     report = json.loads((tmp_path / "d.parquet.report.json").read_text())
     assert report["output_crs"] == "EPSG:32633" and report == json.loads(json.dumps(frame.attrs["report"], default=str))
     assert report["inputs"][0]["path"] == str(scene)
+
+
+@pytest.mark.parametrize("ext,crs", [("gpkg", "EPSG:32633"), ("fgb", "EPSG:32633"), ("shp", "EPSG:32633"),
+                                     ("geojson", "EPSG:4326"), ("csv", "EPSG:32633")])
+def test_every_format_states_its_crs_to_gdal(tmp_path, scene, ext, crs):
+    out = tmp_path / f"d.{ext}"
+    frame = run(scene, out)
+    info = pyogrio.read_info(out, layer="d" if ext == "gpkg" else None)
+    assert info["crs"] == crs and info["features"] == 2
+    assert frame.attrs["report"]["output_crs"] == crs
