@@ -153,3 +153,15 @@ def write_ids_geotiff(path, ids, crs="EPSG:32633", transform=None):
                        transform=transform, tiled=True, blockxsize=256, blockysize=256, compress="deflate") as dst:
         dst.write(rgb)
     return path
+
+
+def write_raster(path, data, nodata=None, transform=None, crs="EPSG:32633"):
+    """A GeoTIFF of ``data`` [C, H, W] (0.5 m pixels in UTM 33N unless told)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    c, h, w = data.shape
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=c, dtype=data.dtype.name, crs=crs,
+                       transform=transform or from_origin(300000, 5000000, 0.5, 0.5), nodata=nodata) as dst:
+        dst.write(data)
+    return path

@@ -1,5 +1,6 @@
 import numpy as np
 import rasterio
+from helpers import write_raster
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
@@ -7,19 +8,11 @@ from rasterio.windows import transform as window_transform
 from geodet.pipeline.grid import TileGrid
 
 
-def _write(path, data, nodata=None, transform=None, crs="EPSG:32633"):
-    c, h, w = data.shape
-    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=c, dtype=data.dtype.name, crs=crs,
-                       transform=transform or from_origin(300000, 5000000, 0.5, 0.5), nodata=nodata) as dst:
-        dst.write(data)
-    return path
-
-
 def test_chip_transforms_match_rasterio_windows(tmp_path):
     from geodet.io.chips import write_chips
 
     data = np.random.default_rng(2).integers(0, 255, (3, 300, 250)).astype(np.uint8)
-    p = _write(tmp_path / "s.tif", data)
+    p = write_raster(tmp_path / "s.tif", data)
     write_chips(p, tmp_path / "out", tile_size=128, overlap=20, progress=False)
     import geopandas as gpd
 
@@ -44,7 +37,7 @@ def test_coco_annotations_are_label_boxes_clipped_to_chips(tmp_path):
     from geodet.io.chips import write_chips
 
     t = from_origin(300000, 5000000, 0.5, 0.5)
-    p = _write(tmp_path / "s.tif", np.full((3, 200, 300), 50, np.uint8), transform=t)
+    p = write_raster(tmp_path / "s.tif", np.full((3, 200, 300), 50, np.uint8), transform=t)
     px = np.array([[10, 10, 20, 16], [120, 40, 140, 60], [95, 95, 125, 105], [280, 190, 300, 200]], float)
     polys = [sbox(*(t * (b[0], b[3])), *(t * (b[2], b[1]))) for b in px]
     gpd.GeoDataFrame({"label": ["car", "truck", "car", "car"]}, geometry=polys, crs="EPSG:32633").to_file(tmp_path / "l.gpkg")

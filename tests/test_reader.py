@@ -1,18 +1,9 @@
 import numpy as np
 import pytest
-import rasterio
-from rasterio.transform import from_origin
+from helpers import write_raster
 
 from geodet.io.scene import Scene
 from geodet.pipeline.grid import TileGrid
-
-
-def _write(path, data, nodata=None, transform=None, crs="EPSG:32633"):
-    c, h, w = data.shape
-    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=c, dtype=data.dtype.name, crs=crs,
-                       transform=transform or from_origin(300000, 5000000, 0.5, 0.5), nodata=nodata) as dst:
-        dst.write(data)
-    return path
 
 
 @pytest.mark.parametrize("dtype,shape,tile", [("uint8", (3, 300, 260), 128), ("uint16", (4, 300, 300), 128), ("float32", (3, 90, 70), 128)])
@@ -28,7 +19,7 @@ def test_in_process_batches_equal_dataloader_batches(tmp_path, dtype, shape, til
     data[:, :, : shape[2] // 2] = 0  # nodata on the left half
     if dtype == "float32":
         data[0, 5, -5] = np.nan
-    sc = Scene(_write(tmp_path / "s.tif", data, nodata=0), bands=list(range(1, shape[0] + 1)))
+    sc = Scene(write_raster(tmp_path / "s.tif", data, nodata=0), bands=list(range(1, shape[0] + 1)))
     g = TileGrid(sc.width, sc.height, tile, 16)
     ref = list(torch.utils.data.DataLoader(TileDataset(sc, g), batch_size=3, collate_fn=make_collate(0.0)))
     got = [(None if im is None else im.clone(), t, s) for im, t, s in read_batches(sc, g, 3, 0.0)]

@@ -1,25 +1,18 @@
 import numpy as np
 import pytest
 import rasterio
+from helpers import write_raster
 from rasterio.transform import from_origin
 
 from geodet.io.scene import Scene
 from geodet.pipeline.grid import TileGrid
 
 
-def _write(path, data, nodata=None, transform=None, crs="EPSG:32633"):
-    c, h, w = data.shape
-    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=c, dtype=data.dtype.name, crs=crs,
-                       transform=transform or from_origin(300000, 5000000, 0.5, 0.5), nodata=nodata) as dst:
-        dst.write(data)
-    return path
-
-
 def test_uint16_four_band_scaled_and_nodata_tiles_skipped(tmp_path):
     rng = np.random.default_rng(0)
     data = rng.integers(100, 4000, (4, 300, 300)).astype(np.uint16)
     data[:, :, :150] = 0  # nodata on the left half
-    p = _write(tmp_path / "s.tif", data, nodata=0)
+    p = write_raster(tmp_path / "s.tif", data, nodata=0)
     sc = Scene(p, bands=[1, 2, 3, 4])
     g = TileGrid(sc.width, sc.height, 128, 16)
     fracs = []
@@ -44,7 +37,7 @@ def test_uint16_four_band_scaled_and_nodata_tiles_skipped(tmp_path):
 
 def test_stats_use_decimated_read_not_full_read(tmp_path, monkeypatch):
     data = np.random.default_rng(1).integers(0, 60000, (3, 2000, 2000)).astype(np.uint16)
-    p = _write(tmp_path / "big.tif", data)
+    p = write_raster(tmp_path / "big.tif", data)
     import geodet.io.scene as scene_mod
 
     reads = []
@@ -65,7 +58,7 @@ def test_stats_use_decimated_read_not_full_read(tmp_path, monkeypatch):
 
 def test_resampled_grid_georeferencing(tmp_path):
     data = np.zeros((3, 400, 600), np.uint8)
-    p = _write(tmp_path / "s.tif", data, transform=from_origin(300000, 5000000, 0.15, 0.15))
+    p = write_raster(tmp_path / "s.tif", data, transform=from_origin(300000, 5000000, 0.15, 0.15))
     sc = Scene(p, gsd_m=0.3)
     assert (sc.width, sc.height) == (300, 200)
     assert sc.transform.a == pytest.approx(0.3) and sc.transform.c == 300000 and sc.transform.f == 5000000
