@@ -332,7 +332,7 @@ class Trainer:
         if stopped not in (None, "time limit"):
             raise Interrupted(f"stopped by {stopped} at step {r.step}; {self.out / 'last.pt'} is saved: rerun with --resume")
         if stopped == "time limit":
-            log.warning("time limit reached at step %d of %d", r.step, r.total)
+            log.warning("time limit of %g min reached at step %d", self.cfg.train.time_limit_min, r.step)
         return self.out / "model.pt"
 
     def _end_of_epoch(self, r: Run, t_start: float) -> None:
