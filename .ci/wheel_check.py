@@ -28,7 +28,7 @@ with tempfile.TemporaryDirectory() as d:
                     "--score-threshold", "0.0"], check=True)
     import pyogrio
 
-    info = pyogrio.read_info(d / "out.gpkg")
+    info = pyogrio.read_info(d / "out.gpkg", layer="out")
     assert info["crs"] and info["features"] >= 0, info
     print(f"wheel check: geodet {geodet.__version__} from {here.parent}; presets {preset_names()}; "
           f"detect wrote {info['features']} features in {info['crs']}")

@@ -18,7 +18,7 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     mode, path = sys.argv[1], sys.argv[2]
     import geodet
-    from geodet.io.scene import Scene
+    from geodet.io.scene import Scene, gdal_env
     from geodet.pipeline.grid import TileGrid
     if mode != "plain":
         geodet.tune_memory()  # what the geodet command does; the API leaves it to the caller
@@ -26,8 +26,9 @@ CHILD = textwrap.dedent("""
     if mode == "tile":
         sc = Scene(path)
         g = TileGrid(sc.width, sc.height, 512, 64)
-        for t in g:
-            sc.read_tile(t)
+        with gdal_env():  # as geodet's own loops do
+            for t in g:
+                sc.read_tile(t)
         n = len(g)
     elif mode == "plain":
         import rasterio

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import GeodetError
 from ..progress import progress_bar
-from .scene import Scene
+from .scene import Scene, gdal_env
 from ..pipeline.grid import TileGrid, overlap_pixels
 
 
@@ -41,35 +41,36 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
                    compress="deflate")
     written = skipped = 0
     bar = progress_bar(total=len(grid), desc=f"tile {Path(scene_path).name}", unit="chip", enabled=progress)
-    for tile in grid:
-        win = tile.window()
-        valid = sc.read_valid(win)
-        frac = float(valid.mean()) if valid.size else 0.0
-        bar.update(1)
-        if frac <= min_valid_fraction:
-            skipped += 1
-            continue
-        data = sc.read_raw(win)
-        name = f"r{tile.row}_c{tile.col}.tif"
-        path = out / "chips" / name
-        with atomic_path(path) as tmp:
-            with rasterio.open(tmp, "w", width=int(win.width), height=int(win.height),
-                               transform=window_transform(win, sc.transform), **profile) as dst:
-                dst.write(data)
-                if not sc.all_valid:
-                    dst.write_mask(valid.astype(np.uint8) * 255)
-        written += 1
-        rows.append({"row": tile.row, "col": tile.col, "path": f"chips/{name}", "valid_fraction": frac,
-                     "box": tile.valid})
-        if lb is not None:
-            image_id = len(images) + 1
-            images.append({"id": image_id, "file_name": f"chips/{name}", "width": int(win.width), "height": int(win.height),
-                           "row": tile.row, "col": tile.col})
-            boxes, keep = clip_boxes(lb.boxes, tile.valid, min_visibility)
-            for b, lab in zip(boxes, lb.labels[keep]):
-                w, h = float(b[2] - b[0]), float(b[3] - b[1])
-                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(lab) + 1,
-                             "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": 0})
+    with gdal_env():  # GDAL's block cache capped while the scene streams through
+        for tile in grid:
+            win = tile.window()
+            valid = sc.read_valid(win)
+            frac = float(valid.mean()) if valid.size else 0.0
+            bar.update(1)
+            if frac <= min_valid_fraction:
+                skipped += 1
+                continue
+            data = sc.read_raw(win)
+            name = f"r{tile.row}_c{tile.col}.tif"
+            path = out / "chips" / name
+            with atomic_path(path) as tmp:
+                with rasterio.open(tmp, "w", width=int(win.width), height=int(win.height),
+                                   transform=window_transform(win, sc.transform), **profile) as dst:
+                    dst.write(data)
+                    if not sc.all_valid:
+                        dst.write_mask(valid.astype(np.uint8) * 255)
+            written += 1
+            rows.append({"row": tile.row, "col": tile.col, "path": f"chips/{name}", "valid_fraction": frac,
+                         "box": tile.valid})
+            if lb is not None:
+                image_id = len(images) + 1
+                images.append({"id": image_id, "file_name": f"chips/{name}", "width": int(win.width), "height": int(win.height),
+                               "row": tile.row, "col": tile.col})
+                boxes, keep = clip_boxes(lb.boxes, tile.valid, min_visibility)
+                for b, lab in zip(boxes, lb.labels[keep]):
+                    w, h = float(b[2] - b[0]), float(b[3] - b[1])
+                    anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(lab) + 1,
+                                 "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": 0})
     bar.close()
     sc.close()
     columns = {k: [r[k] for r in rows] for k in ("row", "col", "path", "valid_fraction")}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import GeodetError
-from ..io.scene import Scene
+from ..io.scene import Scene, gdal_env
 from ..progress import progress_bar
 from .grid import Tile, TileGrid, overlap_pixels
 from .reader import TileDataset, make_collate, read_batches, worker_init
@@ -218,16 +218,17 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
     n_run = n_skipped = n_capped = 0
     bar = progress_bar(total=len(grid), desc=f"detect {Path(sc.path).name}", unit="tile", enabled=progress)
     try:
-        for r in tile_detections(view, grid, runner, s, device, timings=timings):
-            t0 = time.perf_counter()
-            if r.boxes is None:
-                n_skipped += 1
-            else:
-                n_run += 1
-                n_capped += r.capped
-                stitcher.add(r.tile, r.boxes, r.scores, r.labels)
-            timings["stitch"] += time.perf_counter() - t0
-            bar.update(1)
+        with gdal_env():  # GDAL's block cache capped while the scene streams through
+            for r in tile_detections(view, grid, runner, s, device, timings=timings):
+                t0 = time.perf_counter()
+                if r.boxes is None:
+                    n_skipped += 1
+                else:
+                    n_run += 1
+                    n_capped += r.capped
+                    stitcher.add(r.tile, r.boxes, r.scores, r.labels)
+                timings["stitch"] += time.perf_counter() - t0
+                bar.update(1)
         t0 = time.perf_counter()
         det = stitcher.finish()
         timings["stitch"] += time.perf_counter() - t0

@@ -24,7 +24,7 @@ import torch
 from ..config import Config, config_from_dict
 from ..errors import GeodetError
 from ..io.labels import class_names, labels_to_boxes, read_labels
-from ..io.scene import scene_from_config
+from ..io.scene import gdal_env, scene_from_config
 from ..model import GeodetModel, ModelCard, build_model, save_model
 from ..pipeline.grid import overlap_pixels
 from ..progress import progress_bar
@@ -302,25 +302,26 @@ class Trainer:
         r.model.train()
         stopped = None
         try:
-            while r.step < r.total and stopped is None:
-                data.epoch = r.epoch
-                for images, targets in torch.utils.data.DataLoader(data, **loader_kw):
-                    losses = self.step(r, images, targets)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses['loss']:.3f}")
-                    self._log([r.step, r.epoch, *(f"{losses[k]:.5f}" for k in ("loss", "classification", "bbox_regression")),
-                               f"{r.sched.get_last_lr()[0]:.3g}", "", "", f"{time.perf_counter() - t_start:.1f}"])
-                    if self._stop:
-                        stopped = self._stop
-                    elif deadline and time.perf_counter() > deadline:
-                        stopped = "time limit"
-                    if stopped or r.step >= r.total:
-                        break
-                r.epoch += 1
-                if stopped in (None, "time limit"):
-                    self._end_of_epoch(r, t_start)
-                elif self.main:
-                    self._save_checkpoint(r)
+            with gdal_env():  # GDAL's block cache capped while chips stream in
+                while r.step < r.total and stopped is None:
+                    data.epoch = r.epoch
+                    for images, targets in torch.utils.data.DataLoader(data, **loader_kw):
+                        losses = self.step(r, images, targets)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{losses['loss']:.3f}")
+                        self._log([r.step, r.epoch, *(f"{losses[k]:.5f}" for k in ("loss", "classification", "bbox_regression")),
+                                   f"{r.sched.get_last_lr()[0]:.3g}", "", "", f"{time.perf_counter() - t_start:.1f}"])
+                        if self._stop:
+                            stopped = self._stop
+                        elif deadline and time.perf_counter() > deadline:
+                            stopped = "time limit"
+                        if stopped or r.step >= r.total:
+                            break
+                    r.epoch += 1
+                    if stopped in (None, "time limit"):
+                        self._end_of_epoch(r, t_start)
+                    elif self.main:
+                        self._save_checkpoint(r)
         finally:
             bar.close()
             for s, h in old_handlers.items():
