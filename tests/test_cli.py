@@ -254,6 +254,7 @@ def test_end_to_end_cli_detect_and_evaluate(tmp_path, tiny_model, synth):
 
     assert rep["model"]["sha256"] == hashlib.sha256(tiny_model.read_bytes()).hexdigest()
     assert rep["inputs"][0]["bytes"] == os.path.getsize(synth.image)
+    assert rep["quicklooks"] == [str(tmp_path / "q.png")] and rep["scenes"][0]["tiles_capped"] >= 0
     assert (tmp_path / "q.png").stat().st_size > 0
     r = geodet("evaluate", out, synth.labels, "--scene", synth.image, "--json", tmp_path / "m.json", "--plot", tmp_path / "pr.png")
     assert r.returncode == 0, r.stderr

@@ -242,13 +242,13 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
         log.warning("%s: %d of %d tiles returned the maximum of %d detections, so some objects may be missing: raise "
                     "detections_per_tile (--detections-per-tile) or lower the tile size", Path(sc.path).name, n_capped,
                     n_run, s.detections_per_tile)
-    frame.attrs["report"] = scene_report(view, grid, s, device, n_run, n_skipped, stitcher.n_in, len(det), timings,
-                                         card, getattr(runner, "source", None), area)
-    frame.attrs["report"]["tiles_capped"] = n_capped
+    frame.attrs["report"] = scene_report(view, grid, s, device, (n_run, n_skipped, n_capped), stitcher.n_in, len(det),
+                                         timings, card, getattr(runner, "source", None), area)
     return frame
 
 
-def scene_report(sc, grid, s: DetectSettings, device, n_run, n_skipped, n_in, n_out, timings, card, source, area) -> dict:
+def scene_report(sc, grid, s: DetectSettings, device, tiles, n_in, n_out, timings, card, source, area) -> dict:
+    n_run, n_skipped, n_capped = tiles
     return {
         "scene": sc.path,
         "area_px": list(area) if area is not None else None,
@@ -262,6 +262,7 @@ def scene_report(sc, grid, s: DetectSettings, device, n_run, n_skipped, n_in, n_
         "tiles_total": len(grid),
         "tiles_run": n_run,
         "tiles_skipped": n_skipped,
+        "tiles_capped": n_capped,
         "detections_before_stitch": n_in,
         "detections": n_out,
         "device": str(device),

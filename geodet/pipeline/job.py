@@ -21,7 +21,7 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     bands) runs before any work. Returns the frame; ``frame.attrs["report"]`` is the report."""
     from ..config import load_config
     from ..io.scene import open_raster
-    from ..io.writers import (check_crs_fits, check_output_path, combine_frames, file_sha256, output_format, report_path,
+    from ..io.writers import (check_crs_fits, check_output_path, combine_frames, output_format, report_path,
                               write_detections, write_json)
     from ..model import load_model
     from .detect import detect_scenes, resolve_device
@@ -57,7 +57,7 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     card = getattr(model, "card", None)
     report = {
         "output": str(out), "format": fmt, "detections": len(frame),
-        "model": {"path": source.get("path"), "sha256": source.get("sha256") or _sha_or_none(source.get("path"), file_sha256),
+        "model": {"path": source.get("path"), "sha256": source.get("sha256"),
                   "classes": list(card.classes) if card else None,
                   "operating_point": card.operating_point if card else None},
         "inputs": [_input(s) for s in scenes],
@@ -65,7 +65,6 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
         "scenes": [f.attrs["report"] for f in frames],
         "seconds": {"detect": round(t1 - t0, 3), "write": round(t2 - t1, 3)},
     }
-    write_json(report, report_path(out))
     if looks:
         from ..io.quicklook import quicklook as draw
 
@@ -73,6 +72,7 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
         for scene, png, f in zip(scenes, looks, frames):
             draw(scene, f, png, classes=card.classes if card else None, min_score=min_score)
         report["quicklooks"] = [str(p) for p in looks]
+    write_json(report, report_path(out))
     frame.attrs["report"] = report
     return frame
 
@@ -103,7 +103,3 @@ def _input(s) -> dict:
     if os.path.exists(p):
         return {"path": p, "bytes": os.path.getsize(p), "mtime": os.path.getmtime(p)}
     return {"path": p}
-
-
-def _sha_or_none(path, sha):
-    return sha(path) if path and os.path.isfile(path) else None
