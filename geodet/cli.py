@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "GeoPackage, FlatGeobuf, Shapefile, GeoParquet (scene CRS) or CSV, plus "
                                    "OUT.report.json; vector files come with a QGIS style.")
     d.add_argument("scenes", nargs="+", metavar="SCENE")
-    d.add_argument("--model", "-m", required=True, help="model file (model.pt from geodet train)")
+    d.add_argument("--model", "-m", required=True, help="model file: model.pt from geodet train, or MODEL.onnx from geodet export")
     d.add_argument("--out", "-o", required=True, help="output file: .geojson, .gpkg, .fgb, .shp, .csv or .parquet")
     d.add_argument("--format", choices=["geojson", "gpkg", "fgb", "shp", "csv", "parquet"], help="override the format")
     d.add_argument("--tile-size", type=_positive_int, help="default: the model card's")
@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--score-threshold", type=float, help="default: the model card's")
     d.add_argument("--detections-per-tile", type=_positive_int, help="most boxes kept per tile (default: the model card's)")
     d.add_argument("--device", default=None, help="auto (CUDA if present), cpu, cuda")
+    d.add_argument("--backend", choices=["auto", "torch", "onnx"], default=None,
+                   help="auto (default): the fastest path whose accuracy is vouched for; torch; onnx (ONNX Runtime)")
+    d.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
+                   help="auto (default); fp32; bf16 (CPUs with native bf16); fp16 (CUDA); int8 (onnx backend, checked "
+                        "against fp32 on the scene's tiles)")
     d.add_argument("--workers", type=_nonneg_int, default=None, help="tile-reading worker processes (default: none on a 2-core CPU, a few with CUDA)")
     d.add_argument("--bands", type=_bands, help="scene bands to feed the model, e.g. 3,2,1")
     d.add_argument("--gsd", type=float, help="resample scenes to this GSD (default: the model card's)")
@@ -135,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quicklook: draw boxes scoring at least this (default: the model's operating point, "
                         "the best-F1 score at validation)")
     d.add_argument("--config", help="YAML config for detect/output settings")
+
+    x = sub.add_parser("export", parents=[common], help="export a model to ONNX (fp32, or int8 calibrated on scenes)",
+                       description="Export a geodet model to a self-describing ONNX file for ONNX Runtime: the network "
+                                   "core with the model card in its metadata; boxes are decoded by geodet exactly as "
+                                   "for the torch model. The export is checked against the torch model on tiles of the "
+                                   "calibration scenes and refused (no file written) when it differs.")
+    x.add_argument("model", help="model.pt from geodet train")
+    x.add_argument("--out", "-o", required=True, help="output .onnx file")
+    x.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ, per-channel weights)")
+    x.add_argument("--calibrate", nargs="+", default=[], metavar="SCENE",
+                   help="scenes to read calibration and check tiles from (required with --int8)")
+    x.add_argument("--calib-tiles", type=_positive_int, default=32, help="calibration tiles (32; as many again check)")
+    x.add_argument("--min-agreement", type=float, default=None,
+                   help="int8: least detection F1 against fp32 at the operating point (0.95)")
+    x.add_argument("--check-labels", help="labels of a scene: also report AP50 of torch fp32 and of the export")
+    x.add_argument("--check-scene", help="the scene of --check-labels (default: the first --calibrate scene)")
 
     e = sub.add_parser("evaluate", parents=[common], help="COCO AP and precision/recall against labels",
                        description="Evaluate detections (any format geodet writes) against labels (any OGR vector).")
@@ -231,6 +252,7 @@ def _cmd_detect(args) -> int:
 
     cfg = load_config(args.config, {"detect.batch_size": args.batch_size, "detect.device": args.device,
                                     "detect.num_workers": args.workers, "detect.score_threshold": args.score_threshold,
+                                    "detect.backend": args.backend, "detect.precision": args.precision,
                                     "tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap,
                                     "model.detections_per_tile": args.detections_per_tile,
                                     "scene.bands": args.bands, "scene.gsd_m": args.gsd,
@@ -240,6 +262,28 @@ def _cmd_detect(args) -> int:
     report = frame.attrs["report"]
     skipped = sum(r["tiles_skipped"] for r in report["scenes"])
     print(f"{len(frame)} detections in {len(args.scenes)} scene(s) ({skipped} empty tiles skipped) -> {args.out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .model.onnx import INT8_MIN_AGREEMENT
+    from .pipeline.export import export_model
+
+    result = export_model(args.model, args.out, int8=args.int8, calibrate=args.calibrate, calib_tiles=args.calib_tiles,
+                          check_scene=args.check_scene, check_labels=args.check_labels,
+                          min_agreement=INT8_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement)
+    fp = result["fp32"]
+    print(f"export check on {result['tiles']} tiles: fp32 logit difference {fp['max_relative_logit_diff']:.2g} "
+          f"(relative, limit {fp['limit']:g}; absolute {fp['max_logit_diff']:.2g}), detections F1 "
+          f"{fp['detections']['f1']:.4f}")
+    if "int8" in result:
+        q = result["int8"]
+        print(f"int8: detections F1 against fp32 {q['detections']['f1']:.4f} at score >= "
+              f"{q['detections']['min_score']:.3g} (needs {q['min_agreement']}); kept in float: "
+              f"{len(q['float_nodes'])} output conv(s)")
+    for name, m in (result.get("labels_check") or {}).items():
+        print(f"{name}: AP50 {m['ap50']:.4f}, AP {m['ap']:.4f}, {m['detections']} detections")
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -296,7 +340,7 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"tile": _cmd_tile, "train": _cmd_train, "detect": _cmd_detect, "evaluate": _cmd_evaluate,
+COMMANDS = {"tile": _cmd_tile, "train": _cmd_train, "detect": _cmd_detect, "export": _cmd_export, "evaluate": _cmd_evaluate,
             "anchors": _cmd_anchors, "demo": _cmd_demo}
 
 

@@ -126,6 +126,10 @@ class DetectConfig:
     score_threshold: Optional[float] = None  # None: the model card's
     # Seam merge: two tiles' boxes are one object when they agree to this IoU where both looked.
     match_iou: float = 0.5
+    # auto | torch | onnx, and auto | fp32 | bf16 | fp16 | int8: auto picks the fastest path whose
+    # accuracy is vouched for (pipeline/backends.py); the report says which ran and why
+    backend: str = "auto"
+    precision: str = "auto"
 
 
 @dataclass

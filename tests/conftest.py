@@ -1,11 +1,14 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("GEODET_NO_PROGRESS", "1")
+# derived models (ONNX exports, int8) go to a cache of the test run's own, never the user's
+os.environ["GEODET_CACHE"] = tempfile.mkdtemp(prefix="geodet-test-cache-")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "trees"
 

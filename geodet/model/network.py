@@ -115,52 +115,119 @@ class DenseRetinaNet(RetinaNet):
         return self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
 
     def postprocess_detections(self, head_outputs, anchors, image_shapes):
-        return self.decode(head_outputs, anchors, image_shapes, self.score_thresh, self.nms_thresh,
-                           self.detections_per_img, self.topk_candidates)
+        return decode_levels(self.box_coder, head_outputs, anchors, image_shapes, self.score_thresh, self.nms_thresh,
+                             self.detections_per_img, self.topk_candidates)
+
+    def core(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The network core on a normalised, padded batch: ``(cls_logits [B, N, K],
+        bbox_regression [B, N, 4])`` over every anchor of every level. This is what ONNX exports."""
+        head_outputs = self.head(list(self.backbone(x).values()))
+        return head_outputs["cls_logits"], head_outputs["bbox_regression"]
+
+    @property
+    def decoder(self) -> "Decoder":
+        if getattr(self, "_decoder", None) is None:
+            self._decoder = Decoder(self.anchor_generator, self.box_coder, self.levels)
+        return self._decoder
 
     def detect(self, images: list[Tensor], score_thresh: float, nms_thresh: float, detections_per_img: int,
-               topk_candidates: int | None = None) -> list[dict[str, Tensor]]:
-        """Eval-mode forward with the thresholds of this call (the model's attributes untouched)."""
+               topk_candidates: int | None = None, autocast_dtype: torch.dtype | None = None,
+               timings: dict | None = None) -> list[dict[str, Tensor]]:
+        """Eval-mode forward with the thresholds of this call (the model's attributes untouched).
+        ``autocast_dtype`` runs the core (only) under autocast; decoding is always float32.
+        ``timings`` accumulates seconds of ``core`` and ``decode``."""
+        import time
+
+        t0 = time.perf_counter()
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, _ = self.transform(images)
-        features = list(self.backbone(image_list.tensors).values())
-        head_outputs = self.head(features)
-        anchors = self.anchor_generator(image_list, features)
-        per_level = [x.size(2) * x.size(3) for x in features]
-        a = head_outputs["cls_logits"].size(1) // sum(per_level)
-        per_level = [hw * a for hw in per_level]
-        split_outputs = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
-        split_anchors = [list(x.split(per_level)) for x in anchors]
-        dets = self.decode(split_outputs, split_anchors, image_list.image_sizes, score_thresh, nms_thresh,
-                           detections_per_img, topk_candidates or self.topk_candidates)
-        return self.transform.postprocess(dets, image_list.image_sizes, original_sizes)
+        x = image_list.tensors
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            cls_logits, bbox_regression = self.core(x)
+        t1 = time.perf_counter()
+        dets = self.decoder(cls_logits.float(), bbox_regression.float(), tuple(x.shape[-2:]), image_list.image_sizes,
+                            score_thresh, nms_thresh, detections_per_img, topk_candidates or self.topk_candidates)
+        dets = self.transform.postprocess(dets, image_list.image_sizes, original_sizes)
+        if timings is not None:
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            timings["core"] = timings.get("core", 0.0) + t1 - t0
+            timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t1
+        return dets
 
-    def decode(self, head_outputs, anchors, image_shapes, score_thresh: float, nms_thresh: float,
-               detections_per_img: int, topk_candidates: int) -> list[dict[str, Tensor]]:
-        """torchvision's ``postprocess_detections`` with the thresholds as arguments: per level,
-        scores above ``score_thresh``, the top ``topk_candidates``, decoded and clipped; then
-        class-wise NMS and the best ``detections_per_img``."""
-        out = []
-        for index in range(len(image_shapes)):
-            boxes_all, scores_all, labels_all = [], [], []
-            for reg, logits, anc in zip(head_outputs["bbox_regression"], head_outputs["cls_logits"], anchors[index]):
-                reg, logits = reg[index], logits[index]
-                num_classes = logits.shape[-1]
-                scores = torch.sigmoid(logits).flatten()
-                keep = scores > score_thresh
-                scores = scores[keep]
-                idxs = torch.where(keep)[0]
-                scores, top = scores.topk(det_utils._topk_min(idxs, topk_candidates, 0))
-                idxs = idxs[top]
-                anchor_idxs = torch.div(idxs, num_classes, rounding_mode="floor")
-                boxes = self.box_coder.decode_single(reg[anchor_idxs], anc[anchor_idxs])
-                boxes_all.append(box_ops.clip_boxes_to_image(boxes, image_shapes[index]))
-                scores_all.append(scores)
-                labels_all.append(idxs % num_classes)
-            boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
-            keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
-            out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-        return out
+
+def feature_shapes(levels: Sequence[int], height: int, width: int) -> list[tuple[int, int]]:
+    """Feature map sizes of pyramid levels ``levels`` (min, max) for a ``height`` x ``width``
+    input: every stride-2 stage (ResNet stem, pool and stages, the extra P6+ convs) rounds up."""
+    lo, hi = levels
+    return [(-(-height // 2**k), -(-width // 2**k)) for k in range(lo, hi + 1)]
+
+
+class Decoder:
+    """Anchors, box decoding and NMS for the core's outputs: the one postprocess that the torch
+    model and the ONNX backend share (same code, same anchors, same thresholds)."""
+
+    def __init__(self, anchor_generator, box_coder, levels: Sequence[int]):
+        self.anchor_generator = anchor_generator
+        self.box_coder = box_coder
+        self.levels = (int(levels[0]), int(levels[1]))
+        self._anchors: dict = {}
+
+    def anchors(self, height: int, width: int, shapes: list[tuple[int, int]], device) -> Tensor:
+        """All anchors for a padded ``height`` x ``width`` input, cached per size and device."""
+        key = (height, width, tuple(shapes), str(device))
+        if key not in self._anchors:
+            from torchvision.models.detection.image_list import ImageList
+
+            # shapes only: stride-0 views, no memory
+            images = ImageList(torch.zeros((), device=device).expand(1, 1, height, width), [(height, width)])
+            maps = [torch.zeros((), device=device).expand(1, 1, h, w) for h, w in shapes]
+            self._anchors[key] = self.anchor_generator(images, maps)[0]
+        return self._anchors[key]
+
+    def __call__(self, cls_logits: Tensor, bbox_regression: Tensor, padded_hw: tuple[int, int], image_sizes,
+                 score_thresh: float, nms_thresh: float, detections_per_img: int, topk_candidates: int):
+        height, width = int(padded_hw[0]), int(padded_hw[1])
+        shapes = feature_shapes(self.levels, height, width)
+        anchors = self.anchors(height, width, shapes, cls_logits.device)
+        a = self.anchor_generator.num_anchors_per_location()[0]
+        per_level = [h * w * a for h, w in shapes]
+        if sum(per_level) != cls_logits.shape[1] or anchors.shape[0] != cls_logits.shape[1]:
+            raise GeodetError(f"the network returned {cls_logits.shape[1]} anchors' outputs but its levels and tile size "
+                              f"give {sum(per_level)}: the model file's card does not match its weights")
+        outputs = {"cls_logits": list(cls_logits.split(per_level, dim=1)),
+                   "bbox_regression": list(bbox_regression.split(per_level, dim=1))}
+        split_anchors = list(anchors.split(per_level))
+        return decode_levels(self.box_coder, outputs, [split_anchors] * len(image_sizes), image_sizes, score_thresh,
+                             nms_thresh, detections_per_img, topk_candidates)
+
+
+def decode_levels(box_coder, head_outputs, anchors, image_shapes, score_thresh: float, nms_thresh: float,
+                  detections_per_img: int, topk_candidates: int) -> list[dict[str, Tensor]]:
+    """torchvision's ``postprocess_detections`` with the thresholds as arguments: per level,
+    scores above ``score_thresh``, the top ``topk_candidates``, decoded and clipped; then
+    class-wise NMS and the best ``detections_per_img``."""
+    out = []
+    for index in range(len(image_shapes)):
+        boxes_all, scores_all, labels_all = [], [], []
+        for reg, logits, anc in zip(head_outputs["bbox_regression"], head_outputs["cls_logits"], anchors[index]):
+            reg, logits = reg[index], logits[index]
+            num_classes = logits.shape[-1]
+            scores = torch.sigmoid(logits).flatten()
+            keep = scores > score_thresh
+            scores = scores[keep]
+            idxs = torch.where(keep)[0]
+            scores, top = scores.topk(det_utils._topk_min(idxs, topk_candidates, 0))
+            idxs = idxs[top]
+            anchor_idxs = torch.div(idxs, num_classes, rounding_mode="floor")
+            boxes = box_coder.decode_single(reg[anchor_idxs], anc[anchor_idxs])
+            boxes_all.append(box_ops.clip_boxes_to_image(boxes, image_shapes[index]))
+            scores_all.append(scores)
+            labels_all.append(idxs % num_classes)
+        boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+        keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+        out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+    return out
 
 
 def _check_model_config(cfg: ModelConfig) -> None:
@@ -261,15 +328,19 @@ class GeodetModel(nn.Module):
         return self.predict(imgs)
 
     def predict(self, images: Tensor | list[Tensor], score_threshold: float | None = None, nms_iou: float | None = None,
-                detections_per_tile: int | None = None) -> list[dict[str, Tensor]]:
+                detections_per_tile: int | None = None, autocast_dtype: torch.dtype | None = None,
+                timings: dict | None = None) -> list[dict[str, Tensor]]:
         """Detections for a batch with these thresholds (None: the card's); changes nothing on
-        the model. Call it in eval mode and under ``torch.inference_mode()`` for speed."""
+        the model. Call it in eval mode and under ``torch.inference_mode()`` for speed.
+        ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the network core under autocast; boxes
+        are always decoded in float32. ``timings`` accumulates seconds of ``core`` and ``decode``."""
         m = self.card.model
         return self.net.detect(
             list(images),
             float(m.score_threshold if score_threshold is None else score_threshold),
             float(m.nms_iou if nms_iou is None else nms_iou),
             int(m.detections_per_tile if detections_per_tile is None else detections_per_tile),
+            autocast_dtype=autocast_dtype, timings=timings,
         )
 
 
@@ -329,6 +400,7 @@ def build_model(
         fg_iou_thresh=cfg.fg_iou,
         bg_iou_thresh=cfg.bg_iou,
     )
+    net.levels = tuple(cfg.levels)
     if cfg.resize_min_size:
         # torchvision's stock transform (resizes tiles); only for comparisons with stock settings
         net.transform = GeneralizedRCNNTransform(cfg.resize_min_size, max(1333, cfg.resize_min_size), norm["mean"], norm["std"])

@@ -7,7 +7,6 @@ go to the stitcher as soon as the batch is done, and only detections accumulate.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ import torch
 from ..errors import GeodetError
 from ..io.scene import Scene, gdal_env
 from ..progress import progress_bar
+from .backends import OnnxDetector, TorchDetector, choose_detector  # noqa: F401  (TorchDetector: API)
 from .grid import Tile, TileGrid, overlap_pixels
 from .reader import TileDataset, make_collate, read_batches, worker_init
 from .settings import DetectSettings, resolve_detect_settings
@@ -61,34 +61,10 @@ def default_workers(device: torch.device | None = None) -> int:
     return max(0, min(4, cores - 1))
 
 
-class TorchDetector:
-    """A geodet model ready to run with this call's thresholds, without touching the caller's
-    object: it runs the model as is when it is already in eval mode on ``device``, else an eval
-    copy moved there (channels_last on CUDA)."""
-
-    def __init__(self, model, device: torch.device, settings: DetectSettings):
-        self.card = model.card
-        self.source = getattr(model, "source", None)
-        on_device = next(model.parameters()).device == device
-        if model.training or not on_device:
-            model = copy.deepcopy(model).eval().to(device)
-            if device.type == "cuda":
-                model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.kw = dict(score_threshold=settings.score_threshold, nms_iou=settings.nms_iou,
-                       detections_per_tile=settings.detections_per_tile)
-
-    def __call__(self, batch):
-        return self.model.predict(batch, **self.kw)
-
-
-def as_detector(detector, device: torch.device, settings: DetectSettings):
-    """A geodet model becomes a ``TorchDetector``; any other callable is used as it is."""
-    if isinstance(detector, TorchDetector):
-        return detector
-    if isinstance(detector, torch.nn.Module) and hasattr(detector, "predict"):
-        return TorchDetector(detector, device, settings)
-    return detector
+def as_detector(detector, device: torch.device, settings: DetectSettings, scene=None, n_tiles: int = 0):
+    """A geodet model (or ONNX model) becomes the detector of the chosen backend and precision
+    (``backends.choose_detector``); any other callable is used as it is."""
+    return choose_detector(detector, device, settings, scene, n_tiles)
 
 
 def open_scene(scene, settings: DetectSettings, card=None) -> Scene:
@@ -157,7 +133,9 @@ def tile_detections(scene: Scene, grid: TileGrid, detector, settings: DetectSett
             images = images.to(device, non_blocking=True)
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
+            # geodet's detectors run their own precision; plain callables get autocast on CUDA
+            plain = getattr(detector, "backend", None) is None
+            with torch.inference_mode(), torch.autocast(device.type, enabled=plain and device.type == "cuda"):
                 outputs = detector(images)
             timings["model"] += time.perf_counter() - t1
             for tile, out in zip(tiles, outputs):
@@ -208,16 +186,20 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
     card = getattr(detector, "card", None)
     s = resolve_detect_settings(card, config, **settings)
     device = resolve_device(s.device)
-    runner = as_detector(detector, device, s)
     sc = open_scene(scene, s, card)
-    view = sc.area(*area) if area is not None else sc
-    overlap = overlap_pixels(s.overlap_m, view.pixel_gsd) if s.overlap_m is not None else s.overlap
-    grid = TileGrid(view.width, view.height, s.tile_size, overlap)
-    stitcher = Stitcher(grid, s.match_iou)
-    timings = {"read_wait": 0.0, "model": 0.0, "stitch": 0.0}
-    n_run = n_skipped = n_capped = 0
-    bar = progress_bar(total=len(grid), desc=f"detect {Path(sc.path).name}", unit="tile", enabled=progress)
+    bar = None
     try:
+        view = sc.area(*area) if area is not None else sc
+        overlap = overlap_pixels(s.overlap_m, view.pixel_gsd) if s.overlap_m is not None else s.overlap
+        grid = TileGrid(view.width, view.height, s.tile_size, overlap)
+        runner = as_detector(detector, device, s, scene=sc, n_tiles=len(grid))
+        if isinstance(runner, OnnxDetector):
+            device = torch.device("cpu")
+        stitcher = Stitcher(grid, s.match_iou)
+        timings = {"read_wait": 0.0, "model": 0.0, "stitch": 0.0}
+        stages_before = dict(getattr(runner, "timings", {}))
+        n_run = n_skipped = n_capped = 0
+        bar = progress_bar(total=len(grid), desc=f"detect {Path(sc.path).name}", unit="tile", enabled=progress)
         with gdal_env():  # GDAL's block cache capped while the scene streams through
             for r in tile_detections(view, grid, runner, s, device, timings=timings):
                 t0 = time.perf_counter()
@@ -234,20 +216,26 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
         timings["stitch"] += time.perf_counter() - t0
         frame = to_frame(det, view, card.classes if card is not None else None)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if sc is not scene:
             sc.close()
+    for stage in ("core", "decode"):  # the model's own split: network core, and decode + NMS
+        if stage in getattr(runner, "timings", {}):
+            timings[f"model_{stage}"] = runner.timings[stage] - stages_before.get(stage, 0.0)
     timings["total"] = time.perf_counter() - t_start
     if n_capped > max(2, 0.01 * n_run):
         log.warning("%s: %d of %d tiles returned the maximum of %d detections, so some objects may be missing: raise "
                     "detections_per_tile (--detections-per-tile) or lower the tile size", Path(sc.path).name, n_capped,
                     n_run, s.detections_per_tile)
     frame.attrs["report"] = scene_report(view, grid, s, device, (n_run, n_skipped, n_capped), stitcher.n_in, len(det),
-                                         timings, card, getattr(runner, "source", None), area)
+                                         timings, card, getattr(runner, "source", None), area,
+                                         getattr(runner, "choice", None))
     return frame
 
 
-def scene_report(sc, grid, s: DetectSettings, device, tiles, n_in, n_out, timings, card, source, area) -> dict:
+def scene_report(sc, grid, s: DetectSettings, device, tiles, n_in, n_out, timings, card, source, area,
+                 choice=None) -> dict:
     n_run, n_skipped, n_capped = tiles
     return {
         "scene": sc.path,
@@ -270,6 +258,7 @@ def scene_report(sc, grid, s: DetectSettings, device, tiles, n_in, n_out, timing
         "settings": s.to_dict(),
         "settings_from": dict(s.sources),
         "model": {"classes": list(card.classes), "operating_point": card.operating_point, **(source or {})} if card else None,
+        "backend": choice.to_dict() if choice is not None else None,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
     }
 
@@ -294,7 +283,19 @@ def detect_scenes(paths: Sequence, detector, *, per_scene: bool = False, **kwarg
         raise GeodetError("no scenes given")
     card = getattr(detector, "card", None)
     s = resolve_detect_settings(card, kwargs.get("config"), **{k: v for k, v in kwargs.items() if k not in ("config", "progress")})
-    detector = as_detector(detector, resolve_device(s.device), s)
+    first = None
+    if getattr(detector, "backend", None) is None and hasattr(detector, "card"):
+        # the backend is chosen once for the job, checked on tiles of its first scene
+        first = open_scene(paths[0], s, card)
+    try:
+        n_tiles = 0
+        if first is not None:
+            overlap = overlap_pixels(s.overlap_m, first.pixel_gsd) if s.overlap_m is not None else s.overlap
+            n_tiles = len(TileGrid(first.width, first.height, s.tile_size, overlap)) * len(paths)
+        detector = as_detector(detector, resolve_device(s.device), s, scene=first, n_tiles=n_tiles)
+    finally:
+        if first is not None:
+            first.close()
     frames = []
     names = scene_names(paths)
     for p, name in zip(paths, names):

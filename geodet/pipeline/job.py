@@ -23,7 +23,6 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     from ..io.scene import open_raster
     from ..io.writers import (check_crs_fits, check_output_path, combine_frames, output_format, report_path,
                               write_detections, write_json)
-    from ..model import load_model
     from .detect import detect_scenes, resolve_device
 
     cfg = config if config is not None else load_config()
@@ -46,7 +45,7 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     check_crs_fits(fmt, crss)
     resolve_device(settings.get("device") or cfg.detect.device)
     if isinstance(model, (str, Path)):
-        model = load_model(model)
+        model = load_detector_file(model)
     t0 = time.perf_counter()
     frames = detect_scenes(list(scenes), model, config=cfg, progress=progress, per_scene=True, **settings)
     frame = combine_frames(frames)
@@ -58,6 +57,7 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     report = {
         "output": str(out), "format": fmt, "detections": len(frame),
         "model": {"path": source.get("path"), "sha256": source.get("sha256"),
+                  "backend": (frames[0].attrs["report"].get("backend") if frames else None),
                   "classes": list(card.classes) if card else None,
                   "operating_point": card.operating_point if card else None},
         "inputs": [_input(s) for s in scenes],
@@ -75,6 +75,17 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     write_json(report, report_path(out))
     frame.attrs["report"] = report
     return frame
+
+
+def load_detector_file(path):
+    """A model file: a geodet ``.pt`` (torch) or a geodet ``.onnx`` (ONNX Runtime)."""
+    from ..model import load_model
+
+    if str(path).lower().endswith(".onnx"):
+        from ..model.onnx import load_onnx
+
+        return load_onnx(path)
+    return load_model(path)
 
 
 def _output_crs(fmt: str, frames) -> str | dict | None:

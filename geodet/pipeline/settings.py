@@ -29,6 +29,8 @@ SETTINGS = {
     "device": ("detect.device", None),
     "num_workers": ("detect.num_workers", None),
     "match_iou": ("detect.match_iou", None),
+    "backend": ("detect.backend", None),
+    "precision": ("detect.precision", None),
 }
 
 
@@ -48,6 +50,8 @@ class DetectSettings:
     device: str
     num_workers: Optional[int]
     match_iou: float
+    backend: str = "auto"
+    precision: str = "auto"
     sources: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
@@ -93,7 +97,8 @@ def resolve_detect_settings(card=None, config: Config | None = None, **explicit)
         percentiles=tuple(float(p) for p in values["percentiles"]),
         min_valid_fraction=float(values["min_valid_fraction"]), batch_size=int(values["batch_size"]),
         device=str(values["device"]), num_workers=None if values["num_workers"] is None else int(values["num_workers"]),
-        match_iou=float(values["match_iou"]), sources=sources,
+        match_iou=float(values["match_iou"]), backend=str(values["backend"]), precision=str(values["precision"]),
+        sources=sources,
     )
     _check(s)
     return s
@@ -107,6 +112,10 @@ def _check(s: DetectSettings) -> None:
     if s.overlap_m is None and s.overlap >= s.tile_size:
         raise GeodetError(f"overlap ({s.overlap} px) must be smaller than the tile size ({s.tile_size} px): "
                           "lower --overlap or raise --tile-size")
+    if s.backend not in ("auto", "torch", "onnx"):
+        raise GeodetError(f"unknown backend '{s.backend}': use auto, torch or onnx")
+    if s.precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+        raise GeodetError(f"unknown precision '{s.precision}': use auto, fp32, bf16, fp16 or int8")
     if s.batch_size < 1:
         raise GeodetError(f"batch size must be at least 1, got {s.batch_size}")
     if not 0 <= s.score_threshold <= 1:

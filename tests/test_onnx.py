@@ -1,0 +1,190 @@
+"""The ONNX backend: exported core, metadata, checks, int8, and the backend choice."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from geodet.errors import GeodetError
+from geodet.model import load_model
+from geodet.model.onnx import FP32_MAX_DIFF, ExportCore, export_core, load_onnx, write_metadata
+from geodet.pipeline import backends
+from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.export import export_model
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tmp_path_factory, tiny_model, synth):
+    out = tmp_path_factory.mktemp("onnx") / "m.onnx"
+    result = export_model(tiny_model, out, calibrate=[synth.image], calib_tiles=4)
+    return out, result
+
+
+def test_fp32_core_matches_torch_for_batches_of_1_and_3(fp32_onnx, tiny_model):
+    path, result = fp32_onnx
+    model = load_model(tiny_model)
+    onnx_model = load_onnx(path)
+    core = ExportCore(model).eval()
+    rng = np.random.default_rng(0)
+    for b in (1, 3):
+        x = rng.random((b, model.card.n_bands, 128, 128), dtype=np.float32)
+        with torch.inference_mode():
+            t_cls, t_reg = (t.numpy() for t in core(torch.from_numpy(x)))
+        o_cls, o_reg = onnx_model.core(x)
+        assert o_cls.shape == t_cls.shape and o_cls.shape[0] == b
+        assert (np.abs(o_cls - t_cls) / np.maximum(1, np.abs(t_cls))).max() <= FP32_MAX_DIFF
+        assert np.abs(o_reg - t_reg).max() <= FP32_MAX_DIFF
+    assert result["fp32"]["max_relative_logit_diff"] <= FP32_MAX_DIFF
+    assert result["fp32"]["detections"]["f1"] == 1.0
+
+
+def test_metadata_round_trip(fp32_onnx, tiny_model):
+    path, result = fp32_onnx
+    model = load_model(tiny_model)
+    m = load_onnx(path)
+    assert m.card.to_dict() == model.card.to_dict()
+    assert m.precision == "fp32"
+    assert m.props["source_sha256"] == model.source["sha256"]
+    assert m.props["check"]["fp32"]["detections"]["f1"] == 1.0
+    assert m.source["sha256"] == result["sha256"]
+
+
+def test_onnx_fp32_gives_the_torch_models_stitched_frame(fp32_onnx, tiny_model, synth):
+    path, _ = fp32_onnx
+    ref = detect_scene(synth.image, load_model(tiny_model), progress=False, backend="torch", precision="fp32",
+                       score_threshold=0.3)
+    got = detect_scene(synth.image, load_onnx(path), progress=False, score_threshold=0.3)
+    assert got.attrs["report"]["backend"]["backend"] == "onnx"
+    assert 0 < len(ref) < 6000 and len(got) == len(ref)
+    from torchvision.ops import box_iou
+
+    cols = ["px_x0", "px_y0", "px_x1", "px_y1"]
+    iou = box_iou(torch.tensor(ref[cols].to_numpy()), torch.tensor(got[cols].to_numpy())).numpy()
+    iou[ref["label"].to_numpy()[:, None] != got["label"].to_numpy()[None, :]] = 0  # one box may hold two classes
+    key = iou - np.abs(ref["score"].to_numpy()[:, None] - got["score"].to_numpy()[None, :])
+    best = key.argmax(1)  # each stitched box has its twin (row order may differ at tied scores)
+    assert (iou[np.arange(len(ref)), best] > 0.999).all()
+    assert len(set(best)) == len(ref)
+    np.testing.assert_allclose(got["score"].to_numpy()[best], ref["score"].to_numpy(), atol=1e-4)
+    assert (got["label"].to_numpy()[best] == ref["label"].to_numpy()).all()
+    assert "model_core" in got.attrs["report"]["seconds"] and "model_decode" in got.attrs["report"]["seconds"]
+
+
+def _refused(path):
+    with pytest.raises(GeodetError) as err:
+        load_onnx(path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_foreign_or_altered_onnx_files_are_refused(tmp_path, tiny_model):
+    model = load_model(tiny_model)
+    plain = tmp_path / "plain.onnx"
+    export_core(model, plain)
+    assert "without geodet metadata" in _refused(plain)
+
+    old = tmp_path / "old.onnx"
+    export_core(model, old)
+    write_metadata(old, model.card, {"precision": "fp32"})
+    import onnx
+
+    m = onnx.load(str(old))
+    for p in m.metadata_props:
+        if p.key == "geodet.version":
+            p.value = "99"
+    onnx.save(m, str(old))
+    assert "version '99'" in _refused(old)
+
+    bands = tmp_path / "bands.onnx"
+    export_core(model, bands)
+    card = load_model(tiny_model).card
+    card.bands, card.mean, card.std = [1, 2, 3, 4], card.mean + [0.5], card.std + [0.25]
+    write_metadata(bands, card, {"precision": "fp32"})
+    assert "takes 3 band(s) but its card says 4" in _refused(bands)
+
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00garbage" * 100)
+    assert "not a readable ONNX model" in _refused(junk)
+
+
+def test_int8_export_check_runs_and_is_stored(tmp_path, tiny_model, synth):
+    out = tmp_path / "q.onnx"
+    result = export_model(tiny_model, out, int8=True, calibrate=[synth.image], calib_tiles=6, min_agreement=0.0)
+    m = load_onnx(out)
+    assert m.precision == "int8"
+    stored = m.props["check"]["int8"]
+    assert stored == json.loads(json.dumps(result["int8"]))
+    assert 0.0 <= stored["detections"]["f1"] <= 1.0 and stored["calibration_tiles"] == 6
+    assert stored["float_nodes"] and all("cls_logits" in n or "bbox_reg" in n for n in stored["float_nodes"])
+    assert m.props["calibration"]["scenes"] == [str(synth.image)]
+    # a demand no int8 model meets: refused, and nothing is left behind
+    strict = tmp_path / "strict.onnx"
+    with pytest.raises(GeodetError, match="export check failed: int8 keeps only"):
+        export_model(tiny_model, strict, int8=True, calibrate=[synth.image], calib_tiles=6, min_agreement=1.01)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
+
+
+def test_int8_needs_calibration_scenes(tmp_path, tiny_model):
+    with pytest.raises(GeodetError, match="--calibrate"):
+        export_model(tiny_model, tmp_path / "q.onnx", int8=True)
+
+
+def test_auto_backend_on_a_large_job_makes_checks_and_caches(monkeypatch, tmp_path, tiny_model, synth):
+    monkeypatch.setenv("GEODET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backends, "AUTO_INT8_MIN_TILES", 1)
+    monkeypatch.setattr(backends, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
+    model = load_model(tiny_model)
+    first = detect_scene(synth.image, model, progress=False).attrs["report"]["backend"]
+    assert first["backend"] == "onnx"
+    # the int8 check was made (passed: int8 runs; failed: recorded, and ONNX fp32 runs)
+    assert "int8" in first["checks"] and first["checks"]["int8"] is not None
+    assert first["precision"] == ("int8" if first["checks"]["int8"].get("detections", {}).get("f1", 0) >= 0.95 else "fp32")
+    made = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
+    assert made
+    again = detect_scene(synth.image, model, progress=False).attrs["report"]["backend"]
+    assert again["precision"] == first["precision"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == made  # nothing made twice
+
+
+def test_small_jobs_and_in_memory_models_run_torch_fp32(tiny_model, synth):
+    model = load_model(tiny_model)
+    r = detect_scene(synth.image, model, progress=False, tile_size=384, overlap=0).attrs["report"]["backend"]
+    assert (r["backend"], r["precision"]) == ("torch", "fp32") and "small job" in r["reason"]
+    model.source = None
+    r = detect_scene(synth.image, model, progress=False).attrs["report"]["backend"]
+    assert (r["backend"], r["precision"]) == ("torch", "fp32") and "not loaded from a file" in r["reason"]
+
+
+def test_bf16_only_where_the_cpu_has_it(monkeypatch, tiny_model, synth):
+    model = load_model(tiny_model)
+    monkeypatch.setattr(backends, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
+    with pytest.raises(GeodetError, match="no native bf16"):
+        detect_scene(synth.image, model, progress=False, precision="bf16")
+    with pytest.raises(GeodetError, match="fp16 is for CUDA"):
+        detect_scene(synth.image, model, progress=False, precision="fp16")
+    # a CPU with native bf16 (pretended here; torch emulates it on this one): the torch
+    # backend, checked against fp32 on the scene's tiles
+    monkeypatch.setattr(backends, "cpu_features", lambda: {"bf16": True, "vnni": False, "isa": "AVX512"})
+    r = detect_scene(synth.image, model, progress=False, backend="torch").attrs["report"]["backend"]
+    assert r["checks"]["bf16"]["tiles"] > 0
+    assert r["precision"] == ("bf16" if r["checks"]["bf16"]["f1"] >= backends.BF16_MIN_AGREEMENT else "fp32")
+    forced = detect_scene(synth.image, model, progress=False, precision="bf16").attrs["report"]["backend"]
+    assert (forced["backend"], forced["precision"]) == ("torch", "bf16")
+
+
+def test_cli_export_and_detect_with_the_onnx_file(tmp_path, tiny_model, synth, capsys):
+    from geodet.cli import main
+
+    out = tmp_path / "m.onnx"
+    assert main(["-q", "export", str(tiny_model), "-o", str(out), "--calibrate", str(synth.image),
+                 "--calib-tiles", "4"]) == 0
+    assert "export check on 4 tiles" in capsys.readouterr().out
+    det = tmp_path / "d.gpkg"
+    assert main(["-q", "detect", str(synth.image), "-m", str(out), "-o", str(det)]) == 0
+    report = json.loads((tmp_path / "d.gpkg.report.json").read_text())
+    assert report["scenes"][0]["backend"]["backend"] == "onnx"
+    assert main(["-q", "detect", str(synth.image), "-m", str(out), "-o", str(tmp_path / "e.gpkg"),
+                 "--backend", "torch"]) == 2
+    assert "runs on the onnx backend" in capsys.readouterr().err
