@@ -85,6 +85,9 @@ def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: i
     metrics["train_steps"] = steps
     metrics["model_from_step"] = model.card.trained_steps
     metrics["train_cpu_share"] = None if share is None else round(share, 2)
+    backend = frame.attrs["report"].get("backend") or {}
+    metrics["detection_backend"] = backend
+    metrics["detect_seconds"] = frame.attrs["report"]["seconds"]["total"]
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(metrics, out / "metrics.json")
     print(f"geodet demo: trained {steps} steps in {minutes:g} min (model from step {model.card.trained_steps})")
@@ -95,6 +98,8 @@ def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: i
     print(
         f"geodet demo: {len(frame)} detections of {test_s.n_objects} vehicles; AP50 {metrics['AP50']:.3f}, "
         f"AP {metrics['AP']:.3f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}\n"
+        f"  detection:  {backend.get('backend')} {backend.get('precision')} ({backend.get('reason')}), "
+        f"{metrics['detect_seconds']:.1f} s\n"
         f"  detections: {out / 'detections.geojson'} (EPSG:4326), {out / 'detections.gpkg'} ({test_s.crs})\n"
         f"  quicklook:  {out / 'quicklook.png'}\n  metrics:    {out / 'metrics.json'}\n"
         f"  model:      {model_path}\n  took {metrics['seconds']:.0f} s"

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -59,3 +60,36 @@ def test_ddp_two_cpu_processes(tmp_path, synth):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "run" / "model.pt").exists()
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_training_precision_follows_the_cpu(monkeypatch):
+    import torch
+
+    from geodet.errors import GeodetError
+    from geodet.pipeline import backends
+    from geodet.training.trainer import training_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(backends, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
+    assert training_precision("auto", cpu) is None
+    with pytest.raises(GeodetError, match="no native bf16"):
+        training_precision("bf16", cpu)
+    monkeypatch.setattr(backends, "cpu_features", lambda: {"bf16": True, "vnni": True, "isa": "AVX512"})
+    assert training_precision("auto", cpu) is torch.bfloat16
+    assert training_precision("fp32", cpu) is None
+
+
+def test_losses_stay_float32_under_bf16_autocast():
+    import torch
+
+    from geodet.config import load_config
+    from geodet.model import build_model
+
+    cfg = load_config("cpu").model
+    cfg.channels, cfg.head_depth = 16, 1
+    model = build_model(cfg, tile_size=64).train()
+    images = torch.rand(2, 3, 64, 64)
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 20.0, 22.0]]), "labels": torch.tensor([0])}] * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())

@@ -100,6 +100,12 @@ class DenseRetinaNet(RetinaNet):
     ``match_anchors_on_grid``), or is chunked when the anchor layout is unknown."""
 
     def compute_loss(self, targets, head_outputs, anchors):
+        # the focal and box losses always in float32, also when the network ran under autocast
+        head_outputs = {k: v.float() for k, v in head_outputs.items()}
+        with torch.autocast(anchors[0].device.type, enabled=False):
+            return self._compute_loss(targets, head_outputs, anchors)
+
+    def _compute_loss(self, targets, head_outputs, anchors):
         matched_idxs = []
         layout = getattr(self.anchor_generator, "layout", None)
         n_grid = sum(gh * gw * base.shape[0] for _, gh, gw, _, _, base in layout) if layout else -1

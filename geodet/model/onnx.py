@@ -90,12 +90,13 @@ def export_core(model, path: str | Path, tile_size: int | None = None) -> None:
         )
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence[np.ndarray]) -> list[str]:
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence[np.ndarray], method: str = "minmax",
+                  float_patterns: Sequence[str] = FLOAT_NODE_PATTERNS) -> list[str]:
     """Static int8 quantization (QDQ, per-channel weights, uint8 activations) calibrated on
     ``batches`` (normalised-input-ready float arrays ``[B, C, H, W]``). The output convs of
     both subnets stay float. Returns the names of the nodes kept in float."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -113,13 +114,15 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence
             log.debug("quant_pre_process failed (%s); quantizing the exported graph as it is", exc)
             pre = str(fp32_path)
         graph = onnx.load(pre).graph
-        keep_float = [n.name for n in graph.node if n.op_type == "Conv" and any(p in n.name for p in FLOAT_NODE_PATTERNS)]
+        keep_float = [n.name for n in graph.node if n.op_type == "Conv" and any(p in n.name for p in float_patterns)]
         root = logging.getLogger()
         level = root.level
         root.setLevel(max(level, logging.WARNING))  # the quantizer logs every bias copy on the root logger
         try:
             quantize_static(pre, str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep_float)
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep_float,
+                            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                              "percentile": CalibrationMethod.Percentile}[method])
         finally:
             root.setLevel(level)
     return keep_float
@@ -163,6 +166,8 @@ def session_options(threads: int | None = None):
     so.intra_op_num_threads = int(threads or torch.get_num_threads())
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # no busy-waiting threads between runs: geodet's decode, NMS and reads run on the same cores
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 

@@ -162,10 +162,11 @@ def agreement(ref: Sequence[dict], cand: Sequence[dict], min_score: float, iou: 
 
 
 def check_score(card) -> float:
-    """The score at which faster precisions are compared with fp32: the operating point."""
+    """The score at which faster precisions are compared with fp32: the operating point (the
+    best-F1 score at validation), else the model's output threshold."""
     if card.operating_point is not None:
         return float(card.operating_point)
-    return max(float(card.model.score_threshold), 0.3)
+    return float(card.model.score_threshold)
 
 
 def run_tiles(detector, tiles: Sequence[np.ndarray], batch_size: int) -> list[dict]:
@@ -193,7 +194,10 @@ def sample_tiles(scene, settings: DetectSettings, card, n: int) -> list[np.ndarr
         tiles = []
         with gdal_env():
             for i in order:
-                data, frac = sc.read_tile(grid.tile(int(i)))
+                try:
+                    data, frac = sc.read_tile(grid.tile(int(i)))
+                except GeodetError:  # an unreadable tile of a damaged scene: the check uses others
+                    continue
                 if frac > max(0.5, settings.min_valid_fraction):
                     tiles.append(data)
                 if len(tiles) >= n:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -73,6 +74,27 @@ class Run:
     step: int = 0
     epoch: int = 0
     best: float = -1.0
+    autocast_dtype: Optional[torch.dtype] = None  # the network's forward under autocast of this type
+
+
+def training_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast type for training: fp16 on CUDA, bf16 on CPUs with native bf16, else none."""
+    from ..pipeline.backends import cpu_features
+
+    precision = (precision or "auto").lower()
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise GeodetError(f"train.precision must be auto, fp32, bf16 or fp16, got '{precision}'")
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    if precision == "fp16":
+        raise GeodetError("train.precision fp16 is for CUDA; on a CPU use bf16 (CPUs with native bf16) or fp32")
+    native = cpu_features()["bf16"]
+    if precision == "bf16" and not native:
+        raise GeodetError("train.precision bf16: this CPU has no native bf16 (AVX512_BF16 or AMX) and geodet does not "
+                          "emulate it: use fp32 or auto")
+    return torch.bfloat16 if native else None
 
 
 class Trainer:
@@ -224,7 +246,7 @@ class Trainer:
         if self.world > 1:
             train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         r = Run(model, train_model, params, opt, sched, torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
-                device, total)
+                device, total, autocast_dtype=training_precision(tc.precision, device))
         if state is not None:
             model.net.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -265,7 +287,7 @@ class Trainer:
         """One optimiser step; returns the losses as floats."""
         images = images.to(r.device, non_blocking=True)
         targets = [{k: v.to(r.device) for k, v in t.items()} for t in targets]
-        with torch.autocast(r.device.type, enabled=r.device.type == "cuda"):
+        with torch.autocast(r.device.type, dtype=r.autocast_dtype or torch.float32, enabled=r.autocast_dtype is not None):
             losses = r.train_model(images, targets)
             loss = losses["classification"] + losses["bbox_regression"]
         if not torch.isfinite(loss):
@@ -354,11 +376,29 @@ class Trainer:
             card.metrics.update({"step": r.step, "epoch": r.epoch, "validation": "held-out area" if m else "none"})
             card.operating_point = m.get("score_threshold") if m else None
             card.trained_steps = r.step
+            self._store_bf16_check(r)
             save_model(r.model, self.out / "model.pt")
             log.info("epoch %d: val AP50 %.3f (saved model.pt)", r.epoch, score)
         else:
             log.info("epoch %d: val AP50 %.3f (best %.3f)", r.epoch, score, r.best)
         self._save_checkpoint(r)
+
+
+    def _store_bf16_check(self, r: Run) -> None:
+        """On a CPU with native bf16, store in the card how bf16 detection agrees with fp32 on
+        validation tiles, so detection can use bf16 without checking again."""
+        from ..pipeline.backends import bf16_agreement, cpu_features, sample_tiles
+        from ..pipeline.settings import resolve_detect_settings
+
+        if r.device.type != "cpu" or not self.val_sets or not cpu_features()["bf16"]:
+            return
+        card = r.model.card
+        s = resolve_detect_settings(card, device="cpu", batch_size=self.cfg.detect.batch_size)
+        tiles = []
+        for ts, area in self.val_sets:
+            tiles.extend(sample_tiles(ts.scene.area(*area), s, card, 8))
+        if tiles:
+            card.extra.setdefault("checks", {})["bf16"] = bf16_agreement(r.model, tiles[:16], s)
 
 
 def train(config: Config | dict | str | Path, out_dir: str | Path = "runs/geodet", resume: bool = False, progress: bool = True) -> Path:
