@@ -2,6 +2,8 @@
 
 Expected failures (GeodetError) print one line ``geodet: error: ...`` and exit 2; anything else
 prints one line with a hint to rerun with --verbose and exits 1. Tracebacks only with --verbose.
+``geodet detect`` exits 3 when it wrote a partial result (unreadable tiles skipped with
+``--on-read-error skip``, or scenes of a multi-scene job that could not be read).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from .errors import GeodetError
 
 log = logging.getLogger("geodet")
+
+EXIT_PARTIAL = 3  # output written, but some tiles or scenes could not be read (listed in the report)
 
 
 def _bands(text: str) -> list[int]:
@@ -64,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="geodet", parents=[common],
         description="Find dense small objects (vehicles, trees, buildings, boats) in whole-scene GeoTIFFs.",
-        epilog="Run 'geodet COMMAND --help' for a command's options. Start with 'geodet demo'.",
+        epilog="Run 'geodet COMMAND --help' for a command's options. Start with 'geodet demo'. Exit codes: 0 done, "
+               "2 bad input or setting (one line says what to do), 3 partial result written (detect: unreadable tiles "
+               "or scenes, listed in the report), 1 unexpected error, 130 interrupted.",
     )
     from . import __version__
 
@@ -131,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
                    help="auto (default); fp32; bf16 (CPUs with native bf16); fp16 (CUDA); int8 (onnx backend, checked "
                         "against fp32 on the scene's tiles)")
+    d.add_argument("--on-read-error", choices=["fail", "skip"], default=None,
+                   help="a tile that cannot be read (damaged file, failed remote read): fail (default; nothing is "
+                        "written) or skip (the other tiles run, the unreadable windows are listed in the report, "
+                        "exit code 3)")
     d.add_argument("--workers", type=_nonneg_int, default=None, help="tile-reading worker processes (default: none on a 2-core CPU, a few with CUDA)")
     d.add_argument("--bands", type=_bands, help="scene bands to feed the model, e.g. 3,2,1")
     d.add_argument("--gsd", type=float, help="resample scenes to this GSD (default: the model card's)")
@@ -248,11 +258,13 @@ def _cmd_train(args) -> int:
 
 def _cmd_detect(args) -> int:
     from .config import load_config
+    from .io.writers import report_path
     from .pipeline.job import detect_to_file
 
     cfg = load_config(args.config, {"detect.batch_size": args.batch_size, "detect.device": args.device,
                                     "detect.num_workers": args.workers, "detect.score_threshold": args.score_threshold,
                                     "detect.backend": args.backend, "detect.precision": args.precision,
+                                    "detect.on_read_error": args.on_read_error,
                                     "tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap,
                                     "model.detections_per_tile": args.detections_per_tile,
                                     "scene.bands": args.bands, "scene.gsd_m": args.gsd,
@@ -261,7 +273,17 @@ def _cmd_detect(args) -> int:
                            quicklook_min_score=args.min_score, progress=not args.quiet)
     report = frame.attrs["report"]
     skipped = sum(r["tiles_skipped"] for r in report["scenes"])
-    print(f"{len(frame)} detections in {len(args.scenes)} scene(s) ({skipped} empty tiles skipped) -> {args.out}")
+    print(f"{len(frame)} detections in {len(report['scenes'])} scene(s) ({skipped} empty tiles skipped) -> {args.out}")
+    if report["partial"]:
+        parts = []
+        if report["tiles_unreadable"]:
+            parts.append(f"{report['tiles_unreadable']} unreadable tile(s) skipped")
+        if report["failed_scenes"]:
+            parts.append(f"{len(report['failed_scenes'])} scene(s) failed: "
+                         + ", ".join(f["scene"] for f in report["failed_scenes"]))
+        print(f"geodet: partial result: {'; '.join(parts)} (windows and errors in {report_path(args.out)})",
+              file=sys.stderr)
+        return EXIT_PARTIAL
     return 0
 
 

@@ -116,6 +116,9 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"
+    # auto: fp16 autocast on CUDA, bf16 autocast on CPUs with native bf16 (AVX512_BF16/AMX), else
+    # fp32; the losses are always computed in float32
+    precision: str = "auto"
 
 
 @dataclass
@@ -130,6 +133,9 @@ class DetectConfig:
     # accuracy is vouched for (pipeline/backends.py); the report says which ran and why
     backend: str = "auto"
     precision: str = "auto"
+    # a tile GDAL cannot read (damaged file, failed remote read): fail (stop, nothing written) or
+    # skip (run the other tiles, list the unreadable windows in the report, exit code 3)
+    on_read_error: str = "fail"
 
 
 @dataclass

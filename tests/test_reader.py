@@ -22,11 +22,11 @@ def test_in_process_batches_equal_dataloader_batches(tmp_path, dtype, shape, til
     sc = Scene(write_raster(tmp_path / "s.tif", data, nodata=0), bands=list(range(1, shape[0] + 1)))
     g = TileGrid(sc.width, sc.height, tile, 16)
     ref = list(torch.utils.data.DataLoader(TileDataset(sc, g), batch_size=3, collate_fn=make_collate(0.0)))
-    got = [(None if im is None else im.clone(), t, s) for im, t, s in read_batches(sc, g, 3, 0.0)]
+    got = [(None if im is None else im.clone(), t, s, f) for im, t, s, f in read_batches(sc, g, 3, 0.0)]
     assert len(got) == len(ref)
-    assert sum(len(s) for _, _, s in got) > 0 or len(g) == 1
-    for (ia, ta, sa), (ib, tb, sb) in zip(got, ref):
-        assert ta == tb and sa == sb
+    assert sum(len(s) for _, _, s, _ in got) > 0 or len(g) == 1
+    for (ia, ta, sa, fa), (ib, tb, sb, fb) in zip(got, ref):
+        assert ta == tb and sa == sb and fa == fb == []
         assert (ia is None) == (ib is None)
         if ia is not None:
             assert torch.equal(ia, ib)

@@ -28,7 +28,8 @@ def test_uint16_four_band_scaled_and_nodata_tiles_skipped(tmp_path):
     from geodet.pipeline.reader import TileDataset, make_collate
 
     ds = TileDataset(sc, g)
-    images, tiles, skipped = make_collate(0.0)([ds[i] for i in range(len(ds))])
+    images, tiles, skipped, failed = make_collate(0.0)([ds[i] for i in range(len(ds))])
+    assert failed == []
     assert len(skipped) == sum(f == 0 for f in fracs) > 0
     assert images.shape[0] == len(tiles) == len(g) - len(skipped)
     # percentile limits come from valid pixels only

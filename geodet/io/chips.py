@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import GeodetError
 from ..progress import progress_bar
-from .scene import Scene, gdal_env
+from .scene import READ_ERRORS, Scene, gdal_env
 from ..pipeline.grid import TileGrid, overlap_pixels
 
 
@@ -44,13 +44,16 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     with gdal_env():  # GDAL's block cache capped while the scene streams through
         for tile in grid:
             win = tile.window()
-            valid = sc.read_valid(win)
-            frac = float(valid.mean()) if valid.size else 0.0
+            try:
+                valid = sc.read_valid(win)
+                frac = float(valid.mean()) if valid.size else 0.0
+                data = sc.read_raw(win) if frac > min_valid_fraction else None
+            except READ_ERRORS() as exc:  # a damaged file: the same one-line message as detect
+                raise sc.read_error(win, exc) from None
             bar.update(1)
             if frac <= min_valid_fraction:
                 skipped += 1
                 continue
-            data = sc.read_raw(win)
             name = f"r{tile.row}_c{tile.col}.tif"
             path = out / "chips" / name
             with atomic_path(path) as tmp:

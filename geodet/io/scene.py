@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import GeodetError
+from ..errors import REMOTE_PREFIXES, GeodetError, ReadError, read_error
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,18 @@ def gdal_env():
     each read: entering it re-applies the cache limit, ~2 ms each time."""
     import rasterio
 
-    if os.environ.get("GDAL_CACHEMAX"):
-        return rasterio.Env()
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+    options = {} if os.environ.get("GDAL_CACHEMAX") else {"GDAL_CACHEMAX": GDAL_CACHE_MB}
+    # remote reads (/vsicurl/, /vsis3/, ...): retry transient failures (HTTP 429, 5xx, dropped
+    # connections), waiting GDAL_HTTP_RETRY_DELAY s, then twice as long each time
+    for key, value in HTTP_RETRY.items():
+        if not os.environ.get(key):
+            options[key] = value
+    return rasterio.Env(**options)
+
+
+HTTP_RETRY = {"GDAL_HTTP_MAX_RETRY": "5", "GDAL_HTTP_RETRY_DELAY": "0.5",
+              # a remote scene is one object: do not list its folder or probe for sidecars
+              "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 
 
 def open_raster(path: str | Path):
@@ -53,14 +62,42 @@ def open_raster(path: str | Path):
         if p.is_dir():
             raise GeodetError(f"scene is a folder, not a raster file: {path}")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), gdal_env():
             # a scene without georeferencing is handled (and explained) by the caller
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return rasterio.open(path)
-    except rasterio.errors.RasterioIOError:
+    except rasterio.errors.RasterioIOError as exc:
+        if str(path).startswith(REMOTE_PREFIXES):
+            raise ReadError(f"{path}: cannot open the remote scene: the reads kept failing after retries; GDAL says: "
+                            f"{gdal_message(exc)}. Check the address, the connection or the object store's "
+                            "credentials", {"error": gdal_message(exc)}) from None
         raise GeodetError(
             f"{path}: not a raster that GDAL can read (expected a GeoTIFF or another georeferenced raster)"
         ) from None
+
+
+def READ_ERRORS() -> tuple:
+    """The exceptions of a failed GDAL read (a damaged block, a truncated file, a failed range
+    request)."""
+    from rasterio.errors import RasterioError
+
+    try:
+        from rasterio._err import CPLE_BaseError
+    except ImportError:  # rasterio's private module moved
+        return (RasterioError,)
+    return (RasterioError, CPLE_BaseError)
+
+
+def gdal_message(exc: BaseException) -> str:
+    """GDAL's own words: rasterio's 'Read failed. See previous exception' points back to them."""
+    msgs = []
+    e = exc
+    while e is not None and len(msgs) < 4:
+        text = " ".join(str(e).split())
+        if text and "See previous exception" not in text:
+            msgs.append(text)
+        e = e.__cause__ or e.__context__
+    return "; ".join(dict.fromkeys(msgs)) or " ".join(str(exc).split()) or type(exc).__name__
 
 
 def pixel_size_m(transform) -> float:
@@ -229,14 +266,10 @@ class Scene:
         scale = max(self.width, self.height) / STATS_MAX_SIDE
         out_w = max(1, int(self.width / max(scale, 1)))
         out_h = max(1, int(self.height / max(scale, 1)))
-        src = self.handle
-        from rasterio.enums import Resampling
-
-        with gdal_env():
-            data = src.read(self.bands, out_shape=(self.count, out_h, out_w), resampling=Resampling.nearest)
-            valid = np.ones((out_h, out_w), bool)
-            if not self.all_valid:
-                valid &= src.dataset_mask(out_shape=(out_h, out_w), resampling=Resampling.nearest) > 0
+        try:
+            data, valid = self._decimated(None, out_h, out_w)
+        except READ_ERRORS() as exc:
+            data, valid = self._decimated_readable(out_h, out_w, exc)
         if self.is_float:
             valid &= np.all(np.isfinite(data), axis=0)
         lo, hi = [], []
@@ -254,6 +287,48 @@ class Scene:
             hi.append(float(b))
         log.debug("%s: band scaling limits lo=%s hi=%s", self.path, lo, hi)
         return {"lo": lo, "hi": hi}
+
+    def _decimated(self, window, out_h: int, out_w: int):
+        from rasterio.enums import Resampling
+
+        src = self.handle
+        with gdal_env():
+            data = src.read(self.bands, window=window, out_shape=(self.count, out_h, out_w), resampling=Resampling.nearest)
+            valid = np.ones((out_h, out_w), bool)
+            if not self.all_valid:
+                valid &= src.dataset_mask(window=window, out_shape=(out_h, out_w), resampling=Resampling.nearest) > 0
+        return data, valid
+
+    def _decimated_readable(self, out_h: int, out_w: int, first_exc: Exception, parts: int = 8):
+        """The decimated read of a damaged scene, piece by piece: unreadable pieces count as
+        nodata (the tiles that cross them fail, or are skipped, when they are read)."""
+        from rasterio.windows import Window
+
+        log.warning("%s: part of the scene cannot be read (%s); scaling statistics come from the readable parts",
+                    self.path, gdal_message(first_exc))
+        data = np.zeros((self.count, out_h, out_w), self.dtype)
+        valid = np.zeros((out_h, out_w), bool)
+        ys = np.linspace(0, out_h, parts + 1).round().astype(int)
+        xs = np.linspace(0, out_w, parts + 1).round().astype(int)
+        fy, fx = self.height / out_h, self.width / out_w
+        ox, oy = self._origin
+        read_any = False
+        for i in range(parts):
+            for j in range(parts):
+                h, w = ys[i + 1] - ys[i], xs[j + 1] - xs[j]
+                if h <= 0 or w <= 0:
+                    continue
+                win = Window(ox + xs[j] * fx, oy + ys[i] * fy, w * fx, h * fy)
+                try:
+                    d, v = self._decimated(win, h, w)
+                except READ_ERRORS():
+                    continue
+                data[:, ys[i]:ys[i + 1], xs[j]:xs[j + 1]] = d
+                valid[ys[i]:ys[i + 1], xs[j]:xs[j + 1]] = v
+                read_any = True
+        if not read_any:
+            raise self.read_error(Window(ox, oy, self.width, self.height), first_exc)
+        return data, valid
 
     def read_raw(self, window) -> np.ndarray:
         """The selected bands of ``window`` in the file's dtype (in the resampled grid if any).
@@ -312,16 +387,32 @@ class Scene:
             out[:, ~valid] = 0.0
         return out
 
+    def read_error(self, window, exc: Exception) -> ReadError:
+        """A ``ReadError`` naming this file, ``window`` (in the grid's pixels) and GDAL's message."""
+        from rasterio.windows import bounds as window_bounds
+
+        try:
+            b = window_bounds(window, self.transform) if self.has_georef else None
+        except Exception:
+            b = None
+        w = (window.col_off, window.row_off, window.width, window.height)
+        return read_error(self.path, w, b, gdal_message(exc))
+
     def read_tile(self, tile, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """A tile as float32 ``[C, tile, tile]`` (padded with 0 past the scene) and its valid
-        fraction; read into ``out`` (float32 ``[C, tile, tile]``) when given."""
+        fraction; read into ``out`` (float32 ``[C, tile, tile]``) when given. A window that GDAL
+        cannot read raises ``ReadError`` (file, window, map bounds, GDAL's message)."""
         window = tile.window()
         if self._origin != (0, 0):
             from rasterio.windows import Window
 
             window = Window(window.col_off + self._origin[0], window.row_off + self._origin[1], window.width, window.height)
-        data = self.read_raw(window)
-        valid = self.valid_pixels(data, self.read_valid(window))
+        try:
+            data = self.read_raw(window)
+            mask = self.read_valid(window)
+        except READ_ERRORS() as exc:
+            raise self.read_error(window, exc) from None
+        valid = self.valid_pixels(data, mask)
         frac = 1.0 if self.all_valid and not self.is_float else (float(valid.mean()) if valid.size else 0.0)
         h, w = data.shape[1:]
         padded = (h, w) != (tile.height, tile.width)

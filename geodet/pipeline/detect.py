@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from ..errors import GeodetError
+from ..errors import GeodetError, ReadError
 from ..io.scene import Scene, gdal_env
 from ..progress import progress_bar
 from .backends import OnnxDetector, TorchDetector, choose_detector  # noqa: F401  (TorchDetector: API)
@@ -101,6 +101,7 @@ class TileResult:
     scores: np.ndarray | None
     labels: np.ndarray | None
     capped: bool = False  # the detector returned its maximum number of boxes for this tile
+    unreadable: dict | None = None  # a tile GDAL could not read (on_read_error="skip"): window, error
 
 
 def tile_detections(scene: Scene, grid: TileGrid, detector, settings: DetectSettings, device: torch.device,
@@ -115,20 +116,26 @@ def tile_detections(scene: Scene, grid: TileGrid, detector, settings: DetectSett
     if workers == 0 and device.type == "cpu":
         # in-process reading into one reused batch buffer (the model consumes each batch
         # before the next is read; on CUDA the copy to the GPU may still be running)
-        batches = read_batches(scene, grid, settings.batch_size, settings.min_valid_fraction, indices)
+        batches = read_batches(scene, grid, settings.batch_size, settings.min_valid_fraction, indices,
+                               settings.on_read_error)
     else:
-        data = TileDataset(scene, grid, indices)
+        data = TileDataset(scene, grid, indices, settings.on_read_error)
         batches = torch.utils.data.DataLoader(
             data, batch_size=settings.batch_size, num_workers=workers, collate_fn=make_collate(settings.min_valid_fraction),
             pin_memory=device.type == "cuda", worker_init_fn=worker_init if workers > 0 else None,
             prefetch_factor=2 if workers > 0 else None,
         )
     t0 = time.perf_counter()
-    for images, tiles, skipped in batches:
+    for images, tiles, skipped, failed in batches:
         t1 = time.perf_counter()
         timings["read_wait"] += t1 - t0
         for tile in skipped:
             yield TileResult(tile, None, None, None)
+        for tile, message, info in failed:
+            if settings.on_read_error == "fail":
+                raise ReadError(message, info)
+            log.warning("skipping an unreadable tile: %s", message)
+            yield TileResult(tile, None, None, None, unreadable={"tile_row": tile.row, "tile_col": tile.col, **info})
         if images is not None:
             images = images.to(device, non_blocking=True)
             if device.type == "cuda":
@@ -199,11 +206,14 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
         timings = {"read_wait": 0.0, "model": 0.0, "stitch": 0.0}
         stages_before = dict(getattr(runner, "timings", {}))
         n_run = n_skipped = n_capped = 0
+        unreadable: list[dict] = []
         bar = progress_bar(total=len(grid), desc=f"detect {Path(sc.path).name}", unit="tile", enabled=progress)
         with gdal_env():  # GDAL's block cache capped while the scene streams through
             for r in tile_detections(view, grid, runner, s, device, timings=timings):
                 t0 = time.perf_counter()
-                if r.boxes is None:
+                if r.unreadable is not None:
+                    unreadable.append(r.unreadable)
+                elif r.boxes is None:
                     n_skipped += 1
                 else:
                     n_run += 1
@@ -231,6 +241,8 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
     frame.attrs["report"] = scene_report(view, grid, s, device, (n_run, n_skipped, n_capped), stitcher.n_in, len(det),
                                          timings, card, getattr(runner, "source", None), area,
                                          getattr(runner, "choice", None))
+    frame.attrs["report"]["tiles_unreadable"] = len(unreadable)
+    frame.attrs["report"]["unreadable_tiles"] = unreadable
     return frame
 
 
@@ -272,9 +284,11 @@ def scene_names(paths: Sequence) -> list[str]:
     return [str(p) for p in paths]
 
 
-def detect_scenes(paths: Sequence, detector, *, per_scene: bool = False, **kwargs):
+def detect_scenes(paths: Sequence, detector, *, per_scene: bool = False, failures: list | None = None, **kwargs):
     """``detect_scene`` over many scenes, with a ``scene`` column. The detector is prepared once
-    (one eval copy for a geodet model). Returns one frame: in the scenes' CRS when they share
+    (one eval copy for a geodet model). With a ``failures`` list, a scene that cannot be read
+    (``ReadError``) is appended there as ``{"scene", "error"}`` and the others go on. Returns one
+    frame: in the scenes' CRS when they share
     one, else in EPSG:4326 with a ``crs`` column (``io.writers.combine_frames``); with
     ``per_scene=True``, the list of per-scene frames, each in its own CRS."""
     from ..io.writers import combine_frames
@@ -286,7 +300,13 @@ def detect_scenes(paths: Sequence, detector, *, per_scene: bool = False, **kwarg
     first = None
     if getattr(detector, "backend", None) is None and hasattr(detector, "card"):
         # the backend is chosen once for the job, checked on tiles of its first scene
-        first = open_scene(paths[0], s, card)
+        for p in paths:
+            try:
+                first = open_scene(p, s, card)
+                break
+            except ReadError:
+                if failures is None:
+                    raise
     try:
         n_tiles = 0
         if first is not None:
@@ -299,7 +319,15 @@ def detect_scenes(paths: Sequence, detector, *, per_scene: bool = False, **kwarg
     frames = []
     names = scene_names(paths)
     for p, name in zip(paths, names):
-        f = detect_scene(p, detector, **kwargs)
+        try:
+            f = detect_scene(p, detector, **kwargs)
+        except ReadError as exc:
+            # with a ``failures`` list, a scene that cannot be read fails alone
+            if failures is None:
+                raise
+            log.error("%s", exc)
+            failures.append({"scene": str(p), "error": str(exc)})
+            continue
         f["scene"] = name
         frames.append(f)
     if per_scene:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import GeodetError
+from ..errors import GeodetError, ReadError
 
 
 def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None = None, csv_geometry: str | None = None,
@@ -18,7 +18,11 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     write ``out`` (format from ``fmt`` or the extension) plus ``OUT.report.json``; with
     ``quicklook`` also a PNG per scene, drawing boxes scoring ``quicklook_min_score`` or more
     (default: the card's operating point). Every check (output folder, format, scene CRS, device,
-    bands) runs before any work. Returns the frame; ``frame.attrs["report"]`` is the report."""
+    bands) runs before any work. Returns the frame; ``frame.attrs["report"]`` is the report.
+
+    Damaged or unreachable input: with ``on_read_error="skip"`` unreadable tiles are skipped and
+    listed; in a job of several scenes, a scene that cannot be read fails alone (listed in the
+    report's ``failed_scenes``) and the others are written. ``report["partial"]`` says so."""
     from ..config import load_config
     from ..io.scene import open_raster
     from ..io.writers import (check_crs_fits, check_output_path, combine_frames, output_format, report_path,
@@ -33,9 +37,17 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     looks = _quicklook_paths(quicklook, scenes) if quicklook else []
     for p in looks:
         check_output_path(p)
-    crss = []
+    crss, failures, readable = [], [], []
     for s in scenes:
-        with open_raster(s) as src:
+        try:
+            src = open_raster(s)
+        except ReadError as exc:  # a remote scene that cannot be reached fails alone in a multi-scene job
+            if len(scenes) == 1:
+                raise
+            failures.append({"scene": str(s), "error": str(exc)})
+            continue
+        readable.append(s)
+        with src:
             if fmt != "csv" and src.crs is None:
                 raise GeodetError(
                     f"{s}: the scene has no CRS, so {fmt} output cannot be georeferenced: write CSV (-o out.csv) "
@@ -47,7 +59,10 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     if isinstance(model, (str, Path)):
         model = load_detector_file(model)
     t0 = time.perf_counter()
-    frames = detect_scenes(list(scenes), model, config=cfg, progress=progress, per_scene=True, **settings)
+    frames = detect_scenes(readable, model, config=cfg, progress=progress, per_scene=True,
+                           failures=failures if len(scenes) > 1 else None, **settings) if readable else []
+    if not frames:
+        raise GeodetError("no scene could be read; nothing was written: " + " | ".join(f["error"] for f in failures))
     frame = combine_frames(frames)
     t1 = time.perf_counter()
     write_detections(frames, out, fmt, csv_geometry or cfg.output.csv_geometry)
@@ -63,15 +78,20 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
         "inputs": [_input(s) for s in scenes],
         "output_crs": _output_crs(fmt, frames),
         "scenes": [f.attrs["report"] for f in frames],
+        "failed_scenes": failures,
+        "tiles_unreadable": sum(f.attrs["report"].get("tiles_unreadable", 0) for f in frames),
+        "partial": bool(failures) or any(f.attrs["report"].get("tiles_unreadable", 0) for f in frames),
         "seconds": {"detect": round(t1 - t0, 3), "write": round(t2 - t1, 3)},
     }
     if looks:
         from ..io.quicklook import quicklook as draw
 
         min_score = quicklook_min_score if quicklook_min_score is not None else (card.operating_point if card else None)
-        for scene, png, f in zip(scenes, looks, frames):
+        ran = {f.attrs["report"]["scene"] for f in frames}
+        looks = [(x, p) for x, p in zip(scenes, looks) if str(x) in ran]
+        for (scene, png), f in zip(looks, frames):
             draw(scene, f, png, classes=card.classes if card else None, min_score=min_score)
-        report["quicklooks"] = [str(p) for p in looks]
+        report["quicklooks"] = [str(p) for _, p in looks]
     write_json(report, report_path(out))
     frame.attrs["report"] = report
     return frame

@@ -1,22 +1,39 @@
 """Reading a scene's tiles into batches: in-process into one reused buffer, or a torch dataset
-for DataLoader workers (each opens its own file handle)."""
+for DataLoader workers (each opens its own file handle).
+
+A tile that GDAL cannot read (a damaged block, a failed remote read) raises ``ReadError`` with
+``on_read_error="fail"``; with ``"skip"`` it is reported in the batch's ``failed`` list as
+``(tile, message, info)`` and the other tiles go on.
+"""
 
 from __future__ import annotations
 
 from .grid import TileGrid
 
+ON_READ_ERROR = ("fail", "skip")
+
+
+def _check_policy(on_read_error: str) -> str:
+    if on_read_error not in ON_READ_ERROR:
+        from ..errors import GeodetError
+
+        raise GeodetError(f"on_read_error must be 'fail' or 'skip', got '{on_read_error}'")
+    return on_read_error
+
 
 class TileDataset:
-    """A torch map-style dataset of a scene's tiles: ``(image [C, T, T], tile, valid_fraction)``.
+    """A torch map-style dataset of a scene's tiles: ``(image [C, T, T] or None, tile,
+    valid_fraction, failure or None)``; a failure is ``(message, info)`` of an unreadable tile.
 
     The scene object is pickled without its file handle, so each DataLoader worker opens its own.
     """
 
-    def __init__(self, scene, grid: TileGrid, indices=None):
+    def __init__(self, scene, grid: TileGrid, indices=None, on_read_error: str = "fail"):
         scene.stats  # computed once here, not in every worker
         self.scene = scene
         self.grid = grid
         self.indices = list(range(len(grid))) if indices is None else list(indices)
+        self.on_read_error = _check_policy(on_read_error)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -24,31 +41,46 @@ class TileDataset:
     def __getitem__(self, i: int):
         import torch
 
+        from ..errors import ReadError
+
         tile = self.grid.tile(self.indices[i])
-        data, frac = self.scene.read_tile(tile)
-        return torch.from_numpy(data), tile, frac
+        try:
+            data, frac = self.scene.read_tile(tile)
+        except ReadError as exc:  # returned, not raised: a worker's exception loses its type
+            return None, tile, 0.0, (str(exc), exc.info)
+        return torch.from_numpy(data), tile, frac, None
 
 
-def read_batches(scene, grid: TileGrid, batch_size: int, min_valid_fraction: float = 0.0, indices=None):
+def read_batches(scene, grid: TileGrid, batch_size: int, min_valid_fraction: float = 0.0, indices=None,
+                 on_read_error: str = "fail"):
     """Batches read in this process into one reused buffer: ``(images [n, C, T, T] or None,
-    tiles, skipped)``, the batches a DataLoader over ``TileDataset`` with ``make_collate`` gives,
-    without a per-tile array, a stacking copy or a new batch allocation each time. ``indices``
-    (default: every tile) picks the tiles, e.g. one block of the grid.
+    tiles, skipped, failed)``, the batches a DataLoader over ``TileDataset`` with ``make_collate``
+    gives, without a per-tile array, a stacking copy or a new batch allocation each time.
+    ``indices`` (default: every tile) picks the tiles, e.g. one block of the grid.
 
     Each batch's ``images`` are overwritten by the next batch: use them before asking for it.
     """
     import torch
 
+    from ..errors import ReadError
+
+    _check_policy(on_read_error)
     indices = list(range(len(grid))) if indices is None else list(indices)
     buf = torch.empty((batch_size, scene.count, grid.tile_size, grid.tile_size))
     arr = buf.numpy()
     for start in range(0, len(indices), batch_size):
-        tiles, skipped = [], []
+        tiles, skipped, failed = [], [], []
         for i in indices[start : start + batch_size]:
             tile = grid.tile(i)
-            _, frac = scene.read_tile(tile, out=arr[len(tiles)])
+            try:
+                _, frac = scene.read_tile(tile, out=arr[len(tiles)])
+            except ReadError as exc:
+                if on_read_error == "fail":
+                    raise
+                failed.append((tile, str(exc), exc.info))
+                continue
             (tiles if frac > min_valid_fraction else skipped).append(tile)
-        yield (buf[: len(tiles)] if tiles else None), tiles, skipped
+        yield (buf[: len(tiles)] if tiles else None), tiles, skipped, failed
 
 
 def worker_init(_worker_id: int) -> None:
@@ -59,14 +91,17 @@ def worker_init(_worker_id: int) -> None:
 
 
 def make_collate(min_valid_fraction: float):
-    """A collate function that drops tiles at or below ``min_valid_fraction`` valid pixels."""
+    """A collate function that drops tiles at or below ``min_valid_fraction`` valid pixels and
+    lists unreadable ones apart."""
 
     def collate(samples):
         import torch
 
-        keep = [s for s in samples if s[2] > min_valid_fraction]
-        skipped = [s[1] for s in samples if s[2] <= min_valid_fraction]
+        failed = [(s[1], *s[3]) for s in samples if s[3] is not None]
+        readable = [s for s in samples if s[3] is None]
+        keep = [s for s in readable if s[2] > min_valid_fraction]
+        skipped = [s[1] for s in readable if s[2] <= min_valid_fraction]
         images = torch.stack([s[0] for s in keep]) if keep else None
-        return images, [s[1] for s in keep], skipped
+        return images, [s[1] for s in keep], skipped, failed
 
     return collate

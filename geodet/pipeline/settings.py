@@ -31,6 +31,7 @@ SETTINGS = {
     "match_iou": ("detect.match_iou", None),
     "backend": ("detect.backend", None),
     "precision": ("detect.precision", None),
+    "on_read_error": ("detect.on_read_error", None),
 }
 
 
@@ -52,6 +53,7 @@ class DetectSettings:
     match_iou: float
     backend: str = "auto"
     precision: str = "auto"
+    on_read_error: str = "fail"
     sources: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
@@ -98,6 +100,7 @@ def resolve_detect_settings(card=None, config: Config | None = None, **explicit)
         min_valid_fraction=float(values["min_valid_fraction"]), batch_size=int(values["batch_size"]),
         device=str(values["device"]), num_workers=None if values["num_workers"] is None else int(values["num_workers"]),
         match_iou=float(values["match_iou"]), backend=str(values["backend"]), precision=str(values["precision"]),
+        on_read_error=str(values["on_read_error"]),
         sources=sources,
     )
     _check(s)
@@ -116,6 +119,8 @@ def _check(s: DetectSettings) -> None:
         raise GeodetError(f"unknown backend '{s.backend}': use auto, torch or onnx")
     if s.precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
         raise GeodetError(f"unknown precision '{s.precision}': use auto, fp32, bf16, fp16 or int8")
+    if s.on_read_error not in ("fail", "skip"):
+        raise GeodetError(f"on_read_error must be fail or skip, got '{s.on_read_error}'")
     if s.batch_size < 1:
         raise GeodetError(f"batch size must be at least 1, got {s.batch_size}")
     if not 0 <= s.score_threshold <= 1:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU check: on a CUDA machine without network (Python 3.12 with torch and torchvision, no
+# rasterio/pyogrio/shapely/geopandas), install geodet and its missing dependencies from cp312
+# wheels carried in WHEELS (default gpu_wheels/, git-ignored), then run benchmarks/gpu_check.py
+# and print its JSON (also written to $OUT/gpu_check.json when $OUT is set).
+#
+# Prepare the wheels on a machine with the package index (about 60 MB):
+#   bash benchmarks/gpu_check.sh --prepare [WHEELS]
+# Run (from the repository root):
+#   bash benchmarks/gpu_check.sh [WHEELS] [-- extra gpu_check.py flags]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEPS="rasterio shapely pyogrio geopandas pyproj pyarrow pyyaml tqdm faster-coco-eval onnxruntime onnx"
+if [ "${1:-}" = "--prepare" ]; then
+  W="${2:-gpu_wheels}"
+  mkdir -p "$W"
+  pip download --dest "$W" --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 $DEPS setuptools wheel
+  rm -f "$W"/numpy-* "$W"/torch-* "$W"/nvidia_* "$W"/triton-*  # the machine's own torch stack stays
+  du -sh "$W"
+  exit 0
+fi
+W="${1:-gpu_wheels}"
+[ "${1:-}" != "" ] && shift
+[ "${1:-}" = "--" ] && shift
+VENV="${TMPDIR:-/tmp}/geodet-gpu-venv"
+python3 -m venv --system-site-packages "$VENV"   # keeps the machine's torch, torchvision and numpy
+. "$VENV/bin/activate"
+if [ -d "$W" ]; then
+  pip install -q --no-index --find-links "$W" $DEPS
+else
+  echo "gpu_check: no wheel folder $W; installing from the package index" >&2
+  pip install -q $DEPS
+fi
+pip install -q --no-deps --no-build-isolation --no-index --find-links "$W" . 2>/dev/null || pip install -q --no-deps --no-build-isolation .
+python -c "import torch; print('gpu_check: torch', torch.__version__, 'cuda', torch.cuda.is_available())" >&2
+exec python benchmarks/gpu_check.py --workdir "${TMPDIR:-/tmp}/gpu-check-work" "$@"
