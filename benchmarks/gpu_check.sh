@@ -4,19 +4,25 @@
 # wheels carried in WHEELS (default gpu_wheels/, git-ignored), then run benchmarks/gpu_check.py
 # and print its JSON (also written to $OUT/gpu_check.json when $OUT is set).
 #
-# Prepare the wheels on a machine with the package index (about 60 MB):
+# Prepare the wheels on a machine with the package index. The GDAL-bundling wheels are large:
+# with the pinned older releases below the folder is about 68 MB (rasterio 21, pyogrio 22,
+# pandas 12, pyproj 8), just over a 64 MiB carry limit; where the machine has pandas, drop it
+# (--no-pandas) to fit:
 #   bash benchmarks/gpu_check.sh --prepare [WHEELS]
 # Run (from the repository root):
 #   bash benchmarks/gpu_check.sh [WHEELS] [-- extra gpu_check.py flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEPS="rasterio shapely pyogrio geopandas pyproj pyarrow pyyaml tqdm faster-coco-eval onnxruntime onnx"
+# what the GPU check imports (no pyarrow, onnxruntime or onnx: it runs the torch backend)
+DEPS="rasterio shapely pyogrio geopandas pyproj pandas pyyaml tqdm faster-coco-eval"
+PINNED="rasterio==1.3.11 pyogrio==0.9.0 pyproj==3.6.1 pandas==2.2.3 shapely geopandas pyyaml tqdm faster-coco-eval"
 if [ "${1:-}" = "--prepare" ]; then
   W="${2:-gpu_wheels}"
   mkdir -p "$W"
   pip download --dest "$W" --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 $DEPS setuptools wheel
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 $PINNED setuptools wheel
   rm -f "$W"/numpy-* "$W"/torch-* "$W"/nvidia_* "$W"/triton-*  # the machine's own torch stack stays
+  [ "${3:-}" = "--no-pandas" ] && rm -f "$W"/pandas-*
   du -sh "$W"
   exit 0
 fi
