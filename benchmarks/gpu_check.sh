@@ -5,9 +5,9 @@
 # and print its JSON (also written to $OUT/gpu_check.json when $OUT is set).
 #
 # Prepare the wheels on a machine with the package index. The GDAL-bundling wheels are large:
-# with the pinned older releases below the folder is about 68 MB (rasterio 21, pyogrio 22,
-# pandas 12, pyproj 8), just over a 64 MiB carry limit; where the machine has pandas, drop it
-# (--no-pandas) to fit:
+# with the pinned releases below (the smallest that run with numpy 2) the folder is 73 MB =
+# 70 MiB (rasterio 21 MB, pyogrio 22, pandas 12, pyproj 8), over a 64 MiB carry limit; without
+# pandas (--no-pandas, for a machine that has it) it is 61 MB = 58 MiB:
 #   bash benchmarks/gpu_check.sh --prepare [WHEELS]
 # Run (from the repository root):
 #   bash benchmarks/gpu_check.sh [WHEELS] [-- extra gpu_check.py flags]
@@ -20,8 +20,9 @@ if [ "${1:-}" = "--prepare" ]; then
   W="${2:-gpu_wheels}"
   mkdir -p "$W"
   pip download --dest "$W" --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 $PINNED setuptools wheel
-  rm -f "$W"/numpy-* "$W"/torch-* "$W"/nvidia_* "$W"/triton-*  # the machine's own torch stack stays
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 $PINNED
+  # the machine's own numpy and torch stack stay; geodet runs from the checkout (PYTHONPATH)
+  rm -f "$W"/numpy-* "$W"/torch-* "$W"/nvidia_* "$W"/triton-* "$W"/setuptools-* "$W"/wheel-*
   [ "${3:-}" = "--no-pandas" ] && rm -f "$W"/pandas-*
   du -sh "$W"
   exit 0
@@ -38,6 +39,6 @@ else
   echo "gpu_check: no wheel folder $W; installing from the package index" >&2
   pip install -q $DEPS
 fi
-pip install -q --no-deps --no-build-isolation --no-index --find-links "$W" . 2>/dev/null || pip install -q --no-deps --no-build-isolation .
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"  # geodet from this checkout, nothing to build
 python -c "import torch; print('gpu_check: torch', torch.__version__, 'cuda', torch.cuda.is_available())" >&2
 exec python benchmarks/gpu_check.py --workdir "${TMPDIR:-/tmp}/gpu-check-work" "$@"
