@@ -117,13 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--workers", type=_nonneg_int, help="DataLoader workers for chip reading")
     tr.add_argument("--seed", type=int)
     tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    tr.add_argument("--init", help="start from this model file (geodet train or geodet import): its architecture, "
+                                   "weights, tile size and GSD; new classes re-initialise only the last classification conv")
+    tr.add_argument("--freeze-stages", type=_nonneg_int, help="freeze the backbone's first N stages (1 stem, 2 +layer1, "
+                                                               "... 5 +layer4)")
 
     d = sub.add_parser("detect", parents=[common], help="detect objects over whole scenes",
                        description="Detect objects over one or more whole scenes and write GeoJSON (EPSG:4326), "
                                    "GeoPackage, FlatGeobuf, Shapefile, GeoParquet (scene CRS) or CSV, plus "
                                    "OUT.report.json; vector files come with a QGIS style.")
     d.add_argument("scenes", nargs="+", metavar="SCENE")
-    d.add_argument("--model", "-m", required=True, help="model file: model.pt from geodet train, or MODEL.onnx from geodet export")
+    d.add_argument("--model", "-m", required=True, help="model file: model.pt from geodet train or import, MODEL.onnx from geodet "
+                                                       "export, or a torchvision RetinaNet to import on the fly (a Hugging "
+                                                       "Face folder or hf://ORG/NAME; cached)")
     d.add_argument("--out", "-o", required=True, help="output file: .geojson, .gpkg, .fgb, .shp, .csv or .parquet")
     d.add_argument("--format", choices=["geojson", "gpkg", "fgb", "shp", "csv", "parquet"], help="override the format")
     d.add_argument("--tile-size", type=_positive_int, help="default: the model card's")
@@ -166,6 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: least detection F1 against fp32 at the operating point (0.95)")
     x.add_argument("--check-labels", help="labels of a scene: also report AP50 of torch fp32 and of the export")
     x.add_argument("--check-scene", help="the scene of --check-labels (default: the first --calibrate scene)")
+
+    im = sub.add_parser("import", parents=[common], help="turn a torchvision RetinaNet (e.g. DeepForest's) into a geodet model",
+                        description="Import a torchvision RetinaNet checkpoint as a geodet model file with a complete card. "
+                                    "SOURCE: a Hugging Face model folder (config.json + model.safetensors or "
+                                    "pytorch_model.bin, as DeepForest publishes them), hf://ORG/NAME (fetched where the "
+                                    "network allows, else read from the Hugging Face cache), or a plain state_dict "
+                                    "(.pt/.pth/.safetensors). torchvision's resize to --min-size becomes a ground "
+                                    "resolution in the card (scenes are resampled on read).")
+    im.add_argument("source")
+    im.add_argument("--out", "-o", required=True, help="geodet model file to write (.pt)")
+    im.add_argument("--gsd", type=float, help="ground resolution (m) of the imagery the model ran on at home "
+                                              "(default: none, scenes run at their native resolution)")
+    im.add_argument("--tile-size", type=_positive_int, help="window size it ran on at home (DeepForest: patch_size, "
+                                                            "400); default: the config's, else --min-size")
+    im.add_argument("--min-size", type=_positive_int, help="torchvision's resize target (default: 800)")
+    im.add_argument("--bands", type=_bands, help="scene bands for the network's inputs (default 1,2,3)")
+    im.add_argument("--classes", help="class names, comma-separated, in the head's order (default: config.json's "
+                                      "label_dict)")
+    im.add_argument("--score-threshold", type=float)
+    im.add_argument("--detections-per-tile", type=_positive_int, help="default 300, as torchvision")
 
     e = sub.add_parser("evaluate", parents=[common], help="COCO AP and precision/recall against labels",
                        description="Evaluate detections (any format geodet writes) against labels (any OGR vector).")
@@ -225,7 +251,8 @@ def _train_config(args):
         "train.time_limit_min": args.time_limit, "train.batch_size": args.batch_size, "train.lr": args.lr,
         "tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap, "scene.bands": args.bands,
         "scene.gsd_m": args.gsd, "train.device": args.device, "train.num_workers": args.workers,
-        "train.seed": args.seed, "train.class_column": args.class_column,
+        "train.seed": args.seed, "train.class_column": args.class_column, "train.init": args.init,
+        "train.freeze_backbone_stages": args.freeze_stages,
     })
     for flag, a, b in (("--scene/--labels", args.scene, args.labels), ("--val-scene/--val-labels", args.val_scene, args.val_labels)):
         if len(a) != len(b):
@@ -309,6 +336,24 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_import(args) -> int:
+    from .io.writers import check_output_path
+    from .model import save_model
+    from .model.imports import import_retinanet
+
+    out = check_output_path(args.out)
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    model = import_retinanet(args.source, gsd_m=args.gsd, tile_size=args.tile_size, min_size=args.min_size,
+                             bands=args.bands, classes=classes, score_threshold=args.score_threshold,
+                             detections_per_tile=args.detections_per_tile)
+    save_model(model, out)
+    c = model.card
+    res = f"{c.gsd_m:g} m" if c.gsd_m else "the scene's native resolution"
+    print(f"imported a {c.model.backbone} RetinaNet: classes {', '.join(c.classes)}; tiles of {c.tile_size} px at {res}; "
+          f"score threshold {c.model.score_threshold:g}, NMS IoU {c.model.nms_iou:g} -> {out}")
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from .evaluation import evaluate, format_table, plot_pr
     from .io.writers import check_output_path, write_json
@@ -362,7 +407,8 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"tile": _cmd_tile, "train": _cmd_train, "detect": _cmd_detect, "export": _cmd_export, "evaluate": _cmd_evaluate,
+COMMANDS = {"tile": _cmd_tile, "train": _cmd_train, "detect": _cmd_detect, "export": _cmd_export, "import": _cmd_import,
+            "evaluate": _cmd_evaluate,
             "anchors": _cmd_anchors, "demo": _cmd_demo}
 
 

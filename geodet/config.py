@@ -59,13 +59,18 @@ class TilingConfig:
 class ModelConfig:
     classes: list[str] = field(default_factory=lambda: ["object"])
     backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | resnet101
-    pretrained: str = "none"  # none | imagenet (needs torchvision's weights cached)
+    # none | imagenet (torchvision's weights, from its cache) | a path to a torchvision ImageNet
+    # weights file (e.g. resnet50-0676ba61.pth, hash-checked) | imported (geodet import: frozen BN)
+    pretrained: str = "none"
     trainable_layers: int = 5
     # Pyramid levels [min, max]: P2 has stride 4, P7 stride 128.
     levels: list[int] = field(default_factory=lambda: [2, 5])
     # One base anchor size (pixels) per level, smallest first.
     anchor_sizes: list[float] = field(default_factory=lambda: [12.0, 24.0, 48.0, 96.0])
     scales_per_octave: int = 1
+    # Every anchor size, level by level (levels x scales_per_octave), instead of anchor_sizes
+    # times 2**(i/scales): for imported models whose sizes were rounded (torchvision: 32, 40, 50, ...)
+    anchor_size_list: Optional[list[float]] = None
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     channels: int = 128  # FPN and head width
     head_depth: int = 4  # conv layers in each subnet before the output conv
@@ -116,6 +121,12 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"
+    # start from this geodet model file (trained or imported): its architecture, weights, tile
+    # size, GSD and bands unless set here; new classes re-initialise only the last classification conv
+    init: Optional[str] = None
+    # freeze the backbone's first N stages (1: stem, 2: + layer1, ..., 5: + layer4); None: as
+    # model.trainable_layers says (pretrained backbones) or nothing frozen (from scratch)
+    freeze_backbone_stages: Optional[int] = None
     # auto: fp16 autocast on CUDA, bf16 autocast on CPUs with native bf16 (AVX512_BF16/AMX), else
     # fp32; the losses are always computed in float32
     precision: str = "auto"

@@ -135,9 +135,16 @@ def anchor_generator(cfg: ModelConfig) -> GridAnchorGenerator:
         )
     if cfg.scales_per_octave < 1 or not cfg.aspect_ratios or min(cfg.aspect_ratios) <= 0:
         raise GeodetError("model.scales_per_octave must be >= 1 and model.aspect_ratios positive numbers")
-    sizes = tuple(
-        tuple(float(s) * 2 ** (i / cfg.scales_per_octave) for i in range(cfg.scales_per_octave)) for s in cfg.anchor_sizes
-    )
+    if cfg.anchor_size_list:
+        k = cfg.scales_per_octave
+        if len(cfg.anchor_size_list) != n_levels * k:
+            raise GeodetError(f"model.anchor_size_list has {len(cfg.anchor_size_list)} sizes but {n_levels} levels x "
+                              f"{k} scales_per_octave make {n_levels * k}")
+        sizes = tuple(tuple(float(v) for v in cfg.anchor_size_list[i * k : (i + 1) * k]) for i in range(n_levels))
+    else:
+        sizes = tuple(
+            tuple(float(s) * 2 ** (i / cfg.scales_per_octave) for i in range(cfg.scales_per_octave)) for s in cfg.anchor_sizes
+        )
     return GridAnchorGenerator(sizes, (tuple(float(a) for a in cfg.aspect_ratios),) * n_levels)
 
 

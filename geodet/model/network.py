@@ -241,8 +241,9 @@ def _check_model_config(cfg: ModelConfig) -> None:
         raise GeodetError(f"model.backbone '{cfg.backbone}' is not supported: use one of {', '.join(BACKBONES)}")
     if len(cfg.levels) != 2 or not 2 <= cfg.levels[0] <= 5 or cfg.levels[1] < cfg.levels[0] or cfg.levels[1] > 8:
         raise GeodetError(f"model.levels must be [min, max] with 2 <= min <= 5 and min <= max <= 8, got {cfg.levels}")
-    if cfg.pretrained not in ("none", "imagenet"):
-        raise GeodetError(f"model.pretrained must be 'none' or 'imagenet', got '{cfg.pretrained}'")
+    if cfg.pretrained not in ("none", "imagenet", "imported") and not Path(cfg.pretrained).suffix in (".pth", ".pt"):
+        raise GeodetError(f"model.pretrained must be none, imagenet, imported or the path of a torchvision ImageNet "
+                          f"weights file (.pth), got '{cfg.pretrained}'")
     if not 0 <= cfg.trainable_layers <= 5:
         raise GeodetError(f"model.trainable_layers must be 0..5, got {cfg.trainable_layers}")
     if cfg.channels < 8 or not 1 <= cfg.head_depth <= 8:
@@ -274,13 +275,45 @@ def _subnet(channels: int, depth: int, norm_layer) -> nn.Sequential:
     return layers
 
 
+def _local_weights(path: str, backbone: str) -> dict:
+    """A torchvision ImageNet weights file downloaded elsewhere: loaded without running code, and
+    checked against the SHA-256 prefix in its name where torchvision's naming has one
+    (``resnet50-0676ba61.pth``)."""
+    import hashlib
+    import re
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise GeodetError(f"model.pretrained: weights file not found: {path}")
+    m = re.search(r"-([0-9a-f]{8,})\.pth?$", p.name)
+    if m:
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        if not digest.startswith(m.group(1)):
+            raise GeodetError(f"model.pretrained: {p.name} is damaged or not the file its name says (SHA-256 starts "
+                              f"{digest[:8]}, the name says {m.group(1)}): download it again")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise GeodetError(f"model.pretrained: {p.name} is not a weights file a safe load accepts ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(sd, dict) or "conv1.weight" not in sd:
+        raise GeodetError(f"model.pretrained: {p.name} is not a torchvision ResNet state_dict (no conv1.weight): give "
+                          f"the {backbone} ImageNet weights file")
+    return sd
+
+
 def build_backbone(cfg: ModelConfig, in_channels: int, load_pretrained: bool = True) -> BackboneWithFPN:
     fn, _ = BACKBONES[cfg.backbone]
-    pretrained = cfg.pretrained == "imagenet"
-    weights = _imagenet_weights(cfg.backbone) if pretrained and load_pretrained else None
+    pretrained = cfg.pretrained != "none"
+    weights = _imagenet_weights(cfg.backbone) if cfg.pretrained == "imagenet" and load_pretrained else None
     # Frozen BN only makes sense with pretrained statistics; from scratch BN must learn.
     norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     body = fn(weights=weights, norm_layer=norm)
+    if pretrained and cfg.pretrained not in ("imagenet", "imported") and load_pretrained:
+        sd = _local_weights(cfg.pretrained, cfg.backbone)
+        try:
+            body.load_state_dict({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, strict=True)
+        except RuntimeError as exc:
+            raise GeodetError(f"model.pretrained: the weights do not fit {cfg.backbone} ({str(exc).splitlines()[0][:120]})") from None
     if in_channels != 3:
         old = body.conv1
         new = nn.Conv2d(in_channels, old.out_channels, 7, 2, 3, bias=False)
@@ -351,7 +384,7 @@ class GeodetModel(nn.Module):
 
 
 def default_normalisation(cfg: ModelConfig, n_bands: int) -> dict:
-    if cfg.pretrained == "imagenet":
+    if cfg.pretrained != "none":
         mean = (IMAGENET_MEAN + [float(np.mean(IMAGENET_MEAN))] * n_bands)[:n_bands]
         std = (IMAGENET_STD + [float(np.mean(IMAGENET_STD))] * n_bands)[:n_bands]
         if n_bands < 3:

@@ -105,6 +105,29 @@ def load_detector_file(path):
         from ..model.onnx import load_onnx
 
         return load_onnx(path)
+    if str(path).startswith("hf://") or Path(str(path)).is_dir():
+        return imported_model(str(path))
+    return load_model(path)
+
+
+def imported_model(source: str):
+    """A torchvision RetinaNet (Hugging Face folder or hf:// id) imported with its config's
+    settings, cached as a geodet model file (keyed by the source's weights) for later runs."""
+    import hashlib
+
+    from ..model import save_model
+    from ..model.imports import import_retinanet
+    from .backends import cache_dir
+
+    model = import_retinanet(source)
+    key = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes()[:4096] for v in
+                                  list(model.net.state_dict().values())[:64]) + source.encode()).hexdigest()[:16]
+    path = cache_dir() / "imported" / f"{key}.pt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_model(model, path)
+    from ..model import load_model
+
     return load_model(path)
 
 

@@ -9,6 +9,7 @@ card records the validation metrics and the operating point (best-F1 score).
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import Config, config_from_dict
+from ..config import ModelConfig, Config, config_from_dict
 from ..errors import GeodetError
 from ..io.labels import class_names, labels_to_boxes, read_labels
 from ..io.scene import gdal_env, scene_from_config
@@ -75,6 +76,21 @@ class Run:
     epoch: int = 0
     best: float = -1.0
     autocast_dtype: Optional[torch.dtype] = None  # the network's forward under autocast of this type
+
+
+STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+
+
+def freeze_stages(model: GeodetModel, n: int | None) -> None:
+    """Freeze the backbone body's first ``n`` stages (stem, layer1, ...) and train the rest of
+    the body; None leaves the model as built."""
+    if n is None:
+        return
+    if not 0 <= int(n) <= len(STAGES):
+        raise GeodetError(f"train.freeze_backbone_stages must be 0..{len(STAGES)}, got {n}")
+    frozen = tuple(p for stage in STAGES[: int(n)] for p in stage)
+    for name, p in model.net.backbone.body.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
 
 
 def training_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -134,8 +150,32 @@ class Trainer:
             out.append(TrainScene(sc, lb, (0, 0, sc.width, sc.height), str(lp)))
         return out, classes
 
+    def _apply_init(self) -> None:
+        """With ``train.init``: the start model's card sets the architecture and, unless the
+        config set them, the tile size, overlap, GSD, bands and percentiles."""
+        from ..model.file import read_model_file
+
+        cfg = self.cfg
+        payload = read_model_file(cfg.train.init)
+        card = ModelCard.from_dict(payload["card"], source=f"{cfg.train.init} card")
+        self.init_payload, self.init_card = payload, card
+        classes = cfg.model.classes if "model.classes" in cfg.explicit else None
+        cfg.model = copy.deepcopy(card.model)
+        # the classes come from the labels (or the config), as in any training run
+        cfg.model.classes = classes if classes is not None else ModelConfig().classes
+        for key, value in (("tiling.tile_size", card.tile_size), ("tiling.overlap", card.overlap),
+                           ("scene.gsd_m", card.gsd_m), ("scene.bands", list(card.bands)),
+                           ("scene.percentiles", list(card.percentiles))):
+            if key not in cfg.explicit and value is not None:
+                section, name = key.split(".")
+                setattr(getattr(cfg, section), name, value)
+        log.info("starting from %s (%s, %d classes, %d px tiles%s)", cfg.train.init, card.model.backbone,
+                 len(card.classes), card.tile_size, f" at {card.gsd_m:g} m" if card.gsd_m else "")
+
     def prepare(self):
         cfg = self.cfg
+        if cfg.train.init and getattr(self, "init_card", None) is None:
+            self._apply_init()
         if not cfg.train.scenes:
             raise GeodetError("no training scenes: list train.scenes in the config or pass --scene and --labels")
         user_classes = cfg.model.classes if cfg.model.classes != ["object"] or not cfg.train.class_column else None
@@ -205,9 +245,12 @@ class Trainer:
     def _build(self, state: dict | None) -> GeodetModel:
         cfg = self.cfg
         cfg.model.classes = list(self.classes)
+        init = getattr(self, "init_card", None)
         if state is not None:
             old = ModelCard.from_dict(state["card"], source=str(self.out / "last.pt"))
             norm = {"mean": old.mean, "std": old.std}
+        elif init is not None:
+            norm = {"mean": init.mean, "std": init.std}
         else:
             norm = _normalisation(self.train_scenes) if cfg.model.pretrained == "none" else None
         sc0 = self.train_scenes[0].scene
@@ -219,7 +262,31 @@ class Trainer:
                             "counts": ts.labels.counts} for ts in self.train_scenes]
         native = float(sc0.pixel_gsd) if sc0.crs is not None and sc0.crs.is_projected else None
         card.gsd_m = cfg.scene.gsd_m if cfg.scene.gsd_m else native
+        if init is not None and state is None:
+            self._load_init(model, init)
+        freeze_stages(model, cfg.train.freeze_backbone_stages)
         return model
+
+    def _load_init(self, model: GeodetModel, init: ModelCard) -> None:
+        """The start model's weights; with other classes, all but the last classification conv
+        (which keeps its prior-probability initialisation)."""
+        sd = self.init_payload["state_dict"]
+        same = list(init.classes) == list(model.card.classes)
+        if not same:
+            sd = {k: v for k, v in sd.items() if not k.startswith("head.classification_head.cls_logits.")}
+            log.info("classes %s differ from the start model's %s: the last classification conv starts afresh",
+                     model.card.classes, init.classes)
+        try:
+            missing, unexpected = model.net.load_state_dict(sd, strict=False)
+        except RuntimeError as exc:
+            raise GeodetError(f"{self.cfg.train.init}: its weights do not fit this configuration "
+                              f"({str(exc).splitlines()[0][:160]})") from None
+        expected_missing = set() if same else {"head.classification_head.cls_logits.weight",
+                                                "head.classification_head.cls_logits.bias"}
+        if set(missing) - expected_missing or unexpected:
+            raise GeodetError(f"{self.cfg.train.init}: its weights do not fit this configuration (missing "
+                              f"{sorted(set(missing) - expected_missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        model.card.extra["fine_tuned_from"] = {"path": str(self.cfg.train.init), "classes": list(init.classes)}
 
     def setup(self) -> Run:
         """Data, device (and the process group when distributed), model, optimiser, schedule;
