@@ -191,3 +191,41 @@ def test_fine_tuning_an_imported_model(tmp_path, synth):
     losses = [float(r[2]) for r in rows]
     assert len(losses) == 6 and np.isfinite(losses).all()
     assert min(losses[-3:]) < losses[0]  # learning: the loss falls from where it started
+
+
+def test_pretrained_backbone_from_a_local_file_is_hash_checked(tmp_path):
+    import hashlib
+
+    from torchvision.models import resnet18
+
+    from geodet.config import ModelConfig
+    from geodet.model import build_model
+
+    sd = resnet18().state_dict()
+    tmp = tmp_path / "w.pth"
+    torch.save(sd, tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    good = tmp_path / f"resnet18-{digest[:8]}.pth"
+    tmp.rename(good)
+    model = build_model(ModelConfig(pretrained=str(good), channels=32, head_depth=1), tile_size=64)
+    assert torch.equal(model.net.backbone.body.layer1[0].conv1.weight, sd["layer1.0.conv1.weight"])
+    bad = tmp_path / "resnet18-deadbeef.pth"
+    bad.write_bytes(good.read_bytes())
+    with pytest.raises(GeodetError, match="damaged or not the file its name says"):
+        build_model(ModelConfig(pretrained=str(bad), channels=32, head_depth=1), tile_size=64)
+
+
+def test_detect_imports_a_folder_on_the_fly_and_caches_it(monkeypatch, tmp_path):
+    from helpers import write_raster
+
+    from geodet.cli import main
+
+    monkeypatch.setenv("GEODET_CACHE", str(tmp_path / "cache"))
+    folder = _hf_folder(tmp_path / "hf", _tv_retinanet(1, 18), {"num_classes": 1, "label_dict": {"Tree": 0}})
+    scene = write_raster(tmp_path / "s.tif", np.random.default_rng(0).integers(0, 255, (3, 200, 200), dtype=np.uint8))
+    for out in ("a.gpkg", "b.gpkg"):
+        assert main(["-q", "detect", str(scene), "-m", str(folder), "-o", str(tmp_path / out), "--tile-size", "128"]) == 0
+    cached = list((tmp_path / "cache" / "imported").glob("*.pt"))
+    assert len(cached) == 1
+    report = json.loads((tmp_path / "a.gpkg.report.json").read_text())
+    assert report["model"]["path"] == str(cached[0]) and report["model"]["classes"] == ["Tree"]
