@@ -162,7 +162,7 @@ def test_offline_hub_id_gives_a_clear_message(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tuning_an_imported_model(tmp_path, synth):
+def test_fine_tuning_an_imported_model_on_the_tree_crowns(tmp_path, trees_dir):
     from conftest import tiny_config
 
     from geodet.cli import main
@@ -170,10 +170,12 @@ def test_fine_tuning_an_imported_model(tmp_path, synth):
     from geodet.training.trainer import Trainer
 
     tv = _tv_retinanet(1, 18)
-    folder = _hf_folder(tmp_path / "hf", tv, {"num_classes": 1, "label_dict": {"Tree": 0}})
+    # the imported model names its class "Crown"; the crowns are labelled "Tree": a new class head
+    folder = _hf_folder(tmp_path / "hf", tv, {"num_classes": 1, "label_dict": {"Crown": 0}})
     start = tmp_path / "imported.pt"
     assert main(["-q", "import", str(folder), "-o", str(start), "--tile-size", "128", "--min-size", "128"]) == 0
-    cfg = tiny_config(synth.image, synth.labels, max_steps=6, steps_per_epoch=6, epochs=1, lr=0.0005)
+    cfg = tiny_config(trees_dir / "yell_541000.tif", trees_dir / "yell_541000.gpkg", max_steps=6, steps_per_epoch=6,
+                      epochs=1, lr=0.0005)
     cfg.train.init = str(start)
     cfg.train.freeze_backbone_stages = 2
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
@@ -181,7 +183,7 @@ def test_fine_tuning_an_imported_model(tmp_path, synth):
     path = trainer.run()
     after = load_model(path)
     assert after.card.model.backbone == "resnet18" and after.card.tile_size == 128
-    assert after.card.classes != before.card.classes  # the synthetic labels' classes: a new head layer
+    assert before.card.classes == ["Crown"] and after.card.classes == ["Tree"]  # a new head layer
     b, a = before.net.state_dict(), after.net.state_dict()
     for k in ("backbone.body.conv1.weight", "backbone.body.layer1.0.conv1.weight"):
         assert torch.equal(a[k], b[k])  # frozen stages do not change
