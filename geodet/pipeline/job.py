@@ -3,6 +3,7 @@ before any work, detection over every scene, the output file, its report and qui
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -120,8 +121,12 @@ def imported_model(source: str):
     from .backends import cache_dir
 
     model = import_retinanet(source)
-    key = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes()[:4096] for v in
-                                  list(model.net.state_dict().values())[:64]) + source.encode()).hexdigest()[:16]
+    card = {k: v for k, v in model.card.to_dict().items() if k != "created"}
+    digest = hashlib.sha256(json.dumps(card, sort_keys=True, default=str).encode())
+    for name, tensor in model.net.state_dict().items():  # the weights themselves, not the path
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    key = digest.hexdigest()[:16]
     path = cache_dir() / "imported" / f"{key}.pt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
