@@ -212,15 +212,20 @@ def test_flaky_remote_cog_gives_the_local_detections(monkeypatch, served, intact
     np.testing.assert_array_equal(got[cols].to_numpy(), ref[cols].to_numpy())
 
 
-def test_unreachable_remote_scene_fails_clearly_and_writes_nothing(monkeypatch, tmp_path, served, capsys):
-    from geodet.cli import main
-
+def _server_down(monkeypatch, tmp_path, served, retries):
+    """The server fails every request, GDAL retries quickly; a model file and an output path."""
     monkeypatch.setenv("GDAL_HTTP_RETRY_DELAY", "0.05")
-    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "2")
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", str(retries))
     served.fail_all = True
     model = tmp_path / "m.pt"
     _save_tiny_model(model)
-    out = tmp_path / "o.gpkg"
+    return model, tmp_path / "o.gpkg"
+
+
+def test_unreachable_remote_scene_fails_clearly_and_writes_nothing(monkeypatch, tmp_path, served, capsys):
+    from geodet.cli import main
+
+    model, out = _server_down(monkeypatch, tmp_path, served, 2)
     assert main(["-q", "detect", _url(served, "down.tif"), "-m", str(model), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot open the remote scene" in err[0] and "down.tif" in err[0]
@@ -230,12 +235,7 @@ def test_unreachable_remote_scene_fails_clearly_and_writes_nothing(monkeypatch, 
 def test_a_scene_that_cannot_be_read_fails_alone(monkeypatch, tmp_path, served, intact, capsys):
     from geodet.cli import main
 
-    monkeypatch.setenv("GDAL_HTTP_RETRY_DELAY", "0.05")
-    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "1")
-    served.fail_all = True
-    model = tmp_path / "m.pt"
-    _save_tiny_model(model)
-    out = tmp_path / "o.gpkg"
+    model, out = _server_down(monkeypatch, tmp_path, served, 1)
     local = tmp_path / "local.tif"
     shutil.copy(intact, local)
     assert main(["-q", "detect", _url(served, "gone.tif"), str(local), "-m", str(model), "-o", str(out),

@@ -278,23 +278,24 @@ def choose_detector(detector, device: torch.device, settings: DetectSettings, sc
         return det
     if not (isinstance(detector, torch.nn.Module) and hasattr(detector, "predict")):
         return detector
-    choice = _decide(detector, device, settings, scene, n_tiles)
-    if choice.backend == "onnx":
-        det = OnnxDetector(choice.checks.pop("_model"), settings)
+    choice, onnx_model = _decide(detector, device, settings, scene, n_tiles)
+    if onnx_model is not None:
+        det = OnnxDetector(onnx_model, settings)
     else:
         det = TorchDetector(detector, device, settings, choice.precision)
     det.choice = choice
     return det
 
 
-def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int) -> Choice:
+def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int):
+    """``(Choice, the ONNX model to run or None)``."""
     backend, precision = s.backend, s.precision
     feats = cpu_features() if device.type == "cpu" else {}
     if device.type == "cuda":
         if backend == "onnx" or precision == "int8":
             raise GeodetError("the onnx backend and int8 run on the CPU: add --device cpu, or use --backend torch on CUDA")
         p = "fp16" if precision == "auto" else precision
-        return Choice("torch", p, "CUDA: fp16 autocast" if precision == "auto" else "asked for")
+        return Choice("torch", p, "CUDA: fp16 autocast" if precision == "auto" else "asked for"), None
     if precision == "fp16":
         raise GeodetError("fp16 is for CUDA; on a CPU use --precision fp32, bf16 (CPUs with native bf16) or int8")
     if precision == "bf16":
@@ -303,7 +304,7 @@ def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int)
         if not feats["bf16"]:
             raise GeodetError(f"this CPU ({feats['isa']}) has no native bf16 (AVX512_BF16 or AMX), and geodet does not "
                               "emulate it: use --precision fp32 or int8")
-        return Choice("torch", "bf16", "asked for")
+        return Choice("torch", "bf16", "asked for"), None
     if backend == "torch" and precision == "int8":
         raise GeodetError("int8 runs on the onnx backend: use --backend onnx (or auto) with --precision int8")
     source = getattr(model, "source", None) or {}
@@ -311,16 +312,15 @@ def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int)
     if wants_onnx and not has_onnxruntime():
         raise GeodetError("the onnx backend needs onnxruntime and onnx: pip install onnxruntime onnx")
     if backend == "auto" and precision == "auto" and not source.get("sha256"):
-        return Choice("torch", "fp32", "a model not loaded from a file (the faster paths are cached by file hash)")
+        return Choice("torch", "fp32", "a model not loaded from a file (the faster paths are cached by file hash)"), None
     checks: dict = {}
     # int8 first: the fastest when vouched for
     if precision in ("auto", "int8") and backend in ("auto", "onnx") and has_onnxruntime():
         explicit = precision == "int8"
-        m = _derived_onnx(model, s, "int8", scene, checks, on_the_spot=explicit or n_tiles >= AUTO_INT8_MIN_TILES,
-                          explicit=explicit)
+        m, how = _derived_onnx(model, s, "int8", scene, checks, on_the_spot=explicit or n_tiles >= AUTO_INT8_MIN_TILES,
+                               explicit=explicit)
         if m is not None:
-            checks["_model"] = m
-            return Choice("onnx", "int8", "int8 vouched for by its export check" + checks.pop("_how", ""), checks)
+            return Choice("onnx", "int8", f"int8 vouched for by its export check ({how})", checks), m
         if explicit:
             raise GeodetError("int8 was asked for but no int8 model could be checked: give a scene, or export one "
                               "with 'geodet export MODEL.pt -o OUT.onnx --int8 --calibrate SCENE'")
@@ -328,23 +328,23 @@ def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int)
         check = _bf16_check(model, s, scene)
         checks["bf16"] = check
         if check is not None and check["f1"] >= BF16_MIN_AGREEMENT:
-            return Choice("torch", "bf16", "native bf16 on this CPU, vouched for by a check against fp32", checks)
+            return Choice("torch", "bf16", "native bf16 on this CPU, vouched for by a check against fp32", checks), None
     if precision in ("auto", "fp32") and backend in ("auto", "onnx") and has_onnxruntime() and (
             backend == "onnx" or n_tiles >= AUTO_ONNX_MIN_TILES):
-        m = _derived_onnx(model, s, "fp32", scene, checks, on_the_spot=True, explicit=backend == "onnx")
+        m, how = _derived_onnx(model, s, "fp32", scene, checks, on_the_spot=True, explicit=backend == "onnx")
         if m is not None:
-            checks["_model"] = m
-            return Choice("onnx", "fp32", "ONNX Runtime fp32 (same detections as torch, checked at export)"
-                          + checks.pop("_how", ""), checks)
+            return Choice("onnx", "fp32", f"ONNX Runtime fp32 (same detections as torch, checked at export; {how})",
+                          checks), m
     why = "asked for" if backend == "torch" and precision == "fp32" else "no faster path is vouched for here"
     if backend == "auto" and n_tiles < AUTO_ONNX_MIN_TILES:
         why = f"a small job ({n_tiles} tiles): a faster backend would not pay for its set-up"
-    return Choice("torch", "fp32", why, checks)
+    return Choice("torch", "fp32", why, checks), None
 
 
 def _derived_onnx(model, s: DetectSettings, precision: str, scene, checks: dict, on_the_spot: bool, explicit: bool):
     """The cached ONNX model (fp32 or int8) derived from ``model``'s file, made and checked on
-    the spot (tiles of ``scene``) when missing and ``on_the_spot``; None when not vouched for."""
+    the spot (tiles of ``scene``) when missing and ``on_the_spot``, and where it came from;
+    ``(None, None)`` when not vouched for. The check's figures go into ``checks[precision]``."""
     from ..model.onnx import load_onnx
     from .export import build_onnx, calibration_tiles
 
@@ -356,17 +356,14 @@ def _derived_onnx(model, s: DetectSettings, precision: str, scene, checks: dict,
         try:
             m = load_onnx(path)
             checks[precision] = (m.props.get("check") or {}).get(precision if precision == "int8" else "fp32")
-            checks["_how"] = f" (cached: {path})"
-            return m
+            return m, f"cached: {path}"
         except GeodetError as exc:
             log.warning("ignoring a damaged cached model %s (%s)", path, exc)
     if failed.is_file() and not explicit:
         checks[precision] = json.loads(failed.read_text())
-        return None
-    if not on_the_spot:
-        return None
-    if scene is None and precision == "int8":
-        return None
+        return None, None
+    if not on_the_spot or (scene is None and precision == "int8"):
+        return None, None
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
@@ -390,12 +387,11 @@ def _derived_onnx(model, s: DetectSettings, precision: str, scene, checks: dict,
         if explicit:
             raise
         log.info("%s not vouched for: %s", precision, exc)
-        return None
+        return None, None
     log.info("made a checked %s ONNX model in %.1f s, cached at %s", precision, time.perf_counter() - t0, path)
     checks[precision] = result.get(precision if precision == "int8" else "fp32")
-    checks["_how"] = f" (made and checked on tiles of {Path(str(getattr(scene, 'path', scene))).name if scene is not None else 'noise'}, " \
-                     f"cached at {path})"
-    return load_onnx(path)
+    where = Path(str(getattr(scene, "path", scene))).name if scene is not None else "noise"
+    return load_onnx(path), f"made and checked on tiles of {where}, cached at {path}"
 
 
 def _bf16_check(model, s: DetectSettings, scene) -> dict | None:
@@ -404,12 +400,21 @@ def _bf16_check(model, s: DetectSettings, scene) -> dict | None:
     stored = (model.card.extra.get("checks") or {}).get("bf16")
     if stored:
         return {**stored, "from": "model card"}
+    sha = (getattr(model, "source", None) or {}).get("sha256")
+    if sha in _BF16_CHECKS:  # one check per model file in a process, not one per scene
+        return _BF16_CHECKS[sha]
     if scene is None:
         return None
     tiles = sample_tiles(scene, s, model.card, CHECK_TILES)
     if not tiles:
         return None
-    return bf16_agreement(model, tiles, s)
+    result = bf16_agreement(model, tiles, s)
+    if sha:
+        _BF16_CHECKS[sha] = result
+    return result
+
+
+_BF16_CHECKS: dict = {}
 
 
 def bf16_agreement(model, tiles, s: DetectSettings) -> dict:
