@@ -1,13 +1,46 @@
 """The GPU check script's plumbing, in its CPU mode (CUDA parts skipped with a clear line)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_mosaic_repeats_the_scene_with_exact_georeferencing(tmp_path):
+    from geodet.synthetic import make_scene
+
+    s = make_scene(tmp_path / "s.tif", tmp_path / "s.gpkg", size=(200, 150), seed=3)
+    vrt = gpu_check_module().mosaic_vrt(tmp_path / "s.tif", tmp_path / "m.vrt", 3)
+    with rasterio.open(s.image) as src, rasterio.open(vrt) as m:
+        a = src.read()
+        assert (m.width, m.height, m.count, m.crs) == (3 * src.width, 3 * src.height, src.count, src.crs)
+        assert m.transform == src.transform
+        big = m.read()
+    for i in range(3):
+        for j in range(3):
+            np.testing.assert_array_equal(big[:, i * a.shape[1]:(i + 1) * a.shape[1], j * a.shape[2]:(j + 1) * a.shape[2]], a)
+
+
+def test_card_peaks_are_found_by_name():
+    g = gpu_check_module()
+    assert g.card_peak("NVIDIA H200") == 989e12
+    assert g.card_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert g.card_peak("NVIDIA H100 PCIe") == 756e12
+    assert g.card_peak("some new card") is None
 
 
 @pytest.mark.slow
@@ -20,7 +53,10 @@ def test_gpu_check_runs_on_a_cpu_and_says_cuda_was_skipped(tmp_path):
     assert "CUDA parts skipped" in r.stderr
     res = json.loads(out.read_text())
     assert res == json.loads(r.stdout)
-    assert res["device"] == "cpu" and res["skipped_for_time"] == []
+    assert res["device"] == "cpu" and res["skipped_for_time"] == [] and "errors" not in res
     row = res["detect"][0]
     assert row["tiles"] > 0 and row["tiles_per_s"] > 0 and abs(sum(row["share"].values()) - 1) < 0.01
+    assert res["core"][0]["tiles_per_s"] > 0 and res["core"][0]["gflops_per_tile"] > 0
     assert res["train"][0]["steps_per_s"] > 0 and res["train"][0]["steps"] == 4
+    ddp = res["ddp"]  # the trainer's step through a DDP wrapper (gloo here, NCCL on CUDA)
+    assert ddp["backend"] == "gloo" and ddp["steps"] == 4 and ddp["all_finite"] and ddp["all_reduce_ok"]
