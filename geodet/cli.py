@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Detect objects over one or more whole scenes and write GeoJSON (EPSG:4326), "
                                    "GeoPackage, FlatGeobuf, Shapefile, GeoParquet (scene CRS) or CSV, plus "
                                    "OUT.report.json; vector files come with a QGIS style.")
-    d.add_argument("scenes", nargs="+", metavar="SCENE")
+    d.add_argument("scenes", nargs="*", metavar="SCENE")
     d.add_argument("--model", "-m", required=True, help="model file: model.pt from geodet train or import, MODEL.onnx from geodet "
                                                        "export, or a torchvision RetinaNet to import on the fly (a Hugging "
                                                        "Face folder or hf://ORG/NAME; cached)")
@@ -156,6 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quicklook: draw boxes scoring at least this (default: the model's operating point, "
                         "the best-F1 score at validation)")
     d.add_argument("--config", help="YAML config for detect/output settings")
+    d.add_argument("--scene-list", help="a text file of scene paths (local, shared or GDAL virtual paths such as "
+                                        "/vsicurl/https://...), one per line, added to SCENE...")
+    d.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local (default): this process; ray: blocks of tiles over a Ray cluster's actor pool "
+                        "(needs geodet[ray]); --out is then a folder of per-scene GeoParquet (see geodet merge)")
+    d.add_argument("--address", help="ray: the cluster to join (e.g. ray://head:10001 or auto); default: start a "
+                                     "local Ray instance")
+    d.add_argument("--ray-workers", type=_positive_int, default=2,
+                   help="ray: detection actors, each loading the model once (default 2; --workers stays the "
+                        "tile readers inside each)")
+    d.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per actor (e.g. 1, or 0.5 to share)")
+    d.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs per actor (default 1)")
+    d.add_argument("--block-tiles", type=_positive_int, default=8,
+                   help="ray: a work item is a K x K block of the scene's tiles (default 8)")
+    d.add_argument("--retries", type=_nonneg_int, default=2, help="ray: rounds that rerun failed blocks (default 2)")
+
+    mg = sub.add_parser("merge", parents=[common], help="gather a ray run's finished scenes into one file",
+                        description="Gather the finished scenes (scene=*/_SUCCESS.json) of a geodet detect --engine "
+                                    "ray output folder into one GeoPackage, GeoJSON, FlatGeobuf or GeoParquet file, "
+                                    "with a scene column; scenes in several CRSs go to EPSG:4326 with a crs column.")
+    mg.add_argument("folder", help="the --out folder of geodet detect --engine ray")
+    mg.add_argument("--out", "-o", required=True, help="output file: .gpkg, .geojson, .fgb, .parquet, .csv")
+    mg.add_argument("--format", choices=["geojson", "gpkg", "fgb", "shp", "csv", "parquet"], help="override the format")
 
     x = sub.add_parser("export", parents=[common], help="export a model to ONNX (fp32, or int8 calibrated on scenes)",
                        description="Export a geodet model to a self-describing ONNX file for ONNX Runtime: the network "
@@ -283,11 +306,55 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _scene_list(args) -> list[str]:
+    scenes = list(args.scenes)
+    if args.scene_list:
+        try:
+            lines = Path(args.scene_list).read_text().splitlines()
+        except OSError as exc:
+            raise GeodetError(f"--scene-list {args.scene_list}: cannot be read ({exc.strerror})") from None
+        scenes += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not scenes:
+        raise GeodetError("no scenes given: name them, or give --scene-list FILE")
+    return scenes
+
+
+def _cmd_detect_ray(args, cfg, scenes) -> int:
+    from .pipeline.ray_engine import detect_ray
+
+    # a one-line CLI: Ray's own INFO lines and C++ warnings stay in its session logs
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    summary = detect_ray(scenes, args.model, args.out, address=args.address, workers=args.ray_workers,
+                         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                         block_tiles=args.block_tiles, retries=args.retries, config=cfg, progress=not args.quiet)
+    n_det = sum(x["detections"] for x in summary["scenes"])
+    print(f"{summary['scenes_written']} scene(s) written ({n_det} detections), {summary['scenes_already_done']} already "
+          f"done, {summary['blocks_run']} block(s) run -> {args.out} (geodet merge {args.out} -o all.gpkg)")
+    if summary["failed_scenes"]:
+        for f in summary["failed_scenes"]:
+            print(f"geodet: scene failed: {f['scene']}: {f['error']}", file=sys.stderr)
+        print(f"geodet: {len(summary['failed_scenes'])} scene(s) have no _SUCCESS.json; rerun the same command to run "
+              "only what is missing", file=sys.stderr)
+        return EXIT_PARTIAL if summary["scenes_written"] or summary["scenes_already_done"] else 2
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from .pipeline.ray_engine import merge_outputs
+
+    merged = merge_outputs(args.folder, args.out, args.format)
+    print(f"{len(merged)} detections from {merged['scene'].nunique() if len(merged) else 0} scene(s) -> {args.out}")
+    return 0
+
+
 def _cmd_detect(args) -> int:
     from .config import load_config
     from .io.writers import report_path
     from .pipeline.job import detect_to_file
 
+    scenes = _scene_list(args)
     cfg = load_config(args.config, {"detect.batch_size": args.batch_size, "detect.device": args.device,
                                     "detect.num_workers": args.workers, "detect.score_threshold": args.score_threshold,
                                     "detect.backend": args.backend, "detect.precision": args.precision,
@@ -296,7 +363,9 @@ def _cmd_detect(args) -> int:
                                     "model.detections_per_tile": args.detections_per_tile,
                                     "scene.bands": args.bands, "scene.gsd_m": args.gsd,
                                     "output.format": args.format, "output.csv_geometry": args.csv_geometry})
-    frame = detect_to_file(args.scenes, args.model, args.out, config=cfg, quicklook=args.quicklook,
+    if args.engine == "ray":
+        return _cmd_detect_ray(args, cfg, scenes)
+    frame = detect_to_file(scenes, args.model, args.out, config=cfg, quicklook=args.quicklook,
                            quicklook_min_score=args.min_score, progress=not args.quiet)
     report = frame.attrs["report"]
     skipped = sum(r["tiles_skipped"] for r in report["scenes"])
@@ -408,7 +477,7 @@ def _cmd_demo(args) -> int:
 
 
 COMMANDS = {"tile": _cmd_tile, "train": _cmd_train, "detect": _cmd_detect, "export": _cmd_export, "import": _cmd_import,
-            "evaluate": _cmd_evaluate,
+            "evaluate": _cmd_evaluate, "merge": _cmd_merge,
             "anchors": _cmd_anchors, "demo": _cmd_demo}
 
 

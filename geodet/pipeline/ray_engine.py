@@ -1,0 +1,338 @@
+"""Detection on a Ray cluster (or a local Ray instance): the block plan of ``pipeline.blocks``
+spread over an actor pool of Ray Data, with exactly the result ``detect_scene`` gives.
+
+    detect_ray(scenes, model, out_dir, address=None, workers=2, gpus_per_worker=0, block_tiles=8)
+
+- Every scene is planned once on the driver (``plan_scene``: its tile grid, scaling statistics
+  and k x k blocks of tiles, with a fingerprint of everything that decides the result).
+- The blocks go through ``ray.data.from_items(...).map_batches(BlockWorker, concurrency=N,
+  num_gpus=G)``: each actor loads the model once (on its GPU when the cluster gives it one), runs
+  the per-tile detection generator over its block and writes the block's raw tile detections to
+  ``OUT/scene=<id>/part-<block>.parquet`` (GeoParquet, scene CRS; a ``.json`` sidecar written
+  after it marks the part finished and carries the fingerprint). Ray restarts a crashed actor
+  and retries its block; a block whose detection raised is run again in up to ``retries`` more
+  rounds.
+- Each scene whose blocks are all finished is reduced on the driver (``reduce_scene``: the same
+  stitcher over every tile in grid order), written to ``OUT/scene=<id>/detections.parquet`` and
+  then, last, ``_SUCCESS.json`` (model SHA-256, fingerprint, grid, counts, seconds).
+- Every file is written to a temporary name and renamed, so a retried block cannot duplicate
+  rows and a killed job leaves no partial final file. A rerun skips scenes whose
+  ``_SUCCESS.json`` matches and blocks whose part matches; it runs only what is missing.
+
+``merge_outputs(OUT, path)`` gathers the finished scenes into one file (``geodet merge``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import GeodetError
+from .blocks import BlockResult, ScenePlan, plan_scene, prepare_detector, reduce_scene, run_block
+
+log = logging.getLogger(__name__)
+
+RAY_MISSING = ("the ray engine needs Ray, which is not installed: pip install 'geodet[ray]' "
+               "(or pip install 'ray[data]')")
+PART_COLUMNS = ["tile", "px_x0", "px_y0", "px_x1", "px_y1", "score", "label", "capped"]
+SUCCESS = "_SUCCESS.json"
+FINAL = "detections.parquet"
+
+
+def require_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise GeodetError(RAY_MISSING) from None
+    return ray
+
+
+def scene_ids(paths: Sequence) -> list[str]:
+    """Partition names (``scene=<id>``): file stems made safe for a folder name; stems that
+    repeat get a short hash of their path."""
+    stems = [re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(p).rstrip("/")).stem) or "scene" for p in paths]
+    return [f"{s}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}" if stems.count(s) > 1 else s
+            for p, s in zip(paths, stems)]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def _write_json(data: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def part_paths(scene_dir: Path, block: int) -> tuple[Path, Path]:
+    return scene_dir / f"part-{block:05d}.parquet", scene_dir / f"part-{block:05d}.json"
+
+
+def part_done(scene_dir: Path, plan: ScenePlan, block: int) -> bool:
+    data, meta = part_paths(scene_dir, block)
+    m = _read_json(meta)
+    return bool(m) and m.get("fingerprint") == plan.fingerprint and data.is_file()
+
+
+def scene_done(scene_dir: Path, plan: ScenePlan, model_sha: str | None) -> bool:
+    m = _read_json(scene_dir / SUCCESS)
+    return bool(m) and m.get("fingerprint") == plan.fingerprint and m.get("model_sha256") == model_sha \
+        and (scene_dir / FINAL).is_file()
+
+
+def write_part(scene_dir: Path, plan: ScenePlan, result: BlockResult, transform, crs) -> int:
+    """A block's raw tile detections as GeoParquet (scene CRS), then its sidecar (the marker)."""
+    import geopandas as gpd
+
+    from ..io.writers import boxes_to_polygons
+
+    data, meta = part_paths(scene_dir, result.block)
+    n = [len(t[2]) for t in result.tiles]
+    boxes = np.concatenate([t[1] for t in result.tiles]).astype(np.float32) if n else np.zeros((0, 4), np.float32)
+    frame = gpd.GeoDataFrame({
+        "tile": np.repeat([t[0] for t in result.tiles], n).astype(np.int64),
+        "px_x0": boxes[:, 0], "px_y0": boxes[:, 1], "px_x1": boxes[:, 2], "px_y1": boxes[:, 3],
+        "score": np.concatenate([t[2] for t in result.tiles]).astype(np.float32) if n else np.zeros(0, np.float32),
+        "label": np.concatenate([t[3] for t in result.tiles]).astype(np.int64) if n else np.zeros(0, np.int64),
+        "capped": np.repeat([bool(t[4]) for t in result.tiles], n).astype(bool),
+    }, geometry=boxes_to_polygons(boxes, transform), crs=crs)
+    tmp = data.with_name(f".{data.name}.{os.getpid()}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, data)
+    _write_json({"fingerprint": plan.fingerprint, "scene": plan.scene, "block": result.block,
+                 "tiles_run": [t[0] for t in result.tiles], "skipped": list(result.skipped),
+                 "unreadable": list(result.unreadable), "detections": int(sum(n))}, meta)
+    return int(sum(n))
+
+
+def read_part(scene_dir: Path, block: int) -> BlockResult:
+    """A finished part back as the block's raw result (exact float32 boxes, tiles with none too)."""
+    import pyarrow.parquet as pq
+
+    data, meta = part_paths(scene_dir, block)
+    m = _read_json(meta)
+    table = pq.read_table(data, columns=PART_COLUMNS).to_pandas()
+    groups = {t: g for t, g in table.groupby("tile", sort=True)} if len(table) else {}
+    tiles = []
+    for t in m["tiles_run"]:
+        g = groups.get(t)
+        if g is None:
+            tiles.append((t, np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), False))
+        else:
+            tiles.append((t, g[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float32),
+                          g["score"].to_numpy(np.float32), g["label"].to_numpy(np.int64), bool(g["capped"].iloc[0])))
+    return BlockResult(m["scene"], block, tiles, list(m["skipped"]), list(m["unreadable"]))
+
+
+class BlockWorker:
+    """A Ray Data actor: loads the model once, then runs blocks and writes their parts."""
+
+    def __init__(self, model, plans: list, scene_dirs: list, device=None):
+        from .job import load_detector_file
+
+        self.model = load_detector_file(model) if isinstance(model, (str, Path)) else model
+        self.plans, self.dirs, self.device = plans, [Path(d) for d in scene_dirs], device
+        self.prepared = (None, None)  # (scene index, detector): blocks of a scene come together
+
+    def detector(self, si: int):
+        if self.prepared[0] != si:
+            self.prepared = (si, prepare_detector(self.model, self.plans[si], self.device))
+        return self.prepared[1]
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"scene": [], "block": [], "ok": [], "error": [], "detections": [], "seconds": []}
+        for si, bi in zip(batch["scene"], batch["block"]):
+            si, bi = int(si), int(bi)
+            t0 = time.perf_counter()
+            ok, err, n = True, "", 0
+            try:
+                plan = self.plans[si]
+                det = self.detector(si)
+                result = run_block(plan, plan.blocks[bi], det, self.device)
+                sc = plan.open(getattr(self.model, "card", None))
+                try:
+                    transform, crs = sc.transform, sc.crs
+                finally:
+                    sc.close()
+                n = write_part(self.dirs[si], plan, result, transform, crs)
+            except Exception as exc:  # noqa: BLE001 - reported to the driver, which retries the block
+                ok, err = False, _one_line(exc)
+            for k, v in zip(out, (si, bi, ok, err, n, time.perf_counter() - t0)):
+                out[k].append(v)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, cpus_per_worker, device, progress):
+    """One pass of the actor pool over ``pending`` blocks; returns one row per block."""
+    from tqdm.auto import tqdm
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # geodet's own bar counts blocks
+    ctx.print_on_execution_start = False
+    items = [{"scene": s, "block": b} for s, b in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    kw = {"num_gpus": gpus_per_worker} if gpus_per_worker else {}
+    with warnings.catch_warnings():  # Ray's deprecation notes about its own argument names
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = _map_blocks(ds, ray, model_arg, plans, dirs, device, workers, len(items), cpus_per_worker, kw)
+    rows = []
+    with tqdm(total=len(items), desc="blocks", unit="block", disable=not progress) as bar:
+        for row in ds.iter_rows():
+            rows.append(row)
+            bar.update(1)
+    return rows
+
+
+def _map_blocks(ds, ray, model_arg, plans, dirs, device, workers, n_items, cpus_per_worker, kw):
+    """The actor pool: ``workers`` actors (at most one per block), each loading the model once;
+    Ray restarts an actor that dies and retries its block."""
+    return ds.map_batches(
+        BlockWorker, fn_constructor_kwargs={"model": model_arg, "plans": plans, "scene_dirs": dirs, "device": device},
+        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, min(int(workers), n_items))),
+        num_cpus=cpus_per_worker, max_restarts=2, max_task_retries=2, **kw)
+
+
+def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, workers: int = 2,
+               gpus_per_worker: float = 0, cpus_per_worker: float = 1, block_tiles: int = 8, retries: int = 2,
+               device: str | None = None, config=None, progress: bool = True, **settings) -> dict:
+    """Detect over ``scenes`` on Ray and write ``out_dir`` (see the module's docstring). ``model``
+    is a model file (loaded by every actor; the path must be reachable from every worker) or a
+    loaded model / detector object (sent to the actors). Without ``address`` a local Ray
+    instance is started (and stopped); with one, the cluster is joined. Returns the job summary
+    (also written to ``OUT/_job.json``); ``summary["failed_scenes"]`` lists the scenes left
+    without ``_SUCCESS.json`` and why."""
+    ray = require_ray()
+    from ..io.writers import file_sha256, write_detections
+    from .job import load_detector_file
+
+    t_start = time.perf_counter()
+    if not scenes:
+        raise GeodetError("no scenes given")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise GeodetError(f"{out} exists and is not a folder: the ray engine writes a folder of per-scene GeoParquet")
+    out.mkdir(parents=True, exist_ok=True)
+    is_file = isinstance(model, (str, Path))
+    detector = load_detector_file(model) if is_file else model
+    model_sha = file_sha256(model) if is_file and Path(str(model)).is_file() else (
+        (getattr(detector, "source", None) or {}).get("sha256"))
+    model_arg = str(Path(str(model)).resolve()) if is_file and Path(str(model)).is_file() else detector
+    ids = scene_ids(scenes)
+    dirs = [str(out / f"scene={i}") for i in ids]
+    plans: list = []
+    failed, done_before = [], []
+    for path, d in zip(scenes, dirs):
+        try:
+            plans.append(plan_scene(str(path), detector, block_tiles=block_tiles, config=config, **settings))
+        except GeodetError as exc:
+            if len(scenes) == 1:
+                raise
+            plans.append(None)
+            failed.append({"scene": str(path), "error": str(exc)})
+    pending = []
+    for si, plan in enumerate(plans):
+        if plan is None:
+            continue
+        d = Path(dirs[si])
+        if scene_done(d, plan, model_sha):
+            done_before.append(str(plan.scene))
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        (d / SUCCESS).unlink(missing_ok=True)  # an old marker of other settings or weights
+        pending += [(si, b.index) for b in plan.blocks if not part_done(d, plan, b.index)]
+    blocks_total = sum(len(p.blocks) for p in plans if p is not None)
+    blocks_run, errors = 0, {}
+    if pending:
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                     configure_logging=False)
+        try:
+            for attempt in range(retries + 1):
+                if not pending:
+                    break
+                if attempt:
+                    log.warning("running %d failed block(s) again (round %d of %d)", len(pending), attempt + 1,
+                                retries + 1)
+                rows = _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, cpus_per_worker,
+                                  device, progress)
+                blocks_run += len(rows)
+                pending = [(int(r["scene"]), int(r["block"])) for r in rows if not r["ok"]]
+                errors = {(int(r["scene"]), int(r["block"])): str(r["error"]) for r in rows if not r["ok"]}
+        finally:
+            if started:
+                ray.shutdown()
+    scenes_out = []
+    for si, plan in enumerate(plans):
+        if plan is None or str(plan.scene) in done_before:
+            continue
+        d = Path(dirs[si])
+        missing = [b.index for b in plan.blocks if not part_done(d, plan, b.index)]
+        if missing:
+            why = errors.get((si, missing[0]), "not run")
+            failed.append({"scene": plan.scene, "error": f"{len(missing)} block(s) failed, e.g. block {missing[0]}: {why}"})
+            continue
+        t0 = time.perf_counter()
+        classes = getattr(getattr(detector, "card", None), "classes", None)
+        frame = reduce_scene(plan, [read_part(d, b.index) for b in plan.blocks], classes=classes)
+        write_detections(frame, d / FINAL)
+        rep = frame.attrs["report"]
+        _write_json({"scene": plan.scene, "model_sha256": model_sha, "fingerprint": plan.fingerprint,
+                     "settings_sha256": hashlib.sha256(json.dumps(rep["settings"], sort_keys=True, default=str)
+                                                       .encode()).hexdigest(),
+                     "grid": {"width": plan.width, "height": plan.height, "tile_size": plan.settings.tile_size,
+                              "overlap": plan.overlap, "tiles": rep["tiles_total"], "blocks": len(plan.blocks)},
+                     "counts": {k: rep[k] for k in ("tiles_run", "tiles_skipped", "tiles_capped", "detections",
+                                                    "detections_before_stitch")},
+                     "unreadable_tiles": rep["unreadable_tiles"], "reduce_seconds": round(time.perf_counter() - t0, 3),
+                     "output": FINAL}, d / SUCCESS)
+        scenes_out.append({"scene": plan.scene, "id": Path(d).name, "detections": rep["detections"]})
+    summary = {"out": str(out), "scenes_total": len(scenes), "scenes_written": len(scenes_out),
+               "scenes_already_done": len(done_before), "failed_scenes": failed, "blocks_total": blocks_total,
+               "blocks_run": blocks_run, "seconds": round(time.perf_counter() - t_start, 2), "scenes": scenes_out,
+               "model_sha256": model_sha}
+    _write_json(summary, out / "_job.json")
+    return summary
+
+
+def finished_scenes(out_dir) -> list[Path]:
+    """Scene folders of ``out_dir`` that have ``_SUCCESS.json`` and their final file."""
+    return sorted(d for d in Path(out_dir).glob("scene=*") if (d / SUCCESS).is_file() and (d / FINAL).is_file())
+
+
+def merge_outputs(out_dir, path, fmt: str | None = None):
+    """Every finished scene of a ray run's ``out_dir`` in one file (``geodet merge``): one CRS
+    when the scenes share one, else EPSG:4326 with a ``crs`` column; a ``scene`` column names
+    each feature's scene. Returns the merged frame."""
+    import geopandas as gpd
+
+    from ..io.writers import check_output_path, combine_frames, output_format, write_detections
+
+    dirs = finished_scenes(out_dir)
+    if not dirs:
+        raise GeodetError(f"{out_dir}: no finished scenes (no scene=*/{SUCCESS}): run geodet detect --engine ray first")
+    out = check_output_path(path)
+    fmt = output_format(out, fmt)
+    frames = [gpd.read_parquet(d / FINAL) for d in dirs]
+    merged = combine_frames(frames)
+    write_detections(merged, out, fmt)
+    return merged

@@ -1,0 +1,199 @@
+"""The Ray engine: blocks of scenes on a local Ray instance give exactly what one process gives,
+failed blocks are retried or reported, reruns run only what is missing, and the finished scenes
+merge into one file."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+from helpers import PerfectDetector, match_counts, packed_boxes, write_id_scene
+
+from geodet.errors import GeodetError
+from geodet.pipeline.detect import detect_scene
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+
+from geodet.pipeline import ray_engine  # noqa: E402
+from geodet.pipeline.ray_engine import detect_ray, merge_outputs  # noqa: E402
+
+pytestmark = pytest.mark.slow
+COLS = ["px_x0", "px_y0", "px_x1", "px_y1", "score", "label", "tile_row", "tile_col"]
+SETTINGS = dict(tile_size=128, overlap=24, score_threshold=0.5)
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # workers import the tests' helpers (the detectors below) by module, as the driver does
+    path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ray_scenes")
+    out = []
+    for i, (w, h) in enumerate([(700, 500), (420, 610)]):
+        boxes = packed_boxes(w, h, 4, 24, seed=40 + i)
+        out.append((write_id_scene(d / f"s{i}.tif", boxes, w, h), boxes))
+    return out
+
+
+class FailsOnce(PerfectDetector):
+    """Fails the first time it sees a tile of the given block (a marker file remembers, across
+    actor processes)."""
+
+    def __init__(self, marker, tile_x=0):
+        self.marker, self.tile_x = str(marker), tile_x
+
+    def __call__(self, batch):
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text("failed once")
+            raise RuntimeError("injected failure")
+        return super().__call__(batch)
+
+
+class FailsOnMarkedPixels(PerfectDetector):
+    """Fails on every batch holding a pixel whose red byte is set (object ids here stay below
+    65536, so only the pixels marked by hand carry one)."""
+
+    def __call__(self, batch):
+        if bool((batch[:, 0] > 0).any()):
+            raise RuntimeError("injected permanent failure")
+        return super().__call__(batch)
+
+
+def frames_equal(got, ref):
+    got = got.sort_values(COLS).reset_index(drop=True)
+    ref = ref.sort_values(COLS).reset_index(drop=True)
+    assert len(got) == len(ref)
+    for c in COLS:
+        assert (got[c].to_numpy() == ref[c].to_numpy()).all(), c
+    assert got.geometry.geom_equals(ref.geometry).all()
+
+
+def test_two_scenes_in_blocks_on_ray_equal_one_process(local_ray, scenes, tmp_path):
+    det = PerfectDetector()
+    out = tmp_path / "run"
+    summary = detect_ray([str(s) for s, _ in scenes], det, out, workers=2, block_tiles=2, progress=False, **SETTINGS)
+    assert summary["failed_scenes"] == [] and summary["scenes_written"] == 2
+    assert summary["blocks_run"] == summary["blocks_total"] > 4
+    for (scene, boxes), sid in zip(scenes, ["s0", "s1"]):
+        d = out / f"scene={sid}"
+        got = gpd.read_parquet(d / "detections.parquet")
+        ref = detect_scene(str(scene), det, progress=False, **SETTINGS)
+        frames_equal(got, ref)
+        assert got.crs == ref.crs
+        assert match_counts(got[COLS[:4]].to_numpy(), boxes) == (0, 0)  # no duplicates or misses at block seams
+        ok = json.loads((d / "_SUCCESS.json").read_text())
+        assert ok["counts"]["detections"] == len(ref) and ok["grid"]["blocks"] == len(list(d.glob("part-*.parquet")))
+        part = gpd.read_parquet(sorted(d.glob("part-*.parquet"))[0])  # parts are GeoParquet in the scene CRS
+        assert part.crs == ref.crs
+    # a rerun finds everything finished and runs nothing
+    again = detect_ray([str(s) for s, _ in scenes], det, out, workers=2, block_tiles=2, progress=False, **SETTINGS)
+    assert again["blocks_run"] == 0 and again["scenes_already_done"] == 2
+    # merge: one file, a scene column, every detection once
+    merged = merge_outputs(out, tmp_path / "all.gpkg")
+    back = gpd.read_file(tmp_path / "all.gpkg", layer="all")
+    assert len(back) == len(merged) == sum(json.loads((out / f"scene={s}" / "_SUCCESS.json").read_text())
+                                           ["counts"]["detections"] for s in ("s0", "s1"))
+    assert sorted(back["scene"].unique()) == ["s0.tif", "s1.tif"]
+
+
+def test_a_block_that_fails_once_is_retried_and_the_result_is_unchanged(local_ray, scenes, tmp_path):
+    scene = str(scenes[0][0])
+    det = FailsOnce(tmp_path / "marker")
+    summary = detect_ray([scene], det, tmp_path / "run", workers=1, block_tiles=3, progress=False, **SETTINGS)
+    assert (tmp_path / "marker").exists()  # it did fail once
+    assert summary["failed_scenes"] == [] and summary["blocks_run"] == summary["blocks_total"] + 1
+    frames_equal(gpd.read_parquet(tmp_path / "run" / "scene=s0" / "detections.parquet"),
+                 detect_scene(scene, PerfectDetector(), progress=False, **SETTINGS))
+
+
+def test_a_block_that_always_fails_leaves_its_scene_unfinished_and_a_rerun_runs_only_it(local_ray, scenes, tmp_path):
+    import rasterio
+
+    boxes = packed_boxes(500, 400, 4, 24, seed=7)
+    bad = write_id_scene(tmp_path / "bad.tif", boxes, 500, 400)
+    with rasterio.open(bad, "r+") as ds:  # mark a 40 px square in the top-left tile only
+        red = ds.read(1)
+        red[:40, :40] = 1
+        ds.write(red, 1)
+    paths = [str(scenes[0][0]), str(bad)]
+    out = tmp_path / "run"
+    summary = detect_ray(paths, FailsOnMarkedPixels(), out, workers=2, block_tiles=2, retries=1, progress=False,
+                         **SETTINGS)
+    assert [f["scene"] for f in summary["failed_scenes"]] == [str(bad)]
+    assert "1 block(s) failed" in summary["failed_scenes"][0]["error"]
+    assert "injected permanent failure" in summary["failed_scenes"][0]["error"]
+    assert not (out / "scene=bad" / "_SUCCESS.json").exists() and not (out / "scene=bad" / "detections.parquet").exists()
+    assert (out / "scene=s0" / "_SUCCESS.json").exists()  # the other scene is finished
+    # the rerun with a detector that works runs only the failed block
+    again = detect_ray(paths, PerfectDetector(), out, workers=2, block_tiles=2, progress=False, **SETTINGS)
+    assert again["failed_scenes"] == [] and again["blocks_run"] == 1 and again["scenes_already_done"] == 1
+    frames_equal(gpd.read_parquet(out / "scene=bad" / "detections.parquet"),
+                 detect_scene(str(bad), PerfectDetector(), progress=False, **SETTINGS))
+
+
+def test_an_interrupted_run_resumes_with_the_missing_blocks_only(local_ray, scenes, tmp_path):
+    scene = str(scenes[1][0])
+    out = tmp_path / "run"
+    first = detect_ray([scene], PerfectDetector(), out, workers=2, block_tiles=2, progress=False, **SETTINGS)
+    d = out / "scene=s1"
+    # as if killed before the reduce: no final file, no marker, two parts lost
+    for f in ("_SUCCESS.json", "detections.parquet", "part-00000.json", "part-00003.parquet"):
+        (d / f).unlink()
+    again = detect_ray([scene], PerfectDetector(), out, workers=2, block_tiles=2, progress=False, **SETTINGS)
+    assert again["blocks_run"] == 2 and first["blocks_total"] == again["blocks_total"]
+    frames_equal(gpd.read_parquet(d / "detections.parquet"), detect_scene(scene, PerfectDetector(), progress=False,
+                                                                          **SETTINGS))
+    # other settings make a new fingerprint: everything runs again
+    third = detect_ray([scene], PerfectDetector(), out, workers=2, block_tiles=2, progress=False,
+                       **{**SETTINGS, "overlap": 32})
+    assert third["blocks_run"] == third["blocks_total"]
+
+
+def test_without_ray_the_engine_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(GeodetError, match=r"geodet\[ray\]"):
+        ray_engine.require_ray()
+
+
+def test_the_cli_runs_a_model_file_on_ray_and_merges(local_ray, tiny_model, synth, tmp_path, capsys):
+    from geodet.cli import main
+    from geodet.model import load_model
+
+    listing = tmp_path / "scenes.txt"
+    listing.write_text(f"# scenes\n{synth.image}\n")
+    out = tmp_path / "run"
+    rc = main(["detect", "--engine", "ray", "--scene-list", str(listing), "-m", str(tiny_model), "-o", str(out),
+               "--block-tiles", "1", "--ray-workers", "2", "--backend", "torch", "--precision", "fp32",
+               "--score-threshold", "0.3", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    model = load_model(tiny_model)
+    ref = detect_scene(synth.image, model, progress=False, backend="torch", precision="fp32", score_threshold=0.3)
+    sid = Path(synth.image).stem
+    got = gpd.read_parquet(out / f"scene={sid}" / "detections.parquet")
+    assert len(ref) > 0 and len(got) == len(ref)
+    # the same boxes; a real network's float sums vary in the last bits with the thread count and
+    # batch size of the process that runs it (here single-threaded actors, 1-tile blocks)
+    g, r = got.sort_values(COLS).reset_index(drop=True), ref.sort_values(COLS).reset_index(drop=True)
+    assert (g["label"] == r["label"]).all() and (g["tile_row"] == r["tile_row"]).all()
+    np.testing.assert_allclose(g[COLS[:4]].to_numpy(), r[COLS[:4]].to_numpy(), atol=1e-3)
+    np.testing.assert_allclose(g["score"].to_numpy(), r["score"].to_numpy(), atol=6e-5)  # written to 4 decimals
+    ok = json.loads((out / f"scene={sid}" / "_SUCCESS.json").read_text())
+    from geodet.io.writers import file_sha256
+
+    assert ok["model_sha256"] == file_sha256(tiny_model)
+    assert main(["merge", str(out), "-o", str(tmp_path / "all.geojson"), "--quiet"]) == 0
+    assert len(gpd.read_file(tmp_path / "all.geojson")) == len(ref)
+    # a folder without finished scenes: one line, exit 2
+    assert main(["merge", str(tmp_path), "-o", str(tmp_path / "none.gpkg")]) == 2
+    assert "no finished scenes" in capsys.readouterr().err
