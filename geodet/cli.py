@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", help="YAML config for detect/output settings")
     d.add_argument("--scene-list", help="a text file of scene paths (local, shared or GDAL virtual paths such as "
                                         "/vsicurl/https://...), one per line, added to SCENE...")
+    d.add_argument("--stac", help="a STAC ItemCollection (JSON): one scene per item, from the asset --asset names (or "
+                                  "each item's one GeoTIFF asset); https/s3/gs/az hrefs are read through GDAL")
+    d.add_argument("--asset", help="--stac: the asset key to read (e.g. visual, image)")
     d.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local (default): this process; ray: blocks of tiles over a Ray cluster's actor pool "
                         "(needs geodet[ray]); --out is then a folder of per-scene GeoParquet (see geodet merge)")
@@ -306,8 +309,19 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _scene_list(args) -> list[str]:
-    scenes = list(args.scenes)
+def _scene_list(args) -> tuple[list[str], list[str] | None]:
+    """The scenes of ``detect``: named, listed in --scene-list, or the items of --stac; with the
+    STAC item ids as scene ids when every scene comes from --stac."""
+    scenes, ids = list(args.scenes), None
+    if args.stac:
+        from .io.stac import stac_scenes
+
+        items = stac_scenes(args.stac, args.asset)
+        if not scenes and not args.scene_list:
+            ids = [i for i, _ in items]
+        scenes += [p for _, p in items]
+    elif args.asset:
+        raise GeodetError("--asset picks an asset of --stac items: give --stac ITEMS.json too")
     if args.scene_list:
         try:
             lines = Path(args.scene_list).read_text().splitlines()
@@ -315,11 +329,11 @@ def _scene_list(args) -> list[str]:
             raise GeodetError(f"--scene-list {args.scene_list}: cannot be read ({exc.strerror})") from None
         scenes += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not scenes:
-        raise GeodetError("no scenes given: name them, or give --scene-list FILE")
-    return scenes
+        raise GeodetError("no scenes given: name them, or give --scene-list FILE or --stac ITEMS.json")
+    return scenes, ids
 
 
-def _cmd_detect_ray(args, cfg, scenes) -> int:
+def _cmd_detect_ray(args, cfg, scenes, ids) -> int:
     from .pipeline.ray_engine import detect_ray
 
     # a one-line CLI: Ray's own INFO lines and C++ warnings stay in its session logs
@@ -328,7 +342,8 @@ def _cmd_detect_ray(args, cfg, scenes) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     summary = detect_ray(scenes, args.model, args.out, address=args.address, workers=args.ray_workers,
                          gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                         block_tiles=args.block_tiles, retries=args.retries, config=cfg, progress=not args.quiet)
+                         block_tiles=args.block_tiles, retries=args.retries, ids=ids, config=cfg,
+                         progress=not args.quiet)
     n_det = sum(x["detections"] for x in summary["scenes"])
     print(f"{summary['scenes_written']} scene(s) written ({n_det} detections), {summary['scenes_already_done']} already "
           f"done, {summary['blocks_run']} block(s) run -> {args.out} (geodet merge {args.out} -o all.gpkg)")
@@ -354,7 +369,7 @@ def _cmd_detect(args) -> int:
     from .io.writers import report_path
     from .pipeline.job import detect_to_file
 
-    scenes = _scene_list(args)
+    scenes, ids = _scene_list(args)
     cfg = load_config(args.config, {"detect.batch_size": args.batch_size, "detect.device": args.device,
                                     "detect.num_workers": args.workers, "detect.score_threshold": args.score_threshold,
                                     "detect.backend": args.backend, "detect.precision": args.precision,
@@ -364,7 +379,7 @@ def _cmd_detect(args) -> int:
                                     "scene.bands": args.bands, "scene.gsd_m": args.gsd,
                                     "output.format": args.format, "output.csv_geometry": args.csv_geometry})
     if args.engine == "ray":
-        return _cmd_detect_ray(args, cfg, scenes)
+        return _cmd_detect_ray(args, cfg, scenes, ids)
     frame = detect_to_file(scenes, args.model, args.out, config=cfg, quicklook=args.quicklook,
                            quicklook_min_score=args.min_score, progress=not args.quiet)
     report = frame.attrs["report"]

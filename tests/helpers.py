@@ -1,6 +1,13 @@
-"""Test helpers: ID-coded scenes and a perfect per-tile detector."""
+"""Test helpers: ID-coded scenes, a perfect per-tile detector and a loopback range server."""
 
 from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import random
+import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -165,3 +172,78 @@ def write_raster(path, data, nodata=None, transform=None, crs="EPSG:32633"):
                        transform=transform or from_origin(300000, 5000000, 0.5, 0.5), nodata=nodata) as dst:
         dst.write(data)
     return path
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one file with HTTP range requests; fails a share of requests with 503 (never two in a
+    row, so GDAL's retries get through) or, with ``fail_all``, every request."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as object stores serve
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, head: bool):
+        srv = self.server
+        if not self.path.endswith(".tif"):  # no sidecars (.aux.xml, .ovr) and no folder listing
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        srv.requests += 1
+        if srv.fail_all or (srv.last_ok and srv.rng.random() < srv.fail_share):
+            srv.last_ok = False
+            srv.failed += 1
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        srv.last_ok = True
+        data = srv.data
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            a, _, b = rng[6:].partition("-")
+            a, b = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
+            body = data[a : b + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
+        else:
+            body = data
+            self.send_response(200)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def do_GET(self):
+        self._send(False)
+
+    def do_HEAD(self):
+        self._send(True)
+
+
+@contextlib.contextmanager
+def range_server(path, stop_after_s: float = 120):
+    """A loopback HTTP server (127.0.0.1 only) serving ``path`` with range requests, as object
+    stores do; it stops by itself after ``stop_after_s``. ``srv.fail_share`` / ``srv.fail_all``
+    make it fail requests with 503; ``url(srv, name)`` is its GDAL path."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    srv.data, srv.rng, srv.fail_share, srv.fail_all = Path(path).read_bytes(), random.Random(1), 0.0, False
+    srv.requests = srv.failed = 0
+    srv.last_ok = True
+    os.environ.setdefault("GDAL_HTTP_TIMEOUT", "20")  # a broken test server fails the test, never hangs it
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    timer = threading.Timer(stop_after_s, srv.shutdown)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield srv
+    finally:
+        timer.cancel()
+        srv.shutdown()
+        srv.server_close()
+
+
+def vsicurl(srv, name):
+    return f"/vsicurl/http://127.0.0.1:{srv.server_address[1]}/{name}"

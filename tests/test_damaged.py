@@ -1,15 +1,13 @@
 """Damaged and flaky inputs: a bad block costs its tiles, not the scene."""
 
-import http.server
 import json
 import os
 import random
 import shutil
-import threading
 
 import numpy as np
 import pytest
-from helpers import PerfectDetector, packed_boxes, write_id_scene
+from helpers import PerfectDetector, packed_boxes, range_server, write_id_scene
 
 from geodet.errors import ReadError
 from geodet.pipeline.detect import detect_scene
@@ -131,71 +129,11 @@ def _save_tiny_model(path):
     save_model(build_model(cfg, tile_size=TILE), path)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves one file with HTTP range requests; fails a share of requests with 503 (never two in a
-    row, so GDAL's retries get through) or, with ``fail_all``, every request."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive, as object stores serve
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, head: bool):
-        srv = self.server
-        if not self.path.endswith(".tif"):  # no sidecars (.aux.xml, .ovr) and no folder listing
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        srv.requests += 1
-        if srv.fail_all or (srv.last_ok and srv.rng.random() < srv.fail_share):
-            srv.last_ok = False
-            srv.failed += 1
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        srv.last_ok = True
-        data = srv.data
-        rng = self.headers.get("Range")
-        if rng and rng.startswith("bytes="):
-            a, _, b = rng[6:].partition("-")
-            a, b = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
-            body = data[a : b + 1]
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
-        else:
-            body = data
-            self.send_response(200)
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-
-    def do_GET(self):
-        self._send(False)
-
-    def do_HEAD(self):
-        self._send(True)
-
-
 @pytest.fixture
 def served(intact):
     """A loopback server (127.0.0.1 only) for ``intact``; it stops by itself after 120 s."""
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.data, srv.rng, srv.fail_share, srv.fail_all = intact.read_bytes(), random.Random(1), 0.0, False
-    srv.requests = srv.failed = 0
-    srv.last_ok = True
-    os.environ.setdefault("GDAL_HTTP_TIMEOUT", "20")  # a broken test server fails the test, never hangs it
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    timer = threading.Timer(120, srv.shutdown)
-    timer.daemon = True
-    timer.start()
-    yield srv
-    timer.cancel()
-    srv.shutdown()
-    srv.server_close()
+    with range_server(intact) as srv:
+        yield srv
 
 
 def _url(srv, name):

@@ -10,7 +10,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pytest
-from helpers import PerfectDetector, match_counts, packed_boxes, write_id_scene
+from helpers import PerfectDetector, match_counts, packed_boxes, range_server, vsicurl, write_id_scene
 
 from geodet.errors import GeodetError
 from geodet.pipeline.detect import detect_scene
@@ -197,3 +197,23 @@ def test_the_cli_runs_a_model_file_on_ray_and_merges(local_ray, tiny_model, synt
     # a folder without finished scenes: one line, exit 2
     assert main(["merge", str(tmp_path), "-o", str(tmp_path / "none.gpkg")]) == 2
     assert "no finished scenes" in capsys.readouterr().err
+
+
+def test_a_cog_over_http_from_a_stac_item_gives_the_local_detections(local_ray, scenes, tmp_path):
+    from geodet.io.stac import stac_scenes
+
+    scene = scenes[0][0]
+    with range_server(scene) as srv:
+        items = tmp_path / "items.json"
+        href = vsicurl(srv, "remote.tif").replace("/vsicurl/", "")
+        items.write_text(json.dumps({"type": "FeatureCollection", "features": [
+            {"type": "Feature", "id": "tile-17", "assets": {"visual": {"href": href, "type": "image/tiff"}}}]}))
+        (sid, path), = stac_scenes(items, "visual")
+        assert path.startswith("/vsicurl/http://127.0.0.1:")
+        summary = detect_ray([path], PerfectDetector(), tmp_path / "run", ids=[sid], workers=2, block_tiles=2,
+                             progress=False, **SETTINGS)
+        assert srv.requests > 0
+    assert summary["failed_scenes"] == []
+    got = gpd.read_parquet(tmp_path / "run" / "scene=tile-17" / "detections.parquet")
+    ref = detect_scene(str(scene), PerfectDetector(), progress=False, **SETTINGS)
+    frames_equal(got.drop(columns="scene"), ref.drop(columns="scene"))

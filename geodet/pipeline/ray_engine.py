@@ -57,10 +57,11 @@ def require_ray():
     return ray
 
 
-def scene_ids(paths: Sequence) -> list[str]:
-    """Partition names (``scene=<id>``): file stems made safe for a folder name; stems that
-    repeat get a short hash of their path."""
-    stems = [re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(p).rstrip("/")).stem) or "scene" for p in paths]
+def scene_ids(paths: Sequence, names: Sequence[str] | None = None) -> list[str]:
+    """Partition names (``scene=<id>``): ``names`` (e.g. STAC item ids) or the file stems, made
+    safe for a folder name; names that repeat get a short hash of their path."""
+    raw = names if names is not None else [Path(str(p).rstrip("/")).stem for p in paths]
+    stems = [re.sub(r"[^A-Za-z0-9._-]+", "_", str(n)) or "scene" for n in raw]
     return [f"{s}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}" if stems.count(s) > 1 else s
             for p, s in zip(paths, stems)]
 
@@ -213,11 +214,13 @@ def _map_blocks(ds, ray, model_arg, plans, dirs, device, workers, n_items, cpus_
 
 def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, workers: int = 2,
                gpus_per_worker: float = 0, cpus_per_worker: float = 1, block_tiles: int = 8, retries: int = 2,
-               device: str | None = None, config=None, progress: bool = True, **settings) -> dict:
+               device: str | None = None, ids: Sequence[str] | None = None, config=None, progress: bool = True,
+               **settings) -> dict:
     """Detect over ``scenes`` on Ray and write ``out_dir`` (see the module's docstring). ``model``
     is a model file (loaded by every actor; the path must be reachable from every worker) or a
     loaded model / detector object (sent to the actors). Without ``address`` a local Ray
-    instance is started (and stopped); with one, the cluster is joined. Returns the job summary
+    instance is started (and stopped); with one, the cluster is joined. ``ids`` name the scenes'
+    partitions (default: file stems; STAC item ids from ``io.stac``). Returns the job summary
     (also written to ``OUT/_job.json``); ``summary["failed_scenes"]`` lists the scenes left
     without ``_SUCCESS.json`` and why."""
     ray = require_ray()
@@ -236,7 +239,9 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
     model_sha = file_sha256(model) if is_file and Path(str(model)).is_file() else (
         (getattr(detector, "source", None) or {}).get("sha256"))
     model_arg = str(Path(str(model)).resolve()) if is_file and Path(str(model)).is_file() else detector
-    ids = scene_ids(scenes)
+    if ids is not None and len(ids) != len(scenes):
+        raise GeodetError(f"{len(ids)} scene ids for {len(scenes)} scenes")
+    ids = scene_ids(scenes, ids)
     dirs = [str(out / f"scene={i}") for i in ids]
     plans: list = []
     failed, done_before = [], []
