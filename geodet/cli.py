@@ -121,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "weights, tile size and GSD; new classes re-initialise only the last classification conv")
     tr.add_argument("--freeze-stages", type=_nonneg_int, help="freeze the backbone's first N stages (1 stem, 2 +layer1, "
                                                                "... 5 +layer4)")
+    tr.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="local (default); ray: distributed data-parallel training under Ray Train (needs geodet[ray]); "
+                         "the run folder must be shared storage for several machines")
+    tr.add_argument("--address", help="ray: the cluster to join; default: start a local Ray instance")
+    tr.add_argument("--ray-workers", type=_positive_int, default=2, help="ray: training processes (default 2)")
+    tr.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per training process")
+    tr.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs per training process")
+    tr.add_argument("--max-failures", type=_nonneg_int, default=2,
+                    help="ray: restarts after a worker failure, each resuming from RUN_DIR/last.pt (default 2)")
 
     d = sub.add_parser("detect", parents=[common], help="detect objects over whole scenes",
                        description="Detect objects over one or more whole scenes and write GeoJSON (EPSG:4326), "
@@ -300,6 +309,15 @@ def _cmd_train(args) -> int:
     for parent in out.parents:  # the run folder is geodet's: create it and any missing parents
         if parent.exists() and not parent.is_dir():
             raise GeodetError(f"cannot create the run folder {out}: {parent} is a file")
+    if args.engine == "ray":
+        from .training.ray_train import train_ray
+
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        res = train_ray(cfg, out, address=args.address, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
+                        cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, resume=args.resume)
+        print(f"model: {res.get('model', out / 'model.pt')} (trained by {res.get('world_size', '?')} Ray workers)\n"
+              f"last checkpoint: {out / 'last.pt'}\nmetrics: {out / 'metrics.csv'}")
+        return 0
     try:
         path = Trainer(cfg, out, resume=args.resume, progress=not args.quiet).run()
     except Interrupted as exc:

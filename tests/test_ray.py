@@ -217,3 +217,19 @@ def test_a_cog_over_http_from_a_stac_item_gives_the_local_detections(local_ray, 
     got = gpd.read_parquet(tmp_path / "run" / "scene=tile-17" / "detections.parquet")
     ref = detect_scene(str(scene), PerfectDetector(), progress=False, **SETTINGS)
     frames_equal(got.drop(columns="scene"), ref.drop(columns="scene"))
+
+
+def test_training_under_ray_train_runs_the_ddp_loop_on_two_workers(local_ray, synth, tmp_path):
+    from conftest import tiny_config
+
+    from geodet.model import load_model
+    from geodet.training.ray_train import train_ray
+
+    cfg = tiny_config(synth.image, synth.labels, max_steps=4, steps_per_epoch=4, epochs=1, num_workers=0)
+    res = train_ray(cfg, tmp_path / "run", workers=2)
+    assert res["world_size"] == 2 and not res["resumed"]
+    model = load_model(tmp_path / "run" / "model.pt")
+    assert model.card.classes == ["car", "truck"]
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    assert len([r for r in rows if r.split(",")[2]]) == 4  # four optimiser steps, logged once (rank 0)
+    assert (tmp_path / "run" / "last.pt").is_file()
