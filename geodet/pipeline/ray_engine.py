@@ -12,9 +12,10 @@ spread over an actor pool of Ray Data, with exactly the result ``detect_scene`` 
   after it marks the part finished and carries the fingerprint). Ray restarts a crashed actor
   and retries its block; a block whose detection raised is run again in up to ``retries`` more
   rounds.
-- Each scene whose blocks are all finished is reduced on the driver (``reduce_scene``: the same
-  stitcher over every tile in grid order), written to ``OUT/scene=<id>/detections.parquet`` and
-  then, last, ``_SUCCESS.json`` (model SHA-256, fingerprint, grid, counts, seconds).
+- Each scene is reduced as soon as its last block is in, as a Ray task beside the blocks still
+  running (``finish_scene``: ``reduce_scene``, the same stitcher over every tile in grid order),
+  written to ``OUT/scene=<id>/detections.parquet`` and then, last, ``_SUCCESS.json`` (model
+  SHA-256, fingerprint, grid, counts, seconds).
 - Every file is written to a temporary name and renamed, so a retried block cannot duplicate
   rows and a killed job leaves no partial final file. A rerun skips scenes whose
   ``_SUCCESS.json`` matches and blocks whose part matches; it runs only what is missing.
@@ -160,7 +161,9 @@ class BlockWorker:
         return self.prepared[1]
 
     def __call__(self, batch: dict) -> dict:
-        out = {"scene": [], "block": [], "ok": [], "error": [], "detections": [], "seconds": []}
+        import resource
+
+        out = {"scene": [], "block": [], "ok": [], "error": [], "detections": [], "seconds": [], "peak_rss_mb": []}
         for si, bi in zip(batch["scene"], batch["block"]):
             si, bi = int(si), int(bi)
             t0 = time.perf_counter()
@@ -177,13 +180,36 @@ class BlockWorker:
                 n = write_part(self.dirs[si], plan, result, transform, crs)
             except Exception as exc:  # noqa: BLE001 - reported to the driver, which retries the block
                 ok, err = False, _one_line(exc)
-            for k, v in zip(out, (si, bi, ok, err, n, time.perf_counter() - t0)):
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the actor process, KiB on Linux
+            for k, v in zip(out, (si, bi, ok, err, n, time.perf_counter() - t0, peak)):
                 out[k].append(v)
         return {k: np.asarray(v) for k, v in out.items()}
 
 
+def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None) -> dict:
+    """The reduce step of one scene whose parts are all written: stitch, write the final file,
+    then ``_SUCCESS.json`` (last). Runs as a Ray task, or in the driver."""
+    from ..io.writers import write_detections
+
+    t0 = time.perf_counter()
+    d = Path(scene_dir)
+    frame = reduce_scene(plan, [read_part(d, b.index) for b in plan.blocks], classes=classes)
+    write_detections(frame, d / FINAL)
+    rep = frame.attrs["report"]
+    _write_json({"scene": plan.scene, "model_sha256": model_sha, "fingerprint": plan.fingerprint,
+                 "settings_sha256": hashlib.sha256(json.dumps(rep["settings"], sort_keys=True, default=str)
+                                                   .encode()).hexdigest(),
+                 "grid": {"width": plan.width, "height": plan.height, "tile_size": plan.settings.tile_size,
+                          "overlap": plan.overlap, "tiles": rep["tiles_total"], "blocks": len(plan.blocks)},
+                 "counts": {k: rep[k] for k in ("tiles_run", "tiles_skipped", "tiles_capped", "detections",
+                                                "detections_before_stitch")},
+                 "unreadable_tiles": rep["unreadable_tiles"], "reduce_seconds": round(time.perf_counter() - t0, 3),
+                 "output": FINAL}, d / SUCCESS)
+    return {"scene": plan.scene, "id": d.name, "detections": rep["detections"]}
+
+
 def _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, cpus_per_worker, device, progress):
-    """One pass of the actor pool over ``pending`` blocks; returns one row per block."""
+    """One pass of the actor pool over ``pending`` blocks; yields one row per block as it ends."""
     from tqdm.auto import tqdm
 
     ctx = ray.data.DataContext.get_current()
@@ -195,12 +221,10 @@ def _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, c
     with warnings.catch_warnings():  # Ray's deprecation notes about its own argument names
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = _map_blocks(ds, ray, model_arg, plans, dirs, device, workers, len(items), cpus_per_worker, kw)
-    rows = []
     with tqdm(total=len(items), desc="blocks", unit="block", disable=not progress) as bar:
         for row in ds.iter_rows():
-            rows.append(row)
             bar.update(1)
-    return rows
+            yield row
 
 
 def _map_blocks(ds, ray, model_arg, plans, dirs, device, workers, n_items, cpus_per_worker, kw):
@@ -224,7 +248,7 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
     (also written to ``OUT/_job.json``); ``summary["failed_scenes"]`` lists the scenes left
     without ``_SUCCESS.json`` and why."""
     ray = require_ray()
-    from ..io.writers import file_sha256, write_detections
+    from ..io.writers import file_sha256
     from .job import load_detector_file
 
     t_start = time.perf_counter()
@@ -265,56 +289,65 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
         (d / SUCCESS).unlink(missing_ok=True)  # an old marker of other settings or weights
         pending += [(si, b.index) for b in plan.blocks if not part_done(d, plan, b.index)]
     blocks_total = sum(len(p.blocks) for p in plans if p is not None)
-    blocks_run, errors = 0, {}
-    if pending:
-        started = not ray.is_initialized()
+    blocks_run, errors, peak_rss = 0, {}, 0.0
+    classes = getattr(getattr(detector, "card", None), "classes", None)
+    todo = {si for si, p in enumerate(plans) if p is not None and str(p.scene) not in done_before}
+    remaining = {si: set() for si in todo}
+    for si, bi in pending:
+        remaining[si].add(bi)
+    reducing, scenes_out = {}, []
+    started = pending and not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 configure_logging=False)
+    try:
+        reduce_task = ray.remote(num_cpus=1, max_retries=2)(finish_scene) if ray.is_initialized() else None
+
+        def reduce_when_done(si):
+            # a scene is stitched as soon as its last block is in, while other scenes' blocks run
+            if not remaining[si] and si not in reducing:
+                args = (plans[si], dirs[si], classes, model_sha)
+                reducing[si] = reduce_task.remote(*args) if reduce_task is not None else args
+
+        for si in todo:
+            reduce_when_done(si)  # every part already written by an earlier run
+        for attempt in range(retries + 1):
+            if not pending:
+                break
+            if attempt:
+                log.warning("running %d failed block(s) again (round %d of %d)", len(pending), attempt + 1,
+                            retries + 1)
+            failed_now = []
+            for r in _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, cpus_per_worker,
+                                device, progress):
+                si, bi = int(r["scene"]), int(r["block"])
+                blocks_run += 1
+                peak_rss = max(peak_rss, float(r["peak_rss_mb"]))
+                if r["ok"]:
+                    remaining[si].discard(bi)
+                    reduce_when_done(si)
+                else:
+                    failed_now.append((si, bi))
+                    errors[(si, bi)] = str(r["error"])
+            pending = failed_now
+        for si in sorted(reducing):
+            try:
+                job = reducing[si]
+                scenes_out.append(ray.get(job) if reduce_task is not None else finish_scene(*job))
+            except Exception as exc:  # noqa: BLE001 - a scene whose reduce fails fails alone
+                cause = getattr(exc, "cause", None) or exc
+                failed.append({"scene": plans[si].scene, "error": f"reduce failed: {_one_line(cause)}"})
+    finally:
         if started:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                     configure_logging=False)
-        try:
-            for attempt in range(retries + 1):
-                if not pending:
-                    break
-                if attempt:
-                    log.warning("running %d failed block(s) again (round %d of %d)", len(pending), attempt + 1,
-                                retries + 1)
-                rows = _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, cpus_per_worker,
-                                  device, progress)
-                blocks_run += len(rows)
-                pending = [(int(r["scene"]), int(r["block"])) for r in rows if not r["ok"]]
-                errors = {(int(r["scene"]), int(r["block"])): str(r["error"]) for r in rows if not r["ok"]}
-        finally:
-            if started:
-                ray.shutdown()
-    scenes_out = []
-    for si, plan in enumerate(plans):
-        if plan is None or str(plan.scene) in done_before:
-            continue
-        d = Path(dirs[si])
-        missing = [b.index for b in plan.blocks if not part_done(d, plan, b.index)]
-        if missing:
-            why = errors.get((si, missing[0]), "not run")
-            failed.append({"scene": plan.scene, "error": f"{len(missing)} block(s) failed, e.g. block {missing[0]}: {why}"})
-            continue
-        t0 = time.perf_counter()
-        classes = getattr(getattr(detector, "card", None), "classes", None)
-        frame = reduce_scene(plan, [read_part(d, b.index) for b in plan.blocks], classes=classes)
-        write_detections(frame, d / FINAL)
-        rep = frame.attrs["report"]
-        _write_json({"scene": plan.scene, "model_sha256": model_sha, "fingerprint": plan.fingerprint,
-                     "settings_sha256": hashlib.sha256(json.dumps(rep["settings"], sort_keys=True, default=str)
-                                                       .encode()).hexdigest(),
-                     "grid": {"width": plan.width, "height": plan.height, "tile_size": plan.settings.tile_size,
-                              "overlap": plan.overlap, "tiles": rep["tiles_total"], "blocks": len(plan.blocks)},
-                     "counts": {k: rep[k] for k in ("tiles_run", "tiles_skipped", "tiles_capped", "detections",
-                                                    "detections_before_stitch")},
-                     "unreadable_tiles": rep["unreadable_tiles"], "reduce_seconds": round(time.perf_counter() - t0, 3),
-                     "output": FINAL}, d / SUCCESS)
-        scenes_out.append({"scene": plan.scene, "id": Path(d).name, "detections": rep["detections"]})
+            ray.shutdown()
+    for si in sorted(todo - set(reducing)):
+        missing = sorted(remaining[si])
+        why = errors.get((si, missing[0]), "not run")
+        failed.append({"scene": plans[si].scene, "error": f"{len(missing)} block(s) failed, e.g. block {missing[0]}: {why}"})
     summary = {"out": str(out), "scenes_total": len(scenes), "scenes_written": len(scenes_out),
                "scenes_already_done": len(done_before), "failed_scenes": failed, "blocks_total": blocks_total,
                "blocks_run": blocks_run, "seconds": round(time.perf_counter() - t_start, 2), "scenes": scenes_out,
-               "model_sha256": model_sha}
+               "model_sha256": model_sha, "worker_peak_rss_mb": round(peak_rss)}
     _write_json(summary, out / "_job.json")
     return summary
 
