@@ -358,10 +358,19 @@ def _cmd_detect_ray(args, cfg, scenes, ids) -> int:
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    summary = detect_ray(scenes, args.model, args.out, address=args.address, workers=args.ray_workers,
-                         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                         block_tiles=args.block_tiles, retries=args.retries, ids=ids, config=cfg,
-                         progress=not args.quiet)
+    try:
+        summary = detect_ray(scenes, args.model, args.out, address=args.address, workers=args.ray_workers,
+                             gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                             block_tiles=args.block_tiles, retries=args.retries, ids=ids, config=cfg,
+                             progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"geodet: interrupted; finished blocks and scenes are kept in {args.out}: rerun the same command to run "
+              "only what is missing", file=sys.stderr)
+        return 130
+    return _ray_summary(args, summary)
+
+
+def _ray_summary(args, summary) -> int:
     n_det = sum(x["detections"] for x in summary["scenes"])
     print(f"{summary['scenes_written']} scene(s) written ({n_det} detections), {summary['scenes_already_done']} already "
           f"done, {summary['blocks_run']} block(s) run -> {args.out} (geodet merge {args.out} -o all.gpkg)")

@@ -158,6 +158,9 @@ def test_an_interrupted_run_resumes_with_the_missing_blocks_only(local_ray, scen
     third = detect_ray([scene], PerfectDetector(), out, workers=2, block_tiles=2, progress=False,
                        **{**SETTINGS, "overlap": 32})
     assert third["blocks_run"] == third["blocks_total"]
+    ok = json.loads((d / "_SUCCESS.json").read_text())
+    parts = [json.loads(p.read_text()) for p in d.glob("part-*.json")]
+    assert len(parts) == third["blocks_total"] and {p["fingerprint"] for p in parts} == {ok["fingerprint"]}
 
 
 def test_without_ray_the_engine_names_the_extra(monkeypatch):

@@ -101,6 +101,16 @@ def scene_done(scene_dir: Path, plan: ScenePlan, model_sha: str | None) -> bool:
         and (scene_dir / FINAL).is_file()
 
 
+def _remove_stale_parts(scene_dir: Path, plan: ScenePlan) -> None:
+    """Parts of an earlier run with other settings, weights or blocks: they would only mislead."""
+    for meta in scene_dir.glob("part-*.json"):
+        m = _read_json(meta)
+        if not m or m.get("fingerprint") != plan.fingerprint or int(m.get("block", -1)) >= len(plan.blocks):
+            meta.unlink(missing_ok=True)
+            meta.with_suffix(".parquet").unlink(missing_ok=True)
+    (scene_dir / FINAL).unlink(missing_ok=True)
+
+
 def write_part(scene_dir: Path, plan: ScenePlan, result: BlockResult, transform, crs) -> int:
     """A block's raw tile detections as GeoParquet (scene CRS), then its sidecar (the marker)."""
     import geopandas as gpd
@@ -287,6 +297,7 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
             continue
         d.mkdir(parents=True, exist_ok=True)
         (d / SUCCESS).unlink(missing_ok=True)  # an old marker of other settings or weights
+        _remove_stale_parts(d, plan)
         pending += [(si, b.index) for b in plan.blocks if not part_done(d, plan, b.index)]
     blocks_total = sum(len(p.blocks) for p in plans if p is not None)
     blocks_run, errors, peak_rss = 0, {}, 0.0
