@@ -12,8 +12,8 @@ spread over an actor pool of Ray Data, with exactly the result ``detect_scene`` 
   after it marks the part finished and carries the fingerprint). Ray restarts a crashed actor
   and retries its block; a block whose detection raised is run again in up to ``retries`` more
   rounds.
-- Each scene is reduced as soon as its last block is in, as a Ray task beside the blocks still
-  running (``finish_scene``: ``reduce_scene``, the same stitcher over every tile in grid order),
+- Each scene is reduced as soon as its last block is in, by one of a few reducer actors beside
+  the blocks still running (``finish_scene``: ``reduce_scene``, the same stitcher over every tile in grid order),
   written to ``OUT/scene=<id>/detections.parquet`` and then, last, ``_SUCCESS.json`` (model
   SHA-256, fingerprint, grid, counts, seconds).
 - Every file is written to a temporary name and renamed, so a retried block cannot duplicate
@@ -218,6 +218,13 @@ def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None) -> 
     return {"scene": plan.scene, "id": d.name, "detections": rep["detections"]}
 
 
+class SceneReducer:
+    """A Ray actor that runs ``finish_scene`` for the scenes the driver sends it."""
+
+    def finish(self, plan: ScenePlan, scene_dir, classes, model_sha):
+        return finish_scene(plan, scene_dir, classes, model_sha)
+
+
 def _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, cpus_per_worker, device, progress):
     """One pass of the actor pool over ``pending`` blocks; yields one row per block as it ends."""
     from tqdm.auto import tqdm
@@ -312,13 +319,18 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  configure_logging=False)
     try:
-        reduce_task = ray.remote(num_cpus=1, max_retries=2)(finish_scene) if ray.is_initialized() else None
+        reducers = []
+        if ray.is_initialized():
+            # a few long-lived reducer actors (geodet imported once each, started now so they are
+            # ready when the first scene is): 0 CPUs reserved, stitching is light beside detection
+            actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(SceneReducer)
+            reducers = [actor.remote() for _ in range(max(1, min(4, int(workers) // 4 + 1)))]
 
         def reduce_when_done(si):
             # a scene is stitched as soon as its last block is in, while other scenes' blocks run
             if not remaining[si] and si not in reducing:
                 args = (plans[si], dirs[si], classes, model_sha)
-                reducing[si] = reduce_task.remote(*args) if reduce_task is not None else args
+                reducing[si] = reducers[len(reducing) % len(reducers)].finish.remote(*args) if reducers else args
 
         for si in todo:
             reduce_when_done(si)  # every part already written by an earlier run
@@ -344,7 +356,7 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
         for si in sorted(reducing):
             try:
                 job = reducing[si]
-                scenes_out.append(ray.get(job) if reduce_task is not None else finish_scene(*job))
+                scenes_out.append(ray.get(job) if reducers else finish_scene(*job))
             except Exception as exc:  # noqa: BLE001 - a scene whose reduce fails fails alone
                 cause = getattr(exc, "cause", None) or exc
                 failed.append({"scene": plans[si].scene, "error": f"reduce failed: {_one_line(cause)}"})
