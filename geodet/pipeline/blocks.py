@@ -47,6 +47,8 @@ class ScenePlan:
     stats: dict | None
     blocks: list = field(default_factory=list)
     fingerprint: str = ""
+    transform: object = None  # of the grid's pixels (after GSD resampling), for georeferencing parts
+    crs: object = None
 
     @property
     def grid(self) -> TileGrid:
@@ -91,7 +93,7 @@ def plan_scene(scene, detector=None, *, block_tiles: int = 8, config=None, **set
         overlap = overlap_pixels(s.overlap_m, sc.pixel_gsd) if s.overlap_m is not None else s.overlap
         grid = TileGrid(sc.width, sc.height, s.tile_size, overlap)
         stats = sc.stats if sc.dtype != np.uint8 else None
-        plan = ScenePlan(str(scene), s, sc.width, sc.height, overlap, stats)
+        plan = ScenePlan(str(scene), s, sc.width, sc.height, overlap, stats, transform=sc.transform, crs=sc.crs)
     finally:
         sc.close()
     index = 0

@@ -182,12 +182,7 @@ class BlockWorker:
                 plan = self.plans[si]
                 det = self.detector(si)
                 result = run_block(plan, plan.blocks[bi], det, self.device)
-                sc = plan.open(getattr(self.model, "card", None))
-                try:
-                    transform, crs = sc.transform, sc.crs
-                finally:
-                    sc.close()
-                n = write_part(self.dirs[si], plan, result, transform, crs)
+                n = write_part(self.dirs[si], plan, result, plan.transform, plan.crs)
             except Exception as exc:  # noqa: BLE001 - reported to the driver, which retries the block
                 ok, err = False, _one_line(exc)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the actor process, KiB on Linux
