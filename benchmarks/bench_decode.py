@@ -145,7 +145,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from gpu_check import mosaic_vrt, preset_model, train_rate
 
-    from geodet.pipeline.reader import read_batches  # noqa: F401 (import check)
     from geodet.synthetic import make_scene
 
     device = torch.device(args.device)

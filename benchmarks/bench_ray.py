@@ -183,7 +183,7 @@ def large(args):
 
         t0 = time.perf_counter()
         ref = detect_scene(str(big), BlobDetector(), progress=False, **kw)
-        got = gpd.read_parquet(wd / "ray_big" / f"scene=big" / "detections.parquet")
+        got = gpd.read_parquet(wd / "ray_big" / "scene=big" / "detections.parquet")
         cols = ["px_x0", "px_y0", "px_x1", "px_y1", "tile_row", "tile_col"]
         a = got.sort_values(cols)[cols].to_numpy()
         b = ref.sort_values(cols)[cols].to_numpy()

@@ -47,11 +47,11 @@ def scenes(tmp_path_factory):
 
 
 class FailsOnce(PerfectDetector):
-    """Fails the first time it sees a tile of the given block (a marker file remembers, across
-    actor processes)."""
+    """Fails on the first batch it is given, in whichever actor that is (a marker file
+    remembers, across actor processes), then detects perfectly."""
 
-    def __init__(self, marker, tile_x=0):
-        self.marker, self.tile_x = str(marker), tile_x
+    def __init__(self, marker):
+        self.marker = str(marker)
 
     def __call__(self, batch):
         if not os.path.exists(self.marker):

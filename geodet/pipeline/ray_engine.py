@@ -225,6 +225,7 @@ def _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, c
     from tqdm.auto import tqdm
 
     ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start)  # the caller's, restored below
     ctx.enable_progress_bars = False  # geodet's own bar counts blocks
     ctx.print_on_execution_start = False
     items = [{"scene": s, "block": b} for s, b in pending]
@@ -233,10 +234,13 @@ def _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, c
     with warnings.catch_warnings():  # Ray's deprecation notes about its own argument names
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = _map_blocks(ds, ray, model_arg, plans, dirs, device, workers, len(items), cpus_per_worker, kw)
-    with tqdm(total=len(items), desc="blocks", unit="block", disable=not progress) as bar:
-        for row in ds.iter_rows():
-            bar.update(1)
-            yield row
+    try:
+        with tqdm(total=len(items), desc="blocks", unit="block", disable=not progress) as bar:
+            for row in ds.iter_rows():
+                bar.update(1)
+                yield row
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
 
 
 def _map_blocks(ds, ray, model_arg, plans, dirs, device, workers, n_items, cpus_per_worker, kw):
