@@ -247,3 +247,34 @@ def range_server(path, stop_after_s: float = 120):
 
 def vsicurl(srv, name):
     return f"/vsicurl/http://127.0.0.1:{srv.server_address[1]}/{name}"
+
+
+def noisy_tile_views(grid, seed, n_objects, noise=1.0, max_size=None):
+    """What an imperfect detector reports per tile of ``grid``: each object's part inside the
+    window, jittered, sometimes missed, sometimes only a partial view (cut short on one side),
+    plus a few false positives; two classes and random scores. Yields ``(tile, boxes, scores,
+    labels)`` in grid order, boxes in tile pixels."""
+    rng = np.random.default_rng(seed)
+    W, H = grid.width, grid.height
+    size = rng.uniform(4, max_size or max(6, grid.tile_size * 0.45), (n_objects, 2))
+    x0, y0 = rng.uniform(-5, W, n_objects), rng.uniform(-5, H, n_objects)
+    objs = np.column_stack([x0, y0, x0 + size[:, 0], y0 + size[:, 1]])
+    objs[:, 0::2] = objs[:, 0::2].clip(0, W)
+    objs[:, 1::2] = objs[:, 1::2].clip(0, H)
+    objs = objs[(objs[:, 2] - objs[:, 0] > 2) & (objs[:, 3] - objs[:, 1] > 2)]
+    classes = rng.integers(0, 2, len(objs))
+    out = []
+    for t in grid:
+        win = np.array([t.col_off, t.row_off, t.col_off + grid.tile_size, t.row_off + grid.tile_size], float)
+        cb = np.column_stack([np.maximum(objs[:, :2], win[:2]), np.minimum(objs[:, 2:], win[2:])])
+        seen = (cb[:, 2] > cb[:, 0] + 1) & (cb[:, 3] > cb[:, 1] + 1) & (rng.random(len(objs)) > 0.1)
+        b = cb[seen] + rng.normal(0, noise, (int(seen.sum()), 4))
+        part = rng.random(len(b)) < 0.15
+        b[part, 2] = b[part, 0] + (b[part, 2] - b[part, 0]) * 0.55
+        fp = rng.random((int(rng.integers(0, 4)), 4)) * grid.tile_size + np.tile(win[:2], 2)
+        fp = np.column_stack([np.minimum(fp[:, 0], fp[:, 2]), np.minimum(fp[:, 1], fp[:, 3]),
+                              np.maximum(fp[:, 0], fp[:, 2]) + 3, np.maximum(fp[:, 1], fp[:, 3]) + 3])
+        b = np.concatenate([b, fp]) - np.tile(win[:2], 2)
+        labels = np.concatenate([classes[seen], rng.integers(0, 2, len(fp))])
+        out.append((t, b.astype(np.float32), rng.random(len(b)).astype(np.float32), labels))
+    return out

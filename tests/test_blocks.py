@@ -3,10 +3,12 @@
 
 import numpy as np
 import pytest
-from helpers import PerfectDetector, match_counts, packed_boxes, write_id_scene
+from helpers import PerfectDetector, match_counts, noisy_tile_views, packed_boxes, write_id_scene
 
 from geodet.pipeline.blocks import plan_scene, prepare_detector, reduce_scene, run_block
 from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.grid import TileGrid
+from geodet.pipeline.stitch import Stitcher, reduce_blocks, stitch_block
 
 COLS = ["px_x0", "px_y0", "px_x1", "px_y1", "score", "label", "tile_row", "tile_col"]
 
@@ -80,3 +82,75 @@ def test_blocks_equal_detect_scene_on_random_grids(tmp_path_factory):
             assert (got[c].to_numpy() == ref[c].to_numpy()).all(), c
 
     check()
+
+
+def _stitch_in_blocks(grid, views, k, rng):
+    """Each k x k block stitched on its own from its tiles (in any order), blocks in any order."""
+    blocks = []
+    for r0 in range(0, grid.n_rows, k):
+        for c0 in range(0, grid.n_cols, k):
+            r1, c1 = min(r0 + k, grid.n_rows) - 1, min(c0 + k, grid.n_cols) - 1
+            own = [v for v in views if r0 <= v[0].row <= r1 and c0 <= v[0].col <= c1]
+            rng.shuffle(own)
+            blocks.append(stitch_block(grid, (r0, r1), (c0, c1), own, 0.5))
+    rng.shuffle(blocks)
+    return blocks
+
+
+def _one_process(grid, views):
+    st = Stitcher(grid, 0.5)
+    for v in views:
+        st.add(*v)
+    return st.finish()
+
+
+def _assert_same(got, ref):
+    for f in ("boxes", "scores", "labels", "tile_row", "tile_col"):
+        a, b = getattr(got, f), getattr(ref, f)
+        assert a.shape == b.shape and (a == b).all(), f
+
+
+def test_block_stitch_plus_reduce_equals_one_stitcher():
+    """Property: an imperfect detector (jitter, misses, partial views, false positives, two
+    classes, overlapping objects), any grid, overlap (past half a tile) and block size: each block
+    stitched alone, then the reduce of what they deferred, equals one stitcher row for row."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(w=st.integers(40, 700), h=st.integers(40, 700), tile=st.integers(32, 200), frac=st.floats(0.0, 0.7),
+           k=st.integers(1, 4), n=st.integers(0, 400), noise=st.floats(0.0, 3.0), seed=st.integers(0, 2**31))
+    def check(w, h, tile, frac, k, n, noise, seed):
+        grid = TileGrid(w, h, tile, min(int(tile * frac), tile - 4))
+        views = noisy_tile_views(grid, seed, n, noise)
+        blocks = _stitch_in_blocks(grid, views, k, np.random.default_rng(seed))
+        _assert_same(reduce_blocks(grid, blocks, 0.5), _one_process(grid, views))
+
+    check()
+
+
+@pytest.mark.parametrize("seed", [183, 200, 260, 310, 367, 398, 456, 524])
+def test_block_stitch_where_a_moving_object_sees_a_neighbour_better(seed):
+    """Cases where an object decided by the reduce (its boxes reach another block) is the better
+    view of an object inside one block: the block must leave that one to the reduce as well."""
+    rng = np.random.default_rng(seed)
+    w, h = int(rng.integers(60, 700)), int(rng.integers(60, 700))
+    tile = int(rng.integers(32, 200))
+    grid = TileGrid(w, h, tile, min(int(tile * rng.uniform(0, 0.7)), tile - 4))
+    k = int(rng.integers(1, 4))
+    views = noisy_tile_views(grid, seed, int(rng.integers(0, 400)), float(rng.uniform(0, 3)))
+    _assert_same(reduce_blocks(grid, _stitch_in_blocks(grid, views, k, rng), 0.5), _one_process(grid, views))
+
+
+def test_blocks_decide_most_objects_themselves():
+    """Blocks of 8 x 8 tiles with a usual overlap keep or merge most detections themselves and
+    leave a minority of seam boxes for the reduce to decide, with the same result."""
+    grid = TileGrid(4096, 4096, 256, 32)
+    views = noisy_tile_views(grid, 3, 15000, 1.0, max_size=30)
+    blocks = _stitch_in_blocks(grid, views, 8, np.random.default_rng(0))
+    _assert_same(reduce_blocks(grid, blocks, 0.5), _one_process(grid, views))
+    n_in = sum(b.n_in for b in blocks)
+    decided_in_reduce = sum(int(b.deferred[8].sum()) for b in blocks)
+    merged_in_blocks = sum(len(b.merged[0]) for b in blocks)
+    assert merged_in_blocks > 0
+    assert 0 < decided_in_reduce < 0.4 * n_in

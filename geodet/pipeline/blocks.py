@@ -5,10 +5,12 @@ a distributed runner only moves the plan's blocks and their results.
 - ``plan_scene`` opens the scene once: the tile grid ``detect_scene`` would build (after GSD
   resampling), the scaling statistics (computed once, so every block scales pixels identically)
   and k x k blocks of tiles, with a fingerprint of everything that decides the result.
-- ``run_block`` runs the per-tile detection generator over one block's tiles and returns their
-  raw detections (small next to the pixels).
-- ``reduce_scene`` stitches every tile's detections, in grid order, with the same stitcher as
-  ``detect_scene``: the frame is identical row for row, and no tile is inferred twice.
+- ``run_block`` runs the per-tile detection generator over one block's tiles and stitches them
+  (``stitch.stitch_block``): boxes no tile outside the block can change are final there; seam
+  boxes that could meet a tile outside it are deferred.
+- ``reduce_scene`` merges the deferred seam boxes of all blocks with the same seam merge, and
+  puts the scene together: the frame is identical to ``detect_scene``'s row for row, and no tile
+  is inferred twice.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from ..errors import GeodetError
 from .grid import TileGrid, overlap_pixels
 from .settings import DetectSettings, resolve_detect_settings
+from .stitch import BlockStitch, reduce_blocks, stitch_block
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,9 @@ class ScenePlan:
 class BlockResult:
     scene: str
     block: int
-    tiles: list  # (tile index, boxes [n, 4], scores [n], labels [n], capped) per tile run
+    stitch: BlockStitch  # the block's own stitch: kept boxes, objects merged inside it, deferred seam boxes
+    tiles_run: list  # grid indices of the tiles the detector ran on
+    tiles_capped: list  # of those, the ones that hit the per-tile detection cap
     skipped: list  # tile indices without valid pixels
     unreadable: list  # report entries of tiles that could not be read (on_read_error="skip")
 
@@ -105,7 +110,7 @@ def plan_scene(scene, detector=None, *, block_tiles: int = 8, config=None, **set
             index += 1
     source = getattr(detector, "source", None) or {}
     key = {"scene": str(scene), "settings": s.to_dict(), "grid": [sc.width, sc.height, s.tile_size, overlap],
-           "stats": stats, "model": source.get("sha256"), "block_tiles": block_tiles}
+           "stats": stats, "model": source.get("sha256"), "block_tiles": block_tiles, "parts": 2}
     plan.fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return plan
 
@@ -119,19 +124,26 @@ def run_block(plan: ScenePlan, block: Block, detector, device: str | torch.devic
     dev = resolve_device(str(device) if device is not None else plan.settings.device)
     card = getattr(detector, "card", None)
     sc = plan.open(card)
-    out = BlockResult(plan.scene, block.index, [], [], [])
+    grid = plan.grid
+    run, capped, skipped, unreadable, found = [], [], [], [], []
     try:
         with gdal_env():
-            for r in tile_detections(sc, plan.grid, detector, plan.settings, dev, indices=block.tiles):
+            for r in tile_detections(sc, grid, detector, plan.settings, dev, indices=block.tiles):
                 if r.unreadable is not None:
-                    out.unreadable.append(r.unreadable)
+                    unreadable.append(r.unreadable)
                 elif r.boxes is None:
-                    out.skipped.append(r.tile.index)
+                    skipped.append(r.tile.index)
                 else:
-                    out.tiles.append((r.tile.index, r.boxes, r.scores, r.labels, r.capped))
+                    run.append(r.tile.index)
+                    if r.capped:
+                        capped.append(r.tile.index)
+                    found.append((r.tile, r.boxes, r.scores, r.labels))
     finally:
         sc.close()
-    return out
+    rows = [t // grid.n_cols for t in block.tiles]
+    cols = [t % grid.n_cols for t in block.tiles]
+    stitch = stitch_block(grid, (min(rows), max(rows)), (min(cols), max(cols)), found, plan.settings.match_iou)
+    return BlockResult(plan.scene, block.index, stitch, sorted(run), sorted(capped), sorted(skipped), unreadable)
 
 
 def prepare_detector(detector, plan: ScenePlan, device=None):
@@ -148,10 +160,10 @@ def prepare_detector(detector, plan: ScenePlan, device=None):
 
 
 def reduce_scene(plan: ScenePlan, results, classes=None):
-    """Stitch every block's tile detections in grid order (as ``detect_scene`` adds them) into the
-    scene's frame, in the scene's CRS; ``frame.attrs["report"]`` counts tiles and detections."""
+    """Merge every block's stitch (only the seam boxes a block deferred are merged here) into the
+    scene's frame, in the scene's CRS: identical, row for row, to ``detect_scene``.
+    ``frame.attrs["report"]`` counts tiles and detections."""
     from .detect import to_frame
-    from .stitch import Stitcher
 
     results = list(results)
     seen = sorted(b.block for b in results)
@@ -159,11 +171,7 @@ def reduce_scene(plan: ScenePlan, results, classes=None):
         missing = sorted(set(range(len(plan.blocks))) - set(seen))
         raise GeodetError(f"{plan.scene}: blocks {missing[:10]} have no result, or a block came twice; run them first")
     grid = plan.grid
-    per_tile = sorted((t for b in results for t in b.tiles), key=lambda t: t[0])
-    stitcher = Stitcher(grid, plan.settings.match_iou)
-    for idx, boxes, scores, labels, _ in per_tile:
-        stitcher.add(grid.tile(idx), boxes, scores, labels)
-    det = stitcher.finish()
+    det = reduce_blocks(grid, [b.stitch for b in results], plan.settings.match_iou)
     sc = plan.open()
     try:
         frame = to_frame(det, sc, classes)
@@ -172,9 +180,12 @@ def reduce_scene(plan: ScenePlan, results, classes=None):
     frame["scene"] = Path(plan.scene).name
     frame.attrs["report"] = {
         "scene": plan.scene, "fingerprint": plan.fingerprint, "blocks": len(plan.blocks), "tiles_total": len(grid),
-        "tiles_run": len(per_tile), "tiles_skipped": sum(len(b.skipped) for b in results),
-        "tiles_capped": sum(bool(t[4]) for t in per_tile),
+        "tiles_run": sum(len(b.tiles_run) for b in results), "tiles_skipped": sum(len(b.skipped) for b in results),
+        "tiles_capped": sum(len(b.tiles_capped) for b in results),
         "unreadable_tiles": [u for b in results for u in b.unreadable],
-        "detections_before_stitch": stitcher.n_in, "detections": len(det), "settings": plan.settings.to_dict(),
+        "detections_before_stitch": sum(b.stitch.n_in for b in results),
+        "boxes_decided_in_reduce": sum(int(b.stitch.deferred[8].sum()) for b in results),
+        "boxes_sent_to_reduce": sum(b.stitch.n_deferred for b in results),
+        "detections": len(det), "settings": plan.settings.to_dict(),
     }
     return frame

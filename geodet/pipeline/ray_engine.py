@@ -7,13 +7,15 @@ spread over an actor pool of Ray Data, with exactly the result ``detect_scene`` 
   and k x k blocks of tiles, with a fingerprint of everything that decides the result).
 - The blocks go through ``ray.data.from_items(...).map_batches(BlockWorker, concurrency=N,
   num_gpus=G)``: each actor loads the model once (on its GPU when the cluster gives it one), runs
-  the per-tile detection generator over its block and writes the block's raw tile detections to
-  ``OUT/scene=<id>/part-<block>.parquet`` (GeoParquet, scene CRS; a ``.json`` sidecar written
-  after it marks the part finished and carries the fingerprint). Ray restarts a crashed actor
+  the per-tile detection generator over its block, stitches the block's own tiles and writes
+  its boxes to ``OUT/scene=<id>/part-<block>.parquet`` (GeoParquet, scene CRS): those final
+  there, and the seam boxes a tile outside the block could change, deferred to the reduce. A
+  ``.json`` sidecar written after it marks the part finished and carries the fingerprint. Ray restarts a crashed actor
   and retries its block; a block whose detection raised is run again in up to ``retries`` more
   rounds.
 - Each scene is reduced as soon as its last block is in, by one of a few reducer actors beside
-  the blocks still running (``finish_scene``: ``reduce_scene``, the same stitcher over every tile in grid order),
+  the blocks still running (``finish_scene``: ``reduce_scene`` merges the deferred seam boxes
+  with the same seam merge and puts the blocks' boxes in one process's order),
   written to ``OUT/scene=<id>/detections.parquet`` and then, last, ``_SUCCESS.json`` (model
   SHA-256, fingerprint, grid, counts, seconds).
 - Every file is written to a temporary name and renamed, so a retried block cannot duplicate
@@ -44,7 +46,8 @@ log = logging.getLogger(__name__)
 
 RAY_MISSING = ("the ray engine needs Ray, which is not installed: pip install 'geodet[ray]' "
                "(or pip install 'ray[data]')")
-PART_COLUMNS = ["tile", "px_x0", "px_y0", "px_x1", "px_y1", "score", "label", "capped"]
+PART_COLUMNS = ["kind", "key", "px_x0", "px_y0", "px_x1", "px_y1", "score", "label", "tile_row", "tile_col",
+                "whole", "owned"]
 SUCCESS = "_SUCCESS.json"
 FINAL = "detections.parquet"
 
@@ -112,47 +115,63 @@ def _remove_stale_parts(scene_dir: Path, plan: ScenePlan) -> None:
 
 
 def write_part(scene_dir: Path, plan: ScenePlan, result: BlockResult, transform, crs) -> int:
-    """A block's raw tile detections as GeoParquet (scene CRS), then its sidecar (the marker)."""
+    """A block's stitch as GeoParquet (scene CRS): its kept boxes (``kind`` 0), the objects merged
+    inside it (1), the seam boxes whose objects the reduce decides (2) and those the reduce only
+    looks at (3), with exact float64 pixel boxes and scene-wide order keys; then its sidecar
+    (the marker)."""
     import geopandas as gpd
 
     from ..io.writers import boxes_to_polygons
 
     data, meta = part_paths(scene_dir, result.block)
-    n = [len(t[2]) for t in result.tiles]
-    boxes = np.concatenate([t[1] for t in result.tiles]).astype(np.float32) if n else np.zeros((0, 4), np.float32)
+    st = result.stitch
+    d = st.deferred
+    groups = [st.final, st.merged, tuple(a[d[8]] for a in d), tuple(a[~d[8]] for a in d)]
+    cat = [np.concatenate([g[i] for g in groups]) for i in range(5)]
+    n = [len(g[0]) for g in groups]
+    boxes = cat[0].reshape(-1, 4)
     frame = gpd.GeoDataFrame({
-        "tile": np.repeat([t[0] for t in result.tiles], n).astype(np.int64),
+        "kind": np.repeat(np.arange(4, dtype=np.int8), n),
+        "key": np.concatenate([g[5] if len(g) == 6 else g[7] for g in groups]).astype(np.int64),
         "px_x0": boxes[:, 0], "px_y0": boxes[:, 1], "px_x1": boxes[:, 2], "px_y1": boxes[:, 3],
-        "score": np.concatenate([t[2] for t in result.tiles]).astype(np.float32) if n else np.zeros(0, np.float32),
-        "label": np.concatenate([t[3] for t in result.tiles]).astype(np.int64) if n else np.zeros(0, np.int64),
-        "capped": np.repeat([bool(t[4]) for t in result.tiles], n).astype(bool),
+        "score": cat[1].astype(np.float32), "label": cat[2].astype(np.int64),
+        "tile_row": cat[3].astype(np.int32), "tile_col": cat[4].astype(np.int32),
+        "whole": np.concatenate([np.zeros(n[0] + n[1], bool), groups[2][5], groups[3][5]]),
+        "owned": np.concatenate([np.zeros(n[0] + n[1], bool), groups[2][6], groups[3][6]]),
     }, geometry=boxes_to_polygons(boxes, transform), crs=crs)
     tmp = data.with_name(f".{data.name}.{os.getpid()}.tmp")
     frame.to_parquet(tmp, index=False)
     os.replace(tmp, data)
     _write_json({"fingerprint": plan.fingerprint, "scene": plan.scene, "block": result.block,
-                 "tiles_run": [t[0] for t in result.tiles], "skipped": list(result.skipped),
-                 "unreadable": list(result.unreadable), "detections": int(sum(n))}, meta)
-    return int(sum(n))
+                 "tiles_run": result.tiles_run, "tiles_capped": result.tiles_capped, "skipped": result.skipped,
+                 "unreadable": list(result.unreadable), "detections_in": int(st.n_in),
+                 "kept": n[0], "merged": n[1], "decided_in_reduce": n[2], "context_for_reduce": n[3]}, meta)
+    return int(st.n_in)
 
 
 def read_part(scene_dir: Path, block: int) -> BlockResult:
-    """A finished part back as the block's raw result (exact float32 boxes, tiles with none too)."""
+    """A finished part back as the block's result (exact float64 boxes and order keys)."""
     import pyarrow.parquet as pq
+
+    from .stitch import BlockStitch
 
     data, meta = part_paths(scene_dir, block)
     m = _read_json(meta)
     table = pq.read_table(data, columns=PART_COLUMNS).to_pandas()
-    groups = {t: g for t, g in table.groupby("tile", sort=True)} if len(table) else {}
-    tiles = []
-    for t in m["tiles_run"]:
-        g = groups.get(t)
-        if g is None:
-            tiles.append((t, np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), False))
-        else:
-            tiles.append((t, g[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float32),
-                          g["score"].to_numpy(np.float32), g["label"].to_numpy(np.int64), bool(g["capped"].iloc[0])))
-    return BlockResult(m["scene"], block, tiles, list(m["skipped"]), list(m["unreadable"]))
+    kind = table["kind"].to_numpy()
+
+    def rows(sel, deferred: bool = False) -> tuple:
+        g = table[sel]
+        out = (g[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float64), g["score"].to_numpy(np.float32),
+               g["label"].to_numpy(np.int64), g["tile_row"].to_numpy(np.int32), g["tile_col"].to_numpy(np.int32))
+        if deferred:
+            out += (g["whole"].to_numpy(bool), g["owned"].to_numpy(bool))
+        out += (g["key"].to_numpy(np.int64),)
+        return out + (g["kind"].to_numpy() == 2,) if deferred else out
+
+    st = BlockStitch(rows(kind == 0), rows(kind == 1), rows(kind >= 2, True), int(m["detections_in"]))
+    return BlockResult(m["scene"], block, st, list(m["tiles_run"]), list(m["tiles_capped"]), list(m["skipped"]),
+                       list(m["unreadable"]))
 
 
 class BlockWorker:
@@ -207,7 +226,8 @@ def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None) -> 
                  "grid": {"width": plan.width, "height": plan.height, "tile_size": plan.settings.tile_size,
                           "overlap": plan.overlap, "tiles": rep["tiles_total"], "blocks": len(plan.blocks)},
                  "counts": {k: rep[k] for k in ("tiles_run", "tiles_skipped", "tiles_capped", "detections",
-                                                "detections_before_stitch")},
+                                                "detections_before_stitch", "boxes_decided_in_reduce",
+                                                "boxes_sent_to_reduce")},
                  "unreadable_tiles": rep["unreadable_tiles"], "reduce_seconds": round(time.perf_counter() - t0, 3),
                  "output": FINAL}, d / SUCCESS)
     return {"scene": plan.scene, "id": d.name, "detections": rep["detections"]}
@@ -307,6 +327,7 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
         pending += [(si, b.index) for b in plan.blocks if not part_done(d, plan, b.index)]
     blocks_total = sum(len(p.blocks) for p in plans if p is not None)
     blocks_run, errors, peak_rss = 0, {}, 0.0
+    arrivals, block_seconds = [], []  # when each block's row reached the driver; the actor's seconds on it
     classes = getattr(getattr(detector, "card", None), "classes", None)
     todo = {si for si, p in enumerate(plans) if p is not None and str(p.scene) not in done_before}
     remaining = {si: set() for si in todo}
@@ -321,12 +342,12 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
         reducers = []
         if ray.is_initialized():
             # a few long-lived reducer actors (geodet imported once each, started now so they are
-            # ready when the first scene is): 0 CPUs reserved, stitching is light beside detection
+            # ready when the first scene is): 0 CPUs reserved, reducing is light beside detection
             actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(SceneReducer)
             reducers = [actor.remote() for _ in range(max(1, min(4, int(workers) // 4 + 1)))]
 
         def reduce_when_done(si):
-            # a scene is stitched as soon as its last block is in, while other scenes' blocks run
+            # a scene is reduced as soon as its last block is in, while other scenes' blocks run
             if not remaining[si] and si not in reducing:
                 args = (plans[si], dirs[si], classes, model_sha)
                 reducing[si] = reducers[len(reducing) % len(reducers)].finish.remote(*args) if reducers else args
@@ -344,6 +365,8 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
                                 device, progress):
                 si, bi = int(r["scene"]), int(r["block"])
                 blocks_run += 1
+                arrivals.append(time.perf_counter() - t_start)
+                block_seconds.append(float(r["seconds"]))
                 peak_rss = max(peak_rss, float(r["peak_rss_mb"]))
                 if r["ok"]:
                     remaining[si].discard(bi)
@@ -369,9 +392,22 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
     summary = {"out": str(out), "scenes_total": len(scenes), "scenes_written": len(scenes_out),
                "scenes_already_done": len(done_before), "failed_scenes": failed, "blocks_total": blocks_total,
                "blocks_run": blocks_run, "seconds": round(time.perf_counter() - t_start, 2), "scenes": scenes_out,
-               "model_sha256": model_sha, "worker_peak_rss_mb": round(peak_rss)}
+               "model_sha256": model_sha, "worker_peak_rss_mb": round(peak_rss), **_pace(arrivals, block_seconds, workers)}
     _write_json(summary, out / "_job.json")
     return summary
+
+
+def _pace(arrivals: list, block_seconds: list, workers: int) -> dict:
+    """How the blocks went: seconds to the first block (start-up: Ray, actors, model loading),
+    the steady rate once every actor has delivered a block (blocks after the first ``workers``,
+    per hour of the time they took), and the actors' median seconds per block."""
+    if not arrivals:
+        return {}
+    out = {"first_block_s": round(arrivals[0], 2), "median_block_s": round(float(np.median(block_seconds)), 3)}
+    k = max(1, min(int(workers), len(arrivals) - 1))
+    if len(arrivals) > k and arrivals[-1] > arrivals[k - 1]:
+        out["steady_blocks_per_hour"] = round((len(arrivals) - k) / (arrivals[-1] - arrivals[k - 1]) * 3600)
+    return out
 
 
 def finished_scenes(out_dir) -> list[Path]:

@@ -66,6 +66,7 @@ class Stitcher:
         np.clip(b[:, 1::2], vy0, vy1, out=b[:, 1::2])
         keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
         b, scores, labels = b[keep], scores[keep], labels[keep]
+        keys = tile.index * KEY_STRIDE + np.flatnonzero(keep).astype(np.int64)  # the scene-wide add order
         cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
         cx0, cy0, cx1, cy1 = tile.core
         owned = (cx >= cx0) & (cx < cx1) & (cy >= cy0) & (cy < cy1)
@@ -101,62 +102,102 @@ class Stitcher:
         # the owner's copy in the merge (and stand alone only where the owner missed them).
         seam = ~final
         if final.any():
-            self._final.append((b[final], scores[final], labels[final], rows[final], cols[final]))
+            self._final.append((b[final], scores[final], labels[final], rows[final], cols[final], keys[final]))
         if seam.any():
             self._seam.append(
-                (b[seam], scores[seam], labels[seam], rows[seam], cols[seam], whole[seam], owned[seam])
+                (b[seam], scores[seam], labels[seam], rows[seam], cols[seam], whole[seam], owned[seam], keys[seam])
             )
 
     def finish(self) -> SceneDetections:
-        parts = list(self._final)
+        parts = [p[:5] for p in self._final]
         if self._seam:
-            parts.append(self._merge_seams())
+            parts.append(merge_seams(*self.seam_boxes()[:7], self.grid, self.match_iou)[:5])
         if not parts:
-            return SceneDetections(
-                np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32)
-            )
+            return _empty()
         cat = [np.concatenate([p[i] for p in parts]) for i in range(5)]
         return SceneDetections(*cat)
 
-    def _merge_seams(self):
-        b, s, lab, rows, cols, whole, owned = (np.concatenate([p[i] for p in self._seam]) for i in range(7))
-        n = len(b)
-        g = self.grid
-        tile_id = rows.astype(np.int64) * g.n_cols + cols
-        pairs = candidate_pairs(b, lab, rows, cols, tile_id, g, self.match_iou)
-        edges, weights, best = mutual_best(n, pairs, tile_id, len(g))
-        comp = one_box_per_tile(components(n, edges), edges, weights, tile_id)
-        win = tile_windows(g, rows, cols)
-        # The box of each component's members together, and whether a member's tile saw all of it.
-        ncomp = int(comp.max()) + 1
-        ub = np.empty((ncomp, 4))
-        ub[:, :2], ub[:, 2:] = np.inf, -np.inf
-        np.minimum.at(ub[:, 0], comp, b[:, 0])
-        np.minimum.at(ub[:, 1], comp, b[:, 1])
-        np.maximum.at(ub[:, 2], comp, b[:, 2])
-        np.maximum.at(ub[:, 3], comp, b[:, 3])
-        sees_all = inside(ub[comp], win)
-        # Per component: a box from a tile that saw the whole component, owned by its tile, whole,
-        # best scoring, in that order; with no whole box, the union of the fragments.
-        order = np.lexsort((-s, ~owned, ~whole, ~sees_all, comp))
-        first = np.ones(n, bool)
-        first[1:] = comp[order][1:] != comp[order][:-1]
-        rep = order[first]
-        out_b = b[rep].copy()
-        out_s = s[rep].copy()
-        # no whole box, or none from a tile that saw all the merged boxes: their union
-        frag = ~whole[rep] | ~sees_all[rep]
-        if frag.any():
-            smax = np.full(ncomp, -np.inf, np.float32)
-            np.maximum.at(smax, comp, s)
-            c = comp[rep][frag]
-            out_b[frag] = ub[c]
-            out_s[frag] = smax[c]
-        comp_owned = np.zeros(ncomp, bool)
-        comp_owned[comp[whole & owned]] = True
-        gone = seen_better(rep, out_b, comp, comp_owned, b, lab, tile_id, owned, win, best, g)
-        rep, out_b, out_s = rep[~gone], out_b[~gone], out_s[~gone]
-        return out_b, out_s, lab[rep], rows[rep], cols[rep]
+    def final_boxes(self) -> tuple:
+        """The boxes kept as they are: (boxes, scores, labels, rows, cols, keys), in add order."""
+        return _cat(self._final, 6)
+
+    def seam_boxes(self) -> tuple:
+        """The boxes that enter the seam merge: (boxes, scores, labels, rows, cols, whole, owned,
+        keys), in add order."""
+        return _cat(self._seam, 8)
+
+
+KEY_STRIDE = 1 << 32  # a box's key: its tile's index x KEY_STRIDE + its position in the tile's detections
+_DTYPES = (np.float64, np.float32, np.int64, np.int32, np.int32, bool, bool, np.int64)
+
+
+def _empty() -> SceneDetections:
+    return SceneDetections(np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int32),
+                           np.zeros(0, np.int32))
+
+
+def _cat(parts: list, n: int) -> tuple:
+    if not parts:
+        dt = _DTYPES[:5] + _DTYPES[7:] if n == 6 else _DTYPES
+        return tuple(np.zeros((0, 4)) if i == 0 else np.zeros(0, d) for i, d in enumerate(dt))
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(n))
+
+
+def seam_components(b, lab, rows, cols, grid: TileGrid, match_iou: float):
+    """The seam merge's grouping of boxes into objects: (candidate pairs, best matches, object of
+    each box (its smallest member's index), tile of each box, each box's component of matches
+    before a component holding two boxes of one tile is split)."""
+    n = len(b)
+    tile_id = rows.astype(np.int64) * grid.n_cols + cols
+    pairs = candidate_pairs(b, lab, rows, cols, tile_id, grid, match_iou)
+    edges, weights, best = mutual_best(n, pairs, tile_id, len(grid))
+    joined = components(n, edges)
+    comp = one_box_per_tile(joined, edges, weights, tile_id)
+    return pairs, best, comp, tile_id, joined
+
+
+def merge_seams(b, s, lab, rows, cols, whole, owned, grid: TileGrid, match_iou: float):
+    """The seam merge (module docstring) over boxes in add order: one row per object, ordered by
+    its smallest member's index: (boxes, scores, labels, rows, cols, smallest member index)."""
+    _, best, comp, tile_id, _ = seam_components(b, lab, rows, cols, grid, match_iou)
+    win = tile_windows(grid, rows, cols)
+    rep, out_b, out_s = representatives(b, s, whole, owned, comp, win)
+    comp_owned = np.zeros(len(comp), bool)
+    comp_owned[comp[whole & owned]] = True
+    gone = seen_better(rep, out_b, comp, comp_owned, b, lab, tile_id, owned, win, best, grid)
+    rep, out_b, out_s = rep[~gone], out_b[~gone], out_s[~gone]
+    return out_b, out_s, lab[rep], rows[rep], cols[rep], comp[rep]
+
+
+def representatives(b, s, whole, owned, comp, win):
+    """Each component's box (in the order of its label): a box from a tile that saw the whole
+    component, owned by its tile, whole, best scoring, in that order; with no whole box, or none
+    from a tile that saw all the merged boxes, the union of the boxes with their best score.
+    Returns (representative index, box, score); each depends on its component alone."""
+    n = len(b)
+    ncomp = int(comp.max()) + 1
+    # The box of each component's members together, and whether a member's tile saw all of it.
+    ub = np.empty((ncomp, 4))
+    ub[:, :2], ub[:, 2:] = np.inf, -np.inf
+    np.minimum.at(ub[:, 0], comp, b[:, 0])
+    np.minimum.at(ub[:, 1], comp, b[:, 1])
+    np.maximum.at(ub[:, 2], comp, b[:, 2])
+    np.maximum.at(ub[:, 3], comp, b[:, 3])
+    sees_all = inside(ub[comp], win)
+    order = np.lexsort((-s, ~owned, ~whole, ~sees_all, comp))
+    first = np.ones(n, bool)
+    first[1:] = comp[order][1:] != comp[order][:-1]
+    rep = order[first]
+    out_b = b[rep].copy()
+    out_s = s[rep].copy()
+    frag = ~whole[rep] | ~sees_all[rep]
+    if frag.any():
+        smax = np.full(ncomp, -np.inf, np.float32)
+        np.maximum.at(smax, comp, s)
+        c = comp[rep][frag]
+        out_b[frag] = ub[c]
+        out_s[frag] = smax[c]
+    return rep, out_b, out_s
 
 
 def stitch_detections(grid: TileGrid, tile_results, match_iou: float = 0.5) -> SceneDetections:
@@ -165,3 +206,167 @@ def stitch_detections(grid: TileGrid, tile_results, match_iou: float = 0.5) -> S
     for tile, boxes, scores, labels in tile_results:
         st.add(tile, boxes, scores, labels)
     return st.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stitching in blocks (a scene spread over workers): each block stitches its own tiles, keeps
+# what no tile outside it can change, and defers the rest to one reduce per scene.
+
+
+@dataclass
+class BlockStitch:
+    """One block's stitch: ``final``, the boxes kept as they are, and ``merged``, the objects
+    decided inside the block (boxes, scores, labels, rows, cols, keys); ``deferred``, the seam
+    boxes the reduce needs (boxes, scores, labels, rows, cols, whole, owned, keys, decide): with
+    ``decide``, objects the reduce decides; without, objects already decided here that the
+    reduce's decisions look at. ``keys`` give the scene-wide order (``KEY_STRIDE``; a merged
+    object's is its first box's); ``n_in`` counts the detections the block's tiles gave."""
+
+    final: tuple
+    merged: tuple
+    deferred: tuple
+    n_in: int
+
+    @property
+    def n_deferred(self) -> int:
+        return len(self.deferred[0])
+
+
+def block_interior(grid: TileGrid, r0: int, r1: int, c0: int, c1: int) -> tuple[float, float, float, float]:
+    """The part of the scene no tile outside rows r0..r1 and columns c0..c1 sees (a rectangle:
+    a point is seen only by the block's tiles when the rows and the columns seeing it are all
+    the block's)."""
+    ts = grid.tile_size
+    x0 = min(grid.col_offsets[c0 - 1] + ts, grid.width) if c0 > 0 else -np.inf
+    y0 = min(grid.row_offsets[r0 - 1] + ts, grid.height) if r0 > 0 else -np.inf
+    x1 = grid.col_offsets[c1 + 1] if c1 < grid.n_cols - 1 else np.inf
+    y1 = grid.row_offsets[r1 + 1] if r1 < grid.n_rows - 1 else np.inf
+    return x0, y0, x1, y1
+
+
+def _sorted_by_key(arrays: tuple, key: int = -1) -> tuple:
+    order = np.argsort(arrays[key], kind="stable")
+    return tuple(a[order] for a in arrays)
+
+
+def _held_by(boxes: np.ndarray, grid: TileGrid, tiles: np.ndarray) -> np.ndarray:
+    """For each box, whether the window of one of ``tiles`` (a mask over the grid) holds it whole."""
+    from .seams import _windows_holding
+
+    if len(boxes) == 0 or not tiles.any():
+        return np.zeros(len(boxes), bool)
+    c0, c1, r0, r1 = _windows_holding(boxes, grid)
+    ok = (c1 >= c0) & (r1 >= r0)
+    s = np.zeros((grid.n_rows + 1, grid.n_cols + 1), np.int64)
+    s[1:, 1:] = tiles.reshape(grid.n_rows, grid.n_cols).cumsum(0).cumsum(1)
+    c0, c1, r0, r1 = (np.clip(a, 0, n - 1) for a, n in ((c0, grid.n_cols), (c1, grid.n_cols), (r0, grid.n_rows),
+                                                        (r1, grid.n_rows)))
+    total = s[r1 + 1, c1 + 1] - s[r0, c1 + 1] - s[r1 + 1, c0] + s[r0, c0]
+    return ok & (total > 0)
+
+
+def _holding(boxes: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """A mask over the grid: the tiles whose windows hold one of ``boxes`` whole."""
+    from .seams import _windows_holding
+
+    mask = np.zeros((grid.n_rows + 1, grid.n_cols + 1), np.int64)
+    if len(boxes):
+        c0, c1, r0, r1 = _windows_holding(boxes, grid)
+        ok = (c1 >= c0) & (r1 >= r0)
+        for rr, cc, sign in ((r0, c0, 1), (r0, c1 + 1, -1), (r1 + 1, c0, -1), (r1 + 1, c1 + 1, 1)):
+            np.add.at(mask, (rr[ok], cc[ok]), sign)
+    return (mask.cumsum(0).cumsum(1)[: grid.n_rows, : grid.n_cols] > 0).ravel()
+
+
+def stitch_block(grid: TileGrid, rows: tuple[int, int], cols: tuple[int, int], tile_results,
+                 match_iou: float = 0.5) -> BlockStitch:
+    """Stitch the block of tiles in grid rows ``rows`` and columns ``cols`` (inclusive ranges)
+    from its ``(tile, boxes, scores, labels)``, as far as its own tiles decide.
+
+    The seam merge looks at candidate pairs (which boxes are one object, each box's best
+    partner) and, to judge a partial view, at the objects owned by a tile whose window holds it.
+    So, among the block's seam boxes:
+
+    - ``unstable``: groups linked by candidate pairs (not only chosen matches, so best-partner
+      choices stay as in one process) with a box reaching where a tile outside the block sees;
+      their objects can take boxes from other blocks, so the reduce decides them;
+    - ``pending``: other groups with an object held by the window of a tile that owns an
+      unstable box (that box's final object is not known here); the reduce decides them too;
+    - ``context``: other groups with a box owned by a tile whose window could hold an object the
+      reduce decides (a tile outside the block sees part of its window, or it holds an unstable
+      box or a pending object); decided here, and sent along for the reduce to look at;
+    - the rest: decided here, exactly as in one process, since nothing outside reaches them.
+    """
+    st = Stitcher(grid, match_iou)
+    for tile, boxes, scores, labels in tile_results:
+        st.add(tile, boxes, scores, labels)
+    final = _sorted_by_key(st.final_boxes())
+    seam = _sorted_by_key(st.seam_boxes())  # the scene-wide order: ties break as in one process
+    b, lab, rws, cls, owned = seam[0], seam[2], seam[3], seam[4], seam[6]
+    n = len(b)
+    empty = tuple(a[:0] for a in final)
+    if n == 0:
+        return BlockStitch(final, empty, tuple(a[:0] for a in seam) + (np.zeros(0, bool),), st.n_in)
+    pairs, _, comp, tile_id, joined = seam_components(b, lab, rws, cls, grid, match_iou)
+    group = components(n, pairs[:, :2].astype(np.int64))  # linked by candidate pairs
+
+    def spread(mask, by):
+        g = np.zeros(n, bool)
+        g[by[mask]] = True
+        return g[by]
+
+    x0, y0, x1, y1 = block_interior(grid, rows[0], rows[1], cols[0], cols[1])
+    m = EDGE_EPS  # a margin: touching the boundary counts as reaching past it
+
+    def reaches_out(bx):
+        return (bx[:, 0] <= x0 + m) | (bx[:, 1] <= y0 + m) | (bx[:, 2] >= x1 - m) | (bx[:, 3] >= y1 - m)
+
+    # objects whose matches can take boxes from other blocks: the reduce decides them
+    moving = spread(reaches_out(b), joined)
+    win = tile_windows(grid, rws, cls)
+    rep, out_b, _ = representatives(b, seam[1], seam[5], owned, comp, win)  # final for the others
+    slot = np.full(n, -1)
+    slot[comp[rep]] = np.arange(len(rep))
+    obj_box = out_b[slot[comp]]  # each box's object's box
+    # objects a moving object could see better (a tile owning one of its boxes holds them, and
+    # the moving object's final box is not known here): the reduce decides them too
+    n_lab = int(lab.max()) + 1
+    pending = np.zeros(n, bool)
+    for c in range(n_lab):
+        owns = np.zeros(len(grid), bool)
+        owns[tile_id[moving & owned & (lab == c)]] = True
+        pending |= ~moving & (lab == c) & _held_by(obj_box, grid, owns)
+    pending = spread(pending, comp)
+    decide = moving | pending
+    # the tiles whose owned boxes the reduce's decisions can look at
+    all_tiles = np.arange(len(grid))
+    tr, tc = all_tiles // grid.n_cols, all_tiles % grid.n_cols
+    ring = reaches_out(tile_windows(grid, tr, tc)) & (tr >= rows[0]) & (tr <= rows[1]) & (tc >= cols[0]) & (tc <= cols[1])
+    looked_at = ring | _holding(b[moving], grid) | _holding(obj_box[pending], grid)
+    context = spread((decide | (owned & looked_at[tile_id])), group) & ~decide  # whole groups: their matches
+    deferred = tuple(a[decide | context] for a in seam) + (decide[decide | context],)
+    if (~decide).any():
+        ob, os_, olab, orows, ocols, first = merge_seams(*seam[:7], grid, match_iou)
+        here = ~decide[first]
+        merged = (ob[here], os_[here], olab[here], orows[here], ocols[here], seam[7][first[here]])
+    else:
+        merged = empty
+    return BlockStitch(final, merged, deferred, st.n_in)
+
+
+def reduce_blocks(grid: TileGrid, blocks, match_iou: float = 0.5) -> SceneDetections:
+    """The scene's detections from every block's ``BlockStitch``: identical, row for row, to
+    stitching all tiles in one ``Stitcher`` (kept boxes in add order, then merged objects in the
+    order of their first box). Only the seam boxes the blocks deferred are merged here."""
+    blocks = list(blocks)
+    if not blocks:
+        return _empty()
+    final = _sorted_by_key(tuple(np.concatenate([bl.final[i] for bl in blocks]) for i in range(6)))
+    merged = [bl.merged for bl in blocks]
+    d = _sorted_by_key(tuple(np.concatenate([bl.deferred[i] for bl in blocks]) for i in range(9)), key=7)
+    if len(d[0]):
+        ob, os_, olab, orows, ocols, first = merge_seams(*d[:7], grid, match_iou)
+        ours = d[8][first]  # objects the blocks left to the reduce; the others are theirs
+        merged.append((ob[ours], os_[ours], olab[ours], orows[ours], ocols[ours], d[7][first[ours]]))
+    m = _sorted_by_key(tuple(np.concatenate([p[i] for p in merged]) for i in range(6)))
+    return SceneDetections(*(np.concatenate([final[i], m[i]]) for i in range(5)))
