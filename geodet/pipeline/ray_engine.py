@@ -34,6 +34,7 @@ import os
 import re
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -49,6 +50,7 @@ RAY_MISSING = ("the ray engine needs Ray, which is not installed: pip install 'g
 PART_COLUMNS = ["kind", "key", "px_x0", "px_y0", "px_x1", "px_y1", "score", "label", "tile_row", "tile_col",
                 "whole", "owned"]
 SUCCESS = "_SUCCESS.json"
+PLAN_THREADS = 8  # scenes planned at a time on the driver
 FINAL = "detections.parquet"
 
 
@@ -303,16 +305,24 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
         raise GeodetError(f"{len(ids)} scene ids for {len(scenes)} scenes")
     ids = scene_ids(scenes, ids)
     dirs = [str(out / f"scene={i}") for i in ids]
-    plans: list = []
     failed, done_before = [], []
-    for path, d in zip(scenes, dirs):
+
+    def plan(path):
         try:
-            plans.append(plan_scene(str(path), detector, block_tiles=block_tiles, config=config, **settings))
+            return plan_scene(str(path), detector, block_tiles=block_tiles, config=config, **settings)
         except GeodetError as exc:
             if len(scenes) == 1:
                 raise
-            plans.append(None)
-            failed.append({"scene": str(path), "error": str(exc)})
+            return exc
+
+    # Planning opens every scene (a round trip or more for remote COGs; percentiles for 16-bit
+    # scenes): a few at a time, as GDAL releases the GIL while it waits.
+    with ThreadPoolExecutor(max_workers=max(1, min(PLAN_THREADS, len(scenes)))) as pool:
+        plans: list = list(pool.map(plan, scenes))
+    for i, p in enumerate(plans):
+        if isinstance(p, GeodetError):
+            failed.append({"scene": str(scenes[i]), "error": str(p)})
+            plans[i] = None
     pending = []
     for si, plan in enumerate(plans):
         if plan is None:
