@@ -236,3 +236,49 @@ def test_training_under_ray_train_runs_the_ddp_loop_on_two_workers(local_ray, sy
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
     assert len([r for r in rows if r.split(",")[2]]) == 4  # four optimiser steps, logged once (rank 0)
     assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def _ray_train_workers() -> list[int]:
+    """PIDs of this machine's Ray Train worker processes (by their process title)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "RayTrainWorker" in cmd:
+                pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+def test_ray_train_resumes_from_the_last_checkpoint_after_a_worker_is_killed(local_ray, synth, tmp_path):
+    """A worker killed mid-run (as when its node dies): Ray Train restarts the group, which
+    resumes from last.pt and finishes the steps asked for, without starting over."""
+    import signal
+    import threading
+    import time
+
+    from conftest import tiny_config
+
+    from geodet.training.ray_train import train_ray
+
+    run = tmp_path / "run"
+    cfg = tiny_config(synth.image, synth.labels, max_steps=None, steps_per_epoch=3, epochs=8, num_workers=0)
+    result = {}
+    job = threading.Thread(target=lambda: result.update(train_ray(cfg, run, workers=2, max_failures=2)))
+    job.start()
+    deadline = time.monotonic() + 240
+    while not (run / "last.pt").is_file() and job.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    killed = _ray_train_workers()
+    assert (run / "last.pt").is_file() and killed, "no checkpoint or no worker to kill"
+    os.kill(killed[-1], signal.SIGKILL)
+    job.join(timeout=300)
+    assert not job.is_alive()
+    assert result["resumed"] and result["world_size"] == 2
+    rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()[1:]]
+    steps = [int(r[0]) for r in rows if r[2]]
+    assert max(steps) == 24  # 8 epochs x 3 steps: finished, not cut short
+    assert steps.count(1) == 1  # step 1 ran once: the restarted group did not start over
