@@ -312,7 +312,7 @@ def _cmd_train(args) -> int:
     if args.engine == "ray":
         from .training.ray_train import train_ray
 
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        _quiet_ray()
         res = train_ray(cfg, out, address=args.address, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
                         cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, resume=args.resume)
         print(f"model: {res.get('model', out / 'model.pt')} (trained by {res.get('world_size', '?')} Ray workers)\n"
@@ -351,13 +351,22 @@ def _scene_list(args) -> tuple[list[str], list[str] | None]:
     return scenes, ids
 
 
+def _quiet_ray() -> None:
+    """The command's own lines only: Ray's INFO lines and notes go to its session logs (the
+    command is this process's owner, so it may set Ray's variables here)."""
+    from .pipeline.ray_engine import require_ray
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # (Ray's C++ core notes this once, in one line)
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    require_ray()  # importing Ray sets its loggers up; set their levels after that
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _cmd_detect_ray(args, cfg, scenes, ids) -> int:
     from .pipeline.ray_engine import detect_ray
 
-    # a one-line CLI: Ray's own INFO lines and C++ warnings stay in its session logs
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    _quiet_ray()
     try:
         summary = detect_ray(scenes, args.model, args.out, address=args.address, workers=args.ray_workers,
                              gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,

@@ -179,11 +179,17 @@ def read_part(scene_dir: Path, block: int) -> BlockResult:
 class BlockWorker:
     """A Ray Data actor: loads the model once, then runs blocks and writes their parts."""
 
-    def __init__(self, model, plans: list, scene_dirs: list, device=None):
+    def __init__(self, shared: list, device=None):
+        import ray
+
         from .job import load_detector_file
 
+        # the model (a file path or an object) and the plans, put in the object store once by the
+        # driver, which holds them for the whole run (so a restarted actor finds them too)
+        data = ray.get(shared[0])
+        model, self.plans = data["model"], data["plans"]
         self.model = load_detector_file(model) if isinstance(model, (str, Path)) else model
-        self.plans, self.dirs, self.device = plans, [Path(d) for d in scene_dirs], device
+        self.dirs, self.device = [Path(d) for d in data["scene_dirs"]], device
         self.prepared = (None, None)  # (scene index, detector): blocks of a scene come together
 
     def detector(self, si: int):
@@ -255,7 +261,8 @@ def _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, c
     kw = {"num_gpus": gpus_per_worker} if gpus_per_worker else {}
     with warnings.catch_warnings():  # Ray's deprecation notes about its own argument names
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = _map_blocks(ds, ray, model_arg, plans, dirs, device, workers, len(items), cpus_per_worker, kw)
+        shared = ray.put({"model": model_arg, "plans": plans, "scene_dirs": dirs})  # held until the round ends
+        ds = _map_blocks(ds, ray, [shared], device, workers, len(items), cpus_per_worker, kw)
     try:
         with tqdm(total=len(items), desc="blocks", unit="block", disable=not progress) as bar:
             for row in ds.iter_rows():
@@ -265,11 +272,12 @@ def _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, c
         ctx.enable_progress_bars, ctx.print_on_execution_start = saved
 
 
-def _map_blocks(ds, ray, model_arg, plans, dirs, device, workers, n_items, cpus_per_worker, kw):
+def _map_blocks(ds, ray, shared, device, workers, n_items, cpus_per_worker, kw):
     """The actor pool: ``workers`` actors (at most one per block), each loading the model once;
-    Ray restarts an actor that dies and retries its block."""
+    Ray restarts an actor that dies and retries its block. ``shared`` holds a reference to the
+    model and plans (nested in a list, so the actors' constructor arguments stay small)."""
     return ds.map_batches(
-        BlockWorker, fn_constructor_kwargs={"model": model_arg, "plans": plans, "scene_dirs": dirs, "device": device},
+        BlockWorker, fn_constructor_kwargs={"shared": shared, "device": device},
         batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, min(int(workers), n_items))),
         num_cpus=cpus_per_worker, max_restarts=2, max_task_retries=2, **kw)
 
