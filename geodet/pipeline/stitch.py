@@ -287,15 +287,19 @@ def stitch_block(grid: TileGrid, rows: tuple[int, int], cols: tuple[int, int], t
     partner) and, to judge a partial view, at the objects owned by a tile whose window holds it.
     So, among the block's seam boxes:
 
-    - ``unstable``: groups linked by candidate pairs (not only chosen matches, so best-partner
-      choices stay as in one process) with a box reaching where a tile outside the block sees;
-      their objects can take boxes from other blocks, so the reduce decides them;
-    - ``pending``: other groups with an object held by the window of a tile that owns an
-      unstable box (that box's final object is not known here); the reduce decides them too;
-    - ``context``: other groups with a box owned by a tile whose window could hold an object the
-      reduce decides (a tile outside the block sees part of its window, or it holds an unstable
-      box or a pending object); decided here, and sent along for the reduce to look at;
-    - the rest: decided here, exactly as in one process, since nothing outside reaches them.
+    - ``moving``: components of matches with a box reaching where a tile outside the block
+      sees: only such a box can be matched to another block's box, so these objects can change
+      there, and the reduce decides them (the other objects' matches are final here);
+    - ``pending``: objects held whole by the window of a tile owning a moving box of their class
+      (the moving object's final box, which could be the better view, is not known here); the
+      reduce decides them too;
+    - ``context``: boxes owned by a tile whose window could hold an object the reduce decides
+      (a tile outside the block sees part of its window, or it holds a moving box or a pending
+      object); decided here, and sent along for the reduce to look at.
+
+    Everything sent goes with its whole group of boxes linked by candidate pairs (not only
+    chosen matches), so the reduce's best-partner choices are those of one process. The rest is
+    decided here, exactly as in one process, since nothing outside the block reaches it.
     """
     st = Stitcher(grid, match_iou)
     for tile, boxes, scores, labels in tile_results:
