@@ -156,10 +156,11 @@ def seam_components(b, lab, rows, cols, grid: TileGrid, match_iou: float):
     return pairs, best, comp, tile_id, joined
 
 
-def merge_seams(b, s, lab, rows, cols, whole, owned, grid: TileGrid, match_iou: float):
+def merge_seams(b, s, lab, rows, cols, whole, owned, grid: TileGrid, match_iou: float, found=None):
     """The seam merge (module docstring) over boxes in add order: one row per object, ordered by
-    its smallest member's index: (boxes, scores, labels, rows, cols, smallest member index)."""
-    _, best, comp, tile_id, _ = seam_components(b, lab, rows, cols, grid, match_iou)
+    its smallest member's index: (boxes, scores, labels, rows, cols, smallest member index).
+    ``found``: these boxes' ``seam_components``, when the caller has them already."""
+    _, best, comp, tile_id, _ = found or seam_components(b, lab, rows, cols, grid, match_iou)
     win = tile_windows(grid, rows, cols)
     rep, out_b, out_s = representatives(b, s, whole, owned, comp, win)
     comp_owned = np.zeros(len(comp), bool)
@@ -311,7 +312,8 @@ def stitch_block(grid: TileGrid, rows: tuple[int, int], cols: tuple[int, int], t
     empty = tuple(a[:0] for a in final)
     if n == 0:
         return BlockStitch(final, empty, tuple(a[:0] for a in seam) + (np.zeros(0, bool),), st.n_in)
-    pairs, _, comp, tile_id, joined = seam_components(b, lab, rws, cls, grid, match_iou)
+    found = seam_components(b, lab, rws, cls, grid, match_iou)
+    pairs, _, comp, tile_id, joined = found
     group = components(n, pairs[:, :2].astype(np.int64))  # linked by candidate pairs
 
     def spread(mask, by):
@@ -350,7 +352,7 @@ def stitch_block(grid: TileGrid, rows: tuple[int, int], cols: tuple[int, int], t
     context = spread((decide | (owned & looked_at[tile_id])), group) & ~decide  # whole groups: their matches
     deferred = tuple(a[decide | context] for a in seam) + (decide[decide | context],)
     if (~decide).any():
-        ob, os_, olab, orows, ocols, first = merge_seams(*seam[:7], grid, match_iou)
+        ob, os_, olab, orows, ocols, first = merge_seams(*seam[:7], grid, match_iou, found)
         here = ~decide[first]
         merged = (ob[here], os_[here], olab[here], orows[here], ocols[here], seam[7][first[here]])
     else:
