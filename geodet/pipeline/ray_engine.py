@@ -10,9 +10,9 @@ spread over an actor pool of Ray Data, with exactly the result ``detect_scene`` 
   the per-tile detection generator over its block, stitches the block's own tiles and writes
   its boxes to ``OUT/scene=<id>/part-<block>.parquet`` (GeoParquet, scene CRS): those final
   there, and the seam boxes a tile outside the block could change, deferred to the reduce. A
-  ``.json`` sidecar written after it marks the part finished and carries the fingerprint. Ray restarts a crashed actor
-  and retries its block; a block whose detection raised is run again in up to ``retries`` more
-  rounds.
+  ``.json`` sidecar written after it marks the part finished and carries the fingerprint. Ray
+  restarts a crashed actor and retries its block; a block whose detection raised is run again in
+  up to ``retries`` more rounds.
 - Each scene is reduced as soon as its last block is in, by one of a few reducer actors beside
   the blocks still running (``finish_scene``: ``reduce_scene`` merges the deferred seam boxes
   with the same seam merge and puts the blocks' boxes in one process's order),
