@@ -2,7 +2,7 @@
 AP50 on a different scene (another seed).
 
     python benchmarks/bench_accuracy_synthetic.py [--minutes 10] [--size 2048] [--config cpu]
-        [--precision auto|fp32|bf16] [--threads N]
+        [--precision auto|fp32|bf16] [--threads N] [--lr LR]
 
 ``--precision`` is the training precision (auto: bf16 autocast on a CPU with native bf16, else
 fp32); detection runs geodet's default path, which the result names.
@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     args = ap.parse_args()
     if args.threads:
         import torch
@@ -45,6 +46,8 @@ def main():
     cfg.train.epochs = 10_000
     cfg.train.precision = args.precision
     cfg.train.device = args.device
+    if args.lr is not None:
+        cfg.train.lr = args.lr
     t0 = time.perf_counter()
     path = Trainer(cfg, wd / f"run_{args.config}", progress=False).run()
     t_train = time.perf_counter() - t0
@@ -54,7 +57,7 @@ def main():
     t_det = time.perf_counter() - t1
     m = evaluate(frame, te.labels, scene=te.image)
     backend = frame.attrs["report"].get("backend") or {}
-    res = {"config": args.config, "train_precision": args.precision, "threads": args.threads, "device": args.device,
+    res = {"config": args.config, "lr": cfg.train.lr, "train_precision": args.precision, "threads": args.threads, "device": args.device,
            "detect_backend": f"{backend.get('backend')} {backend.get('precision')}",
            "train_minutes": round(t_train / 60, 2), "steps": model.card.trained_steps,
            "train_objects": tr.n_objects, "test_objects": te.n_objects, "detect_seconds": round(t_det, 1),
