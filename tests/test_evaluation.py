@@ -62,3 +62,64 @@ def test_printed_metrics_summarise_the_pr_curve():
     m = evaluate(_frame(BOXES), _frame(BOXES))
     assert len(m["pr_curve"]["recall"]) == 101  # the data is all there
     assert "points>" in repr(m) and len(repr(m)) < 1500
+
+
+def _dense_case(seed, n_gt, iou, ties):
+    """Clustered labels and detections: chains of overlaps above and below the IoU thresholds,
+    two classes, two caller images at the same coordinates; scores unique or in 20 tied steps."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 300, (max(1, n_gt // 6), 2))
+    xy = centres[rng.integers(0, len(centres), n_gt)] + rng.normal(0, 6, (n_gt, 2))
+    wh = rng.uniform(4, 14, (n_gt, 2))
+    gt = np.hstack([xy, xy + wh])
+    src = rng.integers(0, n_gt, 3 * n_gt)
+    jitter = rng.normal(0, rng.choice([0.5, 2.0, 5.0], (len(src), 1)), (len(src), 4))
+    det = gt[src] + jitter
+    det[:, 2:] = np.maximum(det[:, 2:], det[:, :2] + 0.5)
+    fp = rng.uniform(0, 300, (n_gt, 2))
+    det = np.vstack([det, np.hstack([fp, fp + rng.uniform(4, 14, (n_gt, 2))])])
+    gt_labels = rng.integers(0, 2, n_gt)
+    labels = np.r_[np.where(rng.random(len(src)) < 0.9, gt_labels[src], 1 - gt_labels[src]), rng.integers(0, 2, n_gt)]
+    quality = np.r_[-np.abs(jitter).mean(axis=1), np.full(n_gt, -3.0)] + rng.normal(0, 1.5, len(det))
+    scores = np.empty(len(det))
+    scores[np.argsort(quality)] = (np.arange(len(det)) + 1) / len(det)  # unique, ranked by fit
+    if ties:
+        scores = np.ceil(scores * 20) / 20
+    return dict(det_boxes=det, det_scores=scores, det_labels=labels, gt_boxes=gt, gt_labels=gt_labels,
+                classes=["car", "truck"], iou=iou, det_images=rng.integers(0, 2, len(det)),
+                gt_images=rng.integers(0, 2, n_gt))
+
+
+@pytest.mark.parametrize("seed,iou,ties", [(0, 0.5, False), (1, 0.3, False), (2, 0.75, True), (3, 0.5, True)])
+def test_dense_scene_split_into_images_gives_the_same_metrics(monkeypatch, seed, iou, ties):
+    """coco_metrics hands dense scenes to COCO as many small images (connected components of
+    the pairs that can match); every figure equals the single-image computation, tied scores
+    included (ranked in input order, as COCO ranks them in one image)."""
+    import geodet.evaluation as ev
+
+    monkeypatch.setattr(ev, "SPLIT_BOXES", 40)  # small images, so these few hundred boxes make many
+    case = _dense_case(seed, 150, iou, ties)
+    d, g = ev._split_images(case["det_boxes"], case["det_labels"], case["det_images"] + 1, case["gt_boxes"],
+                            case["gt_labels"], case["gt_images"] + 1, 0.5, 40)
+    assert len(np.unique(np.r_[d, g])) > 10
+    split = ev.coco_metrics(**case)
+    whole = ev.coco_metrics(**case, split=False)
+    assert 0.05 < whole["AP50"] < 0.95  # a case with misses, false positives and rivals
+    for k, v in whole.items():
+        if k == "pr_curve":
+            assert split[k] == v
+        elif k == "per_class":
+            assert split[k] == v
+        else:
+            assert split[k] == v, k
+
+
+def test_split_keeps_callers_images_apart(monkeypatch):
+    """A detection never matches a label of another caller image, even at the same coordinates."""
+    import geodet.evaluation as ev
+
+    monkeypatch.setattr(ev, "SPLIT_BOXES", 2)
+    b = np.array([[0, 0, 10, 10], [100, 0, 110, 10], [0, 0, 10, 10]], float)
+    m = ev.coco_metrics(b, [0.9, 0.8, 0.7], [0, 0, 0], b[:2], [0, 0], ["a"], det_images=[1, 0, 0], gt_images=[0, 0])
+    # det 0 (image 1) has no label: a false positive ranked first; dets 1 and 2 find their labels
+    assert m["recall"] == 1 and m["AP50"] == pytest.approx(m["AP50"]) and m["AP50"] < 1
