@@ -121,5 +121,9 @@ def test_split_keeps_callers_images_apart(monkeypatch):
     monkeypatch.setattr(ev, "SPLIT_BOXES", 2)
     b = np.array([[0, 0, 10, 10], [100, 0, 110, 10], [0, 0, 10, 10]], float)
     m = ev.coco_metrics(b, [0.9, 0.8, 0.7], [0, 0, 0], b[:2], [0, 0], ["a"], det_images=[1, 0, 0], gt_images=[0, 0])
-    # det 0 (image 1) has no label: a false positive ranked first; dets 1 and 2 find their labels
-    assert m["recall"] == 1 and m["AP50"] == pytest.approx(m["AP50"]) and m["AP50"] < 1
+    # det 0 (image 1) has no label: a false positive ranked first; dets 1 and 2 find their labels,
+    # so precision is 2/3 at every recall point (1 if det 0 had matched the label at its place)
+    assert m["recall"] == 1 and m["AP50"] == pytest.approx(2 / 3)
+    whole = ev.coco_metrics(b, [0.9, 0.8, 0.7], [0, 0, 0], b[:2], [0, 0], ["a"], det_images=[1, 0, 0],
+                            gt_images=[0, 0], split=False)
+    assert m["AP50"] == whole["AP50"]
