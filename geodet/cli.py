@@ -99,14 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", help="YAML config (a path, or a built-in preset: cpu, small_objects, trees, default, stock)")
     tr.add_argument("--scene", action="append", default=[], help="training scene; repeat with --labels for each")
     tr.add_argument("--labels", action="append", default=[], help="labels of the --scene at the same position")
+    tr.add_argument("--labelled-area", action="append", default=[], metavar="POLYGONS",
+                    help="polygons of where the labels are complete (any vector format and CRS): once for every scene, "
+                         "or once per --scene in order; chips are drawn inside, the loss ignores the rest (never "
+                         "taught as background) and the validation strip is cut from it (default: the whole scene)")
     tr.add_argument("--val-scene", action="append", default=[], help="validation scene (else a held-out strip)")
     tr.add_argument("--val-labels", action="append", default=[], help="labels of the --val-scene at the same position")
     tr.add_argument("--class-column", default=None, help="class column of the labels ('' for one class)")
     tr.add_argument("--out", "-o", required=True, help="run folder")
-    tr.add_argument("--epochs", type=_positive_int)
+    tr.add_argument("--epochs", type=_positive_int, help="cap the run at this many epochs (default: 10 without "
+                                                             "--time-limit, no cap with it)")
     tr.add_argument("--steps-per-epoch", type=_positive_int)
-    tr.add_argument("--max-steps", type=_positive_int, help="stop after this many optimiser steps")
-    tr.add_argument("--time-limit", type=float, help="stop cleanly after this many minutes and save")
+    tr.add_argument("--max-steps", type=_positive_int, help="cap the run at this many optimiser steps")
+    tr.add_argument("--time-limit", type=float, metavar="MINUTES",
+                    help="train for this many minutes: the learning-rate schedule spans them and training, final "
+                         "validation included, ends near the limit (--epochs/--max-steps cap it only when given)")
+    tr.add_argument("--pretrained", help="none, or imagenet: start the backbone from torchvision's ImageNet weights "
+                                         "(3-band RGB scenes only; fetched once into torch's cache, hash-checked)")
     tr.add_argument("--batch-size", type=_positive_int)
     tr.add_argument("--lr", type=float)
     tr.add_argument("--tile-size", type=_positive_int)
@@ -287,13 +296,20 @@ def _train_config(args):
         "tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap, "scene.bands": args.bands,
         "scene.gsd_m": args.gsd, "train.device": args.device, "train.num_workers": args.workers,
         "train.seed": args.seed, "train.class_column": args.class_column, "train.init": args.init,
-        "train.freeze_backbone_stages": args.freeze_stages,
+        "train.freeze_backbone_stages": args.freeze_stages, "model.pretrained": args.pretrained,
     })
     for flag, a, b in (("--scene/--labels", args.scene, args.labels), ("--val-scene/--val-labels", args.val_scene, args.val_labels)):
         if len(a) != len(b):
             raise GeodetError(f"{flag}: give one labels file per scene ({len(a)} scene(s), {len(b)} labels)")
     if args.scene:
         cfg.train.scenes = [SceneLabels(s, lab) for s, lab in zip(args.scene, args.labels)]
+    if args.labelled_area:
+        n, k = len(cfg.train.scenes), len(args.labelled_area)
+        if k not in (1, n):
+            raise GeodetError(f"--labelled-area: give one file for every scene or one per --scene ({n} scene(s), {k} "
+                              "labelled areas)")
+        for pair, area in zip(cfg.train.scenes, args.labelled_area * n if k == 1 else args.labelled_area):
+            pair.labelled_area = area
     if args.val_scene:
         cfg.train.val_scenes = [SceneLabels(s, lab) for s, lab in zip(args.val_scene, args.val_labels)]
     return cfg

@@ -93,6 +93,10 @@ class ModelConfig:
 class SceneLabels:
     scene: str = ""
     labels: str = ""
+    # polygons (any OGR format, any CRS) of where the labels are complete; None: the whole scene.
+    # Chips are drawn inside it, the loss ignores anchors outside it (never taught as background)
+    # and the validation strip is cut from it.
+    labelled_area: Optional[str] = None
 
 
 @dataclass
@@ -103,9 +107,13 @@ class TrainConfig:
     class_column: str = "label"
     unknown_classes: str = "drop"  # drop | keep (keep adds them as new classes)
     point_box_m: float = 1.0  # points become squares of this side
-    epochs: int = 10
-    steps_per_epoch: int = 50
+    # None: 10 epochs without a time limit; with one, the clock ends the run. A number caps the run
+    # (with or without a time limit), as max_steps does.
+    epochs: Optional[int] = None
+    steps_per_epoch: int = 50  # a unit of the step count and the metrics log; validation may skip epochs
     max_steps: Optional[int] = None
+    # minutes: the learning-rate schedule spans them (from the measured step rate) and training,
+    # final validation included, ends near the limit
     time_limit_min: Optional[float] = None
     batch_size: int = 4
     optimizer: str = "adamw"  # adamw | sgd
@@ -117,7 +125,14 @@ class TrainConfig:
     min_visibility: float = 0.5
     max_nodata_fraction: float = 0.5
     val_fraction: float = 0.2
+    # flips, 90-degree rotations and mild brightness/contrast (off: none of the augmentations below either)
     augment: bool = True
+    # chips resampled by a factor within 1 +/- this of the model's GSD (0: off)
+    scale_jitter: float = 0.0
+    # probability that a chip gets copies of labelled objects pasted where nothing is labelled (0: off)
+    copy_paste: float = 0.0
+    # strength of hue/saturation jitter (3-band images) and per-band gain (0: off)
+    photometric: float = 0.0
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"

@@ -3,36 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 from .config import SceneLabels, load_config
 
 log = logging.getLogger(__name__)
-LOW_CPU_SHARE = 0.6  # below this share of its threads' CPU time, training was starved by other work
-
-
-class _CpuShare:
-    """The share of wall time x torch threads that this process spent on the CPU since creation:
-    near 1 when training had its cores, far lower when other programs took them."""
-
-    def __init__(self):
-        import resource
-
-        self._t = time.perf_counter()
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        self._cpu = r.ru_utime + r.ru_stime
-
-    def share(self) -> float | None:
-        import resource
-
-        import torch
-
-        wall = time.perf_counter() - self._t
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
-        return None if wall <= 0 else (r.ru_utime + r.ru_stime - self._cpu) / (wall * threads)
 
 
 def _steps_made(metrics_csv) -> int:
@@ -67,12 +43,11 @@ def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: i
     cfg.train.scenes = [SceneLabels(str(train_s.image), str(train_s.labels))]
     cfg.train.time_limit_min = minutes
     cfg.train.max_steps = max_steps
-    cfg.train.epochs = 1000 if max_steps is None else cfg.train.epochs
     cfg.train.seed = seed
     log.info("training the CPU preset for up to %.1f min on %d vehicles", minutes, train_s.n_objects)
-    usage = _CpuShare()
-    model_path = Trainer(cfg, out / "run", progress=progress).run()
-    share = usage.share()
+    trainer = Trainer(cfg, out / "run", progress=progress)
+    model_path = trainer.run()
+    share = trainer.cpu_share  # the trainer warns when other work took the CPU
     model = load_model(model_path)
     steps = _steps_made(out / "run" / "metrics.csv")
     log.info("detecting over the test scene")
@@ -91,10 +66,6 @@ def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: i
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(metrics, out / "metrics.json")
     print(f"geodet demo: trained {steps} steps in {minutes:g} min (model from step {model.card.trained_steps})")
-    if share is not None and share < LOW_CPU_SHARE:
-        print(f"geodet demo: warning: training got {share:.0%} of the CPU time its threads could use (other programs "
-              "were busy on these cores), so it made fewer steps than the budget buys on an idle machine and the "
-              "scores below are lower than usual: rerun on an idle machine or with a larger --minutes")
     print(
         f"geodet demo: {len(frame)} detections of {test_s.n_objects} vehicles; AP50 {metrics['AP50']:.3f}, "
         f"AP {metrics['AP']:.3f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}\n"

@@ -21,9 +21,10 @@ class ReadError(GeodetError):
 REMOTE_PREFIXES = ("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", "/vsiswift", "http://", "https://")
 
 
-def read_error(path, window: tuple, bounds: tuple | None, gdal_message: str) -> ReadError:
+def read_error(path, window: tuple, bounds: tuple | None, gdal_message: str, skip_hint: bool = True) -> ReadError:
     """The one-line ``ReadError`` for an unreadable ``window`` ``(col_off, row_off, width,
-    height)`` of ``path``: where (pixels and map), why (GDAL's own words), what to do."""
+    height)`` of ``path``: where (pixels and map), why (GDAL's own words), what to do (and, where
+    the command has it, that ``--on-read-error skip`` runs the rest)."""
     path = str(path)
     c0, r0, w, h = (int(v) for v in window)
     where = f"rows {r0}-{r0 + h - 1}, columns {c0}-{c0 + w - 1}"
@@ -33,8 +34,9 @@ def read_error(path, window: tuple, bounds: tuple | None, gdal_message: str) -> 
     cause = ("the remote reads kept failing after retries" if remote else
              "the file looks damaged or incomplete (a partial download or a corrupt block)")
     todo = "check the connection or the object store" if remote else "fetch or copy the file again"
-    message = (f"{path}: cannot read {where}: {cause}; GDAL says: {gdal_message}. To fix: {todo}, or pass "
-               "--on-read-error skip to run the other tiles and list the unreadable ones in the report")
+    message = f"{path}: cannot read {where}: {cause}; GDAL says: {gdal_message}. To fix: {todo}"
+    if skip_hint:
+        message += ", or pass --on-read-error skip to run the other tiles and list the unreadable ones in the report"
     info = {"window": {"col_off": c0, "row_off": r0, "width": w, "height": h},
             "bounds": None if bounds is None else [round(float(v), 3) for v in bounds], "error": gdal_message}
     return ReadError(message, info)

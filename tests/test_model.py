@@ -214,7 +214,43 @@ def test_training_matches_on_the_grid_not_the_dense_fallback(monkeypatch):
     assert set(losses) == {"classification", "bbox_regression"} and all(torch.isfinite(v) for v in losses.values())
 
 
-def test_imagenet_weights_missing_gives_clear_error(monkeypatch, tmp_path):
+def _cache(monkeypatch, tmp_path, name):
+    import geodet.model.network as net
+
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(GeodetError, match="not in the torch cache"):
+    # port 9 (discard) refuses at once: a machine without internet, as in these tests
+    monkeypatch.setattr(net, "imagenet_url", lambda backbone: f"http://127.0.0.1:9/{name}")
+    return tmp_path / "checkpoints" / name
+
+
+def test_imagenet_weights_offline_say_where_to_put_the_file(monkeypatch, tmp_path):
+    target = _cache(monkeypatch, tmp_path, "resnet18-f37072fd.pth")
+    with pytest.raises(GeodetError, match=f"cannot download the resnet18 weights.*put it at {target}"):
         build_model(ModelConfig(**{**TINY, "pretrained": "imagenet"}))
+    assert not target.exists()  # no partial download left behind
+
+
+def test_imagenet_weights_from_a_filled_cache_are_hash_checked_and_loaded(monkeypatch, tmp_path):
+    import hashlib
+
+    from torchvision.models import resnet18
+
+    ref = resnet18(weights=None).state_dict()
+    blob = tmp_path / "w.pth"
+    torch.save(ref, blob)
+    digest = hashlib.sha256(blob.read_bytes()).hexdigest()[:8]
+    target = _cache(monkeypatch, tmp_path, f"resnet18-{digest}.pth")
+    target.parent.mkdir(parents=True)
+    blob.rename(target)
+    m = build_model(ModelConfig(**{**TINY, "pretrained": "imagenet"}))
+    assert torch.equal(m.net.backbone.body.conv1.weight, ref["conv1.weight"])
+    assert m.card.mean[:3] == pytest.approx([0.485, 0.456, 0.406])  # ImageNet's normalisation
+    # a damaged (or different) file with that name is refused, not loaded
+    torch.save({k: v + 1 for k, v in ref.items()}, target)
+    with pytest.raises(GeodetError, match="damaged or not the file its name says"):
+        build_model(ModelConfig(**{**TINY, "pretrained": "imagenet"}))
+
+
+def test_imagenet_weights_refuse_other_band_counts():
+    with pytest.raises(GeodetError, match="3-band RGB.*4 band"):
+        build_model(ModelConfig(**{**TINY, "pretrained": "imagenet"}), bands=[1, 2, 3, 4])

@@ -387,8 +387,9 @@ class Scene:
             out[:, ~valid] = 0.0
         return out
 
-    def read_error(self, window, exc: Exception) -> ReadError:
-        """A ``ReadError`` naming this file, ``window`` (in the grid's pixels) and GDAL's message."""
+    def read_error(self, window, exc: Exception, skip_hint: bool = True) -> ReadError:
+        """A ``ReadError`` naming this file, ``window`` (in the grid's pixels) and GDAL's message
+        (``skip_hint``: whether to suggest ``--on-read-error skip``, which only detection has)."""
         from rasterio.windows import bounds as window_bounds
 
         try:
@@ -396,7 +397,7 @@ class Scene:
         except Exception:
             b = None
         w = (window.col_off, window.row_off, window.width, window.height)
-        return read_error(self.path, w, b, gdal_message(exc))
+        return read_error(self.path, w, b, gdal_message(exc), skip_hint)
 
     def read_tile(self, tile, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """A tile as float32 ``[C, tile, tile]`` (padded with 0 past the scene) and its valid

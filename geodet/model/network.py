@@ -111,12 +111,14 @@ class DenseRetinaNet(RetinaNet):
         hi, lo = self.proposal_matcher.high_threshold, self.proposal_matcher.low_threshold
         for anchors_per_image, targets_per_image in zip(anchors, targets):
             if targets_per_image["boxes"].numel() == 0:
-                matched_idxs.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64, device=anchors_per_image.device))
-                continue
-            if n_grid == anchors_per_image.shape[0]:
-                matched_idxs.append(match_anchors_on_grid(targets_per_image["boxes"], anchors_per_image, layout, hi, lo))
+                matched = torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64, device=anchors_per_image.device)
+            elif n_grid == anchors_per_image.shape[0]:
+                matched = match_anchors_on_grid(targets_per_image["boxes"], anchors_per_image, layout, hi, lo)
             else:
-                matched_idxs.append(match_anchors(targets_per_image["boxes"], anchors_per_image, hi, lo))
+                matched = match_anchors(targets_per_image["boxes"], anchors_per_image, hi, lo)
+            if targets_per_image.get("unlabelled") is not None:
+                matched = ignore_unlabelled(matched, anchors_per_image, targets_per_image["unlabelled"])
+            matched_idxs.append(matched)
         return self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
 
     def postprocess_detections(self, head_outputs, anchors, image_shapes):
@@ -159,6 +161,19 @@ class DenseRetinaNet(RetinaNet):
             timings["core"] = timings.get("core", 0.0) + t1 - t0
             timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t1
         return dets
+
+
+def ignore_unlabelled(matched: Tensor, anchors: Tensor, unlabelled: Tensor) -> Tensor:
+    """Background anchors (-1) whose centre lies on a never-labelled pixel (``unlabelled`` [H, W],
+    True there) become "ignore" (-2, as between the IoU thresholds): the loss never teaches as
+    background what nobody looked at. Foreground matches stay."""
+    h, w = unlabelled.shape[-2:]
+    cx = torch.floor((anchors[:, 0] + anchors[:, 2]) / 2).long()
+    cy = torch.floor((anchors[:, 1] + anchors[:, 3]) / 2).long()
+    inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
+    hit = torch.zeros_like(inside)
+    hit[inside] = unlabelled.to(anchors.device, torch.bool)[cy[inside], cx[inside]]
+    return torch.where(hit & (matched == -1), torch.full_like(matched, -2), matched)
 
 
 def feature_shapes(levels: Sequence[int], height: int, width: int) -> list[tuple[int, int]]:
@@ -266,17 +281,36 @@ def _check_model_config(cfg: ModelConfig) -> None:
         raise GeodetError("model.classes is empty: name at least one class")
 
 
-def _imagenet_weights(backbone: str):
-    """The torchvision weights enum, only if its file is already in the torch hub cache."""
+def imagenet_url(backbone: str) -> str:
+    """The address of torchvision's ImageNet weights for ``backbone`` (its file name carries the
+    first hex digits of the file's SHA-256)."""
     _, weights_enum = BACKBONES[backbone]
-    weights = weights_enum.IMAGENET1K_V1
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-    if not cached.is_file():
+    return weights_enum.IMAGENET1K_V1.url
+
+
+def imagenet_file(backbone: str) -> Path:
+    """torchvision's ImageNet weights for ``backbone`` in torch's hub cache (``$TORCH_HOME/hub/
+    checkpoints``, where torchvision itself keeps them), downloaded there on first use and
+    checked against the SHA-256 prefix in the file name. Offline, a GeodetError says where to put
+    the file."""
+    url = imagenet_url(backbone)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if cached.is_file():
+        return cached
+    import re
+
+    m = re.search(r"-([0-9a-f]{8,})\.pth?$", cached.name)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading ImageNet weights for %s from %s", backbone, url)
+    try:
+        torch.hub.download_url_to_file(url, str(cached), hash_prefix=m.group(1) if m else None, progress=False)
+    except Exception as exc:  # offline (URLError, timeouts), refused, or a damaged download (hash)
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
         raise GeodetError(
-            f"ImageNet weights for {backbone} are not in the torch cache ({cached}) and geodet does not download "
-            f"at run time: fetch {weights.url} on a machine with internet into that folder, or set model.pretrained: none"
-        )
-    return weights
+            f"model.pretrained imagenet: cannot download the {backbone} weights ({reason}): on a machine with internet "
+            f"fetch {url} and put it at {cached} (or set model.pretrained to the file's path), or train from scratch "
+            "with model.pretrained: none") from None
+    return cached
 
 
 def _subnet(channels: int, depth: int, norm_layer) -> nn.Sequential:
@@ -318,12 +352,17 @@ def _local_weights(path: str, backbone: str) -> dict:
 def build_backbone(cfg: ModelConfig, in_channels: int, load_pretrained: bool = True) -> BackboneWithFPN:
     fn, _ = BACKBONES[cfg.backbone]
     pretrained = cfg.pretrained != "none"
-    weights = _imagenet_weights(cfg.backbone) if cfg.pretrained == "imagenet" and load_pretrained else None
+    if pretrained and cfg.pretrained != "imported" and in_channels != 3 and load_pretrained:
+        raise GeodetError(
+            f"model.pretrained {cfg.pretrained}: ImageNet weights were learnt on 3-band RGB photographs and this model "
+            f"has {in_channels} band(s): train from scratch (model.pretrained: none), pick 3 RGB bands with --bands, "
+            "or pretrain on your own imagery")
     # Frozen BN only makes sense with pretrained statistics; from scratch BN must learn.
     norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-    body = fn(weights=weights, norm_layer=norm)
-    if pretrained and cfg.pretrained not in ("imagenet", "imported") and load_pretrained:
-        sd = _local_weights(cfg.pretrained, cfg.backbone)
+    body = fn(weights=None, norm_layer=norm)
+    if pretrained and cfg.pretrained != "imported" and load_pretrained:
+        path = imagenet_file(cfg.backbone) if cfg.pretrained == "imagenet" else cfg.pretrained
+        sd = _local_weights(path, cfg.backbone)
         try:
             body.load_state_dict({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, strict=True)
         except RuntimeError as exc:

@@ -1,9 +1,12 @@
 """Training chips: where they are (``ChipWindows``, pure geometry like ``TileGrid``), and what
-they hold (``ChipDataset``, which reads them, clips the labels and augments)."""
+they hold (``ChipDataset``, which reads them, clips the labels, marks the pixels nobody labelled
+and augments)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -11,14 +14,22 @@ import torch
 from ..io.labels import LabelBoxes, clip_boxes
 from ..io.scene import Scene
 from ..pipeline.grid import Tile
+from . import augment as aug
+from .area import centres_inside, random_point, unlabelled_mask, within
+
+log = logging.getLogger(__name__)
+BANK_MAX = 512  # labelled objects kept for copy-paste
+PASTE_MAX = 8  # objects pasted into one chip at most
 
 
 @dataclass
 class TrainScene:
     scene: Scene
     labels: LabelBoxes
-    area: tuple[int, int, int, int]  # x0, y0, x1, y1 of the part used for training
+    area: tuple[int, int, int, int]  # x0, y0, x1, y1 of the part used for training (chips stay inside)
     labels_path: str
+    # where the labels are complete, in the scene's pixels (a shapely geometry); None: everywhere
+    labelled: Optional[Any] = None
 
 
 def chip_tile(x: int, y: int, size: int, area) -> Tile:
@@ -29,91 +40,140 @@ def chip_tile(x: int, y: int, size: int, area) -> Tile:
 
 class ChipWindows:
     """Chip windows over training areas: most centred near a label box (jittered by a third of
-    a chip), a ``negative_fraction`` anywhere in the area. No I/O."""
+    a chip), a ``negative_fraction`` centred anywhere in the labelled part of the area. No I/O."""
 
-    def __init__(self, areas: list[tuple], boxes: list[np.ndarray], size: int, negative_fraction: float):
+    def __init__(self, areas: list[tuple], boxes: list[np.ndarray], size: int, negative_fraction: float,
+                 labelled: list | None = None):
         self.areas, self.size, self.negative_fraction = areas, int(size), float(negative_fraction)
+        self.labelled = labelled or [None] * len(areas)
         self.inside = []
-        for (ax0, ay0, ax1, ay1), b in zip(areas, boxes):
-            keep = (b[:, 0] >= ax0) & (b[:, 2] <= ax1) & (b[:, 1] >= ay0) & (b[:, 3] <= ay1)
-            self.inside.append(b[keep])
-        w = np.array([max(len(b), 1) for b in boxes], float)
+        for rect, b, geom in zip(areas, boxes, self.labelled):
+            self.inside.append(b[within(b, rect) & centres_inside(geom, b)])
+        w = np.array([max(len(b), 1) for b in self.inside], float)
         self.scene_p = w / w.sum()
 
-    def draw(self, rng) -> tuple[int, Tile]:
-        """(scene index, chip) drawn with ``rng``; the chip lies inside the area where it fits."""
+    def draw(self, rng, size: int | None = None) -> tuple[int, Tile]:
+        """(scene index, chip of ``size`` px, default the chip size) drawn with ``rng``; the chip
+        lies inside the area where it fits."""
         k = int(rng.choice(len(self.areas), p=self.scene_p))
         ax0, ay0, ax1, ay1 = self.areas[k]
-        size, boxes = self.size, self.inside[k]
+        size, boxes = int(size or self.size), self.inside[k]
         if len(boxes) and rng.random() >= self.negative_fraction:
             b = boxes[rng.integers(len(boxes))]
             cx = (b[0] + b[2]) / 2 + rng.uniform(-size / 3, size / 3)
             cy = (b[1] + b[3]) / 2 + rng.uniform(-size / 3, size / 3)
-            x, y = int(cx - size / 2), int(cy - size / 2)
+        elif self.labelled[k] is None:
+            cx = rng.integers(ax0, max(ax0 + 1, ax1 - size + 1)) + size / 2
+            cy = rng.integers(ay0, max(ay0 + 1, ay1 - size + 1)) + size / 2
         else:
-            x = int(rng.integers(ax0, max(ax0 + 1, ax1 - size + 1)))
-            y = int(rng.integers(ay0, max(ay0 + 1, ay1 - size + 1)))
+            cx, cy = random_point(self.labelled[k], self.areas[k], rng)
+        x, y = int(cx - size / 2), int(cy - size / 2)
         x = int(np.clip(x, ax0, max(ax0, ax1 - size)))
         y = int(np.clip(y, ay0, max(ay0, ay1 - size)))
         return k, chip_tile(x, y, size, self.areas[k])
 
 
+def instance_bank(scenes: list[TrainScene], seed: int, margin: int = 3) -> aug.InstanceBank:
+    """Up to ``BANK_MAX`` labelled objects (inside the training areas and labelled parts), cut out
+    of their scenes once with ``margin`` px around each."""
+    rng = np.random.default_rng([seed, 7])
+    cands = []
+    for k, ts in enumerate(scenes):
+        b = ts.labels.boxes
+        ok = within(b + [-margin, -margin, margin, margin], ts.area) & centres_inside(ts.labelled, b)
+        cands += [(k, i) for i in np.flatnonzero(ok)]
+    if len(cands) > BANK_MAX:
+        cands = [cands[i] for i in sorted(rng.choice(len(cands), BANK_MAX, replace=False))]
+    crops, labels = [], []
+    for k, i in cands:
+        ts = scenes[k]
+        x0, y0, x1, y1 = ts.labels.boxes[i]
+        x0, y0 = int(np.floor(x0)) - margin, int(np.floor(y0)) - margin
+        x1, y1 = int(np.ceil(x1)) + margin, int(np.ceil(y1)) + margin
+        tile = Tile(-1, 0, 0, x0, y0, x1 - x0, y1 - y0, (x0, y0, x1, y1), (x0, y0, x1, y1))
+        img, frac = ts.scene.read_tile(tile)
+        if frac < 1.0:
+            continue
+        crops.append(img)
+        labels.append(int(ts.labels.labels[i]))
+    return aug.InstanceBank(crops, labels, margin)
+
+
 class ChipDataset(torch.utils.data.Dataset):
     """Chip ``i`` of epoch ``e`` is drawn from an RNG seeded by (seed, rank, e, i): the same chips
-    whatever the number of workers. A chip with too much nodata is redrawn (up to 10 times)."""
+    whatever the number of workers. A chip with too much nodata is redrawn (up to 10 times).
+
+    Each item is ``(image [C, S, S], boxes [N, 4], labels [N], unlabelled)``, ``unlabelled`` a
+    boolean ``[S, S]`` tensor of the pixels outside the labelled area, or None when the chip lies
+    wholly inside it."""
 
     def __init__(self, scenes: list[TrainScene], tile_size: int, cfg, length: int, seed: int, rank: int = 0):
         for ts in scenes:
             ts.scene.stats  # computed once here, not in every worker
         self.scenes = scenes
         self.windows = ChipWindows([s.area for s in scenes], [s.labels.boxes for s in scenes], tile_size,
-                                   cfg.negative_fraction)
+                                   cfg.negative_fraction, [s.labelled for s in scenes])
         self.size, self.cfg, self.length, self.seed, self.rank = tile_size, cfg, length, seed, rank
         self.epoch = 0
+        self.bank = instance_bank(scenes, seed) if cfg.augment and cfg.copy_paste > 0 else None
+        if self.bank is not None and len(self.bank) == 0:
+            log.warning("copy-paste: no labelled object lies wholly inside the training area; pasting is off")
+            self.bank = None
 
     def __len__(self) -> int:
         return self.length
 
+    def _read_size(self, rng) -> int:
+        j = self.cfg.scale_jitter if self.cfg.augment else 0.0
+        if j <= 0:
+            return self.size
+        # a chip of S px resampled to the tile: objects appear at size / S of their size
+        s = float(np.exp(rng.uniform(np.log(1 - min(j, 0.9)), np.log(1 + j))))
+        return max(8, int(round(self.size / s)))
+
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, self.rank, self.epoch, i])
+        read = self._read_size(rng)
         for _ in range(10):
-            k, tile = self.windows.draw(rng)
+            k, tile = self.windows.draw(rng, read)
             ts = self.scenes[k]
             img, frac = ts.scene.read_tile(tile)
             # valid fraction over the whole chip (padding counts as nodata)
             vx0, vy0, vx1, vy1 = tile.valid
-            frac *= (vx1 - vx0) * (vy1 - vy0) / float(self.size * self.size)
+            frac *= (vx1 - vx0) * (vy1 - vy0) / float(read * read)
             if frac >= 1.0 - self.cfg.max_nodata_fraction:
                 break
         boxes, keep = clip_boxes(ts.labels.boxes, tile.valid, self.cfg.min_visibility)
         labels = ts.labels.labels[keep]
+        unlabelled = unlabelled_mask(ts.labelled, tile.col_off, tile.row_off, read, read)
         if self.cfg.augment:
-            img, boxes = augment(img, boxes, rng)
-        return torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(boxes).float(), torch.from_numpy(labels)
+            img, boxes, unlabelled = aug.rescale(img, boxes, self.size, unlabelled)
+            if self.bank is not None and rng.random() < self.cfg.copy_paste:
+                f = self.size / read
+                occupied, _ = clip_boxes(ts.labels.boxes, tile.valid, 1e-9)
+                img = np.ascontiguousarray(img)
+                boxes, labels = self.bank.paste(img, boxes, labels, occupied * f, rng, int(rng.integers(1, PASTE_MAX + 1)),
+                                                unlabelled, img.any(axis=0))
+            img, boxes, unlabelled = aug.geometric(img, boxes, rng, unlabelled)
+            img = aug.radiometric(img, rng)
+            img = aug.photometric(img, rng, self.cfg.photometric)
+        mask = None if unlabelled is None or not unlabelled.any() else torch.from_numpy(np.ascontiguousarray(unlabelled))
+        return (torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)), torch.from_numpy(boxes).float(),
+                torch.from_numpy(labels), mask)
 
 
 def augment(img: np.ndarray, boxes: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
     """Flips, 90-degree rotations and mild brightness/contrast jitter; boxes follow the pixels."""
-    _, h, w = img.shape
-    b = boxes.copy()
-    if rng.random() < 0.5:  # horizontal flip
-        img = img[:, :, ::-1]
-        b[:, [0, 2]] = w - b[:, [2, 0]]
-    if rng.random() < 0.5:  # vertical flip
-        img = img[:, ::-1, :]
-        b[:, [1, 3]] = h - b[:, [3, 1]]
-    k = int(rng.integers(4))
-    for _ in range(k):  # rotate 90 degrees counter-clockwise: (x, y) -> (y, W - x)
-        img = np.rot90(img, 1, axes=(1, 2))
-        h, w = w, h
-        b = np.stack([b[:, 1], h - b[:, 2], b[:, 3], h - b[:, 0]], axis=1) if len(b) else b
-    contrast = rng.uniform(0.85, 1.15)
-    bright = rng.uniform(-0.08, 0.08)
-    img = np.clip((img - 0.5) * contrast + 0.5 + bright, 0, 1).astype(np.float32)
-    return img, b
+    img, boxes, _ = aug.geometric(img, boxes, rng)
+    return aug.radiometric(img, rng), boxes
 
 
 def collate_chips(batch):
     images = torch.stack([b[0] for b in batch])
-    targets = [{"boxes": b[1].reshape(-1, 4), "labels": b[2].long()} for b in batch]
+    targets = []
+    for b in batch:
+        t = {"boxes": b[1].reshape(-1, 4), "labels": b[2].long()}
+        if len(b) > 3 and b[3] is not None:
+            t["unlabelled"] = b[3]
+        targets.append(t)
     return images, targets

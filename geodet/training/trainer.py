@@ -1,10 +1,19 @@
 """The training loop on GeoTIFFs with vector labels: setup, optimiser and schedule, the step loop,
 the metrics log, checkpoints and resume.
 
-Validation holds out an area (the right-hand ``val_fraction`` strip of each scene, or separate
-validation scenes) and runs the real whole-scene pipeline on it each epoch, so overlapping chips
-never leak into validation. The model with the best validation AP50 is kept as ``model.pt``; its
-card records the validation metrics and the operating point (best-F1 score).
+With a time limit the clock is the schedule: the learning rate's warm-up, hold and decay span the
+minutes given (``schedule.Budget``), epochs and steps cap the run only when set, and training stops
+early enough for the final validation to end within the limit. ``metrics.csv`` says why it stopped.
+
+Validation holds out an area (a strip of ``val_fraction`` of each scene's labelled area, cut across
+its longer side, or separate validation scenes) and runs the real whole-scene pipeline on it, so
+overlapping chips never leak into validation; it runs as often as keeps it near a tenth of the
+time. The model with the best validation AP50 is kept as ``model.pt``; its card records the
+validation metrics and the operating point (best-F1 score).
+
+A labelled area (``SceneLabels.labelled_area``) says where the labels are complete: chips are drawn
+inside it and the loss ignores anchors outside it, so unlabelled objects are never taught as
+background.
 """
 
 from __future__ import annotations
@@ -26,29 +35,58 @@ import torch
 from ..config import ModelConfig, Config, config_from_dict
 from ..errors import GeodetError
 from ..io.labels import class_names, labels_to_boxes, read_labels
-from ..io.scene import gdal_env, scene_from_config
+from ..io.scene import READ_ERRORS, gdal_env, scene_from_config
 from ..model import GeodetModel, ModelCard, build_model, save_model
 from ..pipeline.grid import overlap_pixels
 from ..progress import progress_bar
+from .area import centres_inside, read_labelled_area, validation_split, within
 from .sampler import ChipDataset, TrainScene, collate_chips
-from .schedule import lr_lambda, make_optimizer
+from .schedule import DECAY_SHARE, DEFAULT_EPOCHS, Budget, lr_factor, make_optimizer
 from .validation import validate
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "geodet-checkpoint"
 NORM_SAMPLE_SIDE = 512  # long side of the decimated read that normalisation statistics come from
-METRICS_HEADER = ["step", "epoch", "loss", "classification", "bbox_regression", "lr", "val_AP", "val_AP50", "seconds"]
+METRICS_HEADER = ["step", "epoch", "loss", "classification", "bbox_regression", "lr", "val_AP", "val_AP50", "seconds",
+                  "note"]
+LOW_CPU_SHARE = 0.6  # below this share of its threads' CPU time, training was starved by other work
 
 
 class Interrupted(Exception):
     pass
 
 
+class CpuShare:
+    """The share of wall time x torch threads that this process spent on the CPU since creation:
+    near 1 when training had its cores, far lower when other programs took them."""
+
+    def __init__(self):
+        import resource
+
+        self._t = time.perf_counter()
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        self._cpu = r.ru_utime + r.ru_stime
+
+    def share(self) -> float | None:
+        import resource
+
+        wall = time.perf_counter() - self._t
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+        return None if wall <= 0 else (r.ru_utime + r.ru_stime - self._cpu) / (wall * threads)
+
+
 def _normalisation(scenes: list[TrainScene]) -> dict:
     """Per-band mean and std of the scaled training pixels (from decimated reads)."""
     sums, sq, n = 0, 0, 0
     for ts in scenes:
-        data, valid, _ = ts.scene.overview(NORM_SAMPLE_SIDE)
+        try:
+            data, valid, _ = ts.scene.overview(NORM_SAMPLE_SIDE)
+        except READ_ERRORS() as exc:
+            from rasterio.windows import Window
+
+            sc = ts.scene
+            raise sc.read_error(Window(0, 0, sc.width, sc.height), exc, skip_hint=False) from None
         x = ts.scene.scale(data, valid)[:, valid].astype(np.float64)
         sums = sums + x.sum(1)
         sq = sq + (x**2).sum(1)
@@ -68,14 +106,16 @@ class Run:
     train_model: torch.nn.Module  # the model, or its DDP wrapper
     params: list
     opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
+    sched: Optional[torch.optim.lr_scheduler.LambdaLR]
     scaler: torch.amp.GradScaler
     device: torch.device
-    total: int
+    total: Optional[int]  # the step cap; None when only the clock ends the run
     step: int = 0
     epoch: int = 0
     best: float = -1.0
     autocast_dtype: Optional[torch.dtype] = None  # the network's forward under autocast of this type
+    budget: Optional[Budget] = None
+    progress: float = 0.0  # share of the run done (0..1), the LR schedule's clock
 
 
 STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
@@ -123,6 +163,7 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.main = self.rank == 0
         self._stop = None
+        self.cpu_share: Optional[float] = None  # set at the end of a run
 
     # -- data ---------------------------------------------------------------------------
     def _open(self, pairs, classes):
@@ -131,23 +172,42 @@ class Trainer:
             if not pair.scene or not pair.labels:
                 raise GeodetError("each training entry needs both 'scene' and 'labels'")
             sc = scene_from_config(pair.scene, self.cfg.scene)
-            if sc.crs is None:
-                raise GeodetError(f"{pair.scene}: the scene has no CRS, so vector labels cannot be placed on it")
+            if not sc.has_georef:
+                raise GeodetError(f"{pair.scene}: the scene has no georeferencing (no CRS or geotransform), so vector "
+                                  "labels cannot be placed on it: georeference it (e.g. gdal_translate -a_srs and "
+                                  "-a_ullr, or QGIS's Georeferencer)")
             gdf = read_labels(pair.labels, self.cfg.train.class_column or None)
-            opened.append((sc, gdf, pair.labels))
+            opened.append((sc, gdf, pair))
         if classes is None:
             names = set()
             for _, gdf, _ in opened:
                 names |= set(class_names(gdf, self.cfg.train.class_column or None))
             classes = sorted(names)
         out = []
-        for sc, gdf, lp in opened:
+        for sc, gdf, pair in opened:
+            lp = pair.labels
             lb = labels_to_boxes(gdf, sc, self.cfg.train.class_column or None, classes, self.cfg.train.unknown_classes,
                                  self.cfg.train.point_box_m, source=str(lp))
             if len(lb) == 0:
                 raise GeodetError(f"{lp}: no usable labels inside {sc.path} (counts: {lb.counts})")
             classes = lb.classes
-            out.append(TrainScene(sc, lb, (0, 0, sc.width, sc.height), str(lp)))
+            area = (0, 0, sc.width, sc.height)
+            labelled = None
+            if getattr(pair, "labelled_area", None):
+                labelled = read_labelled_area(pair.labelled_area, sc)
+                inside = centres_inside(labelled, lb.boxes)
+                lb.counts["outside_labelled_area"] = int((~inside).sum())
+                if not inside.any():
+                    raise GeodetError(f"{pair.labelled_area}: no label of {lp} lies inside the labelled area: give the "
+                                      "polygons of the part of the scene you labelled")
+                if lb.counts["outside_labelled_area"]:
+                    log.warning("%s: %d of %d labels lie outside the labelled area %s: they still count as objects "
+                                "where a chip reaches them, but chips are drawn inside the area", lp,
+                                lb.counts["outside_labelled_area"], len(lb), pair.labelled_area)
+                x0, y0, x1, y1 = labelled.bounds
+                area = (max(0, int(np.floor(x0))), max(0, int(np.floor(y0))), min(sc.width, int(np.ceil(x1))),
+                        min(sc.height, int(np.ceil(y1))))
+            out.append(TrainScene(sc, lb, area, str(lp), labelled))
         return out, classes
 
     def _apply_init(self) -> None:
@@ -186,12 +246,15 @@ class Trainer:
             self.val_sets = [(v, v.area) for v in vs]
         elif cfg.train.val_fraction > 0:
             for ts in self.train_scenes:
-                w = ts.scene.width
-                split = int(round(w * (1 - cfg.train.val_fraction)))
-                if split < 16 or w - split < 16:
+                parts = validation_split(ts.area, cfg.train.val_fraction)
+                if parts is None:
                     continue
-                ts.area = (0, 0, split, ts.scene.height)
-                self.val_sets.append((ts, (split, 0, w, ts.scene.height)))
+                ts.area, val_area = parts
+                b = ts.labels.boxes
+                if not (within(b, ts.area) & centres_inside(ts.labelled, b)).any():
+                    raise GeodetError(f"{ts.labels_path}: every label lies in the validation strip {val_area} of "
+                                      f"{ts.scene.path}: label more of the scene, or set train.val_fraction: 0")
+                self.val_sets.append((ts, val_area))
         self.classes = classes
         t = cfg.tiling
         gsd = self.train_scenes[0].scene.pixel_gsd
@@ -290,41 +353,61 @@ class Trainer:
 
     def setup(self) -> Run:
         """Data, device (and the process group when distributed), model, optimiser, schedule;
-        the state of ``last.pt`` when resuming."""
+        the state of ``last.pt`` when resuming. The run folder is made only after every input
+        has been read and checked."""
         tc = self.cfg.train
         torch.manual_seed(tc.seed + self.rank)
+        total = self._step_cap()
+        seconds = None if tc.time_limit_min is None else float(tc.time_limit_min) * 60
+        if seconds is not None and seconds <= 0:
+            raise GeodetError(f"--time-limit must be a positive number of minutes, got {tc.time_limit_min:g}")
         self.prepare()
         device = self._device()
-        self.out.mkdir(parents=True, exist_ok=True)
         state = self._load_checkpoint() if self.resume else None
         model = self._build(state).to(device)
+        self.out.mkdir(parents=True, exist_ok=True)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(params, tc)
-        total = tc.max_steps if tc.max_steps is not None else tc.epochs * tc.steps_per_epoch
-        if total <= 0:
-            raise GeodetError("nothing to train: epochs, steps_per_epoch and max_steps must be positive")
-        budget_s = tc.time_limit_min * 60 if tc.time_limit_min else None
-        started = time.perf_counter()  # a resumed run gets a fresh budget, as its deadline does
-        time_fraction = (lambda: (time.perf_counter() - started) / budget_s) if budget_s else None
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(tc.warmup_steps, total // 4), total, time_fraction))
         train_model = model
         if self.world > 1:
             train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        r = Run(model, train_model, params, opt, sched, torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
+        r = Run(model, train_model, params, opt, None, torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
                 device, total, autocast_dtype=training_precision(tc.precision, device))
+        warmup = min(tc.warmup_steps, total // 4) if total is not None else tc.warmup_steps
+        self.warmup = warmup
+        # the schedule reads the run's progress, which the budget sets before each scheduler step
+        r.sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, r.progress))
         if state is not None:
             model.net.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
+            r.sched.load_state_dict(state["scheduler"])
             r.step, r.epoch, r.best = int(state["step"]), int(state["epoch"]), float(state["best_ap50"])
             log.info("resuming at step %d (epoch %d)", r.step, r.epoch)
+        # a resumed run gets a fresh time budget; a step cap counts from the first step
+        r.budget = Budget(total, seconds, start_step=r.step)
         return r
+
+    def _step_cap(self) -> Optional[int]:
+        """The steps the run may take: max_steps, else epochs x steps_per_epoch when epochs is set;
+        none with a time limit (the clock ends the run); else the default number of epochs."""
+        tc = self.cfg.train
+        if tc.max_steps is not None:
+            total = tc.max_steps
+        elif tc.epochs is not None:
+            total = tc.epochs * tc.steps_per_epoch
+        elif tc.time_limit_min is not None:
+            return None
+        else:
+            total = DEFAULT_EPOCHS * tc.steps_per_epoch
+        if total <= 0:
+            raise GeodetError("nothing to train: epochs, steps_per_epoch and max_steps must be positive")
+        return total
 
     def _loader(self, r: Run):
         tc = self.cfg.train
-        steps_per_epoch = tc.steps_per_epoch if tc.max_steps is None else min(tc.steps_per_epoch, r.total)
+        steps_per_epoch = tc.steps_per_epoch if r.total is None else min(tc.steps_per_epoch, r.total)
         data = ChipDataset(self.train_scenes, self.cfg.tiling.tile_size, tc, steps_per_epoch * tc.batch_size, tc.seed, self.rank)
         kw = dict(batch_size=tc.batch_size, shuffle=False, collate_fn=collate_chips, num_workers=tc.num_workers,
                   pin_memory=r.device.type == "cuda")
@@ -350,8 +433,29 @@ class Trainer:
             old = {}
         return old
 
+    STOPS = (None, "step cap", "time limit")
+
+    def _clock(self, r: Run) -> Optional[str]:
+        """Update the run's progress and say whether the budget is spent. Rank 0's clock rules
+        every rank (one small broadcast per step), so all ranks follow one schedule and stop at
+        the same step."""
+        b = r.budget
+        b.note_step(r.step)
+        if self.main:
+            b.check_warmup(r.step, self.warmup)
+        values = [b.progress(r.step), float(self.STOPS.index(b.stop_reason(r.step)))]
+        if self.world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor(values, dtype=torch.float64, device=r.device)
+            dist.broadcast(t, 0)
+            values = t.tolist()
+        r.progress = values[0]
+        return self.STOPS[int(values[1])]
+
     def step(self, r: Run, images, targets) -> dict:
-        """One optimiser step; returns the losses as floats."""
+        """One optimiser step; returns the losses as floats (and the budget's stop reason under
+        ``"stop"``, None to go on)."""
         images = images.to(r.device, non_blocking=True)
         targets = [{k: v.to(r.device) for k, v in t.items()} for t in targets]
         with torch.autocast(r.device.type, dtype=r.autocast_dtype or torch.float32, enabled=r.autocast_dtype is not None):
@@ -365,10 +469,11 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(r.params, self.cfg.train.grad_clip)
         r.scaler.step(r.opt)
         r.scaler.update()
-        r.sched.step()
         r.step += 1
+        stop = self._clock(r)
+        r.sched.step()
         return {"loss": loss.item(), "classification": losses["classification"].item(),
-                "bbox_regression": losses["bbox_regression"].item()}
+                "bbox_regression": losses["bbox_regression"].item(), "stop": stop}
 
     def _log(self, row: list) -> None:
         if self.main:
@@ -376,39 +481,59 @@ class Trainer:
                 csv.writer(f).writerow(row)
 
     def run(self) -> Path:
+        """Train; returns the path of ``model.pt``. A failure before the first model is saved (a
+        bad input or setting found late, a damaged chip) leaves nothing behind: the files and
+        folders this run made are removed. An interrupted run keeps ``last.pt`` for --resume."""
+        made = [p for p in (self.out, *self.out.parents) if not p.exists()]
+        try:
+            return self._run()
+        except Exception as exc:
+            if not isinstance(exc, Interrupted) and self.main and not self.resume and not (self.out / "model.pt").exists():
+                for name in ("metrics.csv", "last.pt"):
+                    (self.out / name).unlink(missing_ok=True)
+                for d in made:  # deepest first
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        break
+            raise
+
+    def _run(self) -> Path:
         r = self.setup()
         tc = self.cfg.train
         if self.main and (not self.resume or not (self.out / "metrics.csv").exists()):
             with open(self.out / "metrics.csv", "w", newline="") as f:
                 csv.writer(f).writerow(METRICS_HEADER)
         data, loader_kw = self._loader(r)
-        t_start = time.perf_counter()
-        deadline = t_start + tc.time_limit_min * 60 if tc.time_limit_min else None
+        usage = CpuShare()
         old_handlers = self._handle_signals()
-        timed = tc.time_limit_min is not None  # the clock, not the step count, may end the run
-        bar = progress_bar(total=None if timed else r.total, initial=r.step, unit="step", enabled=self.progress and self.main,
-                           desc=f"train (up to {tc.time_limit_min:g} min)" if timed else "train")
+        timed = r.budget.seconds is not None
+        bar = progress_bar(total=round(r.budget.seconds) if timed else r.total, initial=0 if timed else r.step,
+                           unit="s" if timed else "step", enabled=self.progress and self.main,
+                           desc=f"train ({tc.time_limit_min:g} min)" if timed else "train")
+        self._describe_run(r)
         r.model.train()
         stopped = None
         try:
             with gdal_env():  # GDAL's block cache capped while chips stream in
-                while r.step < r.total and stopped is None:
+                while stopped is None:
                     data.epoch = r.epoch
                     for images, targets in torch.utils.data.DataLoader(data, **loader_kw):
                         losses = self.step(r, images, targets)
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{losses['loss']:.3f}")
+                        if timed:
+                            bar.n = min(bar.total, round(r.budget.elapsed()))
+                            bar.refresh()
+                        else:
+                            bar.update(1)
+                        bar.set_postfix(step=r.step, loss=f"{losses['loss']:.3f}")
                         self._log([r.step, r.epoch, *(f"{losses[k]:.5f}" for k in ("loss", "classification", "bbox_regression")),
-                                   f"{r.sched.get_last_lr()[0]:.3g}", "", "", f"{time.perf_counter() - t_start:.1f}"])
-                        if self._stop:
-                            stopped = self._stop
-                        elif deadline and time.perf_counter() > deadline:
-                            stopped = "time limit"
-                        if stopped or r.step >= r.total:
+                                   f"{r.sched.get_last_lr()[0]:.3g}", "", "", f"{r.budget.elapsed():.1f}", ""])
+                        stopped = self._stop or losses["stop"]
+                        if stopped:
                             break
                     r.epoch += 1
-                    if stopped in (None, "time limit"):
-                        self._end_of_epoch(r, t_start)
+                    if stopped in self.STOPS:
+                        self._end_of_epoch(r, final=stopped is not None)
                     elif self.main:
                         self._save_checkpoint(r)
         finally:
@@ -419,22 +544,51 @@ class Trainer:
             import torch.distributed as dist
 
             dist.barrier()
-        if stopped not in (None, "time limit"):
+        if stopped not in self.STOPS:
             raise Interrupted(f"stopped by {stopped} at step {r.step}; {self.out / 'last.pt'} is saved: rerun with --resume")
-        if stopped == "time limit":
-            log.warning("time limit of %g min reached at step %d", self.cfg.train.time_limit_min, r.step)
+        self._finish(r, stopped, usage.share())
         return self.out / "model.pt"
 
-    def _end_of_epoch(self, r: Run, t_start: float) -> None:
-        """Validate, log, keep the best model (its card holds the metrics and the operating
-        point), and save ``last.pt``."""
+    def _describe_run(self, r: Run) -> None:
+        tc = self.cfg.train
+        if r.budget.seconds is not None:
+            cap = f", capped at {r.total} steps" if r.total is not None else ""
+            log.info("training for %g min%s: the learning-rate schedule spans the budget (warm-up %d steps, hold, "
+                     "cosine decay over the last %d%%)", tc.time_limit_min, cap, self.warmup, round(100 * DECAY_SHARE))
+        else:
+            log.info("training for %d steps (no time limit)", r.total)
+
+    def _finish(self, r: Run, stopped: str, share: Optional[float]) -> None:
+        """Say why training stopped, in the log and in ``metrics.csv``, and warn when other work
+        took the CPU."""
+        b = r.budget
+        minutes = b.elapsed() / 60
+        if stopped == "time limit":
+            why = f"time limit: {minutes:.1f} of {self.cfg.train.time_limit_min:g} min used"
+        else:
+            why = f"step cap: {r.step} steps in {minutes:.1f} min"
+        self.cpu_share = share
+        self._log([r.step, r.epoch, "", "", "", "", "", "", f"{b.elapsed():.1f}", f"stopped: {why}"])
+        if self.main:
+            log.info("training stopped at step %d (%s); best validation AP50 %.3f", r.step, why, max(r.best, 0.0))
+        if self.main and share is not None and share < LOW_CPU_SHARE and b.elapsed() > 30:
+            log.warning("training got %.0f%% of the CPU time its %d thread(s) could use (other programs were busy on "
+                        "these cores), so it made fewer steps than the budget buys on an idle machine: rerun on an "
+                        "idle machine or with a larger --time-limit", 100 * share, torch.get_num_threads())
+
+    def _end_of_epoch(self, r: Run, final: bool) -> None:
+        """Validate when due (always at the end), log, keep the best model (its card holds the
+        metrics and the operating point), and save ``last.pt``."""
         if not self.main:
             return
+        if not r.budget.due_validation(final):
+            self._save_checkpoint(r)
+            return
+        t0 = time.perf_counter()
         m = validate(r.model, self.val_sets, self.classes, self.overlap, r.device, self.cfg.detect.batch_size,
                      self.cfg.train.min_visibility)
+        r.model.train()
         ap50 = m.get("AP50") if m else None
-        self._log([r.step, r.epoch, "", "", "", "", f"{m.get('AP') or 0:.4f}" if m else "", f"{ap50 or 0:.4f}" if m else "",
-                   f"{time.perf_counter() - t_start:.1f}"])
         score = ap50 if ap50 is not None else 0.0
         if not m or score > r.best or not (self.out / "model.pt").exists():
             r.best = max(r.best, score)
@@ -445,11 +599,13 @@ class Trainer:
             card.trained_steps = r.step
             self._store_bf16_check(r)
             save_model(r.model, self.out / "model.pt")
-            log.info("epoch %d: val AP50 %.3f (saved model.pt)", r.epoch, score)
+            log.info("step %d: val AP50 %.3f (saved model.pt)", r.step, score)
         else:
-            log.info("epoch %d: val AP50 %.3f (best %.3f)", r.epoch, score, r.best)
+            log.info("step %d: val AP50 %.3f (best %.3f)", r.step, score, r.best)
         self._save_checkpoint(r)
-
+        r.budget.note_validation(time.perf_counter() - t0)
+        self._log([r.step, r.epoch, "", "", "", "", f"{m.get('AP') or 0:.4f}" if m else "", f"{ap50 or 0:.4f}" if m else "",
+                   f"{r.budget.elapsed():.1f}", f"validation ({time.perf_counter() - t0:.1f} s)"])
 
     def _store_bf16_check(self, r: Run) -> None:
         """On a CPU with native bf16, store in the card how bf16 detection agrees with fp32 on
