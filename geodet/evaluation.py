@@ -47,8 +47,10 @@ def _read_detections(path):
             geom = shapely.box(*(df[c] for c in cols))
             return gpd.GeoDataFrame(df, geometry=geom, crs=None)
         raise GeodetError(f"{path}: a CSV of detections needs a wkt column or px_x0, px_y0, px_x1, px_y1 pixel boxes")
-    from .io.labels import read_labels
+    from .io.labels import read_geoparquet, read_labels
 
+    if p.suffix.lower() == ".parquet":
+        return read_geoparquet(p)
     if p.suffix.lower() == ".gpkg":
         import pyogrio
 
@@ -262,22 +264,34 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     det = detections if isinstance(detections, gpd.GeoDataFrame) else _read_detections(detections)
     if scene is not None:
         det = _only_scene(det, scene if not hasattr(scene, "path") else scene.path)
+    elif "scene" in det.columns and det["scene"].nunique() > 1:
+        names = ", ".join(sorted(det["scene"].astype(str).unique())[:5])
+        raise GeodetError(f"the detections come from {det['scene'].nunique()} scenes ({names}): pass --scene with the "
+                          "one the labels are drawn on, so other scenes' detections do not count as false positives")
     gt = labels if isinstance(labels, gpd.GeoDataFrame) else read_labels(labels, class_column)
     # An empty class column means class-agnostic: every label and detection is one class.
     agnostic = not class_column
     class_column_gt = None if agnostic or class_column not in gt.columns else class_column
-    if agnostic or "label" not in det.columns:
-        det_names = np.full(len(det), "object", dtype=object)
-    else:
-        det_names = det["label"].astype(str).to_numpy()
+    det_names = det["label"].astype(str).to_numpy() if "label" in det.columns else np.full(len(det), "object", dtype=object)
     gt_names = gt[class_column_gt].astype(str).to_numpy() if class_column_gt else np.full(len(gt), "object")
-    classes = sorted(set(gt_names) | set(det_names))
     mismatch = None
     if not agnostic and len(det_names) and len(gt_names) and not set(det_names) & set(gt_names):
-        mismatch = (f"no detection class ({', '.join(sorted(set(det_names))[:5])}) matches a label class "
-                    f"({', '.join(sorted(set(gt_names))[:5])}), so every AP is 0: pass --class-column '' to "
-                    "evaluate class-agnostically")
-        log.warning(mismatch)
+        if len(set(det_names)) == 1:
+            # one class (a one-class model, e.g. the trees preset's 'object'): every label is one of them
+            mismatch = (f"the detections hold one class ('{det_names[0]}') that no label has "
+                        f"({', '.join(sorted(set(gt_names))[:5])}): scored class-agnostically")
+            agnostic = True
+            log.info(mismatch)
+        else:
+            mismatch = (f"no detection class ({', '.join(sorted(set(det_names))[:5])}) matches a label class "
+                        f"({', '.join(sorted(set(gt_names))[:5])}), so every AP is 0: pass --class-column '' to "
+                        "evaluate class-agnostically")
+            log.warning(mismatch)
+    if agnostic:
+        class_column_gt = None
+        det_names = np.full(len(det), "object", dtype=object)
+        gt_names = np.full(len(gt), "object", dtype=object)
+    classes = sorted(set(gt_names) | set(det_names))
     lookup = {n: i for i, n in enumerate(classes)}
     scores = det["score"].to_numpy(np.float64) if "score" in det.columns else np.ones(len(det))
     area_scale = 1.0
@@ -309,7 +323,7 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     det_labels = np.array([lookup[n] for n in det_names], np.int64)
     m = coco_metrics(det_boxes, scores, det_labels, gt_boxes, gt_labels, classes, iou=iou, area_scale=area_scale)
     if mismatch:
-        m["warning"] = mismatch
+        m["warning" if not agnostic else "note"] = mismatch
     return m
 
 

@@ -377,7 +377,7 @@ def make_scene(
     )
     if labels_path.exists():
         labels_path.unlink()
-    gdf.to_file(labels_path, driver="GPKG", engine="pyogrio")
+    gdf.to_file(labels_path, driver="GPKG", engine="pyogrio", VERSION="1.2")  # as geodet writes GeoPackages
     return SyntheticScene(image_path, labels_path, width, height, gsd_m, len(vehicles), f"EPSG:{epsg}")
 
 

@@ -174,14 +174,15 @@ def test_config_unknown_key_and_wrong_type(tmp_path, synth):
 
 def test_output_folder_missing_or_not_writable(tmp_path, tiny_model):
     p = raster(tmp_path / "s.tif")
-    assert_clean_error(geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "nope" / "o.gpkg"), "output folder does not exist")
+    (tmp_path / "afile").write_text("x")
+    assert_clean_error(geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "afile" / "o.gpkg"), "is a file, not a folder")
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
     try:
         if os.access(ro, os.W_OK):
             pytest.skip("running as a user who can write anywhere")
-        assert_clean_error(geodet("detect", p, "-m", tiny_model, "-o", ro / "o.gpkg"), "not writable")
+        assert_clean_error(geodet("detect", p, "-m", tiny_model, "-o", ro / "o.gpkg"), "cannot write in")
     finally:
         ro.chmod(0o700)
 

@@ -46,12 +46,16 @@ def test_many_detections_not_capped_at_100():
 
 
 def test_class_names_that_never_meet_are_reported():
-    """A one-class 'Tree' model against 'Dead'/'Alive' labels: AP 0, and a warning that says why
-    and what to pass; class-agnostic evaluation then scores the same boxes."""
+    """A one-class 'Tree' model against 'Dead'/'Alive' labels is scored class-agnostically, with a
+    note that says so; detections of several classes that no label has score AP 0, with a warning
+    that says why and what to pass."""
     det = _frame(BOXES, scores=[0.9] * 5)
     det["label"] = "Tree"
     gt = _frame(BOXES)
     gt["label"] = ["Dead", "Alive", "Dead", "Dead", "Alive"]
+    m = evaluate(det, gt)
+    assert m["AP50"] == pytest.approx(1.0) and "class-agnostically" in m["note"] and "warning" not in m
+    det["label"] = ["Oak", "Pine", "Oak", "Pine", "Oak"]
     m = evaluate(det, gt)
     assert m["AP50"] == 0 and "--class-column ''" in m["warning"]
     m2 = evaluate(det, gt, class_column="")

@@ -56,17 +56,18 @@ def test_geojson_holds_both_in_lonlat_and_csv_names_each_crs(tmp_path, two_zones
     assert sorted(df["crs"]) == ["EPSG:32611", "EPSG:32617"] and df["wkt"].str.contains("400005").all()
 
 
-def test_single_crs_formats_refused_before_any_work(tmp_path, two_zones):
-    calls = []
+def test_single_crs_formats_hold_both_in_lonlat_with_a_crs_column(tmp_path, two_zones):
+    import geopandas as gpd
 
-    def counting(batch):
-        calls.append(len(batch))
-        return one_box(batch)
-
-    for ext in ("fgb", "shp"):
-        with pytest.raises(GeodetError, match="2 CRSs.*gpkg"):
-            detect_to_file(two_zones, counting, tmp_path / f"d.{ext}", tile_size=128, overlap=16, progress=False)
-    assert not calls and sorted(p.name for p in tmp_path.iterdir()) == ["east.tif", "west.tif"]
+    for ext in ("fgb", "shp", "parquet"):
+        out = tmp_path / f"d.{ext}"
+        frame = detect_to_file(two_zones, one_box, out, tile_size=128, overlap=16, progress=False)
+        g = gpd.read_parquet(out) if ext == "parquet" else gpd.read_file(out)
+        assert g.crs.to_epsg() == 4326 and sorted(g["crs"]) == ["EPSG:32611", "EPSG:32617"]
+        lons = sorted(g.geometry.centroid.x)
+        assert -119 < lons[0] < -116 and -83 < lons[1] < -80
+        assert frame.attrs["report"]["output_crs"].startswith("EPSG:4326")
+        assert (tmp_path / f"d.qml").exists()
 
 
 def test_evaluate_with_scene_counts_only_that_scenes_detections(tmp_path, two_zones):

@@ -16,14 +16,10 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
                 class_column="label", min_visibility=0.5, min_valid_fraction=0.0, progress=True) -> str:
     """Write ``out_dir/chips/r{row}_c{col}.tif`` (the scene's transform and CRS for each window,
     original dtype and bands), ``out_dir/chips.gpkg`` and, with ``labels``, ``annotations.json``."""
-    import geopandas as gpd
-    import rasterio
-    from rasterio.windows import transform as window_transform
-
-    from .writers import atomic_path, boxes_to_polygons, write_json
-    from .labels import clip_boxes, load_scene_labels
+    from .labels import load_scene_labels
 
     sc = Scene(scene_path, bands=bands, gsd_m=gsd_m)  # chips keep raw values: no scaling statistics needed
+    sc.skip_hint = False
     if overlap_m is not None:
         overlap = overlap_pixels(overlap_m, sc.pixel_gsd)
     grid = TileGrid(sc.width, sc.height, tile_size, overlap)
@@ -33,7 +29,32 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise GeodetError(f"--out must be a folder, but {out} is a file")
+    made = [d for d in (out / "chips", out, *out.parents) if not d.exists()]  # removed again if the run fails
     (out / "chips").mkdir(parents=True, exist_ok=True)
+    written_paths: list[Path] = []
+    try:
+        return _write(sc, grid, lb, out, scene_path, tile_size, min_visibility, min_valid_fraction, progress,
+                      written_paths)
+    except BaseException:  # a damaged scene, an interrupt: no chips of a failed run are left behind
+        for p in written_paths:
+            p.unlink(missing_ok=True)
+        for d in made:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _write(sc, grid, lb, out: Path, scene_path, tile_size: int, min_visibility, min_valid_fraction, progress,
+           written_paths: list) -> str:
+    import geopandas as gpd
+    import rasterio
+    from rasterio.windows import transform as window_transform
+
+    from .labels import clip_boxes
+    from .writers import atomic_path, boxes_to_polygons, write_json
+
     rows = []
     images, anns = [], []
     profile = dict(driver="GTiff", count=sc.count, dtype=sc.dtype.name, crs=sc.crs, nodata=sc.nodata,
@@ -63,6 +84,7 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
                     if not sc.all_valid:
                         dst.write_mask(valid.astype(np.uint8) * 255)
             written += 1
+            written_paths.append(path)
             rows.append({"row": tile.row, "col": tile.col, "path": f"chips/{name}", "valid_fraction": frac,
                          "box": tile.valid})
             if lb is not None:

@@ -36,6 +36,9 @@ def read_labels(path: str | Path, class_column: str | None = None, allow_empty: 
     p = Path(path)
     if not p.exists():
         raise GeodetError(f"labels not found: {path}")
+    if p.suffix.lower() == ".parquet":
+        gdf = read_geoparquet(p)
+        return _checked(gdf, path, class_column, allow_empty)
     try:
         if layer is None:  # the first layer with geometry (a GeoPackage may hold a layer_styles table)
             spatial = [name for name, geom in pyogrio.list_layers(p) if geom]
@@ -46,6 +49,21 @@ def read_labels(path: str | Path, class_column: str | None = None, allow_empty: 
             f"{path}: not a vector file that OGR can read (use a shapefile, GeoPackage or GeoJSON): "
             f"{str(exc).splitlines()[0][:120]}"
         ) from None
+    return _checked(gdf, path, class_column, allow_empty)
+
+
+def read_geoparquet(path):
+    """A GeoParquet file, read with pyarrow as geodet writes it (GDAL reads Parquet only where it
+    was built with it, or through ADBC and libduckdb, which most installs lack)."""
+    import geopandas as gpd
+
+    try:
+        return gpd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise GeodetError(f"{path}: not a GeoParquet file geopandas can read: {str(exc).splitlines()[0][:120]}") from None
+
+
+def _checked(gdf, path, class_column, allow_empty):
     if len(gdf) == 0 and not allow_empty:
         raise GeodetError(f"{path}: the labels file holds no features")
     if gdf.crs is None and len(gdf):

@@ -159,6 +159,11 @@ class Scene:
         if gsd_m is not None:
             if gsd_m <= 0:
                 raise GeodetError(f"gsd_m must be positive, got {gsd_m}")
+            if not self.has_georef:
+                raise GeodetError(
+                    f"{self.path}: the scene has no georeferencing (no CRS or geotransform), so it cannot be resampled "
+                    f"to {gsd_m} m: georeference it (gdal_translate -a_srs ... -a_ullr ..., or QGIS's Georeferencer), "
+                    "or unset the GSD (--gsd / scene.gsd_m) to run at its own resolution")
             if self.crs is None or not self.crs.is_projected:
                 raise GeodetError(
                     f"{self.path}: resampling to {gsd_m} m needs a projected CRS in metres; "
@@ -387,9 +392,11 @@ class Scene:
             out[:, ~valid] = 0.0
         return out
 
-    def read_error(self, window, exc: Exception, skip_hint: bool = True) -> ReadError:
+    skip_hint = True  # read errors suggest --on-read-error skip (detection has it; training and tiling do not)
+
+    def read_error(self, window, exc: Exception, skip_hint: bool | None = None) -> ReadError:
         """A ``ReadError`` naming this file, ``window`` (in the grid's pixels) and GDAL's message
-        (``skip_hint``: whether to suggest ``--on-read-error skip``, which only detection has)."""
+        (``skip_hint``: whether to suggest ``--on-read-error skip``; default ``self.skip_hint``)."""
         from rasterio.windows import bounds as window_bounds
 
         try:
@@ -397,7 +404,7 @@ class Scene:
         except Exception:
             b = None
         w = (window.col_off, window.row_off, window.width, window.height)
-        return read_error(self.path, w, b, gdal_message(exc), skip_hint)
+        return read_error(self.path, w, b, gdal_message(exc), self.skip_hint if skip_hint is None else skip_hint)
 
     def read_tile(self, tile, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """A tile as float32 ``[C, tile, tile]`` (padded with 0 past the scene) and its valid
@@ -424,10 +431,35 @@ class Scene:
         self.scale(data, valid, out=out[:, :h, :w])
         return out, frac
 
+    def valid_at(self, tile, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Whether the pixels under the tile-pixel points (``xs``, ``ys``) hold data: not nodata,
+        not masked, finite, inside the scene. Reads the tile's mask (and, for float data, its
+        pixels) again: call it only for tiles with something to check."""
+        xs, ys = np.floor(np.asarray(xs)).astype(np.int64), np.floor(np.asarray(ys)).astype(np.int64)
+        vx0, vy0, vx1, vy1 = tile.valid
+        w, h = vx1 - vx0, vy1 - vy0
+        ok = (xs >= 0) & (ys >= 0) & (xs < w) & (ys < h)
+        if self.all_valid and not self.is_float or not ok.any():
+            return ok
+        window = tile.window()
+        if self._origin != (0, 0):
+            from rasterio.windows import Window
+
+            window = Window(window.col_off + self._origin[0], window.row_off + self._origin[1], window.width, window.height)
+        try:
+            valid = self.read_valid(window)
+            if self.is_float:
+                valid = self.valid_pixels(self.read_raw(window), valid)
+        except READ_ERRORS() as exc:
+            raise self.read_error(window, exc) from None
+        out = np.zeros(len(xs), bool)
+        out[ok] = valid[ys[ok], xs[ok]]
+        return out
+
     def bounds(self) -> tuple[float, float, float, float]:
         from rasterio.transform import array_bounds
 
-        south, west, north, east = array_bounds(self.height, self.width, self.transform)
+        west, south, east, north = array_bounds(self.height, self.width, self.transform)
         return (west, south, east, north)
 
     def describe(self) -> str:

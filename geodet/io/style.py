@@ -58,26 +58,31 @@ def qml(classes: list[str]) -> str:
       <text-style fieldName="format_number(&quot;score&quot;, 2)" isExpression="1" fontSize="8" textColor="255,255,255,255"/>
       <text-buffer bufferDraw="1" bufferSize="0.7" bufferColor="0,0,0,255"/>
       <placement placement="1"/>
-      <rendering scaleVisibility="1" scaleMin="{LABEL_MAX_SCALE}" scaleMax="0"/>
+      <rendering scaleVisibility="1" scaleMin="0" scaleMax="{LABEL_MAX_SCALE}"/>
     </settings>
   </labeling>
 </qgis>
 """
 
 
-def add_gpkg_style(path: str | Path, layer: str, classes: list[str], geometry_column: str = "geometry") -> None:
+def add_gpkg_style(path: str | Path, layer: str, classes: list[str]) -> None:
     """Store the default style for ``layer`` in the GeoPackage's ``layer_styles`` table, the way QGIS
-    does (registered in ``gpkg_contents`` as an attributes table), as the layer's default."""
+    does (registered in ``gpkg_contents`` as an attributes table, ``f_geometry_column`` naming the
+    layer's geometry column as ``gpkg_geometry_columns`` has it, ``update_time`` in ISO 8601), as
+    the layer's default."""
     con = sqlite3.connect(str(path))
     try:
+        row = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?", (layer,)).fetchone()
+        geometry_column = row[0] if row else "geom"
         con.execute("""CREATE TABLE IF NOT EXISTS layer_styles (id INTEGER PRIMARY KEY AUTOINCREMENT,
             f_table_catalog TEXT(256), f_table_schema TEXT(256), f_table_name TEXT(256), f_geometry_column TEXT(256),
             styleName TEXT(30), styleQML TEXT, styleSLD TEXT, useAsDefault BOOLEAN, description TEXT, owner TEXT(30),
-            ui TEXT(30), update_time DATETIME DEFAULT CURRENT_TIMESTAMP)""")
-        con.execute("INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier) "
-                    "VALUES ('layer_styles', 'attributes', 'layer_styles')")
+            ui TEXT(30), update_time DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))""")
+        con.execute("INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, last_change) "
+                    "VALUES ('layer_styles', 'attributes', 'layer_styles', strftime('%Y-%m-%dT%H:%M:%fZ','now'))")
         con.execute("INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, styleName, "
-                    "styleQML, styleSLD, useAsDefault, description, owner) VALUES ('', '', ?, ?, ?, ?, '', 1, ?, 'geodet')",
+                    "styleQML, styleSLD, useAsDefault, description, owner, update_time) VALUES ('', '', ?, ?, ?, ?, '', 1, "
+                    "?, 'geodet', strftime('%Y-%m-%dT%H:%M:%fZ','now'))",
                     (layer, geometry_column, f"{layer} (geodet)", qml(classes), "geodet default: outlines by class"))
         con.commit()
     finally:

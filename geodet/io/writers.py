@@ -20,7 +20,7 @@ FORMATS = {
     ".geojson": "geojson", ".json": "geojson", ".gpkg": "gpkg", ".fgb": "fgb", ".shp": "shp", ".csv": "csv",
     ".parquet": "parquet",
 }
-SINGLE_CRS = ("fgb", "shp", "parquet")  # formats that hold one CRS per file
+SINGLE_CRS = ("fgb", "shp", "parquet")  # formats that hold one CRS per file: EPSG:4326 for scenes in several
 SCORE_DECIMALS = 4  # scores are float32 sigmoids: 4 decimals say all a user can act on
 GPKG_VERSION = "1.2"  # 1.4 warns in GDAL 3.6 / QGIS 3.22 (Debian 12, Ubuntu 22.04); 1.2 has all we use
 DRIVERS = {"geojson": "GeoJSON", "gpkg": "GPKG", "fgb": "FlatGeobuf", "shp": "ESRI Shapefile"}
@@ -28,12 +28,17 @@ NEEDS_CRS = {"geojson", "gpkg", "fgb", "shp", "parquet"}
 
 
 def output_format(path: str | Path, fmt: str | None = None) -> str:
+    """The format of an output: ``fmt`` when given (it must agree with a known extension of
+    ``path``), else the extension's."""
+    suffix = Path(path).suffix.lower()
     if fmt:
         fmt = fmt.lower()
         if fmt not in set(FORMATS.values()):
             raise GeodetError(f"unknown output format '{fmt}': use one of geojson, gpkg, fgb, shp, csv, parquet")
+        if suffix in FORMATS and FORMATS[suffix] != fmt:
+            raise GeodetError(f"--format {fmt} but the file name {Path(path).name} says {FORMATS[suffix]}: name the "
+                              f"file after its format (e.g. {Path(path).with_suffix('.' + fmt).name}) or drop --format")
         return fmt
-    suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         raise GeodetError(
             f"cannot tell the output format from '{Path(path).name}': use a .geojson, .gpkg, .fgb, .shp, .csv or .parquet "
@@ -42,16 +47,29 @@ def output_format(path: str | Path, fmt: str | None = None) -> str:
     return FORMATS[suffix]
 
 
-def check_output_path(path: str | Path) -> Path:
-    """Fail before any work starts if the output cannot be written there."""
+def check_output_path(path: str | Path, fmt: str | None = None) -> Path:
+    """Fail before any work starts if the output cannot be written there: the nearest existing
+    folder on its path must take a new file (missing folders are made when the output is written),
+    and, with ``fmt``, no other output may own its sidecar files (a shapefile's and a CSV's ``.prj``
+    and ``.qml`` share the stem)."""
     p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise GeodetError(f"output folder does not exist: {parent} (create it first)")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise GeodetError(f"output folder is not writable: {parent}")
     if p.is_dir():
         raise GeodetError(f"output path is a folder: {p}; give a file name such as {p / 'detections.gpkg'}")
+    parent = p.parent if str(p.parent) else Path(".")
+    existing = next((a for a in (parent, *parent.parents) if a.exists()), Path("."))
+    if not existing.is_dir():
+        raise GeodetError(f"cannot write {p}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".geodet-write-test.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise GeodetError(f"cannot write in {existing} ({exc.strerror or exc}): choose another output folder") from None
+    if fmt in ("shp", "csv"):
+        other = p.with_suffix(".csv" if fmt == "shp" else ".shp")
+        if other.exists():
+            raise GeodetError(f"{p.name} and {other.name} would share {p.with_suffix('.prj').name} and "
+                              f"{p.with_suffix('.qml').name} (the CRS and the style): give this output another name")
     return p
 
 
@@ -88,7 +106,12 @@ class atomic_path:
         self.tmpdir = None
 
     def __enter__(self) -> Path:
-        self.tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.stem}.", dir=self.path.parent or "."))
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.stem}.", dir=parent))
+        except OSError as exc:
+            raise GeodetError(f"cannot write {self.path} ({exc.strerror or exc}): choose another output folder") from None
         return self.tmpdir / self.path.name
 
     def __exit__(self, exc_type, exc, tb):
@@ -115,19 +138,12 @@ def crs_groups(frames) -> list:
     return groups
 
 
-def check_crs_fits(fmt: str, crss: list) -> None:
-    """Refuse, before any work, a single-CRS format for scenes in several CRSs."""
+def distinct_crss(crss: list) -> list:
     distinct = []
     for c in crss:
         if c is not None and all(c != d for d in distinct):
             distinct.append(c)
-    if len(distinct) > 1 and fmt in SINGLE_CRS:
-        names = ", ".join(c.to_string() for c in distinct[:4])
-        raise GeodetError(
-            f"the scenes are in {len(distinct)} CRSs ({names}) and a {fmt} file holds one: write .gpkg (one layer per "
-            "CRS, each in its own CRS), .geojson (all in EPSG:4326) or .csv (WKT with a crs column), or run the "
-            "scenes of each CRS separately"
-        )
+    return distinct
 
 
 def combine_frames(frames):
@@ -158,9 +174,11 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
     - GeoParquet (``.parquet``, with ``geo`` metadata) for large results;
     - scores rounded to ``SCORE_DECIMALS``.
 
-    Scenes in several CRSs: GeoJSON is EPSG:4326 anyway; a GeoPackage gets one layer per CRS
-    (``STEM_EPSG``), each in its own CRS; CSV gets each row's WKT in its scene's CRS and a ``crs``
-    column; FlatGeobuf, Shapefile and GeoParquet are refused (one CRS per file)."""
+    Scenes in several CRSs (one rule for ``geodet detect`` and ``geodet merge``): GeoJSON is
+    EPSG:4326 anyway; a GeoPackage gets one layer per CRS (``STEM_EPSG``), each in its own CRS; CSV
+    gets each row's WKT in its scene's CRS and a ``crs`` column; FlatGeobuf, Shapefile and
+    GeoParquet (one CRS per file) are written in EPSG:4326 with a ``crs`` column naming each
+    row's scene CRS."""
     import pandas as pd
     import pyogrio
     from shapely.geometry.polygon import orient
@@ -171,7 +189,6 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
     fmt = output_format(path, fmt)
     frames = [_rounded(f) for f in (list(gdf) if isinstance(gdf, (list, tuple)) else [gdf])]
     groups = crs_groups(frames)
-    check_crs_fits(fmt, [c for c, _ in groups])
     if fmt in NEEDS_CRS and any(c is None for c, _ in groups):
         raise GeodetError(
             f"the scene has no CRS, so {fmt} output cannot be georeferenced: write CSV (-o out.csv) for pixel "
@@ -181,6 +198,7 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
     with atomic_path(path) as tmp:
         if fmt == "csv":
             _write_csv(groups, tmp, csv_geometry)
+            tmp.with_suffix(".qml").write_text(qml(classes), encoding="utf-8")
         elif fmt == "gpkg":
             for k, (crs, members) in enumerate(groups):
                 g = pd.concat(members, ignore_index=True).set_crs(crs, allow_override=True)
@@ -191,6 +209,7 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
                 add_gpkg_style(tmp, layer, classes)
         elif fmt == "parquet":
             combine_frames(frames).to_parquet(tmp, index=False)
+            tmp.with_suffix(".qml").write_text(qml(classes), encoding="utf-8")
         else:
             out = combine_frames(frames)
             layer_opts = None
@@ -210,7 +229,10 @@ def _rounded(frame):
     return frame
 
 
-CSVT = {"i": "Integer", "u": "Integer", "f": "Real", "b": "Integer(Boolean)"}
+# .csvt tokens that both GDAL's CSV driver and QGIS's Delimited Text reader accept (QGIS refuses the
+# whole file for WKT, Integer64 or Integer(Boolean)); GDAL still finds the geometry in the wkt column
+# by its name
+CSVT = {"i": "Integer", "u": "Integer", "f": "Real", "b": "Integer"}
 
 
 def _write_csv(groups, tmp: Path, csv_geometry: str) -> None:
@@ -228,8 +250,7 @@ def _write_csv(groups, tmp: Path, csv_geometry: str) -> None:
         parts.append(df)
     df = pd.concat(parts, ignore_index=True)
     df.to_csv(tmp, index=False)
-    kinds = [("WKT" if c == "wkt" else ("Integer64" if df[c].dtype.kind == "i" and df[c].dtype.itemsize == 8
-                                       else CSVT.get(df[c].dtype.kind, "String"))) for c in df.columns]
+    kinds = [CSVT.get(df[c].dtype.kind, "String") if c != "wkt" else "String" for c in df.columns]
     tmp.with_suffix(".csvt").write_text(",".join(f'"{k}"' for k in kinds) + "\n", encoding="ascii")
     crss = [c for c, _ in groups if c is not None]
     if len(groups) == 1 and crss:

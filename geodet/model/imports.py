@@ -131,8 +131,8 @@ def _hf_folder(repo_id: str) -> Path:
         raise GeodetError(
             f"hf://{repo_id}: not in the Hugging Face cache and it could not be fetched ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:120] if str(exc) else ''}): on a machine with internet run "
-            f"'huggingface-cli download {repo_id}' (or 'geodet import hf://{repo_id} -o model.pt') and copy the cache "
-            "(HF_HOME) or the model file here"
+            f"'hf download {repo_id}' (huggingface_hub's command; or 'geodet import hf://{repo_id} -o model.pt') and "
+            "copy the cache (HF_HOME) or the model file here"
         ) from None
 
 

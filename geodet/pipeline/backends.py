@@ -156,9 +156,24 @@ def agreement(ref: Sequence[dict], cand: Sequence[dict], min_score: float, iou: 
         c = {k: v[v_keep] for v_keep in [c["scores"] >= min_score] for k, v in c.items()}
         n_ref, n_cand = n_ref + len(r["scores"]), n_cand + len(c["scores"])
         n_match += match_detections(r, c, iou)
-    f1 = 1.0 if n_ref + n_cand == 0 else 2 * n_match / (n_ref + n_cand)
-    return {"f1": round(f1, 4), "reference": n_ref, "candidate": n_cand, "matched": n_match, "min_score": min_score,
-            "tiles": len(ref)}
+    # with nothing to compare on either side the check says nothing: inconclusive (f1 None), never a pass
+    f1 = None if n_ref + n_cand == 0 else round(2 * n_match / (n_ref + n_cand), 4)
+    return {"f1": f1, "reference": n_ref, "candidate": n_cand, "matched": n_match, "min_score": min_score,
+            "tiles": len(ref), "conclusive": f1 is not None}
+
+
+def conclusive(a: dict) -> bool:
+    """Whether an agreement check compared anything (cards written before geodet said so stored
+    F1 1.0 for 0 detections against 0)."""
+    return a.get("f1") is not None and a.get("reference", 0) + a.get("candidate", 0) > 0
+
+
+def describe_agreement(a: dict) -> str:
+    """``F1 0.9876`` or why there is none (no detection on either side)."""
+    if a.get("f1") is None:
+        return (f"inconclusive (no detection at score >= {a['min_score']:.3g} on the {a['tiles']} check tiles, "
+                "from either side)")
+    return f"F1 {a['f1']:.4f}"
 
 
 def check_score(card) -> float:
@@ -334,7 +349,7 @@ def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int)
     if precision in ("auto", "bf16") and backend in ("auto", "torch") and feats.get("bf16"):
         check = _bf16_check(model, s, scene)
         checks["bf16"] = check
-        if check is not None and check["f1"] >= BF16_MIN_AGREEMENT:
+        if check is not None and conclusive(check) and check["f1"] >= BF16_MIN_AGREEMENT:
             return Choice("torch", "bf16", "native bf16 on this CPU, vouched for by a check against fp32", checks), None
     if precision in ("auto", "fp32") and backend in ("auto", "onnx") and has_onnxruntime() and (
             backend == "onnx" or n_tiles >= AUTO_ONNX_MIN_TILES):
@@ -405,7 +420,7 @@ def _bf16_check(model, s: DetectSettings, scene) -> dict | None:
     """bf16 against fp32: the check stored in the card (training wrote it), else one made now on
     tiles of ``scene``; None when neither is possible."""
     stored = (model.card.extra.get("checks") or {}).get("bf16")
-    if stored:
+    if stored and conclusive(stored):
         return {**stored, "from": "model card"}
     sha = (getattr(model, "source", None) or {}).get("sha256")
     if sha in _BF16_CHECKS:  # one check per model file in a process, not one per scene

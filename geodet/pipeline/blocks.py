@@ -81,6 +81,7 @@ class BlockResult:
     tiles_capped: list  # of those, the ones that hit the per-tile detection cap
     skipped: list  # tile indices without valid pixels
     unreadable: list  # report entries of tiles that could not be read (on_read_error="skip")
+    on_nodata: int = 0  # detections dropped because their centre lies on nodata
 
 
 def plan_scene(scene, detector=None, *, block_tiles: int = 8, config=None, **settings) -> ScenePlan:
@@ -110,7 +111,7 @@ def plan_scene(scene, detector=None, *, block_tiles: int = 8, config=None, **set
             index += 1
     source = getattr(detector, "source", None) or {}
     key = {"scene": str(scene), "settings": s.to_dict(), "grid": [sc.width, sc.height, s.tile_size, overlap],
-           "stats": stats, "model": source.get("sha256"), "block_tiles": block_tiles, "parts": 2}
+           "stats": stats, "model": source.get("sha256"), "block_tiles": block_tiles, "parts": 3}
     plan.fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return plan
 
@@ -126,6 +127,7 @@ def run_block(plan: ScenePlan, block: Block, detector, device: str | torch.devic
     sc = plan.open(card)
     grid = plan.grid
     run, capped, skipped, unreadable, found = [], [], [], [], []
+    on_nodata = 0
     try:
         with gdal_env():
             for r in tile_detections(sc, grid, detector, plan.settings, dev, indices=block.tiles):
@@ -135,6 +137,7 @@ def run_block(plan: ScenePlan, block: Block, detector, device: str | torch.devic
                     skipped.append(r.tile.index)
                 else:
                     run.append(r.tile.index)
+                    on_nodata += r.on_nodata
                     if r.capped:
                         capped.append(r.tile.index)
                     found.append((r.tile, r.boxes, r.scores, r.labels))
@@ -143,7 +146,8 @@ def run_block(plan: ScenePlan, block: Block, detector, device: str | torch.devic
     rows = [t // grid.n_cols for t in block.tiles]
     cols = [t % grid.n_cols for t in block.tiles]
     stitch = stitch_block(grid, (min(rows), max(rows)), (min(cols), max(cols)), found, plan.settings.match_iou)
-    return BlockResult(plan.scene, block.index, stitch, sorted(run), sorted(capped), sorted(skipped), unreadable)
+    return BlockResult(plan.scene, block.index, stitch, sorted(run), sorted(capped), sorted(skipped), unreadable,
+                       on_nodata)
 
 
 def prepare_detector(detector, plan: ScenePlan, device=None):
@@ -182,6 +186,7 @@ def reduce_scene(plan: ScenePlan, results, classes=None):
         "scene": plan.scene, "fingerprint": plan.fingerprint, "blocks": len(plan.blocks), "tiles_total": len(grid),
         "tiles_run": sum(len(b.tiles_run) for b in results), "tiles_skipped": sum(len(b.skipped) for b in results),
         "tiles_capped": sum(len(b.tiles_capped) for b in results),
+        "detections_on_nodata_dropped": sum(b.on_nodata for b in results),
         "unreadable_tiles": [u for b in results for u in b.unreadable],
         "detections_before_stitch": sum(b.stitch.n_in for b in results),
         "boxes_decided_in_reduce": sum(int(b.stitch.deferred[8].sum()) for b in results),

@@ -69,8 +69,9 @@ def as_detector(detector, device: torch.device, settings: DetectSettings, scene=
     return choose_detector(detector, device, settings, scene, n_tiles)
 
 
-def open_scene(scene, settings: DetectSettings, card=None) -> Scene:
-    """Open ``scene`` (a path or a ``Scene``) with the bands, GSD and scaling of ``settings``."""
+def open_scene(scene, settings: DetectSettings, card=None, warn: bool = True) -> Scene:
+    """Open ``scene`` (a path or a ``Scene``) with the bands, GSD and scaling of ``settings``
+    (``warn``: say when the card's GSD cannot apply; off for a second opening of one scene)."""
     if isinstance(scene, Scene):
         return scene
     from ..io.scene import open_raster
@@ -89,7 +90,8 @@ def open_scene(scene, settings: DetectSettings, card=None) -> Scene:
     if gsd_m is not None and settings.sources.get("gsd_m") == "card" and not projected:
         # The card's GSD is in metres; a scene without a projected CRS cannot be resampled to
         # it, so it runs at its own resolution (an explicit --gsd still fails clearly).
-        log.warning("%s has no projected CRS: running at its native resolution, not the model's %.3g m", path, gsd_m)
+        if warn:
+            log.warning("%s has no projected CRS: running at its native resolution, not the model's %.3g m", path, gsd_m)
         gsd_m = None
     return Scene(path, bands=bands, gsd_m=gsd_m, percentiles=settings.percentiles)
 
@@ -104,6 +106,7 @@ class TileResult:
     labels: np.ndarray | None
     capped: bool = False  # the detector returned its maximum number of boxes for this tile
     unreadable: dict | None = None  # a tile GDAL could not read (on_read_error="skip"): window, error
+    on_nodata: int = 0  # detections dropped because their centre lies on nodata (or past the scene)
 
 
 def tile_detections(scene: Scene, grid: TileGrid, detector, settings: DetectSettings, device: torch.device,
@@ -149,8 +152,13 @@ def tile_detections(scene: Scene, grid: TileGrid, detector, settings: DetectSett
             timings["model"] += time.perf_counter() - t1
             for tile, (boxes, scores, labels) in zip(tiles, batch_to_host(outputs)):
                 keep = scores >= settings.score_threshold  # plain detectors get the threshold here
+                n = int(keep.sum())
+                if n:
+                    # a box centred where the scene has no data (a warped scene's corners, padding) is no object
+                    b = boxes[keep]
+                    keep[keep] = scene.valid_at(tile, (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
                 yield TileResult(tile, boxes[keep], scores[keep], labels[keep],
-                                 capped=len(scores) >= settings.detections_per_tile)
+                                 capped=len(scores) >= settings.detections_per_tile, on_nodata=n - int(keep.sum()))
         t0 = time.perf_counter()
 
 
@@ -219,7 +227,7 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
         stitcher = Stitcher(grid, s.match_iou)
         timings = {"read_wait": 0.0, "model": 0.0, "stitch": 0.0}
         stages_before = dict(getattr(runner, "timings", {}))
-        n_run = n_skipped = n_capped = 0
+        n_run = n_skipped = n_capped = n_nodata = 0
         unreadable: list[dict] = []
         bar = progress_bar(total=len(grid), desc=f"detect {Path(sc.path).name}", unit="tile", enabled=progress)
         with gdal_env():  # GDAL's block cache capped while the scene streams through
@@ -232,6 +240,7 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
                 else:
                     n_run += 1
                     n_capped += r.capped
+                    n_nodata += r.on_nodata
                     stitcher.add(r.tile, r.boxes, r.scores, r.labels)
                 timings["stitch"] += time.perf_counter() - t0
                 bar.update(1)
@@ -248,13 +257,16 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
         if stage in getattr(runner, "timings", {}):
             timings[f"model_{stage}"] = runner.timings[stage] - stages_before.get(stage, 0.0)
     timings["total"] = time.perf_counter() - t_start
-    if n_capped > max(2, 0.01 * n_run):
+    if n_capped:
         log.warning("%s: %d of %d tiles returned the maximum of %d detections, so some objects may be missing: raise "
-                    "detections_per_tile (--detections-per-tile) or lower the tile size", Path(sc.path).name, n_capped,
-                    n_run, s.detections_per_tile)
+                    "--detections-per-tile (detect.detections_per_tile) or lower the tile size", Path(sc.path).name,
+                    n_capped, n_run, s.detections_per_tile)
+    if n_nodata:
+        log.info("%s: %d detection(s) centred on nodata pixels dropped", Path(sc.path).name, n_nodata)
     frame.attrs["report"] = scene_report(view, grid, s, device, (n_run, n_skipped, n_capped), stitcher.n_in, len(det),
                                          timings, card, getattr(runner, "source", None), area,
                                          getattr(runner, "choice", None))
+    frame.attrs["report"]["detections_on_nodata_dropped"] = n_nodata
     frame.attrs["report"]["tiles_unreadable"] = len(unreadable)
     frame.attrs["report"]["unreadable_tiles"] = unreadable
     return frame
@@ -316,7 +328,7 @@ def detect_scenes(paths: Sequence, detector, *, per_scene: bool = False, failure
         # the backend is chosen once for the job, checked on tiles of its first scene
         for p in paths:
             try:
-                first = open_scene(p, s, card)
+                first = open_scene(p, s, card, warn=False)  # detect_scene opens it again and says what matters
                 break
             except ReadError:
                 if failures is None:

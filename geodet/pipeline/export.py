@@ -82,6 +82,11 @@ def build_onnx(model, out: str | Path, precision: str, calib: Sequence[np.ndarra
             agree = agreement(ref, int8_dets, min_score)
             result["int8"] = {"detections": agree, "min_agreement": min_agreement, "calibration_tiles": len(calib),
                               "float_nodes": float_nodes}
+            if agree["f1"] is None:
+                raise GeodetError(
+                    f"export check inconclusive: neither fp32 nor int8 finds an object at score >= {min_score:.3g} on "
+                    f"the {len(check)} check tiles, so int8's accuracy cannot be checked; no file written. Calibrate "
+                    "on scenes with the objects in them, or export fp32")
             if agree["f1"] < min_agreement:
                 raise GeodetError(
                     f"export check failed: int8 keeps only F1 {agree['f1']:.3f} of the fp32 detections at score "
@@ -135,7 +140,8 @@ def calibration_tiles(model, scenes: Sequence, n: int, settings) -> tuple[list, 
 
 
 def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), calib_tiles: int = 32,
-                 check_scene=None, check_labels=None, min_agreement: float = INT8_MIN_AGREEMENT, seed: int = 0) -> dict:
+                 check_scene=None, check_labels=None, min_agreement: float = INT8_MIN_AGREEMENT, seed: int = 0,
+                 class_column: str = "label") -> dict:
     """Export ``model`` (a geodet model or its file) to ``out`` (``.onnx``): fp32, or int8
     calibrated on ``calib_tiles`` tiles of ``calibrate`` scenes. Refused, with no file written,
     when the export check fails. With ``check_labels`` (labels of ``check_scene``, default the
@@ -166,12 +172,14 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
             "check_tiles_from": names or "random noise (no --calibrate scene given)"}
     result = build_onnx(model, out, "int8" if int8 else "fp32", calib, check, settings, min_agreement, meta, ref)
     if check_labels:
-        result["labels_check"] = labels_check(model, out, check_scene or (scenes[0] if scenes else None), check_labels)
+        result["labels_check"] = labels_check(model, out, check_scene or (scenes[0] if scenes else None), check_labels,
+                                              class_column)
     return result
 
 
-def labels_check(model, onnx_path, scene, labels) -> dict:
-    """AP50 of the torch fp32 model and of the exported file on a labelled scene."""
+def labels_check(model, onnx_path, scene, labels, class_column: str = "label") -> dict:
+    """AP50 of the torch fp32 model and of the exported file on a labelled scene (classes by
+    ``class_column``; a one-class model is scored class-agnostically)."""
     from ..evaluation import evaluate
     from ..model.onnx import load_onnx
     from .detect import detect_scene
@@ -182,6 +190,6 @@ def labels_check(model, onnx_path, scene, labels) -> dict:
     for name, det in (("torch_fp32", model), ("export", load_onnx(onnx_path))):
         frame = detect_scene(scene, det, progress=False, backend="torch" if name == "torch_fp32" else "onnx",
                              precision="fp32" if name == "torch_fp32" else None)
-        m = evaluate(frame, labels, scene=scene)
+        m = evaluate(frame, labels, scene=scene, class_column=class_column)
         out[name] = {"ap50": round(float(m["AP50"]), 4), "ap": round(float(m["AP"]), 4), "detections": len(frame)}
     return out

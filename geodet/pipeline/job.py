@@ -4,12 +4,15 @@ before any work, detection over every scene, the output file, its report and qui
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import GeodetError, ReadError
+
+log = logging.getLogger(__name__)
 
 
 def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None = None, csv_geometry: str | None = None,
@@ -26,15 +29,15 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     report's ``failed_scenes``) and the others are written. ``report["partial"]`` says so."""
     from ..config import load_config
     from ..io.scene import open_raster
-    from ..io.writers import (check_crs_fits, check_output_path, combine_frames, output_format, report_path,
+    from ..io.writers import (check_output_path, combine_frames, distinct_crss, output_format, report_path,
                               write_detections, write_json)
     from .detect import detect_scenes, resolve_device
 
     cfg = config if config is not None else load_config()
     if not scenes:
         raise GeodetError("no scenes given")
-    out = check_output_path(out)
     fmt = output_format(out, fmt or cfg.output.format)
+    out = check_output_path(out, fmt)
     looks = _quicklook_paths(quicklook, scenes) if quicklook else []
     for p in looks:
         check_output_path(p)
@@ -55,7 +58,9 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
                     "for pixel boxes, or assign a CRS (gdal_edit.py -a_srs EPSG:xxxx)"
                 )
             crss.append(src.crs)
-    check_crs_fits(fmt, crss)
+    if len(distinct_crss(crss)) > 1 and fmt in ("fgb", "shp", "parquet"):
+        log.info("the scenes are in %d CRSs and a %s file holds one: it is written in EPSG:4326, with a crs column "
+                 "naming each row's scene CRS (.gpkg keeps each CRS in a layer of its own)", len(distinct_crss(crss)), fmt)
     resolve_device(settings.get("device") or cfg.detect.device)
     if isinstance(model, (str, Path)):
         model = load_detector_file(model)
@@ -146,7 +151,9 @@ def _output_crs(fmt: str, frames) -> str | dict | None:
             crss.append(f.crs)
     if len(crss) <= 1:
         return crss[0].to_string() if crss else None
-    return {"layers": [c.to_string() for c in crss]} if fmt == "gpkg" else "per row (crs column)"
+    if fmt == "gpkg":
+        return {"layers": [c.to_string() for c in crss]}
+    return "per row (crs column)" if fmt == "csv" else "EPSG:4326 (crs column: each row's scene CRS)"
 
 
 def _quicklook_paths(path, scenes) -> list[Path]:

@@ -146,7 +146,8 @@ def write_part(scene_dir: Path, plan: ScenePlan, result: BlockResult, transform,
     os.replace(tmp, data)
     _write_json({"fingerprint": plan.fingerprint, "scene": plan.scene, "block": result.block,
                  "tiles_run": result.tiles_run, "tiles_capped": result.tiles_capped, "skipped": result.skipped,
-                 "unreadable": list(result.unreadable), "detections_in": int(st.n_in),
+                 "unreadable": list(result.unreadable), "on_nodata": int(result.on_nodata),
+                 "detections_in": int(st.n_in),
                  "kept": n[0], "merged": n[1], "decided_in_reduce": n[2], "context_for_reduce": n[3]}, meta)
     return int(st.n_in)
 
@@ -173,7 +174,7 @@ def read_part(scene_dir: Path, block: int) -> BlockResult:
 
     st = BlockStitch(rows(kind == 0), rows(kind == 1), rows(kind >= 2, True), int(m["detections_in"]))
     return BlockResult(m["scene"], block, st, list(m["tiles_run"]), list(m["tiles_capped"]), list(m["skipped"]),
-                       list(m["unreadable"]))
+                       list(m["unreadable"]), int(m.get("on_nodata", 0)))
 
 
 class BlockWorker:
@@ -434,9 +435,10 @@ def finished_scenes(out_dir) -> list[Path]:
 
 
 def merge_outputs(out_dir, path, fmt: str | None = None):
-    """Every finished scene of a ray run's ``out_dir`` in one file (``geodet merge``): one CRS
-    when the scenes share one, else EPSG:4326 with a ``crs`` column; a ``scene`` column names
-    each feature's scene. Returns the merged frame."""
+    """Every finished scene of a ray run's ``out_dir`` in one file (``geodet merge``), with a
+    ``scene`` column naming each feature's scene; scenes in several CRSs are written as
+    ``geodet detect`` writes them (``io.writers.write_detections``). Returns the merged frame (one
+    CRS, or EPSG:4326 with a ``crs`` column)."""
     import geopandas as gpd
 
     from ..io.writers import check_output_path, combine_frames, output_format, write_detections
@@ -444,9 +446,8 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
     dirs = finished_scenes(out_dir)
     if not dirs:
         raise GeodetError(f"{out_dir}: no finished scenes (no scene=*/{SUCCESS}): run geodet detect --engine ray first")
-    out = check_output_path(path)
-    fmt = output_format(out, fmt)
+    fmt = output_format(path, fmt)
+    out = check_output_path(path, fmt)
     frames = [gpd.read_parquet(d / FINAL) for d in dirs]
-    merged = combine_frames(frames)
-    write_detections(merged, out, fmt)
-    return merged
+    write_detections(frames, out, fmt)  # several CRSs: as geodet detect writes them
+    return combine_frames(frames)

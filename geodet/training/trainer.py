@@ -86,7 +86,7 @@ def _normalisation(scenes: list[TrainScene]) -> dict:
             from rasterio.windows import Window
 
             sc = ts.scene
-            raise sc.read_error(Window(0, 0, sc.width, sc.height), exc, skip_hint=False) from None
+            raise sc.read_error(Window(0, 0, sc.width, sc.height), exc) from None
         x = ts.scene.scale(data, valid)[:, valid].astype(np.float64)
         sums = sums + x.sum(1)
         sq = sq + (x**2).sum(1)
@@ -172,6 +172,7 @@ class Trainer:
             if not pair.scene or not pair.labels:
                 raise GeodetError("each training entry needs both 'scene' and 'labels'")
             sc = scene_from_config(pair.scene, self.cfg.scene)
+            sc.skip_hint = False
             if not sc.has_georef:
                 raise GeodetError(f"{pair.scene}: the scene has no georeferencing (no CRS or geotransform), so vector "
                                   "labels cannot be placed on it: georeference it (e.g. gdal_translate -a_srs and "
@@ -220,6 +221,9 @@ class Trainer:
         card = ModelCard.from_dict(payload["card"], source=f"{cfg.train.init} card")
         self.init_payload, self.init_card = payload, card
         classes = cfg.model.classes if "model.classes" in cfg.explicit else None
+        col = card.extra.get("class_column")
+        if col is not None and "train.class_column" not in cfg.explicit:
+            cfg.train.class_column = col  # the start model's classes came from this column: so do these
         cfg.model = copy.deepcopy(card.model)
         # the classes come from the labels (or the config), as in any training run
         cfg.model.classes = classes if classes is not None else ModelConfig().classes
@@ -260,7 +264,9 @@ class Trainer:
         gsd = self.train_scenes[0].scene.pixel_gsd
         self.overlap = overlap_pixels(t.overlap_m, gsd) if t.overlap_m is not None else t.overlap
         n_labels = sum(len(s.labels) for s in self.train_scenes)
-        log.info("training on %d scene(s), %d labels, classes %s", len(self.train_scenes), n_labels, classes)
+        col = cfg.train.class_column
+        where = f"from the labels' '{col}' column" if col else "one class: no class column (train.class_column '')"
+        log.info("training on %d scene(s), %d labels; classes %s (%s)", len(self.train_scenes), n_labels, classes, where)
 
     # -- checkpoints ---------------------------------------------------------------------
     def _save_checkpoint(self, r: Run) -> None:
@@ -325,6 +331,7 @@ class Trainer:
                             "counts": ts.labels.counts} for ts in self.train_scenes]
         native = float(sc0.pixel_gsd) if sc0.crs is not None and sc0.crs.is_projected else None
         card.gsd_m = cfg.scene.gsd_m if cfg.scene.gsd_m else native
+        card.extra["class_column"] = cfg.train.class_column  # --init from this model reads its classes the same way
         if init is not None and state is None:
             self._load_init(model, init)
         freeze_stages(model, cfg.train.freeze_backbone_stages)

@@ -1,0 +1,106 @@
+"""The ``geodet`` command: one module per command (``geodet/cli/detect.py`` for ``geodet detect``,
+as rasterio's ``rio`` is built), each a thin ``add_parser`` + ``run`` over the Python API.
+
+Expected failures (GeodetError) print one line ``geodet: error: ...`` and exit 2, usage errors
+too; anything else prints one line with a hint to rerun with --verbose and exits 1. Tracebacks
+only with --verbose. ``geodet detect`` exits 3 when it wrote a partial result (unreadable tiles
+skipped with ``--on-read-error skip``, or scenes of a multi-scene job that could not be read).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from ..errors import GeodetError
+from . import anchors, data, demo, detect, evaluate, export, imports, merge, tile, train
+from .common import EXIT_PARTIAL, Parser, common_flags, setup_logging  # noqa: F401  (EXIT_PARTIAL: API)
+
+log = logging.getLogger("geodet")
+
+# command name -> module (add_parser, run), in the order of --help
+MODULES = {"tile": tile, "train": train, "detect": detect, "merge": merge, "export": export, "import": imports,
+           "evaluate": evaluate, "anchors": anchors, "data": data, "demo": demo}
+COMMANDS = {name: m.run for name, m in MODULES.items()}
+
+
+def build_parser() -> Parser:
+    common = common_flags()
+    p = Parser(
+        prog="geodet", parents=[common],
+        description="Find dense small objects (vehicles, trees, buildings, boats) in whole-scene GeoTIFFs.",
+        epilog="Run 'geodet COMMAND --help' for a command's options. Start with 'geodet demo'. Exit codes: 0 done, "
+               "2 bad input or setting (one line says what to do), 3 partial result written (detect: unreadable tiles "
+               "or scenes, listed in the report), 1 unexpected error, 130 interrupted.",
+    )
+    from .. import __version__
+
+    p.add_argument("--version", action="version", version=f"geodet {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for m in MODULES.values():
+        m.add_parser(sub, common)
+    return p
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stdout_gone() -> int:
+    """The reader of our output went away (``geodet evaluate ... | head -2``): stop quietly, as a
+    Unix tool killed by SIGPIPE would."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    return 128 + signal.SIGPIPE
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
+    args.quiet = getattr(args, "quiet", False)
+    if not args.command:
+        parser.print_help()
+        return 2
+    setup_logging(args.verbose)
+    from .. import progress
+
+    mode = getattr(args, "progress", None) or ("none" if args.quiet or os.environ.get("GEODET_NO_PROGRESS") else "bar")
+    progress.set_mode(mode)
+    args.quiet = mode == "none"
+    if args.command in ("detect", "tile"):
+        from ..memory import tune_memory
+
+        # streaming whole scenes: keep memory flat in the scene size, at ~15% of detection speed
+        # (training is 1.7x faster without it, so train and demo leave glibc as it is)
+        tune_memory()
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return COMMANDS[args.command](args)
+    except GeodetError as exc:
+        if args.verbose:
+            log.exception("details")
+        print(f"geodet: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return _stdout_gone()
+    except KeyboardInterrupt:
+        print("geodet: interrupted; no partial output was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # unexpected: one line, details with --verbose
+        if args.verbose:
+            log.exception("unexpected error")
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"geodet: unexpected error: {type(exc).__name__}: {msg} (rerun with --verbose for details)", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

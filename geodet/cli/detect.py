@@ -1,0 +1,147 @@
+"""``geodet detect``: detect objects over whole scenes and write one georeferenced file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .common import EXIT_PARTIAL, FORMATS, GeodetError, bands, nonneg_int, positive_int, quiet_ray
+
+
+def add_parser(sub, common) -> None:
+    d = sub.add_parser("detect", parents=[common], help="detect objects over whole scenes",
+                       description="Detect objects over one or more whole scenes and write GeoJSON (EPSG:4326), "
+                                   "GeoPackage, FlatGeobuf, Shapefile, GeoParquet (scene CRS) or CSV, plus "
+                                   "OUT.report.json; vector files come with a QGIS style. Missing output folders are "
+                                   "created.")
+    d.add_argument("scenes", nargs="*", metavar="SCENE")
+    d.add_argument("--model", "-m", required=True, help="model file: model.pt from geodet train or import, MODEL.onnx from geodet "
+                                                       "export, or a torchvision RetinaNet to import on the fly (a Hugging "
+                                                       "Face folder or hf://ORG/NAME; cached)")
+    d.add_argument("--out", "-o", required=True, help="output file: .geojson, .gpkg, .fgb, .shp, .csv or .parquet")
+    d.add_argument("--format", choices=FORMATS, help="the format, where the file name does not say it")
+    d.add_argument("--tile-size", type=positive_int, help="default: the model card's")
+    d.add_argument("--overlap", type=nonneg_int, help="default: the model card's")
+    d.add_argument("--batch-size", type=positive_int, default=None, help="tiles per model call (8)")
+    d.add_argument("--score-threshold", type=float, help="default: the model card's")
+    d.add_argument("--detections-per-tile", type=positive_int, help="most boxes kept per tile (default: the model card's)")
+    d.add_argument("--device", default=None, help="auto (CUDA if present), cpu, cuda")
+    d.add_argument("--backend", choices=["auto", "torch", "onnx"], default=None,
+                   help="auto (default): the fastest path whose accuracy is vouched for; torch; onnx (ONNX Runtime)")
+    d.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
+                   help="auto (default); fp32; bf16 (CPUs with native bf16); fp16 (CUDA); int8 (onnx backend, checked "
+                        "against fp32 on the scene's tiles)")
+    d.add_argument("--on-read-error", choices=["fail", "skip"], default=None,
+                   help="a tile that cannot be read (damaged file, failed remote read): fail (default; nothing is "
+                        "written) or skip (the other tiles run, the unreadable windows are listed in the report, "
+                        "exit code 3)")
+    d.add_argument("--workers", type=nonneg_int, default=None, help="tile-reading worker processes (default: none on a 2-core CPU, a few with CUDA)")
+    d.add_argument("--bands", type=bands, help="scene bands to feed the model, e.g. 3,2,1")
+    d.add_argument("--gsd", type=float, help="resample scenes to this GSD (default: the model card's)")
+    d.add_argument("--csv-geometry", choices=["wkt", "pixel"], default=None, help="CSV: WKT polygons or pixel boxes only")
+    d.add_argument("--quicklook", help="also write a PNG per scene with the detections drawn")
+    d.add_argument("--min-score", type=float, default=None,
+                   help="quicklook: draw boxes scoring at least this (default: the model's operating point, "
+                        "the best-F1 score at validation)")
+    d.add_argument("--config", help="YAML config for detect/output settings")
+    d.add_argument("--scene-list", help="a text file of scene paths (local, shared or GDAL virtual paths such as "
+                                        "/vsicurl/https://...), one per line, added to SCENE...")
+    d.add_argument("--stac", help="a STAC ItemCollection (JSON): one scene per item, from the asset --asset names (or "
+                                  "each item's one GeoTIFF asset); https/s3/gs/az hrefs are read through GDAL")
+    d.add_argument("--asset", help="--stac: the asset key to read (e.g. visual, image)")
+    d.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local (default): this process; ray: blocks of tiles over a Ray cluster's actor pool "
+                        "(needs geodet[ray]); --out is then a folder of per-scene GeoParquet (see geodet merge)")
+    d.add_argument("--address", help="ray: the cluster to join (e.g. ray://head:10001 or auto); default: start a "
+                                     "local Ray instance")
+    d.add_argument("--ray-workers", type=positive_int, default=2,
+                   help="ray: detection actors, each loading the model once (default 2; --workers stays the "
+                        "tile readers inside each)")
+    d.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per actor (e.g. 1, or 0.5 to share)")
+    d.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs per actor (default 1)")
+    d.add_argument("--block-tiles", type=positive_int, default=8,
+                   help="ray: a work item is a K x K block of the scene's tiles (default 8)")
+    d.add_argument("--retries", type=nonneg_int, default=2, help="ray: rounds that rerun failed blocks (default 2)")
+
+
+def scene_list(args) -> tuple[list[str], list[str] | None]:
+    """The scenes of ``detect``: named, listed in --scene-list, or the items of --stac; with the
+    STAC item ids as scene ids when every scene comes from --stac."""
+    scenes, ids = list(args.scenes), None
+    if args.stac:
+        from ..io.stac import stac_scenes
+
+        items = stac_scenes(args.stac, args.asset)
+        if not scenes and not args.scene_list:
+            ids = [i for i, _ in items]
+        scenes += [p for _, p in items]
+    elif args.asset:
+        raise GeodetError("--asset picks an asset of --stac items: give --stac ITEMS.json too")
+    if args.scene_list:
+        try:
+            lines = Path(args.scene_list).read_text().splitlines()
+        except OSError as exc:
+            raise GeodetError(f"--scene-list {args.scene_list}: cannot be read ({exc.strerror})") from None
+        scenes += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not scenes:
+        raise GeodetError("no scenes given: name them, or give --scene-list FILE or --stac ITEMS.json")
+    return scenes, ids
+
+
+def _run_ray(args, cfg, scenes, ids) -> int:
+    from ..pipeline.ray_engine import detect_ray
+
+    quiet_ray()
+    try:
+        summary = detect_ray(scenes, args.model, args.out, address=args.address, workers=args.ray_workers,
+                             gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                             block_tiles=args.block_tiles, retries=args.retries, ids=ids, config=cfg,
+                             progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"geodet: interrupted; finished blocks and scenes are kept in {args.out}: rerun the same command to run "
+              "only what is missing", file=sys.stderr)
+        return 130
+    n_det = sum(x["detections"] for x in summary["scenes"])
+    print(f"{summary['scenes_written']} scene(s) written ({n_det} detections), {summary['scenes_already_done']} already "
+          f"done, {summary['blocks_run']} block(s) run -> {args.out} (geodet merge {args.out} -o all.gpkg)")
+    if summary["failed_scenes"]:
+        for f in summary["failed_scenes"]:
+            print(f"geodet: scene failed: {f['scene']}: {f['error']}", file=sys.stderr)
+        print(f"geodet: {len(summary['failed_scenes'])} scene(s) have no _SUCCESS.json; rerun the same command to run "
+              "only what is missing", file=sys.stderr)
+        return EXIT_PARTIAL if summary["scenes_written"] or summary["scenes_already_done"] else 2
+    return 0
+
+
+def run(args) -> int:
+    from ..config import load_config
+    from ..io.writers import report_path
+    from ..pipeline.job import detect_to_file
+
+    scenes, ids = scene_list(args)
+    cfg = load_config(args.config, {"detect.batch_size": args.batch_size, "detect.device": args.device,
+                                    "detect.num_workers": args.workers, "detect.score_threshold": args.score_threshold,
+                                    "detect.backend": args.backend, "detect.precision": args.precision,
+                                    "detect.on_read_error": args.on_read_error,
+                                    "tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap,
+                                    "model.detections_per_tile": args.detections_per_tile,
+                                    "scene.bands": args.bands, "scene.gsd_m": args.gsd,
+                                    "output.format": args.format, "output.csv_geometry": args.csv_geometry})
+    if args.engine == "ray":
+        return _run_ray(args, cfg, scenes, ids)
+    frame = detect_to_file(scenes, args.model, args.out, config=cfg, quicklook=args.quicklook,
+                           quicklook_min_score=args.min_score, progress=not args.quiet)
+    report = frame.attrs["report"]
+    skipped = sum(r["tiles_skipped"] for r in report["scenes"])
+    print(f"{len(frame)} detections in {len(report['scenes'])} scene(s) ({skipped} empty tiles skipped) -> {args.out}")
+    if report["partial"]:
+        parts = []
+        if report["tiles_unreadable"]:
+            parts.append(f"{report['tiles_unreadable']} unreadable tile(s) skipped")
+        if report["failed_scenes"]:
+            parts.append(f"{len(report['failed_scenes'])} scene(s) failed: "
+                         + ", ".join(f["scene"] for f in report["failed_scenes"]))
+        print(f"geodet: partial result: {'; '.join(parts)} (windows and errors in {report_path(args.out)})",
+              file=sys.stderr)
+        return EXIT_PARTIAL
+    return 0

@@ -1,0 +1,42 @@
+"""``geodet evaluate``: COCO AP and precision/recall of detections against labels."""
+
+from __future__ import annotations
+
+from .common import GeodetError
+
+
+def add_parser(sub, common) -> None:
+    e = sub.add_parser("evaluate", parents=[common], help="COCO AP and precision/recall against labels",
+                       description="Evaluate detections (any format geodet writes) against labels (any OGR vector or "
+                                   "GeoParquet). Classes are compared by name; detections of one class that no label "
+                                   "has (a one-class model) are scored class-agnostically.")
+    e.add_argument("detections")
+    e.add_argument("labels")
+    e.add_argument("--scene", help="evaluate in this scene's pixel grid (size ranges in its pixels); required when "
+                                   "the detections come from several scenes")
+    e.add_argument("--iou", type=float, default=0.5, help="IoU for precision/recall/F1 (0.5)")
+    e.add_argument("--class-column", default="label", help="class column of the labels (label); '' ignores classes")
+    e.add_argument("--json", help="write the metrics here")
+    e.add_argument("--plot", help="write a precision-recall plot (PNG) here")
+
+
+def run(args) -> int:
+    from ..evaluation import evaluate, format_table, plot_pr
+    from ..io.writers import check_output_path, write_json
+
+    for p in (args.json, args.plot):
+        if p:
+            check_output_path(p)
+    if not 0 < args.iou < 1:
+        raise GeodetError(f"--iou must be between 0 and 1, got {args.iou}")
+    m = evaluate(args.detections, args.labels, scene=args.scene, iou=args.iou, class_column=args.class_column)
+    print(format_table(m))
+    if m.get("warning"):
+        print(f"warning: {m['warning']}")
+    if m.get("note"):
+        print(f"note: {m['note']}")
+    if args.json:
+        write_json({k: v for k, v in m.items() if k != "pr_curve"}, args.json)
+    if args.plot:
+        plot_pr(m, args.plot)
+    return 0

@@ -1,0 +1,56 @@
+"""``geodet export``: a model to ONNX (fp32, or int8 calibrated and checked on real tiles)."""
+
+from __future__ import annotations
+
+from .common import positive_int
+
+
+def add_parser(sub, common) -> None:
+    x = sub.add_parser("export", parents=[common], help="export a model to ONNX (fp32, or int8 calibrated on scenes)",
+                       description="Export a geodet model to a self-describing ONNX file for ONNX Runtime: the network "
+                                   "core with the model card in its metadata; boxes are decoded by geodet exactly as "
+                                   "for the torch model. The export is checked against the torch model on tiles of the "
+                                   "calibration scenes and refused (no file written) when it differs, or when the "
+                                   "check tiles hold no detection to compare.")
+    x.add_argument("model", help="model.pt from geodet train")
+    x.add_argument("--out", "-o", required=True, help="output .onnx file")
+    x.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ, per-channel weights)")
+    x.add_argument("--calibrate", nargs="+", default=[], metavar="SCENE",
+                   help="scenes to read calibration and check tiles from (required with --int8)")
+    x.add_argument("--calib-tiles", type=positive_int, default=32,
+                   help="calibration tiles (32, as many again to check; fewer where the scenes have fewer tiles)")
+    x.add_argument("--min-agreement", type=float, default=None,
+                   help="int8: least detection F1 against fp32 at the operating point (0.95)")
+    x.add_argument("--check-labels", help="labels of a scene: also report AP50 of torch fp32 and of the export")
+    x.add_argument("--check-scene", help="the scene of --check-labels (default: the first --calibrate scene)")
+    x.add_argument("--class-column", default="label",
+                   help="class column of --check-labels (label); '' ignores classes (a one-class model's detections "
+                        "are scored class-agnostically anyway)")
+
+
+def run(args) -> int:
+    from ..model.onnx import INT8_MIN_AGREEMENT
+    from ..pipeline.backends import describe_agreement
+    from ..pipeline.export import export_model
+
+    result = export_model(args.model, args.out, int8=args.int8, calibrate=args.calibrate, calib_tiles=args.calib_tiles,
+                          check_scene=args.check_scene, check_labels=args.check_labels,
+                          min_agreement=INT8_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement,
+                          class_column=args.class_column)
+    fp = result["fp32"]
+    print(f"export check on {result['tiles']} tiles: fp32 logit difference {fp['max_relative_logit_diff']:.2g} "
+          f"(relative, limit {fp['limit']:g}; absolute {fp['max_logit_diff']:.2g}), detections "
+          f"{describe_agreement(fp['detections'])}")
+    if "int8" in result:
+        q = result["int8"]
+        n = q["calibration_tiles"]
+        short = (f" (not {args.calib_tiles}: the calibration scenes have too few tiles; half of them calibrate, the "
+                 "other half check)") if n < args.calib_tiles else ""
+        print(f"int8: calibrated on {n} tile(s){short}; "
+              f"detections against fp32 {describe_agreement(q['detections'])} at score >= "
+              f"{q['detections']['min_score']:.3g} (needs {q['min_agreement']}); kept in float: "
+              f"{len(q['float_nodes'])} output conv(s) and the reshapes after them")
+    for name, m in (result.get("labels_check") or {}).items():
+        print(f"{name}: AP50 {m['ap50']:.4f}, AP {m['ap']:.4f}, {m['detections']} detections")
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,46 @@
+"""``geodet import``: a torchvision RetinaNet (e.g. DeepForest's release) as a geodet model."""
+
+from __future__ import annotations
+
+from .common import bands, positive_int
+
+
+def add_parser(sub, common) -> None:
+    im = sub.add_parser("import", parents=[common], help="turn a torchvision RetinaNet (e.g. DeepForest's) into a geodet model",
+                        description="Import a torchvision RetinaNet checkpoint as a geodet model file with a complete card. "
+                                    "SOURCE: a Hugging Face model folder (config.json + model.safetensors or "
+                                    "pytorch_model.bin, as DeepForest publishes them), hf://ORG/NAME (fetched where the "
+                                    "network allows, else read from the Hugging Face cache), or a plain state_dict "
+                                    "(.pt/.pth/.safetensors). torchvision's resize to --min-size becomes a ground "
+                                    "resolution in the card (scenes are resampled on read).")
+    im.add_argument("source")
+    im.add_argument("--out", "-o", required=True, help="geodet model file to write (.pt)")
+    im.add_argument("--gsd", type=float, help="ground resolution (m) of the imagery the model ran on at home "
+                                              "(default: none, scenes run at their native resolution)")
+    im.add_argument("--tile-size", type=positive_int, help="window size it ran on at home (DeepForest: patch_size, "
+                                                           "400); default: the config's, else --min-size")
+    im.add_argument("--min-size", type=positive_int, help="torchvision's resize target (default: 800)")
+    im.add_argument("--bands", type=bands, help="scene bands for the network's inputs (default 1,2,3)")
+    im.add_argument("--classes", help="class names, comma-separated, in the head's order (default: config.json's "
+                                      "label_dict)")
+    im.add_argument("--score-threshold", type=float)
+    im.add_argument("--detections-per-tile", type=positive_int, help="default 300, as torchvision")
+
+
+def run(args) -> int:
+    from ..io.writers import check_output_path
+    from ..model import save_model
+    from ..model.imports import import_retinanet
+
+    out = check_output_path(args.out)
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    model = import_retinanet(args.source, gsd_m=args.gsd, tile_size=args.tile_size, min_size=args.min_size,
+                             bands=args.bands, classes=classes, score_threshold=args.score_threshold,
+                             detections_per_tile=args.detections_per_tile)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, out)
+    c = model.card
+    res = f"{c.gsd_m:g} m" if c.gsd_m else "the scene's native resolution"
+    print(f"imported a {c.model.backbone} RetinaNet: classes {', '.join(c.classes)}; tiles of {c.tile_size} px at {res}; "
+          f"score threshold {c.model.score_threshold:g}, NMS IoU {c.model.nms_iou:g} -> {out}")
+    return 0

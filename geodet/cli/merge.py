@@ -1,0 +1,24 @@
+"""``geodet merge``: gather a ray run's finished scenes into one file."""
+
+from __future__ import annotations
+
+from .common import FORMATS
+
+
+def add_parser(sub, common) -> None:
+    mg = sub.add_parser("merge", parents=[common], help="gather a ray run's finished scenes into one file",
+                        description="Gather the finished scenes (scene=*/_SUCCESS.json) of a geodet detect --engine "
+                                    "ray output folder into one file, with a scene column; scenes in several CRSs are "
+                                    "written as geodet detect writes them (a GeoPackage layer per CRS; EPSG:4326 with "
+                                    "a crs column in single-CRS formats).")
+    mg.add_argument("folder", help="the --out folder of geodet detect --engine ray")
+    mg.add_argument("--out", "-o", required=True, help="output file: .gpkg, .geojson, .fgb, .shp, .parquet, .csv")
+    mg.add_argument("--format", choices=FORMATS, help="the format, where the file name does not say it")
+
+
+def run(args) -> int:
+    from ..pipeline.ray_engine import merge_outputs
+
+    merged = merge_outputs(args.folder, args.out, args.format)
+    print(f"{len(merged)} detections from {merged['scene'].nunique() if len(merged) else 0} scene(s) -> {args.out}")
+    return 0

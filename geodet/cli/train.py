@@ -1,0 +1,116 @@
+"""``geodet train``: train a detector on GeoTIFFs with vector labels."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .common import PRESETS_HELP, GeodetError, bands, nonneg_int, positive_int, quiet_ray
+
+
+def add_parser(sub, common) -> None:
+    tr = sub.add_parser("train", parents=[common], help="train a model on GeoTIFFs with vector labels",
+                        description="Train a RetinaNet on scenes with vector labels. Writes RUN_DIR/model.pt (best by "
+                                    "validation AP50), RUN_DIR/last.pt (for --resume) and RUN_DIR/metrics.csv. Classes "
+                                    "come from the labels' class column (--class-column, default 'label'); '' trains "
+                                    "one class, 'object'.")
+    tr.add_argument("--config", help=PRESETS_HELP)
+    tr.add_argument("--scene", action="append", default=[], help="training scene; repeat with --labels for each")
+    tr.add_argument("--labels", action="append", default=[], help="labels of the --scene at the same position")
+    tr.add_argument("--labelled-area", action="append", default=[], metavar="POLYGONS",
+                    help="polygons of where the labels are complete (any vector format and CRS): once for every scene, "
+                         "or once per --scene in order; chips are drawn inside, the loss ignores the rest (never "
+                         "taught as background) and the validation strip is cut from it (default: the whole scene)")
+    tr.add_argument("--val-scene", action="append", default=[], help="validation scene (else a held-out strip)")
+    tr.add_argument("--val-labels", action="append", default=[], help="labels of the --val-scene at the same position")
+    tr.add_argument("--class-column", default=None, help="class column of the labels ('' for one class)")
+    tr.add_argument("--out", "-o", required=True, help="run folder")
+    tr.add_argument("--epochs", type=positive_int, help="cap the run at this many epochs (default: 10 without "
+                                                            "--time-limit, no cap with it)")
+    tr.add_argument("--steps-per-epoch", type=positive_int)
+    tr.add_argument("--max-steps", type=positive_int, help="cap the run at this many optimiser steps")
+    tr.add_argument("--time-limit", type=float, metavar="MINUTES",
+                    help="train for this many minutes: the learning-rate schedule spans them and training, final "
+                         "validation included, ends near the limit (--epochs/--max-steps cap it only when given)")
+    tr.add_argument("--pretrained", help="none, or imagenet: start the backbone from torchvision's ImageNet weights "
+                                         "(3-band RGB scenes only; fetched once into torch's cache, hash-checked)")
+    tr.add_argument("--batch-size", type=positive_int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--tile-size", type=positive_int)
+    tr.add_argument("--overlap", type=nonneg_int)
+    tr.add_argument("--bands", type=bands)
+    tr.add_argument("--gsd", type=float, help="train at this ground resolution (scenes resampled on read)")
+    tr.add_argument("--device", help="auto, cpu or cuda")
+    tr.add_argument("--workers", type=nonneg_int, help="DataLoader workers for chip reading")
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    tr.add_argument("--init", help="start from this model file (geodet train, import or pretrain): its architecture, "
+                                   "weights, tile size and GSD; new classes re-initialise only the last classification conv")
+    tr.add_argument("--freeze-stages", type=nonneg_int, help="freeze the backbone's first N stages (1 stem, 2 +layer1, "
+                                                              "... 5 +layer4)")
+    tr.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="local (default); ray: distributed data-parallel training under Ray Train (needs geodet[ray]); "
+                         "the run folder must be shared storage for several machines")
+    tr.add_argument("--address", help="ray: the cluster to join; default: start a local Ray instance")
+    tr.add_argument("--ray-workers", type=positive_int, default=2, help="ray: training processes (default 2)")
+    tr.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per training process")
+    tr.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs per training process")
+    tr.add_argument("--max-failures", type=nonneg_int, default=2,
+                    help="ray: restarts after a worker failure, each resuming from RUN_DIR/last.pt (default 2)")
+
+
+def train_config(args):
+    """The run's config: the YAML (or preset), then the flags."""
+    from ..config import SceneLabels, load_config
+
+    cfg = load_config(args.config, {
+        "train.epochs": args.epochs, "train.steps_per_epoch": args.steps_per_epoch, "train.max_steps": args.max_steps,
+        "train.time_limit_min": args.time_limit, "train.batch_size": args.batch_size, "train.lr": args.lr,
+        "tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap, "scene.bands": args.bands,
+        "scene.gsd_m": args.gsd, "train.device": args.device, "train.num_workers": args.workers,
+        "train.seed": args.seed, "train.class_column": args.class_column, "train.init": args.init,
+        "train.freeze_backbone_stages": args.freeze_stages, "model.pretrained": args.pretrained,
+    })
+    for flag, a, b in (("--scene/--labels", args.scene, args.labels), ("--val-scene/--val-labels", args.val_scene, args.val_labels)):
+        if len(a) != len(b):
+            raise GeodetError(f"{flag}: give one labels file per scene ({len(a)} scene(s), {len(b)} labels)")
+    if args.scene:
+        cfg.train.scenes = [SceneLabels(s, lab) for s, lab in zip(args.scene, args.labels)]
+    if args.val_scene:
+        cfg.train.val_scenes = [SceneLabels(s, lab) for s, lab in zip(args.val_scene, args.val_labels)]
+    if args.labelled_area:
+        n, k = len(cfg.train.scenes), len(args.labelled_area)
+        if k not in (1, n):
+            raise GeodetError(f"--labelled-area: give one file for every scene or one per --scene ({n} scene(s), {k} "
+                              "labelled areas)")
+        for pair, area in zip(cfg.train.scenes, args.labelled_area * n if k == 1 else args.labelled_area):
+            pair.labelled_area = area
+    return cfg
+
+
+def run(args) -> int:
+    from ..training.trainer import Interrupted, Trainer
+
+    cfg = train_config(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise GeodetError(f"run folder path is a file: {out}")
+    for parent in out.parents:  # the run folder is geodet's: create it and any missing parents
+        if parent.exists() and not parent.is_dir():
+            raise GeodetError(f"cannot create the run folder {out}: {parent} is a file")
+    if args.engine == "ray":
+        from ..training.ray_train import train_ray
+
+        quiet_ray()
+        res = train_ray(cfg, out, address=args.address, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
+                        cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, resume=args.resume)
+        print(f"model: {res.get('model', out / 'model.pt')} (trained by {res.get('world_size', '?')} Ray workers)\n"
+              f"last checkpoint: {out / 'last.pt'}\nmetrics: {out / 'metrics.csv'}")
+        return 0
+    try:
+        path = Trainer(cfg, out, resume=args.resume, progress=not args.quiet).run()
+    except Interrupted as exc:
+        print(f"geodet: {exc}", file=sys.stderr)
+        return 130
+    print(f"model: {path}\nlast checkpoint: {out / 'last.pt'}\nmetrics: {out / 'metrics.csv'}")
+    return 0
