@@ -156,6 +156,7 @@ def run_one(scenario: str, row: str, seed: int, minutes: float, work: Path, thre
         raise SystemExit(f"unknown scenario {scenario}")
     cfg.train.scenes = [pair]
     cfg.train.seed = seed
+    cfg.train.keep = "best"  # model.pt is the best-validation model; last.pt gives the end of the schedule
     cfg.train.time_limit_min = minutes
     for key in ("epochs", "scale_jitter", "copy_paste", "photometric"):
         if key in spec:

@@ -365,6 +365,8 @@ class Trainer:
         tc = self.cfg.train
         torch.manual_seed(tc.seed + self.rank)
         total = self._step_cap()
+        if tc.keep not in ("best", "last"):
+            raise GeodetError(f"train.keep must be best or last, got '{tc.keep}'")
         seconds = None if tc.time_limit_min is None else float(tc.time_limit_min) * 60
         if seconds is not None and seconds <= 0:
             raise GeodetError(f"--time-limit must be a positive number of minutes, got {tc.time_limit_min:g}")
@@ -597,7 +599,7 @@ class Trainer:
         r.model.train()
         ap50 = m.get("AP50") if m else None
         score = ap50 if ap50 is not None else 0.0
-        if not m or score > r.best or not (self.out / "model.pt").exists():
+        if self.cfg.train.keep == "last" or not m or score > r.best or not (self.out / "model.pt").exists():
             r.best = max(r.best, score)
             card = r.model.card
             card.metrics = {k: m[k] for k in ("AP", "AP50", "AP75", "precision", "recall", "f1") if k in m}
