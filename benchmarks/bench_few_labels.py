@@ -4,8 +4,8 @@ Scenarios (``--scenario``, repeatable):
 - ``inscene:NAME``: the crowns of the left third of ``NAME`` (a scene of ``--data``) are labelled;
   train on them, then detect over the whole scene and score the right two thirds (detections and
   labels centred there). The everyday "label a corner, find the rest" job.
-- ``cross:NAME``: train on every crown of ``yell_541000``; score the whole of ``NAME``
-  (another site).
+- ``cross:NAME[+NAME...]``: train on every crown of ``yell_541000``; score the whole of each
+  ``NAME`` (other sites).
 - ``synthetic:SEED``: synthetic vehicles (0.3 m, cars and trucks): a 1024^2 training scene of
   seed SEED whose 512^2 top-left corner is labelled (about 100 vehicles), scored on an unseen
   1024^2 scene of seed SEED + 1 (with classes).
@@ -139,7 +139,8 @@ def run_one(scenario: str, row: str, seed: int, minutes: float, work: Path, thre
     elif kind == "cross":
         cfg = load_config("trees")
         pair = SceneLabels(str(DATA / "yell_541000.tif"), str(DATA / "yell_541000.gpkg"))
-        tests.append((name, DATA / f"{name}.tif", DATA / f"{name}.gpkg", False, None))
+        for test in name.split("+"):
+            tests.append((test, DATA / f"{test}.tif", DATA / f"{test}.gpkg", False, None))
     elif kind == "synthetic":
         from geodet.synthetic import make_scene
 

@@ -41,8 +41,11 @@ def test_time_limit_is_used_and_spans_the_schedule(tmp_path, synth):
     steps = [r for r in rows if r["loss"]]
     end = rows[-1]
     assert end["note"].startswith("stopped: time limit")
-    # the whole budget, final validation included, and no more than a step or two past it
-    assert 0.9 * 18 <= float(end["seconds"]) <= 18 + 3
+    # the whole budget, final validation included, and no more than a step or two past it (on a
+    # loaded machine a step, and so the overrun, takes longer)
+    times = [float(r["seconds"]) for r in steps]
+    step_s = max(b - a for a, b in zip(times, times[1:]))
+    assert 0.9 * 18 <= float(end["seconds"]) <= 18 + 2 * step_s + 2
     assert len(steps) > 12  # more than the 2 epochs x 6 steps an epoch cap would have given
     lrs = [float(r["lr"]) for r in steps]
     peak = max(lrs)
