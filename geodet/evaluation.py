@@ -35,6 +35,10 @@ def _read_detections(path):
     import pandas as pd
     import shapely
 
+    if "|layername=" in str(path):  # one layer of a file, as QGIS names it
+        from .io.labels import read_labels
+
+        return read_labels(path, allow_empty=True)
     p = Path(path)
     if not p.exists():
         raise GeodetError(f"detections not found: {path}")

@@ -28,11 +28,16 @@ class LabelBoxes:
 
 
 def read_labels(path: str | Path, class_column: str | None = None, allow_empty: bool = False, layer: str | None = None):
-    """Read a vector file with pyogrio; clear errors for missing, unreadable, empty (unless
+    """Read a vector file with pyogrio (``path|layername=NAME`` picks a layer, as QGIS writes it;
+    default: the first layer with geometry); clear errors for missing, unreadable, empty (unless
     ``allow_empty``: a detection file may hold none) or CRS-less files."""
     import geopandas as gpd
     import pyogrio
 
+    path = str(path)
+    if "|layername=" in path and layer is None:  # QGIS's way of naming one layer of a file
+        path, layer = path.split("|layername=", 1)
+        layer = layer.split("|", 1)[0]
     p = Path(path)
     if not p.exists():
         raise GeodetError(f"labels not found: {path}")

@@ -1,7 +1,9 @@
 """The default QGIS style of detection layers: outlines only (cars and crowns stay visible under
 them), one colour per class, line width growing with the score, and the score as a label when
-zoomed in. Stored in a GeoPackage's ``layer_styles`` table (QGIS applies it on load) or written
-as a ``.qml`` sidecar beside other formats."""
+zoomed in. With the model's operating point (the best-F1 score at validation), only detections
+scoring at least that are drawn, as the quicklook draws them (the file keeps every detection; the
+Layer Styling panel shows the rule to change). Stored in a GeoPackage's ``layer_styles`` table
+(QGIS applies it on load) or written as a ``.qml`` sidecar beside other formats."""
 
 from __future__ import annotations
 
@@ -15,11 +17,18 @@ COLOURS = ["31,119,180", "255,127,14", "44,160,44", "214,39,40", "148,103,189", 
 LABEL_MAX_SCALE = 2500  # the score label shows from 1:2500 closer in
 
 
-def qml(classes: list[str]) -> str:
-    """A QGIS style (QML) for detection polygons with a ``label`` and a ``score`` column."""
-    cats, symbols = [], []
+def qml(classes: list[str], min_score: float | None = None) -> str:
+    """A QGIS style (QML) for detection polygons with a ``label`` and a ``score`` column: a
+    categorized renderer by class, or with ``min_score`` a rule per class that draws only
+    detections scoring at least ``min_score``."""
+    cats, symbols, rules = [], [], []
     for i, name in enumerate(classes):
         cats.append(f'      <category value={quoteattr(str(name))} symbol="{i}" label={quoteattr(str(name))} render="true"/>')
+        if min_score is not None:
+            value = str(name).replace("'", "''")
+            rule = f"\"label\" = '{value}' AND \"score\" >= {min_score:.4g}"
+            rules.append(f'      <rule key="r{i}" symbol="{i}" filter={quoteattr(rule)} '
+                         f'label={quoteattr(f"{name} (score >= {min_score:.2f})")}/>')
         symbols.append(f"""      <symbol type="fill" name="{i}" alpha="1" clip_to_extent="1" force_rhr="0">
         <layer class="SimpleFill" enabled="1" pass="0" locked="0">
           <prop k="style" v="no"/>
@@ -43,16 +52,27 @@ def qml(classes: list[str]) -> str:
           </data_defined_properties>
         </layer>
       </symbol>""")
-    return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
-<qgis version="3.22.0" styleCategories="Symbology|Labeling">
-  <renderer-v2 type="categorizedSymbol" attr="label" symbollevels="0" enableorderby="0" forceraster="0">
+    if min_score is None:
+        renderer = f"""  <renderer-v2 type="categorizedSymbol" attr="label" symbollevels="0" enableorderby="0" forceraster="0">
     <categories>
 {chr(10).join(cats)}
     </categories>
     <symbols>
 {chr(10).join(symbols)}
     </symbols>
-  </renderer-v2>
+  </renderer-v2>"""
+    else:
+        renderer = f"""  <renderer-v2 type="RuleRenderer" symbollevels="0" enableorderby="0" forceraster="0">
+    <rules key="root">
+{chr(10).join(rules)}
+    </rules>
+    <symbols>
+{chr(10).join(symbols)}
+    </symbols>
+  </renderer-v2>"""
+    return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis version="3.22.0" styleCategories="Symbology|Labeling">
+{renderer}
   <labeling type="simple">
     <settings calloutType="simple">
       <text-style fieldName="format_number(&quot;score&quot;, 2)" isExpression="1" fontSize="8" textColor="255,255,255,255"/>
@@ -65,7 +85,7 @@ def qml(classes: list[str]) -> str:
 """
 
 
-def add_gpkg_style(path: str | Path, layer: str, classes: list[str]) -> None:
+def add_gpkg_style(path: str | Path, layer: str, classes: list[str], min_score: float | None = None) -> None:
     """Store the default style for ``layer`` in the GeoPackage's ``layer_styles`` table, the way QGIS
     does (registered in ``gpkg_contents`` as an attributes table, ``f_geometry_column`` naming the
     layer's geometry column as ``gpkg_geometry_columns`` has it, ``update_time`` in ISO 8601), as
@@ -83,7 +103,7 @@ def add_gpkg_style(path: str | Path, layer: str, classes: list[str]) -> None:
         con.execute("INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, styleName, "
                     "styleQML, styleSLD, useAsDefault, description, owner, update_time) VALUES ('', '', ?, ?, ?, ?, '', 1, "
                     "?, 'geodet', strftime('%Y-%m-%dT%H:%M:%fZ','now'))",
-                    (layer, geometry_column, f"{layer} (geodet)", qml(classes), "geodet default: outlines by class"))
+                    (layer, geometry_column, f"{layer} (geodet)", qml(classes, min_score), "geodet default: outlines by class"))
         con.commit()
     finally:
         con.close()

@@ -163,12 +163,15 @@ def combine_frames(frames):
     return pd.concat(parts, ignore_index=True).set_crs("EPSG:4326", allow_override=True)
 
 
-def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry: str = "wkt") -> Path:
+def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry: str = "wkt",
+                     style_min_score: float | None = None) -> Path:
     """Write detections (a frame, or a list of per-scene frames); the format comes from ``fmt`` or
     the file's extension. What a GIS user opens:
 
     - GeoPackage 1.2 with the default style in its ``layer_styles`` table; other vector formats
-      get the same style as a ``.qml`` sidecar (QGIS loads it with the layer);
+      get the same style as a ``.qml`` sidecar (QGIS loads it with the layer); with
+      ``style_min_score`` (the model's operating point) the style draws only detections scoring
+      at least that;
     - CSV with ``.prj`` (the CRS) and ``.csvt`` (column types) sidecars, which GDAL's CSV driver
       reads, and full-precision WKT;
     - GeoParquet (``.parquet``, with ``geo`` metadata) for large results;
@@ -198,7 +201,7 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
     with atomic_path(path) as tmp:
         if fmt == "csv":
             _write_csv(groups, tmp, csv_geometry)
-            tmp.with_suffix(".qml").write_text(qml(classes), encoding="utf-8")
+            tmp.with_suffix(".qml").write_text(qml(classes, style_min_score), encoding="utf-8")
         elif fmt == "gpkg":
             for k, (crs, members) in enumerate(groups):
                 g = pd.concat(members, ignore_index=True).set_crs(crs, allow_override=True)
@@ -206,10 +209,10 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
                 layer = path.stem if len(groups) == 1 else f"{path.stem}_{epsg if epsg else k + 1}"
                 pyogrio.write_dataframe(g, tmp, driver=DRIVERS[fmt], layer=layer, geometry_type="Polygon",
                                         append=k > 0, dataset_options={"VERSION": GPKG_VERSION} if k == 0 else None)
-                add_gpkg_style(tmp, layer, classes)
+                add_gpkg_style(tmp, layer, classes, style_min_score)
         elif fmt == "parquet":
             combine_frames(frames).to_parquet(tmp, index=False)
-            tmp.with_suffix(".qml").write_text(qml(classes), encoding="utf-8")
+            tmp.with_suffix(".qml").write_text(qml(classes, style_min_score), encoding="utf-8")
         else:
             out = combine_frames(frames)
             layer_opts = None
@@ -218,7 +221,7 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
                 out = out.set_geometry([orient(g, sign=1.0) for g in out.geometry], crs="EPSG:4326")
                 layer_opts = {"RFC7946": "YES", "WRITE_BBOX": "NO"}
             pyogrio.write_dataframe(out, tmp, driver=DRIVERS[fmt], layer_options=layer_opts, geometry_type="Polygon")
-            tmp.with_suffix(".qml").write_text(qml(classes), encoding="utf-8")
+            tmp.with_suffix(".qml").write_text(qml(classes, style_min_score), encoding="utf-8")
     return path
 
 

@@ -227,7 +227,10 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
         stitcher = Stitcher(grid, s.match_iou)
         timings = {"read_wait": 0.0, "model": 0.0, "stitch": 0.0}
         stages_before = dict(getattr(runner, "timings", {}))
-        n_run = n_skipped = n_capped = n_nodata = 0
+        n_run = n_skipped = n_capped = n_nodata = n_lost = 0
+        # a capped tile loses objects that matter only if its lowest kept score is at or above the
+        # operating point: below it, only boxes the model itself ranks as noise were cut
+        op = getattr(card, "operating_point", None)
         unreadable: list[dict] = []
         bar = progress_bar(total=len(grid), desc=f"detect {Path(sc.path).name}", unit="tile", enabled=progress)
         with gdal_env():  # GDAL's block cache capped while the scene streams through
@@ -240,6 +243,7 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
                 else:
                     n_run += 1
                     n_capped += r.capped
+                    n_lost += r.capped and (op is None or not len(r.scores) or float(r.scores.min()) >= op)
                     n_nodata += r.on_nodata
                     stitcher.add(r.tile, r.boxes, r.scores, r.labels)
                 timings["stitch"] += time.perf_counter() - t0
@@ -257,10 +261,14 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
         if stage in getattr(runner, "timings", {}):
             timings[f"model_{stage}"] = runner.timings[stage] - stages_before.get(stage, 0.0)
     timings["total"] = time.perf_counter() - t_start
-    if n_capped:
-        log.warning("%s: %d of %d tiles returned the maximum of %d detections, so some objects may be missing: raise "
+    if n_lost:
+        log.warning("%s: %d of %d tiles returned the maximum of %d detections%s, so some objects may be missing: raise "
                     "--detections-per-tile (detect.detections_per_tile) or lower the tile size", Path(sc.path).name,
-                    n_capped, n_run, s.detections_per_tile)
+                    n_lost, n_run, s.detections_per_tile,
+                    f", all scoring at least the operating point {op:.3g}" if op is not None else "")
+    elif n_capped:
+        log.info("%s: %d tile(s) hit the cap of %d detections, only with boxes below the operating point %.3g",
+                 Path(sc.path).name, n_capped, s.detections_per_tile, op)
     if n_nodata:
         log.info("%s: %d detection(s) centred on nodata pixels dropped", Path(sc.path).name, n_nodata)
     frame.attrs["report"] = scene_report(view, grid, s, device, (n_run, n_skipped, n_capped), stitcher.n_in, len(det),

@@ -71,10 +71,11 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
         raise GeodetError("no scene could be read; nothing was written: " + " | ".join(f["error"] for f in failures))
     frame = combine_frames(frames)
     t1 = time.perf_counter()
-    write_detections(frames, out, fmt, csv_geometry or cfg.output.csv_geometry)
+    card = getattr(model, "card", None)
+    write_detections(frames, out, fmt, csv_geometry or cfg.output.csv_geometry,
+                     style_min_score=card.operating_point if card is not None else None)
     t2 = time.perf_counter()
     source = getattr(model, "source", None) or {}
-    card = getattr(model, "card", None)
     report = {
         "output": str(out), "format": fmt, "detections": len(frame),
         "model": {"path": source.get("path"), "sha256": source.get("sha256"),

@@ -1,0 +1,32 @@
+"""``geodet qgis-plugin``: install geodet's QGIS Processing provider, or write it as a zip."""
+
+from __future__ import annotations
+
+
+def add_parser(sub, common) -> None:
+    q = sub.add_parser("qgis-plugin", parents=[common], help="install geodet's QGIS plugin (a Processing provider)",
+                       description="Install the geodet plugin into QGIS (a 'geodet' entry in the Processing toolbox: "
+                                   "Detect objects, Train a detector, Evaluate detections, Export to ONNX, Suggest "
+                                   "tiles to label), or write it as a zip for Plugins > Install from ZIP. The plugin "
+                                   "runs this geodet command; enable it in QGIS's plugin manager, or headless with "
+                                   "'qgis_process plugins enable geodet_qgis'.")
+    g = q.add_mutually_exclusive_group()
+    g.add_argument("--zip", metavar="FILE", help="write the plugin as a zip here instead of installing it")
+    g.add_argument("--plugins-dir", help="QGIS plugin folder to install into (default: the default profile's, "
+                                         "e.g. ~/.local/share/QGIS/QGIS3/profiles/default/python/plugins)")
+
+
+def run(args) -> int:
+    import shutil
+
+    from ..qgis import install_plugin, zip_plugin
+
+    if args.zip:
+        print(f"wrote {zip_plugin(args.zip)} (QGIS: Plugins > Manage and Install Plugins > Install from ZIP)")
+        return 0
+    folder = install_plugin(args.plugins_dir)
+    exe = shutil.which("geodet")
+    print(f"installed the geodet QGIS plugin in {folder}; enable 'geodet' in QGIS's plugin manager (or: qgis_process "
+          f"plugins enable geodet_qgis). It runs {exe or 'the geodet command on PATH'}: set another path in Settings > "
+          "Options > Processing > Providers > geodet")
+    return 0
