@@ -149,3 +149,14 @@ def test_provider_cancel_stops_geodet_and_leaves_nothing(provider, tiny_model, t
     res = helper(base, "cancel", plugins, big.image, tiny_model, outdir / "c.gpkg")
     assert res["canceled"] and not res["exists"] and res["left"] == []
     assert any("cancelled" in m for m in res["messages"]) or "cancelled" in (res["error"] or "")
+
+
+def test_provider_suggests_tiles_headless(provider, tiny_model, synth, tmp_path):
+    import geopandas as gpd
+
+    out = tmp_path / "next.gpkg"
+    r = qgis_process(provider, "run", "geodet:suggest", "--", f"INPUT={synth.image}", f"MODEL={tiny_model}", "N=3",
+                     "CELL_SIZE=128", f"OUTPUT={out}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    got = gpd.read_file(out, layer="next")
+    assert list(got["rank"]) == [1, 2, 3] and got["reason"].str.contains("operating point").all()

@@ -86,10 +86,15 @@ def qml(classes: list[str], min_score: float | None = None) -> str:
 
 
 def add_gpkg_style(path: str | Path, layer: str, classes: list[str], min_score: float | None = None) -> None:
-    """Store the default style for ``layer`` in the GeoPackage's ``layer_styles`` table, the way QGIS
-    does (registered in ``gpkg_contents`` as an attributes table, ``f_geometry_column`` naming the
-    layer's geometry column as ``gpkg_geometry_columns`` has it, ``update_time`` in ISO 8601), as
-    the layer's default."""
+    """Store the default detection style for ``layer`` in the GeoPackage (``add_gpkg_style_qml``)."""
+    add_gpkg_style_qml(path, layer, qml(classes, min_score), "geodet default: outlines by class")
+
+
+def add_gpkg_style_qml(path: str | Path, layer: str, style: str, description: str) -> None:
+    """Store the QML ``style`` for ``layer`` in the GeoPackage's ``layer_styles`` table, the way
+    QGIS does (registered in ``gpkg_contents`` as an attributes table, ``f_geometry_column`` naming
+    the layer's geometry column as ``gpkg_geometry_columns`` has it, ``update_time`` in ISO 8601),
+    as the layer's default."""
     con = sqlite3.connect(str(path))
     try:
         row = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?", (layer,)).fetchone()
@@ -103,7 +108,36 @@ def add_gpkg_style(path: str | Path, layer: str, classes: list[str], min_score: 
         con.execute("INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, styleName, "
                     "styleQML, styleSLD, useAsDefault, description, owner, update_time) VALUES ('', '', ?, ?, ?, ?, '', 1, "
                     "?, 'geodet', strftime('%Y-%m-%dT%H:%M:%fZ','now'))",
-                    (layer, geometry_column, f"{layer} (geodet)", qml(classes, min_score), "geodet default: outlines by class"))
+                    (layer, geometry_column, f"{layer} (geodet)", style, description))
         con.commit()
     finally:
         con.close()
+
+
+def suggestion_qml() -> str:
+    """A QGIS style for suggested cells: thick magenta outlines, and the rank as a label."""
+    return """<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis version="3.22.0" styleCategories="Symbology|Labeling">
+  <renderer-v2 type="singleSymbol" symbollevels="0" enableorderby="0" forceraster="0">
+    <symbols>
+      <symbol type="fill" name="0" alpha="1" clip_to_extent="1" force_rhr="0">
+        <layer class="SimpleFill" enabled="1" pass="0" locked="0">
+          <prop k="style" v="no"/>
+          <prop k="color" v="227,26,178,0"/>
+          <prop k="outline_style" v="solid"/>
+          <prop k="outline_color" v="227,26,178,255"/>
+          <prop k="outline_width" v="0.8"/>
+          <prop k="outline_width_unit" v="MM"/>
+        </layer>
+      </symbol>
+    </symbols>
+  </renderer-v2>
+  <labeling type="simple">
+    <settings calloutType="simple">
+      <text-style fieldName="'#' || &quot;rank&quot;" isExpression="1" fontSize="11" textColor="255,255,255,255"/>
+      <text-buffer bufferDraw="1" bufferSize="1" bufferColor="227,26,178,255"/>
+      <placement placement="1"/>
+    </settings>
+  </labeling>
+</qgis>
+"""

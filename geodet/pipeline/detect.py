@@ -267,7 +267,7 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
                     n_lost, n_run, s.detections_per_tile,
                     f", all scoring at least the operating point {op:.3g}" if op is not None else "")
     elif n_capped:
-        log.info("%s: %d tile(s) hit the cap of %d detections, only with boxes below the operating point %.3g",
+        log.debug("%s: %d tile(s) hit the cap of %d detections, only with boxes below the operating point %.3g",
                  Path(sc.path).name, n_capped, s.detections_per_tile, op)
     if n_nodata:
         log.info("%s: %d detection(s) centred on nodata pixels dropped", Path(sc.path).name, n_nodata)

@@ -219,4 +219,40 @@ class ExportAlgorithm(GeodetAlgorithm):
         return {"OUTPUT": out}
 
 
-ALGORITHMS = [DetectAlgorithm, TrainAlgorithm, EvaluateAlgorithm, ExportAlgorithm]
+class SuggestAlgorithm(GeodetAlgorithm):
+    COMMAND = "suggest"
+    TITLE = "Suggest tiles to label"
+    HELP = ("The cells of a scene most worth labelling next: where the model scores the most detections near its "
+            "operating point (the decisions it could get either way), spread over the scene, ranked, with the reason "
+            "in a column. Label the objects inside them, then train again from the model (Train a detector, 'Start "
+            "from this model'). Runs 'geodet suggest'.")
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Scene"))
+        self.addParameter(QgsProcessingParameterFile("MODEL", "Model file (model.pt)", QgsProcessingParameterFile.File))
+        self.addParameter(QgsProcessingParameterNumber("N", "Cells to suggest", QgsProcessingParameterNumber.Integer,
+                                                       20, False, 1))
+        self.addParameter(QgsProcessingParameterNumber("CELL_SIZE", "Cell size in pixels (empty: the model's tile "
+                                                                    "size)", QgsProcessingParameterNumber.Integer,
+                                                       None, True, 16))
+        self.addParameter(QgsProcessingParameterFeatureSource("LABELLED_AREA", "Already labelled (polygons; optional)",
+                                                              [QgsProcessing.TypeVectorPolygon], None, True))
+        out = QgsProcessingParameterVectorDestination("OUTPUT", "Cells to label", QgsProcessing.TypeVectorPolygon)
+        out.setSupportsNonFileBasedOutput(False)
+        self.addParameter(out)
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        out = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
+        args = ["suggest", self.raster_path(parameters, "INPUT", context), "--model",
+                self.parameterAsFile(parameters, "MODEL", context), "--out", out,
+                "--n", self.parameterAsInt(parameters, "N", context)]
+        if parameters.get("CELL_SIZE") is not None:
+            args += ["--cell-size", self.parameterAsInt(parameters, "CELL_SIZE", context)]
+        area = self.vector_path(parameters, "LABELLED_AREA", context, feedback)
+        if area:
+            args += ["--labelled-area", area]
+        run_geodet(args, feedback)
+        return {"OUTPUT": out}
+
+
+ALGORITHMS = [DetectAlgorithm, TrainAlgorithm, EvaluateAlgorithm, ExportAlgorithm, SuggestAlgorithm]

@@ -1,0 +1,96 @@
+"""Which tiles to label next: the suggested cells are where labels fix the most mistakes."""
+
+import numpy as np
+import pytest
+
+from geodet.errors import GeodetError
+
+
+def _cell_errors(model, scene, cell):
+    """The known answer: per cell, the model's mistakes at its operating point (missed labels and
+    false detections, matched at IoU 0.5), which labelling that cell would teach it."""
+    from geodet.io.labels import load_scene_labels
+    from geodet.io.scene import Scene
+    from geodet.pipeline.backends import match_detections
+    from geodet.pipeline.detect import detect_scene
+
+    import torch
+
+    frame = detect_scene(scene.image, model, progress=False)
+    frame = frame[frame["score"] >= model.card.operating_point]
+    sc = Scene(scene.image)
+    lb = load_scene_labels(sc, scene.labels, None)
+    rows, cols = -(-sc.height // cell), -(-sc.width // cell)
+    err = np.zeros((rows, cols))
+    det = frame[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float64)
+    for r in range(rows):
+        for c in range(cols):
+            def inside(b):
+                cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+                return (cx // cell == c) & (cy // cell == r)
+
+            d, g = det[inside(det)], lb.boxes[inside(lb.boxes)]
+            ref = {"boxes": torch.as_tensor(g), "scores": torch.ones(len(g))}
+            cand = {"boxes": torch.as_tensor(d), "scores": torch.ones(len(d))}
+            matched = match_detections(ref, cand, 0.5) if len(g) and len(d) else 0
+            err[r, c] = (len(g) - matched) + (len(d) - matched)
+    return err
+
+
+def test_suggested_cells_hold_more_of_the_models_mistakes_than_random_ones(tiny_model, tmp_path):
+    from geodet.model import load_model
+    from geodet.synthetic import make_scene
+    from geodet.training.suggest import suggest_tiles, write_suggestions
+
+    model = load_model(tiny_model)
+    scene = make_scene(tmp_path / "new.tif", tmp_path / "new.gpkg", size=768, seed=21)
+    cell, n = 128, 6
+    out = suggest_tiles(model, [scene.image], n=n, cell=cell, progress=False)
+    assert list(out["rank"]) == list(range(1, n + 1)) and out["uncertainty"].is_monotonic_decreasing
+    err = _cell_errors(model, scene, cell)
+    picked = sum(err[r, c] for r, c in zip(out["cell_row"], out["cell_col"]))
+    random_mean = err.mean() * n  # what n random cells hold on average
+    assert picked >= 1.5 * random_mean, (picked, random_mean)
+    # written as a styled GeoPackage: the rank as a label
+    import sqlite3
+
+    import geopandas as gpd
+
+    write_suggestions(out, tmp_path / "next.gpkg")
+    back = gpd.read_file(tmp_path / "next.gpkg", layer="next")
+    assert len(back) == n and set(back.columns) >= {"rank", "reason", "uncertainty"}
+    style = sqlite3.connect(tmp_path / "next.gpkg").execute("SELECT styleQML FROM layer_styles").fetchone()[0]
+    assert "rank" in style
+
+
+def test_suggest_needs_an_operating_point_and_skips_labelled_cells(tiny_model, tmp_path, synth):
+    import geopandas as gpd
+    import rasterio
+    from shapely.geometry import box
+
+    from geodet.model import load_model
+    from geodet.training.suggest import suggest_tiles
+
+    model = load_model(tiny_model)
+    with rasterio.open(synth.image) as src:
+        b = src.bounds
+    gpd.GeoDataFrame(geometry=[box(b.left, b.bottom, (b.left + b.right) / 2, b.top)], crs=synth.crs).to_file(tmp_path / "a.gpkg")
+    out = suggest_tiles(model, [synth.image], n=50, cell=64, labelled_area=tmp_path / "a.gpkg", progress=False)
+    assert (out["cell_col"] >= 3).all()  # 384 px, 64 px cells: columns 0-2 lie in the labelled half
+    model.card.operating_point = None
+    with pytest.raises(GeodetError, match="no operating point"):
+        suggest_tiles(model, [synth.image], n=5)
+
+
+def test_picks_spread_over_the_scene():
+    from geodet.training.suggest import pick
+
+    u = np.full((8, 8), 1.0)
+    u[:3, :3] = [[10, 9, 8], [9, 8, 7], [8, 7, 6]]  # a busy corner
+    u[7, 7] = 6.0  # a lone doubtful cell far away, below most of the corner
+    allowed = np.ones_like(u, bool)
+    allowed[0, 0] = False  # already labelled
+    got = pick(u, 3, allowed)
+    assert got[0] == (0, 1)  # the most uncertain allowed cell first
+    assert (7, 7) in got  # the far cell beats the corner's damped neighbours
+    assert len(set(got)) == 3 and (0, 0) not in got
