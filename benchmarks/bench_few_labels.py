@@ -49,6 +49,9 @@ ROWS = {
     "photo": dict(area=True, **{**AUGS, "photometric": 1.0}),
     "all": dict(area=True, scale_jitter=0.25, copy_paste=0.5, photometric=1.0),
     "preset": dict(area=True),
+    # + self-training: on the rest of the labelled scene (in-scene) or on the target scenes (cross-site,
+    # synthetic: the unseen scene, unlabelled)
+    "self": dict(area=True, scale_jitter=0.25, copy_paste=0.5, photometric=1.0, self_training=True),
 }
 
 
@@ -156,6 +159,10 @@ def run_one(scenario: str, row: str, seed: int, minutes: float, work: Path, thre
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     cfg.train.scenes = [pair]
+    if spec.get("self_training"):
+        cfg.train.self_training = True
+        if kind != "inscene":  # the scenes to detect, unlabelled, as a user would give them
+            cfg.train.unlabelled = [str(t[1]) for t in tests]
     cfg.train.seed = seed
     cfg.train.keep = "best"  # model.pt is the best-validation model; last.pt gives the end of the schedule
     cfg.train.time_limit_min = minutes
@@ -175,8 +182,9 @@ def run_one(scenario: str, row: str, seed: int, minutes: float, work: Path, thre
     rec = {"scenario": scenario, "row": row, "seed": seed, "minutes": minutes, "used_min": round(used, 2),
            "steps": int(last_steps(out)), "best_step": best.card.trained_steps, "cpu_share": round(trainer.cpu_share or 0, 2),
            "threads": torch.get_num_threads(), "isa": isa(), "val_AP50": best.card.metrics.get("AP50"),
-           "settings": {k: getattr(cfg.train, k) for k in ("epochs", "scale_jitter", "copy_paste", "photometric")}
-           | {"labelled_area": bool(pair.labelled_area)}}
+           "settings": {k: getattr(cfg.train, k) for k in ("epochs", "scale_jitter", "copy_paste", "photometric",
+                                                           "self_training")}
+           | {"labelled_area": bool(pair.labelled_area), "unlabelled": list(cfg.train.unlabelled)}}
     last = last_model(out)
     for test, scene, labels, classes, x_min in tests:
         rec[f"best:{test}"] = score(best, scene, labels, classes, x_min)

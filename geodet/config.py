@@ -104,6 +104,15 @@ class TrainConfig:
     scenes: list[SceneLabels] = field(default_factory=list)
     # Separate validation scenes; when empty a spatial block of each training scene is held out.
     val_scenes: list[SceneLabels] = field(default_factory=list)
+    # Scenes without labels for self-training (same sensor, bands and GSD as the labelled ones)
+    unlabelled: list[str] = field(default_factory=list)
+    # Self-training: an EMA teacher labels the unlabelled scenes and the rest of each labelled scene
+    # outside its labelled area, in rounds after a burn-in; on by itself when `unlabelled` is given
+    self_training: bool = False
+    burn_in: float = 0.4  # share of the run trained on the labels alone
+    pseudo_rounds: int = 3  # times the teacher labels the unlabelled areas again after the burn-in
+    pseudo_share: float = 0.5  # share of the chips drawn from the teacher's boxes
+    ema_decay: float = 0.99  # the teacher's weights: this much of the old, 1 - this of the student's, per step
     class_column: str = "label"
     unknown_classes: str = "drop"  # drop | keep (keep adds them as new classes)
     point_box_m: float = 1.0  # points become squares of this side

@@ -21,6 +21,12 @@ def add_parser(sub, common) -> None:
                     help="polygons of where the labels are complete (any vector format and CRS): once for every scene, "
                          "or once per --scene in order; chips are drawn inside, the loss ignores the rest (never "
                          "taught as background) and the validation strip is cut from it (default: the whole scene)")
+    tr.add_argument("--unlabelled", nargs="+", default=[], metavar="SCENE",
+                    help="scenes without labels to learn from (self-training: a teacher model labels them, and the rest "
+                         "of each labelled scene outside --labelled-area, in rounds after a burn-in on the labels)")
+    tr.add_argument("--self-training", action="store_true",
+                    help="self-train on the rest of each labelled scene outside --labelled-area (on by itself with "
+                         "--unlabelled)")
     tr.add_argument("--val-scene", action="append", default=[], help="validation scene (else a held-out strip)")
     tr.add_argument("--val-labels", action="append", default=[], help="labels of the --val-scene at the same position")
     tr.add_argument("--class-column", default=None, help="class column of the labels ('' for one class)")
@@ -78,6 +84,10 @@ def train_config(args):
         cfg.train.scenes = [SceneLabels(s, lab) for s, lab in zip(args.scene, args.labels)]
     if args.val_scene:
         cfg.train.val_scenes = [SceneLabels(s, lab) for s, lab in zip(args.val_scene, args.val_labels)]
+    if args.unlabelled:
+        cfg.train.unlabelled = list(args.unlabelled)
+    if args.self_training:
+        cfg.train.self_training = True
     if args.labelled_area:
         n, k = len(cfg.train.scenes), len(args.labelled_area)
         if k not in (1, n):

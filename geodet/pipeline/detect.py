@@ -270,7 +270,8 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
         log.debug("%s: %d tile(s) hit the cap of %d detections, only with boxes below the operating point %.3g",
                  Path(sc.path).name, n_capped, s.detections_per_tile, op)
     if n_nodata:
-        log.info("%s: %d detection(s) centred on nodata pixels dropped", Path(sc.path).name, n_nodata)
+        log.info("%s: %d detection(s) centred outside the valid pixels (nodata or padding) dropped", Path(sc.path).name,
+                 n_nodata)
     frame.attrs["report"] = scene_report(view, grid, s, device, (n_run, n_skipped, n_capped), stitcher.n_in, len(det),
                                          timings, card, getattr(runner, "source", None), area,
                                          getattr(runner, "choice", None))

@@ -30,6 +30,7 @@ class TrainScene:
     labels_path: str
     # where the labels are complete, in the scene's pixels (a shapely geometry); None: everywhere
     labelled: Optional[Any] = None
+    kind: str = "labels"  # "labels" (the user's) or "pseudo" (a teacher's, see selftrain.py)
 
 
 def chip_tile(x: int, y: int, size: int, area) -> Tile:
@@ -43,14 +44,20 @@ class ChipWindows:
     a chip), a ``negative_fraction`` centred anywhere in the labelled part of the area. No I/O."""
 
     def __init__(self, areas: list[tuple], boxes: list[np.ndarray], size: int, negative_fraction: float,
-                 labelled: list | None = None):
+                 labelled: list | None = None, pseudo: list | None = None, pseudo_share: float = 0.0):
+        """``pseudo``: which areas hold a teacher's boxes; they get ``pseudo_share`` of the chips
+        (when there are any), the user's areas the rest, each group by its box count."""
         self.areas, self.size, self.negative_fraction = areas, int(size), float(negative_fraction)
         self.labelled = labelled or [None] * len(areas)
         self.inside = []
         for rect, b, geom in zip(areas, boxes, self.labelled):
             self.inside.append(b[within(b, rect) & centres_inside(geom, b)])
         w = np.array([max(len(b), 1) for b in self.inside], float)
-        self.scene_p = w / w.sum()
+        pseudo = np.zeros(len(areas), bool) if pseudo is None else np.asarray(pseudo, bool)
+        share = float(pseudo_share) if pseudo.any() and (~pseudo).any() else float(pseudo.all())
+        self.scene_p = np.where(pseudo, share * w / max(w[pseudo].sum(), 1e-9),
+                                (1 - share) * w / max(w[~pseudo].sum(), 1e-9))
+        self.scene_p /= self.scene_p.sum()
 
     def draw(self, rng, size: int | None = None) -> tuple[int, Tile]:
         """(scene index, chip of ``size`` px, default the chip size) drawn with ``rng``; the chip
@@ -108,17 +115,22 @@ class ChipDataset(torch.utils.data.Dataset):
     wholly inside it."""
 
     def __init__(self, scenes: list[TrainScene], tile_size: int, cfg, length: int, seed: int, rank: int = 0):
-        for ts in scenes:
-            ts.scene.stats  # computed once here, not in every worker
-        self.scenes = scenes
-        self.windows = ChipWindows([s.area for s in scenes], [s.labels.boxes for s in scenes], tile_size,
-                                   cfg.negative_fraction, [s.labelled for s in scenes])
         self.size, self.cfg, self.length, self.seed, self.rank = tile_size, cfg, length, seed, rank
+        self.set_scenes(scenes)
         self.epoch = 0
         self.bank = instance_bank(scenes, seed) if cfg.augment and cfg.copy_paste > 0 else None
         if self.bank is not None and len(self.bank) == 0:
             log.warning("copy-paste: no labelled object lies wholly inside the training area; pasting is off")
             self.bank = None
+
+    def set_scenes(self, scenes: list[TrainScene], pseudo_share: float = 0.0) -> None:
+        """Draw chips from ``scenes`` from now on (a self-training round adds the teacher's)."""
+        for ts in scenes:
+            ts.scene.stats  # computed once here, not in every worker
+        self.scenes = scenes
+        self.windows = ChipWindows([s.area for s in scenes], [s.labels.boxes for s in scenes], self.size,
+                                   self.cfg.negative_fraction, [s.labelled for s in scenes],
+                                   [s.kind == "pseudo" for s in scenes], pseudo_share)
 
     def __len__(self) -> int:
         return self.length

@@ -116,6 +116,9 @@ class Run:
     autocast_dtype: Optional[torch.dtype] = None  # the network's forward under autocast of this type
     budget: Optional[Budget] = None
     progress: float = 0.0  # share of the run done (0..1), the LR schedule's clock
+    teacher: Optional[object] = None  # self-training's EMA teacher (selftrain.EmaTeacher)
+    rounds_done: int = 0
+    data: Optional[object] = None  # the chip dataset (a self-training round gives it the teacher's boxes)
 
 
 STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
@@ -267,6 +270,54 @@ class Trainer:
         col = cfg.train.class_column
         where = f"from the labels' '{col}' column" if col else "one class: no class column (train.class_column '')"
         log.info("training on %d scene(s), %d labels; classes %s (%s)", len(self.train_scenes), n_labels, classes, where)
+        self._prepare_self_training()
+
+    def _open_unlabelled(self, path: str):
+        """An unlabelled scene read as the labelled ones are: same bands, resampled to their GSD."""
+        from ..io.scene import Scene
+
+        cfg, ref = self.cfg, self.train_scenes[0].scene
+        sc = scene_from_config(path, cfg.scene)
+        sc.skip_hint = False
+        if sc.count != ref.count:
+            raise GeodetError(f"--unlabelled {path}: {sc.count} band(s) where the labelled scenes have {ref.count}: "
+                              "give scenes of the same sensor, or pick the same bands with --bands")
+        if cfg.scene.gsd_m is None and abs(sc.pixel_gsd / ref.pixel_gsd - 1) > 0.05:
+            if not (sc.has_georef and sc.crs.is_projected and ref.crs is not None and ref.crs.is_projected):
+                raise GeodetError(f"--unlabelled {path}: {sc.pixel_gsd:.3g} units/px where the labelled scenes have "
+                                  f"{ref.pixel_gsd:.3g}, and it cannot be resampled (no projected CRS): give scenes "
+                                  "at the same ground resolution")
+            log.info("%s: resampled from %.3g m to the labelled scenes' %.3g m", path, sc.pixel_gsd, ref.pixel_gsd)
+            sc = Scene(path, bands=cfg.scene.bands, gsd_m=ref.pixel_gsd, percentiles=cfg.scene.percentiles)
+            sc.skip_hint = False
+        return sc
+
+    def _prepare_self_training(self) -> None:
+        from .selftrain import unlabelled_areas
+
+        tc = self.cfg.train
+        self.pseudo_areas = []
+        if not (tc.self_training or tc.unlabelled):
+            return
+        if self.world > 1:
+            raise GeodetError("self-training runs in one process: train without --engine ray (or without "
+                              "--unlabelled / train.self_training)")
+        if not 0 <= tc.burn_in < 1 or tc.pseudo_rounds < 1 or not 0 < tc.pseudo_share < 1 or not 0 < tc.ema_decay < 1:
+            raise GeodetError("self-training needs 0 <= train.burn_in < 1, train.pseudo_rounds >= 1, 0 < "
+                              "train.pseudo_share < 1 and 0 < train.ema_decay < 1")
+        if not self.val_sets:
+            raise GeodetError("self-training chooses the teacher's thresholds on validation: keep a validation strip "
+                              "(train.val_fraction > 0) or give --val-scene")
+        scenes = [self._open_unlabelled(p) for p in tc.unlabelled]
+        self.pseudo_areas = unlabelled_areas(self.train_scenes, self.val_sets, scenes)
+        if not self.pseudo_areas:
+            log.warning("self-training: nothing is unlabelled (no --unlabelled scene, and the labelled area covers "
+                        "the scenes): training on the labels alone")
+        else:
+            px = sum((a[1][2] - a[1][0]) * (a[1][3] - a[1][1]) for a in self.pseudo_areas)
+            log.info("self-training on %d unlabelled area(s), %.2g Mpx: burn-in on the labels for %d%% of the run, then "
+                     "%d pseudo-label round(s)", len(self.pseudo_areas), px / 1e6, round(100 * tc.burn_in),
+                     tc.pseudo_rounds)
 
     # -- checkpoints ---------------------------------------------------------------------
     def _save_checkpoint(self, r: Run) -> None:
@@ -396,6 +447,10 @@ class Trainer:
             log.info("resuming at step %d (epoch %d)", r.step, r.epoch)
         # a resumed run gets a fresh time budget; a step cap counts from the first step
         r.budget = Budget(total, seconds, start_step=r.step)
+        if self.pseudo_areas:
+            from .selftrain import EmaTeacher
+
+            r.teacher = EmaTeacher(model, tc.ema_decay)
         return r
 
     def _step_cap(self) -> Optional[int]:
@@ -478,6 +533,8 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(r.params, self.cfg.train.grad_clip)
         r.scaler.step(r.opt)
         r.scaler.update()
+        if r.teacher is not None:
+            r.teacher.update(r.model)
         r.step += 1
         stop = self._clock(r)
         r.sched.step()
@@ -514,6 +571,7 @@ class Trainer:
             with open(self.out / "metrics.csv", "w", newline="") as f:
                 csv.writer(f).writerow(METRICS_HEADER)
         data, loader_kw = self._loader(r)
+        r.data = data
         usage = CpuShare()
         old_handlers = self._handle_signals()
         timed = r.budget.seconds is not None
@@ -592,6 +650,7 @@ class Trainer:
             return
         if not r.budget.due_validation(final):
             self._save_checkpoint(r)
+            self._pseudo_round(r)
             return
         t0 = time.perf_counter()
         m = validate(r.model, self.val_sets, self.classes, self.overlap, r.device, self.cfg.detect.batch_size,
@@ -615,6 +674,37 @@ class Trainer:
         r.budget.note_validation(time.perf_counter() - t0)
         self._log([r.step, r.epoch, "", "", "", "", f"{m.get('AP') or 0:.4f}" if m else "", f"{ap50 or 0:.4f}" if m else "",
                    f"{r.budget.elapsed():.1f}", f"validation ({time.perf_counter() - t0:.1f} s)"])
+        if not final:
+            self._pseudo_round(r)
+
+    def _pseudo_round(self, r: Run) -> None:
+        """Self-training: when the run's progress reaches the next round, the teacher labels the
+        unlabelled areas again and the chips draw from its boxes from then on."""
+        from .selftrain import pseudo_scenes, thresholds_from_validation
+
+        tc = self.cfg.train
+        if r.teacher is None or r.rounds_done >= tc.pseudo_rounds:
+            return
+        due = tc.burn_in + r.rounds_done * (1 - tc.burn_in) / tc.pseudo_rounds
+        if r.progress < due:
+            return
+        t0 = time.perf_counter()
+        if r.rounds_done == 0:
+            r.teacher.reset(r.model)
+        teacher = r.teacher.model
+        op = r.model.card.operating_point if r.model.card.operating_point is not None else 0.5
+        thr = thresholds_from_validation(teacher, self.val_sets, self.classes, self.overlap, r.device,
+                                         self.cfg.detect.batch_size, tc.min_visibility, op)
+        rng = np.random.default_rng([tc.seed, 99, r.rounds_done])
+        scenes, n_sure, n_doubt = pseudo_scenes(teacher, self.pseudo_areas, thr, self.classes, self.overlap,
+                                                self.cfg.tiling.tile_size, r.device, self.cfg.detect.batch_size, rng)
+        r.data.set_scenes(self.train_scenes + [s for s in scenes if len(s.labels)], tc.pseudo_share)
+        r.rounds_done += 1
+        r.model.train()
+        note = (f"pseudo-labels round {r.rounds_done}: {n_sure} boxes, {n_doubt} uncertain ignored; thresholds "
+                f"(small/large, split at {thr.split:.0f} px) {thr.describe(self.classes)} ({time.perf_counter() - t0:.1f} s)")
+        log.info(note)
+        self._log([r.step, r.epoch, "", "", "", "", "", "", f"{r.budget.elapsed():.1f}", note])
 
     def _store_bf16_check(self, r: Run) -> None:
         """On a CPU with native bf16, store in the card how bf16 detection agrees with fp32 on

@@ -1,0 +1,225 @@
+"""Self-training on the pixels nobody labelled: an EMA teacher labels the unlabelled areas in rounds,
+and its boxes enter the sampler as labels with a source ("pseudo"), so every other stage (chips,
+augmentation, loss) stays as it is.
+
+- **Teacher**: the student as it is at the end of the burn-in, then an exponential moving average
+  of the student's weights (``EmaTeacher``), steadier than the student.
+- **Rounds**: after a burn-in on the labels alone, the teacher detects over the unlabelled areas
+  (``--unlabelled`` scenes, and the rest of a labelled scene outside its ``--labelled-area``) with
+  the real pipeline, on unaugmented pixels (the weak view); the student then learns its boxes on
+  augmented chips (the strong view: scale jitter, flips, rotations, colour), beside labelled chips.
+- **Thresholds** per class and object size, from validation: the teacher's best-F1 score on the
+  held-out strip; small and large objects (split at the labels' median size) get their own, as
+  small aerial objects score lower (S3OD, arXiv 2310.14718). A detection scoring below the
+  threshold but above ``UNCERTAIN`` of it is uncertain: the loss ignores the anchors under it
+  rather than teach them as background.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..io.labels import LabelBoxes
+from .sampler import TrainScene
+
+log = logging.getLogger(__name__)
+MIN_VAL_LABELS = 5  # a size bin with fewer validation labels uses its class's threshold
+UNCERTAIN = 0.75  # detections from this share of the threshold up to it are ignored, not background
+MAX_AREA_TILES = 64  # an unlabelled area larger than this many tiles is pseudo-labelled in sampled windows
+
+
+class EmaTeacher:
+    """An exponential moving average of a model's weights (buffers copied), updated each step."""
+
+    def __init__(self, model, decay: float):
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.decay = float(decay)
+
+    @torch.no_grad()
+    def reset(self, model) -> None:
+        """Become the student (at the end of the burn-in: an average over the burn-in would
+        carry its first, untrained steps)."""
+        self.model.net.load_state_dict(model.net.state_dict())
+
+    @torch.no_grad()
+    def update(self, model) -> None:
+        for t, s in zip(self.model.net.parameters(), model.net.parameters()):
+            t.lerp_(s.detach(), 1.0 - self.decay)
+        for t, s in zip(self.model.net.buffers(), model.net.buffers()):
+            t.copy_(s)
+
+
+@dataclass
+class Thresholds:
+    """Per class: (small, large) score thresholds and the box side (px) that splits them."""
+
+    by_class: dict  # class index -> (small threshold, large threshold)
+    split: float
+
+    def of(self, labels: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        side = np.sqrt(np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 0))
+        small = np.array([self.by_class.get(int(c), (1.0, 1.0))[0] for c in labels])
+        large = np.array([self.by_class.get(int(c), (1.0, 1.0))[1] for c in labels])
+        return np.where(side < self.split, small, large)
+
+    def describe(self, classes) -> str:
+        return "; ".join(f"{classes[c]} {s:.2f}/{lg:.2f}" for c, (s, lg) in sorted(self.by_class.items()))
+
+
+def _matched(det_b, det_s, gt_b, iou: float = 0.5) -> np.ndarray:
+    """Per detection (in descending score order of ``det_s``), whether it matches a label (greedy)."""
+    from torchvision.ops import box_iou
+
+    order = np.argsort(-det_s, kind="stable")
+    tp = np.zeros(len(det_s), bool)
+    if not len(det_b) or not len(gt_b):
+        return tp[order]
+    ov = box_iou(torch.as_tensor(det_b[order]), torch.as_tensor(gt_b)).numpy()
+    used = np.zeros(len(gt_b), bool)
+    for i in range(len(order)):
+        row = np.where(used, 0.0, ov[i])
+        j = int(np.argmax(row))
+        if row[j] >= iou:
+            used[j] = True
+            tp[i] = True
+    return tp
+
+
+def _threshold(scores_sorted: np.ndarray, tp_sorted: np.ndarray, n_labels: int, fallback: float) -> float:
+    """The score at which the detections at or above it have the best F1 against ``n_labels``."""
+    if not len(scores_sorted) or not n_labels or not tp_sorted.any():
+        return fallback
+    tp = np.cumsum(tp_sorted)
+    f1 = 2 * tp / (np.arange(1, len(tp_sorted) + 1) + n_labels)
+    return float(scores_sorted[int(np.argmax(f1))])
+
+
+def thresholds_from_validation(teacher, val_sets, classes, overlap: int, device, batch_size: int,
+                               min_visibility: float, fallback: float) -> Thresholds:
+    """Per class and size bin, the teacher's best-F1 score threshold on the validation areas
+    (``fallback``, the operating point, where validation cannot tell)."""
+    from ..io.labels import clip_boxes
+    from ..pipeline.detect import detect_scene
+    from .area import centres_inside
+
+    dets, gts = [], []
+    for ts, area in val_sets:
+        frame = detect_scene(ts.scene, teacher, area=area, overlap=overlap, device=str(device), num_workers=0,
+                             progress=False, batch_size=batch_size)
+        shift = np.array([area[0], area[1]] * 2, np.float64)
+        b = frame[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float64)
+        keep = centres_inside(ts.labelled, b + shift)
+        index = {n: k for k, n in enumerate(classes)}
+        dets.append((b[keep], frame["score"].to_numpy()[keep], frame["label"].map(index).to_numpy(np.int64)[keep]))
+        g, kept = clip_boxes(ts.labels.boxes, area, min_visibility)
+        inside = centres_inside(ts.labelled, g + shift)
+        gts.append((g[inside], ts.labels.labels[kept][inside]))
+    sides = np.concatenate([np.sqrt((g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1])) for g, _ in gts] or [np.zeros(0)])
+    split = float(np.median(sides)) if len(sides) else 0.0
+    by_class = {}
+    for c in range(len(classes)):
+        per_bin = []
+        for small in (True, False):
+            s_all, t_all, n_gt = [], [], 0
+            for (db, ds, dl), (gb, gl) in zip(dets, gts):
+                dside = np.sqrt((db[:, 2] - db[:, 0]) * (db[:, 3] - db[:, 1]))
+                gside = np.sqrt((gb[:, 2] - gb[:, 0]) * (gb[:, 3] - gb[:, 1]))
+                dm = (dl == c) & ((dside < split) == small)
+                gm = (gl == c) & ((gside < split) == small)
+                n_gt += int(gm.sum())
+                tp = _matched(db[dm], ds[dm], gb[gm])
+                s_all.append(np.sort(ds[dm])[::-1])
+                t_all.append(tp)
+            per_bin.append((np.concatenate(s_all) if s_all else np.zeros(0), np.concatenate(t_all) if t_all else
+                            np.zeros(0, bool), n_gt))
+        both_s = np.concatenate([per_bin[0][0], per_bin[1][0]])
+        order = np.argsort(-both_s, kind="stable")
+        both_t = np.concatenate([per_bin[0][1], per_bin[1][1]])[order]
+        class_thr = _threshold(both_s[order], both_t, per_bin[0][2] + per_bin[1][2], fallback)
+        by_class[c] = tuple(_threshold(s, t, n, class_thr) if n >= MIN_VAL_LABELS else class_thr for s, t, n in per_bin)
+    return Thresholds(by_class, split)
+
+
+def unlabelled_areas(train_scenes: list[TrainScene], val_sets, unlabelled_scenes: list) -> list[tuple]:
+    """What the teacher labels: (scene, area rect, geometry of where its boxes may teach or None)
+    for every unlabelled scene (whole), and for each labelled scene the part outside its labelled
+    area (and outside its validation strip)."""
+    import shapely
+    from shapely.geometry import box
+
+    out = []
+    for sc in unlabelled_scenes:
+        out.append((sc, (0, 0, sc.width, sc.height), None))
+    for ts in train_scenes:
+        if ts.labelled is None:
+            continue
+        sc = ts.scene
+        rest = box(0, 0, sc.width, sc.height).difference(ts.labelled)
+        for vts, varea in val_sets:
+            if vts is ts:
+                rest = rest.difference(box(*varea))
+        if rest.is_empty or rest.area < 64 * 64:
+            continue
+        x0, y0, x1, y1 = (int(v) for v in np.round(rest.bounds))
+        shapely.prepare(rest)
+        out.append((sc, (x0, y0, x1, y1), rest))
+    return out
+
+
+def windows(rect, tile: int, rng, max_tiles: int = MAX_AREA_TILES) -> list[tuple]:
+    """The area itself when it is at most ``max_tiles`` tiles, else that many random tile windows of it."""
+    x0, y0, x1, y1 = rect
+    if (x1 - x0) * (y1 - y0) <= max_tiles * tile * tile:
+        return [rect]
+    out = []
+    for _ in range(max_tiles):
+        x = int(rng.integers(x0, max(x0 + 1, x1 - tile + 1)))
+        y = int(rng.integers(y0, max(y0 + 1, y1 - tile + 1)))
+        out.append((x, y, min(x + tile, x1), min(y + tile, y1)))
+    return out
+
+
+def pseudo_scenes(teacher, areas, thresholds: Thresholds, classes, overlap: int, tile: int, device, batch_size: int,
+                  rng) -> tuple[list[TrainScene], int, int]:
+    """The teacher's boxes over ``areas`` as training scenes: boxes at or above their threshold are
+    labels, boxes from ``UNCERTAIN`` x the threshold up to it are cut out of where the loss may
+    teach background. Returns (scenes, pseudo boxes, uncertain boxes)."""
+    import shapely
+    from shapely.geometry import box
+
+    from ..pipeline.detect import detect_scene
+
+    index = {n: k for k, n in enumerate(classes)}
+    out, n_sure, n_doubt = [], 0, 0
+    for sc, rect, geom in areas:
+        for win in windows(rect, tile, rng):
+            frame = detect_scene(sc, teacher, area=win, overlap=overlap, device=str(device), num_workers=0,
+                                 progress=False, batch_size=batch_size)
+            b = frame[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float64) + [win[0], win[1]] * 2
+            s = frame["score"].to_numpy(np.float64)
+            lab = frame["label"].map(index).to_numpy(np.int64)
+            if geom is not None:  # only where nobody labelled
+                from .area import centres_inside
+
+                keep = centres_inside(geom, b)
+                b, s, lab = b[keep], s[keep], lab[keep]
+            thr = thresholds.of(lab, b)
+            sure, doubt = s >= thr, (s >= UNCERTAIN * thr) & (s < thr)
+            teach = box(*win) if geom is None else geom.intersection(box(*win))
+            if doubt.any():
+                teach = teach.difference(shapely.union_all(shapely.box(*b[doubt].T)))
+            if teach.is_empty:
+                continue
+            shapely.prepare(teach)
+            n_sure += int(sure.sum())
+            n_doubt += int(doubt.sum())
+            lb = LabelBoxes(b[sure], lab[sure], list(classes), {"pseudo": int(sure.sum())})
+            out.append(TrainScene(sc, lb, tuple(int(v) for v in win), "pseudo-labels", teach, kind="pseudo"))
+    return out, n_sure, n_doubt
