@@ -14,7 +14,9 @@ Rows (``--rows``): ``today`` (the trainer before this benchmark: 10 epochs x ste
 whatever the budget, the whole scene taught, no augmentation beyond flips/rot90/brightness),
 ``budget`` (+ the time limit is the schedule), ``area`` (+ the labelled area), ``scale``,
 ``paste``, ``photo`` (+ one augmentation each: scale jitter 0.25, copy-paste 0.5, photometric
-1.0), ``all`` (area and the three augmentations), ``preset`` (the preset as shipped).
+1.0), ``all`` (area and the three augmentations), ``preset`` (the preset as shipped), ``self``
+(``all`` + self-training), ``pretrain`` (``all`` from a backbone pretrained for a third of the
+minutes on the same scenes), ``both``. Every row gets the same minutes in all.
 
 Every run appends one JSON line to ``--results`` (rerunning skips what is there) with the
 scores of the model kept by validation (``best``) and of the last step (``last``), the steps,
@@ -52,6 +54,10 @@ ROWS = {
     # + self-training: on the rest of the labelled scene (in-scene) or on the target scenes (cross-site,
     # synthetic: the unseen scene, unlabelled)
     "self": dict(area=True, scale_jitter=0.25, copy_paste=0.5, photometric=1.0, self_training=True),
+    # + self-supervised pretraining on the same scenes (labelled and target, unlabelled) for a third of
+    # the budget, then training from it for the rest: the same minutes in all
+    "pretrain": dict(area=True, scale_jitter=0.25, copy_paste=0.5, photometric=1.0, pretrain=1 / 3),
+    "both": dict(area=True, scale_jitter=0.25, copy_paste=0.5, photometric=1.0, self_training=True, pretrain=1 / 3),
 }
 
 
@@ -175,6 +181,13 @@ def run_one(scenario: str, row: str, seed: int, minutes: float, work: Path, thre
 
         shutil.rmtree(out)
     t0 = time.perf_counter()
+    if spec.get("pretrain"):
+        from geodet.training.pretrain import pretrain
+
+        out.mkdir(parents=True, exist_ok=True)
+        scenes = list(dict.fromkeys([pair.scene] + [str(t[1]) for t in tests]))
+        cfg.train.init = str(pretrain(scenes, out / "pretrained.pt", cfg, minutes * spec["pretrain"], progress=False))
+        cfg.train.time_limit_min = minutes - (time.perf_counter() - t0) / 60
     trainer = Trainer(cfg, out, progress=False)
     path = trainer.run()
     used = (time.perf_counter() - t0) / 60
@@ -183,7 +196,7 @@ def run_one(scenario: str, row: str, seed: int, minutes: float, work: Path, thre
            "steps": int(last_steps(out)), "best_step": best.card.trained_steps, "cpu_share": round(trainer.cpu_share or 0, 2),
            "threads": torch.get_num_threads(), "isa": isa(), "val_AP50": best.card.metrics.get("AP50"),
            "settings": {k: getattr(cfg.train, k) for k in ("epochs", "scale_jitter", "copy_paste", "photometric",
-                                                           "self_training")}
+                                                           "self_training", "init")}
            | {"labelled_area": bool(pair.labelled_area), "unlabelled": list(cfg.train.unlabelled)}}
     last = last_model(out)
     for test, scene, labels, classes, x_min in tests:

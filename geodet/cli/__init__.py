@@ -15,13 +15,13 @@ import signal
 import sys
 
 from ..errors import GeodetError
-from . import anchors, data, demo, detect, evaluate, export, imports, merge, qgis, suggest, tile, train
+from . import anchors, data, demo, detect, evaluate, export, imports, merge, pretrain, qgis, suggest, tile, train
 from .common import EXIT_PARTIAL, Parser, common_flags, setup_logging  # noqa: F401  (EXIT_PARTIAL: API)
 
 log = logging.getLogger("geodet")
 
 # command name -> module (add_parser, run), in the order of --help
-MODULES = {"tile": tile, "train": train, "detect": detect, "merge": merge, "export": export, "import": imports,
+MODULES = {"tile": tile, "train": train, "pretrain": pretrain, "detect": detect, "merge": merge, "export": export, "import": imports,
            "evaluate": evaluate, "suggest": suggest, "anchors": anchors, "data": data, "qgis-plugin": qgis,
            "demo": demo}
 COMMANDS = {name: m.run for name, m in MODULES.items()}

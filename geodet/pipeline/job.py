@@ -105,7 +105,8 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
 
 
 def load_detector_file(path):
-    """A model file: a geodet ``.pt`` (torch) or a geodet ``.onnx`` (ONNX Runtime)."""
+    """A model file: a geodet ``.pt`` (torch) or a geodet ``.onnx`` (ONNX Runtime). A pretrained
+    backbone (``geodet pretrain``) is refused: its head has never seen a label."""
     from ..model import load_model
 
     if str(path).lower().endswith(".onnx"):
@@ -114,7 +115,11 @@ def load_detector_file(path):
         return load_onnx(path)
     if str(path).startswith("hf://") or Path(str(path)).is_dir():
         return imported_model(str(path))
-    return load_model(path)
+    model = load_model(path)
+    if model.card.extra.get("pretrain_only"):
+        raise GeodetError(f"{path} is a pretrained backbone (geodet pretrain), not a detector: train it on labels first "
+                          f"(geodet train --init {path} ...)")
+    return model
 
 
 def imported_model(source: str):

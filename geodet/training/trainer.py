@@ -76,18 +76,18 @@ class CpuShare:
         return None if wall <= 0 else (r.ru_utime + r.ru_stime - self._cpu) / (wall * threads)
 
 
-def _normalisation(scenes: list[TrainScene]) -> dict:
-    """Per-band mean and std of the scaled training pixels (from decimated reads)."""
+def normalisation(scenes) -> dict:
+    """Per-band mean and std of the scaled pixels of ``scenes`` (``Scene`` objects; from decimated
+    reads)."""
     sums, sq, n = 0, 0, 0
-    for ts in scenes:
+    for sc in scenes:
         try:
-            data, valid, _ = ts.scene.overview(NORM_SAMPLE_SIDE)
+            data, valid, _ = sc.overview(NORM_SAMPLE_SIDE)
         except READ_ERRORS() as exc:
             from rasterio.windows import Window
 
-            sc = ts.scene
             raise sc.read_error(Window(0, 0, sc.width, sc.height), exc) from None
-        x = ts.scene.scale(data, valid)[:, valid].astype(np.float64)
+        x = sc.scale(data, valid)[:, valid].astype(np.float64)
         sums = sums + x.sum(1)
         sq = sq + (x**2).sum(1)
         n += x.shape[1]
@@ -222,6 +222,10 @@ class Trainer:
         cfg = self.cfg
         payload = read_model_file(cfg.train.init)
         card = ModelCard.from_dict(payload["card"], source=f"{cfg.train.init} card")
+        if "scene.bands" in cfg.explicit and len(cfg.scene.bands) != len(card.bands):
+            raise GeodetError(f"--init {cfg.train.init} was trained on {len(card.bands)} band(s) ({card.bands}) but this "
+                              f"run reads {len(cfg.scene.bands)} ({cfg.scene.bands}): use the same number of bands, or "
+                              "train from scratch")
         self.init_payload, self.init_card = payload, card
         classes = cfg.model.classes if "model.classes" in cfg.explicit else None
         col = card.extra.get("class_column")
@@ -372,7 +376,7 @@ class Trainer:
         elif init is not None:
             norm = {"mean": init.mean, "std": init.std}
         else:
-            norm = _normalisation(self.train_scenes) if cfg.model.pretrained == "none" else None
+            norm = normalisation([ts.scene for ts in self.train_scenes]) if cfg.model.pretrained == "none" else None
         sc0 = self.train_scenes[0].scene
         model = build_model(cfg.model, bands=sc0.bands, normalisation=norm, tile_size=cfg.tiling.tile_size,
                             overlap=self.overlap, gsd_m=cfg.scene.gsd_m, percentiles=cfg.scene.percentiles,

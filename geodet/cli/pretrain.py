@@ -1,0 +1,34 @@
+"""``geodet pretrain``: self-supervised pretraining of the detector's backbone on unlabelled scenes."""
+
+from __future__ import annotations
+
+from .common import PRESETS_HELP, bands, positive_int
+
+
+def add_parser(sub, common) -> None:
+    p = sub.add_parser("pretrain", parents=[common], help="pretrain the backbone on your unlabelled imagery",
+                       description="Self-supervised pretraining (dense VICReg, with lightly's loss) of the detector's "
+                                   "own backbone and FPN on unlabelled scenes at the model's ground resolution: any "
+                                   "band count, 8- or 16-bit. Writes a model file to start training from: geodet "
+                                   "train --init OUT.pt (it is not a detector by itself).")
+    p.add_argument("scenes", nargs="+", metavar="SCENE")
+    p.add_argument("--out", "-o", required=True, help="the pretrained model file (.pt)")
+    p.add_argument("--config", help=PRESETS_HELP)
+    p.add_argument("--time-limit", type=float, required=True, metavar="MINUTES", help="minutes to pretrain for")
+    p.add_argument("--bands", type=bands, help="scene bands to use (default: the config's)")
+    p.add_argument("--gsd", type=float, help="pretrain at this ground resolution (scenes resampled on read)")
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int)
+
+
+def run(args) -> int:
+    from ..config import load_config
+    from ..training.pretrain import pretrain
+
+    cfg = load_config(args.config, {"scene.bands": args.bands, "scene.gsd_m": args.gsd, "train.batch_size": args.batch_size,
+                                    "train.lr": args.lr, "train.device": args.device, "train.seed": args.seed})
+    out = pretrain(args.scenes, args.out, cfg, args.time_limit, progress=not args.quiet)
+    print(f"pretrained backbone: {out} (start training from it: geodet train --init {out} ...)")
+    return 0

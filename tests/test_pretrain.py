@@ -1,0 +1,63 @@
+"""Self-supervised pretraining: the two views' ground points really are the same ground, the
+pretrained backbone is what --init starts from, and it is never taken for a detector."""
+
+import numpy as np
+import pytest
+import torch
+
+from geodet.errors import GeodetError
+
+
+def test_view_points_land_on_the_same_ground(monkeypatch, tmp_path):
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from geodet.io.scene import Scene
+    from geodet.training import augment as aug
+    from geodet.training import pretrain
+
+    monkeypatch.setattr(aug, "radiometric", lambda img, rng: img)
+    monkeypatch.setattr(aug, "photometric", lambda img, rng, s: img)
+    yy, xx = np.mgrid[0:300, 0:300].astype(np.float64)
+    data = np.stack([xx / 300 * 250, yy / 300 * 250, (xx + yy) / 600 * 250]).astype(np.uint8)  # smooth ramps
+    p = tmp_path / "ramp.tif"
+    with rasterio.open(p, "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(0, 300, 1, 1)) as dst:
+        dst.write(data)
+    ds = pretrain.ViewPairs([Scene(p)], 96, 8, seed=0)
+    for i in range(8):
+        a, b, ga, gb = ds[i]
+        va = torch.nn.functional.grid_sample(a[None], ga[None, :, None, :], align_corners=False)[0, :, :, 0]
+        vb = torch.nn.functional.grid_sample(b[None], gb[None, :, None, :], align_corners=False)[0, :, :, 0]
+        assert torch.allclose(va, vb, atol=0.03), (i, (va - vb).abs().max())
+    # and a wrong turn would not: the test can fail
+    a, b, ga, gb = ds[0]
+    vb_wrong = torch.nn.functional.grid_sample(b.flip(-1)[None], gb[None, :, None, :], align_corners=False)[0, :, :, 0]
+    va = torch.nn.functional.grid_sample(a[None], ga[None, :, None, :], align_corners=False)[0, :, :, 0]
+    assert not torch.allclose(va, vb_wrong, atol=0.03)
+
+
+def test_pretrain_writes_a_backbone_that_train_starts_from_and_detect_refuses(tmp_path, synth):
+    from geodet.cli import main
+    from geodet.model.file import read_model_file
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("tiling: {tile_size: 128, overlap: 16}\nmodel: {channels: 16, head_depth: 1, levels: [2, 4], "
+                   "anchor_sizes: [8.0, 16.0, 32.0]}\ntrain: {batch_size: 2, warmup_steps: 2}\n")
+    out = tmp_path / "bb.pt"
+    assert main(["pretrain", str(synth.image), "--config", str(cfg), "-o", str(out), "--time-limit", "0.15", "-q"]) == 0
+    payload = read_model_file(out)
+    info = payload["card"]["pretrained"]
+    assert info["steps"] > 3 and np.isfinite(info["loss_last"]) and payload["card"]["pretrain_only"]
+    run = tmp_path / "run"
+    assert main(["train", "--init", str(out), "--scene", str(synth.image), "--labels", str(synth.labels), "--out",
+                 str(run), "--max-steps", "2", "--class-column", "", "-q"]) == 0
+    trained = read_model_file(run / "model.pt")
+    assert not trained["card"].get("pretrain_only") and trained["card"]["tile_size"] == 128
+    # the stem the run started from is the pretrained one (two steps move it only a little)
+    w0, w1 = payload["state_dict"]["backbone.body.conv1.weight"], trained["state_dict"]["backbone.body.conv1.weight"]
+    assert (w1 - w0).abs().mean() < 0.1 * w0.abs().mean()
+    with pytest.raises(GeodetError, match="pretrained backbone"):
+        from geodet.pipeline.job import load_detector_file
+
+        load_detector_file(out)
