@@ -30,6 +30,14 @@ with tempfile.TemporaryDirectory() as d:
 
     info = pyogrio.read_info(d / "out.gpkg", layer="out")
     assert info["crs"] and info["features"] >= 0, info
+    # what the wheel carries besides code: the sample scenes and the QGIS plugin
+    subprocess.run(["geodet", "data", "trees", "-o", str(d / "sample")], check=True, stdout=subprocess.DEVNULL)
+    assert (d / "sample" / "osbs_029.tif").stat().st_size > 100_000 and (d / "sample" / "soap_061.geojson").exists()
+    subprocess.run(["geodet", "qgis-plugin", "--zip", str(d / "plugin.zip")], check=True, stdout=subprocess.DEVNULL)
+    import zipfile
+
+    names = zipfile.ZipFile(d / "plugin.zip").namelist()
+    assert {"geodet_qgis/metadata.txt", "geodet_qgis/provider.py", "geodet_qgis/icon.svg"} <= set(names), names
     print(f"wheel check: geodet {geodet.__version__} from {here.parent}; presets {preset_names()}; "
           f"detect wrote {info['features']} features in {info['crs']}")
 os._exit(0)
