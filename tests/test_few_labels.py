@@ -229,3 +229,30 @@ def test_photometric_keeps_nodata_and_works_for_any_band_count():
         assert out.shape == img.shape and out.dtype == np.float32
         assert (out[:, :4] == 0).all() and 0 <= out.min() and out.max() <= 1
         assert not np.allclose(out, img)
+
+
+def test_a_labelled_area_without_labels_and_an_unreferenced_image_are_refused(tmp_path, synth, capsys):
+    import geopandas as gpd
+    import rasterio
+    from shapely.geometry import box
+
+    from geodet.cli import main
+
+    with rasterio.open(synth.image) as src:
+        b = src.bounds
+    corner = box(b.left, b.bottom, b.left + 3, b.bottom + 3)  # a 10 px corner without a vehicle in it
+    gpd.GeoDataFrame(geometry=[corner], crs=synth.crs).to_file(tmp_path / "empty.gpkg")
+    g = gpd.read_file(synth.labels)
+    g = g[~g.intersects(corner)]
+    g.to_file(tmp_path / "l.gpkg")
+    out = tmp_path / "run"
+    assert main(["train", "--scene", str(synth.image), "--labels", str(tmp_path / "l.gpkg"), "--labelled-area",
+                 str(tmp_path / "empty.gpkg"), "--out", str(out), "-q"]) == 2
+    assert "no label of" in capsys.readouterr().err and not out.exists()
+    png = tmp_path / "photo.png"
+    with rasterio.open(png, "w", driver="PNG", width=64, height=64, count=3, dtype="uint8") as dst:
+        dst.write(np.zeros((3, 64, 64), np.uint8))
+    assert main(["train", "--config", "trees", "--scene", str(png), "--labels", str(synth.labels), "--out", str(out),
+                 "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "no georeferencing" in err and "projected CRS" not in err and not out.exists()
