@@ -76,8 +76,10 @@ def inspect(paths) -> dict:
     return out
 
 
-def render(raster, vector, png) -> dict:
-    from qgis.core import QgsMapRendererParallelJob, QgsMapSettings
+def render(raster, vector, png, part=None) -> dict:
+    """Render the vector over the raster into ``png``; ``part`` "x0,y0,x1,y1" (fractions of the
+    raster's extent, y from the top) zooms in."""
+    from qgis.core import QgsMapRendererParallelJob, QgsMapSettings, QgsRectangle
     from qgis.PyQt.QtCore import QSize
     from qgis.PyQt.QtGui import QColor
 
@@ -86,7 +88,12 @@ def render(raster, vector, png) -> dict:
     s = QgsMapSettings()
     s.setLayers([v, r])
     s.setDestinationCrs(r.crs())
-    s.setExtent(r.extent())
+    e = r.extent()
+    if part:
+        fx0, fy0, fx1, fy1 = (float(v) for v in part.split(","))
+        e = QgsRectangle(e.xMinimum() + fx0 * e.width(), e.yMaximum() - fy1 * e.height(),
+                         e.xMinimum() + fx1 * e.width(), e.yMaximum() - fy0 * e.height())
+    s.setExtent(e)
     s.setOutputSize(QSize(800, 800))
     s.setBackgroundColor(QColor(255, 255, 255))
     job = QgsMapRendererParallelJob(s)
