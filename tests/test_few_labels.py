@@ -256,3 +256,20 @@ def test_a_labelled_area_without_labels_and_an_unreferenced_image_are_refused(tm
                  "-q"]) == 2
     err = capsys.readouterr().err
     assert "no georeferencing" in err and "projected CRS" not in err and not out.exists()
+
+
+def test_a_validation_strip_without_labels_keeps_the_last_model(tmp_path, synth, caplog):
+    import geopandas as gpd
+
+    from geodet.model import load_model
+    from geodet.training.trainer import train
+
+    g = gpd.read_file(synth.labels)
+    b = g.total_bounds
+    left = g[g.geometry.centroid.x < (b[0] + b[2]) / 2]  # labelled on the left; the strip is on the right
+    left.to_file(tmp_path / "left.gpkg")
+    cfg = tiny_config(synth.image, tmp_path / "left.gpkg", epochs=None, max_steps=12, steps_per_epoch=3)
+    with caplog.at_level("WARNING"):
+        path = train(cfg, tmp_path / "run", progress=False)
+    assert "validation area holds no labels" in caplog.text
+    assert load_model(path).card.trained_steps == 12  # not the first model that scored 0 on an empty strip

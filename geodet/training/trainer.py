@@ -266,6 +266,14 @@ class Trainer:
                     raise GeodetError(f"{ts.labels_path}: every label lies in the validation strip {val_area} of "
                                       f"{ts.scene.path}: label more of the scene, or set train.val_fraction: 0")
                 self.val_sets.append((ts, val_area))
+        self.keep = cfg.train.keep
+        n_val = sum(int((within(v.labels.boxes, a) & centres_inside(v.labelled, v.labels.boxes)).sum())
+                    for v, a in self.val_sets)
+        if self.val_sets and n_val == 0:
+            log.warning("the validation area holds no labels, so validation cannot tell models apart: model.pt will be "
+                        "the last model. If you labelled only part of the scene, pass --labelled-area (the validation "
+                        "strip is then cut from it), or give --val-scene")
+            self.keep = "last"
         self.classes = classes
         t = cfg.tiling
         gsd = self.train_scenes[0].scene.pixel_gsd
@@ -662,7 +670,7 @@ class Trainer:
         r.model.train()
         ap50 = m.get("AP50") if m else None
         score = ap50 if ap50 is not None else 0.0
-        if self.cfg.train.keep == "last" or not m or score > r.best or not (self.out / "model.pt").exists():
+        if self.keep == "last" or not m or score > r.best or not (self.out / "model.pt").exists():
             r.best = max(r.best, score)
             card = r.model.card
             card.metrics = {k: m[k] for k in ("AP", "AP50", "AP75", "precision", "recall", "f1") if k in m}
