@@ -209,8 +209,10 @@ def train_rate(scene, labels, device, batch, steps, out, workers):
     t0 = time.perf_counter()
     path = Trainer(cfg, out, progress=False).run()
     dt = time.perf_counter() - t0
-    rows = [r.split(",") for r in (Path(out) / "metrics.csv").read_text().splitlines()[1:]]
-    secs = [float(r[-1]) for r in rows if r[2]]  # training rows: elapsed seconds per step
+    import csv
+
+    with open(Path(out) / "metrics.csv", newline="") as f:
+        secs = [float(r["seconds"]) for r in csv.DictReader(f) if r["loss"]]  # training rows: elapsed seconds
     warm = secs[len(secs) // 3:]  # skip the first third (kernel selection, first-touch, worker start)
     rate = (len(warm) - 1) / (warm[-1] - warm[0]) if len(warm) > 2 and warm[-1] > warm[0] else steps / dt
     return {"batch": batch, "steps": steps, "steps_per_s": round(rate, 3), "images_per_s": round(rate * batch, 2),

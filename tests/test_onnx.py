@@ -36,7 +36,10 @@ def test_fp32_core_matches_torch_for_batches_of_1_and_3(fp32_onnx, tiny_model):
         assert (np.abs(o_cls - t_cls) / np.maximum(1, np.abs(t_cls))).max() <= FP32_MAX_DIFF
         assert np.abs(o_reg - t_reg).max() <= FP32_MAX_DIFF
     assert result["fp32"]["max_relative_logit_diff"] <= FP32_MAX_DIFF
-    assert result["fp32"]["detections"]["f1"] == 1.0
+    # on the fixture's random check tiles nothing reaches the operating point: the detection
+    # agreement is then inconclusive, never a vacuous 1.0 (the logits above are the check)
+    d = result["fp32"]["detections"]
+    assert (d["f1"] is None and d["reference"] == d["candidate"] == 0) or d["f1"] == 1.0
 
 
 def test_metadata_round_trip(fp32_onnx, tiny_model):
@@ -46,7 +49,7 @@ def test_metadata_round_trip(fp32_onnx, tiny_model):
     assert m.card.to_dict() == model.card.to_dict()
     assert m.precision == "fp32"
     assert m.props["source_sha256"] == model.source["sha256"]
-    assert m.props["check"]["fp32"]["detections"]["f1"] == 1.0
+    assert m.props["check"]["fp32"]["detections"] == json.loads(json.dumps(result["fp32"]["detections"]))
     assert m.source["sha256"] == result["sha256"]
 
 
@@ -110,8 +113,15 @@ def test_foreign_or_altered_onnx_files_are_refused(tmp_path, tiny_model):
 
 
 def test_int8_export_check_runs_and_is_stored(tmp_path, tiny_model, synth):
+    from geodet.model import save_model
+
     out = tmp_path / "q.onnx"
-    result = export_model(tiny_model, out, int8=True, calibrate=[synth.image], calib_tiles=6, min_agreement=0.0)
+    # the tiny model's operating point (about 0.93) leaves the check tiles without a detection, and a
+    # check with nothing to compare is refused: check at its output threshold instead
+    model = load_model(tiny_model)
+    model.card.operating_point = None
+    save_model(model, tmp_path / "m.pt")
+    result = export_model(tmp_path / "m.pt", out, int8=True, calibrate=[synth.image], calib_tiles=6, min_agreement=0.0)
     m = load_onnx(out)
     assert m.precision == "int8"
     stored = m.props["check"]["int8"]
@@ -136,8 +146,8 @@ def test_int8_export_check_runs_and_is_stored(tmp_path, tiny_model, synth):
     # a demand no int8 model meets: refused, and nothing is left behind
     strict = tmp_path / "strict.onnx"
     with pytest.raises(GeodetError, match="export check failed: int8 keeps only"):
-        export_model(tiny_model, strict, int8=True, calibrate=[synth.image], calib_tiles=6, min_agreement=1.01)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
+        export_model(tmp_path / "m.pt", strict, int8=True, calibrate=[synth.image], calib_tiles=6, min_agreement=1.01)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "q.onnx"]
 
 
 def test_int8_needs_calibration_scenes(tmp_path, tiny_model):
@@ -154,7 +164,7 @@ def test_auto_backend_on_a_large_job_makes_checks_and_caches(monkeypatch, tmp_pa
     assert first["backend"] == "onnx"
     # the int8 check was made (passed: int8 runs; failed: recorded, and ONNX fp32 runs)
     assert "int8" in first["checks"] and first["checks"]["int8"] is not None
-    assert first["precision"] == ("int8" if first["checks"]["int8"].get("detections", {}).get("f1", 0) >= 0.95 else "fp32")
+    assert first["precision"] == ("int8" if (first["checks"]["int8"].get("detections", {}).get("f1") or 0) >= 0.95 else "fp32")
     made = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
     assert made
     again = detect_scene(synth.image, model, progress=False).attrs["report"]["backend"]
@@ -162,7 +172,10 @@ def test_auto_backend_on_a_large_job_makes_checks_and_caches(monkeypatch, tmp_pa
     assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == made  # nothing made twice
 
 
-def test_small_jobs_and_in_memory_models_run_torch_fp32(tiny_model, synth):
+def test_small_jobs_and_in_memory_models_run_torch_fp32(monkeypatch, tiny_model, synth):
+    from geodet.pipeline import backends
+
+    monkeypatch.setattr(backends, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
     model = load_model(tiny_model)
     r = detect_scene(synth.image, model, progress=False, tile_size=384, overlap=0).attrs["report"]["backend"]
     assert (r["backend"], r["precision"]) == ("torch", "fp32") and "small job" in r["reason"]
