@@ -29,20 +29,16 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise GeodetError(f"--out must be a folder, but {out} is a file")
-    made = [d for d in (out / "chips", out, *out.parents) if not d.exists()]  # removed again if the run fails
+    from .writers import missing_folders, remove_partial
+
+    made = missing_folders(out / "chips")  # removed again if the run fails
     (out / "chips").mkdir(parents=True, exist_ok=True)
     written_paths: list[Path] = []
     try:
         return _write(sc, grid, lb, out, scene_path, tile_size, min_visibility, min_valid_fraction, progress,
                       written_paths)
     except BaseException:  # a damaged scene, an interrupt: no chips of a failed run are left behind
-        for p in written_paths:
-            p.unlink(missing_ok=True)
-        for d in made:  # deepest first
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_partial(written_paths, made)
         raise
 
 

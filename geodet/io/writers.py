@@ -73,6 +73,24 @@ def check_output_path(path: str | Path, fmt: str | None = None) -> Path:
     return p
 
 
+def missing_folders(path: str | Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, deepest first (what a run will make)."""
+    p = Path(path)
+    return [d for d in (p, *p.parents) if not d.exists()]
+
+
+def remove_partial(files, folders) -> None:
+    """Undo a failed run: remove ``files`` it wrote, then the ``folders`` it made (deepest first)
+    while they are empty."""
+    for f in files:
+        Path(f).unlink(missing_ok=True)
+    for d in folders:
+        try:
+            Path(d).rmdir()
+        except OSError:
+            break
+
+
 def file_sha256(path: str | Path) -> str:
     import hashlib
 

@@ -562,18 +562,14 @@ class Trainer:
         """Train; returns the path of ``model.pt``. A failure before the first model is saved (a
         bad input or setting found late, a damaged chip) leaves nothing behind: the files and
         folders this run made are removed. An interrupted run keeps ``last.pt`` for --resume."""
-        made = [p for p in (self.out, *self.out.parents) if not p.exists()]
+        from ..io.writers import missing_folders, remove_partial
+
+        made = missing_folders(self.out)
         try:
             return self._run()
         except Exception as exc:
             if not isinstance(exc, Interrupted) and self.main and not self.resume and not (self.out / "model.pt").exists():
-                for name in ("metrics.csv", "last.pt"):
-                    (self.out / name).unlink(missing_ok=True)
-                for d in made:  # deepest first
-                    try:
-                        d.rmdir()
-                    except OSError:
-                        break
+                remove_partial([self.out / "metrics.csv", self.out / "last.pt"], made)
             raise
 
     def _run(self) -> Path:
