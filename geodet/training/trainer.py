@@ -517,7 +517,7 @@ class Trainer:
         the same step."""
         b = r.budget
         b.note_step(r.step)
-        if self.main:
+        if self.world == 1:  # (several ranks would have to agree to stop: they share rank 0's clock instead)
             b.check_warmup(r.step, self.warmup)
         values = [b.progress(r.step), float(self.STOPS.index(b.stop_reason(r.step)))]
         if self.world > 1:
