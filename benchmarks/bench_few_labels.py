@@ -250,6 +250,35 @@ def table(records: list[dict], metric: str = "AP50", which: str = "best") -> str
     return "\n".join(lines)
 
 
+def summary(records: list[dict]) -> str:
+    """Markdown, one table per scenario and test scene: per row, AP50 and AP of the kept model
+    (``model.pt``: the best validation AP50) and of the last step, as mean [min-max] over seeds."""
+    groups: dict = {}
+    for r in records:
+        for k in r:
+            if k.startswith("best:"):
+                groups.setdefault((r["scenario"], k[5:], r["minutes"], r.get("threads")), {}).setdefault(r["row"], []).append(r)
+
+    def cell(vals):
+        return f"{np.mean(vals):.3f} [{min(vals):.3f}-{max(vals):.3f}]" if vals else ""
+
+    lines = []
+    for (scenario, test, minutes, threads), rows in groups.items():
+        lines += [f"\n**{scenario} -> {test}**, {minutes:g} min on {threads} thread(s)\n",
+                  "| row | seeds | AP50, model.pt | AP50, last step | AP, last step | P / R @0.4, last | steps |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in ROWS:
+            rs = sorted(rows.get(row, []), key=lambda r: r["seed"])
+            if not rs:
+                continue
+            b = [r[f"best:{test}"] for r in rs]
+            last = [r[f"last:{test}"] for r in rs]
+            pr = f"{np.mean([x['P@0.4'] for x in last]):.2f} / {np.mean([x['R@0.4'] for x in last]):.2f}"
+            lines.append(f"| {row} | {len(rs)} | {cell([x['AP50'] for x in b])} | {cell([x['AP50'] for x in last])} | "
+                         f"{cell([x['AP'] for x in last])} | {pr} | {', '.join(str(r['steps']) for r in rs)} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", action="append", default=[])
@@ -260,10 +289,14 @@ def main():
     ap.add_argument("--workdir", default="/tmp/geodet-bench/few_labels")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--table", action="store_true", help="print the tables of --results and exit")
+    ap.add_argument("--summary", action="store_true", help="print one summary table per scenario and exit")
     ap.add_argument("--metric", default="AP50")
     ap.add_argument("--which", default="best", choices=["best", "last"])
     args = ap.parse_args()
     results = Path(args.results)
+    if args.summary:
+        print(summary(load(results)))
+        return
     if args.table:
         print(table(load(results), args.metric, args.which))
         return
