@@ -135,8 +135,10 @@ class TrainConfig:
     max_nodata_fraction: float = 0.5
     val_fraction: float = 0.2
     # which model becomes model.pt: "last" (the end of the schedule, where the LR has decayed) or "best"
-    # (the best validation AP50 seen); validation always sets the card's metrics and operating point
-    keep: str = "best"
+    # (the best validation AP50 seen); validation always sets the card's metrics and operating point.
+    # "last": with a few hundred labels the validation strip holds a few dozen objects, and picking by
+    # it was worse and far less steady than the last model (docs/benchmarks.md, "Few labels")
+    keep: str = "last"
     # flips, 90-degree rotations and mild brightness/contrast (off: none of the augmentations below either)
     augment: bool = True
     # chips resampled by a factor within 1 +/- this of the model's GSD (0: off)

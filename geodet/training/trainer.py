@@ -8,8 +8,9 @@ early enough for the final validation to end within the limit. ``metrics.csv`` s
 Validation holds out an area (a strip of ``val_fraction`` of each scene's labelled area, cut across
 its longer side, or separate validation scenes) and runs the real whole-scene pipeline on it, so
 overlapping chips never leak into validation; it runs as often as keeps it near a tenth of the
-time. The model with the best validation AP50 is kept as ``model.pt``; its card records the
-validation metrics and the operating point (best-F1 score).
+time. ``model.pt`` is the model at the end of the schedule (``train.keep: last``) or the one with
+the best validation AP50 (``best``); its card records its validation metrics and operating point
+(best-F1 score).
 
 A labelled area (``SceneLabels.labelled_area``) says where the labels are complete: chips are drawn
 inside it and the loss ignores anchors outside it, so unlabelled objects are never taught as
@@ -118,6 +119,7 @@ class Run:
     progress: float = 0.0  # share of the run done (0..1), the LR schedule's clock
     teacher: Optional[object] = None  # self-training's EMA teacher (selftrain.EmaTeacher)
     rounds_done: int = 0
+    last_ap50: float = 0.0  # the latest validation's
     data: Optional[object] = None  # the chip dataset (a self-training round gives it the teacher's boxes)
 
 
@@ -645,7 +647,9 @@ class Trainer:
         self.cpu_share = share
         self._log([r.step, r.epoch, "", "", "", "", "", "", f"{b.elapsed():.1f}", f"stopped: {why}"])
         if self.main:
-            log.info("training stopped at step %d (%s); best validation AP50 %.3f", r.step, why, max(r.best, 0.0))
+            log.info("training stopped at step %d (%s); validation AP50 %.3f (best seen %.3f); model.pt is the %s "
+                     "model", r.step, why, r.last_ap50, max(r.best, 0.0),
+                     "last" if self.keep == "last" else "best")
         if self.main and share is not None and share < LOW_CPU_SHARE and b.elapsed() > 30:
             log.warning("training got %.0f%% of the CPU time its %d thread(s) could use (other programs were busy on "
                         "these cores), so it made fewer steps than the budget buys on an idle machine: rerun on an "
@@ -666,6 +670,7 @@ class Trainer:
         r.model.train()
         ap50 = m.get("AP50") if m else None
         score = ap50 if ap50 is not None else 0.0
+        r.last_ap50 = score
         if self.keep == "last" or not m or score > r.best or not (self.out / "model.pt").exists():
             r.best = max(r.best, score)
             card = r.model.card
