@@ -113,15 +113,9 @@ def test_foreign_or_altered_onnx_files_are_refused(tmp_path, tiny_model):
 
 
 def test_int8_export_check_runs_and_is_stored(tmp_path, tiny_model, synth):
-    from geodet.model import save_model
 
     out = tmp_path / "q.onnx"
-    # the tiny model's operating point (about 0.93) leaves the check tiles without a detection, and a
-    # check with nothing to compare is refused: check at its output threshold instead
-    model = load_model(tiny_model)
-    model.card.operating_point = None
-    save_model(model, tmp_path / "m.pt")
-    result = export_model(tmp_path / "m.pt", out, int8=True, calibrate=[synth.image], calib_tiles=6, min_agreement=0.0)
+    result = export_model(tiny_model, out, int8=True, calibrate=[synth.image], calib_tiles=6, min_agreement=0.0)
     m = load_onnx(out)
     assert m.precision == "int8"
     stored = m.props["check"]["int8"]
@@ -146,8 +140,8 @@ def test_int8_export_check_runs_and_is_stored(tmp_path, tiny_model, synth):
     # a demand no int8 model meets: refused, and nothing is left behind
     strict = tmp_path / "strict.onnx"
     with pytest.raises(GeodetError, match="export check failed: int8 keeps only"):
-        export_model(tmp_path / "m.pt", strict, int8=True, calibrate=[synth.image], calib_tiles=6, min_agreement=1.01)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "q.onnx"]
+        export_model(tiny_model, strict, int8=True, calibrate=[synth.image], calib_tiles=6, min_agreement=1.01)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
 
 
 def test_int8_needs_calibration_scenes(tmp_path, tiny_model):

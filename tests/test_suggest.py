@@ -30,8 +30,9 @@ def _cell_errors(model, scene, cell):
                 return (cx // cell == c) & (cy // cell == r)
 
             d, g = det[inside(det)], lb.boxes[inside(lb.boxes)]
-            ref = {"boxes": torch.as_tensor(g), "scores": torch.ones(len(g))}
-            cand = {"boxes": torch.as_tensor(d), "scores": torch.ones(len(d))}
+            # class-agnostic: a box of the wrong class still counts as found here
+            ref = {"boxes": torch.as_tensor(g), "scores": torch.ones(len(g)), "labels": torch.zeros(len(g))}
+            cand = {"boxes": torch.as_tensor(d), "scores": torch.ones(len(d)), "labels": torch.zeros(len(d))}
             matched = match_detections(ref, cand, 0.5) if len(g) and len(d) else 0
             err[r, c] = (len(g) - matched) + (len(d) - matched)
     return err
