@@ -225,52 +225,48 @@ def load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def table(records: list[dict], metric: str = "AP50", which: str = "best") -> str:
-    """Markdown: per scenario, test scene and row, the mean, min-max and every run of ``metric``."""
+def grouped(records: list[dict]) -> dict:
+    """The runs per (scenario, test scene, minutes, threads) and row, sorted by seed."""
     groups: dict = {}
     for r in records:
-        for k, v in r.items():
-            if k.startswith(f"{which}:"):
-                groups.setdefault((r["scenario"], k.split(":", 1)[1], r["minutes"]), {}).setdefault(r["row"], []).append((r["seed"], v, r))
+        for k in r:
+            if k.startswith("best:"):
+                groups.setdefault((r["scenario"], k[5:], r["minutes"], r.get("threads")), {}).setdefault(r["row"], []).append(r)
+    return {key: {row: sorted(rows[row], key=lambda r: r["seed"]) for row in ROWS if row in rows}
+            for key, rows in groups.items()}
+
+
+def table(records: list[dict], metric: str = "AP50", which: str = "best") -> str:
+    """Markdown: per scenario, test scene and row, the mean, min-max and every run of ``metric``."""
     lines = []
-    for (scenario, test, minutes), rows in groups.items():
+    for (scenario, test, minutes, _threads), rows in grouped(records).items():
         lines += [f"\n{scenario} -> {test}, {minutes:g} min, {which} model, {metric}\n",
                   f"| row | mean {metric} | min-max | runs (seed: value) | AP | steps | CPU share |",
                   "|---|---|---|---|---|---|---|"]
-        for row in ROWS:
-            if row not in rows:
-                continue
-            vals = [v[metric] for _, v, _ in sorted(rows[row], key=lambda x: x[0])]
-            aps = [v["AP"] for _, v, _ in rows[row]]
-            runs = ", ".join(f"{s}: {v[metric]:.3f}" for s, v, _ in sorted(rows[row], key=lambda x: x[0]))
-            steps = ", ".join(str(r["steps"]) for _, _, r in sorted(rows[row], key=lambda x: x[0]))
-            share = ", ".join(f"{r['cpu_share']:.2f}" for _, _, r in sorted(rows[row], key=lambda x: x[0]))
-            lines.append(f"| {row} | {np.mean(vals):.3f} | {min(vals):.3f}-{max(vals):.3f} | {runs} | {np.mean(aps):.3f} "
-                         f"| {steps} | {share} |")
+        for row, rs in rows.items():
+            scores = [r[f"{which}:{test}"] for r in rs]
+            vals = [v[metric] for v in scores]
+            runs = ", ".join(f"{r['seed']}: {v[metric]:.3f}" for r, v in zip(rs, scores))
+            steps = ", ".join(str(r["steps"]) for r in rs)
+            share = ", ".join(f"{r['cpu_share']:.2f}" for r in rs)
+            lines.append(f"| {row} | {np.mean(vals):.3f} | {min(vals):.3f}-{max(vals):.3f} | {runs} | "
+                         f"{np.mean([v['AP'] for v in scores]):.3f} | {steps} | {share} |")
     return "\n".join(lines)
 
 
 def summary(records: list[dict]) -> str:
     """Markdown, one table per scenario and test scene: per row, AP50 and AP of the kept model
     (``model.pt``: the best validation AP50) and of the last step, as mean [min-max] over seeds."""
-    groups: dict = {}
-    for r in records:
-        for k in r:
-            if k.startswith("best:"):
-                groups.setdefault((r["scenario"], k[5:], r["minutes"], r.get("threads")), {}).setdefault(r["row"], []).append(r)
 
     def cell(vals):
-        return f"{np.mean(vals):.3f} [{min(vals):.3f}-{max(vals):.3f}]" if vals else ""
+        return f"{np.mean(vals):.3f} [{min(vals):.3f}-{max(vals):.3f}]"
 
     lines = []
-    for (scenario, test, minutes, threads), rows in groups.items():
+    for (scenario, test, minutes, threads), rows in grouped(records).items():
         lines += [f"\n**{scenario} -> {test}**, {minutes:g} min on {threads} thread(s)\n",
                   "| row | seeds | AP50, model.pt | AP50, last step | AP, last step | P / R @0.4, last | steps |",
                   "|---|---|---|---|---|---|---|"]
-        for row in ROWS:
-            rs = sorted(rows.get(row, []), key=lambda r: r["seed"])
-            if not rs:
-                continue
+        for row, rs in rows.items():
             b = [r[f"best:{test}"] for r in rs]
             last = [r[f"last:{test}"] for r in rs]
             pr = f"{np.mean([x['P@0.4'] for x in last]):.2f} / {np.mean([x['R@0.4'] for x in last]):.2f}"

@@ -136,8 +136,9 @@ class TrainConfig:
     val_fraction: float = 0.2
     # which model becomes model.pt: "last" (the end of the schedule, where the LR has decayed) or "best"
     # (the best validation AP50 seen); validation always sets the card's metrics and operating point.
-    # "last": with a few hundred labels the validation strip holds a few dozen objects, and picking by
-    # it was worse and far less steady than the last model (docs/benchmarks.md, "Few labels")
+    # "last": with a few hundred labels the validation strip holds a few dozen objects; picking by it
+    # was never better beyond the seeds' spread, far worse where the strip held almost no labels, and
+    # less steady in most settings (docs/benchmarks.md, "Few labels")
     keep: str = "last"
     # flips, 90-degree rotations and mild brightness/contrast (off: none of the augmentations below either)
     augment: bool = True

@@ -113,7 +113,6 @@ def test_foreign_or_altered_onnx_files_are_refused(tmp_path, tiny_model):
 
 
 def test_int8_export_check_runs_and_is_stored(tmp_path, tiny_model, synth):
-
     out = tmp_path / "q.onnx"
     result = export_model(tiny_model, out, int8=True, calibrate=[synth.image], calib_tiles=6, min_agreement=0.0)
     m = load_onnx(out)

@@ -11,7 +11,8 @@ from .common import PRESETS_HELP, GeodetError, bands, nonneg_int, positive_int, 
 def add_parser(sub, common) -> None:
     tr = sub.add_parser("train", parents=[common], help="train a model on GeoTIFFs with vector labels",
                         description="Train a RetinaNet on scenes with vector labels. Writes RUN_DIR/model.pt (the end of "
-                                    "the schedule, or with train.keep: best the best validation AP50), RUN_DIR/last.pt (for --resume) and RUN_DIR/metrics.csv. Classes "
+                                    "the schedule, or with train.keep: best the best validation AP50), RUN_DIR/last.pt "
+                                    "(for --resume) and RUN_DIR/metrics.csv. Classes "
                                     "come from the labels' class column (--class-column, default 'label'); '' trains "
                                     "one class, 'object'.")
     tr.add_argument("--config", help=PRESETS_HELP)
