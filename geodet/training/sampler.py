@@ -31,6 +31,7 @@ class TrainScene:
     # where the labels are complete, in the scene's pixels (a shapely geometry); None: everywhere
     labelled: Optional[Any] = None
     kind: str = "labels"  # "labels" (the user's) or "pseudo" (a teacher's, see selftrain.py)
+    full_area: Optional[tuple] = None  # the area before a validation strip was cut from it
 
 
 def chip_tile(x: int, y: int, size: int, area) -> Tile:

@@ -1,5 +1,6 @@
-"""The training loop on GeoTIFFs with vector labels: setup, optimiser and schedule, the step loop,
-the metrics log, checkpoints and resume.
+"""The training run: ``Trainer`` reads what it trains on (``inputs``), builds the start model
+(``start``), runs the loop on its clock (``loop``), validates (``validation``), runs self-training
+rounds (``selftrain``) and writes the checkpoint, the metrics log and the model (``records``).
 
 With a time limit the clock is the schedule: the learning rate's warm-up, hold and decay span the
 minutes given (``schedule.Budget``), epochs and steps cap the run only when set, and training stops
@@ -19,143 +20,38 @@ background.
 
 from __future__ import annotations
 
-import copy
-import csv
 import logging
 import os
-import signal
-import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..config import ModelConfig, Config, config_from_dict
+from ..config import Config, config_from_dict
 from ..errors import GeodetError
-from ..io.labels import class_names, labels_to_boxes, read_labels
-from ..io.scene import READ_ERRORS, gdal_env, scene_from_config
-from ..model import GeodetModel, ModelCard, build_model, save_model
+from ..io.scene import gdal_env
 from ..pipeline.grid import overlap_pixels
 from ..progress import progress_bar
-from .area import centres_inside, read_labelled_area, validation_split, within
-from .sampler import ChipDataset, TrainScene, collate_chips
+from . import inputs
+from .loop import STOPS, CpuShare, Run, StopSignals, train_step, training_precision
+from .records import MetricsLog, load_checkpoint, save_checkpoint, save_kept_model
+from .sampler import ChipDataset, collate_chips
 from .schedule import DECAY_SHARE, DEFAULT_EPOCHS, Budget, lr_factor, make_optimizer
+from .start import apply_init, build_start_model, freeze_stages
 from .validation import validate
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = "geodet-checkpoint"
-NORM_SAMPLE_SIDE = 512  # long side of the decimated read that normalisation statistics come from
-METRICS_HEADER = ["step", "epoch", "loss", "classification", "bbox_regression", "lr", "val_AP", "val_AP50", "seconds",
-                  "note"]
 LOW_CPU_SHARE = 0.6  # below this share of its threads' CPU time, training was starved by other work
+
+# names other modules and tests import from here
+normalisation = inputs.normalisation
+__all__ = ["CpuShare", "Interrupted", "Trainer", "freeze_stages", "normalisation", "train", "training_precision"]
 
 
 class Interrupted(Exception):
     pass
-
-
-class CpuShare:
-    """The share of wall time x torch threads that this process spent on the CPU since creation:
-    near 1 when training had its cores, far lower when other programs took them."""
-
-    def __init__(self):
-        import resource
-
-        self._t = time.perf_counter()
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        self._cpu = r.ru_utime + r.ru_stime
-
-    def share(self) -> float | None:
-        import resource
-
-        wall = time.perf_counter() - self._t
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
-        return None if wall <= 0 else (r.ru_utime + r.ru_stime - self._cpu) / (wall * threads)
-
-
-def normalisation(scenes) -> dict:
-    """Per-band mean and std of the scaled pixels of ``scenes`` (``Scene`` objects; from decimated
-    reads)."""
-    sums, sq, n = 0, 0, 0
-    for sc in scenes:
-        try:
-            data, valid, _ = sc.overview(NORM_SAMPLE_SIDE)
-        except READ_ERRORS() as exc:
-            from rasterio.windows import Window
-
-            raise sc.read_error(Window(0, 0, sc.width, sc.height), exc) from None
-        x = sc.scale(data, valid)[:, valid].astype(np.float64)
-        sums = sums + x.sum(1)
-        sq = sq + (x**2).sum(1)
-        n += x.shape[1]
-    if n == 0:
-        raise GeodetError("training scenes hold no valid pixels")
-    mean = sums / n
-    std = np.sqrt(np.maximum(sq / n - mean**2, 1e-6))
-    return {"mean": mean.tolist(), "std": np.maximum(std, 0.02).tolist()}
-
-
-@dataclass
-class Run:
-    """What one training run works with, made by ``Trainer.setup``."""
-
-    model: GeodetModel
-    train_model: torch.nn.Module  # the model, or its DDP wrapper
-    params: list
-    opt: torch.optim.Optimizer
-    sched: Optional[torch.optim.lr_scheduler.LambdaLR]
-    scaler: torch.amp.GradScaler
-    device: torch.device
-    total: Optional[int]  # the step cap; None when only the clock ends the run
-    step: int = 0
-    epoch: int = 0
-    best: float = -1.0
-    autocast_dtype: Optional[torch.dtype] = None  # the network's forward under autocast of this type
-    budget: Optional[Budget] = None
-    progress: float = 0.0  # share of the run done (0..1), the LR schedule's clock
-    teacher: Optional[object] = None  # self-training's EMA teacher (selftrain.EmaTeacher)
-    rounds_done: int = 0
-    last_ap50: float = 0.0  # the latest validation's
-    data: Optional[object] = None  # the chip dataset (a self-training round gives it the teacher's boxes)
-
-
-STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
-
-
-def freeze_stages(model: GeodetModel, n: int | None) -> None:
-    """Freeze the backbone body's first ``n`` stages (stem, layer1, ...) and train the rest of
-    the body; None leaves the model as built."""
-    if n is None:
-        return
-    if not 0 <= int(n) <= len(STAGES):
-        raise GeodetError(f"train.freeze_backbone_stages must be 0..{len(STAGES)}, got {n}")
-    frozen = tuple(p for stage in STAGES[: int(n)] for p in stage)
-    for name, p in model.net.backbone.body.named_parameters():
-        p.requires_grad_(not name.startswith(frozen))
-
-
-def training_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast type for training: fp16 on CUDA, bf16 on CPUs with native bf16, else none."""
-    from ..pipeline.backends import cpu_features
-
-    precision = (precision or "auto").lower()
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise GeodetError(f"train.precision must be auto, fp32, bf16 or fp16, got '{precision}'")
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    if precision == "fp16":
-        raise GeodetError("train.precision fp16 is for CUDA; on a CPU use bf16 (CPUs with native bf16) or fp32")
-    native = cpu_features()["bf16"]
-    if precision == "bf16" and not native:
-        raise GeodetError("train.precision bf16: this CPU has no native bf16 (AVX512_BF16 or AMX) and geodet does not "
-                          "emulate it: use fp32 or auto")
-    return torch.bfloat16 if native else None
 
 
 class Trainer:
@@ -167,111 +63,29 @@ class Trainer:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.main = self.rank == 0
-        self._stop = None
+        self.init = None  # (payload, card) of --init's model file
+        self.metrics = MetricsLog(self.out / "metrics.csv", self.main)
         self.cpu_share: Optional[float] = None  # set at the end of a run
 
-    # -- data ---------------------------------------------------------------------------
-    def _open(self, pairs, classes):
-        opened = []
-        for pair in pairs:
-            if not pair.scene or not pair.labels:
-                raise GeodetError("each training entry needs both 'scene' and 'labels'")
-            sc = scene_from_config(pair.scene, self.cfg.scene)
-            sc.skip_hint = False
-            if not sc.has_georef:
-                raise GeodetError(f"{pair.scene}: the scene has no georeferencing (no CRS or geotransform), so vector "
-                                  "labels cannot be placed on it: georeference it (e.g. gdal_translate -a_srs and "
-                                  "-a_ullr, or QGIS's Georeferencer)")
-            gdf = read_labels(pair.labels, self.cfg.train.class_column or None)
-            opened.append((sc, gdf, pair))
-        if classes is None:
-            names = set()
-            for _, gdf, _ in opened:
-                names |= set(class_names(gdf, self.cfg.train.class_column or None))
-            classes = sorted(names)
-        out = []
-        for sc, gdf, pair in opened:
-            lp = pair.labels
-            lb = labels_to_boxes(gdf, sc, self.cfg.train.class_column or None, classes, self.cfg.train.unknown_classes,
-                                 self.cfg.train.point_box_m, source=str(lp))
-            if len(lb) == 0:
-                raise GeodetError(f"{lp}: no usable labels inside {sc.path} (counts: {lb.counts})")
-            classes = lb.classes
-            area = (0, 0, sc.width, sc.height)
-            labelled = None
-            if getattr(pair, "labelled_area", None):
-                labelled = read_labelled_area(pair.labelled_area, sc)
-                inside = centres_inside(labelled, lb.boxes)
-                lb.counts["outside_labelled_area"] = int((~inside).sum())
-                if not inside.any():
-                    raise GeodetError(f"{pair.labelled_area}: no label of {lp} lies inside the labelled area: give the "
-                                      "polygons of the part of the scene you labelled")
-                if lb.counts["outside_labelled_area"]:
-                    log.warning("%s: %d of %d labels lie outside the labelled area %s: they still count as objects "
-                                "where a chip reaches them, but chips are drawn inside the area", lp,
-                                lb.counts["outside_labelled_area"], len(lb), pair.labelled_area)
-                x0, y0, x1, y1 = labelled.bounds
-                area = (max(0, int(np.floor(x0))), max(0, int(np.floor(y0))), min(sc.width, int(np.ceil(x1))),
-                        min(sc.height, int(np.ceil(y1))))
-            out.append(TrainScene(sc, lb, area, str(lp), labelled))
-        return out, classes
-
-    def _apply_init(self) -> None:
-        """With ``train.init``: the start model's card sets the architecture and, unless the
-        config set them, the tile size, overlap, GSD, bands and percentiles."""
-        from ..model.file import read_model_file
-
-        cfg = self.cfg
-        payload = read_model_file(cfg.train.init)
-        card = ModelCard.from_dict(payload["card"], source=f"{cfg.train.init} card")
-        if "scene.bands" in cfg.explicit and len(cfg.scene.bands) != len(card.bands):
-            raise GeodetError(f"--init {cfg.train.init} was trained on {len(card.bands)} band(s) ({card.bands}) but this "
-                              f"run reads {len(cfg.scene.bands)} ({cfg.scene.bands}): use the same number of bands, or "
-                              "train from scratch")
-        self.init_payload, self.init_card = payload, card
-        classes = cfg.model.classes if "model.classes" in cfg.explicit else None
-        col = card.extra.get("class_column")
-        if col is not None and "train.class_column" not in cfg.explicit:
-            cfg.train.class_column = col  # the start model's classes came from this column: so do these
-        cfg.model = copy.deepcopy(card.model)
-        # the classes come from the labels (or the config), as in any training run
-        cfg.model.classes = classes if classes is not None else ModelConfig().classes
-        for key, value in (("tiling.tile_size", card.tile_size), ("tiling.overlap", card.overlap),
-                           ("scene.gsd_m", card.gsd_m), ("scene.bands", list(card.bands)),
-                           ("scene.percentiles", list(card.percentiles))):
-            if key not in cfg.explicit and value is not None:
-                section, name = key.split(".")
-                setattr(getattr(cfg, section), name, value)
-        log.info("starting from %s (%s, %d classes, %d px tiles%s)", cfg.train.init, card.model.backbone,
-                 len(card.classes), card.tile_size, f" at {card.gsd_m:g} m" if card.gsd_m else "")
-
+    # -- what is trained on ----------------------------------------------------------------
     def prepare(self):
+        """Read and check every input: the start model's card (``--init``), the labelled scenes,
+        the validation areas, the unlabelled scenes."""
         cfg = self.cfg
-        if cfg.train.init and getattr(self, "init_card", None) is None:
-            self._apply_init()
+        if cfg.train.init and self.init is None:
+            self.init = apply_init(cfg)
         if not cfg.train.scenes:
             raise GeodetError("no training scenes: list train.scenes in the config or pass --scene and --labels")
         user_classes = cfg.model.classes if cfg.model.classes != ["object"] or not cfg.train.class_column else None
-        self.train_scenes, classes = self._open(cfg.train.scenes, user_classes)
-        self.val_sets = []  # (scene path or Scene, area, labels frame path)
+        self.train_scenes, classes = inputs.open_labelled(cfg.train.scenes, cfg, user_classes)
+        self.val_sets = []  # [(TrainScene, area)]
         if cfg.train.val_scenes:
-            vs, classes = self._open(cfg.train.val_scenes, classes)
+            vs, classes = inputs.open_labelled(cfg.train.val_scenes, cfg, classes)
             self.val_sets = [(v, v.area) for v in vs]
         elif cfg.train.val_fraction > 0:
-            for ts in self.train_scenes:
-                parts = validation_split(ts.area, cfg.train.val_fraction)
-                if parts is None:
-                    continue
-                ts.area, val_area = parts
-                b = ts.labels.boxes
-                if not (within(b, ts.area) & centres_inside(ts.labelled, b)).any():
-                    raise GeodetError(f"{ts.labels_path}: every label lies in the validation strip {val_area} of "
-                                      f"{ts.scene.path}: label more of the scene, or set train.val_fraction: 0")
-                self.val_sets.append((ts, val_area))
+            self.val_sets = inputs.validation_strips(self.train_scenes, cfg.train.val_fraction)
         self.keep = cfg.train.keep
-        n_val = sum(int((within(v.labels.boxes, a) & centres_inside(v.labelled, v.labels.boxes)).sum())
-                    for v, a in self.val_sets)
-        if self.val_sets and n_val == 0:
+        if self.val_sets and not sum(inputs.labels_inside(v, a) for v, a in self.val_sets):
             log.warning("the validation area holds no labels, so validation cannot tell models apart: model.pt will be "
                         "the last model. If you labelled only part of the scene, pass --labelled-area (the validation "
                         "strip is then cut from it), or give --val-scene")
@@ -286,26 +100,6 @@ class Trainer:
         log.info("training on %d scene(s), %d labels; classes %s (%s)", len(self.train_scenes), n_labels, classes, where)
         self._prepare_self_training()
 
-    def _open_unlabelled(self, path: str):
-        """An unlabelled scene read as the labelled ones are: same bands, resampled to their GSD."""
-        from ..io.scene import Scene
-
-        cfg, ref = self.cfg, self.train_scenes[0].scene
-        sc = scene_from_config(path, cfg.scene)
-        sc.skip_hint = False
-        if sc.count != ref.count:
-            raise GeodetError(f"--unlabelled {path}: {sc.count} band(s) where the labelled scenes have {ref.count}: "
-                              "give scenes of the same sensor, or pick the same bands with --bands")
-        if cfg.scene.gsd_m is None and abs(sc.pixel_gsd / ref.pixel_gsd - 1) > 0.05:
-            if not (sc.has_georef and sc.crs.is_projected and ref.crs is not None and ref.crs.is_projected):
-                raise GeodetError(f"--unlabelled {path}: {sc.pixel_gsd:.3g} units/px where the labelled scenes have "
-                                  f"{ref.pixel_gsd:.3g}, and it cannot be resampled (no projected CRS): give scenes "
-                                  "at the same ground resolution")
-            log.info("%s: resampled from %.3g m to the labelled scenes' %.3g m", path, sc.pixel_gsd, ref.pixel_gsd)
-            sc = Scene(path, bands=cfg.scene.bands, gsd_m=ref.pixel_gsd, percentiles=cfg.scene.percentiles)
-            sc.skip_hint = False
-        return sc
-
     def _prepare_self_training(self) -> None:
         from .selftrain import unlabelled_areas
 
@@ -313,16 +107,9 @@ class Trainer:
         self.pseudo_areas = []
         if not (tc.self_training or tc.unlabelled):
             return
-        if self.world > 1:
-            raise GeodetError("self-training runs in one process: train without --engine ray (or without "
-                              "--unlabelled / train.self_training)")
-        if not 0 <= tc.burn_in < 1 or tc.pseudo_rounds < 1 or not 0 < tc.pseudo_share < 1 or not 0 < tc.ema_decay < 1:
-            raise GeodetError("self-training needs 0 <= train.burn_in < 1, train.pseudo_rounds >= 1, 0 < "
-                              "train.pseudo_share < 1 and 0 < train.ema_decay < 1")
-        if not self.val_sets:
-            raise GeodetError("self-training chooses the teacher's thresholds on validation: keep a validation strip "
-                              "(train.val_fraction > 0) or give --val-scene")
-        scenes = [self._open_unlabelled(p) for p in tc.unlabelled]
+        inputs.check_self_training(tc, self.world, bool(self.val_sets))
+        ref = self.train_scenes[0].scene
+        scenes = [inputs.open_unlabelled(p, self.cfg, ref) for p in tc.unlabelled]
         self.pseudo_areas = unlabelled_areas(self.train_scenes, self.val_sets, scenes)
         if not self.pseudo_areas:
             log.warning("self-training: nothing is unlabelled (no --unlabelled scene, and the labelled area covers "
@@ -332,34 +119,6 @@ class Trainer:
             log.info("self-training on %d unlabelled area(s), %.2g Mpx: burn-in on the labels for %d%% of the run, then "
                      "%d pseudo-label round(s)", len(self.pseudo_areas), px / 1e6, round(100 * tc.burn_in),
                      tc.pseudo_rounds)
-
-    # -- checkpoints ---------------------------------------------------------------------
-    def _save_checkpoint(self, r: Run) -> None:
-        state = {
-            "format": CHECKPOINT_FORMAT, "version": 1, "step": r.step, "epoch": r.epoch, "best_ap50": r.best,
-            "card": r.model.card.to_dict(), "config": asdict(self.cfg),
-            "model": r.model.net.state_dict(), "optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict(),
-        }
-        fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".pt", dir=self.out)
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.out / "last.pt")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    def _load_checkpoint(self) -> dict:
-        path = self.out / "last.pt"
-        if not path.is_file():
-            raise GeodetError(f"--resume: no checkpoint at {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a damaged file; nothing in it runs
-            raise GeodetError(f"{path}: checkpoint cannot be read ({str(exc).splitlines()[0][:120]})") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise GeodetError(f"{path}: not a geodet training checkpoint")
-        return state
 
     # -- setup ---------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -376,53 +135,6 @@ class Trainer:
                 torch.cuda.set_device(device)
         return device
 
-    def _build(self, state: dict | None) -> GeodetModel:
-        cfg = self.cfg
-        cfg.model.classes = list(self.classes)
-        init = getattr(self, "init_card", None)
-        if state is not None:
-            old = ModelCard.from_dict(state["card"], source=str(self.out / "last.pt"))
-            norm = {"mean": old.mean, "std": old.std}
-        elif init is not None:
-            norm = {"mean": init.mean, "std": init.std}
-        else:
-            norm = normalisation([ts.scene for ts in self.train_scenes]) if cfg.model.pretrained == "none" else None
-        sc0 = self.train_scenes[0].scene
-        model = build_model(cfg.model, bands=sc0.bands, normalisation=norm, tile_size=cfg.tiling.tile_size,
-                            overlap=self.overlap, gsd_m=cfg.scene.gsd_m, percentiles=cfg.scene.percentiles,
-                            load_pretrained=state is None)
-        card = model.card
-        card.trained_on = [{"scene": ts.scene.path, "labels": ts.labels_path, "labels_used": len(ts.labels),
-                            "counts": ts.labels.counts} for ts in self.train_scenes]
-        native = float(sc0.pixel_gsd) if sc0.crs is not None and sc0.crs.is_projected else None
-        card.gsd_m = cfg.scene.gsd_m if cfg.scene.gsd_m else native
-        card.extra["class_column"] = cfg.train.class_column  # --init from this model reads its classes the same way
-        if init is not None and state is None:
-            self._load_init(model, init)
-        freeze_stages(model, cfg.train.freeze_backbone_stages)
-        return model
-
-    def _load_init(self, model: GeodetModel, init: ModelCard) -> None:
-        """The start model's weights; with other classes, all but the last classification conv
-        (which keeps its prior-probability initialisation)."""
-        sd = self.init_payload["state_dict"]
-        same = list(init.classes) == list(model.card.classes)
-        if not same:
-            sd = {k: v for k, v in sd.items() if not k.startswith("head.classification_head.cls_logits.")}
-            log.info("classes %s differ from the start model's %s: the last classification conv starts afresh",
-                     model.card.classes, init.classes)
-        try:
-            missing, unexpected = model.net.load_state_dict(sd, strict=False)
-        except RuntimeError as exc:
-            raise GeodetError(f"{self.cfg.train.init}: its weights do not fit this configuration "
-                              f"({str(exc).splitlines()[0][:160]})") from None
-        expected_missing = set() if same else {"head.classification_head.cls_logits.weight",
-                                                "head.classification_head.cls_logits.bias"}
-        if set(missing) - expected_missing or unexpected:
-            raise GeodetError(f"{self.cfg.train.init}: its weights do not fit this configuration (missing "
-                              f"{sorted(set(missing) - expected_missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-        model.card.extra["fine_tuned_from"] = {"path": str(self.cfg.train.init), "classes": list(init.classes)}
-
     def setup(self) -> Run:
         """Data, device (and the process group when distributed), model, optimiser, schedule;
         the state of ``last.pt`` when resuming. The run folder is made only after every input
@@ -437,8 +149,8 @@ class Trainer:
             raise GeodetError(f"--time-limit must be a positive number of minutes, got {tc.time_limit_min:g}")
         self.prepare()
         device = self._device()
-        state = self._load_checkpoint() if self.resume else None
-        model = self._build(state).to(device)
+        state = load_checkpoint(self.out) if self.resume else None
+        model = build_start_model(self.cfg, self.train_scenes, self.classes, self.overlap, state, self.init).to(device)
         self.out.mkdir(parents=True, exist_ok=True)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
@@ -495,71 +207,7 @@ class Trainer:
             kw.update(worker_init_fn=worker_init, persistent_workers=False)
         return data, kw
 
-    # -- the loop ------------------------------------------------------------------------
-    def _handle_signals(self):
-        def handler(signum, _frame):
-            if self._stop is not None:  # a second signal: stop now
-                raise KeyboardInterrupt
-            self._stop = signal.Signals(signum).name
-            log.warning("%s received: stopping after this step and saving last.pt", self._stop)
-
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            for s in old:
-                signal.signal(s, handler)
-        except ValueError:  # not the main thread
-            old = {}
-        return old
-
-    STOPS = (None, "step cap", "time limit")
-
-    def _clock(self, r: Run) -> Optional[str]:
-        """Update the run's progress and say whether the budget is spent. Rank 0's clock rules
-        every rank (one small broadcast per step), so all ranks follow one schedule and stop at
-        the same step."""
-        b = r.budget
-        b.note_step(r.step)
-        if self.world == 1:  # (several ranks would have to agree to stop: they share rank 0's clock instead)
-            b.check_warmup(r.step, self.warmup)
-        values = [b.progress(r.step), float(self.STOPS.index(b.stop_reason(r.step)))]
-        if self.world > 1:
-            import torch.distributed as dist
-
-            t = torch.tensor(values, dtype=torch.float64, device=r.device)
-            dist.broadcast(t, 0)
-            values = t.tolist()
-        r.progress = values[0]
-        return self.STOPS[int(values[1])]
-
-    def step(self, r: Run, images, targets) -> dict:
-        """One optimiser step; returns the losses as floats (and the budget's stop reason under
-        ``"stop"``, None to go on)."""
-        images = images.to(r.device, non_blocking=True)
-        targets = [{k: v.to(r.device) for k, v in t.items()} for t in targets]
-        with torch.autocast(r.device.type, dtype=r.autocast_dtype or torch.float32, enabled=r.autocast_dtype is not None):
-            losses = r.train_model(images, targets)
-            loss = losses["classification"] + losses["bbox_regression"]
-        if not torch.isfinite(loss):
-            raise GeodetError(f"training diverged at step {r.step} (loss {loss.item()}): lower train.lr")
-        r.opt.zero_grad(set_to_none=True)
-        r.scaler.scale(loss).backward()
-        r.scaler.unscale_(r.opt)
-        torch.nn.utils.clip_grad_norm_(r.params, self.cfg.train.grad_clip)
-        r.scaler.step(r.opt)
-        r.scaler.update()
-        if r.teacher is not None:
-            r.teacher.update(r.model)
-        r.step += 1
-        stop = self._clock(r)
-        r.sched.step()
-        return {"loss": loss.item(), "classification": losses["classification"].item(),
-                "bbox_regression": losses["bbox_regression"].item(), "stop": stop}
-
-    def _log(self, row: list) -> None:
-        if self.main:
-            with open(self.out / "metrics.csv", "a", newline="") as f:
-                csv.writer(f).writerow(row)
-
+    # -- the run -------------------------------------------------------------------------
     def run(self) -> Path:
         """Train; returns the path of ``model.pt``. A failure before the first model is saved (a
         bad input or setting found late, a damaged chip) leaves nothing behind: the files and
@@ -577,13 +225,9 @@ class Trainer:
     def _run(self) -> Path:
         r = self.setup()
         tc = self.cfg.train
-        if self.main and (not self.resume or not (self.out / "metrics.csv").exists()):
-            with open(self.out / "metrics.csv", "w", newline="") as f:
-                csv.writer(f).writerow(METRICS_HEADER)
-        data, loader_kw = self._loader(r)
-        r.data = data
+        self.metrics.start(self.resume)
+        r.data, loader_kw = self._loader(r)
         usage = CpuShare()
-        old_handlers = self._handle_signals()
         timed = r.budget.seconds is not None
         bar = progress_bar(total=round(r.budget.seconds) if timed else r.total, initial=0 if timed else r.step,
                            unit="s" if timed else "step", enabled=self.progress and self.main,
@@ -592,39 +236,44 @@ class Trainer:
         r.model.train()
         stopped = None
         try:
-            with gdal_env():  # GDAL's block cache capped while chips stream in
+            with gdal_env(), StopSignals() as signals:  # GDAL's block cache capped while chips stream in
                 while stopped is None:
-                    data.epoch = r.epoch
-                    for images, targets in torch.utils.data.DataLoader(data, **loader_kw):
-                        losses = self.step(r, images, targets)
-                        if timed:
-                            bar.n = min(bar.total, round(r.budget.elapsed()))
-                            bar.refresh()
-                        else:
-                            bar.update(1)
-                        bar.set_postfix(step=r.step, loss=f"{losses['loss']:.3f}")
-                        self._log([r.step, r.epoch, *(f"{losses[k]:.5f}" for k in ("loss", "classification", "bbox_regression")),
-                                   f"{r.sched.get_last_lr()[0]:.3g}", "", "", f"{r.budget.elapsed():.1f}", ""])
-                        stopped = self._stop or losses["stop"]
-                        if stopped:
-                            break
-                    r.epoch += 1
-                    if stopped in self.STOPS:
-                        self._end_of_epoch(r, final=stopped is not None)
-                    elif self.main:
-                        self._save_checkpoint(r)
+                    stopped = self._epoch(r, loader_kw, bar, signals)
         finally:
             bar.close()
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
         if self.world > 1:
             import torch.distributed as dist
 
             dist.barrier()
-        if stopped not in self.STOPS:
+        if stopped not in STOPS:
             raise Interrupted(f"stopped by {stopped} at step {r.step}; {self.out / 'last.pt'} is saved: rerun with --resume")
         self._finish(r, stopped, usage.share())
         return self.out / "model.pt"
+
+    def _epoch(self, r: Run, loader_kw: dict, bar, signals: StopSignals) -> Optional[str]:
+        """One epoch of steps, then validation or a checkpoint; returns why the run stops (None: go on)."""
+        tc = self.cfg.train
+        timed = r.budget.seconds is not None
+        stopped = None
+        r.data.epoch = r.epoch
+        for images, targets in torch.utils.data.DataLoader(r.data, **loader_kw):
+            losses = train_step(r, images, targets, tc.grad_clip, self.warmup, self.world)
+            if timed:
+                bar.n = min(bar.total, round(r.budget.elapsed()))
+                bar.refresh()
+            else:
+                bar.update(1)
+            bar.set_postfix(step=r.step, loss=f"{losses['loss']:.3f}")
+            self.metrics.step(r, losses, r.budget.elapsed())
+            stopped = signals.requested or losses["stop"]
+            if stopped:
+                break
+        r.epoch += 1
+        if stopped in STOPS:
+            self._end_of_epoch(r, final=stopped is not None)
+        elif self.main:
+            save_checkpoint(self.out, r, self.cfg)
+        return stopped
 
     def _describe_run(self, r: Run) -> None:
         tc = self.cfg.train
@@ -645,7 +294,7 @@ class Trainer:
         else:
             why = f"step cap: {r.step} steps in {minutes:.1f} min"
         self.cpu_share = share
-        self._log([r.step, r.epoch, "", "", "", "", "", "", f"{b.elapsed():.1f}", f"stopped: {why}"])
+        self.metrics.note(r, b.elapsed(), f"stopped: {why}")
         if self.main:
             log.info("training stopped at step %d (%s); validation AP50 %.3f (best seen %.3f); model.pt is the %s "
                      "model", r.step, why, r.last_ap50, max(r.best, 0.0),
@@ -655,13 +304,14 @@ class Trainer:
                         "these cores), so it made fewer steps than the budget buys on an idle machine: rerun on an "
                         "idle machine or with a larger --time-limit", 100 * share, torch.get_num_threads())
 
+    # -- validation and self-training ----------------------------------------------------
     def _end_of_epoch(self, r: Run, final: bool) -> None:
         """Validate when due (always at the end), log, keep the best model (its card holds the
         metrics and the operating point), and save ``last.pt``."""
         if not self.main:
             return
         if not r.budget.due_validation(final):
-            self._save_checkpoint(r)
+            save_checkpoint(self.out, r, self.cfg)
             self._pseudo_round(r)
             return
         t0 = time.perf_counter()
@@ -673,20 +323,14 @@ class Trainer:
         r.last_ap50 = score
         if self.keep == "last" or not m or score > r.best or not (self.out / "model.pt").exists():
             r.best = max(r.best, score)
-            card = r.model.card
-            card.metrics = {k: m[k] for k in ("AP", "AP50", "AP75", "precision", "recall", "f1") if k in m}
-            card.metrics.update({"step": r.step, "epoch": r.epoch, "validation": "held-out area" if m else "none"})
-            card.operating_point = m.get("score_threshold") if m else None
-            card.trained_steps = r.step
-            self._store_bf16_check(r)
-            save_model(r.model, self.out / "model.pt")
+            save_kept_model(r, m, self.out / "model.pt", self.val_sets, self.cfg.detect.batch_size)
             log.info("step %d: val AP50 %.3f (saved model.pt)", r.step, score)
         else:
             log.info("step %d: val AP50 %.3f (best %.3f)", r.step, score, r.best)
-        self._save_checkpoint(r)
+        save_checkpoint(self.out, r, self.cfg)
         r.budget.note_validation(time.perf_counter() - t0)
-        self._log([r.step, r.epoch, "", "", "", "", f"{m.get('AP') or 0:.4f}" if m else "", f"{ap50 or 0:.4f}" if m else "",
-                   f"{r.budget.elapsed():.1f}", f"validation ({time.perf_counter() - t0:.1f} s)"])
+        self.metrics.note(r, r.budget.elapsed(), f"validation ({time.perf_counter() - t0:.1f} s)",
+                          val_AP=f"{m.get('AP') or 0:.4f}" if m else "", val_AP50=f"{ap50 or 0:.4f}" if m else "")
         if not final:
             self._pseudo_round(r)
 
@@ -717,23 +361,7 @@ class Trainer:
         note = (f"pseudo-labels round {r.rounds_done}: {n_sure} boxes, {n_doubt} uncertain ignored; thresholds "
                 f"(small/large, split at {thr.split:.0f} px) {thr.describe(self.classes)} ({time.perf_counter() - t0:.1f} s)")
         log.info(note)
-        self._log([r.step, r.epoch, "", "", "", "", "", "", f"{r.budget.elapsed():.1f}", note])
-
-    def _store_bf16_check(self, r: Run) -> None:
-        """On a CPU with native bf16, store in the card how bf16 detection agrees with fp32 on
-        validation tiles, so detection can use bf16 without checking again."""
-        from ..pipeline.backends import bf16_agreement, cpu_features, sample_tiles
-        from ..pipeline.settings import resolve_detect_settings
-
-        if r.device.type != "cpu" or not self.val_sets or not cpu_features()["bf16"]:
-            return
-        card = r.model.card
-        s = resolve_detect_settings(card, device="cpu", batch_size=self.cfg.detect.batch_size)
-        tiles = []
-        for ts, area in self.val_sets:
-            tiles.extend(sample_tiles(ts.scene.area(*area), s, card, 8))
-        if tiles:
-            card.extra.setdefault("checks", {})["bf16"] = bf16_agreement(r.model, tiles[:16], s)
+        self.metrics.note(r, r.budget.elapsed(), note)
 
 
 def train(config: Config | dict | str | Path, out_dir: str | Path = "runs/geodet", resume: bool = False, progress: bool = True) -> Path:

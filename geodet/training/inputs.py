@@ -1,0 +1,154 @@
+"""What a run trains on: the labelled scenes (labels reprojected to pixel boxes, the labelled
+area), the validation areas (separate scenes, or a strip cut from each labelled area), the
+unlabelled scenes self-training looks at, and the band statistics the network normalises with.
+Everything is read and checked here, before the run folder is made."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..errors import GeodetError
+from ..io.labels import class_names, labels_to_boxes, read_labels
+from ..io.scene import READ_ERRORS, scene_from_config
+from .area import centres_inside, read_labelled_area, validation_split, within
+from .sampler import TrainScene
+
+log = logging.getLogger(__name__)
+NORM_SAMPLE_SIDE = 512  # long side of the decimated read that normalisation statistics come from
+
+
+def normalisation(scenes) -> dict:
+    """Per-band mean and std of the scaled pixels of ``scenes`` (``Scene`` objects; from decimated
+    reads)."""
+    sums, sq, n = 0, 0, 0
+    for sc in scenes:
+        try:
+            data, valid, _ = sc.overview(NORM_SAMPLE_SIDE)
+        except READ_ERRORS() as exc:
+            from rasterio.windows import Window
+
+            raise sc.read_error(Window(0, 0, sc.width, sc.height), exc) from None
+        x = sc.scale(data, valid)[:, valid].astype(np.float64)
+        sums = sums + x.sum(1)
+        sq = sq + (x**2).sum(1)
+        n += x.shape[1]
+    if n == 0:
+        raise GeodetError("training scenes hold no valid pixels")
+    mean = sums / n
+    std = np.sqrt(np.maximum(sq / n - mean**2, 1e-6))
+    return {"mean": mean.tolist(), "std": np.maximum(std, 0.02).tolist()}
+
+
+def _open_pair(pair, cfg):
+    if not pair.scene or not pair.labels:
+        raise GeodetError("each training entry needs both 'scene' and 'labels'")
+    sc = scene_from_config(pair.scene, cfg.scene)
+    sc.skip_hint = False
+    if not sc.has_georef:
+        raise GeodetError(f"{pair.scene}: the scene has no georeferencing (no CRS or geotransform), so vector "
+                          "labels cannot be placed on it: georeference it (e.g. gdal_translate -a_srs and "
+                          "-a_ullr, or QGIS's Georeferencer)")
+    return sc, read_labels(pair.labels, cfg.train.class_column or None)
+
+
+def _labelled_part(pair, sc, lb):
+    """The labelled area of ``pair`` in ``sc``'s pixels (None: the whole scene) and the pixel
+    rectangle chips are drawn from; counts the labels outside it."""
+    lp = pair.labels
+    if not getattr(pair, "labelled_area", None):
+        return None, (0, 0, sc.width, sc.height)
+    labelled = read_labelled_area(pair.labelled_area, sc)
+    inside = centres_inside(labelled, lb.boxes)
+    lb.counts["outside_labelled_area"] = int((~inside).sum())
+    if not inside.any():
+        raise GeodetError(f"{pair.labelled_area}: no label of {lp} lies inside the labelled area: give the "
+                          "polygons of the part of the scene you labelled")
+    if lb.counts["outside_labelled_area"]:
+        log.warning("%s: %d of %d labels lie outside the labelled area %s: they still count as objects "
+                    "where a chip reaches them, but chips are drawn inside the area", lp,
+                    lb.counts["outside_labelled_area"], len(lb), pair.labelled_area)
+    x0, y0, x1, y1 = labelled.bounds
+    area = (max(0, int(np.floor(x0))), max(0, int(np.floor(y0))), min(sc.width, int(np.ceil(x1))),
+            min(sc.height, int(np.ceil(y1))))
+    return labelled, area
+
+
+def open_labelled(pairs, cfg, classes: list[str] | None) -> tuple[list[TrainScene], list[str]]:
+    """The labelled scenes of ``pairs`` (``SceneLabels``) as ``TrainScene`` objects, and the
+    classes: ``classes`` when given, else every class name in the labels, sorted."""
+    opened = [(*_open_pair(pair, cfg), pair) for pair in pairs]
+    col = cfg.train.class_column or None
+    if classes is None:
+        names = set()
+        for _, gdf, _ in opened:
+            names |= set(class_names(gdf, col))
+        classes = sorted(names)
+    out = []
+    for sc, gdf, pair in opened:
+        lb = labels_to_boxes(gdf, sc, col, classes, cfg.train.unknown_classes, cfg.train.point_box_m,
+                             source=str(pair.labels))
+        if len(lb) == 0:
+            raise GeodetError(f"{pair.labels}: no usable labels inside {sc.path} (counts: {lb.counts})")
+        classes = lb.classes
+        labelled, area = _labelled_part(pair, sc, lb)
+        out.append(TrainScene(sc, lb, area, str(pair.labels), labelled))
+    return out, classes
+
+
+def labels_inside(ts: TrainScene, area) -> int:
+    """How many of ``ts``'s labels lie wholly in ``area`` with their centre in its labelled area."""
+    b = ts.labels.boxes
+    return int((within(b, area) & centres_inside(ts.labelled, b)).sum())
+
+
+def validation_strips(train_scenes: list[TrainScene], fraction: float) -> list[tuple]:
+    """Cut a validation strip of ``fraction`` from each scene's training area (across its longer
+    side): the scene's ``area`` shrinks to the rest and its full area is kept in ``full_area``
+    (for giving the strip back). Returns [(TrainScene, strip)]."""
+    val_sets = []
+    for ts in train_scenes:
+        parts = validation_split(ts.area, fraction)
+        if parts is None:
+            continue
+        ts.full_area = ts.area
+        ts.area, val_area = parts
+        if not labels_inside(ts, ts.area):
+            raise GeodetError(f"{ts.labels_path}: every label lies in the validation strip {val_area} of "
+                              f"{ts.scene.path}: label more of the scene, or set train.val_fraction: 0")
+        val_sets.append((ts, val_area))
+    return val_sets
+
+
+def open_unlabelled(path: str, cfg, ref):
+    """An unlabelled scene read as the labelled ones (``ref``, a Scene) are: same bands, resampled
+    to their GSD."""
+    from ..io.scene import Scene
+
+    sc = scene_from_config(path, cfg.scene)
+    sc.skip_hint = False
+    if sc.count != ref.count:
+        raise GeodetError(f"--unlabelled {path}: {sc.count} band(s) where the labelled scenes have {ref.count}: "
+                          "give scenes of the same sensor, or pick the same bands with --bands")
+    if cfg.scene.gsd_m is None and abs(sc.pixel_gsd / ref.pixel_gsd - 1) > 0.05:
+        if not (sc.has_georef and sc.crs.is_projected and ref.crs is not None and ref.crs.is_projected):
+            raise GeodetError(f"--unlabelled {path}: {sc.pixel_gsd:.3g} units/px where the labelled scenes have "
+                              f"{ref.pixel_gsd:.3g}, and it cannot be resampled (no projected CRS): give scenes "
+                              "at the same ground resolution")
+        log.info("%s: resampled from %.3g m to the labelled scenes' %.3g m", path, sc.pixel_gsd, ref.pixel_gsd)
+        sc = Scene(path, bands=cfg.scene.bands, gsd_m=ref.pixel_gsd, percentiles=cfg.scene.percentiles)
+        sc.skip_hint = False
+    return sc
+
+
+def check_self_training(tc, world: int, has_validation: bool) -> None:
+    if world > 1:
+        raise GeodetError("self-training runs in one process: train without --engine ray (or without "
+                          "--unlabelled / train.self_training)")
+    if not 0 <= tc.burn_in < 1 or tc.pseudo_rounds < 1 or not 0 < tc.pseudo_share < 1 or not 0 < tc.ema_decay < 1:
+        raise GeodetError("self-training needs 0 <= train.burn_in < 1, train.pseudo_rounds >= 1, 0 < "
+                          "train.pseudo_share < 1 and 0 < train.ema_decay < 1")
+    if not has_validation:
+        raise GeodetError("self-training chooses the teacher's thresholds on validation: keep a validation strip "
+                          "(train.val_fraction > 0) or give --val-scene")

@@ -1,0 +1,110 @@
+"""What a training run writes: ``last.pt`` (the checkpoint ``--resume`` reads), ``metrics.csv`` (a
+row per step, validation, self-training round and the reason the run stopped) and ``model.pt``
+with its card (validation metrics, operating point, the bf16 check)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..errors import GeodetError
+from ..model import save_model
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "geodet-checkpoint"
+METRICS_HEADER = ["step", "epoch", "loss", "classification", "bbox_regression", "lr", "val_AP", "val_AP50", "seconds",
+                  "note"]
+CARD_METRICS = ("AP", "AP50", "AP75", "precision", "recall", "f1")
+
+
+def save_checkpoint(out: Path, r, cfg) -> None:
+    """``out/last.pt``: the model, optimiser and scheduler state and the step, written atomically."""
+    state = {
+        "format": CHECKPOINT_FORMAT, "version": 1, "step": r.step, "epoch": r.epoch, "best_ap50": r.best,
+        "card": r.model.card.to_dict(), "config": asdict(cfg),
+        "model": r.model.net.state_dict(), "optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict(),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".pt", dir=out)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, out / "last.pt")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(out: Path) -> dict:
+    """The state in ``out/last.pt`` (read without running code); a one-line error otherwise."""
+    path = out / "last.pt"
+    if not path.is_file():
+        raise GeodetError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file; nothing in it runs
+        raise GeodetError(f"{path}: checkpoint cannot be read ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise GeodetError(f"{path}: not a geodet training checkpoint")
+    return state
+
+
+class MetricsLog:
+    """``metrics.csv``, appended row by row by the main rank (other ranks write nothing)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+
+    def start(self, resume: bool) -> None:
+        """A new file with its header, unless a resumed run continues one."""
+        if self.enabled and (not resume or not self.path.exists()):
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(METRICS_HEADER)
+
+    def row(self, **values) -> None:
+        if self.enabled:
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerow([values.get(k, "") for k in METRICS_HEADER])
+
+    def step(self, r, losses: dict, seconds: float) -> None:
+        self.row(step=r.step, epoch=r.epoch, **{k: f"{losses[k]:.5f}" for k in ("loss", "classification", "bbox_regression")},
+                 lr=f"{r.sched.get_last_lr()[0]:.3g}", seconds=f"{seconds:.1f}")
+
+    def note(self, r, seconds: float, note: str, **values) -> None:
+        self.row(step=r.step, epoch=r.epoch, seconds=f"{seconds:.1f}", note=note, **values)
+
+
+def save_kept_model(r, metrics: dict, path: Path, val_sets, batch_size: int) -> None:
+    """``model.pt`` from the run's model, its card holding ``metrics`` (the validation that chose
+    it), its operating point and, on CPUs with native bf16, how bf16 detection agrees with fp32."""
+    card = r.model.card
+    card.metrics = {k: metrics[k] for k in CARD_METRICS if k in metrics}
+    card.metrics.update({"step": r.step, "epoch": r.epoch, "validation": "held-out area" if metrics else "none"})
+    if metrics.get("note"):
+        card.metrics["validation_note"] = metrics["note"]
+    card.operating_point = metrics.get("score_threshold") if metrics else None
+    card.trained_steps = r.step
+    store_bf16_check(r, val_sets, batch_size)
+    save_model(r.model, path)
+
+
+def store_bf16_check(r, val_sets, batch_size: int) -> None:
+    """On a CPU with native bf16, store in the card how bf16 detection agrees with fp32 on
+    validation tiles, so detection can use bf16 without checking again."""
+    from ..pipeline.backends import bf16_agreement, cpu_features, sample_tiles
+    from ..pipeline.settings import resolve_detect_settings
+
+    if r.device.type != "cpu" or not val_sets or not cpu_features()["bf16"]:
+        return
+    card = r.model.card
+    s = resolve_detect_settings(card, device="cpu", batch_size=batch_size)
+    tiles = []
+    for ts, area in val_sets:
+        tiles.extend(sample_tiles(ts.scene.area(*area), s, card, 8))
+    if tiles:
+        card.extra.setdefault("checks", {})["bf16"] = bf16_agreement(r.model, tiles[:16], s)

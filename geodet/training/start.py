@@ -1,0 +1,108 @@
+"""The model a run starts from: built from the config, from ``--init``'s model file (a trained
+detector, an imported one or a pretrained backbone; its card sets the architecture), or from a
+checkpoint when resuming; and which backbone stages stay frozen."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from ..config import ModelConfig
+from ..errors import GeodetError
+from ..model import GeodetModel, ModelCard, build_model
+from .inputs import normalisation
+
+log = logging.getLogger(__name__)
+STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+
+
+def freeze_stages(model: GeodetModel, n: int | None) -> None:
+    """Freeze the backbone body's first ``n`` stages (stem, layer1, ...) and train the rest of
+    the body; None leaves the model as built."""
+    if n is None:
+        return
+    if not 0 <= int(n) <= len(STAGES):
+        raise GeodetError(f"train.freeze_backbone_stages must be 0..{len(STAGES)}, got {n}")
+    frozen = tuple(p for stage in STAGES[: int(n)] for p in stage)
+    for name, p in model.net.backbone.body.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+
+
+def apply_init(cfg) -> tuple[dict, ModelCard]:
+    """With ``train.init``: the start model's card sets the architecture and, unless the config set
+    them, the tile size, overlap, GSD, bands and percentiles (``cfg`` is changed in place).
+    Returns the start model's payload and card."""
+    from ..model.file import read_model_file
+
+    payload = read_model_file(cfg.train.init)
+    card = ModelCard.from_dict(payload["card"], source=f"{cfg.train.init} card")
+    if "scene.bands" in cfg.explicit and len(cfg.scene.bands) != len(card.bands):
+        raise GeodetError(f"--init {cfg.train.init} was trained on {len(card.bands)} band(s) ({card.bands}) but this "
+                          f"run reads {len(cfg.scene.bands)} ({cfg.scene.bands}): use the same number of bands, or "
+                          "train from scratch")
+    classes = cfg.model.classes if "model.classes" in cfg.explicit else None
+    col = card.extra.get("class_column")
+    if col is not None and "train.class_column" not in cfg.explicit:
+        cfg.train.class_column = col  # the start model's classes came from this column: so do these
+    cfg.model = copy.deepcopy(card.model)
+    # the classes come from the labels (or the config), as in any training run
+    cfg.model.classes = classes if classes is not None else ModelConfig().classes
+    for key, value in (("tiling.tile_size", card.tile_size), ("tiling.overlap", card.overlap),
+                       ("scene.gsd_m", card.gsd_m), ("scene.bands", list(card.bands)),
+                       ("scene.percentiles", list(card.percentiles))):
+        if key not in cfg.explicit and value is not None:
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
+    log.info("starting from %s (%s, %d classes, %d px tiles%s)", cfg.train.init, card.model.backbone,
+             len(card.classes), card.tile_size, f" at {card.gsd_m:g} m" if card.gsd_m else "")
+    return payload, card
+
+
+def build_start_model(cfg, train_scenes, classes, overlap: int, state: dict | None, init) -> GeodetModel:
+    """The network for this run with its card: normalised by the checkpoint's (``state``), the start
+    model's (``init``: (payload, card)) or the training scenes' statistics; ``init``'s weights loaded
+    when not resuming; stages frozen as the config says."""
+    cfg.model.classes = list(classes)
+    if state is not None:
+        old = ModelCard.from_dict(state["card"], source="last.pt")
+        norm = {"mean": old.mean, "std": old.std}
+    elif init is not None:
+        norm = {"mean": init[1].mean, "std": init[1].std}
+    else:
+        norm = normalisation([ts.scene for ts in train_scenes]) if cfg.model.pretrained == "none" else None
+    sc0 = train_scenes[0].scene
+    model = build_model(cfg.model, bands=sc0.bands, normalisation=norm, tile_size=cfg.tiling.tile_size,
+                        overlap=overlap, gsd_m=cfg.scene.gsd_m, percentiles=cfg.scene.percentiles,
+                        load_pretrained=state is None)
+    card = model.card
+    card.trained_on = [{"scene": ts.scene.path, "labels": ts.labels_path, "labels_used": len(ts.labels),
+                        "counts": ts.labels.counts} for ts in train_scenes]
+    native = float(sc0.pixel_gsd) if sc0.crs is not None and sc0.crs.is_projected else None
+    card.gsd_m = cfg.scene.gsd_m if cfg.scene.gsd_m else native
+    card.extra["class_column"] = cfg.train.class_column  # --init from this model reads its classes the same way
+    if init is not None and state is None:
+        load_init(model, init[0], init[1], cfg.train.init)
+    freeze_stages(model, cfg.train.freeze_backbone_stages)
+    return model
+
+
+def load_init(model: GeodetModel, payload: dict, init: ModelCard, path) -> None:
+    """The start model's weights; with other classes, all but the last classification conv
+    (which keeps its prior-probability initialisation)."""
+    sd = payload["state_dict"]
+    same = list(init.classes) == list(model.card.classes)
+    if not same:
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.classification_head.cls_logits.")}
+        log.info("classes %s differ from the start model's %s: the last classification conv starts afresh",
+                 model.card.classes, init.classes)
+    try:
+        missing, unexpected = model.net.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:
+        raise GeodetError(f"{path}: its weights do not fit this configuration "
+                          f"({str(exc).splitlines()[0][:160]})") from None
+    expected_missing = set() if same else {"head.classification_head.cls_logits.weight",
+                                            "head.classification_head.cls_logits.bias"}
+    if set(missing) - expected_missing or unexpected:
+        raise GeodetError(f"{path}: its weights do not fit this configuration (missing "
+                          f"{sorted(set(missing) - expected_missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.card.extra["fine_tuned_from"] = {"path": str(path), "classes": list(init.classes)}
