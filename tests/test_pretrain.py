@@ -61,3 +61,33 @@ def test_pretrain_writes_a_backbone_that_train_starts_from_and_detect_refuses(tm
         from geodet.pipeline.job import load_detector_file
 
         load_detector_file(out)
+
+
+def test_every_fpn_level_learns_and_the_vicreg_batch_is_the_points(tmp_path, synth):
+    """Each FPN level's output conv gets a gradient from the objective (with only the finest level
+    and a pooled coarsest one, the middle levels' output convs learnt nothing), and VICReg's
+    variance and covariance see one vector per sampled point, not one per chip."""
+    from geodet.config import load_config
+    from geodet.io.scene import Scene
+    from geodet.model import build_model
+    from geodet.training import pretrain
+
+    cfg = load_config(None, {"model.channels": 16, "model.head_depth": 1, "model.levels": [2, 5],
+                             "model.anchor_sizes": [8.0, 16.0, 32.0, 64.0]})
+    sc = Scene(synth.image)
+    model = build_model(cfg.model, bands=sc.bands, tile_size=128)
+    seen = []
+
+    def loss_fn(za, zb):
+        seen.append(za.shape[0])
+        return ((za - zb) ** 2).mean() + za.var(0).mean()
+
+    objective = pretrain.DenseVICReg(model.net.backbone, model.net.transform, 4, 16, loss_fn)
+    ds = pretrain.ViewPairs([sc], 96, 4, seed=0)
+    a, b, ga, gb = (torch.stack(t) for t in zip(*[ds[i] for i in range(2)]))
+    objective(a, b, ga, gb, None).backward()
+    fpn = model.net.backbone.fpn
+    for i, conv in enumerate(fpn.layer_blocks):
+        grad = conv[0].weight.grad if isinstance(conv, torch.nn.Sequential) else conv.weight.grad
+        assert grad is not None and grad.abs().sum() > 0, f"FPN output conv {i} got no gradient"
+    assert seen == [2 * pretrain.POINTS] * 4

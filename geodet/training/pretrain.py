@@ -5,11 +5,13 @@ The method is dense VICReg (variance-invariance-covariance, arXiv 2105.04906, an
 variant VICRegL, arXiv 2210.01571) with the loss from the ``lightly`` library: two views of one
 chip, each a random crop rescaled to the tile (scale), flipped and turned (the dihedral group:
 an aerial view has no "up") and recoloured (per-band gain, brightness and contrast, and hue and
-saturation for 3-band images), so any band count and 16-bit scenes work. The FPN's finest
-level, sampled at the same ground points in both views (the geometry between them is known),
-must agree point by point, while the variance and covariance terms keep the features from
-collapsing. A global term does the same for the pooled coarsest level. A dense objective suits
-a detector of small objects: what it learns is where things are, not one label per image.
+saturation for 3-band images), so any band count and 16-bit scenes work. Each FPN level,
+sampled at the same ground points in both views (the geometry between them is known), must
+agree point by point, while the variance and covariance terms keep the features from
+collapsing. Every FPN level gets this term, so every level's output conv learns, and the points
+of all pairs of a batch make the variance and covariance terms' batch (hundreds of vectors, where
+a global term on a batch of 4 pooled chips says little). A dense objective suits a detector of
+small objects: what it learns is where things are, not one label per image.
 """
 
 from __future__ import annotations
@@ -130,102 +132,134 @@ class Projector(torch.nn.Module):
         return self.net(x)
 
 
-def pretrain(scenes, out, cfg, minutes: float, progress: bool = True) -> Path:
-    """Pretrain ``cfg``'s backbone and FPN on ``scenes`` (paths) for ``minutes``; writes a model
-    file (``out``) whose card says it is a pretrained backbone, for ``geodet train --init``."""
-    from ..io.scene import gdal_env, scene_from_config
-    from ..io.writers import check_output_path
-    from ..model import build_model, save_model
-    from ..pipeline.detect import resolve_device
-    from ..progress import progress_bar
-    from .schedule import Budget, lr_factor, make_optimizer
-    from .trainer import CpuShare, normalisation, training_precision
+def _open_scenes(scenes, cfg) -> list:
+    from ..io.scene import scene_from_config
 
-    VICRegLoss = require_lightly()
-    out = check_output_path(out)
     if not scenes:
         raise GeodetError("no scenes to pretrain on: name one or more GeoTIFFs")
-    if not minutes or minutes <= 0:
-        raise GeodetError("--time-limit must be a positive number of minutes")
-    tc = cfg.train
-    torch.manual_seed(tc.seed)
     opened = [scene_from_config(p, cfg.scene) for p in scenes]
     for sc in opened:
         sc.skip_hint = False
         if sc.count != opened[0].count:
             raise GeodetError(f"{sc.path}: {sc.count} band(s) where {opened[0].path} has {opened[0].count}: pretrain "
                               "on scenes of one sensor (or pick the same bands with --bands)")
+    return opened
+
+
+class DenseVICReg(torch.nn.Module):
+    """The pretraining objective on a batch of view pairs: on every FPN level, the features at the
+    same ground points of the two views go through that level's expander and VICReg's loss, so
+    every level's output conv learns; the points of all pairs together (``POINTS`` x batch) make
+    the batch the variance and covariance terms need."""
+
+    def __init__(self, backbone, transform, levels: int, channels: int, loss_fn):
+        super().__init__()
+        self.backbone, self.loss_fn = backbone, loss_fn
+        self.expanders = torch.nn.ModuleList(Projector(channels) for _ in range(levels))
+        self.register_buffer("mean", torch.as_tensor(transform.image_mean, dtype=torch.float32)[:, None, None])
+        self.register_buffer("std", torch.as_tensor(transform.image_std, dtype=torch.float32)[:, None, None])
+
+    def forward(self, a, b, ga, gb, autocast) -> torch.Tensor:
+        n = a.shape[0]
+        with torch.autocast(a.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            feats = list(self.backbone((torch.cat([a, b]) - self.mean) / self.std).values())
+        grid = torch.cat([ga, gb])[:, :, None, :]  # [2B, P, 1, 2]
+        loss = 0.0
+        for level, expander in zip(feats, self.expanders):
+            pts = torch.nn.functional.grid_sample(level.float(), grid, align_corners=False)[..., 0]  # [2B, C, P]
+            pts = pts.permute(0, 2, 1).reshape(2, n * pts.shape[2], -1)
+            za, zb = expander(torch.cat([pts[0], pts[1]])).chunk(2)
+            loss = loss + self.loss_fn(za, zb)
+        return loss / len(self.expanders)
+
+
+def _pretrain_loop(objective, data, opt, sched, budget, state, params, tc, device, autocast, bar) -> tuple[int, list]:
+    """Steps until the budget is spent; returns (steps, losses)."""
+    from ..io.scene import gdal_env
+
+    losses, step = [], 0
+    with gdal_env():
+        while True:
+            data.epoch += 1
+            for a, b, ga, gb in torch.utils.data.DataLoader(data, batch_size=tc.batch_size, shuffle=False):
+                loss = objective(*(t.to(device) for t in (a, b, ga, gb)), autocast)
+                if not torch.isfinite(loss):
+                    raise GeodetError(f"pretraining diverged at step {step}: lower train.lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                opt.step()
+                step += 1
+                budget.note_step(step)
+                budget.check_warmup(step, tc.warmup_steps)
+                state["progress"] = budget.progress(step)
+                sched.step()
+                losses.append(loss.item())
+                bar.n = min(bar.total, round(budget.elapsed())) if budget.seconds else step
+                bar.set_postfix(step=step, loss=f"{losses[-1]:.3f}")
+                bar.refresh()
+                if budget.stop_reason(step):
+                    return step, losses
+
+
+def pretrain(scenes, out, cfg, minutes: float | None, progress: bool = True, max_steps: int | None = None) -> Path:
+    """Pretrain ``cfg``'s backbone and FPN on ``scenes`` (paths) for ``minutes`` (and at most
+    ``max_steps``); writes a model file (``out``) whose card says it is a pretrained backbone, for
+    ``geodet train --init``."""
+    from ..io.writers import check_output_path
+    from ..model import build_model
+    from ..pipeline.detect import resolve_device
+    from ..progress import progress_bar
+    from .inputs import normalisation
+    from .loop import CpuShare, training_precision
+    from .schedule import Budget, lr_factor, make_optimizer
+
+    VICRegLoss = require_lightly()
+    out = check_output_path(out)
+    if minutes is not None and minutes <= 0:
+        raise GeodetError("--time-limit must be a positive number of minutes")
+    if max_steps is not None and max_steps <= 0:
+        raise GeodetError("--max-steps must be a positive number of steps")
+    if minutes is None and max_steps is None:
+        raise GeodetError("pretraining needs --time-limit or --max-steps")
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    opened = _open_scenes(scenes, cfg)
     device = resolve_device(tc.device)
-    norm = normalisation(opened)
     tile = int(cfg.tiling.tile_size)
     size = min(tile, 256)  # views: the model's scale, smaller chips (more of them per second)
-    model = build_model(cfg.model, bands=opened[0].bands, normalisation=norm, tile_size=tile,
+    model = build_model(cfg.model, bands=opened[0].bands, normalisation=normalisation(opened), tile_size=tile,
                         overlap=cfg.tiling.overlap, gsd_m=cfg.scene.gsd_m, percentiles=cfg.scene.percentiles)
     if cfg.model.pretrained != "none":
         log.info("pretraining from %s weights", cfg.model.pretrained)
-    backbone = model.net.backbone.to(device).train()
-    transform = model.net.transform
-    channels = cfg.model.channels
-    dense, glob = Projector(channels).to(device), Projector(channels).to(device)
-    params = [p for m in (backbone, dense, glob) for p in m.parameters() if p.requires_grad]
+    backbone = model.net.backbone.train()
+    levels = cfg.model.levels[1] - cfg.model.levels[0] + 1
+    objective = DenseVICReg(backbone, model.net.transform, levels, cfg.model.channels, VICRegLoss()).to(device)
+    params = [p for p in objective.parameters() if p.requires_grad]
     opt = make_optimizer(params, tc)
-    budget = Budget(None, minutes * 60)
+    budget = Budget(max_steps, None if minutes is None else minutes * 60)
     state = {"progress": 0.0}
-    warmup = tc.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, state["progress"]))
-    loss_fn = VICRegLoss()
-    autocast = training_precision(tc.precision, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, tc.warmup_steps, state["progress"]))
     data = ViewPairs(opened, size, 64 * tc.batch_size, tc.seed)
     usage = CpuShare()
-    bar = progress_bar(total=round(budget.seconds), unit="s", enabled=progress, desc=f"pretrain ({minutes:g} min)")
-    losses, step = [], 0
+    timed = budget.seconds is not None
+    bar = progress_bar(total=round(budget.seconds) if timed else max_steps, unit="s" if timed else "step",
+                       enabled=progress, desc=f"pretrain ({minutes:g} min)" if timed else "pretrain")
     try:
-        with gdal_env():
-            while True:
-                data.epoch += 1
-                stop = False
-                for a, b, ga, gb in torch.utils.data.DataLoader(data, batch_size=tc.batch_size, shuffle=False):
-                    a, b, ga, gb = (t.to(device) for t in (a, b, ga, gb))
-                    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                        x = torch.cat([a, b])
-                        x = (x - torch.as_tensor(transform.image_mean, device=device)[:, None, None]) / \
-                            torch.as_tensor(transform.image_std, device=device)[:, None, None]
-                        feats = list(backbone(x).values())
-                    fine, coarse = feats[0].float(), feats[-1].float()
-                    n = a.shape[0]
-                    grid = torch.cat([ga, gb])[:, :, None, :]  # [2B, P, 1, 2]
-                    pts = torch.nn.functional.grid_sample(fine, grid, align_corners=False)[..., 0]  # [2B, C, P]
-                    pts = pts.permute(0, 2, 1).reshape(2, n * pts.shape[2], -1)
-                    za, zb = dense(torch.cat([pts[0], pts[1]])).chunk(2)
-                    pooled = coarse.mean(dim=(2, 3))
-                    ga_, gb_ = glob(pooled).chunk(2)
-                    loss = loss_fn(za, zb) + loss_fn(ga_, gb_)
-                    if not torch.isfinite(loss):
-                        raise GeodetError(f"pretraining diverged at step {step}: lower train.lr")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                    opt.step()
-                    step += 1
-                    budget.note_step(step)
-                    budget.check_warmup(step, warmup)
-                    state["progress"] = budget.progress(step)
-                    sched.step()
-                    losses.append(loss.item())
-                    bar.n = min(bar.total, round(budget.elapsed()))
-                    bar.set_postfix(step=step, loss=f"{losses[-1]:.3f}")
-                    bar.refresh()
-                    if budget.stop_reason(step):
-                        stop = True
-                        break
-                if stop:
-                    break
+        step, losses = _pretrain_loop(objective, data, opt, sched, budget, state, params, tc, device,
+                                      training_precision(tc.precision, device), bar)
     finally:
         bar.close()
+    _write_backbone(model, backbone, out, scenes, step, losses, budget, size, usage.share())
+    return out
+
+
+def _write_backbone(model, backbone, out, scenes, step, losses, budget, size, share) -> None:
+    from ..model import save_model
+
     card = model.card
-    share = usage.share()
     card.extra["pretrained"] = {
-        "method": "dense VICReg (FPN finest level, point by point) + global VICReg, lightly's loss",
+        "method": "dense VICReg on every FPN level (point by point), lightly's loss",
         "scenes": [str(p) for p in scenes], "minutes": round(budget.elapsed() / 60, 2), "steps": step,
         "loss_first": round(float(np.mean(losses[:10])), 4) if losses else None,
         "loss_last": round(float(np.mean(losses[-10:])), 4) if losses else None,
@@ -237,7 +271,6 @@ def pretrain(scenes, out, cfg, minutes: float, progress: bool = True) -> Path:
     save_model(model.cpu(), out)
     log.info("pretrained %d steps in %.1f min: loss %.3f -> %.3f", step, budget.elapsed() / 60,
              card.extra["pretrained"]["loss_first"] or math.nan, card.extra["pretrained"]["loss_last"] or math.nan)
-    return out
 
 
 def is_pretrain_only(card) -> bool:
