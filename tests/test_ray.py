@@ -192,7 +192,7 @@ def test_the_cli_runs_a_model_file_on_ray_and_merges(local_ray, tiny_model, synt
     np.testing.assert_allclose(g[COLS[:4]].to_numpy(), r[COLS[:4]].to_numpy(), atol=1e-3)
     np.testing.assert_allclose(g["score"].to_numpy(), r["score"].to_numpy(), atol=6e-5)  # written to 4 decimals
     ok = json.loads((out / f"scene={sid}" / "_SUCCESS.json").read_text())
-    from geodet.io.writers import file_sha256
+    from geodet.hashing import file_sha256
 
     assert ok["model_sha256"] == file_sha256(tiny_model)
     assert main(["merge", str(out), "-o", str(tmp_path / "all.geojson"), "--quiet"]) == 0

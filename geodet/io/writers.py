@@ -91,16 +91,6 @@ def remove_partial(files, folders) -> None:
             break
 
 
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def boxes_to_polygons(boxes: np.ndarray, transform):
     """Pixel-edge boxes [N, 4] to polygons in the CRS of ``transform`` (exact affine of the corners)."""
     import shapely

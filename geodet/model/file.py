@@ -80,7 +80,7 @@ def model_from_payload(payload: dict, source: str = "model") -> GeodetModel:
 def load_model(path: str | Path) -> GeodetModel:
     """Load a model file with ``torch.load(weights_only=True)``; ``model.card`` describes it and
     ``model.source`` names the file and its SHA-256."""
-    from ..io.writers import file_sha256
+    from ..hashing import file_sha256
 
     model = model_from_payload(read_model_file(path), source=str(path))
     model.source = {"path": str(path), "sha256": file_sha256(path)}

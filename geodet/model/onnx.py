@@ -215,7 +215,7 @@ class OnnxModel:
 
 def load_onnx(path: str | Path, threads: int | None = None) -> OnnxModel:
     """Load a geodet ONNX file (no Python from the file runs) and check it against its card."""
-    from ..io.writers import file_sha256
+    from ..hashing import file_sha256
 
     ort = require_onnxruntime()
     p = Path(path)

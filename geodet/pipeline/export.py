@@ -94,7 +94,7 @@ def build_onnx(model, out: str | Path, precision: str, calib: Sequence[np.ndarra
                     "Calibrate on more representative scenes, or use fp32")
             path = int8
         result["passed"] = True
-        from ..io.writers import file_sha256
+        from ..hashing import file_sha256
 
         source = getattr(model, "source", None) or {}
         meta = {"precision": precision, "source_sha256": source.get("sha256"), "source_path": source.get("path"),

@@ -295,7 +295,7 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
     (also written to ``OUT/_job.json``); ``summary["failed_scenes"]`` lists the scenes left
     without ``_SUCCESS.json`` and why."""
     ray = require_ray()
-    from ..io.writers import file_sha256
+    from ..hashing import file_sha256
     from .job import load_detector_file
 
     t_start = time.perf_counter()
