@@ -45,17 +45,17 @@ class Patched:
     """The old decoder and per-tile copies, patched in for the ``with`` block."""
 
     def __enter__(self):
-        import geodet.model.network as net
+        import geodet.model.decode as dec
         import geodet.pipeline.detect as det
 
-        self.saved = (net.decode_levels, det.batch_to_host)
-        net.decode_levels, det.batch_to_host = old_decode, old_batch_to_host
+        self.saved = (dec.decode_levels, det.batch_to_host)
+        dec.decode_levels, det.batch_to_host = old_decode, old_batch_to_host
 
     def __exit__(self, *exc):
-        import geodet.model.network as net
+        import geodet.model.decode as dec
         import geodet.pipeline.detect as det
 
-        net.decode_levels, det.batch_to_host = self.saved
+        dec.decode_levels, det.batch_to_host = self.saved
 
 
 def sync(device):
@@ -65,7 +65,7 @@ def sync(device):
 
 def decode_only(model, tiles, device, rounds):
     """ms per tile of decoding the core's outputs for one batch, old and new."""
-    from geodet.model.network import decode_levels, feature_shapes
+    from geodet.model.decode import decode_levels, feature_shapes
 
     net = model.net.eval().to(device)
     card = model.card

@@ -7,7 +7,7 @@ import torch
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import boxes as box_ops
 
-from geodet.model.network import decode_levels
+from geodet.model.decode import decode_levels
 
 
 def per_image_reference(box_coder, head_outputs, anchors, image_shapes, score_thresh, nms_thresh, detections_per_img,

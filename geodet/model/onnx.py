@@ -2,7 +2,7 @@
 
 What is exported is the core only (band normalisation, backbone, FPN, both subnets) with a
 dynamic batch; anchors, box decoding and NMS stay in torch and are the very code the torch
-model runs (``network.Decoder``), so an fp32 ONNX model gives the torch model's detections.
+model runs (``decode.Decoder``), so an fp32 ONNX model gives the torch model's detections.
 
 An exported file carries the whole model card and its provenance in ONNX ``metadata_props``
 (``geodet.*`` keys), so it is as self-describing as a geodet ``.pt``. Loading one runs no
@@ -246,7 +246,7 @@ def decoder_for(card: ModelCard):
     from torchvision.models.detection import _utils as det_utils
 
     from .matching import anchor_generator
-    from .network import Decoder
+    from .decode import Decoder
 
     return Decoder(anchor_generator(card.model), det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0)), card.model.levels)
 
