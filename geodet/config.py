@@ -113,6 +113,9 @@ class TrainConfig:
     pseudo_rounds: int = 3  # times the teacher labels the unlabelled areas again after the burn-in
     pseudo_share: float = 0.5  # share of the chips drawn from the teacher's boxes
     ema_decay: float = 0.99  # the teacher's weights: this much of the old, 1 - this of the student's, per step
+    # the teacher's detections from this score up to their threshold are ignored by the loss (neither
+    # object nor background); None: the model's own score threshold
+    pseudo_floor: Optional[float] = None
     class_column: str = "label"
     unknown_classes: str = "drop"  # drop | keep (keep adds them as new classes)
     point_box_m: float = 1.0  # points become squares of this side
@@ -133,7 +136,14 @@ class TrainConfig:
     negative_fraction: float = 0.2
     min_visibility: float = 0.5
     max_nodata_fraction: float = 0.5
+    # chips may reach past the labelled area (and a validation strip) into the real pixels around,
+    # whose anchors the loss ignores; false: chips are cut at the area's edge and padded with zeros
+    chip_context: bool = False
     val_fraction: float = 0.2
+    # give the validation strip's labels back to training once the run's progress reaches this share
+    # (the validation then, which sets the operating point and the card's metrics, is the last);
+    # None: the strip stays held out for the whole run
+    val_give_back: Optional[float] = None
     # which model becomes model.pt: "last" (the end of the schedule, where the LR has decayed) or "best"
     # (the best validation AP50 seen); validation always sets the card's metrics and operating point.
     # "last": with a few hundred labels the validation strip holds a few dozen objects; picking by it

@@ -100,10 +100,165 @@ def test_the_loss_never_teaches_unlabelled_pixels_as_background():
     losses["classification"].backward()
     grad = logits["cls"].grad[0, :, 0]
     anchors = net.anchor_generator(net.transform(list(images))[0], list(net.backbone(images).values()))[0]
-    cx = (anchors[:, 0] + anchors[:, 2]) / 2
-    right = cx >= 32
-    assert torch.all(grad[right] == 0)  # no push towards background where nobody looked
-    assert torch.count_nonzero(grad[~right]) > 0.9 * int((~right).sum())  # background elsewhere, as before
+    # the share of each anchor on the unlabelled half (outside the image nothing lies)
+    w = (anchors[:, 2].clamp(max=64) - anchors[:, 0].clamp(min=32)).clamp(min=0)
+    h = (anchors[:, 3].clamp(max=64) - anchors[:, 1].clamp(min=0)).clamp(min=0)
+    share = w * h / ((anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1]))
+    # no push towards background where an object nobody labelled could make the anchor more than
+    # background (its IoU with it could reach the background threshold, 0.4)
+    assert torch.all(grad[share >= 0.42] == 0)
+    assert int((share >= 0.42).sum()) > 0.3 * len(share)
+    # background elsewhere, as before: no object hidden there could reach that IoU with these
+    assert torch.count_nonzero(grad[share < 0.38]) > 0.9 * int((share < 0.38).sum())
+
+
+def test_an_anchor_straddling_the_unlabelled_edge_is_ignored_not_background():
+    """The anchor's centre is on labelled pixels, but most of it covers an unlabelled region where
+    an object may lie: testing the centre alone taught it as background."""
+    from geodet.model.ignore import ignore_unlabelled, unlabelled_share
+
+    unlabelled = torch.zeros(64, 64, dtype=torch.bool)
+    unlabelled[:, 32:] = True
+    anchors = torch.tensor([[8.0, 8.0, 40.0, 40.0],  # centre x 24 (labelled), a quarter on the right half
+                            [12.0, 8.0, 44.0, 40.0],  # centre x 28, 37.5% on the right half
+                            [20.0, 8.0, 44.0, 32.0],  # centre x 32, half on the right half
+                            [14.0, 8.0, 34.0, 28.0]])  # 10% on the right half: background whatever lies there
+    share = unlabelled_share(anchors, unlabelled)
+    assert share.tolist() == pytest.approx([0.25, 0.375, 0.5, 0.1])
+    anchors[1] = torch.tensor([4.0, 8.0, 40.0, 40.0])  # centre x 22, 2/9 on the right half
+    anchors[0] = torch.tensor([10.0, 8.0, 40.0, 40.0])  # centre x 25, 8/30 = 27%
+    wide = torch.tensor([[4.0, 8.0, 44.0, 40.0]])  # centre x 24 (labelled): 12/40 = 30%
+    tall = torch.tensor([[16.0, 0.0, 40.0, 64.0]])  # centre x 28 (labelled): 8/24 = 33%
+    half = torch.tensor([[15.0, 0.0, 40.0, 64.0]])  # centre x 27.5 (labelled): 8/25 = 32%
+    m = ignore_unlabelled(torch.full((1,), -1), torch.tensor([[17.0, 0.0, 42.0, 64.0]]), unlabelled, 0.4)
+    assert m.tolist() == [-2]  # centre x 29.5, labelled; 10/25 = 40% unlabelled: ignored
+    for a in (wide, tall, half):
+        assert ignore_unlabelled(torch.full((1,), -1), a, unlabelled, 0.4).tolist() == [-1]
+    # foreground stays foreground
+    assert ignore_unlabelled(torch.tensor([0]), torch.tensor([[30.0, 0.0, 60.0, 30.0]]), unlabelled, 0.4).tolist() == [0]
+
+
+def test_a_box_cut_away_by_the_visibility_rule_leaves_its_visible_part_ignored(tmp_path, synth):
+    """A chip edge cuts an object so that less than min_visibility of it shows: it is no label,
+    and its visible part must not be taught as background either."""
+    from geodet.io.labels import LabelBoxes
+    from geodet.io.scene import Scene
+    from geodet.training.sampler import ChipDataset, TrainScene, chip_tile
+
+    cfg = tiny_config(synth.image, synth.labels, augment=False).train
+    sc = Scene(synth.image)
+    lb = LabelBoxes(np.array([[90.0, 40.0, 130.0, 60.0], [20.0, 20.0, 40.0, 40.0]]), np.zeros(2, np.int64), ["a"])
+    ds = ChipDataset([TrainScene(sc, lb, (0, 0, sc.width, sc.height), "l")], 100, cfg, 4, 0)
+    boxes, labels, mask = ds._labels_and_mask(0, chip_tile(0, 0, 100, (0, 0, sc.width, sc.height)), 100)
+    assert boxes.tolist() == [[20.0, 20.0, 40.0, 40.0]]  # the first object shows 25%: no label
+    assert mask[40:60, 90:100].all() and mask.sum() == 20 * 10  # its visible part: ignored, nothing else
+
+
+def test_the_mask_follows_a_resize(tmp_path):
+    """With torchvision's resizing transform (the stock preset), the boxes are scaled; the mask
+    must be too, or it marks the wrong anchors."""
+    cfg = ModelConfig(classes=["a"], channels=16, head_depth=1, levels=[3, 5], anchor_sizes=[16.0, 32.0, 64.0],
+                      resize_min_size=128)
+    model = build_model(cfg, tile_size=64).train()
+    unlabelled = torch.zeros(64, 64, dtype=torch.bool)
+    unlabelled[:, 32:] = True
+    target = {"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0]]), "labels": torch.tensor([0]), "unlabelled": unlabelled}
+    images, targets = model.net.transform([torch.rand(3, 64, 64)], [dict(target)])
+    assert images.image_sizes[0] == (128, 128) and targets[0]["unlabelled"].shape == (128, 128)
+    assert targets[0]["unlabelled"][:, 64:].all() and not targets[0]["unlabelled"][:, :64].any()
+    assert targets[0]["boxes"].tolist() == [[8.0, 8.0, 40.0, 40.0]]
+
+
+def test_an_l_shaped_labelled_area_end_to_end(tmp_path):
+    """A labelled area shaped like an L, chips read around it (context on), augmented, batched and
+    into the loss: the mask travels with the pixels, no label outside the L is lost, and no anchor
+    mostly outside the L is taught as background."""
+    import geopandas as gpd
+    import rasterio
+    from rasterio.transform import from_origin
+    from shapely.geometry import Polygon
+
+    from geodet.config import SceneLabels
+    from geodet.model.ignore import unlabelled_share
+    from geodet.training.sampler import ChipDataset, collate_chips
+    from geodet.training.trainer import Trainer
+
+    size = 256
+    ell = Polygon([(0, 0), (96, 0), (96, 160), (256, 160), (256, 256), (0, 256)])  # pixel coordinates
+    from rasterio.features import rasterize
+
+    inside = rasterize([(ell, 1)], out_shape=(size, size), fill=0, dtype="uint8").astype(bool)
+    img = np.zeros((3, size, size), np.uint8)
+    img[0] = np.where(inside, 40, 220)  # band 1 tells inside (dark) from outside (bright)
+    img[1] = 128
+    rng = np.random.default_rng(0)
+    boxes = []
+    for _ in range(40):
+        x, y = rng.integers(4, size - 20, 2)
+        boxes.append([x, y, x + 14, y + 14])
+        img[2, y : y + 14, x : x + 14] = 255
+    tr = from_origin(500000, 4000000, 0.3, 0.3)
+    scene = tmp_path / "l.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=tr) as dst:
+        dst.write(img)
+    to_map = lambda b: [tr * (b[0], b[1]), tr * (b[2], b[3])]  # noqa: E731
+    from shapely.geometry import box
+
+    gpd.GeoDataFrame({"label": ["car"] * len(boxes)},
+                     geometry=[box(*to_map(b)[0], *to_map(b)[1]) for b in boxes], crs="EPSG:32633").to_file(
+        tmp_path / "l.gpkg")
+    from shapely import affinity
+
+    ell_map = affinity.affine_transform(ell, [tr.a, tr.b, tr.d, tr.e, tr.c, tr.f])
+    gpd.GeoDataFrame(geometry=[ell_map], crs="EPSG:32633").to_file(tmp_path / "ell.gpkg")
+    cfg = tiny_config(scene, tmp_path / "l.gpkg", val_fraction=0.0, chip_context=True, negative_fraction=0.3,
+                      photometric=0.0)
+    cfg.train.scenes = [SceneLabels(str(scene), str(tmp_path / "l.gpkg"), str(tmp_path / "ell.gpkg"))]
+    t = Trainer(cfg, tmp_path / "run", progress=False)
+    t.prepare()
+    ds = ChipDataset(t.train_scenes, 128, cfg.train, 24, 0)
+    import geodet.training.augment as aug_mod
+
+    saw_mask = 0
+    for start in range(0, 24, 4):
+        items = [ds[i] for i in range(start, start + 4)]
+        images, targets = collate_chips(items)
+        for im, tg in zip(images, targets):
+            outside = im[0] > 0.5  # bright band 1: outside the L (radiometric jitter is mild)
+            m = tg.get("unlabelled")
+            if m is None:
+                assert not outside.any()
+                continue
+            saw_mask += 1
+            # the mask is outside the L, wherever the flips and turns took the chip (the cut-away
+            # boxes' visible parts may add to it inside)
+            assert bool(m[outside].all())
+    assert saw_mask > 0
+    model = build_model(cfg.model, tile_size=128).train()
+    images, targets = collate_chips([ds[i] for i in range(4)])
+    logits = {}
+    orig = model.net.head.classification_head.forward
+
+    def fwd(x):
+        out = orig(x)
+        out.retain_grad()
+        logits["cls"] = out
+        return out
+
+    model.net.head.classification_head.forward = fwd
+    model(images, targets)["classification"].backward()
+    anchors = model.net.anchor_generator(model.net.transform(list(images))[0], list(model.net.backbone(images).values()))
+    for k, tg in enumerate(targets):
+        if tg.get("unlabelled") is None:
+            continue
+        share = unlabelled_share(anchors[k], tg["unlabelled"])
+        far = share >= 0.4
+        from torchvision.ops import box_iou
+
+        near_obj = box_iou(anchors[k], tg["boxes"]).amax(1) >= 0.4 if len(tg["boxes"]) else torch.zeros_like(far)
+        g = logits["cls"].grad[k, :, 0]
+        assert torch.all(g[far & ~near_obj] == 0)
 
 
 def test_chips_stay_in_the_labelled_area_and_mark_the_rest(tmp_path, synth):
@@ -273,3 +428,38 @@ def test_a_validation_strip_without_labels_keeps_the_last_model(tmp_path, synth,
         path = train(cfg, tmp_path / "run", progress=False)
     assert "validation area holds no labels" in caplog.text
     assert load_model(path).card.trained_steps == 12  # not the first model that scored 0 on an empty strip
+
+
+def test_the_validation_strip_is_given_back_once_it_set_the_operating_point(tmp_path, synth):
+    """train.val_give_back: the strip validates until then (the operating point and the card's
+    metrics come from that last validation), then its labels train; it is never validated again."""
+    from geodet.model.file import read_model_file
+    from geodet.training.trainer import Trainer, train
+
+    cfg = tiny_config(synth.image, synth.labels, epochs=4, val_give_back=0.5)
+    t = Trainer(cfg, tmp_path / "probe", progress=False)
+    t.prepare()
+    ts, strip = t.val_sets[0]
+    held = ts.training_boxes()
+    assert (~held).sum() > 0  # labels centred in the strip are held out of the chips
+    from geodet.training import inputs
+
+    assert inputs.give_back(t.val_sets) == inputs.labels_inside(ts, strip) > 0
+    assert ts.area == ts.full_area and ts.held_out is None and ts.training_boxes().all()
+
+    path = train(cfg, tmp_path / "run", progress=False)
+    notes = [r["note"] for r in _rows(tmp_path / "run") if r["note"]]
+    back = [i for i, n in enumerate(notes) if "given back" in n]
+    assert len(back) == 1
+    assert not any(n.startswith("validation") for n in notes[back[0] + 1:])  # never validated on it again
+    card = read_model_file(path)["card"]
+    assert card["metrics"]["validated_at_step"] < card["trained_steps"] == 24
+    assert card["operating_point"] is not None and "given back" in card["metrics"]["validation_note"]
+
+
+def test_give_back_refuses_keep_best(tmp_path, synth):
+    from geodet.training.trainer import train
+
+    with pytest.raises(GeodetError, match="val_give_back"):
+        train(tiny_config(synth.image, synth.labels, val_give_back=0.5, keep="best"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

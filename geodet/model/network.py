@@ -33,6 +33,7 @@ from ..config import ModelConfig, SceneConfig, TilingConfig
 from ..errors import GeodetError
 from .card import ModelCard
 from .decode import Decoder, decode_levels
+from .ignore import ignore_unlabelled, resize_mask
 from .matching import anchor_generator, match_anchors, match_anchors_on_grid
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,17 @@ class NativeSizeTransform(GeneralizedRCNNTransform):
     """Normalise and batch, but never resize: tiles run at their native resolution."""
 
     def resize(self, image, target=None):
+        return image, target
+
+
+class ResizingTransform(GeneralizedRCNNTransform):
+    """torchvision's resizing transform (the ``stock`` preset), which also brings a chip's
+    unlabelled mask to the resized image, as it does the boxes."""
+
+    def resize(self, image, target=None):
+        image, target = super().resize(image, target)
+        if target is not None and target.get("unlabelled") is not None:
+            target["unlabelled"] = resize_mask(target["unlabelled"], int(image.shape[-2]), int(image.shape[-1]))
         return image, target
 
 
@@ -117,7 +129,7 @@ class DenseRetinaNet(RetinaNet):
             else:
                 matched = match_anchors(targets_per_image["boxes"], anchors_per_image, hi, lo)
             if targets_per_image.get("unlabelled") is not None:
-                matched = ignore_unlabelled(matched, anchors_per_image, targets_per_image["unlabelled"])
+                matched = ignore_unlabelled(matched, anchors_per_image, targets_per_image["unlabelled"], lo)
             matched_idxs.append(matched)
         return self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
 
@@ -161,19 +173,6 @@ class DenseRetinaNet(RetinaNet):
             timings["core"] = timings.get("core", 0.0) + t1 - t0
             timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t1
         return dets
-
-
-def ignore_unlabelled(matched: Tensor, anchors: Tensor, unlabelled: Tensor) -> Tensor:
-    """Background anchors (-1) whose centre lies on a never-labelled pixel (``unlabelled`` [H, W],
-    True there) become "ignore" (-2, as between the IoU thresholds): the loss never teaches as
-    background what nobody looked at. Foreground matches stay."""
-    h, w = unlabelled.shape[-2:]
-    cx = torch.floor((anchors[:, 0] + anchors[:, 2]) / 2).long()
-    cy = torch.floor((anchors[:, 1] + anchors[:, 3]) / 2).long()
-    inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
-    hit = torch.zeros_like(inside)
-    hit[inside] = unlabelled.to(anchors.device, torch.bool)[cy[inside], cx[inside]]
-    return torch.where(hit & (matched == -1), torch.full_like(matched, -2), matched)
 
 
 def _check_model_config(cfg: ModelConfig) -> None:
@@ -406,7 +405,7 @@ def build_model(
     net.levels = tuple(cfg.levels)
     if cfg.resize_min_size:
         # torchvision's stock transform (resizes tiles); only for comparisons with stock settings
-        net.transform = GeneralizedRCNNTransform(cfg.resize_min_size, max(1333, cfg.resize_min_size), norm["mean"], norm["std"])
+        net.transform = ResizingTransform(cfg.resize_min_size, max(1333, cfg.resize_min_size), norm["mean"], norm["std"])
     else:
         net.transform = NativeSizeTransform(tile_size, tile_size, norm["mean"], norm["std"])
     card = ModelCard(

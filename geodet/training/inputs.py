@@ -105,8 +105,9 @@ def labels_inside(ts: TrainScene, area) -> int:
 
 def validation_strips(train_scenes: list[TrainScene], fraction: float) -> list[tuple]:
     """Cut a validation strip of ``fraction`` from each scene's training area (across its longer
-    side): the scene's ``area`` shrinks to the rest and its full area is kept in ``full_area``
-    (for giving the strip back). Returns [(TrainScene, strip)]."""
+    side): the scene's ``area`` shrinks to the rest, the strip is ``held_out`` (its labels and
+    pixels never teach) and the full area is kept in ``full_area`` (for giving the strip back).
+    Returns [(TrainScene, strip)]."""
     val_sets = []
     for ts in train_scenes:
         parts = validation_split(ts.area, fraction)
@@ -114,6 +115,7 @@ def validation_strips(train_scenes: list[TrainScene], fraction: float) -> list[t
             continue
         ts.full_area = ts.area
         ts.area, val_area = parts
+        ts.held_out = val_area
         if not labels_inside(ts, ts.area):
             raise GeodetError(f"{ts.labels_path}: every label lies in the validation strip {val_area} of "
                               f"{ts.scene.path}: label more of the scene, or set train.val_fraction: 0")
@@ -152,3 +154,15 @@ def check_self_training(tc, world: int, has_validation: bool) -> None:
     if not has_validation:
         raise GeodetError("self-training chooses the teacher's thresholds on validation: keep a validation strip "
                           "(train.val_fraction > 0) or give --val-scene")
+
+
+def give_back(val_sets) -> int:
+    """Return each validation strip to its scene's training area; returns how many labels it
+    gives back."""
+    n = 0
+    for ts, strip in val_sets:
+        if ts.held_out is None or ts.full_area is None:
+            continue  # a separate validation scene, or given back already
+        n += labels_inside(ts, strip)
+        ts.area, ts.held_out = ts.full_area, None
+    return n

@@ -21,14 +21,17 @@ CHECKPOINT_FORMAT = "geodet-checkpoint"
 METRICS_HEADER = ["step", "epoch", "loss", "classification", "bbox_regression", "lr", "val_AP", "val_AP50", "seconds",
                   "note"]
 CARD_METRICS = ("AP", "AP50", "AP75", "precision", "recall", "f1")
+KEPT_KEYS = CARD_METRICS + ("score_threshold", "step", "note")  # what a checkpoint keeps of a validation
 
 
-def save_checkpoint(out: Path, r, cfg) -> None:
-    """``out/last.pt``: the model, optimiser and scheduler state and the step, written atomically."""
+def save_checkpoint(out: Path, r, cfg, kept: dict | None = None) -> None:
+    """``out/last.pt``: the model, optimiser and scheduler state and the step (and, once the
+    validation strips were given back, the validation before: ``kept``), written atomically."""
     state = {
         "format": CHECKPOINT_FORMAT, "version": 1, "step": r.step, "epoch": r.epoch, "best_ap50": r.best,
         "card": r.model.card.to_dict(), "config": asdict(cfg),
         "model": r.model.net.state_dict(), "optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict(),
+        "given_back": bool(r.given_back), "kept_metrics": kept or {},
     }
     fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".pt", dir=out)
     os.close(fd)
@@ -85,8 +88,8 @@ def save_kept_model(r, metrics: dict, path: Path, val_sets, batch_size: int) -> 
     card = r.model.card
     card.metrics = {k: metrics[k] for k in CARD_METRICS if k in metrics}
     card.metrics.update({"step": r.step, "epoch": r.epoch, "validation": "held-out area" if metrics else "none"})
-    if metrics.get("note"):
-        card.metrics["validation_note"] = metrics["note"]
+    if metrics.get("note"):  # validated earlier than this step (the strip was given back to training since)
+        card.metrics.update(validated_at_step=int(metrics["step"]), validation_note=metrics["note"])
     card.operating_point = metrics.get("score_threshold") if metrics else None
     card.trained_steps = r.step
     store_bf16_check(r, val_sets, batch_size)

@@ -32,6 +32,36 @@ class TrainScene:
     labelled: Optional[Any] = None
     kind: str = "labels"  # "labels" (the user's) or "pseudo" (a teacher's, see selftrain.py)
     full_area: Optional[tuple] = None  # the area before a validation strip was cut from it
+    held_out: Optional[tuple] = None  # a validation strip (x0, y0, x1, y1): its labels never train
+
+    def teach(self):
+        """Where this scene's chips may teach (labels and background): the labelled area inside
+        ``area``, without the held-out strip; None when that is the whole scene."""
+        from shapely.geometry import box
+
+        whole = (0, 0, self.scene.width, self.scene.height)
+        if self.labelled is None and tuple(self.area) == whole and self.held_out is None:
+            return None
+        geom = box(*self.area) if self.labelled is None else self.labelled.intersection(box(*self.area))
+        if self.held_out is not None:
+            geom = geom.difference(box(*self.held_out))
+        import shapely
+
+        shapely.prepare(geom)
+        return geom
+
+    def training_boxes(self) -> np.ndarray:
+        """Which labels a chip may hold: all but those centred in the held-out strip."""
+        b = self.labels.boxes
+        if self.held_out is None:
+            return np.ones(len(b), bool)
+        return ~within_centres(b, self.held_out)
+
+
+def within_centres(boxes: np.ndarray, rect) -> np.ndarray:
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    return (cx >= rect[0]) & (cx < rect[2]) & (cy >= rect[1]) & (cy < rect[3])
 
 
 def chip_tile(x: int, y: int, size: int, area) -> Tile:
@@ -42,14 +72,20 @@ def chip_tile(x: int, y: int, size: int, area) -> Tile:
 
 class ChipWindows:
     """Chip windows over training areas: most centred near a label box (jittered by a third of
-    a chip), a ``negative_fraction`` centred anywhere in the labelled part of the area. No I/O."""
+    a chip), a ``negative_fraction`` centred anywhere in the labelled part of the area. No I/O.
+
+    A chip stays inside its area's rectangle, or, with ``bounds`` (per area: the scene's
+    rectangle), inside the scene: it then reaches past the area into real pixels, which the
+    caller marks as unlabelled."""
 
     def __init__(self, areas: list[tuple], boxes: list[np.ndarray], size: int, negative_fraction: float,
-                 labelled: list | None = None, pseudo: list | None = None, pseudo_share: float = 0.0):
+                 labelled: list | None = None, pseudo: list | None = None, pseudo_share: float = 0.0,
+                 bounds: list | None = None):
         """``pseudo``: which areas hold a teacher's boxes; they get ``pseudo_share`` of the chips
         (when there are any), the user's areas the rest, each group by its box count."""
         self.areas, self.size, self.negative_fraction = areas, int(size), float(negative_fraction)
         self.labelled = labelled or [None] * len(areas)
+        self.bounds = bounds or list(areas)
         self.inside = []
         for rect, b, geom in zip(areas, boxes, self.labelled):
             self.inside.append(b[within(b, rect) & centres_inside(geom, b)])
@@ -75,10 +111,11 @@ class ChipWindows:
             cy = rng.integers(ay0, max(ay0 + 1, ay1 - size + 1)) + size / 2
         else:
             cx, cy = random_point(self.labelled[k], self.areas[k], rng)
+        bx0, by0, bx1, by1 = self.bounds[k]
         x, y = int(cx - size / 2), int(cy - size / 2)
-        x = int(np.clip(x, ax0, max(ax0, ax1 - size)))
-        y = int(np.clip(y, ay0, max(ay0, ay1 - size)))
-        return k, chip_tile(x, y, size, self.areas[k])
+        x = int(np.clip(x, bx0, max(bx0, bx1 - size)))
+        y = int(np.clip(y, by0, max(by0, by1 - size)))
+        return k, chip_tile(x, y, size, self.bounds[k])
 
 
 def instance_bank(scenes: list[TrainScene], seed: int, margin: int = 3) -> aug.InstanceBank:
@@ -128,10 +165,14 @@ class ChipDataset(torch.utils.data.Dataset):
         """Draw chips from ``scenes`` from now on (a self-training round adds the teacher's)."""
         for ts in scenes:
             ts.scene.stats  # computed once here, not in every worker
-        self.scenes = scenes
-        self.windows = ChipWindows([s.area for s in scenes], [s.labels.boxes for s in scenes], self.size,
-                                   self.cfg.negative_fraction, [s.labelled for s in scenes],
-                                   [s.kind == "pseudo" for s in scenes], pseudo_share)
+        self.scenes, self.pseudo_share = scenes, pseudo_share
+        self.teach = [s.teach() for s in scenes]
+        self.boxes_ok = [s.training_boxes() for s in scenes]
+        context = getattr(self.cfg, "chip_context", False)
+        bounds = [(0, 0, s.scene.width, s.scene.height) for s in scenes] if context else None
+        self.windows = ChipWindows([s.area for s in scenes], [s.labels.boxes[ok] for s, ok in zip(scenes, self.boxes_ok)],
+                                   self.size, self.cfg.negative_fraction, self.teach,
+                                   [s.kind == "pseudo" for s in scenes], pseudo_share, bounds)
 
     def __len__(self) -> int:
         return self.length
@@ -143,6 +184,22 @@ class ChipDataset(torch.utils.data.Dataset):
         # a chip of S px resampled to the tile: objects appear at size / S of their size
         s = float(np.exp(rng.uniform(np.log(1 - min(j, 0.9)), np.log(1 + j))))
         return max(8, int(round(self.size / s)))
+
+    def _labels_and_mask(self, k: int, tile: Tile, read: int):
+        """The chip's labels (in chip pixels) and its unlabelled mask: pixels outside where the
+        scene may teach, and the visible part of every box the visibility rule cut away (an
+        object is there; it is neither a label nor background)."""
+        ts = self.scenes[k]
+        src_boxes, src_labels = ts.labels.boxes[self.boxes_ok[k]], ts.labels.labels[self.boxes_ok[k]]
+        boxes, keep = clip_boxes(src_boxes, tile.valid, self.cfg.min_visibility)
+        seen, seen_keep = clip_boxes(src_boxes, tile.valid, 1e-9)
+        cut = seen[~keep[seen_keep]] + [tile.valid[0] - tile.col_off, tile.valid[1] - tile.row_off] * 2
+        unlabelled = unlabelled_mask(self.teach[k], tile.col_off, tile.row_off, read, read)
+        if len(cut):
+            unlabelled = np.zeros((read, read), bool) if unlabelled is None else unlabelled
+            for x0, y0, x1, y1 in cut:
+                unlabelled[int(np.floor(y0)) : int(np.ceil(y1)), int(np.floor(x0)) : int(np.ceil(x1))] = True
+        return boxes + [tile.valid[0] - tile.col_off, tile.valid[1] - tile.row_off] * 2, src_labels[keep], unlabelled
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, self.rank, self.epoch, i])
@@ -156,14 +213,12 @@ class ChipDataset(torch.utils.data.Dataset):
             frac *= (vx1 - vx0) * (vy1 - vy0) / float(read * read)
             if frac >= 1.0 - self.cfg.max_nodata_fraction:
                 break
-        boxes, keep = clip_boxes(ts.labels.boxes, tile.valid, self.cfg.min_visibility)
-        labels = ts.labels.labels[keep]
-        unlabelled = unlabelled_mask(ts.labelled, tile.col_off, tile.row_off, read, read)
+        boxes, labels, unlabelled = self._labels_and_mask(k, tile, read)
         if self.cfg.augment:
             img, boxes, unlabelled = aug.rescale(img, boxes, self.size, unlabelled)
             if self.bank is not None and rng.random() < self.cfg.copy_paste:
                 f = self.size / read
-                occupied, _ = clip_boxes(ts.labels.boxes, tile.valid, 1e-9)
+                occupied, _ = clip_boxes(ts.labels.boxes[self.boxes_ok[k]], tile.valid, 1e-9)
                 img = np.ascontiguousarray(img)
                 boxes, labels = self.bank.paste(img, boxes, labels, occupied * f, rng, int(rng.integers(1, PASTE_MAX + 1)),
                                                 unlabelled, img.any(axis=0))

@@ -36,7 +36,7 @@ from ..pipeline.grid import overlap_pixels
 from ..progress import progress_bar
 from . import inputs
 from .loop import STOPS, CpuShare, Run, StopSignals, train_step, training_precision
-from .records import MetricsLog, load_checkpoint, save_checkpoint, save_kept_model
+from .records import KEPT_KEYS, MetricsLog, load_checkpoint, save_checkpoint, save_kept_model
 from .sampler import ChipDataset, collate_chips
 from .schedule import DECAY_SHARE, DEFAULT_EPOCHS, Budget, lr_factor, make_optimizer
 from .start import apply_init, build_start_model, freeze_stages
@@ -65,6 +65,8 @@ class Trainer:
         self.main = self.rank == 0
         self.init = None  # (payload, card) of --init's model file
         self.metrics = MetricsLog(self.out / "metrics.csv", self.main)
+        self.kept_metrics: dict = {}  # the validation before the strips were given back
+        self.thresholds = None  # self-training's latest thresholds
         self.cpu_share: Optional[float] = None  # set at the end of a run
 
     # -- what is trained on ----------------------------------------------------------------
@@ -115,7 +117,7 @@ class Trainer:
             log.warning("self-training: nothing is unlabelled (no --unlabelled scene, and the labelled area covers "
                         "the scenes): training on the labels alone")
         else:
-            px = sum((a[1][2] - a[1][0]) * (a[1][3] - a[1][1]) for a in self.pseudo_areas)
+            px = sum((a.rect[2] - a.rect[0]) * (a.rect[3] - a.rect[1]) for a in self.pseudo_areas)
             log.info("self-training on %d unlabelled area(s), %.2g Mpx: burn-in on the labels for %d%% of the run, then "
                      "%d pseudo-label round(s)", len(self.pseudo_areas), px / 1e6, round(100 * tc.burn_in),
                      tc.pseudo_rounds)
@@ -144,6 +146,12 @@ class Trainer:
         total = self._step_cap()
         if tc.keep not in ("best", "last"):
             raise GeodetError(f"train.keep must be best or last, got '{tc.keep}'")
+        if tc.val_give_back is not None:
+            if not 0 < tc.val_give_back < 1:
+                raise GeodetError(f"train.val_give_back must be a share of the run between 0 and 1, got {tc.val_give_back}")
+            if tc.keep == "best":
+                raise GeodetError("train.val_give_back trains on the validation strip, which then cannot pick the best "
+                                  "model: use train.keep: last, or leave val_give_back unset")
         seconds = None if tc.time_limit_min is None else float(tc.time_limit_min) * 60
         if seconds is not None and seconds <= 0:
             raise GeodetError(f"--time-limit must be a positive number of minutes, got {tc.time_limit_min:g}")
@@ -170,6 +178,9 @@ class Trainer:
             opt.load_state_dict(state["optimizer"])
             r.sched.load_state_dict(state["scheduler"])
             r.step, r.epoch, r.best = int(state["step"]), int(state["epoch"]), float(state["best_ap50"])
+            if state.get("given_back"):  # the strips were training data by then: they stay so
+                inputs.give_back(self.val_sets)
+                r.given_back, self.kept_metrics = True, dict(state.get("kept_metrics") or {})
             log.info("resuming at step %d (epoch %d)", r.step, r.epoch)
         # a resumed run gets a fresh time budget; a step cap counts from the first step
         r.budget = Budget(total, seconds, start_step=r.step)
@@ -272,7 +283,7 @@ class Trainer:
         if stopped in STOPS:
             self._end_of_epoch(r, final=stopped is not None)
         elif self.main:
-            save_checkpoint(self.out, r, self.cfg)
+            save_checkpoint(self.out, r, self.cfg, self.kept_metrics)
         return stopped
 
     def _describe_run(self, r: Run) -> None:
@@ -307,11 +318,23 @@ class Trainer:
     # -- validation and self-training ----------------------------------------------------
     def _end_of_epoch(self, r: Run, final: bool) -> None:
         """Validate when due (always at the end), log, keep the best model (its card holds the
-        metrics and the operating point), and save ``last.pt``."""
+        metrics and the operating point), and save ``last.pt``. Once the validation strips are
+        given back, nothing is validated again: the card keeps the last validation before."""
         if not self.main:
             return
+        if self._give_back_due(r, final):
+            self._give_back(r)
+        if r.given_back:
+            if final:
+                save_kept_model(r, self.kept_metrics, self.out / "model.pt", self.val_sets, self.cfg.detect.batch_size)
+                log.info("step %d: saved model.pt (validated at step %d, before the strip was given back)", r.step,
+                         self.kept_metrics.get("step", 0))
+            save_checkpoint(self.out, r, self.cfg, self.kept_metrics)
+            if not final:
+                self._pseudo_round(r)
+            return
         if not r.budget.due_validation(final):
-            save_checkpoint(self.out, r, self.cfg)
+            save_checkpoint(self.out, r, self.cfg, self.kept_metrics)
             self._pseudo_round(r)
             return
         t0 = time.perf_counter()
@@ -327,17 +350,52 @@ class Trainer:
             log.info("step %d: val AP50 %.3f (saved model.pt)", r.step, score)
         else:
             log.info("step %d: val AP50 %.3f (best %.3f)", r.step, score, r.best)
-        save_checkpoint(self.out, r, self.cfg)
+        save_checkpoint(self.out, r, self.cfg, self.kept_metrics)
         r.budget.note_validation(time.perf_counter() - t0)
         self.metrics.note(r, r.budget.elapsed(), f"validation ({time.perf_counter() - t0:.1f} s)",
                           val_AP=f"{m.get('AP') or 0:.4f}" if m else "", val_AP50=f"{ap50 or 0:.4f}" if m else "")
         if not final:
             self._pseudo_round(r)
 
+    def _give_back_due(self, r: Run, final: bool) -> bool:
+        at = self.cfg.train.val_give_back
+        return (at is not None and not r.given_back and not final and r.progress >= at
+                and any(ts.held_out is not None for ts, _ in self.val_sets))
+
+    def _give_back(self, r: Run) -> None:
+        """Validate one last time (the operating point, the card's metrics and self-training's
+        thresholds come from it), then return the validation strips' labels to training."""
+        t0 = time.perf_counter()
+        m = validate(r.model, self.val_sets, self.classes, self.overlap, r.device, self.cfg.detect.batch_size,
+                     self.cfg.train.min_visibility)
+        r.model.train()
+        r.last_ap50 = r.best = (m.get("AP50") or 0.0) if m else 0.0
+        self.kept_metrics = {k: v for k, v in dict(m or {}, step=r.step).items() if k in KEPT_KEYS}
+        self.kept_metrics["note"] = f"validated at step {r.step}, before the validation strip was given back to training"
+        r.model.card.operating_point = m.get("score_threshold") if m else None
+        if r.teacher is not None and self.thresholds is None:
+            self.thresholds = self._thresholds(r, r.model)
+        n = inputs.give_back(self.val_sets)
+        r.data.set_scenes(r.data.scenes, r.data.pseudo_share)
+        r.given_back = True
+        note = (f"validation (AP50 {r.last_ap50:.4f}), then the strip's {n} label(s) given back to training "
+                f"({time.perf_counter() - t0:.1f} s)")
+        log.info("step %d: %s", r.step, note)
+        self.metrics.note(r, r.budget.elapsed(), note, val_AP=f"{m.get('AP') or 0:.4f}" if m else "",
+                          val_AP50=f"{r.last_ap50:.4f}" if m else "")
+
+    def _thresholds(self, r: Run, teacher):
+        from .selftrain import thresholds_from_validation
+
+        tc = self.cfg.train
+        op = r.model.card.operating_point if r.model.card.operating_point is not None else 0.5
+        return thresholds_from_validation(teacher, self.val_sets, self.classes, self.overlap, r.device,
+                                          self.cfg.detect.batch_size, tc.min_visibility, op)
+
     def _pseudo_round(self, r: Run) -> None:
         """Self-training: when the run's progress reaches the next round, the teacher labels the
         unlabelled areas again and the chips draw from its boxes from then on."""
-        from .selftrain import pseudo_scenes, thresholds_from_validation
+        from .selftrain import pseudo_scenes
 
         tc = self.cfg.train
         if r.teacher is None or r.rounds_done >= tc.pseudo_rounds:
@@ -349,16 +407,17 @@ class Trainer:
         if r.rounds_done == 0:
             r.teacher.reset(r.model)
         teacher = r.teacher.model
-        op = r.model.card.operating_point if r.model.card.operating_point is not None else 0.5
-        thr = thresholds_from_validation(teacher, self.val_sets, self.classes, self.overlap, r.device,
-                                         self.cfg.detect.batch_size, tc.min_visibility, op)
+        # after the strips are given back, the thresholds measured before on them stay
+        thr = self.thresholds if r.given_back else self._thresholds(r, teacher)
+        self.thresholds = thr
         rng = np.random.default_rng([tc.seed, 99, r.rounds_done])
         scenes, n_sure, n_doubt = pseudo_scenes(teacher, self.pseudo_areas, thr, self.classes, self.overlap,
-                                                self.cfg.tiling.tile_size, r.device, self.cfg.detect.batch_size, rng)
+                                                self.cfg.tiling.tile_size, r.device, self.cfg.detect.batch_size, rng,
+                                                tc.pseudo_floor)
         r.data.set_scenes(self.train_scenes + [s for s in scenes if len(s.labels)], tc.pseudo_share)
         r.rounds_done += 1
         r.model.train()
-        note = (f"pseudo-labels round {r.rounds_done}: {n_sure} boxes, {n_doubt} uncertain ignored; thresholds "
+        note = (f"pseudo-labels round {r.rounds_done}: {n_sure} boxes, {n_doubt} below their threshold ignored; thresholds "
                 f"(small/large, split at {thr.split:.0f} px) {thr.describe(self.classes)} ({time.perf_counter() - t0:.1f} s)")
         log.info(note)
         self.metrics.note(r, r.budget.elapsed(), note)
