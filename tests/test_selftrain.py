@@ -46,30 +46,70 @@ def test_thresholds_are_the_teachers_best_f1_on_validation(tmp_path):
     assert 8 < thr.split < 30  # the labels' median side
 
 
-def test_pseudo_boxes_are_labels_and_doubts_are_ignored(tmp_path):
+def test_pseudo_boxes_are_labels_and_every_box_below_its_threshold_is_ignored(tmp_path):
     from shapely.geometry import box
 
-    from geodet.training.selftrain import Thresholds, pseudo_scenes
+    from geodet.training.selftrain import PseudoArea, Thresholds, pseudo_scenes
 
     sc, _ = _id_scene(tmp_path)
 
     def teacher(batch):
         b = torch.tensor([[10.0, 10.0, 30.0, 30.0], [50.0, 10.0, 70.0, 30.0], [90.0, 10.0, 110.0, 30.0]])
-        return [{"boxes": b, "scores": torch.tensor([0.9, 0.7, 0.3]), "labels": torch.zeros(3, dtype=torch.int64)}
+        return [{"boxes": b, "scores": torch.tensor([0.9, 0.7, 0.1]), "labels": torch.zeros(3, dtype=torch.int64)}
                 for _ in batch]
 
     thr = Thresholds({0: (0.8, 0.8)}, split=20.0)
     rest = box(0, 0, 400, 300).difference(box(0, 0, 40, 300))  # the left 40 px are labelled by the user
-    scenes, n_sure, n_doubt = pseudo_scenes(teacher, [(sc, (0, 0, 400, 300), rest)], thr, ["0"], 0, 512, "cpu", 4,
-                                            np.random.default_rng(0))
+    scenes, n_sure, n_doubt = pseudo_scenes(teacher, [PseudoArea(sc, (0, 0, 400, 300), rest)], thr, ["0"], 0, 512,
+                                            "cpu", 4, np.random.default_rng(0), floor=0.05)
     (ps,) = scenes
-    assert ps.kind == "pseudo" and n_sure == 0 and n_doubt == 1  # the 0.9 box lies in the user's part
+    assert ps.kind == "pseudo" and n_sure == 0 and n_doubt == 2  # the 0.9 box lies in the user's part
     assert len(ps.labels) == 0
-    assert not ps.labelled.contains(box(52, 12, 68, 28))  # under the doubtful box: ignored, not background
-    assert ps.labelled.contains(box(150, 100, 160, 110))  # elsewhere: taught as background
-    scenes, n_sure, _ = pseudo_scenes(teacher, [(sc, (0, 0, 400, 300), None)], thr, ["0"], 0, 512, "cpu", 4,
+    assert not ps.labelled.contains(box(52, 12, 68, 28))  # under a box below its threshold: ignored
+    # a box far below the threshold (0.1, a crown the teacher half saw) is ignored too, not background
+    assert not ps.labelled.contains(box(92, 12, 108, 28))
+    assert ps.labelled.contains(box(150, 100, 160, 110))  # where the teacher saw nothing: background
+    scenes, n_sure, _ = pseudo_scenes(teacher, [PseudoArea(sc, (0, 0, 400, 300))], thr, ["0"], 0, 512, "cpu", 4,
                                       np.random.default_rng(0))
     assert n_sure == 1 and scenes[0].labels.boxes.tolist() == [[10.0, 10.0, 30.0, 30.0]]
+
+
+def test_the_users_labels_outside_the_area_stay_labels_in_the_teachers_chips(tmp_path):
+    from shapely.geometry import box
+
+    from geodet.training.selftrain import PseudoArea, Thresholds, pseudo_scenes
+
+    sc, _ = _id_scene(tmp_path)
+
+    def teacher(batch):  # finds one of the user's two objects (a near-copy of its box), misses the other
+        b = torch.tensor([[101.0, 10.0, 121.0, 30.0]])
+        return [{"boxes": b, "scores": torch.tensor([0.95]), "labels": torch.zeros(1, dtype=torch.int64)} for _ in batch]
+
+    thr = Thresholds({0: (0.5, 0.5)}, split=20.0)
+    user = np.array([[100.0, 10.0, 120.0, 30.0], [200.0, 100.0, 230.0, 130.0]])
+    area = PseudoArea(sc, (0, 0, 400, 300), box(40, 0, 400, 300), user, np.zeros(2, np.int64))
+    (ps,), n_sure, _ = pseudo_scenes(teacher, [area], thr, ["0"], 0, 512, "cpu", 4, np.random.default_rng(0))
+    # both of the user's objects are labels (the one the teacher missed too), and the teacher's copy
+    # of the first is not a second object
+    assert sorted(ps.labels.boxes.tolist()) == sorted(user.tolist()) and n_sure == 0
+
+
+def test_joined_validation_areas_are_ranked_as_one():
+    """Two validation areas whose scores interleave: the bins must be sorted again once joined,
+    or the best-F1 threshold comes from a misordered list."""
+    from geodet.training.selftrain import _threshold, ranked
+
+    g = np.array([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0]])
+    # area A: its objects at 0.5 and a false box at 0.45; area B: its objects at 0.9, false boxes at 0.85 and 0.2
+    fa = np.array([[50.0, 50.0, 60.0, 60.0]])
+    da = (np.concatenate([g, fa]), np.array([0.5, 0.5, 0.45]), np.zeros(3, np.int64))
+    db = (np.concatenate([g, fa, fa + 20]), np.array([0.9, 0.9, 0.85, 0.2]), np.zeros(4, np.int64))
+    gts = [(g, np.zeros(2, np.int64)), (g, np.zeros(2, np.int64))]
+    s, t, n = ranked([da, db], gts, 0, True, 1e9)
+    assert np.all(np.diff(s) <= 0) and n == 4
+    assert t.tolist() == [True, True, False, True, True, False, False]
+    # F1 over the ranking: best at 0.5 (all four objects, two false boxes above)
+    assert _threshold(s, t, n, 0.3) == pytest.approx(0.5)
 
 
 def test_self_training_runs_its_rounds_and_logs_them(tmp_path, synth):

@@ -10,9 +10,11 @@ augmentation, loss) stays as it is.
   augmented chips (the strong view: scale jitter, flips, rotations, colour), beside labelled chips.
 - **Thresholds** per class and object size, from validation: the teacher's best-F1 score on the
   held-out strip; small and large objects (split at the labels' median size) get their own, as
-  small aerial objects score lower (S3OD, arXiv 2310.14718). A detection scoring below the
-  threshold but above ``UNCERTAIN`` of it is uncertain: the loss ignores the anchors under it
-  rather than teach them as background.
+  small aerial objects score lower (S3OD, arXiv 2310.14718). Every detection below its threshold,
+  down to the score floor, is a doubt: the loss ignores the anchors under it rather than teach
+  them as background (a teacher at recall 0.6 that taught its misses as background would unteach
+  40% of the objects).
+- **The user's labels** outside the labelled area stay labels in the teacher's chips.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import numpy as np
 import torch
 
 from ..io.labels import LabelBoxes
+from .area import centres_inside
 from .sampler import TrainScene
 
 log = logging.getLogger(__name__)
 MIN_VAL_LABELS = 5  # a size bin with fewer validation labels uses its class's threshold
-UNCERTAIN = 0.75  # detections from this share of the threshold up to it are ignored, not background
 MAX_AREA_TILES = 64  # an unlabelled area larger than this many tiles is pseudo-labelled in sampled windows
 
 
@@ -101,13 +103,33 @@ def _threshold(scores_sorted: np.ndarray, tp_sorted: np.ndarray, n_labels: int, 
     return float(scores_sorted[int(np.argmax(f1))])
 
 
+def _side(b: np.ndarray) -> np.ndarray:
+    return np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+
+
+def ranked(dets, gts, c: int, small: bool, split: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Over every validation area: the scores of class ``c``'s detections in one size bin, sorted
+    descending, whether each matches a label, and the number of labels in the bin. Each area is
+    matched on its own; joined, the areas' detections are sorted again into one ranking."""
+    s_all, t_all, n_gt = [np.zeros(0)], [np.zeros(0, bool)], 0
+    for (db, ds, dl), (gb, gl) in zip(dets, gts):
+        dm = (dl == c) & ((_side(db) < split) == small)
+        gm = (gl == c) & ((_side(gb) < split) == small)
+        n_gt += int(gm.sum())
+        order = np.argsort(-ds[dm], kind="stable")
+        s_all.append(ds[dm][order])
+        t_all.append(_matched(db[dm], ds[dm], gb[gm]))
+    s_cat, t_cat = np.concatenate(s_all), np.concatenate(t_all)
+    order = np.argsort(-s_cat, kind="stable")
+    return s_cat[order], t_cat[order], n_gt
+
+
 def thresholds_from_validation(teacher, val_sets, classes, overlap: int, device, batch_size: int,
                                min_visibility: float, fallback: float) -> Thresholds:
     """Per class and size bin, the teacher's best-F1 score threshold on the validation areas
     (``fallback``, the operating point, where validation cannot tell)."""
     from ..io.labels import clip_boxes
     from ..pipeline.detect import detect_scene
-    from .area import centres_inside
 
     dets, gts = [], []
     for ts, area in val_sets:
@@ -121,24 +143,11 @@ def thresholds_from_validation(teacher, val_sets, classes, overlap: int, device,
         g, kept = clip_boxes(ts.labels.boxes, area, min_visibility)
         inside = centres_inside(ts.labelled, g + shift)
         gts.append((g[inside], ts.labels.labels[kept][inside]))
-    sides = np.concatenate([np.sqrt((g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1])) for g, _ in gts] or [np.zeros(0)])
+    sides = np.concatenate([_side(g) for g, _ in gts] or [np.zeros(0)])
     split = float(np.median(sides)) if len(sides) else 0.0
     by_class = {}
     for c in range(len(classes)):
-        per_bin = []
-        for small in (True, False):
-            s_all, t_all, n_gt = [], [], 0
-            for (db, ds, dl), (gb, gl) in zip(dets, gts):
-                dside = np.sqrt((db[:, 2] - db[:, 0]) * (db[:, 3] - db[:, 1]))
-                gside = np.sqrt((gb[:, 2] - gb[:, 0]) * (gb[:, 3] - gb[:, 1]))
-                dm = (dl == c) & ((dside < split) == small)
-                gm = (gl == c) & ((gside < split) == small)
-                n_gt += int(gm.sum())
-                tp = _matched(db[dm], ds[dm], gb[gm])
-                s_all.append(np.sort(ds[dm])[::-1])
-                t_all.append(tp)
-            per_bin.append((np.concatenate(s_all) if s_all else np.zeros(0), np.concatenate(t_all) if t_all else
-                            np.zeros(0, bool), n_gt))
+        per_bin = [ranked(dets, gts, c, small, split) for small in (True, False)]
         both_s = np.concatenate([per_bin[0][0], per_bin[1][0]])
         order = np.argsort(-both_s, kind="stable")
         both_t = np.concatenate([per_bin[0][1], per_bin[1][1]])[order]
@@ -147,16 +156,32 @@ def thresholds_from_validation(teacher, val_sets, classes, overlap: int, device,
     return Thresholds(by_class, split)
 
 
-def unlabelled_areas(train_scenes: list[TrainScene], val_sets, unlabelled_scenes: list) -> list[tuple]:
-    """What the teacher labels: (scene, area rect, geometry of where its boxes may teach or None)
-    for every unlabelled scene (whole), and for each labelled scene the part outside its labelled
-    area (and outside its validation strip)."""
+@dataclass
+class PseudoArea:
+    """What the teacher labels: a scene's rectangle, where its boxes may teach (None: all of it),
+    and the user's own labels there (they stay labels: the teacher only adds to them)."""
+
+    scene: object
+    rect: tuple
+    geom: object = None
+    boxes: np.ndarray = None  # the user's labels [N, 4] in scene pixels
+    labels: np.ndarray = None
+
+    def __post_init__(self):
+        if self.boxes is None:
+            self.boxes, self.labels = np.zeros((0, 4)), np.zeros(0, np.int64)
+
+
+def unlabelled_areas(train_scenes: list[TrainScene], val_sets, unlabelled_scenes: list) -> list[PseudoArea]:
+    """What the teacher labels: every unlabelled scene (whole), and for each labelled scene the
+    part outside its labelled area (and outside its validation strip), with the user's labels
+    that lie there."""
     import shapely
     from shapely.geometry import box
 
     out = []
     for sc in unlabelled_scenes:
-        out.append((sc, (0, 0, sc.width, sc.height), None))
+        out.append(PseudoArea(sc, (0, 0, sc.width, sc.height)))
     for ts in train_scenes:
         if ts.labelled is None:
             continue
@@ -169,7 +194,9 @@ def unlabelled_areas(train_scenes: list[TrainScene], val_sets, unlabelled_scenes
             continue
         x0, y0, x1, y1 = (int(v) for v in np.round(rest.bounds))
         shapely.prepare(rest)
-        out.append((sc, (x0, y0, x1, y1), rest))
+        b = ts.labels.boxes
+        mine = centres_inside(rest, b)
+        out.append(PseudoArea(sc, (x0, y0, x1, y1), rest, b[mine], ts.labels.labels[mine]))
     return out
 
 
@@ -186,40 +213,54 @@ def windows(rect, tile: int, rng, max_tiles: int = MAX_AREA_TILES) -> list[tuple
     return out
 
 
-def pseudo_scenes(teacher, areas, thresholds: Thresholds, classes, overlap: int, tile: int, device, batch_size: int,
-                  rng) -> tuple[list[TrainScene], int, int]:
+def pseudo_scenes(teacher, areas: list[PseudoArea], thresholds: Thresholds, classes, overlap: int, tile: int, device,
+                  batch_size: int, rng, floor: float | None = None) -> tuple[list[TrainScene], int, int]:
     """The teacher's boxes over ``areas`` as training scenes: boxes at or above their threshold are
-    labels, boxes from ``UNCERTAIN`` x the threshold up to it are cut out of where the loss may
-    teach background. Returns (scenes, pseudo boxes, uncertain boxes)."""
+    labels beside the user's own labels there, and every other box the teacher saw (from ``floor``,
+    default the model's score threshold, up to its threshold) is cut out of where the loss may
+    teach background: a doubt, or a miss the teacher half saw, is neither object nor background.
+    Returns (scenes, pseudo boxes, ignored boxes)."""
+    out, n_sure, n_doubt = [], 0, 0
+    for area in areas:
+        for win in windows(area.rect, tile, rng):
+            ts, sure, doubt = _pseudo_window(teacher, area, win, thresholds, classes, overlap, device, batch_size, floor)
+            n_sure += sure
+            n_doubt += doubt
+            if ts is not None:
+                out.append(ts)
+    return out, n_sure, n_doubt
+
+
+def _pseudo_window(teacher, area: PseudoArea, win, thresholds, classes, overlap, device, batch_size, floor):
     import shapely
     from shapely.geometry import box
+    from torchvision.ops import box_iou
 
     from ..pipeline.detect import detect_scene
 
     index = {n: k for k, n in enumerate(classes)}
-    out, n_sure, n_doubt = [], 0, 0
-    for sc, rect, geom in areas:
-        for win in windows(rect, tile, rng):
-            frame = detect_scene(sc, teacher, area=win, overlap=overlap, device=str(device), num_workers=0,
-                                 progress=False, batch_size=batch_size)
-            b = frame[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float64) + [win[0], win[1]] * 2
-            s = frame["score"].to_numpy(np.float64)
-            lab = frame["label"].map(index).to_numpy(np.int64)
-            if geom is not None:  # only where nobody labelled
-                from .area import centres_inside
-
-                keep = centres_inside(geom, b)
-                b, s, lab = b[keep], s[keep], lab[keep]
-            thr = thresholds.of(lab, b)
-            sure, doubt = s >= thr, (s >= UNCERTAIN * thr) & (s < thr)
-            teach = box(*win) if geom is None else geom.intersection(box(*win))
-            if doubt.any():
-                teach = teach.difference(shapely.union_all(shapely.box(*b[doubt].T)))
-            if teach.is_empty:
-                continue
-            shapely.prepare(teach)
-            n_sure += int(sure.sum())
-            n_doubt += int(doubt.sum())
-            lb = LabelBoxes(b[sure], lab[sure], list(classes), {"pseudo": int(sure.sum())})
-            out.append(TrainScene(sc, lb, tuple(int(v) for v in win), "pseudo-labels", teach, kind="pseudo"))
-    return out, n_sure, n_doubt
+    kw = {} if floor is None else {"score_threshold": floor}
+    frame = detect_scene(area.scene, teacher, area=win, overlap=overlap, device=str(device), num_workers=0,
+                         progress=False, batch_size=batch_size, **kw)
+    b = frame[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float64) + [win[0], win[1]] * 2
+    s = frame["score"].to_numpy(np.float64)
+    lab = frame["label"].map(index).to_numpy(np.int64)
+    keep = centres_inside(area.geom, b)  # only where nobody labelled
+    b, s, lab = b[keep], s[keep], lab[keep]
+    mine = centres_inside(box(*win), area.boxes)
+    ub, ul = area.boxes[mine], area.labels[mine]
+    if len(ub) and len(b):  # the user's label wins over the teacher's box for the same object
+        dup = box_iou(torch.as_tensor(b), torch.as_tensor(ub)).amax(1).numpy() >= 0.5
+        b, s, lab = b[~dup], s[~dup], lab[~dup]
+    thr = thresholds.of(lab, b)
+    sure, doubt = s >= thr, s < thr
+    teach = box(*win) if area.geom is None else area.geom.intersection(box(*win))
+    if doubt.any():
+        teach = teach.difference(shapely.union_all(shapely.box(*b[doubt].T)))
+    if teach.is_empty:
+        return None, 0, 0
+    shapely.prepare(teach)
+    boxes, labels = np.concatenate([b[sure], ub]), np.concatenate([lab[sure], ul]).astype(np.int64)
+    lb = LabelBoxes(boxes, labels, list(classes), {"pseudo": int(sure.sum()), "user": len(ub)})
+    ts = TrainScene(area.scene, lb, tuple(int(v) for v in win), "pseudo-labels", teach, kind="pseudo")
+    return ts, int(sure.sum()), int(doubt.sum())
