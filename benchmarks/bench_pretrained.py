@@ -55,7 +55,7 @@ def main():
         source = str(folder)
     imported = wd / "imported.pt"
     run(geodet + ["import", source, "-o", str(imported), "--gsd", "0.1", "--tile-size", "400"])
-    train = ["--scene", str(d / "yell_541000.tif"), "--labels", str(d / "yell_541000.gpkg"), "--time-limit",
+    train = [str(d / "yell_541000.tif"), "--labels", str(d / "yell_541000.gpkg"), "--time-limit",
              str(args.minutes), "--class-column", ""]
     rows = []
     for name, extra in (("from scratch (trees preset, R18)", ["--config", "trees"]),
@@ -69,7 +69,7 @@ def main():
             det = out / f"{held}.gpkg"
             run(geodet + ["detect", str(d / f"{held}.tif"), "-m", str(out / "model.pt"), "-o", str(det)])
             _, text = run(geodet + ["evaluate", str(det), str(d / f"{held}.gpkg"), "--scene", str(d / f"{held}.tif"),
-                                    "--class-column", "", "--json", str(out / f"{held}.json")])
+                                    "--class-column", "", "-o", str(out / f"{held}.json")])
             m = json.loads((out / f"{held}.json").read_text())
             row[held] = {"AP50": round(m["AP50"], 3), "precision": round(m["precision"], 2),
                          "recall": round(m["recall"], 2), "detections": m["n_detections"], "labels": m["n_labels"]}

@@ -107,7 +107,7 @@ def test_band_mismatch_message_and_bands_flag(tmp_path, tiny_model, count, dtype
 
 
 def _train_args(tmp_path, scene, labels, *extra):
-    return ("train", "--config", "cpu", "--scene", scene, "--labels", labels, "--out", tmp_path / "run",
+    return ("train", scene, "--labels", labels, "--config", "cpu", "--out", tmp_path / "run",
             "--max-steps", "1", "--tile-size", "128", "--overlap", "16", *extra)
 
 
@@ -227,7 +227,7 @@ def test_sigterm_during_detect_leaves_previous_output(tmp_path, tiny_model):
 
 def test_sigterm_during_train_then_resume(tmp_path, synth):
     run = tmp_path / "runs" / "a"  # parents that do not exist yet: the command creates its run folder
-    args = ("train", "--config", "cpu", "--scene", synth.image, "--labels", synth.labels, "--out", run,
+    args = ("train", synth.image, "--labels", synth.labels, "--config", "cpu", "--out", run,
             "--tile-size", "128", "--overlap", "16", "--steps-per-epoch", "4", "--epochs", "400")
     proc = subprocess.Popen([sys.executable, "-m", "geodet.cli", *map(str, args)], env=ENV, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -257,13 +257,13 @@ def test_end_to_end_cli_detect_and_evaluate(tmp_path, tiny_model, synth):
     assert rep["inputs"][0]["bytes"] == os.path.getsize(synth.image)
     assert rep["quicklooks"] == [str(tmp_path / "q.png")] and rep["scenes"][0]["tiles_capped"] >= 0
     assert (tmp_path / "q.png").stat().st_size > 0
-    r = geodet("evaluate", out, synth.labels, "--scene", synth.image, "--json", tmp_path / "m.json", "--plot", tmp_path / "pr.png")
+    r = geodet("evaluate", out, synth.labels, "--scene", synth.image, "-o", tmp_path / "m.json", "--plot", tmp_path / "pr.png")
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "m.json").read_text())
     for k in ("AP", "AP50", "AP75", "AP_small", "precision", "recall", "f1", "n_detections", "n_labels", "per_class"):
         assert k in m
     assert m["n_labels"] == len(gpd.read_file(synth.labels))
-    r = geodet("anchors", "--scene", synth.image, "--labels", synth.labels, "--config", "cpu")
+    r = geodet("anchors", synth.image, "--labels", synth.labels, "--config", "cpu")
     assert r.returncode == 0 and "coverage" in r.stdout
     r = geodet("tile", synth.image, "--out", tmp_path / "chips", "--tile-size", "128", "--overlap", "16", "--labels", synth.labels)
     assert r.returncode == 0, r.stderr

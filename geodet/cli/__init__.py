@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     from .. import progress
 
-    mode = getattr(args, "progress", None) or ("none" if args.quiet or os.environ.get("GEODET_NO_PROGRESS") else "bar")
+    # -q or GEODET_NO_PROGRESS: none; else bars on a terminal and plain lines elsewhere (a log file)
+    mode = getattr(args, "progress", None) or ("none" if args.quiet or os.environ.get("GEODET_NO_PROGRESS") else "auto")
     progress.set_mode(mode)
     args.quiet = mode == "none"
     if args.command in ("detect", "tile"):
@@ -82,7 +83,10 @@ def main(argv=None) -> int:
         tune_memory()
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        if code in (0, EXIT_PARTIAL):
+            progress.finish()
+        return code
     except GeodetError as exc:
         if args.verbose:
             log.exception("details")
@@ -100,6 +104,7 @@ def main(argv=None) -> int:
         print(f"geodet: unexpected error: {type(exc).__name__}: {msg} (rerun with --verbose for details)", file=sys.stderr)
         return 1
     finally:
+        progress.finish(done=False)
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from .common import PRESETS_HELP
+from .common import PRESETS_HELP, GeodetError, deprecated
 
 
 def add_parser(sub, common) -> None:
     a = sub.add_parser("anchors", parents=[common], help="label box sizes, fitted anchors and anchor coverage",
                        description="Print the label boxes' size distribution at the model's GSD, the anchor coverage "
-                                   "of the config, and anchors fitted to the boxes with their coverage.")
-    a.add_argument("--scene", required=True)
-    a.add_argument("--labels", required=True)
+                                   "of the config, and anchors fitted to the boxes with their coverage; with -o, write "
+                                   "the config with the fitted anchors.")
+    a.add_argument("scene", nargs="?", metavar="SCENE", help="the labelled scene (GeoTIFF)")
+    a.add_argument("--labels", required=True, help="vector labels of the scene (any OGR format or GeoParquet, any CRS)")
     a.add_argument("--config", help=PRESETS_HELP)
-    a.add_argument("--class-column", default=None)
-    a.add_argument("--write-config", help="write the config with the fitted anchors to this YAML file")
+    a.add_argument("--class-column", default=None,
+                   help="class column of the labels (default: the config's, label); '' for one class")
+    a.add_argument("--out", "-o", help="write the config with the fitted anchors to this YAML file")
+    deprecated(a, "--scene", "name the scene first: geodet anchors SCENE --labels LABELS", dest="scene_flag")
+    deprecated(a, "--write-config", "use -o/--out", dest="out")
 
 
 def run(args) -> int:
@@ -22,8 +26,15 @@ def run(args) -> int:
     from ..io.scene import scene_from_config
     from ..model.anchors import anchor_coverage, fit_anchors, size_summary
 
+    scene_flag = getattr(args, "scene_flag", None)
+    if scene_flag and args.scene:
+        raise GeodetError(f"two scenes given ({args.scene} and --scene {scene_flag}): name one, geodet anchors SCENE "
+                          "--labels LABELS")
+    scene = args.scene or scene_flag
+    if not scene:
+        raise GeodetError("no scene given: geodet anchors SCENE --labels LABELS")
     cfg = load_config(args.config)
-    sc = scene_from_config(args.scene, cfg.scene)
+    sc = scene_from_config(scene, cfg.scene)
     col = args.class_column if args.class_column is not None else cfg.train.class_column
     lb = load_scene_labels(sc, args.labels, col or None, unknown="keep", point_box_m=cfg.train.point_box_m)
     sizes = lb.boxes[:, 2:] - lb.boxes[:, :2]
@@ -35,8 +46,8 @@ def run(args) -> int:
           f"{m.scales_per_octave} scale(s)/octave: coverage {cur:.3f} (IoU >= {m.fg_iou})")
     fit = fit_anchors(sizes, m.levels, m.scales_per_octave, base_cfg=m)
     print(f"fitted anchors: sizes {fit.anchor_sizes}, ratios {fit.aspect_ratios}: coverage {fit.coverage:.3f}")
-    if args.write_config:
+    if args.out:
         cfg.model.anchor_sizes, cfg.model.aspect_ratios = fit.anchor_sizes, fit.aspect_ratios
-        save_config(cfg, args.write_config)
-        print(f"wrote {args.write_config}")
+        save_config(cfg, args.out)
+        print(f"wrote {args.out}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from ..errors import GeodetError  # noqa: F401  (the commands raise it)
@@ -43,6 +44,56 @@ positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
 
 
+DEVICE_METAVAR = "{auto,cpu,cuda,cuda:N}"
+
+
+def device(text: str) -> str:
+    """An argparse type: auto, cpu, cuda or cuda:N."""
+    value = text.strip().lower()
+    if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise argparse.ArgumentTypeError(f"device must be auto, cpu, cuda or cuda:N (N: the GPU's number), got '{text}'")
+
+
+def add_device(parser) -> None:
+    parser.add_argument("--device", type=device, default=None, metavar=DEVICE_METAVAR,
+                        help="auto (default: CUDA if present, else the CPU), cpu, cuda, or cuda:N for GPU number N")
+
+
+_WARNED: set = set()
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """One line, once per spelling and process: an old spelling still works for a release."""
+    if (old, new) not in _WARNED:
+        _WARNED.add((old, new))
+        sys.stderr.write(f"geodet: warning: {old} is deprecated and goes in the next release: {new}\n")
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag that still works for a release: hidden from --help, and one line
+    on stderr says what replaces it. ``append=True`` collects repeated uses in a list."""
+
+    def __init__(self, option_strings, dest, replacement: str = "", append: bool = False, **kwargs):
+        kwargs["help"] = argparse.SUPPRESS
+        kwargs.setdefault("default", argparse.SUPPRESS)  # never overwrite the new spelling's default
+        self.replacement, self.append = replacement, append
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warn_deprecated(option_string or self.dest, self.replacement)
+        if self.nargs == 0:
+            values = True
+        if self.append:
+            values = list(getattr(namespace, self.dest, None) or []) + [values]
+        setattr(namespace, self.dest, values)
+
+
+def deprecated(parser, old: str, replacement: str, **kwargs) -> None:
+    """Add ``old`` as a hidden alias (same dest as its replacement unless ``dest`` is given)."""
+    parser.add_argument(old, action=DeprecatedAlias, replacement=replacement, **kwargs)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like GeodetError; the usage is one --help away
         sys.stderr.write(f"geodet: error: {message} (see '{self.prog} --help')\n")
@@ -55,11 +106,14 @@ def common_flags() -> argparse.ArgumentParser:
     # command's own parser
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging and full tracebacks")
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
-    common.add_argument("--progress", choices=["bar", "json", "none"], default=argparse.SUPPRESS,
-                        help="bar (default on a terminal), none, or json: one JSON object per line on stderr "
-                             "({\"progress\": 0.42, \"stage\": ..., \"done\": n, \"total\": m}), for programs such as "
-                             "geodet's QGIS provider")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress (same as --progress none)")
+    common.add_argument("--progress", choices=["bar", "lines", "json", "none"], default=argparse.SUPPRESS,
+                        help="bar (default on a terminal); lines (default otherwise, e.g. a log file: a plain line "
+                             "a few times a minute); none; or json, for programs that drive geodet (its QGIS "
+                             "provider): one object per line on stderr, {\"stage\", \"stage_index\", \"stage_count\", "
+                             "\"done\", \"total\", \"stage_progress\", \"progress\"}, where progress is the whole "
+                             "command's fraction and goes from 0 to 1 once")
     return common
 
 

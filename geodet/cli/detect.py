@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import EXIT_PARTIAL, FORMATS, GeodetError, bands, nonneg_int, positive_int, quiet_ray
+from .common import EXIT_PARTIAL, FORMATS, GeodetError, add_device, bands, nonneg_int, positive_int, quiet_ray
 
 
 def add_parser(sub, common) -> None:
@@ -14,7 +14,8 @@ def add_parser(sub, common) -> None:
                                    "GeoPackage, FlatGeobuf, Shapefile, GeoParquet (scene CRS) or CSV, plus "
                                    "OUT.report.json; vector files come with a QGIS style. Missing output folders are "
                                    "created.")
-    d.add_argument("scenes", nargs="*", metavar="SCENE")
+    d.add_argument("scenes", nargs="*", metavar="SCENE",
+                   help="scenes: GeoTIFFs, or any raster GDAL reads (local, shared or /vsicurl/... paths)")
     d.add_argument("--model", "-m", required=True, help="model file: model.pt from geodet train or import, MODEL.onnx from geodet "
                                                        "export, or a torchvision RetinaNet to import on the fly (a Hugging "
                                                        "Face folder or hf://ORG/NAME; cached)")
@@ -25,7 +26,7 @@ def add_parser(sub, common) -> None:
     d.add_argument("--batch-size", type=positive_int, default=None, help="tiles per model call (8)")
     d.add_argument("--score-threshold", type=float, help="default: the model card's")
     d.add_argument("--detections-per-tile", type=positive_int, help="most boxes kept per tile (default: the model card's)")
-    d.add_argument("--device", default=None, help="auto (CUDA if present), cpu, cuda")
+    add_device(d)
     d.add_argument("--backend", choices=["auto", "torch", "onnx"], default=None,
                    help="auto (default): the fastest path whose accuracy is vouched for; torch; onnx (ONNX Runtime)")
     d.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
@@ -89,9 +90,11 @@ def scene_list(args) -> tuple[list[str], list[str] | None]:
 
 
 def _run_ray(args, cfg, scenes, ids) -> int:
+    from .. import progress
     from ..pipeline.ray_engine import detect_ray
 
     quiet_ray()
+    progress.plan(1)  # one bar counts the blocks of every scene
     try:
         summary = detect_ray(scenes, args.model, args.out, address=args.address, workers=args.ray_workers,
                              gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
@@ -114,6 +117,7 @@ def _run_ray(args, cfg, scenes, ids) -> int:
 
 
 def run(args) -> int:
+    from .. import progress
     from ..config import load_config
     from ..io.writers import report_path
     from ..pipeline.job import detect_to_file
@@ -129,6 +133,7 @@ def run(args) -> int:
                                     "output.format": args.format, "output.csv_geometry": args.csv_geometry})
     if args.engine == "ray":
         return _run_ray(args, cfg, scenes, ids)
+    progress.plan(len(scenes))  # one pass per scene
     frame = detect_to_file(scenes, args.model, args.out, config=cfg, quicklook=args.quicklook,
                            quicklook_min_score=args.min_score, progress=not args.quiet)
     report = frame.attrs["report"]

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
-from .common import GeodetError
+from .common import GeodetError, deprecated
 
 
 def add_parser(sub, common) -> None:
     e = sub.add_parser("evaluate", parents=[common], help="COCO AP and precision/recall against labels",
                        description="Evaluate detections (any format geodet writes) against labels (any OGR vector or "
                                    "GeoParquet). Classes are compared by name; detections of one class that no label "
-                                   "has (a one-class model) are scored class-agnostically.")
-    e.add_argument("detections")
-    e.add_argument("labels")
+                                   "has (a one-class model) are scored class-agnostically. Prints a table; -o writes "
+                                   "the metrics as JSON.")
+    e.add_argument("detections", metavar="DETECTIONS", help="detections: a file geodet detect wrote")
+    e.add_argument("labels", metavar="LABELS", help="the true objects (boxes or polygons, any CRS)")
     e.add_argument("--scene", help="evaluate in this scene's pixel grid (size ranges in its pixels); required when "
                                    "the detections come from several scenes")
     e.add_argument("--iou", type=float, default=0.5, help="IoU for precision/recall/F1 (0.5)")
     e.add_argument("--class-column", default="label", help="class column of the labels (label); '' ignores classes")
-    e.add_argument("--json", help="write the metrics here")
+    e.add_argument("--out", "-o", help="write the metrics here (JSON)")
     e.add_argument("--plot", help="write a precision-recall plot (PNG) here")
+    deprecated(e, "--json", "use -o/--out", dest="out")
 
 
 def run(args) -> int:
     from ..evaluation import evaluate, format_table, plot_pr
     from ..io.writers import check_output_path, write_json
 
-    for p in (args.json, args.plot):
+    for p in (args.out, args.plot):
         if p:
             check_output_path(p)
     if not 0 < args.iou < 1:
@@ -35,8 +37,8 @@ def run(args) -> int:
         print(f"warning: {m['warning']}")
     if m.get("note"):
         print(f"note: {m['note']}")
-    if args.json:
-        write_json({k: v for k, v in m.items() if k != "pr_curve"}, args.json)
+    if args.out:
+        write_json({k: v for k, v in m.items() if k != "pr_curve"}, args.out)
     if args.plot:
         plot_pr(m, args.plot)
     return 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .common import positive_int
+import argparse
+
+from .common import GeodetError, positive_int, warn_deprecated
 
 
 def add_parser(sub, common) -> None:
@@ -12,8 +14,10 @@ def add_parser(sub, common) -> None:
                                    "for the torch model. The export is checked against the torch model on tiles of the "
                                    "calibration scenes and refused (no file written) when it differs, or when the "
                                    "check tiles hold no detection to compare.")
-    x.add_argument("model", help="model.pt from geodet train")
+    x.add_argument("--model", "-m", help="model.pt from geodet train or import (required)")
     x.add_argument("--out", "-o", required=True, help="output .onnx file")
+    # the model was positional before -m/--model (a hidden positional; run() warns when it is used)
+    x.add_argument("model_positional", nargs="?", metavar="MODEL", help=argparse.SUPPRESS)
     x.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ, per-channel weights)")
     x.add_argument("--calibrate", nargs="+", default=[], metavar="SCENE",
                    help="scenes to read calibration and check tiles from (required with --int8)")
@@ -28,12 +32,24 @@ def add_parser(sub, common) -> None:
                         "are scored class-agnostically anyway)")
 
 
+def model_path(args) -> str:
+    """-m MODEL, or the old positional MODEL (with a deprecation line)."""
+    if args.model_positional:
+        if args.model:
+            raise GeodetError(f"two models given ({args.model_positional} and -m {args.model}): give one, with -m")
+        warn_deprecated("geodet export MODEL", "use geodet export -m MODEL")
+        return args.model_positional
+    if not args.model:
+        raise GeodetError("no model given: geodet export -m MODEL.pt -o MODEL.onnx")
+    return args.model
+
+
 def run(args) -> int:
     from ..model.onnx import INT8_MIN_AGREEMENT
     from ..pipeline.backends import describe_agreement
     from ..pipeline.export import export_model
 
-    result = export_model(args.model, args.out, int8=args.int8, calibrate=args.calibrate, calib_tiles=args.calib_tiles,
+    result = export_model(model_path(args), args.out, int8=args.int8, calibrate=args.calibrate, calib_tiles=args.calib_tiles,
                           check_scene=args.check_scene, check_labels=args.check_labels,
                           min_agreement=INT8_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement,
                           class_column=args.class_column)

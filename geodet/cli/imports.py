@@ -13,7 +13,7 @@ def add_parser(sub, common) -> None:
                                     "network allows, else read from the Hugging Face cache), or a plain state_dict "
                                     "(.pt/.pth/.safetensors). torchvision's resize to --min-size becomes a ground "
                                     "resolution in the card (scenes are resampled on read).")
-    im.add_argument("source")
+    im.add_argument("source", metavar="SOURCE", help="a Hugging Face folder, hf://ORG/NAME, or a state_dict file")
     im.add_argument("--out", "-o", required=True, help="geodet model file to write (.pt)")
     im.add_argument("--gsd", type=float, help="ground resolution (m) of the imagery the model ran on at home "
                                               "(default: none, scenes run at their native resolution)")
@@ -23,7 +23,8 @@ def add_parser(sub, common) -> None:
     im.add_argument("--bands", type=bands, help="scene bands for the network's inputs (default 1,2,3)")
     im.add_argument("--classes", help="class names, comma-separated, in the head's order (default: config.json's "
                                       "label_dict)")
-    im.add_argument("--score-threshold", type=float)
+    im.add_argument("--score-threshold", type=float, help="the network's output threshold (default: config.json's, "
+                                                           "else torchvision's 0.05)")
     im.add_argument("--detections-per-tile", type=positive_int, help="default 300, as torchvision")
 
 

@@ -11,7 +11,7 @@ def add_parser(sub, common) -> None:
                                     "ray output folder into one file, with a scene column; scenes in several CRSs are "
                                     "written as geodet detect writes them (a GeoPackage layer per CRS; EPSG:4326 with "
                                     "a crs column in single-CRS formats).")
-    mg.add_argument("folder", help="the --out folder of geodet detect --engine ray")
+    mg.add_argument("folder", metavar="FOLDER", help="the --out folder of geodet detect --engine ray")
     mg.add_argument("--out", "-o", required=True, help="output file: .gpkg, .geojson, .fgb, .shp, .parquet, .csv")
     mg.add_argument("--format", choices=FORMATS, help="the format, where the file name does not say it")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .common import GeodetError, deprecated
+
 
 def add_parser(sub, common) -> None:
     q = sub.add_parser("qgis-plugin", parents=[common], help="install geodet's QGIS plugin (a Processing provider)",
@@ -10,10 +12,10 @@ def add_parser(sub, common) -> None:
                                    "tiles to label), or write it as a zip for Plugins > Install from ZIP. The plugin "
                                    "runs this geodet command; enable it in QGIS's plugin manager, or headless with "
                                    "'qgis_process plugins enable geodet_qgis'.")
-    g = q.add_mutually_exclusive_group()
-    g.add_argument("--zip", metavar="FILE", help="write the plugin as a zip here instead of installing it")
-    g.add_argument("--plugins-dir", help="QGIS plugin folder to install into (default: the default profile's, "
+    q.add_argument("--out", "-o", metavar="FILE.zip", help="write the plugin as a zip here instead of installing it")
+    q.add_argument("--plugins-dir", help="QGIS plugin folder to install into (default: the default profile's, "
                                          "e.g. ~/.local/share/QGIS/QGIS3/profiles/default/python/plugins)")
+    deprecated(q, "--zip", "use -o/--out", dest="out")
 
 
 def run(args) -> int:
@@ -21,8 +23,10 @@ def run(args) -> int:
 
     from ..qgis import install_plugin, zip_plugin
 
-    if args.zip:
-        print(f"wrote {zip_plugin(args.zip)} (QGIS: Plugins > Manage and Install Plugins > Install from ZIP)")
+    if args.out and args.plugins_dir:
+        raise GeodetError("-o writes the plugin as a zip and --plugins-dir installs it: give one of them")
+    if args.out:
+        print(f"wrote {zip_plugin(args.out)} (QGIS: Plugins > Manage and Install Plugins > Install from ZIP)")
         return 0
     folder = install_plugin(args.plugins_dir)
     exe = shutil.which("geodet")

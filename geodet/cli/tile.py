@@ -9,13 +9,14 @@ def add_parser(sub, common) -> None:
     t = sub.add_parser("tile", parents=[common], help="cut a scene into overlapping georeferenced chips",
                        description="Cut a scene into overlapping GeoTIFF chips (exact georeferencing, original dtype "
                                    "and bands), a chips.gpkg of footprints and, with --labels, COCO annotations.")
-    t.add_argument("scene", help="GeoTIFF (or any raster GDAL reads)")
+    t.add_argument("scene", metavar="SCENE", help="GeoTIFF (or any raster GDAL reads)")
     t.add_argument("--out", "-o", required=True, help="output folder (created)")
     t.add_argument("--tile-size", type=positive_int, default=None, help="tile side in pixels (default: the config's tiling.tile_size)")
     t.add_argument("--overlap", type=nonneg_int, default=None, help="overlap in pixels (default: the config's tiling.overlap)")
     t.add_argument("--overlap-m", type=float, default=None, help="overlap in metres instead of pixels")
     t.add_argument("--labels", help="vector labels (shapefile, GeoPackage, GeoJSON) for annotations.json")
-    t.add_argument("--class-column", default=None, help="class column of the labels (default: label)")
+    t.add_argument("--class-column", default=None,
+                   help="class column of the labels (default: the config's, label); '' for one class, 'object'")
     t.add_argument("--min-visibility", type=float, default=0.5, help="keep a clipped box if this share is inside (0.5)")
     t.add_argument("--bands", type=bands, default=None, help="bands to keep, e.g. 1,2,3 (default: all)")
     t.add_argument("--gsd", type=float, default=None, help="resample to this ground resolution in metres")
@@ -24,14 +25,17 @@ def add_parser(sub, common) -> None:
 
 
 def run(args) -> int:
+    from .. import progress
     from ..config import load_config
     from ..io.chips import write_chips
 
     cfg = load_config(args.config, {"tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap,
                                     "tiling.overlap_m": args.overlap_m, "scene.gsd_m": args.gsd})
+    progress.plan(1)
     summary = write_chips(args.scene, args.out, cfg.tiling.tile_size, cfg.tiling.overlap, overlap_m=cfg.tiling.overlap_m,
                           bands=args.bands, gsd_m=cfg.scene.gsd_m, labels=args.labels,
-                          class_column=args.class_column or cfg.train.class_column, min_visibility=args.min_visibility,
+                          class_column=cfg.train.class_column if args.class_column is None else args.class_column,
+                          min_visibility=args.min_visibility,
                           min_valid_fraction=args.min_valid, progress=not args.quiet)
     print(summary)
     return 0

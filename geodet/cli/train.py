@@ -5,7 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import PRESETS_HELP, GeodetError, bands, nonneg_int, positive_int, quiet_ray
+from .common import PRESETS_HELP, GeodetError, add_device, bands, deprecated, nonneg_int, positive_int, quiet_ray
+
+PAIRING = ("scenes and labels pair by position: the first --labels file belongs to the first SCENE, the second to "
+           "the second, and so on; name the scenes before the options, since an option that takes several files "
+           "takes every name up to the next option")
 
 
 def add_parser(sub, common) -> None:
@@ -14,13 +18,16 @@ def add_parser(sub, common) -> None:
                                     "the schedule, or with train.keep: best the best validation AP50), RUN_DIR/last.pt "
                                     "(for --resume) and RUN_DIR/metrics.csv. Classes "
                                     "come from the labels' class column (--class-column, default 'label'); '' trains "
-                                    "one class, 'object'.")
+                                    "one class, 'object'. Scenes: geodet train A.tif B.tif --labels A.gpkg B.gpkg "
+                                    "(" + PAIRING + ").")
+    tr.add_argument("scenes", nargs="*", metavar="SCENE",
+                    help="training scenes (GeoTIFFs; default: the config's train.scenes)")
+    tr.add_argument("--labels", action="extend", nargs="+", default=[], metavar="LABELS",
+                    help="vector labels, one file per SCENE in the same order (boxes or points, any format and CRS)")
     tr.add_argument("--config", help=PRESETS_HELP)
-    tr.add_argument("--scene", action="append", default=[], help="training scene; repeat with --labels for each")
-    tr.add_argument("--labels", action="append", default=[], help="labels of the --scene at the same position")
-    tr.add_argument("--labelled-area", action="append", default=[], metavar="POLYGONS",
-                    help="polygons of where the labels are complete (any vector format and CRS): once for every scene, "
-                         "or once per --scene in order; chips are drawn inside, the loss ignores the rest (never "
+    tr.add_argument("--labelled-area", action="extend", nargs="+", default=[], metavar="POLYGONS",
+                    help="polygons of where the labels are complete (any vector format and CRS): one file for every "
+                         "scene, or one per SCENE in order; chips are drawn inside, the loss ignores the rest (never "
                          "taught as background) and the validation strip is cut from it (default: the whole scene)")
     tr.add_argument("--unlabelled", nargs="+", default=[], metavar="SCENE",
                     help="scenes without labels to learn from (self-training: a teacher model labels them, and the rest "
@@ -28,28 +35,31 @@ def add_parser(sub, common) -> None:
     tr.add_argument("--self-training", action="store_true",
                     help="self-train on the rest of each labelled scene outside --labelled-area (on by itself with "
                          "--unlabelled)")
-    tr.add_argument("--val-scene", action="append", default=[], help="validation scene (else a held-out strip)")
-    tr.add_argument("--val-labels", action="append", default=[], help="labels of the --val-scene at the same position")
+    tr.add_argument("--val-scene", action="extend", nargs="+", default=[], metavar="SCENE",
+                    help="validation scenes (default: a strip held out of the training scenes)")
+    tr.add_argument("--val-labels", action="extend", nargs="+", default=[], metavar="LABELS",
+                    help="labels of the --val-scene scenes, one file per scene in the same order")
     tr.add_argument("--class-column", default=None, help="class column of the labels ('' for one class)")
-    tr.add_argument("--out", "-o", required=True, help="run folder")
+    tr.add_argument("--out", "-o", required=True, metavar="RUN_DIR", help="run folder (created)")
     tr.add_argument("--epochs", type=positive_int, help="cap the run at this many epochs (default: 10 without "
                                                             "--time-limit, no cap with it)")
-    tr.add_argument("--steps-per-epoch", type=positive_int)
+    tr.add_argument("--steps-per-epoch", type=positive_int,
+                    help="optimiser steps per epoch (default: the config's train.steps_per_epoch)")
     tr.add_argument("--max-steps", type=positive_int, help="cap the run at this many optimiser steps")
     tr.add_argument("--time-limit", type=float, metavar="MINUTES",
                     help="train for this many minutes: the learning-rate schedule spans them and training, final "
                          "validation included, ends near the limit (--epochs/--max-steps cap it only when given)")
     tr.add_argument("--pretrained", help="none, or imagenet: start the backbone from torchvision's ImageNet weights "
                                          "(3-band RGB scenes only; fetched once into torch's cache, hash-checked)")
-    tr.add_argument("--batch-size", type=positive_int)
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--tile-size", type=positive_int)
-    tr.add_argument("--overlap", type=nonneg_int)
-    tr.add_argument("--bands", type=bands)
+    tr.add_argument("--batch-size", type=positive_int, help="chips per step (default: the config's train.batch_size)")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default: the config's train.lr)")
+    tr.add_argument("--tile-size", type=positive_int, help="chip and tile side in pixels (default: the config's)")
+    tr.add_argument("--overlap", type=nonneg_int, help="tile overlap in pixels for validation (default: the config's)")
+    tr.add_argument("--bands", type=bands, help="scene bands to train on, e.g. 1,2,3 (default: the config's, else all)")
     tr.add_argument("--gsd", type=float, help="train at this ground resolution (scenes resampled on read)")
-    tr.add_argument("--device", help="auto, cpu or cuda")
-    tr.add_argument("--workers", type=nonneg_int, help="DataLoader workers for chip reading")
-    tr.add_argument("--seed", type=int)
+    add_device(tr)
+    tr.add_argument("--workers", type=nonneg_int, help="DataLoader workers for chip reading (default: the config's)")
+    tr.add_argument("--seed", type=int, help="random seed (default: the config's train.seed)")
     tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     tr.add_argument("--init", help="start from this model file (geodet train, import or pretrain): its architecture, "
                                    "weights, tile size and GSD; new classes re-initialise only the last classification conv")
@@ -64,6 +74,8 @@ def add_parser(sub, common) -> None:
     tr.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs per training process")
     tr.add_argument("--max-failures", type=nonneg_int, default=2,
                     help="ray: restarts after a worker failure, each resuming from RUN_DIR/last.pt (default 2)")
+    deprecated(tr, "--scene", "name the scenes first: geodet train SCENE... --labels LABELS...", dest="scene_flag",
+               append=True)
 
 
 def train_config(args):
@@ -78,11 +90,18 @@ def train_config(args):
         "train.seed": args.seed, "train.class_column": args.class_column, "train.init": args.init,
         "train.freeze_backbone_stages": args.freeze_stages, "model.pretrained": args.pretrained,
     })
-    for flag, a, b in (("--scene/--labels", args.scene, args.labels), ("--val-scene/--val-labels", args.val_scene, args.val_labels)):
-        if len(a) != len(b):
-            raise GeodetError(f"{flag}: give one labels file per scene ({len(a)} scene(s), {len(b)} labels)")
-    if args.scene:
-        cfg.train.scenes = [SceneLabels(s, lab) for s, lab in zip(args.scene, args.labels)]
+    scenes = training_scenes(args)
+    if len(scenes) != len(args.labels):
+        raise GeodetError(f"give one --labels file per scene, in the scenes' order ({_names(scenes, 'scene')}; "
+                          f"{_names(args.labels, 'labels file')}): {PAIRING}")
+    if len(args.val_scene) != len(args.val_labels):
+        raise GeodetError(f"give one --val-labels file per --val-scene, in the same order "
+                          f"({_names(args.val_scene, 'scene')}; {_names(args.val_labels, 'labels file')})")
+    if scenes:
+        cfg.train.scenes = [SceneLabels(s, lab) for s, lab in zip(scenes, args.labels)]
+    if not cfg.train.scenes:
+        raise GeodetError("no training scenes: name them, geodet train SCENE... --labels LABELS..., or list "
+                          "train.scenes in the config")
     if args.val_scene:
         cfg.train.val_scenes = [SceneLabels(s, lab) for s, lab in zip(args.val_scene, args.val_labels)]
     if args.unlabelled:
@@ -92,14 +111,29 @@ def train_config(args):
     if args.labelled_area:
         n, k = len(cfg.train.scenes), len(args.labelled_area)
         if k not in (1, n):
-            raise GeodetError(f"--labelled-area: give one file for every scene or one per --scene ({n} scene(s), {k} "
-                              "labelled areas)")
+            raise GeodetError(f"--labelled-area: give one file for every scene or one per scene, in the scenes' order "
+                              f"({n} scene(s), {k} labelled areas)")
         for pair, area in zip(cfg.train.scenes, args.labelled_area * n if k == 1 else args.labelled_area):
             pair.labelled_area = area
     return cfg
 
 
+def training_scenes(args) -> list[str]:
+    """The named scenes, or those of the deprecated --scene flag (not both: the pairing would be a guess)."""
+    flagged = getattr(args, "scene_flag", None) or []
+    if flagged and args.scenes:
+        raise GeodetError(f"scenes given both by name ({', '.join(args.scenes)}) and with --scene "
+                          f"({', '.join(flagged)}): name them all, geodet train SCENE... --labels LABELS...")
+    return list(args.scenes or flagged)
+
+
+def _names(items, what) -> str:
+    listed = f": {', '.join(map(str, items))}" if items else ""
+    return f"{len(items)} {what}{'' if len(items) == 1 else 's'}{listed}"
+
+
 def run(args) -> int:
+    from .. import progress
     from ..training.trainer import Interrupted, Trainer
 
     cfg = train_config(args)
@@ -109,6 +143,7 @@ def run(args) -> int:
     for parent in out.parents:  # the run folder is geodet's: create it and any missing parents
         if parent.exists() and not parent.is_dir():
             raise GeodetError(f"cannot create the run folder {out}: {parent} is a file")
+    progress.plan(1)
     if args.engine == "ray":
         from ..training.ray_train import train_ray
 

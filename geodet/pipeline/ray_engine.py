@@ -251,7 +251,7 @@ class SceneReducer:
 
 def _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, cpus_per_worker, device, progress):
     """One pass of the actor pool over ``pending`` blocks; yields one row per block as it ends."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.print_on_execution_start)  # the caller's, restored below
@@ -265,7 +265,7 @@ def _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, c
         shared = ray.put({"model": model_arg, "plans": plans, "scene_dirs": dirs})  # held until the round ends
         ds = _map_blocks(ds, ray, [shared], device, workers, len(items), cpus_per_worker, kw)
     try:
-        with tqdm(total=len(items), desc="blocks", unit="block", disable=not progress) as bar:
+        with progress_bar(total=len(items), desc="blocks", unit="block", enabled=progress) as bar:
             for row in ds.iter_rows():
                 bar.update(1)
                 yield row

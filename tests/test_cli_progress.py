@@ -1,0 +1,162 @@
+"""Progress that fits where it goes: bars on a terminal, plain lines a few times a minute in a log,
+nothing with -q, and JSON lines whose ``progress`` goes from 0 to 1 once over a whole command."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from geodet import progress
+
+ENV = {k: v for k, v in os.environ.items() if k != "GEODET_NO_PROGRESS"}
+ENV["OMP_NUM_THREADS"] = "1"
+
+
+class Stderr(io.StringIO):
+    terminal = False
+
+    def isatty(self):
+        return self.terminal
+
+
+@pytest.fixture
+def stderr(monkeypatch):
+    """A captured, non-terminal stderr (set when the test runs: pytest's own capture takes
+    sys.stderr back after the fixtures) and a clean progress state."""
+    monkeypatch.setattr(progress, "_STATE", {"mode": "auto", "weights": None, "index": 0, "reported": 0.0})
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    buf = Stderr()
+
+    def use():
+        monkeypatch.setattr(sys, "stderr", buf)
+        return buf
+
+    return use
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    return now
+
+
+def test_auto_is_lines_off_a_terminal_and_bar_on_one(stderr, monkeypatch):
+    stderr = stderr()
+    assert progress.mode() == "lines"
+    stderr.terminal = True
+    assert progress.mode() == "bar"
+    for m in ("json", "none", "lines", "bar"):
+        progress.set_mode(m)
+        assert progress.mode() == m
+    with pytest.raises(ValueError):
+        progress.set_mode("fancy")
+
+
+def test_lines_a_few_times_a_minute_without_carriage_returns(stderr, clock):
+    stderr = stderr()
+    bar = progress.progress_bar(total=1200, desc="train (20 min)", unit="s")
+    for _ in range(1200):  # 20 minutes, a tick a second
+        clock[0] += 1
+        bar.n += 1
+        bar.set_postfix(step=bar.n, loss="0.5")
+        bar.refresh()
+    bar.close()
+    text = stderr.getvalue()
+    lines = text.splitlines()
+    assert "\r" not in text
+    assert 60 * 20 / progress.LINE_INTERVAL <= len(lines) <= 60 * 20 / progress.LINE_INTERVAL + 2  # ~4 a minute
+    assert lines[0].startswith("train (20 min): 0/1200 s (0%), 0:00 elapsed")
+    assert "600/1200 s (50%), 10:00 elapsed, ~10:00 left, step 600, loss 0.5" in text
+    assert lines[-1].startswith("train (20 min): 1200/1200 s (100%), ended after 20:00")
+
+
+def test_quiet_and_disabled_bars_write_nothing(stderr):
+    stderr = stderr()
+    progress.set_mode("none")
+    with progress.progress_bar(total=10, desc="x") as bar:
+        bar.update(10)
+    progress.set_mode("lines")
+    with progress.progress_bar(total=10, desc="x", enabled=False) as bar:
+        bar.update(4)
+        assert bar.n == 4
+    assert stderr.getvalue() == ""
+
+
+def _events(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_json_progress_moves_once_from_0_to_1_over_planned_stages(stderr, clock):
+    stderr = stderr()
+    progress.set_mode("json")
+    progress.plan(2)
+    for name in ("detect a.tif", "detect b.tif"):
+        with progress.progress_bar(total=4, desc=name, unit="tile") as bar:
+            for _ in range(4):
+                clock[0] += 1
+                bar.update(1)
+    with progress.progress_bar(total=2, desc="disabled", enabled=False) as bar:  # not a stage
+        bar.update(2)
+    progress.finish()
+    ev = _events(stderr.getvalue())
+    overall = [e["progress"] for e in ev]
+    assert overall[0] == 0.0 and overall[-1] == 1.0 and overall == sorted(overall)
+    assert {(e["stage"], e["stage_index"], e["stage_count"]) for e in ev} == {("detect a.tif", 1, 2),
+                                                                             ("detect b.tif", 2, 2)}
+    first_b = next(e for e in ev if e["stage"] == "detect b.tif")
+    assert first_b["stage_progress"] == 0.0 and first_b["progress"] == 0.5
+    assert ev[-1]["done"] == 4 and ev[-1]["unit"] == "tile"
+
+
+def test_json_weights_unplanned_stages_and_finish(stderr, clock):
+    stderr = stderr()
+    progress.set_mode("json")
+    progress.plan([3, 1])
+    with progress.progress_bar(total=10, desc="train") as bar:
+        clock[0] += 1
+        bar.update(5)
+    assert _events(stderr.getvalue())[-1]["progress"] == 0.375  # half of 3/4
+    progress.finish()  # the second stage never showed a bar: the command still ends at 1
+    assert _events(stderr.getvalue())[-1]["progress"] == 1.0
+    stderr.truncate(0), stderr.seek(0)
+    progress.plan(1)
+    for _ in range(2):  # a stage more than planned (a retry round): the bar holds, never goes back
+        with progress.progress_bar(total=2, desc="blocks") as bar:
+            bar.update(2)
+    overall = [e["progress"] for e in _events(stderr.getvalue())]
+    assert overall == sorted(overall) and overall[-1] <= 1.0
+    progress.finish(done=False)
+    with progress.progress_bar(total=4, desc="library use") as bar:  # no plan: the stage's own fraction
+        clock[0] += 1
+        bar.update(1)
+    ev = next(e for e in _events(stderr.getvalue()) if e["stage"] == "library use" and e["done"] == 1)
+    assert ev["stage_count"] is None and ev["progress"] == 0.25
+
+
+def _detect(tmp_path, model, scenes, *flags):
+    cmd = [sys.executable, "-m", "geodet.cli", *flags, "detect", *map(str, scenes), "-m", str(model), "-o",
+           str(tmp_path / "d.gpkg")]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def test_a_two_scene_detect_moves_a_driving_programs_bar_once(tmp_path, tiny_model, synth):
+    r = _detect(tmp_path, tiny_model, [synth.image, synth.image], "--progress", "json")
+    assert r.returncode == 0, r.stderr
+    ev = [e for e in _events(r.stderr) if "progress" in e]
+    overall = [e["progress"] for e in ev]
+    assert overall[0] == 0.0 and overall[-1] == 1.0 and overall == sorted(overall), overall
+    assert {e["stage_index"] for e in ev if e["stage"]} == {1, 2} and {e["stage_count"] for e in ev} == {2}
+
+
+def test_a_redirected_log_gets_lines_and_q_gets_none(tmp_path, tiny_model, synth):
+    r = _detect(tmp_path, tiny_model, [synth.image])  # stderr is a pipe here, not a terminal
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("detect s.tif:")]
+    assert "\r" not in r.stderr and 2 <= len(lines) <= 4, r.stderr
+    assert "(100%), ended after" in lines[-1]
+    r = _detect(tmp_path, tiny_model, [synth.image], "-q")
+    assert r.returncode == 0 and "detect s.tif:" not in r.stderr and "\r" not in r.stderr, r.stderr
