@@ -33,7 +33,7 @@ with tempfile.TemporaryDirectory() as d:
     # what the wheel carries besides code: the sample scenes and the QGIS plugin
     subprocess.run(["geodet", "data", "trees", "-o", str(d / "sample")], check=True, stdout=subprocess.DEVNULL)
     assert (d / "sample" / "osbs_029.tif").stat().st_size > 100_000 and (d / "sample" / "soap_061.geojson").exists()
-    subprocess.run(["geodet", "qgis-plugin", "--zip", str(d / "plugin.zip")], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["geodet", "qgis-plugin", "-o", str(d / "plugin.zip")], check=True, stdout=subprocess.DEVNULL)
     import zipfile
 
     names = zipfile.ZipFile(d / "plugin.zip").namelist()
