@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from geodet.config import SceneLabels, load_config
-from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.scenes import detect_scene
 from geodet.evaluation import evaluate
 from geodet.model import load_model
 from geodet.synthetic import make_scene

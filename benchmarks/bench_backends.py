@@ -53,7 +53,7 @@ def main():
     from geodet.model import load_model
     from geodet.model.onnx import ExportCore, load_onnx
     from geodet.pipeline.backends import OnnxDetector, TorchDetector, cpu_features
-    from geodet.pipeline.export import build_onnx, calibration_tiles
+    from geodet.pipeline.convert import build_onnx, calibration_tiles
     from geodet.pipeline.grid import TileGrid
     from geodet.pipeline.settings import resolve_detect_settings
     from geodet.pipeline.stitch import Stitcher

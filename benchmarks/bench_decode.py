@@ -101,7 +101,7 @@ def decode_only(model, tiles, device, rounds):
 
 
 def end_to_end(model, scene, device, batch, workers, precision, rounds):
-    from geodet.pipeline.detect import detect_scene
+    from geodet.pipeline.scenes import detect_scene
 
     def once():
         sync(device)

@@ -21,7 +21,7 @@ from pathlib import Path
 from geodet.config import SceneLabels, load_config
 from geodet.evaluation import evaluate
 from geodet.model import load_model
-from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.scenes import detect_scene
 from geodet.synthetic import make_scene
 from geodet.training.trainer import Trainer
 

@@ -104,7 +104,7 @@ def score(model, scene: Path, labels: Path, classes: bool, x_min=None) -> dict:
     """AP50, AP and precision/recall at IoU 0.4 (best F1) of ``model`` over ``scene``; with
     ``x_min`` (map x), only detections centred east of it count (labels are pre-filtered)."""
     from geodet.evaluation import evaluate
-    from geodet.pipeline.detect import detect_scene
+    from geodet.pipeline.scenes import detect_scene
 
     frame = detect_scene(scene, model, progress=False)
     if x_min is not None:

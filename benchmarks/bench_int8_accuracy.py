@@ -24,9 +24,9 @@ from pathlib import Path
 from geodet.evaluation import evaluate
 from geodet.model import load_model
 from geodet.model.onnx import load_onnx
-from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.scenes import detect_scene
 import geodet.model.onnx as gonnx
-import geodet.pipeline.export as gexport
+import geodet.pipeline.convert as gexport
 from geodet.pipeline.export import export_model
 
 SWEEP = {

@@ -25,7 +25,7 @@ def main():
         assert geodet.tune_memory()
     from geodet.config import SceneLabels, load_config
     from geodet.model import load_model
-    from geodet.pipeline.detect import detect_scene
+    from geodet.pipeline.scenes import detect_scene
     from geodet.synthetic import make_scene
     from geodet.training.trainer import Trainer
 

@@ -40,7 +40,7 @@ CHILD = textwrap.dedent("""
         n = len(g)
     else:
         from helpers import PerfectDetector
-        from geodet.pipeline.detect import detect_scene
+        from geodet.pipeline.scenes import detect_scene
         n = len(detect_scene(path, PerfectDetector(), tile_size=512, overlap=64, progress=False))
     dt = time.perf_counter() - t0
     hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]  # peak of this exec

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.scenes import detect_scene
 from geodet.model import load_model
 from geodet.io.scene import Scene
 from geodet.synthetic import make_scene

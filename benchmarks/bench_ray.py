@@ -80,7 +80,7 @@ def overhead(args):
 
     from geodet.io.writers import write_detections
     from geodet.model import load_model
-    from geodet.pipeline.detect import detect_scene
+    from geodet.pipeline.scenes import detect_scene
     from geodet.pipeline.ray_engine import detect_ray
     from geodet.synthetic import make_scene
 
@@ -175,7 +175,7 @@ def scaling(args):
 def large(args):
     import ray
 
-    from geodet.pipeline.detect import detect_scene
+    from geodet.pipeline.scenes import detect_scene
     from geodet.pipeline.ray_engine import detect_ray
     from geodet.synthetic import make_scene
     from gpu_check import mosaic_vrt

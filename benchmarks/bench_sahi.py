@@ -33,7 +33,7 @@ CHILD = textwrap.dedent("""
     card = model.card
     t0 = time.perf_counter()
     if mode.startswith("geodet"):
-        from geodet.pipeline.detect import detect_scene
+        from geodet.pipeline.scenes import detect_scene
         kw = {"geodet-fp32": dict(backend="torch", precision="fp32"), "geodet-default": {},
               "geodet-int8": dict(precision="int8")}[mode]
         f = detect_scene(scene, model, progress=False, **kw)

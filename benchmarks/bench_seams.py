@@ -105,6 +105,7 @@ class Replay:
 def real(args, versions):
     import geodet.pipeline.detect as detect
     from geodet.evaluation import evaluate
+    from geodet.pipeline.scenes import detect_scene
     from geodet.model import load_model
 
     model = load_model(args.model)
@@ -117,7 +118,7 @@ def real(args, versions):
         detect.Stitcher = cls
         rec.i = None if not rec.calls else 0
         t0 = time.perf_counter()
-        frame = detect.detect_scene(args.scene, rec, progress=False, tile_size=args.tile_size, overlap=args.overlap)
+        frame = detect_scene(args.scene, rec, progress=False, tile_size=args.tile_size, overlap=args.overlap)
         rep = frame.attrs["report"]
         m = evaluate(frame, args.labels, scene=args.scene, class_column=args.class_column)
         print(f"| {name} | {rep['detections_before_stitch']} | {len(frame)} | {m['AP50']:.4f} | {m['AP']:.4f} | "

@@ -49,7 +49,7 @@ def cuda_blocks(workdir: Path, model_path: str, device: str = "cuda") -> dict:
     import torch
 
     from geodet.pipeline.blocks import plan_scene, prepare_detector, reduce_scene, run_block
-    from geodet.pipeline.detect import detect_scene
+    from geodet.pipeline.scenes import detect_scene
     from geodet.synthetic import make_scene
     from geodet.model import load_model
 

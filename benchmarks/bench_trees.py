@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from geodet.config import SceneLabels, apply_overrides, config_dir, load_config
-from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.scenes import detect_scene
 from geodet.evaluation import evaluate
 from geodet.model import load_model
 from geodet.training.trainer import Trainer

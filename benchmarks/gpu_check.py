@@ -165,7 +165,7 @@ def core_row(model, device, batch, precision, flops, peak, iters):
 
 
 def detect_row(scene, model, device, batch, precision, workers, **kw):
-    from geodet.pipeline.detect import detect_scene
+    from geodet.pipeline.scenes import detect_scene
 
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -353,7 +353,7 @@ def main(argv=None):
     def cuda_vs_cpu():
         from geodet.model import load_model
         from geodet.pipeline.backends import agreement
-        from geodet.pipeline.detect import detect_scene
+        from geodet.pipeline.scenes import detect_scene
 
         path = trained.get(16) or trained.get(8)
         model = load_model(path) if path else preset_model("small_objects", classes)

@@ -22,7 +22,7 @@ def _steps_made(metrics_csv) -> int:
 def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: int = 0, progress: bool = True,
              max_steps: int | None = None) -> dict:
     """Make train/test scenes, train the CPU preset for ``minutes``, detect, evaluate, write files."""
-    from .pipeline.detect import detect_scene
+    from .pipeline.scenes import detect_scene
     from .evaluation import evaluate
     from .io.writers import check_output_path, write_detections, write_json
     from .model import load_model

@@ -6,7 +6,7 @@ import pytest
 from helpers import PerfectDetector, match_counts, noisy_tile_views, packed_boxes, write_id_scene
 
 from geodet.pipeline.blocks import plan_scene, prepare_detector, reduce_scene, run_block
-from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.scenes import detect_scene
 from geodet.pipeline.grid import TileGrid
 from geodet.pipeline.stitch import Stitcher, reduce_blocks, stitch_block
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import PerfectDetector, packed_boxes, range_server, write_id_scene
 
 from geodet.errors import ReadError
-from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.scenes import detect_scene
 from geodet.pipeline.grid import TileGrid
 
 SIZE, TILE, OVERLAP = 1024, 256, 32

@@ -12,7 +12,7 @@ from helpers import PerfectDetector, packed_boxes, write_id_scene
 
 from geodet.config import ModelConfig
 from geodet.model import build_model
-from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.scenes import detect_scene
 
 TINY = dict(classes=["car", "truck"], levels=[2, 4], anchor_sizes=[8.0, 16.0, 32.0], channels=16, head_depth=1)
 
@@ -96,7 +96,7 @@ def test_memory_flat_on_6000px_scene(tmp_path):
         sys.path.insert(0, {str((__import__('pathlib').Path(__file__).parent))!r})
         from helpers import PerfectDetector
         import geodet
-        from geodet.pipeline.detect import detect_scene
+        from geodet.pipeline.scenes import detect_scene
         geodet.tune_memory()
         g = detect_scene({str(p)!r}, PerfectDetector(), tile_size=512, overlap=64, num_workers=0, progress=False)
         # VmHWM is this address space's peak; ru_maxrss would carry pytest's peak across exec

@@ -84,7 +84,7 @@ def test_imported_model_detects_on_resampled_tiles_in_the_right_place(tmp_path):
     (2x resampled) and the boxes land where the objects are on the map."""
     from helpers import write_raster
 
-    from geodet.pipeline.detect import detect_scene
+    from geodet.pipeline.scenes import detect_scene
 
     tv = _tv_retinanet(1, 18)
     folder = _hf_folder(tmp_path / "hf", tv, {"num_classes": 1, "label_dict": {"Tree": 0}})

@@ -9,8 +9,8 @@ import torch
 from geodet.errors import GeodetError
 from geodet.model import load_model
 from geodet.model.onnx import FP32_MAX_DIFF, ExportCore, export_core, load_onnx, write_metadata
-from geodet.pipeline import backends
-from geodet.pipeline.detect import detect_scene
+from geodet.pipeline import choice
+from geodet.pipeline.scenes import detect_scene
 from geodet.pipeline.export import export_model
 
 
@@ -150,8 +150,8 @@ def test_int8_needs_calibration_scenes(tmp_path, tiny_model):
 
 def test_auto_backend_on_a_large_job_makes_checks_and_caches(monkeypatch, tmp_path, tiny_model, synth):
     monkeypatch.setenv("GEODET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(backends, "AUTO_INT8_MIN_TILES", 1)
-    monkeypatch.setattr(backends, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
+    monkeypatch.setattr(choice, "AUTO_INT8_MIN_TILES", 1)
+    monkeypatch.setattr(choice, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
     model = load_model(tiny_model)
     first = detect_scene(synth.image, model, progress=False).attrs["report"]["backend"]
     assert first["backend"] == "onnx"
@@ -166,9 +166,7 @@ def test_auto_backend_on_a_large_job_makes_checks_and_caches(monkeypatch, tmp_pa
 
 
 def test_small_jobs_and_in_memory_models_run_torch_fp32(monkeypatch, tiny_model, synth):
-    from geodet.pipeline import backends
-
-    monkeypatch.setattr(backends, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
+    monkeypatch.setattr(choice, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
     model = load_model(tiny_model)
     r = detect_scene(synth.image, model, progress=False, tile_size=384, overlap=0).attrs["report"]["backend"]
     assert (r["backend"], r["precision"]) == ("torch", "fp32") and "small job" in r["reason"]
@@ -179,17 +177,17 @@ def test_small_jobs_and_in_memory_models_run_torch_fp32(monkeypatch, tiny_model,
 
 def test_bf16_only_where_the_cpu_has_it(monkeypatch, tiny_model, synth):
     model = load_model(tiny_model)
-    monkeypatch.setattr(backends, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
+    monkeypatch.setattr(choice, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
     with pytest.raises(GeodetError, match="no native bf16"):
         detect_scene(synth.image, model, progress=False, precision="bf16")
     with pytest.raises(GeodetError, match="fp16 is for CUDA"):
         detect_scene(synth.image, model, progress=False, precision="fp16")
     # a CPU with native bf16 (pretended here; torch emulates it on this one): the torch
     # backend, checked against fp32 on the scene's tiles
-    monkeypatch.setattr(backends, "cpu_features", lambda: {"bf16": True, "vnni": False, "isa": "AVX512"})
+    monkeypatch.setattr(choice, "cpu_features", lambda: {"bf16": True, "vnni": False, "isa": "AVX512"})
     r = detect_scene(synth.image, model, progress=False, backend="torch").attrs["report"]["backend"]
     assert r["checks"]["bf16"]["tiles"] > 0
-    assert r["precision"] == ("bf16" if r["checks"]["bf16"]["f1"] >= backends.BF16_MIN_AGREEMENT else "fp32")
+    assert r["precision"] == ("bf16" if r["checks"]["bf16"]["f1"] >= choice.BF16_MIN_AGREEMENT else "fp32")
     forced = detect_scene(synth.image, model, progress=False, precision="bf16").attrs["report"]["backend"]
     assert (forced["backend"], forced["precision"]) == ("torch", "bf16")
 

@@ -13,7 +13,7 @@ import pytest
 from helpers import PerfectDetector, match_counts, packed_boxes, range_server, vsicurl, write_id_scene
 
 from geodet.errors import GeodetError
-from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.scenes import detect_scene
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 

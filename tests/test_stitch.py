@@ -20,7 +20,7 @@ from helpers import (
     write_ids_geotiff,
 )
 
-from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.scenes import detect_scene
 from geodet.pipeline.grid import TileGrid
 from geodet.pipeline.stitch import stitch_detections
 

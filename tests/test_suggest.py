@@ -12,7 +12,7 @@ def _cell_errors(model, scene, cell):
     from geodet.io.labels import load_scene_labels
     from geodet.io.scene import Scene
     from geodet.pipeline.backends import match_detections
-    from geodet.pipeline.detect import detect_scene
+    from geodet.pipeline.scenes import detect_scene
 
     import torch
 

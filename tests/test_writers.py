@@ -6,7 +6,7 @@ import pytest
 from rasterio.transform import from_origin
 
 from geodet.io.writers import write_detections
-from geodet.pipeline.detect import detect_scene
+from geodet.pipeline.scenes import detect_scene
 
 
 class OneBox:

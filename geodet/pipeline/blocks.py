@@ -60,7 +60,7 @@ class ScenePlan:
     def open(self, card=None):
         """The scene as every worker opens it: the plan's bands, GSD, percentiles and statistics."""
         from ..io.scene import Scene
-        from .detect import open_scene
+        from .reader import open_scene
 
         sc = open_scene(self.scene, self.settings, card)
         if self.stats is not None and sc._stats is None:
@@ -88,7 +88,7 @@ def plan_scene(scene, detector=None, *, block_tiles: int = 8, config=None, **set
     """Plan ``scene`` (a path) into ``block_tiles`` x ``block_tiles`` blocks of its tile grid,
     with the settings ``detect_scene`` would resolve for ``detector`` (its card), ``config`` and
     ``settings``."""
-    from .detect import open_scene
+    from .reader import open_scene
 
     if block_tiles < 1:
         raise GeodetError(f"block size must be at least 1 tile, got {block_tiles}")
@@ -153,12 +153,13 @@ def run_block(plan: ScenePlan, block: Block, detector, device: str | torch.devic
 def prepare_detector(detector, plan: ScenePlan, device=None):
     """The detector a worker runs: the backend chosen as ``detect_scene`` would (on tiles of the
     plan's scene), prepared once."""
-    from .detect import as_detector, resolve_device
+    from .choice import choose_detector
+    from .detect import resolve_device
 
     dev = resolve_device(str(device) if device is not None else plan.settings.device)
     sc = plan.open(getattr(detector, "card", None))
     try:
-        return as_detector(detector, dev, plan.settings, scene=sc, n_tiles=len(plan.grid))
+        return choose_detector(detector, dev, plan.settings, scene=sc, n_tiles=len(plan.grid))
     finally:
         sc.close()
 

@@ -31,7 +31,8 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     from ..io.scene import open_raster
     from ..io.writers import (check_output_path, combine_frames, distinct_crss, output_format, report_path,
                               write_detections, write_json)
-    from .detect import detect_scenes, resolve_device
+    from .detect import resolve_device
+    from .scenes import detect_scenes
 
     cfg = config if config is not None else load_config()
     if not scenes:
@@ -129,7 +130,7 @@ def imported_model(source: str):
 
     from ..model import save_model
     from ..model.imports import import_retinanet
-    from .backends import cache_dir
+    from .choice import cache_dir
 
     model = import_retinanet(source)
     card = {k: v for k, v in model.card.to_dict().items() if k != "created"}

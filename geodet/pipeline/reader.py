@@ -1,5 +1,6 @@
-"""Reading a scene's tiles into batches: in-process into one reused buffer, or a torch dataset
-for DataLoader workers (each opens its own file handle).
+"""Opening a scene with a job's settings, its tile grid, and reading its tiles into batches:
+in-process into one reused buffer, or a torch dataset for DataLoader workers (each opens its own
+file handle).
 
 A tile that GDAL cannot read (a damaged block, a failed remote read) raises ``ReadError`` with
 ``on_read_error="fail"``; with ``"skip"`` it is reported in the batch's ``failed`` list as
@@ -8,9 +9,53 @@ A tile that GDAL cannot read (a damaged block, a failed remote read) raises ``Re
 
 from __future__ import annotations
 
-from .grid import TileGrid
+import logging
+from pathlib import Path
+
+from .grid import TileGrid, overlap_pixels
+
+log = logging.getLogger(__name__)
 
 ON_READ_ERROR = ("fail", "skip")
+
+
+def open_scene(scene, settings, card=None, warn: bool = True):
+    """Open ``scene`` (a path or a ``Scene``) with the bands, GSD and scaling of ``settings``
+    (``DetectSettings``; ``warn``: say when the card's GSD cannot apply; off for a second opening
+    of one scene). A ``Scene`` is returned as it is."""
+    from ..errors import GeodetError
+    from ..io.scene import Scene, open_raster
+
+    if isinstance(scene, Scene):
+        return scene
+    path = str(scene)
+    with open_raster(path) as src:
+        count, projected = src.count, src.crs is not None and src.crs.is_projected
+    bands = list(settings.bands)
+    if card is not None and (len(bands) != card.n_bands or max(bands) > count):
+        listed = ",".join(str(b) for b in card.bands)
+        raise GeodetError(
+            f"model expects {card.n_bands} band(s) ({listed}); scene {Path(path).name} has {count}: pass --bands "
+            f"with {card.n_bands} band number(s) from 1 to {count}"
+        )
+    gsd_m = settings.gsd_m
+    if gsd_m is not None and settings.sources.get("gsd_m") == "card" and not projected:
+        # The card's GSD is in metres; a scene without a projected CRS cannot be resampled to
+        # it, so it runs at its own resolution (an explicit --gsd still fails clearly).
+        if warn:
+            log.warning("%s has no projected CRS: running at its native resolution, not the model's %.3g m", path, gsd_m)
+        gsd_m = None
+    return Scene(path, bands=bands, gsd_m=gsd_m, percentiles=settings.percentiles)
+
+
+def scene_grid(scene, settings) -> TileGrid:
+    """The tile grid of an opened ``scene`` (or an area of one) with the tile size and overlap of
+    ``settings``; an overlap in metres (``overlap_m``) becomes pixels at the scene's GSD."""
+    if settings.overlap_m is not None:
+        overlap = overlap_pixels(settings.overlap_m, scene.pixel_gsd)
+    else:
+        overlap = settings.overlap
+    return TileGrid(scene.width, scene.height, settings.tile_size, overlap)
 
 
 def _check_policy(on_read_error: str) -> str:

@@ -129,7 +129,7 @@ def thresholds_from_validation(teacher, val_sets, classes, overlap: int, device,
     """Per class and size bin, the teacher's best-F1 score threshold on the validation areas
     (``fallback``, the operating point, where validation cannot tell)."""
     from ..io.labels import clip_boxes
-    from ..pipeline.detect import detect_scene
+    from ..pipeline.scenes import detect_scene
 
     dets, gts = [], []
     for ts, area in val_sets:
@@ -236,7 +236,7 @@ def _pseudo_window(teacher, area: PseudoArea, win, thresholds, classes, overlap,
     from shapely.geometry import box
     from torchvision.ops import box_iou
 
-    from ..pipeline.detect import detect_scene
+    from ..pipeline.scenes import detect_scene
 
     index = {n: k for k, n in enumerate(classes)}
     kw = {} if floor is None else {"score_threshold": floor}

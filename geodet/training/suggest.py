@@ -78,7 +78,8 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
     import shapely
 
     from ..io.writers import boxes_to_polygons
-    from ..pipeline.detect import detect_scene, open_scene
+    from ..pipeline.reader import open_scene
+    from ..pipeline.scenes import detect_scene
     from ..pipeline.settings import resolve_detect_settings
 
     card = getattr(model, "card", None)

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..evaluation import coco_metrics
 from ..io.labels import clip_boxes
-from ..pipeline.detect import detect_scene
+from ..pipeline.scenes import detect_scene
 from .area import centres_inside
 
 

@@ -1,0 +1,266 @@
+"""Which backend and precision run, and the ONNX models made on the spot for them.
+
+The default on a CPU (``backend=auto, precision=auto``) is the fastest path whose accuracy is
+vouched for, in this order: ONNX int8 (a check stored in the ``.onnx`` file, or made on the spot
+against fp32 on tiles of the job's first scene, the quantized model then cached), torch bf16 (only
+where the CPU has native bf16; checked the same way), ONNX fp32 (exact by construction, checked
+at export), torch fp32. The report says which ran and why.
+
+The choice belongs to the job that runs a detector, above the per-tile loop (``detect.py``),
+which takes whatever detector it is given. An int8 model made here is calibrated on some tiles of
+the first scene and checked on others (``convert.calibration_tiles``), never on the same tile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import GeodetError
+from .backends import (OnnxDetector, TorchDetector, bf16_agreement, conclusive, cpu_features, has_onnxruntime,
+                       sample_tiles)
+from .settings import DetectSettings
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnx")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+# on-the-spot int8 (export, calibration, check: ~10 s once per model) only for jobs this large
+AUTO_INT8_MIN_TILES = 200
+AUTO_ONNX_MIN_TILES = 16  # an fp32 export (~1-2 s) pays off from about this many tiles
+CHECK_TILES = 16  # tiles for an on-the-spot check (and as many others to calibrate int8)
+BF16_MIN_AGREEMENT = 0.95  # detection F1 of bf16 against fp32 at the operating point
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache of derived models
+
+
+def cache_dir() -> Path:
+    """``$GEODET_CACHE``, else ``$XDG_CACHE_HOME/geodet``, else ``~/.cache/geodet``."""
+    if os.environ.get("GEODET_CACHE"):
+        return Path(os.environ["GEODET_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "geodet"
+
+
+# Raised whenever derived models change while geodet's version does not, so caches are remade
+# (2: int8 keeps the nodes after the float output convs in float too).
+DERIVATION = 2
+
+
+def cache_key(sha256: str, precision: str, card) -> str:
+    """Derived models are keyed by the source file's hash, the precision, this geodet and the
+    way models are derived (``DERIVATION``)."""
+    from .. import __version__
+
+    h = hashlib.sha256(json.dumps([sha256, precision, __version__, card.tile_size, DERIVATION],
+                                  sort_keys=True).encode()).hexdigest()
+    return f"{sha256[:16]}-{precision}-{h[:8]}"
+
+
+@dataclass
+class Choice:
+    """Which backend and precision run, and why (the report carries it)."""
+
+    backend: str
+    precision: str
+    reason: str
+    checks: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "precision": self.precision, "reason": self.reason, "checks": self.checks}
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing the backend
+
+
+def choose_detector(detector, device: torch.device, settings: DetectSettings, scene=None, n_tiles: int = 0):
+    """The detector that runs: a geodet model or ONNX model becomes a Torch/OnnxDetector with the
+    backend and precision of ``settings`` (``auto``: see the module doc), with a ``choice``
+    attribute saying what and why; any other callable is used as it is. ``scene`` (the job's
+    first scene) and ``n_tiles`` (the job's tiles) let ``auto`` check and pay for faster paths."""
+    from ..model.onnx import OnnxModel
+
+    if isinstance(detector, (TorchDetector, OnnxDetector)):
+        return detector
+    backend, precision = settings.backend, settings.precision
+    if backend not in BACKENDS:
+        raise GeodetError(f"unknown backend '{backend}': use {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise GeodetError(f"unknown precision '{precision}': use {', '.join(PRECISIONS)}")
+    if isinstance(detector, OnnxModel):
+        if backend == "torch":
+            raise GeodetError("an .onnx model runs on the onnx backend: drop --backend torch, or give the model.pt")
+        if precision not in ("auto", detector.precision):
+            raise GeodetError(f"this .onnx file is {detector.precision}; for {precision} export the model.pt again "
+                              f"({'geodet export MODEL.pt -o OUT.onnx --int8 --calibrate SCENE' if precision == 'int8' else 'or run the model.pt'})")
+        det = OnnxDetector(detector, settings)
+        det.choice = Choice("onnx", detector.precision, "the model is an ONNX file", {"export": detector.props.get("check")})
+        return det
+    if not (isinstance(detector, torch.nn.Module) and hasattr(detector, "predict")):
+        return detector
+    choice, onnx_model = _decide(detector, device, settings, scene, n_tiles)
+    if onnx_model is not None:
+        det = OnnxDetector(onnx_model, settings)
+    else:
+        det = TorchDetector(detector, device, settings, choice.precision)
+    det.choice = choice
+    return det
+
+
+def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int):
+    """``(Choice, the ONNX model to run or None)``."""
+    backend, precision = s.backend, s.precision
+    feats = cpu_features() if device.type == "cpu" else {}
+    if device.type == "cuda":
+        if backend == "onnx" or precision == "int8":
+            raise GeodetError("the onnx backend and int8 run on the CPU: add --device cpu, or use --backend torch on CUDA")
+        p = "fp16" if precision == "auto" else precision
+        return Choice("torch", p, "CUDA: fp16 autocast" if precision == "auto" else "asked for"), None
+    if precision == "fp16":
+        raise GeodetError("fp16 is for CUDA; on a CPU use --precision fp32, bf16 (CPUs with native bf16) or int8")
+    if precision == "bf16":
+        if backend == "onnx":
+            raise GeodetError("the onnx backend runs fp32 or int8: use --backend torch for bf16")
+        if not feats["bf16"]:
+            raise GeodetError(f"this CPU ({feats['isa']}) has no native bf16 (AVX512_BF16 or AMX), and geodet does not "
+                              "emulate it: use --precision fp32 or int8")
+        return Choice("torch", "bf16", "asked for"), None
+    if backend == "torch" and precision == "int8":
+        raise GeodetError("int8 runs on the onnx backend: use --backend onnx (or auto) with --precision int8")
+    source = getattr(model, "source", None) or {}
+    wants_onnx = backend == "onnx" or precision == "int8"
+    if wants_onnx and not has_onnxruntime():
+        raise GeodetError("the onnx backend needs onnxruntime and onnx: pip install onnxruntime onnx")
+    if backend == "auto" and precision == "auto" and not source.get("sha256"):
+        return Choice("torch", "fp32", "a model not loaded from a file (the faster paths are cached by file hash)"), None
+    checks: dict = {}
+    # int8 first: the fastest when vouched for
+    if precision in ("auto", "int8") and backend in ("auto", "onnx") and has_onnxruntime():
+        explicit = precision == "int8"
+        m, how = _derived_onnx(model, s, "int8", scene, checks, on_the_spot=explicit or n_tiles >= AUTO_INT8_MIN_TILES,
+                               explicit=explicit)
+        if m is not None:
+            return Choice("onnx", "int8", f"int8 vouched for by its export check ({how})", checks), m
+        if explicit:
+            raise GeodetError("int8 was asked for but no int8 model could be checked: give a scene, or export one "
+                              "with 'geodet export MODEL.pt -o OUT.onnx --int8 --calibrate SCENE'")
+    if precision in ("auto", "bf16") and backend in ("auto", "torch") and feats.get("bf16"):
+        check = _bf16_check(model, s, scene)
+        checks["bf16"] = check
+        if check is not None and conclusive(check) and check["f1"] >= BF16_MIN_AGREEMENT:
+            return Choice("torch", "bf16", "native bf16 on this CPU, vouched for by a check against fp32", checks), None
+    if precision in ("auto", "fp32") and backend in ("auto", "onnx") and has_onnxruntime() and (
+            backend == "onnx" or n_tiles >= AUTO_ONNX_MIN_TILES):
+        m, how = _derived_onnx(model, s, "fp32", scene, checks, on_the_spot=True, explicit=backend == "onnx")
+        if m is not None:
+            return Choice("onnx", "fp32", f"ONNX Runtime fp32 (same detections as torch, checked at export; {how})",
+                          checks), m
+    why = "asked for" if backend == "torch" and precision == "fp32" else "no faster path is vouched for here"
+    if backend == "auto" and n_tiles < AUTO_ONNX_MIN_TILES:
+        why = f"a small job ({n_tiles} tiles): a faster backend would not pay for its set-up"
+    return Choice("torch", "fp32", why, checks), None
+
+
+def _derived_onnx(model, s: DetectSettings, precision: str, scene, checks: dict, on_the_spot: bool, explicit: bool):
+    """The cached ONNX model (fp32 or int8) derived from ``model``'s file, made and checked on
+    the spot (tiles of ``scene``) when missing and ``on_the_spot``, and where it came from;
+    ``(None, None)`` when not vouched for. The check's figures go into ``checks[precision]``."""
+    from ..model.onnx import load_onnx
+
+    sha = model.source["sha256"]
+    folder = cache_dir() / "models"
+    key = cache_key(sha, precision, model.card)
+    path, failed = folder / f"{key}.onnx", folder / f"{key}.failed.json"
+    if path.is_file():
+        try:
+            m = load_onnx(path)
+            checks[precision] = (m.props.get("check") or {}).get(precision if precision == "int8" else "fp32")
+            return m, f"cached: {path}"
+        except GeodetError as exc:
+            log.warning("ignoring a damaged cached model %s (%s)", path, exc)
+    if failed.is_file() and not explicit:
+        checks[precision] = json.loads(failed.read_text())
+        return None, None
+    if not on_the_spot or (scene is None and precision == "int8"):
+        return None, None
+    tiles = _spot_tiles(model, s, precision, scene, explicit)
+    if tiles is None:
+        return None, None
+    calib, check, ref, where = tiles
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        from .convert import build_onnx
+
+        meta = {"calibration": {"scenes": [where], "tiles": len(calib), "method": "minmax", "per_channel": True,
+                                "format": "QDQ"} if precision == "int8" else None,
+                "check_tiles_from": where, "made_on_the_spot": True}
+        result = build_onnx(model, path, precision, calib, check, s, extra_meta=meta, reference=ref)
+    except GeodetError as exc:  # the model fails its check: remembered, not retried
+        record = {"passed": False, "reason": str(exc)}
+        failed.write_text(json.dumps(record))
+        checks[precision] = record
+        if explicit:
+            raise
+        log.info("%s not vouched for: %s", precision, exc)
+        return None, None
+    log.info("made a checked %s ONNX model in %.1f s, cached at %s", precision, time.perf_counter() - t0, path)
+    checks[precision] = result.get(precision if precision == "int8" else "fp32")
+    return load_onnx(path), f"made and checked on tiles of {where}, cached at {path}"
+
+
+def _spot_tiles(model, s: DetectSettings, precision: str, scene, explicit: bool):
+    """``(calibration tiles, check tiles, fp32 detections of the check tiles or None, where they
+    came from)`` for a model made on the spot: int8 calibrates on ``CHECK_TILES`` tiles of
+    ``scene`` and is checked on as many others; fp32 is checked on 4 tiles of ``scene``, or of a
+    synthetic scene when ``scene`` has none. None (or the error, when ``explicit``) when the scene
+    cannot give them: a fault of the scene, not of the model, so nothing is remembered."""
+    from .convert import SYNTHETIC, calibration_tiles, synthetic_check_tiles
+
+    where = Path(str(getattr(scene, "path", scene))).name if scene is not None else SYNTHETIC
+    if precision == "int8":
+        try:
+            calib, check, ref, _ = calibration_tiles(model, [scene], CHECK_TILES, s)
+        except GeodetError as exc:
+            if explicit:
+                raise
+            log.info("int8 not made: %s", exc)
+            return None
+        return calib, check, ref, where
+    check = sample_tiles(scene, s, model.card, 4) if scene is not None else []
+    if not check:
+        check, where = synthetic_check_tiles(model, s, 4), SYNTHETIC
+    return [], check, None, where
+
+
+def _bf16_check(model, s: DetectSettings, scene) -> dict | None:
+    """bf16 against fp32: the check stored in the card (training wrote it), else one made now on
+    tiles of ``scene``; None when neither is possible."""
+    stored = (model.card.extra.get("checks") or {}).get("bf16")
+    if stored and conclusive(stored):
+        return {**stored, "from": "model card"}
+    sha = (getattr(model, "source", None) or {}).get("sha256")
+    if sha in _BF16_CHECKS:  # one check per model file in a process, not one per scene
+        return _BF16_CHECKS[sha]
+    if scene is None:
+        return None
+    tiles = sample_tiles(scene, s, model.card, CHECK_TILES)
+    if not tiles:
+        return None
+    result = bf16_agreement(model, tiles, s)
+    if sha:
+        _BF16_CHECKS[sha] = result
+    return result
+
+
+_BF16_CHECKS: dict = {}

@@ -1,0 +1,173 @@
+"""Whole-scene detection, the API's ``detect_scene`` and ``detect_scenes``: settings resolved once,
+the backend chosen once per job (``choice.py``), each scene's tiles through the per-tile loop
+(``detect.py``), and the frame with its report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import GeodetError, ReadError
+from .backends import OnnxDetector
+from .choice import choose_detector
+from .detect import ScenePass, default_workers, detect_tiles, resolve_device, to_frame
+from .reader import open_scene, scene_grid
+from .settings import DetectSettings, resolve_detect_settings
+
+log = logging.getLogger(__name__)
+
+
+def detect_scene(scene, detector, *, config=None, progress: bool = True, area=None, **settings):
+    """Detect objects over a whole scene (or the pixel ``area`` (x0, y0, x1, y1) of it); returns a
+    GeoDataFrame in the scene's CRS. The caller's detector is never changed.
+
+    ``detector`` is a geodet model or any callable of the ``Detector`` protocol. ``settings``
+    (tile_size, overlap, overlap_m, score_threshold, nms_iou, detections_per_tile, bands, gsd_m,
+    percentiles, min_valid_fraction, batch_size, device, num_workers, match_iou) override
+    ``config`` (a ``Config`` whose file set them), which overrides the model card, which overrides
+    the defaults (``resolve_detect_settings``). Columns: ``label``, ``score``, ``tile_row``,
+    ``tile_col``, ``scene`` (the file name) and the pixel box ``px_x0, px_y0, px_x1, px_y1`` (pixel edges of the possibly resampled grid);
+    ``frame.attrs["report"]`` says what ran, with which settings, and how long each stage took.
+    """
+    t_start = time.perf_counter()
+    card = getattr(detector, "card", None)
+    s = resolve_detect_settings(card, config, **settings)
+    device = resolve_device(s.device)
+    sc = open_scene(scene, s, card)
+    try:
+        view = sc.area(*area) if area is not None else sc
+        grid = scene_grid(view, s)
+        runner = choose_detector(detector, device, s, scene=sc, n_tiles=len(grid))
+        if isinstance(runner, OnnxDetector):  # ONNX Runtime runs on the CPU
+            device = torch.device("cpu")
+        timings = {"read_wait": 0.0, "model": 0.0, "stitch": 0.0}
+        stages_before = dict(getattr(runner, "timings", {}))
+        op = getattr(card, "operating_point", None)
+        done = detect_tiles(view, grid, runner, s, device, timings, op, progress)
+        frame = to_frame(done.detections, view, card.classes if card is not None else None)
+    finally:
+        if sc is not scene:
+            sc.close()
+    for stage in ("core", "decode"):  # the model's own split: network core, and decode + NMS
+        if stage in getattr(runner, "timings", {}):
+            timings[f"model_{stage}"] = runner.timings[stage] - stages_before.get(stage, 0.0)
+    timings["total"] = time.perf_counter() - t_start
+    log_losses(Path(sc.path).name, done, s, op)
+    frame.attrs["report"] = scene_report(view, grid, s, device, done, timings, card, getattr(runner, "source", None),
+                                         area, getattr(runner, "choice", None))
+    return frame
+
+
+def log_losses(name: str, done: ScenePass, s: DetectSettings, op: float | None) -> None:
+    """Say what the pass lost: tiles at the detection cap, boxes centred on nodata."""
+    if done.tiles_lost:
+        log.warning("%s: %d of %d tiles returned the maximum of %d detections%s, so some objects may be missing: raise "
+                    "--detections-per-tile (detect.detections_per_tile) or lower the tile size", name,
+                    done.tiles_lost, done.tiles_run, s.detections_per_tile,
+                    f", all scoring at least the operating point {op:.3g}" if op is not None else "")
+    elif done.tiles_capped:
+        log.debug("%s: %d tile(s) hit the cap of %d detections, only with boxes below the operating point %.3g",
+                  name, done.tiles_capped, s.detections_per_tile, op)
+    if done.on_nodata:
+        log.info("%s: %d detection(s) centred outside the valid pixels (nodata or padding) dropped", name,
+                 done.on_nodata)
+
+
+def scene_report(sc, grid, s: DetectSettings, device, done: ScenePass, timings, card, source, area,
+                 choice=None) -> dict:
+    return {
+        "scene": sc.path,
+        "area_px": list(area) if area is not None else None,
+        "scene_size_px": [sc.file_width, sc.file_height],
+        "grid_size_px": [sc.width, sc.height],
+        "resampled_to_gsd_m": sc.gsd_m if sc.resampled else None,
+        "crs": sc.crs.to_string() if sc.crs else None,
+        "bands": sc.bands,
+        "tile_size": grid.tile_size,
+        "overlap": grid.overlap,
+        "tiles_total": len(grid),
+        "tiles_run": done.tiles_run,
+        "tiles_skipped": done.tiles_skipped,
+        "tiles_capped": done.tiles_capped,
+        "detections_before_stitch": done.n_in,
+        "detections": len(done.detections),
+        "device": str(device),
+        "num_workers": default_workers(device) if s.num_workers is None else s.num_workers,
+        "settings": s.to_dict(),
+        "settings_from": dict(s.sources),
+        "model": {"classes": list(card.classes), "operating_point": card.operating_point, **(source or {})} if card else None,
+        "backend": choice.to_dict() if choice is not None else None,
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+        "detections_on_nodata_dropped": done.on_nodata,
+        "tiles_unreadable": len(done.unreadable),
+        "unreadable_tiles": done.unreadable,
+    }
+
+
+def scene_names(paths: Sequence) -> list[str]:
+    """What the ``scene`` column says for each scene: its file name, or, when two scenes share a
+    file name, its path (the report always lists full paths)."""
+    names = [Path(str(p)).name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [str(p) for p in paths]
+
+
+def job_detector(paths: Sequence, detector, s: DetectSettings, failures: list | None):
+    """The detector of a job over ``paths``, its backend chosen once (checked on tiles of the
+    first readable scene); a detector whose backend is chosen, or a plain callable, as it is."""
+    card = getattr(detector, "card", None)
+    first = None
+    if getattr(detector, "backend", None) is None and hasattr(detector, "card"):
+        for p in paths:
+            try:
+                first = open_scene(p, s, card, warn=False)  # detect_scene opens it again and says what matters
+                break
+            except ReadError:
+                if failures is None:
+                    raise
+    try:
+        n_tiles = len(scene_grid(first, s)) * len(paths) if first is not None else 0
+        return choose_detector(detector, resolve_device(s.device), s, scene=first, n_tiles=n_tiles)
+    finally:
+        if first is not None:
+            first.close()
+
+
+def detect_scenes(paths: Sequence, detector, *, per_scene: bool = False, failures: list | None = None, **kwargs):
+    """``detect_scene`` over many scenes, with a ``scene`` column. The detector is prepared once
+    (one eval copy for a geodet model). With a ``failures`` list, a scene that cannot be read
+    (``ReadError``) is appended there as ``{"scene", "error"}`` and the others go on. Returns one
+    frame: in the scenes' CRS when they share
+    one, else in EPSG:4326 with a ``crs`` column (``io.writers.combine_frames``); with
+    ``per_scene=True``, the list of per-scene frames, each in its own CRS."""
+    from ..io.writers import combine_frames
+
+    if not paths:
+        raise GeodetError("no scenes given")
+    card = getattr(detector, "card", None)
+    s = resolve_detect_settings(card, kwargs.get("config"), **{k: v for k, v in kwargs.items() if k not in ("config", "progress")})
+    detector = job_detector(paths, detector, s, failures)
+    frames = []
+    names = scene_names(paths)
+    for p, name in zip(paths, names):
+        try:
+            f = detect_scene(p, detector, **kwargs)
+        except ReadError as exc:
+            # with a ``failures`` list, a scene that cannot be read fails alone
+            if failures is None:
+                raise
+            log.error("%s", exc)
+            failures.append({"scene": str(p), "error": str(exc)})
+            continue
+        f["scene"] = name
+        frames.append(f)
+    if per_scene:
+        return frames
+    out = combine_frames(frames)
+    out.attrs["report"] = {"scenes": [f.attrs["report"] for f in frames]}
+    return out
