@@ -75,6 +75,11 @@ class ModelConfig:
     channels: int = 128  # FPN and head width
     head_depth: int = 4  # conv layers in each subnet before the output conv
     group_norm: bool = False
+    # how anchors are assigned to objects in training: iou (fixed thresholds fg_iou / bg_iou) or
+    # atss (per object: the k anchors nearest its centre on each level, threshold mean + std of their IoUs)
+    matcher: str = "iou"
+    # the box regression loss: l1 (on the encoded offsets), smooth_l1, giou, diou or ciou (on the boxes)
+    box_loss: str = "l1"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     prior_probability: float = 0.01

@@ -50,7 +50,11 @@ class GridAnchorGenerator(AnchorGenerator):
     visit only the anchors near each box (``match_anchors_on_grid``)."""
 
     def forward(self, image_list, feature_maps):
-        anchors = super().forward(image_list, feature_maps)
+        # anchors in float32 whatever the feature maps' type: under bf16 autocast torchvision would
+        # make them bf16, whose 8-bit mantissa rounds coordinates of 256-512 px to 2 px steps, so
+        # training would encode its box targets against anchors other than those detection decodes with
+        shapes = [fm.new_empty((1, 1, *fm.shape[-2:]), dtype=torch.float32) for fm in feature_maps]
+        anchors = super().forward(image_list, shapes)
         image_size = image_list.tensors.shape[-2:]
         layout, offset = [], 0
         for fm, base in zip(feature_maps, self.cell_anchors):

@@ -33,6 +33,7 @@ from ..config import ModelConfig, SceneConfig, TilingConfig
 from ..errors import GeodetError
 from .card import ModelCard
 from .decode import Decoder, decode_levels
+from .atss import atss_match, level_sizes
 from .ignore import ignore_unlabelled, resize_mask
 from .matching import anchor_generator, match_anchors, match_anchors_on_grid
 
@@ -44,6 +45,7 @@ BACKBONES = {
     "resnet50": (resnet.resnet50, resnet.ResNet50_Weights),
     "resnet101": (resnet.resnet101, resnet.ResNet101_Weights),
 }
+BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")  # torchvision's regression head computes each
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -124,6 +126,9 @@ class DenseRetinaNet(RetinaNet):
         for anchors_per_image, targets_per_image in zip(anchors, targets):
             if targets_per_image["boxes"].numel() == 0:
                 matched = torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64, device=anchors_per_image.device)
+            elif getattr(self, "matcher", "iou") == "atss" and n_grid == anchors_per_image.shape[0]:
+                matched = atss_match(targets_per_image["boxes"], anchors_per_image, level_sizes(layout),
+                                     layout[0][5].shape[0])
             elif n_grid == anchors_per_image.shape[0]:
                 matched = match_anchors_on_grid(targets_per_image["boxes"], anchors_per_image, layout, hi, lo)
             else:
@@ -189,6 +194,10 @@ def _check_model_config(cfg: ModelConfig) -> None:
         raise GeodetError("model.channels must be >= 8 and model.head_depth 1..8")
     if not cfg.classes:
         raise GeodetError("model.classes is empty: name at least one class")
+    if cfg.matcher not in ("iou", "atss"):
+        raise GeodetError(f"model.matcher must be iou or atss, got '{cfg.matcher}'")
+    if cfg.box_loss not in BOX_LOSSES:
+        raise GeodetError(f"model.box_loss must be one of {', '.join(BOX_LOSSES)}, got '{cfg.box_loss}'")
 
 
 def imagenet_url(backbone: str) -> str:
@@ -389,6 +398,7 @@ def build_model(
         norm_layer=head_norm, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma,
     )
     head.classification_head.conv = _subnet(cfg.channels, cfg.head_depth, head_norm)
+    head.regression_head._loss_type = cfg.box_loss
     head.regression_head.conv = _subnet(cfg.channels, cfg.head_depth, head_norm)
     net = DenseRetinaNet(
         backbone,
@@ -403,6 +413,7 @@ def build_model(
         bg_iou_thresh=cfg.bg_iou,
     )
     net.levels = tuple(cfg.levels)
+    net.matcher = cfg.matcher
     if cfg.resize_min_size:
         # torchvision's stock transform (resizes tiles); only for comparisons with stock settings
         net.transform = ResizingTransform(cfg.resize_min_size, max(1333, cfg.resize_min_size), norm["mean"], norm["std"])

@@ -1,0 +1,133 @@
+"""What makes boxes fit: anchors in float32 under bf16 autocast, ATSS assignment, the GIoU loss,
+test-time augmentation that maps every view's boxes back exactly, and AdaBN."""
+
+import numpy as np
+import pytest
+import torch
+
+from geodet.config import ModelConfig
+from geodet.errors import GeodetError
+from geodet.model import build_model
+
+
+def _tiny(**kw):
+    cfg = ModelConfig(classes=["a"], channels=16, head_depth=1, levels=[3, 6], anchor_sizes=[16.0, 32.0, 64.0, 128.0],
+                      **kw)
+    return build_model(cfg, tile_size=400)
+
+
+def test_training_anchors_stay_float32_under_bf16_autocast():
+    """torchvision makes anchors in the feature maps' type; under bf16 autocast their coordinates
+    round to 2 px steps above 256 px, and the box targets would be encoded against other anchors
+    than detection decodes with."""
+    net = _tiny().train().net
+    images, _ = net.transform(list(torch.rand(1, 3, 400, 400)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = list(net.backbone(images.tensors).values())
+        anchors = net.anchor_generator(images, feats)[0]
+    exact = net.anchor_generator(images, [f.float() for f in feats])[0]
+    assert feats[0].dtype == torch.bfloat16 and anchors.dtype == torch.float32
+    assert torch.equal(anchors, exact)
+    assert (anchors.to(torch.bfloat16).float() != exact).any()  # bf16 would have moved some of them
+
+
+def test_atss_gives_a_small_object_positives_the_iou_matcher_would_not():
+    from geodet.model.atss import atss_match, level_sizes
+    from geodet.model.matching import match_anchors
+
+    net = _tiny().train().net
+    images, _ = net.transform(list(torch.rand(1, 3, 400, 400)))
+    anchors = net.anchor_generator(images, list(net.backbone(images.tensors).values()))[0]
+    layout = net.anchor_generator.layout
+    small = torch.tensor([[100.0, 100.0, 110.0, 110.0]])  # 10 px: no anchor reaches IoU 0.5
+    fixed = match_anchors(small, anchors, 0.5, 0.4)
+    assert int((fixed >= 0).sum()) <= 2  # only torchvision's low-quality match
+    m = atss_match(small, anchors, level_sizes(layout), layout[0][5].shape[0])
+    pos = anchors[m == 0]
+    assert len(pos) >= 1
+    c = (pos[:, :2] + pos[:, 2:]) / 2
+    assert ((c > small[0, :2]) & (c < small[0, 2:])).all()  # centres inside the object
+    # two objects never share an anchor, and a large object takes anchors of a coarse level
+    big = torch.tensor([[100.0, 100.0, 110.0, 110.0], [200.0, 200.0, 330.0, 320.0]])
+    m2 = atss_match(big, anchors, level_sizes(layout), layout[0][5].shape[0])
+    sides = (anchors[m2 == 1, 2] - anchors[m2 == 1, 0])
+    assert len(sides) and sides.max() >= 64
+
+
+def test_matcher_and_box_loss_are_checked_and_train():
+    with pytest.raises(GeodetError, match="model.matcher"):
+        _tiny(matcher="nearest")
+    with pytest.raises(GeodetError, match="model.box_loss"):
+        _tiny(box_loss="l2")
+    model = _tiny(matcher="atss", box_loss="giou").train()
+    images = torch.rand(2, 3, 400, 400)
+    targets = [{"boxes": torch.tensor([[40.0, 40.0, 80.0, 90.0]]), "labels": torch.tensor([0])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = model(images, targets)
+    assert torch.isfinite(losses["bbox_regression"]) and losses["bbox_regression"] > 0
+    (losses["classification"] + losses["bbox_regression"]).backward()
+
+
+@pytest.mark.parametrize("h,w", [(40, 40), (30, 50)])
+def test_tta_maps_every_view_back_to_the_tile(h, w):
+    from geodet.model.tta import VIEWS_SQUARE, unview_boxes, view
+
+    img = torch.zeros(1, 1, h, w)
+    img[0, 0, 5:12, 7:20] = 1
+    for flip, k in VIEWS_SQUARE:
+        ys, xs = torch.nonzero(view(img, flip, k)[0, 0], as_tuple=True)
+        found = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+        assert unview_boxes(found, flip, k, h, w).tolist() == [[7.0, 5.0, 20.0, 12.0]], (flip, k)
+
+
+def test_tta_fuses_the_views_of_one_object_and_damps_a_box_one_view_saw():
+    from geodet.model.tta import fuse
+
+    boxes = torch.tensor([[10.0, 10.0, 20.0, 20.0], [11.0, 10.0, 21.0, 20.0], [10.0, 11.0, 20.0, 21.0],
+                          [9.0, 10.0, 19.0, 20.0], [50.0, 50.0, 60.0, 60.0]])
+    scores = torch.tensor([0.8, 0.8, 0.8, 0.8, 0.9])
+    out = fuse(boxes, scores, torch.zeros(5, dtype=torch.int64), 4, 0.55, 100)
+    assert len(out["boxes"]) == 2
+    seen_by_all = out["boxes"][out["scores"].argmax()]
+    assert torch.allclose(seen_by_all, torch.tensor([10.0, 10.25, 20.0, 20.25]))
+    assert out["scores"].tolist() == pytest.approx([0.8, 0.225])
+
+
+def test_tta_model_runs_in_the_pipeline(tiny_model, synth):
+    from geodet.model import load_model
+    from geodet.model.tta import TtaModel
+    from geodet import detect_scene
+
+    model = load_model(tiny_model)
+    plain = detect_scene(synth.image, model, progress=False, device="cpu")
+    tta = detect_scene(synth.image, TtaModel(model), progress=False, device="cpu")
+    assert len(tta) > 0 and tta.crs == plain.crs
+    # every object the plain model found with confidence is found by TTA too
+    from geodet.evaluation import evaluate
+
+    op = model.card.operating_point
+    r_plain = evaluate(plain[plain.score >= op], synth.labels, scene=synth.image, class_column="")["recall"]
+    r_tta = evaluate(tta, synth.labels, scene=synth.image, class_column="")["recall"]
+    assert r_tta >= r_plain - 0.05
+
+
+def test_adabn_reestimates_statistics_on_the_target_and_leaves_the_model(tiny_model, synth, tmp_path):
+    import rasterio
+
+    from geodet.model import load_model
+    from geodet.training.adapt import adapt_batch_norm
+
+    # the target: the same scene, darker (another sun angle)
+    with rasterio.open(synth.image) as src:
+        profile, data = src.profile, src.read()
+    dark = tmp_path / "dark.tif"
+    with rasterio.open(dark, "w", **profile) as dst:
+        dst.write((data * 0.5).astype(data.dtype))
+    model = load_model(tiny_model)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    adapted = adapt_batch_norm(model, [dark], tiles=8)
+    bn2 = next(m for m in adapted.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert torch.equal(bn.running_mean, before)  # the caller's model is untouched
+    assert not torch.allclose(bn2.running_mean, before) and not adapted.training
+    assert np.isfinite(bn2.running_var.numpy()).all()
