@@ -1,31 +1,40 @@
-"""Few labels: what each part of the trainer buys, over seeds, at a fixed CPU budget per run.
+"""Few labels: what each part of the trainer buys, over seeds, at a fixed budget per run, on cases
+that are not degenerate.
 
 Scenarios (``--scenario``, repeatable):
-- ``inscene:NAME``: the crowns of the left third of ``NAME`` (a scene of ``--data``) are labelled;
-  train on them, then detect over the whole scene and score the right two thirds (detections and
-  labels centred there). The everyday "label a corner, find the rest" job.
-- ``cross:NAME[+NAME...]``: train on every crown of ``yell_541000``; score the whole of each
-  ``NAME`` (other sites).
-- ``synthetic:SEED``: synthetic vehicles (0.3 m, cars and trucks): a 1024^2 training scene of
-  seed SEED whose 512^2 top-left corner is labelled (about 100 vehicles), scored on an unseen
-  1024^2 scene of seed SEED + 1 (with classes).
+- ``inscene:NAME:PART``: the crowns centred in one part of ``NAME`` (a scene of ``--data``) are
+  the labels and the part is the labelled area; train, detect over the whole scene, score the
+  rest (detections and labels centred outside the part). PART is ``left``, ``right``, ``top`` or
+  ``bottom`` (a third of the scene each: four different labelled areas of one scene) or ``ell``
+  (an L-shaped polygon, a sixth-wide strip down the left side and a sixth-high strip along the
+  bottom: about 31% of the scene, not a rectangle, so chips cross its inner corner).
+- ``cross:SRC>DST``: train on every crown of SRC, score the whole of DST (another scene).
+- ``synthetic:SEED``: synthetic vehicles (0.3 m, cars and trucks): the 512^2 top-left corner of a
+  1024^2 scene of seed SEED is labelled (about 100 vehicles); scored with classes on an unseen
+  scene of seed SEED + 1.
 
-Rows (``--rows``): ``today`` (the trainer before this benchmark: 10 epochs x steps_per_epoch
-whatever the budget, the whole scene taught, no augmentation beyond flips/rot90/brightness),
-``budget`` (+ the time limit is the schedule), ``area`` (+ the labelled area), ``scale``,
-``paste``, ``photo`` (+ one augmentation each: scale jitter 0.25, copy-paste 0.5, photometric
-1.0), ``all`` (area and the three augmentations), ``preset`` (the preset as shipped), ``self``
-(``all`` + self-training), ``pretrain`` (``all`` from a backbone pretrained for a third of the
-minutes on the same scenes), ``both``. Every row gets the same minutes in all.
+Rows (``--rows``, comma-separated; each row is features joined by ``+``):
+- ``budget``: the time (or step) budget as the schedule, the labelled scene taught as labelled
+  everywhere (no labelled area): what the trainer did before the labelled area existed;
+- ``area``: + ``--labelled-area`` (chips inside it, anchors outside ignored);
+- ``ctx``: chips reach past the area into real pixels (``train.chip_context``);
+- ``gb``: the validation strip given back to training at 70% of the run (``train.val_give_back``);
+- ``scale``, ``paste``, ``photo``, ``aug``: scale jitter 0.25, copy-paste 0.5, photometric 1.0, all three;
+- ``self``: self-training (in-scene: the rest of the scene; cross: DST given as ``--unlabelled``);
+- ``giou``: the GIoU box loss; ``atss``: ATSS anchor assignment;
+- ``tta``: test-time augmentation when scoring (flips and quarter turns, fused);
+- ``adabn``: batch-norm statistics re-estimated on the scored scene before detection (cross);
+- ``preset``: the preset exactly as shipped (its own defaults for all of the above).
 
-Every run appends one JSON line to ``--results`` (rerunning skips what is there) with the
-scores of the model kept by validation (``best``) and of the last step (``last``), the steps,
-the minutes used and the CPU share the run got. ``--table`` prints the mean, the spread (min to
-max) and every run per scenario and row.
+Budget: ``--minutes M`` (a time limit: the trainer's own clock, as a user runs it; run on an idle
+machine) or ``--steps N`` (a step cap: results independent of what else the machine runs, for
+screening). Every run appends one JSON line to ``--results`` (reruns skip what is there): the
+scores of ``model.pt`` (class-agnostic AP50, AP, P/R at best F1 with IoU 0.4; with classes for
+synthetic), steps, minutes used, the CPU share it got, threads and the CPU's ISA.
+``--summary`` prints mean [min-max] per scenario and row.
 
-    python benchmarks/bench_few_labels.py --scenario inscene:yell_541000 --rows today,budget,area --seeds 0,1,2 \
-        --minutes 15
-    python benchmarks/bench_few_labels.py --table
+    python benchmarks/bench_few_labels.py --scenario inscene:yell_541000:left --rows area,area+ctx --seeds 0,1,2 --steps 800
+    python benchmarks/bench_few_labels.py --summary
 """
 
 from __future__ import annotations
@@ -40,45 +49,48 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "trees"
-RESULTS = ROOT / "docs" / "few_labels" / "results.jsonl"
-AUGS = {"scale_jitter": 0.0, "copy_paste": 0.0, "photometric": 0.0}
-ROWS = {
-    "today": dict(epochs=10, area=False, **AUGS),
-    "budget": dict(area=False, **AUGS),
-    "area": dict(area=True, **AUGS),
-    "scale": dict(area=True, **{**AUGS, "scale_jitter": 0.25}),
-    "paste": dict(area=True, **{**AUGS, "copy_paste": 0.5}),
-    "photo": dict(area=True, **{**AUGS, "photometric": 1.0}),
-    "all": dict(area=True, scale_jitter=0.25, copy_paste=0.5, photometric=1.0),
-    "preset": dict(area=True),
-    # + self-training: on the rest of the labelled scene (in-scene) or on the target scenes (cross-site,
-    # synthetic: the unseen scene, unlabelled)
-    "self": dict(area=True, scale_jitter=0.25, copy_paste=0.5, photometric=1.0, self_training=True),
-    # + self-supervised pretraining on the same scenes (labelled and target, unlabelled) for a third of
-    # the budget, then training from it for the rest: the same minutes in all
-    "pretrain": dict(area=True, scale_jitter=0.25, copy_paste=0.5, photometric=1.0, pretrain=1 / 3),
-    "both": dict(area=True, scale_jitter=0.25, copy_paste=0.5, photometric=1.0, self_training=True, pretrain=1 / 3),
-}
+RESULTS = ROOT / "docs" / "few_labels" / "results_s10.jsonl"
+FEATURES = {"budget", "area", "ctx", "gb", "scale", "paste", "photo", "aug", "self", "giou", "atss", "tta", "adabn",
+            "preset", "nogb", "noctx", "noarea"}
 
 
-def left_third(scene_path: Path, labels_path: Path, work: Path):
-    """Labels centred in the left third of the scene, that third as a polygon, and the labels of
-    the other two thirds (the test)."""
+def part_polygon(bounds, part: str):
+    """The labelled part of a scene's map bounds: a third (left, right, top, bottom) or an L."""
+    from shapely.geometry import Polygon, box
+
+    x0, y0, x1, y1 = bounds.left, bounds.bottom, bounds.right, bounds.top
+    w, h = x1 - x0, y1 - y0
+    if part == "left":
+        return box(x0, y0, x0 + w / 3, y1)
+    if part == "right":
+        return box(x1 - w / 3, y0, x1, y1)
+    if part == "top":
+        return box(x0, y1 - h / 3, x1, y1)
+    if part == "bottom":
+        return box(x0, y0, x1, y0 + h / 3)
+    if part == "ell":
+        return Polygon([(x0, y1), (x0 + w / 6, y1), (x0 + w / 6, y0 + h / 6), (x1, y0 + h / 6), (x1, y0), (x0, y0)])
+    raise SystemExit(f"unknown part {part}: left, right, top, bottom or ell")
+
+
+def split_scene(scene_path: Path, labels_path: Path, part: str, work: Path):
+    """Labels centred in the part, the part as a polygon file, and the labels of the rest."""
     import geopandas as gpd
     import rasterio
-    from shapely.geometry import box
+    import shapely
 
     work.mkdir(parents=True, exist_ok=True)
     with rasterio.open(scene_path) as src:
         b, crs = src.bounds, src.crs
-    x_cut = b.left + (b.right - b.left) / 3
+    poly = part_polygon(b, part)
     g = gpd.read_file(labels_path)
-    cx = g.geometry.bounds[["minx", "maxx"]].mean(axis=1)
-    paths = {k: work / f"{scene_path.stem}_{k}.gpkg" for k in ("train", "aoi", "test")}
-    g[cx < x_cut].to_file(paths["train"])
-    g[cx >= x_cut].to_file(paths["test"])
-    gpd.GeoDataFrame(geometry=[box(b.left, b.bottom, x_cut, b.top)], crs=crs).to_file(paths["aoi"])
-    return paths, x_cut
+    c = g.geometry.bounds
+    inside = shapely.contains_xy(poly, ((c.minx + c.maxx) / 2).to_numpy(), ((c.miny + c.maxy) / 2).to_numpy())
+    paths = {k: work / f"{scene_path.stem}_{part}_{k}.gpkg" for k in ("train", "aoi", "test")}
+    g[inside].to_file(paths["train"])
+    g[~inside].to_file(paths["test"])
+    gpd.GeoDataFrame(geometry=[poly], crs=crs).to_file(paths["aoi"])
+    return paths, poly
 
 
 def corner(scene_path: Path, labels_path: Path, side_px: int, work: Path):
@@ -100,16 +112,24 @@ def corner(scene_path: Path, labels_path: Path, side_px: int, work: Path):
     return paths, int(inside.sum())
 
 
-def score(model, scene: Path, labels: Path, classes: bool, x_min=None) -> dict:
+def score(model, scene: Path, labels: Path, classes: bool, outside=None, tta: bool = False) -> dict:
     """AP50, AP and precision/recall at IoU 0.4 (best F1) of ``model`` over ``scene``; with
-    ``x_min`` (map x), only detections centred east of it count (labels are pre-filtered)."""
+    ``outside`` (a map polygon), only detections centred outside it count (labels are pre-filtered)."""
+    import shapely
+
     from geodet.evaluation import evaluate
     from geodet.pipeline.scenes import detect_scene
 
-    frame = detect_scene(scene, model, progress=False)
-    if x_min is not None:
+    detector = model
+    if tta:
+        from geodet.model.tta import TtaDetector
+
+        detector = TtaDetector(model)
+    frame = detect_scene(scene, detector, progress=False)
+    if outside is not None and len(frame):
         b = frame.geometry.bounds
-        frame = frame[((b.minx + b.maxx) / 2 >= x_min).to_numpy()]
+        keep = ~shapely.contains_xy(outside, ((b.minx + b.maxx) / 2).to_numpy(), ((b.miny + b.maxy) / 2).to_numpy())
+        frame = frame[keep]
     col = "label" if classes else ""
     m50 = evaluate(frame, labels, scene=scene, iou=0.5, class_column=col)
     m40 = evaluate(frame, labels, scene=scene, iou=0.4, class_column=col)
@@ -117,39 +137,49 @@ def score(model, scene: Path, labels: Path, classes: bool, x_min=None) -> dict:
             "R@0.4": round(m40["recall"], 4), "detections": int(len(frame)), "labels": int(m50["n_labels"])}
 
 
-def last_model(run: Path):
-    """The model of the last step (``last.pt``), to compare with the one validation kept."""
-    import torch
-
-    from geodet.model.file import model_from_payload
-
-    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-    return model_from_payload({"card": state["card"], "state_dict": state["model"]}, source=str(run / "last.pt"))
+def features(row: str) -> set:
+    f = set(row.split("+"))
+    unknown = f - FEATURES
+    if unknown:
+        raise SystemExit(f"unknown row feature(s) {sorted(unknown)}: choose from {sorted(FEATURES)}")
+    return f
 
 
-def run_one(scenario: str, row: str, seed: int, minutes: float, work: Path, threads: int | None) -> dict:
-    import torch
+def configure(cfg, f: set, kind: str) -> None:
+    """The row's features on the config (``preset`` leaves the preset's own defaults)."""
+    tc = cfg.train
+    if "preset" in f:
+        return
+    tc.chip_context = "ctx" in f
+    tc.val_give_back = 0.7 if "gb" in f else None
+    aug = "aug" in f
+    tc.scale_jitter = 0.25 if aug or "scale" in f else 0.0
+    tc.copy_paste = 0.5 if aug or "paste" in f else 0.0
+    tc.photometric = 1.0 if aug or "photo" in f else 0.0
+    cfg.model.box_loss = "giou" if "giou" in f else "l1"
+    cfg.model.matcher = "atss" if "atss" in f else "iou"
 
+
+def scenario_setup(scenario: str, f: set, work: Path):
+    """(config, SceneLabels, tests [(name, scene, labels, classes, outside polygon)], unlabelled)."""
     from geodet.config import SceneLabels, load_config
-    from geodet.model import load_model
-    from geodet.training.trainer import Trainer
 
-    if threads:
-        torch.set_num_threads(threads)
     kind, _, name = scenario.partition(":")
-    spec = ROWS[row]
-    tests = []  # (scene, labels, classes, x_min)
+    tests, unlabelled = [], []
+    use_area = ("area" in f or "preset" in f) and "noarea" not in f
     if kind == "inscene":
-        scene, labels = DATA / f"{name}.tif", DATA / f"{name}.gpkg"
-        paths, x_cut = left_third(scene, labels, work / "data")
+        scene_name, _, part = name.partition(":")
+        scene, labels = DATA / f"{scene_name}.tif", DATA / f"{scene_name}.gpkg"
+        paths, poly = split_scene(scene, labels, part or "left", work / "data")
         cfg = load_config("trees")
-        pair = SceneLabels(str(scene), str(paths["train"]), str(paths["aoi"]) if spec["area"] else None)
-        tests.append((name, scene, paths["test"], False, x_cut))
+        pair = SceneLabels(str(scene), str(paths["train"]), str(paths["aoi"]) if use_area else None)
+        tests.append((scene_name, scene, paths["test"], False, poly))
     elif kind == "cross":
+        src, _, dst = name.partition(">")
         cfg = load_config("trees")
-        pair = SceneLabels(str(DATA / "yell_541000.tif"), str(DATA / "yell_541000.gpkg"))
-        for test in name.split("+"):
-            tests.append((test, DATA / f"{test}.tif", DATA / f"{test}.gpkg", False, None))
+        pair = SceneLabels(str(DATA / f"{src}.tif"), str(DATA / f"{src}.gpkg"))
+        tests.append((dst, DATA / f"{dst}.tif", DATA / f"{dst}.gpkg", False, None))
+        unlabelled = [str(DATA / f"{dst}.tif")]
     elif kind == "synthetic":
         from geodet.synthetic import make_scene
 
@@ -158,50 +188,61 @@ def run_one(scenario: str, row: str, seed: int, minutes: float, work: Path, thre
         d.mkdir(parents=True, exist_ok=True)
         tr = make_scene(d / "train.tif", d / "train.gpkg", size=1024, seed=s)
         te = make_scene(d / "test.tif", d / "test.gpkg", size=1024, seed=s + 1)
-        paths, n = corner(tr.image, tr.labels, 512, d)
+        paths, _n = corner(tr.image, tr.labels, 512, d)
         cfg = load_config("cpu")
-        pair = SceneLabels(str(tr.image), str(paths["train"]), str(paths["aoi"]) if spec["area"] else None)
+        pair = SceneLabels(str(tr.image), str(paths["train"]), str(paths["aoi"]) if use_area else None)
         tests.append((f"synthetic{s + 1}", te.image, te.labels, True, None))
+        unlabelled = [str(te.image)]
     else:
         raise SystemExit(f"unknown scenario {scenario}")
+    return cfg, pair, tests, unlabelled if kind != "inscene" else []
+
+
+def run_one(scenario: str, row: str, seed: int, minutes: float | None, steps: int | None, work: Path,
+            threads: int | None) -> dict:
+    import torch
+
+    from geodet.model import load_model
+    from geodet.training.trainer import Trainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    f = features(row)
+    cfg, pair, tests, unlabelled = scenario_setup(scenario, f, work)
+    configure(cfg, f, scenario.partition(":")[0])
     cfg.train.scenes = [pair]
-    if spec.get("self_training"):
+    if "self" in f:
         cfg.train.self_training = True
-        if kind != "inscene":  # the scenes to detect, unlabelled, as a user would give them
-            cfg.train.unlabelled = [str(t[1]) for t in tests]
+        cfg.train.unlabelled = unlabelled
     cfg.train.seed = seed
-    cfg.train.keep = "best"  # model.pt is the best-validation model; last.pt gives the end of the schedule
     cfg.train.time_limit_min = minutes
-    for key in ("epochs", "scale_jitter", "copy_paste", "photometric"):
-        if key in spec:
-            setattr(cfg.train, key, spec[key])
-    out = work / "runs" / f"{scenario.replace(':', '_')}_{row}_s{seed}_{minutes:g}"
+    cfg.train.max_steps = steps
+    budget = f"{minutes:g}min" if minutes else f"{steps}steps"
+    out = work / "runs" / f"{scenario.replace(':', '_').replace('>', '-')}_{row}_s{seed}_{budget}"
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    if spec.get("pretrain"):
-        from geodet.training.pretrain import pretrain
-
-        out.mkdir(parents=True, exist_ok=True)
-        scenes = list(dict.fromkeys([pair.scene] + [str(t[1]) for t in tests]))
-        cfg.train.init = str(pretrain(scenes, out / "pretrained.pt", cfg, minutes * spec["pretrain"], progress=False))
-        cfg.train.time_limit_min = minutes - (time.perf_counter() - t0) / 60
     trainer = Trainer(cfg, out, progress=False)
     path = trainer.run()
     used = (time.perf_counter() - t0) / 60
-    best = load_model(path)
-    rec = {"scenario": scenario, "row": row, "seed": seed, "minutes": minutes, "used_min": round(used, 2),
-           "steps": int(last_steps(out)), "best_step": best.card.trained_steps, "cpu_share": round(trainer.cpu_share or 0, 2),
-           "threads": torch.get_num_threads(), "isa": isa(), "val_AP50": best.card.metrics.get("AP50"),
-           "settings": {k: getattr(cfg.train, k) for k in ("epochs", "scale_jitter", "copy_paste", "photometric",
-                                                           "self_training", "init")}
-           | {"labelled_area": bool(pair.labelled_area), "unlabelled": list(cfg.train.unlabelled)}}
-    last = last_model(out)
-    for test, scene, labels, classes, x_min in tests:
-        rec[f"best:{test}"] = score(best, scene, labels, classes, x_min)
-        rec[f"last:{test}"] = score(last, scene, labels, classes, x_min)
+    model = load_model(path)
+    rec = {"scenario": scenario, "row": row, "seed": seed, "minutes": minutes, "steps_cap": steps,
+           "used_min": round(used, 2), "steps": int(last_steps(out)), "cpu_share": round(trainer.cpu_share or 0, 2),
+           "threads": torch.get_num_threads(), "isa": isa(), "val_AP50": model.card.metrics.get("AP50"),
+           "operating_point": model.card.operating_point,
+           "settings": {k: getattr(cfg.train, k) for k in ("scale_jitter", "copy_paste", "photometric", "self_training",
+                                                           "chip_context", "val_give_back", "lr", "batch_size")}
+           | {"labelled_area": bool(pair.labelled_area), "unlabelled": list(cfg.train.unlabelled),
+              "box_loss": getattr(cfg.model, "box_loss", "l1"), "matcher": getattr(cfg.model, "matcher", "iou")}}
+    for test, scene, labels, classes, outside in tests:
+        scored = model
+        if "adabn" in f:
+            from geodet.training.adapt import adapt_batch_norm
+
+            scored = adapt_batch_norm(load_model(path), [scene])
+        rec[f"last:{test}"] = score(scored, scene, labels, classes, outside, tta="tta" in f)
     return rec
 
 
@@ -225,86 +266,64 @@ def load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def grouped(records: list[dict]) -> dict:
-    """The runs per (scenario, test scene, minutes, threads) and row, sorted by seed."""
-    groups: dict = {}
-    for r in records:
-        for k in r:
-            if k.startswith("best:"):
-                groups.setdefault((r["scenario"], k[5:], r["minutes"], r.get("threads")), {}).setdefault(r["row"], []).append(r)
-    return {key: {row: sorted(rows[row], key=lambda r: r["seed"]) for row in ROWS if row in rows}
-            for key, rows in groups.items()}
+def budget_of(r: dict) -> str:
+    return f"{r['minutes']:g} min" if r.get("minutes") else f"{r['steps_cap']} steps"
 
 
-def table(records: list[dict], metric: str = "AP50", which: str = "best") -> str:
-    """Markdown: per scenario, test scene and row, the mean, min-max and every run of ``metric``."""
-    lines = []
-    for (scenario, test, minutes, _threads), rows in grouped(records).items():
-        lines += [f"\n{scenario} -> {test}, {minutes:g} min, {which} model, {metric}\n",
-                  f"| row | mean {metric} | min-max | runs (seed: value) | AP | steps | CPU share |",
-                  "|---|---|---|---|---|---|---|"]
-        for row, rs in rows.items():
-            scores = [r[f"{which}:{test}"] for r in rs]
-            vals = [v[metric] for v in scores]
-            runs = ", ".join(f"{r['seed']}: {v[metric]:.3f}" for r, v in zip(rs, scores))
-            steps = ", ".join(str(r["steps"]) for r in rs)
-            share = ", ".join(f"{r['cpu_share']:.2f}" for r in rs)
-            lines.append(f"| {row} | {np.mean(vals):.3f} | {min(vals):.3f}-{max(vals):.3f} | {runs} | "
-                         f"{np.mean([v['AP'] for v in scores]):.3f} | {steps} | {share} |")
-    return "\n".join(lines)
-
-
-def summary(records: list[dict]) -> str:
-    """Markdown, one table per scenario and test scene: per row, AP50 and AP of the kept model
-    (``model.pt``: the best validation AP50) and of the last step, as mean [min-max] over seeds."""
+def summary(records: list[dict], metric_rows=("AP50", "AP")) -> str:
+    """Markdown, one table per scenario, test scene and budget: per row, AP50 and AP of model.pt
+    as mean [min-max] over seeds, P/R at IoU 0.4, the steps and every seed's AP50."""
 
     def cell(vals):
         return f"{np.mean(vals):.3f} [{min(vals):.3f}-{max(vals):.3f}]"
 
+    groups: dict = {}
+    for r in records:
+        for k in r:
+            if k.startswith("last:"):
+                key = (r["scenario"], k[5:], budget_of(r), r.get("threads"))
+                groups.setdefault(key, {}).setdefault(r["row"], []).append(r)
     lines = []
-    for (scenario, test, minutes, threads), rows in grouped(records).items():
-        lines += [f"\n**{scenario} -> {test}**, {minutes:g} min on {threads} thread(s)\n",
-                  "| row | seeds | AP50, model.pt | AP50, last step | AP, last step | P / R @0.4, last | steps |",
-                  "|---|---|---|---|---|---|---|"]
+    for (scenario, test, budget, threads), rows in groups.items():
+        lines += [f"\n**{scenario} -> {test}**, {budget}, {threads} thread(s)\n",
+                  "| row | seeds | AP50 | AP | P / R @0.4 | steps | AP50 per seed |", "|---|---|---|---|---|---|---|"]
         for row, rs in rows.items():
-            b = [r[f"best:{test}"] for r in rs]
-            last = [r[f"last:{test}"] for r in rs]
-            pr = f"{np.mean([x['P@0.4'] for x in last]):.2f} / {np.mean([x['R@0.4'] for x in last]):.2f}"
-            lines.append(f"| {row} | {len(rs)} | {cell([x['AP50'] for x in b])} | {cell([x['AP50'] for x in last])} | "
-                         f"{cell([x['AP'] for x in last])} | {pr} | {', '.join(str(r['steps']) for r in rs)} |")
+            rs = sorted(rs, key=lambda r: r["seed"])
+            s = [r[f"last:{test}"] for r in rs]
+            pr = f"{np.mean([x['P@0.4'] for x in s]):.2f} / {np.mean([x['R@0.4'] for x in s]):.2f}"
+            per = ", ".join(f"{r['seed']}: {x['AP50']:.3f}" for r, x in zip(rs, s))
+            lines.append(f"| {row} | {len(rs)} | {cell([x['AP50'] for x in s])} | {cell([x['AP'] for x in s])} | {pr} | "
+                         f"{', '.join(str(r['steps']) for r in rs)} | {per} |")
     return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", action="append", default=[])
-    ap.add_argument("--rows", default="today,budget,area,all")
+    ap.add_argument("--rows", default="budget,area")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--minutes", type=float, default=None, help="a time limit per run (the trainer's clock)")
+    ap.add_argument("--steps", type=int, default=None, help="a step cap per run (screening, load-independent)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--workdir", default="/tmp/geodet-bench/few_labels")
     ap.add_argument("--results", default=str(RESULTS))
-    ap.add_argument("--table", action="store_true", help="print the tables of --results and exit")
     ap.add_argument("--summary", action="store_true", help="print one summary table per scenario and exit")
-    ap.add_argument("--metric", default="AP50")
-    ap.add_argument("--which", default="best", choices=["best", "last"])
     args = ap.parse_args()
     results = Path(args.results)
     if args.summary:
         print(summary(load(results)))
         return
-    if args.table:
-        print(table(load(results), args.metric, args.which))
-        return
+    if (args.minutes is None) == (args.steps is None):
+        raise SystemExit("give --minutes or --steps")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     results.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["scenario"], r["row"], r["seed"], r["minutes"]) for r in load(results)}
+    done = {(r["scenario"], r["row"], r["seed"], r.get("minutes"), r.get("steps_cap")) for r in load(results)}
     for scenario in args.scenario:
         for seed in (int(s) for s in args.seeds.split(",")):
             for row in args.rows.split(","):
-                if (scenario, row, seed, args.minutes) in done:
+                if (scenario, row, seed, args.minutes, args.steps) in done:
                     continue
-                rec = run_one(scenario, row, seed, args.minutes, Path(args.workdir), args.threads)
+                rec = run_one(scenario, row, seed, args.minutes, args.steps, Path(args.workdir), args.threads)
                 with open(results, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 print(json.dumps(rec), flush=True)
