@@ -206,3 +206,82 @@ def test_cli_export_and_detect_with_the_onnx_file(tmp_path, tiny_model, synth, c
     assert main(["-q", "detect", str(synth.image), "-m", str(out), "-o", str(tmp_path / "e.gpkg"),
                  "--backend", "torch"]) == 2
     assert "runs on the onnx backend" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# checks that say what they checked: never on noise, never on the tiles int8 calibrated on
+
+
+@pytest.fixture(scope="module")
+def one_tile_scene(tmp_path_factory, tiny_model):
+    """A scene of exactly one tile of the tiny model (128 px at its GSD)."""
+    from geodet.synthetic import make_scene
+
+    card = load_model(tiny_model).card
+    d = tmp_path_factory.mktemp("one_tile")
+    return make_scene(d / "one.tif", d / "one.gpkg", size=card.tile_size, gsd_m=card.gsd_m, seed=5).image
+
+
+def test_export_without_scenes_checks_on_a_synthetic_scene_and_says_so(tmp_path, tiny_model, capsys):
+    from geodet.cli import main
+
+    out = tmp_path / "m.onnx"
+    result = export_model(tiny_model, out)
+    assert "synthetic scene" in result["check_tiles_from"] and result["tiles"] == 4
+    assert "synthetic scene" in load_onnx(out).props["check_tiles_from"]
+    assert main(["-q", "export", "-m", str(tiny_model), "-o", str(tmp_path / "c.onnx")]) == 0
+    said = capsys.readouterr().out
+    assert "export check on 4 tiles of a synthetic scene" in said and "noise" not in said
+
+
+def test_int8_on_a_scene_of_one_tile_is_refused_in_one_line(tmp_path, tiny_model, one_tile_scene):
+    from geodet.pipeline.convert import MIN_INT8_TILES
+
+    with pytest.raises(GeodetError) as err:
+        export_model(tiny_model, tmp_path / "q.onnx", int8=True, calibrate=[one_tile_scene], min_agreement=0.0)
+    msg = str(err.value)
+    assert f"needs at least {MIN_INT8_TILES} tiles" in msg and "gave 1" in msg and "\n" not in msg
+    assert not (tmp_path / "q.onnx").exists()
+    # fp32 calibrates nothing: its one tile checks it
+    assert export_model(tiny_model, tmp_path / "f.onnx", calibrate=[one_tile_scene])["tiles"] == 1
+
+
+def test_calibration_and_check_tiles_never_share_a_tile(tiny_model, synth):
+    from geodet.pipeline.convert import calibration_tiles
+    from geodet.pipeline.settings import resolve_detect_settings
+
+    model = load_model(tiny_model)
+    s = resolve_detect_settings(model.card, device="cpu")
+    calib, check, ref, _ = calibration_tiles(model, [synth.image], 32, s)
+    assert calib and check and len(ref) == len(check)
+    assert not any(np.array_equal(a, b) for a in calib for b in check)
+
+
+def test_cli_int8_states_both_tile_counts(tmp_path, tiny_model, synth, capsys):
+    from geodet.cli import main
+
+    out = tmp_path / "q.onnx"
+    assert main(["-q", "export", "-m", str(tiny_model), "-o", str(out), "--int8", "--calibrate", str(synth.image),
+                 "--min-agreement", "0"]) == 0
+    said = capsys.readouterr().out
+    q = load_onnx(out).props["check"]
+    n, c = q["int8"]["calibration_tiles"], q["tiles"]
+    assert n + c <= 16 and c == q["int8"]["check_tiles"]  # the scene has 16 tiles: the sets cannot overlap
+    assert f"calibrated on {n} tile(s), checked on {c} other tile(s) (not 32 each: the calibration scenes gave " \
+           f"{n + c} tiles with valid pixels)" in said
+    assert "half of them" not in said
+
+
+def test_on_the_spot_int8_never_checks_on_its_calibration_tiles(monkeypatch, tmp_path, tiny_model, one_tile_scene):
+    monkeypatch.setenv("GEODET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(choice, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
+    model = load_model(tiny_model)
+    # asked for: refused, in one line, saying what it needs
+    with pytest.raises(GeodetError, match="needs at least 2 tiles") as err:
+        detect_scene(one_tile_scene, model, progress=False, precision="int8")
+    assert "\n" not in str(err.value)
+    # chosen by default (a large job, pretended): not made, and not held against the model
+    monkeypatch.setattr(choice, "AUTO_INT8_MIN_TILES", 1)
+    r = detect_scene(one_tile_scene, model, progress=False).attrs["report"]["backend"]
+    assert (r["backend"], r["precision"]) == ("torch", "fp32") and "int8" not in r["checks"]
+    assert not list((tmp_path / "cache").rglob("*.failed.json"))

@@ -12,7 +12,8 @@ def add_parser(sub, common) -> None:
                        description="Export a geodet model to a self-describing ONNX file for ONNX Runtime: the network "
                                    "core with the model card in its metadata; boxes are decoded by geodet exactly as "
                                    "for the torch model. The export is checked against the torch model on tiles of the "
-                                   "calibration scenes and refused (no file written) when it differs, or when the "
+                                   "calibration scenes (int8: tiles other than those it is calibrated on; without "
+                                   "scenes, a synthetic scene) and refused (no file written) when it differs, or when the "
                                    "check tiles hold no detection to compare.")
     x.add_argument("--model", "-m", help="model.pt from geodet train or import (required)")
     x.add_argument("--out", "-o", required=True, help="output .onnx file")
@@ -54,15 +55,17 @@ def run(args) -> int:
                           min_agreement=INT8_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement,
                           class_column=args.class_column)
     fp = result["fp32"]
-    print(f"export check on {result['tiles']} tiles: fp32 logit difference {fp['max_relative_logit_diff']:.2g} "
+    print(f"export check on {result['tiles']} tiles of {result['check_tiles_from']}: fp32 logit difference "
+          f"{fp['max_relative_logit_diff']:.2g} "
           f"(relative, limit {fp['limit']:g}; absolute {fp['max_logit_diff']:.2g}), detections "
           f"{describe_agreement(fp['detections'])}")
     if "int8" in result:
         q = result["int8"]
-        n = q["calibration_tiles"]
-        short = (f" (not {args.calib_tiles}: the calibration scenes have too few tiles; half of them calibrate, the "
-                 "other half check)") if n < args.calib_tiles else ""
-        print(f"int8: calibrated on {n} tile(s){short}; "
+        n, c = q["calibration_tiles"], result["tiles"]
+        # the two sets never share a tile; fewer than asked when the scenes hold fewer valid tiles
+        short = (f" (not {args.calib_tiles} each: the calibration scenes gave {n + c} tiles with valid pixels)"
+                 if n < args.calib_tiles else "")
+        print(f"int8: calibrated on {n} tile(s), checked on {c} other tile(s){short}; "
               f"detections against fp32 {describe_agreement(q['detections'])} at score >= "
               f"{q['detections']['min_score']:.3g} (needs {q['min_agreement']}); kept in float: "
               f"{len(q['float_nodes'])} output conv(s) and the reshapes after them")
