@@ -166,75 +166,38 @@ def coco_metrics(
     everything is one image. ``split`` evaluates a dense scene as many small images that give
     the same matches (see ``_split_images``); ``False`` is the plain single-image computation.
     """
-    from faster_coco_eval import COCO, COCOeval_faster
-
     det_boxes = np.asarray(det_boxes, np.float64).reshape(-1, 4)
     gt_boxes = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
     det_scores = np.asarray(det_scores, np.float64).reshape(-1)
     det_labels = np.asarray(det_labels, np.int64).reshape(-1)
     gt_labels = np.asarray(gt_labels, np.int64).reshape(-1)
-    cats = [{"id": i + 1, "name": n} for i, n in enumerate(classes)]
-    # Shift and scale so COCO's pixel-area size ranges apply to these units.
-    s = float(np.sqrt(area_scale))
-    origin = np.vstack([det_boxes, gt_boxes]).min(axis=0)[:2] if len(det_boxes) + len(gt_boxes) else np.zeros(2)
-    shift = np.array([origin[0], origin[1], origin[0], origin[1]])
     det_images = np.ones(len(det_boxes), np.int64) if det_images is None else np.asarray(det_images, np.int64) + 1
     gt_images = np.ones(len(gt_boxes), np.int64) if gt_images is None else np.asarray(gt_images, np.int64) + 1
-    iou_thrs = sorted(set(np.round(np.linspace(0.5, 0.95, 10), 2).tolist()) | {round(iou, 2)})
+    standard = set(np.round(np.linspace(0.5, 0.95, 10), 2).tolist())
+    iou_thrs = sorted(standard | {round(iou, 2)})
     if split and len(det_boxes) + len(gt_boxes) > SPLIT_BOXES:
         det_images, gt_images = _split_images(det_boxes, det_labels, det_images, gt_boxes, gt_labels, gt_images,
                                               min(iou_thrs), SPLIT_BOXES)
-    ids = sorted(set(det_images.tolist()) | set(gt_images.tolist()) | {1})
-    gt = COCO()
-    gt.dataset = {"images": [{"id": int(i), "width": 1, "height": 1} for i in ids], "categories": cats,
-                  "annotations": _coco((gt_boxes - shift) * s, gt_labels, images=gt_images)}
-    gt.createIndex()
-    n_det = len(det_boxes)
-    out = {"n_detections": int(n_det), "n_labels": int(len(gt_boxes)), "iou": iou}
-    if n_det == 0 or len(gt_boxes) == 0:
+    out = {"n_detections": int(len(det_boxes)), "n_labels": int(len(gt_boxes)), "iou": iou}
+    if len(det_boxes) == 0 or len(gt_boxes) == 0:
         out.update({k: 0.0 for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "precision", "recall", "f1")})
         out["score_threshold"] = None
         return Metrics(out)
-    # COCO ranks tied scores in input order within an image, but by image across images. Ranks
-    # (ties broken by input order) as the scores make the split give exactly the one-image order.
-    by_score = np.argsort(-det_scores, kind="stable")
-    rank_key = np.empty(n_det)
-    rank_key[by_score] = np.arange(n_det, 0, -1)  # n_det for the best, 1 for the worst
-    dt = gt.loadRes(_coco((det_boxes - shift) * s, det_labels, rank_key, images=det_images))
-    ev = COCOeval_faster(gt, dt, iouType="bbox", print_function=log.debug)
-    max_dets = max(100, n_det)
-    ev.params.maxDets = [1, 10, max_dets]
-    ev.params.iouThrs = np.array(iou_thrs)
-    ev.evaluate()
-    ev.accumulate()
-    prec = ev.eval["precision"]  # [T, R, K, A, M]
-    keys = np.rint(ev.eval["scores"]).astype(np.int64)  # back from rank keys to scores (0: none)
-    scores_arr = np.where(keys > 0, det_scores[by_score][np.clip(n_det - keys, 0, n_det - 1)], 0.0)
-    std = [i for i, t in enumerate(iou_thrs) if round(t, 2) in set(np.round(np.linspace(0.5, 0.95, 10), 2))]
+    prec, scores_arr, rec_thrs = _run_cocoeval((det_boxes, det_scores, det_labels, det_images),
+                                               (gt_boxes, gt_labels, gt_images), classes, iou_thrs, area_scale)
+    std = [i for i, t in enumerate(iou_thrs) if round(t, 2) in standard]
 
     def ap(t_idx, area=0, k=slice(None)):
         p = prec[t_idx, :, k, area, -1]
         p = p[p > -1]
         return float(p.mean()) if p.size else float("nan")
 
-    t50 = iou_thrs.index(0.5)
-    t75 = iou_thrs.index(0.75)
-    ti = iou_thrs.index(round(iou, 2))
+    t50, t75 = iou_thrs.index(0.5), iou_thrs.index(0.75)
     out.update({
         "AP": ap(std), "AP50": ap(t50), "AP75": ap(t75),
         "AP_small": ap(std, 1), "AP_medium": ap(std, 2), "AP_large": ap(std, 3),
     })
-    # Best-F1 operating point on the PR curve at the chosen IoU, all classes pooled by mean.
-    rec_thrs = ev.params.recThrs
-    p_curve = prec[ti, :, :, 0, -1]
-    valid_k = (p_curve > -1).any(axis=0)
-    pc = np.where(p_curve > -1, p_curve, 0)[:, valid_k].mean(axis=1)
-    sc = scores_arr[ti, :, :, 0, -1][:, valid_k].mean(axis=1)
-    f1 = 2 * pc * rec_thrs / np.maximum(pc + rec_thrs, 1e-12)
-    best = int(np.argmax(f1))
-    out.update({"precision": float(pc[best]), "recall": float(rec_thrs[best]), "f1": float(f1[best]),
-                "score_threshold": float(sc[best])})
-    out["pr_curve"] = {"recall": rec_thrs.tolist(), "precision": pc.tolist()}
+    out.update(_best_f1(prec, scores_arr, rec_thrs, iou_thrs.index(round(iou, 2))))
     per_class = {}
     for k, name in enumerate(classes):
         if not (gt_labels == k).any() and not (det_labels == k).any():
@@ -245,6 +208,54 @@ def coco_metrics(
         }
     out["per_class"] = per_class
     return Metrics({k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in out.items()})
+
+
+def _run_cocoeval(dets: tuple, gts: tuple, classes, iou_thrs: list, area_scale: float):
+    """faster-coco-eval over ``dets`` (boxes, scores, labels, image ids) and ``gts`` (boxes,
+    labels, image ids): ``(precision [T, R, K, A, M], the score at each of its points, the recall
+    thresholds)``."""
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    det_boxes, det_scores, det_labels, det_images = dets
+    gt_boxes, gt_labels, gt_images = gts
+    n_det = len(det_boxes)
+    # Shift and scale so COCO's pixel-area size ranges apply to these units.
+    s = float(np.sqrt(area_scale))
+    origin = np.vstack([det_boxes, gt_boxes]).min(axis=0)[:2]
+    shift = np.array([origin[0], origin[1], origin[0], origin[1]])
+    ids = sorted(set(det_images.tolist()) | set(gt_images.tolist()) | {1})
+    gt = COCO()
+    gt.dataset = {"images": [{"id": int(i), "width": 1, "height": 1} for i in ids],
+                  "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)],
+                  "annotations": _coco((gt_boxes - shift) * s, gt_labels, images=gt_images)}
+    gt.createIndex()
+    # COCO ranks tied scores in input order within an image, but by image across images. Ranks
+    # (ties broken by input order) as the scores make the split give exactly the one-image order.
+    by_score = np.argsort(-det_scores, kind="stable")
+    rank_key = np.empty(n_det)
+    rank_key[by_score] = np.arange(n_det, 0, -1)  # n_det for the best, 1 for the worst
+    dt = gt.loadRes(_coco((det_boxes - shift) * s, det_labels, rank_key, images=det_images))
+    ev = COCOeval_faster(gt, dt, iouType="bbox", print_function=log.debug)
+    ev.params.maxDets = [1, 10, max(100, n_det)]
+    ev.params.iouThrs = np.array(iou_thrs)
+    ev.evaluate()
+    ev.accumulate()
+    keys = np.rint(ev.eval["scores"]).astype(np.int64)  # back from rank keys to scores (0: none)
+    scores_arr = np.where(keys > 0, det_scores[by_score][np.clip(n_det - keys, 0, n_det - 1)], 0.0)
+    return ev.eval["precision"], scores_arr, ev.params.recThrs
+
+
+def _best_f1(prec, scores_arr, rec_thrs, ti: int) -> dict:
+    """The best-F1 operating point on the PR curve at IoU threshold index ``ti``, all classes
+    pooled by mean, and that curve."""
+    p_curve = prec[ti, :, :, 0, -1]
+    valid_k = (p_curve > -1).any(axis=0)
+    pc = np.where(p_curve > -1, p_curve, 0)[:, valid_k].mean(axis=1)
+    sc = scores_arr[ti, :, :, 0, -1][:, valid_k].mean(axis=1)
+    f1 = 2 * pc * rec_thrs / np.maximum(pc + rec_thrs, 1e-12)
+    best = int(np.argmax(f1))
+    return {"precision": float(pc[best]), "recall": float(rec_thrs[best]), "f1": float(f1[best]),
+            "score_threshold": float(sc[best]), "pr_curve": {"recall": rec_thrs.tolist(), "precision": pc.tolist()}}
 
 
 class Metrics(dict):

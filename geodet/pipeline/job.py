@@ -28,9 +28,7 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     listed; in a job of several scenes, a scene that cannot be read fails alone (listed in the
     report's ``failed_scenes``) and the others are written. ``report["partial"]`` says so."""
     from ..config import load_config
-    from ..io.scene import open_raster
-    from ..io.writers import (check_output_path, combine_frames, distinct_crss, output_format, report_path,
-                              write_detections, write_json)
+    from ..io.writers import check_output_path, combine_frames, output_format, report_path, write_detections, write_json
     from .detect import resolve_device
     from .scenes import detect_scenes
 
@@ -42,11 +40,43 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     looks = _quicklook_paths(quicklook, scenes) if quicklook else []
     for p in looks:
         check_output_path(p)
+    readable, failures = _readable_scenes(scenes, fmt)
+    resolve_device(settings.get("device") or cfg.detect.device)
+    if isinstance(model, (str, Path)):
+        model = load_detector_file(model)
+    t0 = time.perf_counter()
+    frames = detect_scenes(readable, model, config=cfg, progress=progress, per_scene=True,
+                           failures=failures if len(scenes) > 1 else None, **settings) if readable else []
+    if not frames:
+        raise GeodetError("no scene could be read; nothing was written: " + " | ".join(f["error"] for f in failures))
+    frame = combine_frames(frames)
+    t1 = time.perf_counter()
+    card = getattr(model, "card", None)
+    write_detections(frames, out, fmt, csv_geometry or cfg.output.csv_geometry,
+                     style_min_score=card.operating_point if card is not None else None)
+    t2 = time.perf_counter()
+    report = _job_report(out, fmt, model, scenes, frames, failures, len(frame))
+    report["seconds"] = {"detect": round(t1 - t0, 3), "write": round(t2 - t1, 3)}
+    if looks:
+        min_score = quicklook_min_score if quicklook_min_score is not None else (card.operating_point if card else None)
+        report["quicklooks"] = _draw_quicklooks(scenes, looks, frames, card, min_score)
+    write_json(report, report_path(out))
+    frame.attrs["report"] = report
+    return frame
+
+
+def _readable_scenes(scenes: Sequence, fmt: str) -> tuple[list, list[dict]]:
+    """The scenes that open, and the failures of those that do not (a remote scene that cannot be
+    reached fails alone in a job of several; alone, it fails the job). A scene without a CRS
+    fails the job unless the output is CSV (pixel boxes)."""
+    from ..io.scene import open_raster
+    from ..io.writers import distinct_crss
+
     crss, failures, readable = [], [], []
     for s in scenes:
         try:
             src = open_raster(s)
-        except ReadError as exc:  # a remote scene that cannot be reached fails alone in a multi-scene job
+        except ReadError as exc:
             if len(scenes) == 1:
                 raise
             failures.append({"scene": str(s), "error": str(exc)})
@@ -62,23 +92,15 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     if len(distinct_crss(crss)) > 1 and fmt in ("fgb", "shp", "parquet"):
         log.info("the scenes are in %d CRSs and a %s file holds one: it is written in EPSG:4326, with a crs column "
                  "naming each row's scene CRS (.gpkg keeps each CRS in a layer of its own)", len(distinct_crss(crss)), fmt)
-    resolve_device(settings.get("device") or cfg.detect.device)
-    if isinstance(model, (str, Path)):
-        model = load_detector_file(model)
-    t0 = time.perf_counter()
-    frames = detect_scenes(readable, model, config=cfg, progress=progress, per_scene=True,
-                           failures=failures if len(scenes) > 1 else None, **settings) if readable else []
-    if not frames:
-        raise GeodetError("no scene could be read; nothing was written: " + " | ".join(f["error"] for f in failures))
-    frame = combine_frames(frames)
-    t1 = time.perf_counter()
+    return readable, failures
+
+
+def _job_report(out, fmt: str, model, scenes: Sequence, frames: list, failures: list, n_detections: int) -> dict:
+    """The job's report: output, model, inputs, each scene's report, what failed."""
     card = getattr(model, "card", None)
-    write_detections(frames, out, fmt, csv_geometry or cfg.output.csv_geometry,
-                     style_min_score=card.operating_point if card is not None else None)
-    t2 = time.perf_counter()
     source = getattr(model, "source", None) or {}
-    report = {
-        "output": str(out), "format": fmt, "detections": len(frame),
+    return {
+        "output": str(out), "format": fmt, "detections": n_detections,
         "model": {"path": source.get("path"), "sha256": source.get("sha256"),
                   "backend": (frames[0].attrs["report"].get("backend") if frames else None),
                   "classes": list(card.classes) if card else None,
@@ -89,20 +111,18 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
         "failed_scenes": failures,
         "tiles_unreadable": sum(f.attrs["report"].get("tiles_unreadable", 0) for f in frames),
         "partial": bool(failures) or any(f.attrs["report"].get("tiles_unreadable", 0) for f in frames),
-        "seconds": {"detect": round(t1 - t0, 3), "write": round(t2 - t1, 3)},
     }
-    if looks:
-        from ..io.quicklook import quicklook as draw
 
-        min_score = quicklook_min_score if quicklook_min_score is not None else (card.operating_point if card else None)
-        ran = {f.attrs["report"]["scene"] for f in frames}
-        looks = [(x, p) for x, p in zip(scenes, looks) if str(x) in ran]
-        for (scene, png), f in zip(looks, frames):
-            draw(scene, f, png, classes=card.classes if card else None, min_score=min_score)
-        report["quicklooks"] = [str(p) for _, p in looks]
-    write_json(report, report_path(out))
-    frame.attrs["report"] = report
-    return frame
+
+def _draw_quicklooks(scenes: Sequence, looks: list, frames: list, card, min_score: float | None) -> list[str]:
+    """A PNG per scene that ran (``looks``: one path per scene), boxes from ``min_score``."""
+    from ..io.quicklook import quicklook as draw
+
+    ran = {f.attrs["report"]["scene"] for f in frames}
+    pairs = [(x, p) for x, p in zip(scenes, looks) if str(x) in ran]
+    for (scene, png), f in zip(pairs, frames):
+        draw(scene, f, png, classes=card.classes if card else None, min_score=min_score)
+    return [str(p) for _, p in pairs]
 
 
 def load_detector_file(path):

@@ -22,15 +22,14 @@ spread over an actor pool of Ray Data, with exactly the result ``detect_scene`` 
   rows and a killed job leaves no partial final file. A rerun skips scenes whose
   ``_SUCCESS.json`` matches and blocks whose part matches; it runs only what is missing.
 
-``merge_outputs(OUT, path)`` gathers the finished scenes into one file (``geodet merge``).
+``merge_outputs(OUT, path)`` gathers the finished scenes into one file (``geodet merge``). The
+files themselves (parts, markers, the final file and its reduce) are ``parts.py``'s.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import re
 import time
 import warnings
@@ -41,17 +40,14 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import GeodetError
-from .blocks import BlockResult, ScenePlan, plan_scene, prepare_detector, reduce_scene, run_block
+from .blocks import ScenePlan, plan_scene, prepare_detector, run_block
+from .parts import FINAL, SUCCESS, finish_scene, part_done, remove_stale_parts, scene_done, write_json, write_part
 
 log = logging.getLogger(__name__)
 
 RAY_MISSING = ("the ray engine needs Ray, which is not installed: pip install 'geodet[ray]' "
                "(or pip install 'ray[data]')")
-PART_COLUMNS = ["kind", "key", "px_x0", "px_y0", "px_x1", "px_y1", "score", "label", "tile_row", "tile_col",
-                "whole", "owned"]
-SUCCESS = "_SUCCESS.json"
 PLAN_THREADS = 8  # scenes planned at a time on the driver
-FINAL = "detections.parquet"
 
 
 def require_ray():
@@ -75,106 +71,6 @@ def scene_ids(paths: Sequence, names: Sequence[str] | None = None) -> list[str]:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
-
-
-def _write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def part_paths(scene_dir: Path, block: int) -> tuple[Path, Path]:
-    return scene_dir / f"part-{block:05d}.parquet", scene_dir / f"part-{block:05d}.json"
-
-
-def part_done(scene_dir: Path, plan: ScenePlan, block: int) -> bool:
-    data, meta = part_paths(scene_dir, block)
-    m = _read_json(meta)
-    return bool(m) and m.get("fingerprint") == plan.fingerprint and data.is_file()
-
-
-def scene_done(scene_dir: Path, plan: ScenePlan, model_sha: str | None) -> bool:
-    m = _read_json(scene_dir / SUCCESS)
-    return bool(m) and m.get("fingerprint") == plan.fingerprint and m.get("model_sha256") == model_sha \
-        and (scene_dir / FINAL).is_file()
-
-
-def _remove_stale_parts(scene_dir: Path, plan: ScenePlan) -> None:
-    """Parts of an earlier run with other settings, weights or blocks: they would only mislead."""
-    for meta in scene_dir.glob("part-*.json"):
-        m = _read_json(meta)
-        if not m or m.get("fingerprint") != plan.fingerprint or int(m.get("block", -1)) >= len(plan.blocks):
-            meta.unlink(missing_ok=True)
-            meta.with_suffix(".parquet").unlink(missing_ok=True)
-    (scene_dir / FINAL).unlink(missing_ok=True)
-
-
-def write_part(scene_dir: Path, plan: ScenePlan, result: BlockResult, transform, crs) -> int:
-    """A block's stitch as GeoParquet (scene CRS): its kept boxes (``kind`` 0), the objects merged
-    inside it (1), the seam boxes whose objects the reduce decides (2) and those the reduce only
-    looks at (3), with exact float64 pixel boxes and scene-wide order keys; then its sidecar
-    (the marker)."""
-    import geopandas as gpd
-
-    from ..io.writers import boxes_to_polygons
-
-    data, meta = part_paths(scene_dir, result.block)
-    st = result.stitch
-    d = st.deferred
-    groups = [st.final, st.merged, tuple(a[d[8]] for a in d), tuple(a[~d[8]] for a in d)]
-    cat = [np.concatenate([g[i] for g in groups]) for i in range(5)]
-    n = [len(g[0]) for g in groups]
-    boxes = cat[0].reshape(-1, 4)
-    frame = gpd.GeoDataFrame({
-        "kind": np.repeat(np.arange(4, dtype=np.int8), n),
-        "key": np.concatenate([g[5] if len(g) == 6 else g[7] for g in groups]).astype(np.int64),
-        "px_x0": boxes[:, 0], "px_y0": boxes[:, 1], "px_x1": boxes[:, 2], "px_y1": boxes[:, 3],
-        "score": cat[1].astype(np.float32), "label": cat[2].astype(np.int64),
-        "tile_row": cat[3].astype(np.int32), "tile_col": cat[4].astype(np.int32),
-        "whole": np.concatenate([np.zeros(n[0] + n[1], bool), groups[2][5], groups[3][5]]),
-        "owned": np.concatenate([np.zeros(n[0] + n[1], bool), groups[2][6], groups[3][6]]),
-    }, geometry=boxes_to_polygons(boxes, transform), crs=crs)
-    tmp = data.with_name(f".{data.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, data)
-    _write_json({"fingerprint": plan.fingerprint, "scene": plan.scene, "block": result.block,
-                 "tiles_run": result.tiles_run, "tiles_capped": result.tiles_capped, "skipped": result.skipped,
-                 "unreadable": list(result.unreadable), "on_nodata": int(result.on_nodata),
-                 "detections_in": int(st.n_in),
-                 "kept": n[0], "merged": n[1], "decided_in_reduce": n[2], "context_for_reduce": n[3]}, meta)
-    return int(st.n_in)
-
-
-def read_part(scene_dir: Path, block: int) -> BlockResult:
-    """A finished part back as the block's result (exact float64 boxes and order keys)."""
-    import pyarrow.parquet as pq
-
-    from .stitch import BlockStitch
-
-    data, meta = part_paths(scene_dir, block)
-    m = _read_json(meta)
-    table = pq.read_table(data, columns=PART_COLUMNS).to_pandas()
-    kind = table["kind"].to_numpy()
-
-    def rows(sel, deferred: bool = False) -> tuple:
-        g = table[sel]
-        out = (g[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float64), g["score"].to_numpy(np.float32),
-               g["label"].to_numpy(np.int64), g["tile_row"].to_numpy(np.int32), g["tile_col"].to_numpy(np.int32))
-        if deferred:
-            out += (g["whole"].to_numpy(bool), g["owned"].to_numpy(bool))
-        out += (g["key"].to_numpy(np.int64),)
-        return out + (g["kind"].to_numpy() == 2,) if deferred else out
-
-    st = BlockStitch(rows(kind == 0), rows(kind == 1), rows(kind >= 2, True), int(m["detections_in"]))
-    return BlockResult(m["scene"], block, st, list(m["tiles_run"]), list(m["tiles_capped"]), list(m["skipped"]),
-                       list(m["unreadable"]), int(m.get("on_nodata", 0)))
 
 
 class BlockWorker:
@@ -217,29 +113,6 @@ class BlockWorker:
             for k, v in zip(out, (si, bi, ok, err, n, time.perf_counter() - t0, peak)):
                 out[k].append(v)
         return {k: np.asarray(v) for k, v in out.items()}
-
-
-def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None) -> dict:
-    """The reduce step of one scene whose parts are all written: stitch, write the final file,
-    then ``_SUCCESS.json`` (last). Runs as a Ray task, or in the driver."""
-    from ..io.writers import write_detections
-
-    t0 = time.perf_counter()
-    d = Path(scene_dir)
-    frame = reduce_scene(plan, [read_part(d, b.index) for b in plan.blocks], classes=classes)
-    write_detections(frame, d / FINAL)
-    rep = frame.attrs["report"]
-    _write_json({"scene": plan.scene, "model_sha256": model_sha, "fingerprint": plan.fingerprint,
-                 "settings_sha256": hashlib.sha256(json.dumps(rep["settings"], sort_keys=True, default=str)
-                                                   .encode()).hexdigest(),
-                 "grid": {"width": plan.width, "height": plan.height, "tile_size": plan.settings.tile_size,
-                          "overlap": plan.overlap, "tiles": rep["tiles_total"], "blocks": len(plan.blocks)},
-                 "counts": {k: rep[k] for k in ("tiles_run", "tiles_skipped", "tiles_capped", "detections",
-                                                "detections_before_stitch", "boxes_decided_in_reduce",
-                                                "boxes_sent_to_reduce")},
-                 "unreadable_tiles": rep["unreadable_tiles"], "reduce_seconds": round(time.perf_counter() - t0, 3),
-                 "output": FINAL}, d / SUCCESS)
-    return {"scene": plan.scene, "id": d.name, "detections": rep["detections"]}
 
 
 class SceneReducer:
@@ -295,9 +168,6 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
     (also written to ``OUT/_job.json``); ``summary["failed_scenes"]`` lists the scenes left
     without ``_SUCCESS.json`` and why."""
     ray = require_ray()
-    from ..hashing import file_sha256
-    from .job import load_detector_file
-
     t_start = time.perf_counter()
     if not scenes:
         raise GeodetError("no scenes given")
@@ -305,16 +175,59 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
     if out.exists() and not out.is_dir():
         raise GeodetError(f"{out} exists and is not a folder: the ray engine writes a folder of per-scene GeoParquet")
     out.mkdir(parents=True, exist_ok=True)
-    is_file = isinstance(model, (str, Path))
-    detector = load_detector_file(model) if is_file else model
-    model_sha = file_sha256(model) if is_file and Path(str(model)).is_file() else (
-        (getattr(detector, "source", None) or {}).get("sha256"))
-    model_arg = str(Path(str(model)).resolve()) if is_file and Path(str(model)).is_file() else detector
+    detector, model_sha, model_arg = _job_model(model)
     if ids is not None and len(ids) != len(scenes):
         raise GeodetError(f"{len(ids)} scene ids for {len(scenes)} scenes")
-    ids = scene_ids(scenes, ids)
-    dirs = [str(out / f"scene={i}") for i in ids]
-    failed, done_before = [], []
+    dirs = [str(out / f"scene={i}") for i in scene_ids(scenes, ids)]
+    plans, failed = plan_scenes(scenes, detector, block_tiles, config, settings)
+    pending, done_before = _pending_blocks(plans, dirs, model_sha)
+    run = _Run(plans, dirs, getattr(getattr(detector, "card", None), "classes", None), model_sha, pending,
+               done_before, t_start)
+    started = pending and not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 configure_logging=False)
+    try:
+        run.start_reducers(ray, workers)
+        for attempt in range(retries + 1):
+            if not run.pending:
+                break
+            if attempt:
+                log.warning("running %d failed block(s) again (round %d of %d)", len(run.pending), attempt + 1,
+                            retries + 1)
+            run.round(_run_round(ray, run.pending, model_arg, plans, dirs, workers, gpus_per_worker, cpus_per_worker,
+                                 device, progress))
+        run.collect(ray, failed)
+    finally:
+        if started:
+            ray.shutdown()
+    run.unfinished(failed)
+    summary = {"out": str(out), "scenes_total": len(scenes), "scenes_written": len(run.scenes_out),
+               "scenes_already_done": len(done_before), "failed_scenes": failed,
+               "blocks_total": sum(len(p.blocks) for p in plans if p is not None), "blocks_run": run.blocks_run,
+               "seconds": round(time.perf_counter() - t_start, 2), "scenes": run.scenes_out,
+               "model_sha256": model_sha, "worker_peak_rss_mb": round(run.peak_rss),
+               **_pace(run.arrivals, run.block_seconds, workers)}
+    write_json(summary, out / "_job.json")
+    return summary
+
+
+def _job_model(model):
+    """``(the detector on the driver, the model file's SHA-256, what the actors get)``: a model
+    file goes to them as its absolute path (each loads it), an object as itself."""
+    from ..hashing import file_sha256
+    from .job import load_detector_file
+
+    is_file = isinstance(model, (str, Path))
+    detector = load_detector_file(model) if is_file else model
+    on_disk = is_file and Path(str(model)).is_file()
+    model_sha = file_sha256(model) if on_disk else (getattr(detector, "source", None) or {}).get("sha256")
+    return detector, model_sha, (str(Path(str(model)).resolve()) if on_disk else detector)
+
+
+def plan_scenes(scenes: Sequence, detector, block_tiles: int, config, settings: dict) -> tuple[list, list[dict]]:
+    """Every scene's plan (None for one that cannot be planned), and the failures. A job of one
+    scene fails with it."""
 
     def plan(path):
         try:
@@ -328,11 +241,18 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
     # scenes): a few at a time, as GDAL releases the GIL while it waits.
     with ThreadPoolExecutor(max_workers=max(1, min(PLAN_THREADS, len(scenes)))) as pool:
         plans: list = list(pool.map(plan, scenes))
+    failed = []
     for i, p in enumerate(plans):
         if isinstance(p, GeodetError):
             failed.append({"scene": str(scenes[i]), "error": str(p)})
             plans[i] = None
-    pending = []
+    return plans, failed
+
+
+def _pending_blocks(plans: list, dirs: list, model_sha: str | None) -> tuple[list, list[str]]:
+    """``(scene, block)`` pairs still to run, and the scenes finished by an earlier run. A scene
+    to run again loses its old marker and the parts of other settings or weights."""
+    pending, done_before = [], []
     for si, plan in enumerate(plans):
         if plan is None:
             continue
@@ -342,78 +262,75 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
             continue
         d.mkdir(parents=True, exist_ok=True)
         (d / SUCCESS).unlink(missing_ok=True)  # an old marker of other settings or weights
-        _remove_stale_parts(d, plan)
+        remove_stale_parts(d, plan)
         pending += [(si, b.index) for b in plan.blocks if not part_done(d, plan, b.index)]
-    blocks_total = sum(len(p.blocks) for p in plans if p is not None)
-    blocks_run, errors, peak_rss = 0, {}, 0.0
-    arrivals, block_seconds = [], []  # when each block's row reached the driver; the actor's seconds on it
-    classes = getattr(getattr(detector, "card", None), "classes", None)
-    todo = {si for si, p in enumerate(plans) if p is not None and str(p.scene) not in done_before}
-    remaining = {si: set() for si in todo}
-    for si, bi in pending:
-        remaining[si].add(bi)
-    reducing, scenes_out = {}, []
-    started = pending and not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 configure_logging=False)
-    try:
-        reducers = []
+    return pending, done_before
+
+
+class _Run:
+    """The driver's state of one job: blocks still to run, scenes reduced as soon as their last
+    block is in (while other scenes' blocks run), the figures of the summary."""
+
+    def __init__(self, plans, dirs, classes, model_sha, pending, done_before, t_start):
+        self.plans, self.dirs, self.classes, self.model_sha = plans, dirs, classes, model_sha
+        self.pending, self.t_start = pending, t_start
+        self.todo = {si for si, p in enumerate(plans) if p is not None and str(p.scene) not in done_before}
+        self.remaining = {si: set() for si in self.todo}
+        for si, bi in pending:
+            self.remaining[si].add(bi)
+        self.reducing, self.reducers, self.scenes_out, self.errors = {}, [], [], {}
+        self.blocks_run, self.peak_rss = 0, 0.0
+        self.arrivals, self.block_seconds = [], []  # when each block's row reached the driver; the actor's seconds
+
+    def start_reducers(self, ray, workers: int) -> None:
         if ray.is_initialized():
             # a few long-lived reducer actors (geodet imported once each, started now so they are
             # ready when the first scene is): 0 CPUs reserved, reducing is light beside detection
             actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(SceneReducer)
-            reducers = [actor.remote() for _ in range(max(1, min(4, int(workers) // 4 + 1)))]
+            self.reducers = [actor.remote() for _ in range(max(1, min(4, int(workers) // 4 + 1)))]
+        for si in self.todo:
+            self.reduce_when_done(si)  # every part already written by an earlier run
 
-        def reduce_when_done(si):
-            # a scene is reduced as soon as its last block is in, while other scenes' blocks run
-            if not remaining[si] and si not in reducing:
-                args = (plans[si], dirs[si], classes, model_sha)
-                reducing[si] = reducers[len(reducing) % len(reducers)].finish.remote(*args) if reducers else args
+    def reduce_when_done(self, si: int) -> None:
+        if not self.remaining[si] and si not in self.reducing:
+            args = (self.plans[si], self.dirs[si], self.classes, self.model_sha)
+            self.reducing[si] = (self.reducers[len(self.reducing) % len(self.reducers)].finish.remote(*args)
+                                 if self.reducers else args)
 
-        for si in todo:
-            reduce_when_done(si)  # every part already written by an earlier run
-        for attempt in range(retries + 1):
-            if not pending:
-                break
-            if attempt:
-                log.warning("running %d failed block(s) again (round %d of %d)", len(pending), attempt + 1,
-                            retries + 1)
-            failed_now = []
-            for r in _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, cpus_per_worker,
-                                device, progress):
-                si, bi = int(r["scene"]), int(r["block"])
-                blocks_run += 1
-                arrivals.append(time.perf_counter() - t_start)
-                block_seconds.append(float(r["seconds"]))
-                peak_rss = max(peak_rss, float(r["peak_rss_mb"]))
-                if r["ok"]:
-                    remaining[si].discard(bi)
-                    reduce_when_done(si)
-                else:
-                    failed_now.append((si, bi))
-                    errors[(si, bi)] = str(r["error"])
-            pending = failed_now
-        for si in sorted(reducing):
+    def round(self, rows) -> None:
+        """One round's rows, one per block as it ends; the failed blocks are the next round's."""
+        failed_now = []
+        for r in rows:
+            si, bi = int(r["scene"]), int(r["block"])
+            self.blocks_run += 1
+            self.arrivals.append(time.perf_counter() - self.t_start)
+            self.block_seconds.append(float(r["seconds"]))
+            self.peak_rss = max(self.peak_rss, float(r["peak_rss_mb"]))
+            if r["ok"]:
+                self.remaining[si].discard(bi)
+                self.reduce_when_done(si)
+            else:
+                failed_now.append((si, bi))
+                self.errors[(si, bi)] = str(r["error"])
+        self.pending = failed_now
+
+    def collect(self, ray, failed: list) -> None:
+        """Wait for every reduce; a scene whose reduce fails fails alone."""
+        for si in sorted(self.reducing):
             try:
-                job = reducing[si]
-                scenes_out.append(ray.get(job) if reducers else finish_scene(*job))
-            except Exception as exc:  # noqa: BLE001 - a scene whose reduce fails fails alone
+                job = self.reducing[si]
+                self.scenes_out.append(ray.get(job) if self.reducers else finish_scene(*job))
+            except Exception as exc:  # noqa: BLE001 - reported in the summary
                 cause = getattr(exc, "cause", None) or exc
-                failed.append({"scene": plans[si].scene, "error": f"reduce failed: {_one_line(cause)}"})
-    finally:
-        if started:
-            ray.shutdown()
-    for si in sorted(todo - set(reducing)):
-        missing = sorted(remaining[si])
-        why = errors.get((si, missing[0]), "not run")
-        failed.append({"scene": plans[si].scene, "error": f"{len(missing)} block(s) failed, e.g. block {missing[0]}: {why}"})
-    summary = {"out": str(out), "scenes_total": len(scenes), "scenes_written": len(scenes_out),
-               "scenes_already_done": len(done_before), "failed_scenes": failed, "blocks_total": blocks_total,
-               "blocks_run": blocks_run, "seconds": round(time.perf_counter() - t_start, 2), "scenes": scenes_out,
-               "model_sha256": model_sha, "worker_peak_rss_mb": round(peak_rss), **_pace(arrivals, block_seconds, workers)}
-    _write_json(summary, out / "_job.json")
-    return summary
+                failed.append({"scene": self.plans[si].scene, "error": f"reduce failed: {_one_line(cause)}"})
+
+    def unfinished(self, failed: list) -> None:
+        """The scenes whose blocks never all ran, with the first failed block's error."""
+        for si in sorted(self.todo - set(self.reducing)):
+            missing = sorted(self.remaining[si])
+            why = self.errors.get((si, missing[0]), "not run")
+            failed.append({"scene": self.plans[si].scene,
+                           "error": f"{len(missing)} block(s) failed, e.g. block {missing[0]}: {why}"})
 
 
 def _pace(arrivals: list, block_seconds: list, workers: int) -> dict:

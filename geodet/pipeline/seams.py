@@ -142,79 +142,89 @@ def candidate_pairs(b, lab, rows, cols, tile_id, grid: TileGrid, thr: float) -> 
     """
     if len(b) < 2:
         return np.zeros((0, 3))
-    g = grid
-    ts = int(g.tile_size)
-    col_off = np.asarray(g.col_offsets, np.float64)
-    row_off = np.asarray(g.row_offsets, np.float64)
-    n_labels = int(lab.max()) + 1
-    C = ts + 3  # cells per axis inside a shared window (cell >= 1 px), with a margin each side
-    # IoU >= t needs |centre distance| <= (1 - t) * longest side on each axis.
-    slack = 1.0 - min(max(float(thr), 0.0), 1.0)
-    kr, kc = _reach(g.row_offsets, ts), _reach(g.col_offsets, ts)
-
-    def shared(r, c, dr, dc):
-        """The window tiles (r, c) and (r + dr, c + dc) both saw, per box."""
-        x0 = np.maximum(col_off[c], col_off[c + dc])
-        y0 = np.maximum(row_off[r], row_off[r + dr])
-        x1 = np.minimum(np.minimum(col_off[c], col_off[c + dc]) + ts, g.width)
-        y1 = np.minimum(np.minimum(row_off[r], row_off[r + dr]) + ts, g.height)
-        return np.column_stack([x0, y0, x1, y1])
-
-    def clipped(idx, win):
-        cb = np.minimum(np.maximum(b[idx], np.tile(win[:, :2], 2)), np.tile(win[:, 2:], 2))
-        ok = (cb[:, 2] > cb[:, 0]) & (cb[:, 3] > cb[:, 1])
-        return idx[ok], cb[ok], win[ok]
-
+    kr, kc = _reach(grid.row_offsets, int(grid.tile_size)), _reach(grid.col_offsets, int(grid.tile_size))
     pairs = []
     for dr in range(0, kr + 1):
         for dc in range(-kc, kc + 1):
             if dr == 0 and dc <= 0:
                 continue
-            # side a: boxes whose tile has a partner at (+dr, +dc); side b: at (-dr, -dc)
-            ia = np.flatnonzero((rows + dr < g.n_rows) & (cols + dc >= 0) & (cols + dc < g.n_cols))
-            ib = np.flatnonzero((rows - dr >= 0) & (cols - dc >= 0) & (cols - dc < g.n_cols))
-            if len(ia) == 0 or len(ib) == 0:
-                continue
-            ia, ca, wa = clipped(ia, shared(rows[ia], cols[ia], dr, dc))
-            pb_r, pb_c = rows[ib] - dr, cols[ib] - dc  # the pair's a-side tile
-            ib, cb, wb = clipped(ib, shared(pb_r, pb_c, dr, dc))
-            if len(ia) == 0 or len(ib) == 0:
-                continue
-            pair_a = tile_id[ia]
-            pair_b = tile_id[ib] - (dr * g.n_cols + dc)
-            side = max(np.max(ca[:, 2:] - ca[:, :2]), np.max(cb[:, 2:] - cb[:, :2]))
-            cell = max(slack * float(side) * 1.001 + 1e-9, 1.0)
-
-            def keys(cbox, win, pair, labels):
-                cx = np.floor(((cbox[:, 0] + cbox[:, 2]) / 2 - win[:, 0]) / cell).astype(np.int64) + 1
-                cy = np.floor(((cbox[:, 1] + cbox[:, 3]) / 2 - win[:, 1]) / cell).astype(np.int64) + 1
-                return ((pair * n_labels + labels) * C + cy) * C + cx
-
-            ka = keys(ca, wa, pair_a, lab[ia])
-            kb = keys(cb, wb, pair_b, lab[ib])
-            order = np.argsort(kb, kind="stable")
-            kb_sorted = kb[order]
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    target = ka + dy * C + dx
-                    lo = np.searchsorted(kb_sorted, target, side="left")
-                    counts = np.searchsorted(kb_sorted, target, side="right") - lo
-                    total = int(counts.sum())
-                    if total == 0:
-                        continue
-                    start = lo - (np.cumsum(counts) - counts)
-                    ai = np.repeat(np.arange(len(ia)), counts)
-                    bj = order[np.repeat(start, counts) + np.arange(total)]
-                    A, B = ca[ai], cb[bj]
-                    inter = np.clip(np.minimum(A[:, 2], B[:, 2]) - np.maximum(A[:, 0], B[:, 0]), 0, None) * np.clip(
-                        np.minimum(A[:, 3], B[:, 3]) - np.maximum(A[:, 1], B[:, 1]), 0, None
-                    )
-                    union = (A[:, 2] - A[:, 0]) * (A[:, 3] - A[:, 1]) + (B[:, 2] - B[:, 0]) * (B[:, 3] - B[:, 1]) - inter
-                    iou = inter / np.maximum(union, 1e-12)
-                    ok = (inter > 0) & (iou >= thr)
-                    if ok.any():
-                        pairs.append(np.column_stack([ia[ai[ok]], ib[bj[ok]], iou[ok]]))
+            pairs += _direction_pairs(b, lab, rows, cols, tile_id, grid, thr, dr, dc)
     return np.concatenate(pairs) if pairs else np.zeros((0, 3))
+
+
+def _shared_windows(grid: TileGrid, r, c, dr: int, dc: int) -> np.ndarray:
+    """Per box, the window that tiles (r, c) and (r + dr, c + dc) both saw."""
+    ts = int(grid.tile_size)
+    col_off = np.asarray(grid.col_offsets, np.float64)
+    row_off = np.asarray(grid.row_offsets, np.float64)
+    x0 = np.maximum(col_off[c], col_off[c + dc])
+    y0 = np.maximum(row_off[r], row_off[r + dr])
+    x1 = np.minimum(np.minimum(col_off[c], col_off[c + dc]) + ts, grid.width)
+    y1 = np.minimum(np.minimum(row_off[r], row_off[r + dr]) + ts, grid.height)
+    return np.column_stack([x0, y0, x1, y1])
+
+
+def _clipped(b, idx, win):
+    """Boxes ``idx`` clipped to their windows ``win``; those left with no area dropped."""
+    cb = np.minimum(np.maximum(b[idx], np.tile(win[:, :2], 2)), np.tile(win[:, 2:], 2))
+    ok = (cb[:, 2] > cb[:, 0]) & (cb[:, 3] > cb[:, 1])
+    return idx[ok], cb[ok], win[ok]
+
+
+def _direction_pairs(b, lab, rows, cols, tile_id, grid: TileGrid, thr: float, dr: int, dc: int) -> list:
+    """``candidate_pairs`` between each tile and its partner at (+dr, +dc)."""
+    g = grid
+    # side a: boxes whose tile has a partner at (+dr, +dc); side b: at (-dr, -dc)
+    ia = np.flatnonzero((rows + dr < g.n_rows) & (cols + dc >= 0) & (cols + dc < g.n_cols))
+    ib = np.flatnonzero((rows - dr >= 0) & (cols - dc >= 0) & (cols - dc < g.n_cols))
+    if len(ia) == 0 or len(ib) == 0:
+        return []
+    ia, ca, wa = _clipped(b, ia, _shared_windows(g, rows[ia], cols[ia], dr, dc))
+    ib, cb, wb = _clipped(b, ib, _shared_windows(g, rows[ib] - dr, cols[ib] - dc, dr, dc))  # the pair's a-side tile
+    if len(ia) == 0 or len(ib) == 0:
+        return []
+    n_labels = int(lab.max()) + 1
+    C = int(g.tile_size) + 3  # cells per axis inside a shared window (cell >= 1 px), with a margin each side
+    # IoU >= t needs |centre distance| <= (1 - t) * longest side on each axis.
+    slack = 1.0 - min(max(float(thr), 0.0), 1.0)
+    side = max(np.max(ca[:, 2:] - ca[:, :2]), np.max(cb[:, 2:] - cb[:, :2]))
+    cell = max(slack * float(side) * 1.001 + 1e-9, 1.0)
+
+    def keys(cbox, win, pair, labels):
+        cx = np.floor(((cbox[:, 0] + cbox[:, 2]) / 2 - win[:, 0]) / cell).astype(np.int64) + 1
+        cy = np.floor(((cbox[:, 1] + cbox[:, 3]) / 2 - win[:, 1]) / cell).astype(np.int64) + 1
+        return ((pair * n_labels + labels) * C + cy) * C + cx
+
+    ka = keys(ca, wa, tile_id[ia], lab[ia])
+    kb = keys(cb, wb, tile_id[ib] - (dr * g.n_cols + dc), lab[ib])
+    return [np.column_stack([ia[ai], ib[bj], iou]) for ai, bj, iou in _neighbour_matches(ka, kb, ca, cb, C, thr)]
+
+
+def _neighbour_matches(ka, kb, ca, cb, C: int, thr: float):
+    """For each of the 3 x 3 neighbouring cells: ``(a index, b index, iou)`` of the clipped boxes
+    ``ca`` and ``cb`` whose cell keys meet there, that intersect with IoU >= ``thr``."""
+    order = np.argsort(kb, kind="stable")
+    kb_sorted = kb[order]
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            target = ka + dy * C + dx
+            lo = np.searchsorted(kb_sorted, target, side="left")
+            counts = np.searchsorted(kb_sorted, target, side="right") - lo
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            start = lo - (np.cumsum(counts) - counts)
+            ai = np.repeat(np.arange(len(ka)), counts)
+            bj = order[np.repeat(start, counts) + np.arange(total)]
+            A, B = ca[ai], cb[bj]
+            inter = np.clip(np.minimum(A[:, 2], B[:, 2]) - np.maximum(A[:, 0], B[:, 0]), 0, None) * np.clip(
+                np.minimum(A[:, 3], B[:, 3]) - np.maximum(A[:, 1], B[:, 1]), 0, None
+            )
+            union = (A[:, 2] - A[:, 0]) * (A[:, 3] - A[:, 1]) + (B[:, 2] - B[:, 0]) * (B[:, 3] - B[:, 1]) - inter
+            iou = inter / np.maximum(union, 1e-12)
+            ok = (inter > 0) & (iou >= thr)
+            if ok.any():
+                yield ai[ok], bj[ok], iou[ok]
 
 
 def mutual_best(n: int, p: np.ndarray, tile_id, n_tiles: int):
