@@ -1,7 +1,7 @@
 """geodet against SAHI 0.12.8 with identical weights on the same scene: wall time, peak memory
 (VmHWM of a fresh process each) and AP50 of the merged result against the labels. geodet runs
 three ways: torch fp32 (``--backend torch --precision fp32``), its default (no flag: the fastest
-vouched path, see pipeline/backends.py) and int8 (``--precision int8``). Fresh processes, modes
+vouched path, see pipeline/choice.py) and int8 (``--precision int8``). Fresh processes, modes
 interleaved over ``--rounds`` rounds; derived models are cached (a first run per model makes
 them, and its time is printed separately).
 
