@@ -1,10 +1,12 @@
 """Run by QGIS's own Python (Debian's python3 with python3-qgis), headless: what QGIS makes of
-geodet's outputs, a rendered picture, and geodet's Processing algorithms run in process (to
-cancel one). Prints one JSON object. Used by tests/test_qgis.py; not a test module itself.
+geodet's outputs, a rendered picture, geodet's Processing algorithms run the way Processing runs
+them (``processing.run`` and ``processing.runAndLoadResults``, with Cancel), and what the provider
+says at load. Prints one JSON object. Used by tests/test_qgis.py; not a test module itself.
 
     python3 qgis_helper.py inspect FILE [FILE...]
     python3 qgis_helper.py render RASTER VECTOR PNG
-    python3 qgis_helper.py cancel PLUGIN_DIR RASTER MODEL OUTPUT
+    python3 qgis_helper.py run PLUGIN_DIR SPEC_JSON
+    python3 qgis_helper.py loaded PLUGIN_DIR
 """
 
 import json
@@ -45,6 +47,7 @@ def describe(layer) -> dict:
         "label_min_scale": settings.minimumScale if settings else None,
         "label_max_scale": settings.maximumScale if settings else None,
         "label_scale_visibility": settings.scaleVisibility if settings else None,
+        "label_field": settings.fieldName if settings else None,
         "fields": fields,
     }
 
@@ -104,40 +107,132 @@ def render(raster, vector, png, part=None) -> dict:
     return {"saved": ok, "raster_valid": r.isValid(), "vector_valid": v.isValid(), "renderer": v.renderer().type()}
 
 
-def cancel(plugin_dir, raster, model, output) -> dict:
-    """Run geodet:detect in process with a feedback that cancels at the first progress report."""
+def _provider(plugin_dir):
+    """Processing initialised and geodet's provider registered, as QGIS does at start."""
     sys.path.insert(0, "/usr/share/qgis/python/plugins")
     sys.path.insert(0, plugin_dir)
     from processing.core.Processing import Processing
-    from qgis.core import QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback
 
     Processing.initialize()
     from geodet_qgis.provider import GeodetProvider
 
     provider = GeodetProvider()
     QgsApplication.processingRegistry().addProvider(provider)
-    alg = QgsApplication.processingRegistry().createAlgorithmById("geodet:detect")
+    _kept.append(provider)  # as the plugin keeps it: the registry alone does not keep Python's part alive
+    return provider
 
-    class Canceling(QgsProcessingFeedback):
-        def setProgress(self, progress):  # noqa: N802
-            super().setProgress(progress)
-            if progress > 0:
-                self.cancel()
 
-    feedback = Canceling()
-    context = QgsProcessingContext()
-    error = None
-    try:
-        alg.run({"INPUT": raster, "MODEL": model, "OUTPUT": output}, context, feedback)
-    except QgsProcessingException as exc:
-        error = str(exc)
-    # QgsProcessingAlgorithm.run returns (results, ok) and logs the exception instead of raising
-    return {"error": error, "messages": messages, "canceled": feedback.isCanceled(),
-            "exists": os.path.exists(output), "left": sorted(os.listdir(os.path.dirname(output)))}
+_kept: list = []
+
+
+def _alive(pid) -> list:
+    """Processes that are ``pid`` or in its session (what the runner started and its children)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and (int(entry) == pid or int(fields[3]) == pid):  # state, ..., session id
+            found.append(int(entry))
+    return found
+
+
+def run(plugin_dir, spec_json) -> dict:
+    """Run algorithms as Processing does; ``spec``: {"runs": [{"alg", "params", "load" (through
+    processing.runAndLoadResults), "cancel_at" (a progress percentage)}]}. Per run: results or
+    error, the progress bar's values and texts, the feedback's lines, the layers it loaded, the
+    geodet processes left, Python warnings and warnings in QGIS's message log."""
+    import gc
+    import warnings
+
+    from qgis.core import QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback, QgsProject
+
+    _provider(plugin_dir)
+    import processing
+
+    spec = json.loads(spec_json)
+    out = []
+    for r in spec["runs"]:
+        before_msgs = len(messages)
+        before_layers = set(QgsProject.instance().mapLayers())
+        record = {"progress": [], "texts": [], "infos": [], "commands": [], "debug": [], "errors": []}
+        cancel_at = r.get("cancel_at")
+
+        class Feedback(QgsProcessingFeedback):
+            def pushInfo(self, info):  # noqa: N802
+                record["infos"].append(info)
+                super().pushInfo(info)
+
+            def pushCommandInfo(self, info):  # noqa: N802
+                record["commands"].append(info)
+                super().pushCommandInfo(info)
+
+            def pushDebugInfo(self, info):  # noqa: N802
+                record["debug"].append(info)
+                super().pushDebugInfo(info)
+
+            def reportError(self, error, fatalError=False):  # noqa: N802
+                record["errors"].append(error)
+                super().reportError(error, fatalError)
+
+            def setProgressText(self, text):  # noqa: N802
+                record["texts"].append(text)
+                super().setProgressText(text)
+
+        feedback = Feedback()
+
+        def progressed(value, feedback=feedback):
+            record["progress"].append(round(value, 2))
+            if cancel_at is not None and value >= cancel_at and not feedback.isCanceled():
+                feedback.cancel()
+
+        feedback.progressChanged.connect(progressed)
+        context = QgsProcessingContext()
+        context.setProject(QgsProject.instance())
+        params = dict(r["params"])
+        error = results = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                if r.get("load"):
+                    results = processing.runAndLoadResults(r["alg"], params, feedback=feedback, context=context)
+                else:
+                    results = processing.run(r["alg"], params, feedback=feedback, context=context)
+            except QgsProcessingException as exc:
+                error = str(exc)
+            gc.collect()
+        pid = next((int(d.split("process ")[1].rstrip(")")) for d in record["debug"] if "geodet started" in d), None)
+        added = [QgsProject.instance().mapLayer(i) for i in set(QgsProject.instance().mapLayers()) - before_layers]
+        record.update({
+            "error": error, "results": {k: str(v) for k, v in (results or {}).items()},
+            "canceled": feedback.isCanceled(), "pid": pid, "alive": _alive(pid) if pid else [],
+            "layers": [dict(describe(layer), name=layer.name(), source=layer.source()) for layer in added],
+            "warnings": [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught],
+            "messages": messages[before_msgs:],
+        })
+        out.append(record)
+    return {"runs": out}
+
+
+def loaded(plugin_dir) -> dict:
+    """What the provider says at load in QGIS's log, and the executable setting it reads."""
+    logged = []
+    QgsApplication.messageLog().messageReceived.connect(lambda m, tag, level: logged.append([tag, int(level), m]))
+    _provider(plugin_dir)
+    from processing.core.ProcessingConfig import ProcessingConfig
+
+    return {"log": [x for x in logged if x[0] == "geodet"], "setting": ProcessingConfig.getSetting("GEODET_EXECUTABLE"),
+            "groups": sorted({(a.group(), a.id()) for a in QgsApplication.processingRegistry().providerById(
+                "geodet").algorithms()})}
 
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    result = {"inspect": lambda: inspect(args), "render": lambda: render(*args), "cancel": lambda: cancel(*args)}[cmd]()
+    result = {"inspect": lambda: inspect(args), "render": lambda: render(*args), "run": lambda: run(*args),
+              "loaded": lambda: loaded(*args)}[cmd]()
     print("JSON:" + json.dumps(result, default=str))
     app.exitQgis()

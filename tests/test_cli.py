@@ -279,3 +279,63 @@ def test_flags_before_or_after_the_command():
         a = p.parse_args(argv)
         assert getattr(a, "quiet", False) is True
     assert getattr(p.parse_args(["demo"]), "quiet", False) is False
+
+
+def _until(proc, predicate, limit=180):
+    """Read stderr lines until ``predicate(line)``; returns the lines read."""
+    lines, deadline = [], time.time() + limit
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if predicate(line):
+            break
+    return lines
+
+
+def _closed_and_read(proc, limit=120):
+    """Close the child's stdin once it has made progress; its whole stderr, once it has ended."""
+    import threading
+
+    read = _until(proc, lambda ln: '"done": ' in ln and '"done": 0,' not in ln)
+    proc.stdin.close()
+    guard = threading.Timer(limit, proc.kill)  # a child that does not stop fails the test, not the run
+    guard.start()
+    try:
+        err = "".join(read) + proc.stderr.read()
+        proc.wait()
+    finally:
+        guard.cancel()
+        proc.stderr.close()
+    return err
+
+
+def test_closing_stdin_stops_a_driven_detect_and_leaves_nothing(tmp_path, tiny_model):
+    """GEODET_STOP_ON_EOF=1 (the QGIS provider's polite stop on Windows, where a GUI program has no
+    signal for a child without a console): stdin closing stops geodet as Ctrl+C would."""
+    from geodet.synthetic import make_scene
+
+    s = make_scene(tmp_path / "big.tif", tmp_path / "big.gpkg", size=2048, seed=4)
+    out = tmp_path / "o.gpkg"
+    proc = subprocess.Popen([sys.executable, "-m", "geodet.cli", "--progress", "json", "detect", str(s.image), "-m",
+                             str(tiny_model), "-o", str(out), "--batch-size", "1", "--backend", "torch"],
+                            env={**ENV, "GEODET_STOP_ON_EOF": "1"}, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    err = _closed_and_read(proc)
+    assert proc.returncode == 130, err
+    assert "interrupted; no partial output was written" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.gpkg", "big.tif"]
+
+
+def test_closing_stdin_stops_a_driven_training_with_its_checkpoint(tmp_path, synth):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "geodet.cli", "--progress", "json", "train", str(synth.image),
+                             "--labels", str(synth.labels), "--config", "cpu", "-o", str(run), "--tile-size", "128",
+                             "--overlap", "16", "--steps-per-epoch", "4", "--epochs", "400"],
+                            env={**ENV, "GEODET_STOP_ON_EOF": "1"}, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    err = _closed_and_read(proc)
+    assert proc.returncode == 130, err
+    assert "stopping after this step and saving last.pt" in err and "--resume" in err and "Traceback" not in err
+    assert torch.load(run / "last.pt", weights_only=True)["step"] >= 1

@@ -1,8 +1,12 @@
 """geodet in a real QGIS (Debian's 3.22 here; ``.ci/run`` installs it): every output opens styled,
-in its CRS and without a warning in QGIS's log; the Processing provider runs headless through
-qgis_process with the CLI's rows, reports geodet's one-line errors, and leaves nothing on Cancel.
-QGIS's own Python runs ``qgis_helper.py``; skipped where QGIS is not installed."""
+in its CRS and without a warning in QGIS's log; the Processing provider, installed by
+``geodet qgis-plugin`` (which records the geodet to run), loads its outputs styled and named the
+way Processing loads them (``processing.runAndLoadResults``), runs every algorithm headless
+through qgis_process, checks parameters before the run, moves one progress bar once, reports
+geodet's one-line errors, and after Cancel leaves no process and no temporary file and says what
+is left. QGIS's own Python runs ``qgis_helper.py``; skipped where QGIS is not installed."""
 
+import configparser
 import json
 import os
 import shutil
@@ -24,10 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _qgis_env(tmp_path):
+    # no GEODET_EXECUTABLE and no venv on PATH, as for a QGIS started from a desktop launcher: the
+    # provider runs the geodet that `geodet qgis-plugin` recorded
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "XDG_RUNTIME_DIR": str(tmp_path / "xdg"),
-           "QGIS_CUSTOM_CONFIG_PATH": str(tmp_path / "qgis_profile"),
-           "GEODET_EXECUTABLE": str(Path(sys.executable).with_name("geodet")), "GEODET_NO_PROGRESS": ""}
-    for k in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):  # QGIS's Python is Debian's, not this venv's
+           "QGIS_CUSTOM_CONFIG_PATH": str(tmp_path / "qgis_profile"), "GEODET_NO_PROGRESS": ""}
+    for k in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "GEODET_EXECUTABLE"):  # QGIS's Python is Debian's
         env.pop(k, None)
     # QGIS's embedded Python finds its home from PATH's python3: keep the system's first
     env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -84,13 +89,16 @@ def test_every_output_opens_in_qgis_styled_in_its_crs_without_warnings(qgis, tmp
     assert ogr["score"] == "Real" and ogr["tile_row"] == "Integer"
 
 
+GEODET = Path(sys.executable).with_name("geodet")
+
+
 @pytest.fixture(scope="module")
 def provider(qgis, tmp_path_factory):
-    """geodet's plugin installed (``geodet qgis-plugin``) and enabled in a QGIS profile of the test's."""
-    from geodet.qgis import install_plugin
-
+    """geodet's plugin installed by ``geodet qgis-plugin`` and enabled in a QGIS profile of the test's."""
     base = tmp_path_factory.mktemp("prov")
-    install_plugin(base / "qgis_profile" / "profiles" / "default" / "python" / "plugins")
+    plugins = base / "qgis_profile" / "profiles" / "default" / "python" / "plugins"
+    r = subprocess.run([str(GEODET), "qgis-plugin", "--plugins-dir", str(plugins)], capture_output=True, text=True)
+    assert r.returncode == 0 and str(GEODET) in r.stdout, r.stdout + r.stderr
     exe = shutil.which("qgis_process.bin") or shutil.which("qgis_process")
     if exe is None:
         pytest.skip("qgis_process not found")
@@ -100,17 +108,64 @@ def provider(qgis, tmp_path_factory):
     return base, exe
 
 
+def plugins_dir(provider):
+    return provider[0] / "qgis_profile" / "profiles" / "default" / "python" / "plugins"
+
+
 def qgis_process(provider, *args):
     base, exe = provider
     return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, env=_qgis_env(base), timeout=600)
+
+
+def processing(provider, *runs):
+    """Algorithms run in QGIS's Python the way Processing runs them (see qgis_helper.run)."""
+    return helper(provider[0], "run", plugins_dir(provider), json.dumps({"runs": list(runs)}))["runs"]
+
+
+def test_metadata_is_complete_for_the_plugin_repository():
+    import geodet
+
+    meta = configparser.ConfigParser()
+    meta.read(ROOT / "geodet" / "qgis" / "geodet_qgis" / "metadata.txt", encoding="utf-8")
+    g = meta["general"]
+    for key in ("name", "qgisMinimumVersion", "description", "about", "version", "author", "email", "repository",
+                "tracker", "homepage", "icon", "changelog"):
+        assert g.get(key, "").strip(), key
+    assert g["version"] == geodet.__version__ and g["category"] == "Raster" and g["hasProcessingProvider"] == "yes"
+    assert g["tracker"].startswith("https://") and g["repository"].startswith("https://")
+    assert len(g["changelog"].strip().splitlines()) >= 3
+    # QGIS 4 (Qt6) removed the enum names this plugin uses (QgsProcessingParameterNumber.Double, ...)
+    assert g.get("supportsQt6", "False").lower() in ("false", "no")
+
+
+def test_provider_says_which_geodet_it_runs_and_records_it_in_its_setting(provider, tmp_path):
+    import geodet
+
+    seen = helper(provider[0], "loaded", plugins_dir(provider))
+    assert seen["setting"] == str(GEODET)  # seeded from `geodet qgis-plugin`'s record
+    infos = [m for tag, level, m in seen["log"] if level == 0]
+    assert any(str(GEODET) in m and f"geodet {geodet.__version__}" in m for m in infos), seen["log"]
+    assert {g for g, _ in seen["groups"]} == {"Detect", "Train", "Evaluate", "Prepare"}
+    assert len(seen["groups"]) == 9
+    # a plugin without a record, and no geodet anywhere: a warning that says how to set one
+    from geodet.qgis import install_plugin
+
+    bare = tmp_path / "bare"
+    install_plugin(bare)
+    seen = helper(tmp_path, "loaded", bare)
+    assert seen["setting"] in (None, "") and seen["log"][0][1] == 1, seen["log"]  # Qgis.Warning
+    assert "geodet command was not found" in seen["log"][0][2] and "geodet qgis-plugin" in seen["log"][0][2]
 
 
 def test_provider_detects_headless_with_the_cli_rows_styled(provider, tiny_model, synth, tmp_path):
     import geopandas as gpd
 
     out = tmp_path / "q.gpkg"
-    r = qgis_process(provider, "run", "geodet:detect", "--", f"INPUT={synth.image}", f"MODEL={tiny_model}", f"OUTPUT={out}")
+    r = qgis_process(provider, "run", "geodet:detect", "--", f"INPUT={synth.image}", f"MODEL={tiny_model}",
+                     "SCORE_THRESHOLD=", f"OUTPUT={out}")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    command = next(ln for ln in r.stdout.splitlines() if "--progress json detect" in ln)
+    assert "--score-threshold" not in command  # an empty optional number is left out, not 0.0
     ref = detect_to_file([synth.image], str(tiny_model), tmp_path / "cli.gpkg", progress=False)
     got = gpd.read_file(out, layer="q")
     key = ["px_x0", "px_y0", "px_x1", "px_y1", "score", "label"]
@@ -130,33 +185,139 @@ def test_provider_detects_headless_with_the_cli_rows_styled(provider, tiny_model
     assert rendered["saved"] and rendered["renderer"] == "RuleRenderer" and png.stat().st_size > 10_000
 
 
-def test_provider_reports_geodets_one_line_error(provider, synth, tmp_path):
-    r = qgis_process(provider, "run", "geodet:detect", "--", f"INPUT={synth.image}", f"MODEL={tmp_path / 'none.pt'}",
-                     f"OUTPUT={tmp_path / 'x.gpkg'}")
-    assert r.returncode != 0
-    assert "geodet: error: model file not found" in r.stdout + r.stderr
-    assert not (tmp_path / "x.gpkg").exists()
+def test_outputs_load_styled_and_named_the_way_processing_loads_them(provider, tiny_model, synth, tmp_path):
+    """processing.runAndLoadResults opens outputs without their default style: the provider's
+    post-processor applies geodet's and names each layer after its file; one bar, 0 to 100."""
+    runs = processing(
+        provider,
+        {"alg": "geodet:detect", "params": {"INPUT": str(synth.image), "MODEL": str(tiny_model),
+                                            "OUTPUT": str(tmp_path / "cars_a.gpkg")}, "load": True},
+        {"alg": "geodet:detect", "params": {"INPUT": str(synth.image), "MODEL": str(tiny_model),
+                                            "OUTPUT": str(tmp_path / "cars_b.geojson")}, "load": True},
+        {"alg": "geodet:suggest", "params": {"INPUT": str(synth.image), "MODEL": str(tiny_model), "COUNT": 2,
+                                             "CELL_SIZE": 128, "OUTPUT": str(tmp_path / "next.gpkg")}, "load": True})
+    for run, name in zip(runs, ("cars_a", "cars_b", "next")):
+        assert run["error"] is None, run
+        (layer,) = run["layers"]
+        assert layer["name"] == name and layer["valid"], layer
+        assert layer["labels"], layer  # geodet's style: labels (score, or the rank)
+        assert run["messages"] == [] and run["warnings"] == [], (run["messages"], run["warnings"])
+        assert run["alive"] == []
+        bar = run["progress"]
+        assert bar == sorted(bar) and bar[-1] == 100.0, bar  # once from 0 to 100, never back
+        assert len(run["texts"]) == len(set(run["texts"])), run["texts"]  # each stage named once
+    for run in runs[:2]:
+        layer = run["layers"][0]
+        assert layer["renderer"] == "RuleRenderer" and len(layer["rules"]) == 2 and layer["label_min_scale"] == 2500
+    assert '"rank"' in runs[2]["layers"][0]["label_field"]  # suggestions: the rank as a label
 
 
-def test_provider_cancel_stops_geodet_and_leaves_nothing(provider, tiny_model, tmp_path):
+def test_cancel_leaves_no_process_and_no_temporary_file(provider, tiny_model, tmp_path):
     from geodet.synthetic import make_scene
 
     big = make_scene(tmp_path / "big.tif", tmp_path / "big.gpkg", size=1536, seed=9)
-    base, _ = provider
-    plugins = base / "qgis_profile" / "profiles" / "default" / "python" / "plugins"
     outdir = tmp_path / "out"
     outdir.mkdir()
-    res = helper(base, "cancel", plugins, big.image, tiny_model, outdir / "c.gpkg")
-    assert res["canceled"] and not res["exists"] and res["left"] == []
-    assert any("cancelled" in m for m in res["messages"]) or "cancelled" in (res["error"] or "")
+    (run,) = processing(provider, {"alg": "geodet:detect", "cancel_at": 1, "load": True,
+                                   "params": {"INPUT": str(big.image), "MODEL": str(tiny_model),
+                                              "OUTPUT": str(outdir / "c.gpkg")}})
+    assert run["canceled"] and run["pid"] and run["alive"] == [], run
+    assert "cancelled" in run["error"] and "c.gpkg was not written" in run["error"], run["error"]
+    assert sorted(os.listdir(outdir)) == [] and run["layers"] == []
+    assert run["warnings"] == [], run["warnings"]
 
 
-def test_provider_suggests_tiles_headless(provider, tiny_model, synth, tmp_path):
-    import geopandas as gpd
+def test_train_cancel_keeps_its_checkpoint_and_resume_continues(provider, synth, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("tiling: {tile_size: 128, overlap: 16}\nmodel: {channels: 16, head_depth: 1, levels: [2, 4], "
+                   "anchor_sizes: [8.0, 16.0, 32.0]}\ntrain: {batch_size: 2, warmup_steps: 2, steps_per_epoch: 4}\n")
+    folder = tmp_path / "run"
+    params = {"SCENE": str(synth.image), "LABELS": str(synth.labels), "CONFIG": str(cfg), "TIME_LIMIT": 0.4,
+              "VAL_SCENE": str(synth.image), "VAL_LABELS": str(synth.labels), "OUTPUT_FOLDER": str(folder)}
+    stopped, resumed = processing(provider, {"alg": "geodet:train", "params": params, "cancel_at": 3},
+                                  {"alg": "geodet:train", "params": {**params, "RESUME": True}})
+    assert stopped["canceled"] and stopped["alive"] == [], stopped
+    assert f"the checkpoint {folder / 'last.pt'}" in stopped["error"] and "Resume" in stopped["error"], stopped["error"]
+    assert any("--val-scene" in c and "--val-labels" in c for c in stopped["commands"]), stopped["commands"]
+    assert resumed["error"] is None, resumed
+    assert any("--resume" in c for c in resumed["commands"]) and any("resuming at step" in i for i in resumed["infos"])
+    assert resumed["results"]["MODEL"] == str(folder / "model.pt") and (folder / "model.pt").exists()
 
-    out = tmp_path / "next.gpkg"
-    r = qgis_process(provider, "run", "geodet:suggest", "--", f"INPUT={synth.image}", f"MODEL={tiny_model}", "N=3",
-                     "CELL_SIZE=128", f"OUTPUT={out}")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    got = gpd.read_file(out, layer="next")
-    assert list(got["rank"]) == [1, 2, 3] and got["reason"].str.contains("operating point").all()
+
+def test_parameters_are_checked_before_the_run(provider, tiny_model, synth, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = {"INPUT": str(synth.image), "MODEL": str(tiny_model)}
+    cases = [
+        ("geodet:suggest", {**base, "OUTPUT": str(tmp_path / "n.csv")}, "geodet writes .gpkg, .geojson, .fgb, .shp"),
+        ("geodet:detect", {**base, "MODEL": str(tmp_path / "notes.txt"), "OUTPUT": str(tmp_path / "d.gpkg")},
+         "is not a .pt or .onnx file"),
+        ("geodet:detect", {**base, "BANDS": "1;2", "OUTPUT": str(tmp_path / "d.gpkg")}, "bands must be numbers"),
+        ("geodet:train", {"SCENE": str(synth.image), "LABELS": str(synth.labels), "RESUME": True,
+                          "OUTPUT_FOLDER": str(empty)}, "has none: choose the folder of the run to continue"),
+        ("geodet:train", {"SCENE": str(synth.image), "LABELS": str(synth.labels), "VAL_SCENE": str(synth.image),
+                          "OUTPUT_FOLDER": str(empty)}, "validation scene and its labels together"),
+        ("geodet:export", {"MODEL": str(tiny_model), "INT8": True, "OUTPUT": str(tmp_path / "m.onnx")},
+         "int8 needs calibration scenes"),
+        ("geodet:import", {"SOURCE": "hf://only-a-name", "OUTPUT": str(tmp_path / "i.pt")}, "reads hf://ORG/NAME"),
+        ("geodet:tile", {"INPUT": str(synth.image), "TILE_SIZE": 64, "OVERLAP": 64,
+                         "OUTPUT_FOLDER": str(tmp_path / "chips")}, "must be smaller than the chip side"),
+    ]
+    runs = processing(provider, *[{"alg": a, "params": p} for a, p, _ in cases])
+    for (alg, _, expected), run in zip(cases, runs):
+        assert run["error"] and expected in run["error"], (alg, run["error"])
+        assert run["pid"] is None and run["commands"] == [], alg  # geodet never started
+    assert not (tmp_path / "n.csv").exists() and sorted(os.listdir(empty)) == []
+
+
+def _torchvision_state_dict(path):
+    from torchvision.models import resnet18
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    torch.manual_seed(0)
+    backbone = _resnet_fpn_extractor(resnet18(), 5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+    torch.save(RetinaNet(backbone, 2).state_dict(), path)
+    return path
+
+
+def test_every_algorithm_runs_headless(provider, tiny_model, synth, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("tiling: {tile_size: 128, overlap: 16}\nmodel: {channels: 16, head_depth: 1, levels: [2, 4], "
+                   "anchor_sizes: [8.0, 16.0, 32.0]}\ntrain: {batch_size: 2, warmup_steps: 2}\n")
+    det = tmp_path / "d.gpkg"
+    detect_to_file([synth.image], str(tiny_model), det, progress=False)
+    runs = {
+        "tile": [f"INPUT={synth.image}", "TILE_SIZE=128", "OVERLAP=16", f"LABELS={synth.labels}", "CLASS_COLUMN=",
+                 f"OUTPUT_FOLDER={tmp_path / 'chips'}"],
+        "anchors": [f"SCENE={synth.image}", f"LABELS={synth.labels}", f"CONFIG={cfg}", f"OUTPUT={tmp_path / 'a.yaml'}"],
+        "evaluate": [f"DETECTIONS={det}", f"LABELS={synth.labels}", f"SCENE={synth.image}",
+                     f"OUTPUT={tmp_path / 'm.json'}"],
+        "export": [f"MODEL={tiny_model}", f"OUTPUT={tmp_path / 'm.onnx'}"],
+        "import": [f"SOURCE={_torchvision_state_dict(tmp_path / 'tv.pt')}", "GSD=0.3", "TILE_SIZE=256",
+                   "CLASSES=car,truck", f"OUTPUT={tmp_path / 'imported.pt'}"],
+        "pretrain": [f"INPUT={synth.image}", f"CONFIG={cfg}", "TIME_LIMIT=1", "MAX_STEPS=2", "BANDS=",
+                     f"OUTPUT={tmp_path / 'bb.pt'}"],
+    }
+    for alg, params in runs.items():
+        r = qgis_process(provider, "run", f"geodet:{alg}", "--", *params)
+        assert r.returncode == 0, (alg, r.stdout[-2000:] + r.stderr[-2000:])
+        assert "Traceback" not in r.stdout + r.stderr, alg
+    coco = json.loads((tmp_path / "chips" / "annotations.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["object"]  # CLASS_COLUMN empty: one class
+    assert "anchor_sizes" in (tmp_path / "a.yaml").read_text()
+    assert json.loads((tmp_path / "m.json").read_text())["n_labels"] > 0
+    for f in ("m.onnx", "imported.pt", "bb.pt"):
+        assert (tmp_path / f).stat().st_size > 1000, f
+
+
+def test_provider_reports_geodets_one_line_error(provider, synth, tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(os.urandom(3000))
+    r = qgis_process(provider, "run", "geodet:detect", "--", f"INPUT={synth.image}", f"MODEL={bad}",
+                     f"OUTPUT={tmp_path / 'x.gpkg'}")
+    assert r.returncode != 0
+    assert "geodet: error:" in r.stdout + r.stderr and "not a" in r.stdout + r.stderr
+    assert not (tmp_path / "x.gpkg").exists()

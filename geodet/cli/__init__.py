@@ -49,6 +49,27 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _stop_when_stdin_closes() -> None:
+    """GEODET_STOP_ON_EOF=1 (set by programs that drive geodet, such as its QGIS provider): when
+    standard input closes (the driver cancelled, or went away), stop as on Ctrl+C. It works the
+    same on every OS, where signals do not (Windows has no SIGTERM for a process without a console)."""
+    import _thread
+    import threading
+
+    def watch():
+        # os.read on the descriptor, not sys.stdin: a daemon thread blocked inside the buffered
+        # reader holds its lock and aborts the interpreter's shutdown
+        try:
+            fd = sys.stdin.fileno()
+            while os.read(fd, 65536):
+                pass
+        except (OSError, ValueError, AttributeError):  # no stdin at all: stopping is the driver's kill then
+            return
+        _thread.interrupt_main()  # SIGINT's handler in the main thread: KeyboardInterrupt, or training's stop
+
+    threading.Thread(target=watch, name="geodet-stop-on-eof", daemon=True).start()
+
+
 def _stdout_gone() -> int:
     """The reader of our output went away (``geodet evaluate ... | head -2``): stop quietly, as a
     Unix tool killed by SIGPIPE would."""
@@ -82,6 +103,10 @@ def main(argv=None) -> int:
         # (training is 1.7x faster without it, so train and demo leave glibc as it is)
         tune_memory()
     previous = signal.signal(signal.SIGTERM, _sigterm)
+    if hasattr(signal, "SIGBREAK"):  # Windows: CTRL_BREAK to the process group, e.g. from the QGIS provider
+        signal.signal(signal.SIGBREAK, _sigterm)
+    if os.environ.pop("GEODET_STOP_ON_EOF", None) == "1":  # popped: geodet's own children do not watch
+        _stop_when_stdin_closes()
     try:
         code = COMMANDS[args.command](args)
         if code in (0, EXIT_PARTIAL):

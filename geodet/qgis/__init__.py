@@ -4,7 +4,10 @@ never imports the plugin: it runs in QGIS's Python and calls the geodet command.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sys
 import zipfile
 from importlib.resources import files
 from pathlib import Path
@@ -12,15 +15,41 @@ from pathlib import Path
 from ..errors import GeodetError
 
 PLUGIN = "geodet_qgis"
+RECORD = "geodet.json"  # the geodet executable that installed the plugin, read by its provider
 
 
-def plugin_files() -> list[tuple[str, bytes]]:
-    """(path inside the plugin folder, content) of every file of the plugin."""
+def geodet_executable() -> str | None:
+    """The ``geodet`` command of this environment: the one running, else the script beside this
+    Python (``bin/geodet``, ``Scripts/geodet.exe``), else PATH's."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0).lower() in ("geodet", "geodet.exe") and os.path.isfile(argv0):
+        return os.path.abspath(argv0)
+    here = os.path.dirname(os.path.abspath(sys.executable))
+    names = ("geodet.exe",) if os.name == "nt" else ("geodet",)
+    for folder in (here, os.path.join(here, "Scripts"), os.path.join(sys.prefix, "bin")):
+        for name in names:
+            candidate = os.path.join(folder, name)
+            if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                return candidate
+    return shutil.which("geodet")
+
+
+def record(executable: str | None) -> bytes:
+    from .. import __version__
+
+    return json.dumps({"executable": executable, "version": f"geodet {__version__}"}, indent=1).encode("utf-8")
+
+
+def plugin_files(executable: str | None = None) -> list[tuple[str, bytes]]:
+    """(path inside the plugin folder, content) of every file of the plugin, with the record of
+    ``executable`` (the geodet its provider runs) where one is given."""
     root = files("geodet") / "qgis" / PLUGIN
     out = []
     for entry in sorted(root.iterdir(), key=lambda e: e.name):
-        if entry.is_file() and not entry.name.endswith(".pyc"):
+        if entry.is_file() and not entry.name.endswith(".pyc") and entry.name != RECORD:
             out.append((entry.name, entry.read_bytes()))
+    if executable:
+        out.append((RECORD, record(executable)))
     return out
 
 
@@ -35,26 +64,29 @@ def default_plugin_dir() -> Path:
     return base / "profiles" / "default" / "python" / "plugins"
 
 
-def install_plugin(plugins_dir: str | Path | None = None) -> Path:
-    """Copy the plugin into ``plugins_dir`` (default: the default profile's); returns its folder."""
+def install_plugin(plugins_dir: str | Path | None = None, executable: str | None = None) -> Path:
+    """Copy the plugin into ``plugins_dir`` (default: the default profile's), recording
+    ``executable`` as the geodet it runs; returns its folder."""
     target = Path(plugins_dir) if plugins_dir else default_plugin_dir()
     folder = target / PLUGIN
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for name, data in plugin_files():
+        (folder / RECORD).unlink(missing_ok=True)  # an earlier install's record, if this one has none
+        for name, data in plugin_files(executable):
             (folder / name).write_bytes(data)
     except OSError as exc:
         raise GeodetError(f"cannot install the QGIS plugin in {folder}: {exc.strerror or exc}") from None
     return folder
 
 
-def zip_plugin(path: str | Path) -> Path:
-    """The plugin as a zip for QGIS's Plugins > Manage and Install Plugins > Install from ZIP."""
+def zip_plugin(path: str | Path, executable: str | None = None) -> Path:
+    """The plugin as a zip for QGIS's Plugins > Manage and Install Plugins > Install from ZIP
+    (recording ``executable``: on another machine the provider finds it missing and ignores it)."""
     from ..io.writers import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-            for name, data in plugin_files():
+            for name, data in plugin_files(executable):
                 z.writestr(f"{PLUGIN}/{name}", data)
     return path

@@ -1,15 +1,36 @@
-"""geodet's Processing provider: the toolbox entry, its algorithms and its one setting (the path
-of the geodet executable)."""
+"""geodet's Processing provider: the toolbox entry, its algorithms, and its one setting (the path of
+the geodet executable), which ``geodet qgis-plugin`` records and the provider reads. At load it
+says in QGIS's log which geodet it will run and its version, or how to set one."""
 
 import os
+import subprocess
 
-from qgis.core import QgsProcessingProvider
+from qgis.core import Qgis, QgsMessageLog, QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
-from .runner import SETTING
+from .formats import detection_extensions
+from .process import child_environment, popen_options
+from .runner import HELP, SETTING, configured_executable, find_executable, qgis_prefixes, recorded_executable, usable
 
-# what geodet writes and QGIS 3.22 opens (GeoParquet needs a GDAL built with Arrow, which Debian's is not)
-OUTPUT_EXTENSIONS = ["gpkg", "geojson", "fgb", "shp", "csv"]
+LOG_TAG = "geodet"
+
+
+def describe_geodet():
+    """(level, message) for the log: which geodet runs and its version, or how to set one."""
+    try:
+        exe = find_executable()
+    except Exception as exc:  # QgsProcessingException: not configured and not on PATH
+        return Qgis.Warning, str(exc)
+    try:
+        r = subprocess.run([exe, "--version"], capture_output=True, text=True, encoding="utf-8", errors="replace",
+                           timeout=60, env=child_environment(os.environ, exe, qgis_prefixes()), stdin=subprocess.DEVNULL,
+                           **popen_options())
+        version = (r.stdout or r.stderr).strip().splitlines()[-1] if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        version = None
+    if not version:
+        return Qgis.Warning, f"{exe} did not answer 'geodet --version': {HELP}"
+    return Qgis.Info, f"runs {exe} ({version}); set another in Settings > Options > Processing > Providers > geodet"
 
 
 class GeodetProvider(QgsProcessingProvider):
@@ -30,11 +51,19 @@ class GeodetProvider(QgsProcessingProvider):
             from processing.core.ProcessingConfig import ProcessingConfig, Setting
 
             ProcessingConfig.settingIcons[self.name()] = self.icon()
-            ProcessingConfig.addSetting(Setting(self.name(), SETTING, "Path to the geodet executable (empty: 'geodet' "
-                                                "on PATH)", "", valuetype=Setting.FILE))
+            ProcessingConfig.addSetting(Setting(self.name(), SETTING, "Path to the geodet executable (empty: the one "
+                                                "that installed the plugin, else 'geodet' on PATH)", "",
+                                                valuetype=Setting.FILE))
             ProcessingConfig.readSettings()
-        except ImportError:  # no Processing Python module: the environment variable or PATH decide
+            recorded, _ = recorded_executable()
+            current = configured_executable()
+            if usable(recorded) and not usable(current) and not os.environ.get(SETTING):
+                # the geodet that ran 'geodet qgis-plugin': stored in the setting, shown in the options
+                ProcessingConfig.setSettingValue(SETTING, recorded)
+        except ImportError:  # no Processing Python module: the environment variable, the record or PATH decide
             pass
+        level, message = describe_geodet()
+        QgsMessageLog.logMessage(message, LOG_TAG, level)
         self.refreshAlgorithms()
         return True
 
@@ -53,7 +82,7 @@ class GeodetProvider(QgsProcessingProvider):
             self.addAlgorithm(cls())
 
     def supportedOutputVectorLayerExtensions(self):  # noqa: N802
-        return list(OUTPUT_EXTENSIONS)
+        return detection_extensions()
 
     def defaultVectorFileExtension(self, hasGeometry=True):  # noqa: N802
         return "gpkg"

@@ -1,0 +1,152 @@
+"""The toolbox's Train group: train a detector (with Resume and validation scenes), pretrain a backbone."""
+
+import os
+import time
+
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingOutputFile,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterField,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterFileDestination,
+    QgsProcessingParameterFolderDestination,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+)
+
+from .base import DEVICES, PRESETS, GeodetAlgorithm, is_empty
+
+
+def preset_parameters(alg):
+    alg.addParameter(QgsProcessingParameterEnum("PRESET", "Preset", PRESETS, False, 0))
+    alg.addParameter(QgsProcessingParameterFile("CONFIG", "Config file (YAML; overrides the preset)",
+                                                QgsProcessingParameterFile.File, "yaml", None, True))
+
+
+def config_argument(alg, parameters, context):
+    config = alg.parameterAsFile(parameters, "CONFIG", context) if not is_empty(parameters.get("CONFIG")) else ""
+    return config or PRESETS[alg.parameterAsEnum(parameters, "PRESET", context)]
+
+
+def checkpoint_report(folder: str, since: float) -> str:
+    """What a cancelled training run left, and how to go on from it."""
+    last = os.path.join(folder, "last.pt")
+    if os.path.isfile(last) and os.path.getmtime(last) >= since - 1:
+        saved = time.strftime("%H:%M:%S", time.localtime(os.path.getmtime(last)))
+        return (f"the checkpoint {last} (saved at {saved}) is kept: run Train a detector again with the same inputs "
+                "and run folder and 'Resume from the run folder's last.pt' checked to continue")
+    if os.path.isfile(last):
+        return f"no new checkpoint was saved; {last} from an earlier run is unchanged (Resume continues from it)"
+    return "no checkpoint was saved yet, so there is nothing to resume: run it again from the start"
+
+
+class TrainAlgorithm(GeodetAlgorithm):
+    COMMAND = "train"
+    TITLE = "Train a detector"
+    GROUP = "Train"
+    GRACE = 30.0  # a step and the checkpoint's save: a few seconds each on a CPU
+    HELP = ("Train a RetinaNet on a raster and the boxes (or points) drawn over it, for the minutes given: the "
+            "learning-rate schedule spans them. Give the labelled area (polygons of where every object is labelled) "
+            "when only part of the scene is labelled: what lies outside is never taught as background. Validation "
+            "uses a strip held out of the labelled area, or the validation scene and its labels. Writes model.pt, "
+            "last.pt and metrics.csv to the run folder; Cancel keeps last.pt, and Resume continues from it.")
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.addParameter(QgsProcessingParameterRasterLayer("SCENE", "Scene"))
+        self.addParameter(QgsProcessingParameterFeatureSource("LABELS", "Labels (boxes or points)",
+                                                              [QgsProcessing.TypeVectorAnyGeometry]))
+        self.addParameter(QgsProcessingParameterField("CLASS_COLUMN", "Class column (empty: one class)", None,
+                                                      "LABELS", QgsProcessingParameterField.Any, False, True))
+        self.addParameter(QgsProcessingParameterFeatureSource("LABELLED_AREA", "Labelled area (polygons; empty: the "
+                                                              "whole scene)", [QgsProcessing.TypeVectorPolygon],
+                                                              None, True))
+        self.addParameter(QgsProcessingParameterRasterLayer("VAL_SCENE", "Validation scene (optional)", None, True))
+        self.addParameter(QgsProcessingParameterFeatureSource("VAL_LABELS", "Labels of the validation scene",
+                                                              [QgsProcessing.TypeVectorAnyGeometry], None, True))
+        preset_parameters(self)
+        self.addParameter(QgsProcessingParameterNumber("TIME_LIMIT", "Training time (minutes)",
+                                                       QgsProcessingParameterNumber.Double, 20.0, False, 0.1))
+        self.addParameter(QgsProcessingParameterFile("INIT", "Start from this model (optional)",
+                                                     QgsProcessingParameterFile.File, "", None, True))
+        self.addParameter(QgsProcessingParameterBoolean("RESUME", "Resume from the run folder's last.pt", False))
+        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", DEVICES, False, 0))
+        self.addParameter(QgsProcessingParameterFolderDestination("OUTPUT_FOLDER", "Run folder"))
+        self.addOutput(QgsProcessingOutputFile("MODEL", "Model file"))
+        self.addOutput(QgsProcessingOutputFile("CHECKPOINT", "Last checkpoint (for Resume)"))
+
+    def check(self, parameters, context):
+        if is_empty(parameters.get("VAL_SCENE")) != is_empty(parameters.get("VAL_LABELS")):
+            return "give the validation scene and its labels together (or neither: a strip of the scene is held out)"
+        if self.parameterAsBoolean(parameters, "RESUME", context):
+            folder = self.parameterAsString(parameters, "OUTPUT_FOLDER", context)
+            if not os.path.isfile(os.path.join(folder, "last.pt")):
+                return (f"Resume continues a run from its folder's last.pt, and {folder or 'the run folder'} has none: "
+                        "choose the folder of the run to continue, or uncheck Resume")
+        return (self.check_file(parameters, "INIT", context, ["pt"], "Start model")
+                or self.check_file(parameters, "CONFIG", context, ["yaml", "yml"], "Config file"))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        folder = self.parameterAsString(parameters, "OUTPUT_FOLDER", context)
+        column = self.parameterAsString(parameters, "CLASS_COLUMN", context) or ""
+        args = ["train", self.raster_path(parameters, "SCENE", context),
+                "--labels", self.vector_path(parameters, "LABELS", context, feedback),
+                "--config", config_argument(self, parameters, context), "-o", folder,
+                "--time-limit", self.parameterAsDouble(parameters, "TIME_LIMIT", context),
+                "--class-column", column, "--device", DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)]]
+        self.flag(args, "--labelled-area", self.vector_path(parameters, "LABELLED_AREA", context, feedback))
+        if not is_empty(parameters.get("VAL_SCENE")):
+            args += ["--val-scene", self.raster_path(parameters, "VAL_SCENE", context),
+                     "--val-labels", self.vector_path(parameters, "VAL_LABELS", context, feedback)]
+        if not is_empty(parameters.get("INIT")):
+            self.flag(args, "--init", self.parameterAsFile(parameters, "INIT", context))
+        if self.parameterAsBoolean(parameters, "RESUME", context):
+            args.append("--resume")
+        since = time.time()
+        self.run_command(args, feedback, on_cancel=lambda killed: checkpoint_report(folder, since))
+        return {"OUTPUT_FOLDER": folder, "MODEL": os.path.join(folder, "model.pt"),
+                "CHECKPOINT": os.path.join(folder, "last.pt")}
+
+
+class PretrainAlgorithm(GeodetAlgorithm):
+    COMMAND = "pretrain"
+    TITLE = "Pretrain a backbone (no labels)"
+    GROUP = "Train"
+    HELP = ("Self-supervised pretraining of the detector's backbone on your own unlabelled rasters (any band count, "
+            "8- or 16-bit), at the model's ground resolution. It writes a model file to start Train a detector from "
+            "('Start from this model'); it does not detect by itself.")
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.addParameter(QgsProcessingParameterMultipleLayers("INPUT", "Unlabelled scenes", QgsProcessing.TypeRaster))
+        preset_parameters(self)
+        self.addParameter(QgsProcessingParameterNumber("TIME_LIMIT", "Pretraining time (minutes)",
+                                                       QgsProcessingParameterNumber.Double, 10.0, False, 0.1))
+        self.addParameter(QgsProcessingParameterNumber("MAX_STEPS", "At most this many steps (empty: no cap)",
+                                                       QgsProcessingParameterNumber.Integer, None, True, 1))
+        self.addParameter(QgsProcessingParameterString("BANDS", "Scene bands, e.g. 1,2,3 (empty: the config's)",
+                                                       None, False, True))
+        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", DEVICES, False, 0))
+        self.addParameter(QgsProcessingParameterFileDestination("OUTPUT", "Pretrained model file",
+                                                                "geodet model files (*.pt)"))
+
+    def check(self, parameters, context):
+        if not self.parameterAsLayerList(parameters, "INPUT", context):
+            return "give one or more unlabelled scenes (rasters)"
+        return (self.check_file(parameters, "CONFIG", context, ["yaml", "yml"], "Config file")
+                or self.check_bands(self.optional_text(parameters, "BANDS", context))
+                or self.check_output(parameters, "OUTPUT", context, ["pt"], "Pretrained model file"))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        out = self.parameterAsFileOutput(parameters, "OUTPUT", context)
+        scenes = [layer.source() for layer in self.parameterAsLayerList(parameters, "INPUT", context)]
+        args = ["pretrain", *scenes, "--config", config_argument(self, parameters, context), "-o", out,
+                "--time-limit", self.parameterAsDouble(parameters, "TIME_LIMIT", context),
+                "--device", DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)]]
+        self.flag(args, "--max-steps", self.optional_number(parameters, "MAX_STEPS", context, integer=True))
+        self.flag(args, "--bands", self.optional_text(parameters, "BANDS", context))
+        self.run_command(args, feedback, outputs=[out])
+        return {"OUTPUT": out}

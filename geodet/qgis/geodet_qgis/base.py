@@ -1,0 +1,145 @@
+"""What every geodet algorithm shares: its toolbox group, turning QGIS inputs into paths the geodet
+command reads, optional values left out when empty, checks before the run, and running the
+command with a truthful report after Cancel."""
+
+import os
+import re
+import time
+from pathlib import Path
+
+from qgis.core import QgsProcessingAlgorithm, QgsProcessingException
+
+from .runner import describe_outputs, run_geodet
+
+DEVICES = ["auto", "cpu", "cuda"]
+PRESETS = ["default", "cpu", "small_objects", "trees"]
+VECTOR_FORMATS = ["gpkg", "shp", "geojson", "fgb"]  # what QGIS writes for geodet to read (layers, selections)
+HOME = "https://github.com/geodet/geodet#use-it-from-qgis"
+
+
+def is_empty(value) -> bool:
+    """An optional value the user left empty: None, NULL, or '' (``qgis_process ... NAME=``)."""
+    if value is None:
+        return True
+    try:
+        from qgis.PyQt.QtCore import QVariant
+
+        if isinstance(value, QVariant) and value.isNull():
+            return True
+    except ImportError:
+        pass
+    return isinstance(value, str) and value.strip().upper() in ("", "NULL", "NONE")
+
+
+def extension(path: str) -> str:
+    return Path(str(path).split("|")[0]).suffix.lower().lstrip(".")
+
+
+class GeodetAlgorithm(QgsProcessingAlgorithm):
+    COMMAND = ""
+    TITLE = ""
+    GROUP = ""  # Detect, Train, Evaluate or Prepare
+    HELP = ""
+    GRACE = 5.0  # seconds a cancelled run gets to stop by itself before it is killed
+
+    def name(self):
+        return self.COMMAND
+
+    def displayName(self):  # noqa: N802
+        return self.TITLE
+
+    def group(self):
+        return self.GROUP
+
+    def groupId(self):  # noqa: N802
+        return self.GROUP.lower()
+
+    def shortHelpString(self):  # noqa: N802
+        return self.HELP + f" Runs 'geodet {self.COMMAND}'."
+
+    def helpUrl(self):  # noqa: N802
+        return HOME
+
+    def createInstance(self):  # noqa: N802
+        return type(self)()
+
+    # -- checks before the run ---------------------------------------------------------------
+    def checkParameterValues(self, parameters, context):  # noqa: N802
+        ok, message = super().checkParameterValues(parameters, context)
+        if not ok:
+            return ok, message
+        problem = self.check(parameters, context)
+        return (False, problem) if problem else (True, "")
+
+    def check(self, parameters, context):
+        """What is wrong with ``parameters`` before the run (a sentence), or None."""
+        return None
+
+    def check_file(self, parameters, name, context, extensions, what):
+        path = self.parameterAsFile(parameters, name, context) if not is_empty(parameters.get(name)) else ""
+        if not path:
+            return None
+        if not os.path.isfile(path):
+            return f"{what}: {path} does not exist"
+        if extensions and extension(path) not in extensions:
+            return f"{what}: {os.path.basename(path)} is not a {' or '.join('.' + e for e in extensions)} file"
+        return None
+
+    def check_output(self, parameters, name, context, extensions, what):
+        value = parameters.get(name)
+        if is_empty(value):
+            return None
+        sink = getattr(value, "sink", None)
+        text = sink.staticValue() if sink is not None else value
+        ext = extension(str(text))
+        if ext and ext not in extensions:
+            return (f"{what}: geodet writes {', '.join('.' + e for e in extensions)} here, not .{ext}")
+        return None
+
+    @staticmethod
+    def check_bands(text):
+        if text and not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", text):
+            return f"bands must be numbers separated by commas, such as 1,2,3 (got '{text}')"
+        return None
+
+    # -- inputs as arguments -----------------------------------------------------------------
+    def raster_path(self, parameters, name, context):
+        layer = self.parameterAsRasterLayer(parameters, name, context)
+        if layer is None:
+            raise QgsProcessingException(f"{name}: no raster layer")
+        return layer.source()
+
+    def vector_path(self, parameters, name, context, feedback):
+        """A file geodet reads: the layer's own file (``path|layername=NAME`` for one layer of a
+        GeoPackage), or a GeoPackage QGIS writes for memory layers, selections and other sources."""
+        if is_empty(parameters.get(name)):
+            return None
+        path, layer = self.parameterAsCompatibleSourceLayerPathAndLayerName(
+            parameters, name, context, VECTOR_FORMATS, "gpkg", feedback)
+        if not path:
+            return None
+        return f"{path}|layername={layer}" if layer else path
+
+    def optional_number(self, parameters, name, context, integer=False):
+        """The number, or None where it was left empty (never 0 for an empty field)."""
+        if is_empty(parameters.get(name)):
+            return None
+        return (self.parameterAsInt if integer else self.parameterAsDouble)(parameters, name, context)
+
+    def optional_text(self, parameters, name, context):
+        return None if is_empty(parameters.get(name)) else self.parameterAsString(parameters, name, context).strip()
+
+    @staticmethod
+    def flag(args, option, value):
+        """``option value`` appended where the value was given."""
+        if value is not None and value != "":
+            args += [option, value]
+        return args
+
+    # -- the run -------------------------------------------------------------------------------
+    def run_command(self, args, feedback, outputs=(), on_cancel=None):
+        """Run geodet; after Cancel, ``on_cancel(killed)`` (default: what became of ``outputs``)
+        is the sentence that says what is left."""
+        since = time.time()
+        report = on_cancel or (lambda killed: describe_outputs(outputs, since, killed))
+        return run_geodet(args, feedback, grace=self.GRACE, on_cancel=report)
