@@ -22,8 +22,9 @@ Rows (``--rows``, comma-separated; each row is features joined by ``+``):
 - ``scale``, ``paste``, ``photo``, ``aug``: scale jitter 0.25, copy-paste 0.5, photometric 1.0, all three;
 - ``self``: self-training (in-scene: the rest of the scene; cross: DST given as ``--unlabelled``);
 - ``giou``: the GIoU box loss; ``atss``: ATSS anchor assignment;
-- ``tta``: test-time augmentation when scoring (flips and quarter turns, fused);
-- ``adabn``: batch-norm statistics re-estimated on the scored scene before detection (cross);
+- ``tta``: also score the model with test-time augmentation (flips and quarter turns, fused);
+- ``adabn``: also score it with batch-norm statistics re-estimated on the scored scene (cross);
+  these two train nothing of their own: the summary shows them as rows "ROW (tta at detection)";
 - ``preset``: the preset exactly as shipped (its own defaults for all of the above).
 
 Budget: ``--minutes M`` (a time limit: the trainer's own clock, as a user runs it; run on an idle
@@ -47,8 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
+import os
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "trees"
+DATA = Path(os.environ.get("GEODET_TREES", ROOT.parent / "shared" / "data" / "trees"))
 RESULTS = ROOT / "docs" / "few_labels" / "results_s10.jsonl"
 FEATURES = {"budget", "area", "ctx", "gb", "scale", "paste", "photo", "aug", "self", "giou", "atss", "tta", "adabn",
             "preset", "nogb", "noctx", "noarea"}
@@ -83,10 +86,12 @@ def split_scene(scene_path: Path, labels_path: Path, part: str, work: Path):
     with rasterio.open(scene_path) as src:
         b, crs = src.bounds, src.crs
     poly = part_polygon(b, part)
+    paths = {k: work / f"{scene_path.stem}_{part}_{k}.gpkg" for k in ("train", "aoi", "test")}
+    if all(p.exists() for p in paths.values()):  # made once (parallel runs share them)
+        return paths, poly
     g = gpd.read_file(labels_path)
     c = g.geometry.bounds
     inside = shapely.contains_xy(poly, ((c.minx + c.maxx) / 2).to_numpy(), ((c.miny + c.maxy) / 2).to_numpy())
-    paths = {k: work / f"{scene_path.stem}_{part}_{k}.gpkg" for k in ("train", "aoi", "test")}
     g[inside].to_file(paths["train"])
     g[~inside].to_file(paths["test"])
     gpd.GeoDataFrame(geometry=[poly], crs=crs).to_file(paths["aoi"])
@@ -103,10 +108,12 @@ def corner(scene_path: Path, labels_path: Path, side_px: int, work: Path):
         t, crs = src.transform, src.crs
     x0, y1 = t * (0, 0)
     x1, y0 = t * (side_px, side_px)
+    paths = {"train": work / "corner_labels.gpkg", "aoi": work / "corner.gpkg"}
     g = gpd.read_file(labels_path)
     c = g.geometry.bounds
     inside = ((c.minx + c.maxx) / 2 < x1) & ((c.miny + c.maxy) / 2 > y0)
-    paths = {"train": work / "corner_labels.gpkg", "aoi": work / "corner.gpkg"}
+    if all(p.exists() for p in paths.values()):  # made once (parallel runs share them)
+        return paths, int(inside.sum())
     g[inside].to_file(paths["train"])
     gpd.GeoDataFrame(geometry=[box(x0, y0, x1, y1)], crs=crs).to_file(paths["aoi"])
     return paths, int(inside.sum())
@@ -122,9 +129,9 @@ def score(model, scene: Path, labels: Path, classes: bool, outside=None, tta: bo
 
     detector = model
     if tta:
-        from geodet.model.tta import TtaDetector
+        from geodet.model.tta import TtaModel
 
-        detector = TtaDetector(model)
+        detector = TtaModel(model)
     frame = detect_scene(scene, detector, progress=False)
     if outside is not None and len(frame):
         b = frame.geometry.bounds
@@ -181,13 +188,10 @@ def scenario_setup(scenario: str, f: set, work: Path):
         tests.append((dst, DATA / f"{dst}.tif", DATA / f"{dst}.gpkg", False, None))
         unlabelled = [str(DATA / f"{dst}.tif")]
     elif kind == "synthetic":
-        from geodet.synthetic import make_scene
-
         s = int(name)
         d = work / f"synthetic{s}"
         d.mkdir(parents=True, exist_ok=True)
-        tr = make_scene(d / "train.tif", d / "train.gpkg", size=1024, seed=s)
-        te = make_scene(d / "test.tif", d / "test.gpkg", size=1024, seed=s + 1)
+        tr, te = synthetic_pair(d, s)
         paths, _n = corner(tr.image, tr.labels, 512, d)
         cfg = load_config("cpu")
         pair = SceneLabels(str(tr.image), str(paths["train"]), str(paths["aoi"]) if use_area else None)
@@ -196,6 +200,21 @@ def scenario_setup(scenario: str, f: set, work: Path):
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     return cfg, pair, tests, unlabelled if kind != "inscene" else []
+
+
+def synthetic_pair(d: Path, s: int):
+    """The training and test scenes of seed ``s`` (made once; parallel runs share them)."""
+    from types import SimpleNamespace
+
+    from geodet.synthetic import make_scene
+
+    out = []
+    for name, seed in (("train", s), ("test", s + 1)):
+        img, lab = d / f"{name}.tif", d / f"{name}.gpkg"
+        if not (img.exists() and lab.exists()):
+            make_scene(img, lab, size=1024, seed=seed)
+        out.append(SimpleNamespace(image=img, labels=lab))
+    return out
 
 
 def run_one(scenario: str, row: str, seed: int, minutes: float | None, steps: int | None, work: Path,
@@ -231,18 +250,21 @@ def run_one(scenario: str, row: str, seed: int, minutes: float | None, steps: in
     rec = {"scenario": scenario, "row": row, "seed": seed, "minutes": minutes, "steps_cap": steps,
            "used_min": round(used, 2), "steps": int(last_steps(out)), "cpu_share": round(trainer.cpu_share or 0, 2),
            "threads": torch.get_num_threads(), "isa": isa(), "val_AP50": model.card.metrics.get("AP50"),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "operating_point": model.card.operating_point,
            "settings": {k: getattr(cfg.train, k) for k in ("scale_jitter", "copy_paste", "photometric", "self_training",
                                                            "chip_context", "val_give_back", "lr", "batch_size")}
            | {"labelled_area": bool(pair.labelled_area), "unlabelled": list(cfg.train.unlabelled),
               "box_loss": getattr(cfg.model, "box_loss", "l1"), "matcher": getattr(cfg.model, "matcher", "iou")}}
     for test, scene, labels, classes, outside in tests:
-        scored = model
+        rec[f"last:{test}"] = score(model, scene, labels, classes, outside)
+        # detection-time variants scored on the same model (no training of their own)
         if "adabn" in f:
             from geodet.training.adapt import adapt_batch_norm
 
-            scored = adapt_batch_norm(load_model(path), [scene])
-        rec[f"last:{test}"] = score(scored, scene, labels, classes, outside, tta="tta" in f)
+            rec[f"adabn:{test}"] = score(adapt_batch_norm(model, [scene]), scene, labels, classes, outside)
+        if "tta" in f:
+            rec[f"tta:{test}"] = score(model, scene, labels, classes, outside, tta=True)
     return rec
 
 
@@ -279,10 +301,14 @@ def summary(records: list[dict], metric_rows=("AP50", "AP")) -> str:
 
     groups: dict = {}
     for r in records:
-        for k in r:
-            if k.startswith("last:"):
-                key = (r["scenario"], k[5:], budget_of(r), r.get("threads"))
-                groups.setdefault(key, {}).setdefault(r["row"], []).append(r)
+        base = "+".join(x for x in r["row"].split("+") if x not in ("tta", "adabn"))
+        for k in list(r):
+            kind, _, test = k.partition(":")
+            if kind not in ("last", "tta", "adabn") or not test:
+                continue
+            row = base if kind == "last" else f"{base} ({kind} at detection)"
+            key = (r["scenario"], test, budget_of(r), r.get("threads"))
+            groups.setdefault(key, {}).setdefault(row, []).append(dict(r, **{f"last:{test}": r[k]}))
     lines = []
     for (scenario, test, budget, threads), rows in groups.items():
         lines += [f"\n**{scenario} -> {test}**, {budget}, {threads} thread(s)\n",
@@ -308,6 +334,8 @@ def main():
     ap.add_argument("--workdir", default="/tmp/geodet-bench/few_labels")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--summary", action="store_true", help="print one summary table per scenario and exit")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at once (processes; e.g. on one GPU)")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds after which no new run starts")
     args = ap.parse_args()
     results = Path(args.results)
     if args.summary:
@@ -318,15 +346,43 @@ def main():
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     results.parent.mkdir(parents=True, exist_ok=True)
     done = {(r["scenario"], r["row"], r["seed"], r.get("minutes"), r.get("steps_cap")) for r in load(results)}
-    for scenario in args.scenario:
-        for seed in (int(s) for s in args.seeds.split(",")):
-            for row in args.rows.split(","):
-                if (scenario, row, seed, args.minutes, args.steps) in done:
-                    continue
-                rec = run_one(scenario, row, seed, args.minutes, args.steps, Path(args.workdir), args.threads)
-                with open(results, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                print(json.dumps(rec), flush=True)
+    # seeds outermost: a run cut short by --deadline leaves every row with its first seeds
+    jobs = [(scenario, row, seed) for seed in (int(s) for s in args.seeds.split(",")) for scenario in args.scenario
+            for row in args.rows.split(",") if (scenario, row, seed, args.minutes, args.steps) not in done]
+    for scenario in args.scenario:  # shared inputs made once, before any parallel run
+        scenario_setup(scenario, features(args.rows.split(",")[0]), Path(args.workdir))
+    if args.parallel <= 1:
+        for job in jobs:
+            _record(results, run_one(*job, args.minutes, args.steps, Path(args.workdir), args.threads))
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # CUDA in the workers: no fork
+    deadline = time.time() + args.deadline if args.deadline else None
+    with ctx.Pool(args.parallel, maxtasksperchild=1) as pool:
+        pending = [pool.apply_async(_job, (job, args.minutes, args.steps, args.workdir, args.threads, deadline))
+                   for job in jobs]
+        for p in pending:
+            left = None if deadline is None else max(1.0, deadline + 600 - time.time())
+            try:
+                rec = p.get(timeout=left)
+            except Exception as exc:  # one failed run does not stop the others
+                print(json.dumps({"error": f"{type(exc).__name__}: {exc}"[:300]}), flush=True)
+                continue
+            if rec is not None:
+                _record(results, rec)
+
+
+def _job(job, minutes, steps, workdir, threads, deadline):
+    if deadline is not None and time.time() > deadline:
+        return None  # out of time: not started
+    return run_one(*job, minutes, steps, Path(workdir), threads)
+
+
+def _record(results: Path, rec: dict) -> None:
+    with open(results, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec), flush=True)
 
 
 if __name__ == "__main__":
