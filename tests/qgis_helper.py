@@ -194,14 +194,17 @@ def run(plugin_dir, spec_json) -> dict:
         context = QgsProcessingContext()
         context.setProject(QgsProject.instance())
         params = dict(r["params"])
+        alg = r["alg"]
+        if r.get("model"):  # the algorithm as the one child of a Graphical Modeler model
+            alg, params = _one_child_model(alg, params)
         error = results = None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
                 if r.get("load"):
-                    results = processing.runAndLoadResults(r["alg"], params, feedback=feedback, context=context)
+                    results = processing.runAndLoadResults(alg, params, feedback=feedback, context=context)
                 else:
-                    results = processing.run(r["alg"], params, feedback=feedback, context=context)
+                    results = processing.run(alg, params, feedback=feedback, context=context)
             except QgsProcessingException as exc:
                 error = str(exc)
             gc.collect()
@@ -216,6 +219,25 @@ def run(plugin_dir, spec_json) -> dict:
         })
         out.append(record)
     return {"runs": out}
+
+
+def _one_child_model(alg_id, params):
+    """A model whose one child is ``alg_id`` with ``params`` (its OUTPUT the model's output)."""
+    from qgis.core import (QgsProcessingModelAlgorithm, QgsProcessingModelChildAlgorithm,
+                           QgsProcessingModelChildParameterSource, QgsProcessingModelOutput)
+
+    model = QgsProcessingModelAlgorithm("geodet in a model", "tests")
+    child = QgsProcessingModelChildAlgorithm(alg_id)
+    child.generateChildId(model)
+    for name, value in params.items():
+        if name != "OUTPUT":
+            child.addParameterSources(name, [QgsProcessingModelChildParameterSource.fromStaticValue(value)])
+    output = QgsProcessingModelOutput("result", "result")
+    output.setChildOutputName("OUTPUT")
+    child.setModelOutputs({"result": output})
+    model.addChildAlgorithm(child)
+    _kept.append(model)
+    return model, {f"{child.childId()}:result": params["OUTPUT"]}
 
 
 def loaded(plugin_dir) -> dict:

@@ -179,15 +179,16 @@ def test_provider_detects_headless_with_the_cli_rows_styled(provider, tiny_model
     assert seen["ogr"]["renderer"] == "RuleRenderer" and seen["messages"] == []
     assert len(seen["ogr"]["rules"]) == 2 and all(f'"score" >= {op:.4g}' in f for f in seen["ogr"]["rules"])
     assert seen["ogr"]["drawn"] == int((got["score"] >= float(f"{op:.4g}")).sum())
-    # the picture of the README's "Use it from QGIS" section comes from this render
-    png = Path(os.environ.get("GEODET_QGIS_SCREENSHOT", tmp_path / "qgis.png"))
+    # QGIS draws it as styled
+    png = tmp_path / "qgis.png"
     rendered = helper(tmp_path, "render", synth.image, out, png)
     assert rendered["saved"] and rendered["renderer"] == "RuleRenderer" and png.stat().st_size > 10_000
 
 
 def test_outputs_load_styled_and_named_the_way_processing_loads_them(provider, tiny_model, synth, tmp_path):
     """processing.runAndLoadResults opens outputs without their default style: the provider's
-    post-processor applies geodet's and names each layer after its file; one bar, 0 to 100."""
+    post-processor applies geodet's and names each layer after its file, also where the algorithm
+    runs inside a Graphical Modeler model; one bar, 0 to 100."""
     runs = processing(
         provider,
         {"alg": "geodet:detect", "params": {"INPUT": str(synth.image), "MODEL": str(tiny_model),
@@ -195,8 +196,10 @@ def test_outputs_load_styled_and_named_the_way_processing_loads_them(provider, t
         {"alg": "geodet:detect", "params": {"INPUT": str(synth.image), "MODEL": str(tiny_model),
                                             "OUTPUT": str(tmp_path / "cars_b.geojson")}, "load": True},
         {"alg": "geodet:suggest", "params": {"INPUT": str(synth.image), "MODEL": str(tiny_model), "COUNT": 2,
-                                             "CELL_SIZE": 128, "OUTPUT": str(tmp_path / "next.gpkg")}, "load": True})
-    for run, name in zip(runs, ("cars_a", "cars_b", "next")):
+                                             "CELL_SIZE": 128, "OUTPUT": str(tmp_path / "next.gpkg")}, "load": True},
+        {"alg": "geodet:detect", "params": {"INPUT": str(synth.image), "MODEL": str(tiny_model),
+                                            "OUTPUT": str(tmp_path / "in_a_model.gpkg")}, "load": True, "model": True})
+    for run, name in zip(runs, ("cars_a", "cars_b", "next", "in_a_model")):
         assert run["error"] is None, run
         (layer,) = run["layers"]
         assert layer["name"] == name and layer["valid"], layer
@@ -206,7 +209,7 @@ def test_outputs_load_styled_and_named_the_way_processing_loads_them(provider, t
         bar = run["progress"]
         assert bar == sorted(bar) and bar[-1] == 100.0, bar  # once from 0 to 100, never back
         assert len(run["texts"]) == len(set(run["texts"])), run["texts"]  # each stage named once
-    for run in runs[:2]:
+    for run in runs[:2] + runs[3:]:
         layer = run["layers"][0]
         assert layer["renderer"] == "RuleRenderer" and len(layer["rules"]) == 2 and layer["label_min_scale"] == 2500
     assert '"rank"' in runs[2]["layers"][0]["label_field"]  # suggestions: the rank as a label
