@@ -11,12 +11,15 @@ its neighbours (``SPREAD``) so that the suggestions cover the scene instead of o
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
+import torch
 
 from ..errors import GeodetError
 
@@ -67,19 +70,141 @@ def pick(uncertainty: np.ndarray, n: int, allowed: np.ndarray) -> list[tuple[int
     return out
 
 
-def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None, labelled_area=None,
-                  progress: bool = True, **settings):
-    """The ``n`` cells of ``scenes`` most worth labelling next, as a GeoDataFrame (one per scene
-    CRS group is the caller's concern) with ``rank``, ``scene``, ``cell_row``, ``cell_col``,
-    ``uncertainty``, ``uncertain``, ``confident`` and ``reason``. ``cell``: the cell side in
-    pixels (default: the model's tile size). ``labelled_area``: polygons already labelled; cells
-    mostly inside them are not suggested."""
-    import geopandas as gpd
+STRATEGIES = ("uncertainty", "per-object", "coreset", "hybrid")
+
+
+@dataclass
+class SceneCells:
+    """One scene cut into cells: their pixel rectangles and map polygons, which may be suggested,
+    the per-cell detection statistics (``cell_scores``) and, for the feature-space strategies,
+    a pooled feature vector per cell."""
+
+    name: str
+    crs: object
+    rows: int
+    cols: int
+    rect: np.ndarray  # [rows * cols, 4] pixel rectangles
+    polys: np.ndarray
+    allowed: np.ndarray  # [rows * cols] bool: not labelled yet, mostly valid pixels
+    labelled: np.ndarray  # [rows * cols] bool: mostly inside the labelled area
+    stats: dict
+    features: Optional[np.ndarray] = None
+
+
+def scene_cells(model, path, s, cell: int, op: float, labelled_area, progress: bool, features: bool,
+                settings: dict) -> SceneCells:
+    """Detect over one scene with the real pipeline and cut it into ``cell`` px cells."""
     import shapely
 
     from ..io.writers import boxes_to_polygons
     from ..pipeline.reader import open_scene
     from ..pipeline.scenes import detect_scene
+
+    sc = open_scene(path, s, model.card)
+    try:
+        frame = detect_scene(sc, model, progress=progress, **settings)
+        boxes = frame[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float64)
+        stats = cell_scores(boxes, frame["score"].to_numpy(np.float64), sc.width, sc.height, cell, op)
+        rows, cols = stats["uncertainty"].shape
+        rect = np.array([[c * cell, r * cell, min((c + 1) * cell, sc.width), min((r + 1) * cell, sc.height)]
+                         for r in range(rows) for c in range(cols)], np.float64)
+        labelled = np.zeros(rows * cols, bool)
+        done = _labelled_in(labelled_area, sc)
+        if done is not None:
+            cells = shapely.box(rect[:, 0], rect[:, 1], rect[:, 2], rect[:, 3])
+            labelled = shapely.area(shapely.intersection(cells, done)) / shapely.area(cells) >= 0.5
+        allowed = ~labelled & (_valid_share(sc, rows, cols, cell).reshape(-1) > 0.5)
+        feats = cell_features(model, sc, rect, settings.get("device")) if features else None
+        return SceneCells(Path(str(path)).name, sc.crs, rows, cols, rect, boxes_to_polygons(rect, sc.transform),
+                          allowed, labelled, stats, feats)
+    finally:
+        sc.close()
+
+
+def _labelled_in(labelled_area, sc):
+    if labelled_area is None:
+        return None
+    from .area import read_labelled_area
+
+    try:
+        return read_labelled_area(labelled_area, sc)
+    except GeodetError:  # the labelled area does not reach this scene
+        return None
+
+
+@torch.no_grad()
+def cell_features(model, sc, rect: np.ndarray, device=None, batch: int = 8) -> np.ndarray:
+    """Per cell, the mean of the network's coarsest FPN level over the cell's pixels, L2-normalised:
+    what the cell looks like to the model."""
+    from ..pipeline.detect import resolve_device
+    from .sampler import chip_tile
+
+    dev = resolve_device(device or "auto")
+    net = copy.deepcopy(model.net).eval().to(dev)
+    out = []
+    for i in range(0, len(rect), batch):
+        imgs = []
+        for x0, y0, x1, y1 in rect[i : i + batch].astype(int):
+            side = max(x1 - x0, y1 - y0)
+            img, _ = sc.read_tile(chip_tile(int(x0), int(y0), side, (0, 0, sc.width, sc.height)))
+            imgs.append(torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)))
+        x = net.transform([im.to(dev) for im in imgs])[0].tensors
+        top = list(net.backbone(x).values())[-1]
+        out.append(torch.nn.functional.normalize(top.mean(dim=(2, 3)), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1))
+
+
+def cell_priority(cells: SceneCells, strategy: str) -> np.ndarray:
+    """The per-cell score a strategy ranks by (before spreading): ``uncertainty``, the summed doubt
+    of the detections around the operating point; ``per-object``, that doubt per object the cell
+    is expected to hold (labelling it costs the objects in it: a cell of confident false alarms
+    teaches much for no label at all)."""
+    u = cells.stats["uncertainty"].reshape(-1)
+    if strategy == "per-object":
+        return u / (1.0 + cells.stats["confident"].reshape(-1))
+    return u
+
+
+def kcenter(features: np.ndarray, taken: np.ndarray, allowed: np.ndarray, n: int,
+            weight: np.ndarray | None = None) -> list[int]:
+    """Greedy k-center (core-set): each pick the allowed cell farthest in feature space from every
+    taken or picked cell (times ``weight`` when given: a doubt-weighted core-set)."""
+    if taken.any():
+        d = np.min(1 - features @ features[taken].T, axis=1)
+    else:
+        d = np.full(len(features), 2.0)
+    w = np.ones(len(features)) if weight is None else weight
+    score = np.where(allowed, d * w, -np.inf)
+    out = []
+    for _ in range(min(n, int(allowed.sum()))):
+        i = int(np.argmax(score))
+        if not np.isfinite(score[i]):
+            break
+        out.append(i)
+        d = np.minimum(d, 1 - features @ features[i])
+        score = np.where(allowed, d * w, -np.inf)
+        score[out] = -np.inf
+    return out
+
+
+def rank_scene(cells: SceneCells, n: int, strategy: str) -> list[int]:
+    """The ``n`` cells (flat indices) of one scene a strategy suggests, best first."""
+    if strategy in ("uncertainty", "per-object"):
+        rc = pick(cell_priority(cells, strategy).reshape(cells.rows, cells.cols), n,
+                  cells.allowed.reshape(cells.rows, cells.cols))
+        return [r * cells.cols + c for r, c in rc]
+    p = cell_priority(cells, "per-object")
+    weight = None if strategy == "coreset" else p / max(float(p.max()), 1e-12) + 1e-3
+    return kcenter(cells.features, cells.labelled, cells.allowed, n, weight)
+
+
+def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None, labelled_area=None,
+                  progress: bool = True, strategy: str = "uncertainty", **settings):
+    """The ``n`` cells of ``scenes`` most worth labelling next, as a GeoDataFrame with ``rank``,
+    ``scene``, ``cell_row``, ``cell_col``, ``uncertainty``, ``uncertain``, ``confident`` and
+    ``reason``. ``cell``: the cell side in pixels (default: the model's tile size).
+    ``labelled_area``: polygons already labelled; cells mostly inside them are not suggested.
+    ``strategy``: how cells are ranked (``STRATEGIES``; see ``cell_priority`` and ``kcenter``)."""
     from ..pipeline.settings import resolve_detect_settings
 
     card = getattr(model, "card", None)
@@ -88,71 +213,51 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
                           "uncertainty cannot be told: use a model trained with validation (geodet train keeps a "
                           "held-out strip unless train.val_fraction is 0)")
     if n < 1:
-        raise GeodetError(f"--n must be at least 1, got {n}")
+        raise GeodetError(f"--count must be at least 1, got {n}")
+    if strategy not in STRATEGIES:
+        raise GeodetError(f"--strategy must be one of {', '.join(STRATEGIES)}, got '{strategy}'")
     op = float(card.operating_point)
     s = resolve_detect_settings(card, **{k: v for k, v in settings.items() if k != "config"})
     cell = int(cell or s.tile_size)
-    candidates = []  # (uncertainty, scene index, row, col, uncertain, confident, polygon)
-    frames = []
-    for k, path in enumerate(scenes):
-        sc = open_scene(path, s, card)
-        try:
-            frame = detect_scene(sc, model, progress=progress, **settings)
-            boxes = frame[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float64)
-            cs = cell_scores(boxes, frame["score"].to_numpy(np.float64), sc.width, sc.height, cell, op)
-            rows, cols = cs["uncertainty"].shape
-            rect = np.array([[c * cell, r * cell, min((c + 1) * cell, sc.width), min((r + 1) * cell, sc.height)]
-                             for r in range(rows) for c in range(cols)], np.float64)
-            polys = boxes_to_polygons(rect, sc.transform)
-            allowed = np.ones(rows * cols, bool)
-            if labelled_area is not None:
-                from ..training.area import read_labelled_area
-
-                try:
-                    done = read_labelled_area(labelled_area, sc)
-                except GeodetError:  # the labelled area does not reach this scene
-                    done = None
-                if done is not None:
-                    cells = shapely.box(rect[:, 0], rect[:, 1], rect[:, 2], rect[:, 3])
-                    inside = shapely.area(shapely.intersection(cells, done)) / shapely.area(cells)
-                    allowed &= inside < 0.5
-            valid = _valid_share(sc, rows, cols, cell)
-            allowed &= valid.reshape(-1) > 0.5
-            frames.append((Path(str(path)).name, sc.crs, rows, cols, cs, polys, allowed))
-        finally:
-            sc.close()
+    scenes_cells = [scene_cells(model, path, s, cell, op, labelled_area, progress,
+                                strategy in ("coreset", "hybrid"), settings) for path in scenes]
     # one ranking over every scene: a scene with more doubt gets more of the n suggestions
-    rows_out = []
-    flat = [(float(f[4]["uncertainty"].reshape(-1)[i]), k, i) for k, f in enumerate(frames)
-            for i in np.flatnonzero(f[6])]
-    flat.sort(key=lambda t: -t[0])
-    per_scene = {k: 0 for k in range(len(frames))}
-    for _, k, _i in flat[: n]:
-        per_scene[k] += 1
-    for k, (name, crs, rows, cols, cs, polys, allowed) in enumerate(frames):
-        for r, c in pick(cs["uncertainty"], per_scene[k], allowed.reshape(rows, cols)):
-            i = r * cols + c
-            u, near, sure = float(cs["uncertainty"][r, c]), int(cs["uncertain"][r, c]), int(cs["confident"][r, c])
-            reason = (f"{near} detection(s) scored near the operating point {op:.2f} (the model is unsure there), "
-                      f"{sure} at or above it")
-            rows_out.append({"scene": name, "cell_row": r, "cell_col": c, "uncertainty": round(u, 3), "uncertain": near,
-                             "confident": sure, "reason": reason, "geometry": polys[i], "_crs": crs})
-    rows_out.sort(key=lambda d: -d["uncertainty"])
+    flat = sorted(((float(cell_priority(c, strategy)[i]), k) for k, c in enumerate(scenes_cells)
+                   for i in np.flatnonzero(c.allowed)), key=lambda t: -t[0])
+    per_scene = [sum(1 for _, k in flat[:n] if k == j) for j in range(len(scenes_cells))]
+    rows_out = [_suggestion(c, i, op) for c, m in zip(scenes_cells, per_scene) for i in rank_scene(c, m, strategy)]
     if not rows_out:
         raise GeodetError("no cell to suggest: every cell is already labelled or holds no valid pixels")
+    if strategy in ("uncertainty", "per-object"):
+        rows_out.sort(key=lambda d: -d["uncertainty"])
+    return _suggestions_frame(rows_out, op, cell, strategy)
+
+
+def _suggestion(cells: SceneCells, i: int, op: float) -> dict:
+    r, c = divmod(int(i), cells.cols)
+    st = cells.stats
+    u, near, sure = float(st["uncertainty"][r, c]), int(st["uncertain"][r, c]), int(st["confident"][r, c])
+    reason = (f"{near} detection(s) scored near the operating point {op:.2f} (the model is unsure there), "
+              f"{sure} at or above it")
+    return {"scene": cells.name, "cell_row": r, "cell_col": c, "uncertainty": round(u, 3), "uncertain": near,
+            "confident": sure, "reason": reason, "geometry": cells.polys[i], "_crs": cells.crs}
+
+
+def _suggestions_frame(rows_out: list[dict], op: float, cell: int, strategy: str):
+    import geopandas as gpd
+    import pandas as pd
+
     for i, d in enumerate(rows_out):
         d["rank"] = i + 1
     crss = {str(d["_crs"]) for d in rows_out}
     crs = rows_out[0]["_crs"] if len(crss) == 1 else "EPSG:4326"
     parts = [gpd.GeoDataFrame([{k: v for k, v in d.items() if k != "_crs"}], geometry=[d["geometry"]], crs=d["_crs"])
              .to_crs(crs) for d in rows_out]
-    import pandas as pd
-
     out = pd.concat(parts, ignore_index=True)
+    out["done"] = 0  # the user sets it to 1 on the cells labelled (geodet suggest --done adds those)
     out = gpd.GeoDataFrame(out[["rank", "scene", "cell_row", "cell_col", "uncertainty", "uncertain", "confident",
-                                "reason", "geometry"]], geometry="geometry", crs=crs)
-    out.attrs["operating_point"] = op
-    out.attrs["cell_px"] = cell
+                                "reason", "done", "geometry"]], geometry="geometry", crs=crs)
+    out.attrs.update(operating_point=op, cell_px=cell, strategy=strategy)
     return out
 
 
@@ -196,3 +301,52 @@ def write_suggestions(frame, path) -> Path:
         else:
             tmp.with_suffix(".qml").write_text(suggestion_qml(), encoding="utf-8")
     return path
+
+
+def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
+    """Add the suggested cells the user labelled to the labelled-area file (made when missing): the
+    cells whose ``done`` field the user set (1, true, yes, x), or every cell of the file when none
+    is set. The file is rewritten whole, atomically, in its own CRS (or the
+    cells' when new). Returns (cells added, polygons in the labelled area now)."""
+    import geopandas as gpd
+    import pandas as pd
+    import pyogrio
+
+    from ..io.labels import read_labels
+    from ..io.writers import GPKG_VERSION, atomic_path, output_format
+
+    cells = read_labels(suggestions, None)
+    done = _done_rows(cells)
+    if done is not None and done.any():
+        cells = cells[done]
+    else:
+        log.info("%s: no cell is marked done (its 'done' field): adding every cell", suggestions)
+    path = Path(str(labelled_area).split("|layername=")[0])
+    fmt = output_format(path)
+    if fmt not in ("gpkg", "geojson", "fgb", "shp"):
+        raise GeodetError(f"the labelled area is written as .gpkg, .geojson, .fgb or .shp, not {fmt}")
+    new = gpd.GeoDataFrame({"source": [Path(str(suggestions)).name] * len(cells)}, geometry=cells.geometry.values,
+                           crs=cells.crs)
+    if path.exists():
+        old = read_labels(labelled_area, None)
+        new = new.to_crs(old.crs) if old.crs is not None and new.crs is not None else new
+        keep = [c for c in old.columns if c != old.geometry.name]
+        old = gpd.GeoDataFrame(old[keep], geometry=old.geometry.values, crs=old.crs)
+        new = gpd.GeoDataFrame(pd.concat([old, new], ignore_index=True), geometry="geometry", crs=old.crs)
+    drivers = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf", "shp": "ESRI Shapefile"}
+    with atomic_path(path) as tmp:
+        out = new.to_crs("EPSG:4326") if fmt == "geojson" and new.crs is not None else new
+        pyogrio.write_dataframe(out, tmp, driver=drivers[fmt], layer=path.stem,
+                                dataset_options={"VERSION": GPKG_VERSION} if fmt == "gpkg" else None)
+    return len(cells), len(new)
+
+
+def _done_rows(frame):
+    """Which rows the user marked done, or None when the file has no ``done`` field."""
+    col = next((c for c in frame.columns if str(c).lower() == "done"), None)
+    if col is None:
+        return None
+    v = frame[col]
+    if v.dtype == bool:
+        return v.fillna(False).to_numpy()
+    return v.astype(str).str.strip().str.lower().isin(("1", "true", "yes", "y", "x", "done")).to_numpy()
