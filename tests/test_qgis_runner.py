@@ -116,6 +116,28 @@ def test_windows_no_console_polite_firm_then_killed(monkeypatch):
     assert child.stopped and child.killed and time.monotonic() - t0 < 5
 
 
+def test_windows_paths_follow_os_name(monkeypatch):
+    """With os.name and subprocess mocked as on Windows, the defaults take the Windows paths."""
+    made, runs, signals = [], [], []
+
+    def popen(cmd, **kw):
+        made.append(FakeWindowsChild(cmd, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(os, "name", "nt")
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: runs.append(cmd) or made[0].end(1))
+    monkeypatch.setattr(os, "kill", lambda pid, sig: signals.append(sig))
+    assert process.popen_options() == {"creationflags": CREATE_NO_WINDOW | CREATE_NEW_PROCESS_GROUP}
+    env = process.child_environment({"PYTHONHOME": r"C:\QGIS\apps\Python312", "Path": r"C:\QGIS\bin;C:\me"},
+                                    r"C:\me\geodet.exe", [r"C:\QGIS"])
+    assert "PYTHONHOME" not in env and env["Path"] == r"C:\me"
+    with Child(["geodet.exe"], env, grace=0.4) as child:
+        list(child.lines(cancelled=lambda: True, poll=0.02))
+    assert made[0].kw["creationflags"] == CREATE_NO_WINDOW | CREATE_NEW_PROCESS_GROUP
+    assert made[0].stdin.closed and signals == [CTRL_BREAK_EVENT] and runs[0][:3] == ["taskkill", "/F", "/T"]
+
+
 def test_windows_child_that_stops_politely_is_not_killed():
     made, runs = [], []
 

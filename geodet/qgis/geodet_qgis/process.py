@@ -47,10 +47,11 @@ def _inside(path: str, prefix: str, os_name: str) -> bool:
     return path == prefix or path.startswith(prefix.rstrip(sep) + sep)
 
 
-def child_environment(base, executable: str, qgis_prefixes, os_name: str = os.name) -> dict:
+def child_environment(base, executable: str, qgis_prefixes, os_name: str = None) -> dict:
     """The environment for ``executable``: ``base`` without QGIS's Python, GDAL and PROJ
     variables (and, on Windows, without PATH entries inside QGIS's own install), everything else
     the user set kept. A geodet installed into QGIS's own Python keeps QGIS's environment."""
+    os_name = os_name or os.name
     env = dict(base)
     prefixes = [p for p in qgis_prefixes if p and _norm(p, os_name) not in {_norm(s, os_name) for s in SYSTEM_PREFIXES}]
     if not any(_inside(executable, p, os_name) for p in prefixes):
@@ -67,10 +68,10 @@ def child_environment(base, executable: str, qgis_prefixes, os_name: str = os.na
     return env
 
 
-def popen_options(os_name: str = os.name) -> dict:
+def popen_options(os_name: str = None) -> dict:
     """Windows: no console window, and a process group of its own (CTRL_BREAK reaches it and not
     QGIS). POSIX: a session of its own, so that a kill reaches its grandchildren too."""
-    if os_name == "nt":
+    if (os_name or os.name) == "nt":
         return {"creationflags": CREATE_NO_WINDOW | CREATE_NEW_PROCESS_GROUP}
     return {"start_new_session": True}
 
@@ -92,9 +93,9 @@ class Child:
     asked it to stop) and ``killed`` (it had to be killed) say how it ended. Use it as a context
     manager: leaving it closes the pipes and reaps the process."""
 
-    def __init__(self, cmd, env, grace: float = 5.0, os_name: str = os.name, popen=None, run=None, kill=None):
-        self.cmd, self.env, self.grace, self.os_name = list(cmd), env, grace, os_name
-        self._popen = popen or subprocess.Popen
+    def __init__(self, cmd, env, grace: float = 5.0, os_name: str = None, popen=None, run=None, kill=None):
+        self.cmd, self.env, self.grace, self.os_name = list(cmd), env, grace, os_name or os.name
+        self._popen = popen or subprocess.Popen  # looked up now: tests replace them
         self._run = run or subprocess.run
         self._kill = kill or os.kill
         self.proc = None
