@@ -129,9 +129,7 @@ def run_geodet(args, feedback, executable=None, grace: float = 5.0, on_cancel=No
                 feedback.pushInfo(line)
             elif not progress.take(line):
                 errors.append(line)
-                if line.startswith(("geodet: error", "geodet: unexpected")):
-                    feedback.reportError(line)
-                else:
+                if not line.startswith(("geodet: error", "geodet: unexpected")):  # those become the exception
                     feedback.pushInfo(line)
     finally:
         child.close()
