@@ -296,7 +296,7 @@ def test_labelled_area_bad_input_is_one_line_and_writes_nothing(tmp_path, synth,
     gpd.GeoDataFrame(geometry=[box(0, 0, 10, 10)], crs=synth.crs).to_file(far)
     pts = tmp_path / "pts.gpkg"
     gpd.GeoDataFrame(geometry=gpd.points_from_xy([1], [1]), crs=synth.crs).to_file(pts)
-    base = ["train", "--config", "cpu", "--scene", synth.image, "--labels", synth.labels, "--tile-size", "128",
+    base = ["train", synth.image, "--config", "cpu", "--labels", synth.labels, "--tile-size", "128",
             "--max-steps", "2", "-q"]
     for area, message in ((far, "does not overlap scene"), (pts, "must be polygons")):
         out = tmp_path / f"run_{area.stem}"
@@ -401,13 +401,13 @@ def test_a_labelled_area_without_labels_and_an_unreferenced_image_are_refused(tm
     g = g[~g.intersects(corner)]
     g.to_file(tmp_path / "l.gpkg")
     out = tmp_path / "run"
-    assert main(["train", "--scene", str(synth.image), "--labels", str(tmp_path / "l.gpkg"), "--labelled-area",
+    assert main(["train", str(synth.image), "--labels", str(tmp_path / "l.gpkg"), "--labelled-area",
                  str(tmp_path / "empty.gpkg"), "--out", str(out), "-q"]) == 2
     assert "no label of" in capsys.readouterr().err and not out.exists()
     png = tmp_path / "photo.png"
     with rasterio.open(png, "w", driver="PNG", width=64, height=64, count=3, dtype="uint8") as dst:
         dst.write(np.zeros((3, 64, 64), np.uint8))
-    assert main(["train", "--config", "trees", "--scene", str(png), "--labels", str(synth.labels), "--out", str(out),
+    assert main(["train", str(png), "--config", "trees", "--labels", str(synth.labels), "--out", str(out),
                  "-q"]) == 2
     err = capsys.readouterr().err
     assert "no georeferencing" in err and "projected CRS" not in err and not out.exists()

@@ -108,7 +108,7 @@ def test_truncated_geotiff_train_and_tile_one_line_and_nothing_written(tmp_path,
     data = s.image.read_bytes()
     bad = tmp_path / "bad.tif"
     bad.write_bytes(data[: len(data) * 2 // 3])
-    for argv, out in ((["train", "--config", "cpu", "--scene", str(bad), "--labels", str(s.labels), "--max-steps", "2",
+    for argv, out in ((["train", str(bad), "--config", "cpu", "--labels", str(s.labels), "--max-steps", "2",
                         "--tile-size", "128"], tmp_path / "runs" / "r"),
                       (["tile", str(bad), "--tile-size", "128", "--overlap", "0"], tmp_path / "chips")):
         rc = main([*argv, "-o", str(out), "-q"])

@@ -50,7 +50,7 @@ def test_pretrain_writes_a_backbone_that_train_starts_from_and_detect_refuses(tm
     info = payload["card"]["pretrained"]
     assert info["steps"] > 3 and np.isfinite(info["loss_last"]) and payload["card"]["pretrain_only"]
     run = tmp_path / "run"
-    assert main(["train", "--init", str(out), "--scene", str(synth.image), "--labels", str(synth.labels), "--out",
+    assert main(["train", str(synth.image), "--init", str(out), "--labels", str(synth.labels), "--out",
                  str(run), "--max-steps", "2", "--class-column", "", "-q"]) == 0
     trained = read_model_file(run / "model.pt")
     assert not trained["card"].get("pretrain_only") and trained["card"]["tile_size"] == 128
