@@ -77,7 +77,8 @@ class Trainer:
         if cfg.train.init and self.init is None:
             self.init = apply_init(cfg)
         if not cfg.train.scenes:
-            raise GeodetError("no training scenes: list train.scenes in the config, or name them: geodet train SCENE... --labels LABELS...")
+            raise GeodetError("no training scenes: list train.scenes in the config, or name them: geodet train "
+                              "SCENE... --labels LABELS...")
         user_classes = cfg.model.classes if cfg.model.classes != ["object"] or not cfg.train.class_column else None
         self.train_scenes, classes = inputs.open_labelled(cfg.train.scenes, cfg, user_classes)
         self.val_sets = []  # [(TrainScene, area)]
