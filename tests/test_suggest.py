@@ -95,3 +95,41 @@ def test_picks_spread_over_the_scene():
     assert got[0] == (0, 1)  # the most uncertain allowed cell first
     assert (7, 7) in got  # the far cell beats the corner's damped neighbours
     assert len(set(got)) == 3 and (0, 0) not in got
+
+
+def test_done_cells_join_the_labelled_area_in_its_own_crs(tmp_path, synth, capsys):
+    """The loop without editing two files: suggest writes cells with a 'done' field, the user ticks
+    the ones labelled, and --done adds them to the labelled-area file (made when missing, kept in
+    its own CRS, the ticked cells only); bad calls are one line."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from geodet.cli import main
+
+    x0, y0 = 500000.0, 4000000.0
+    cells = gpd.GeoDataFrame({"rank": [1, 2, 3], "done": [1, 0, 1]},
+                             geometry=[box(x0, y0, x0 + 30, y0 + 30), box(x0 + 30, y0, x0 + 60, y0 + 30),
+                                       box(x0 + 60, y0, x0 + 90, y0 + 30)], crs="EPSG:32633")
+    cells.to_file(tmp_path / "next.gpkg", layer="next")
+    area = tmp_path / "sub" / "area.gpkg"
+    assert main(["suggest", "--done", str(tmp_path / "next.gpkg"), "--labelled-area", str(area), "-q"]) == 0
+    got = gpd.read_file(area)
+    assert len(got) == 2 and got.crs == cells.crs
+    assert sorted(got.geometry.bounds.minx.round(3)) == [x0, x0 + 60]
+    # a labelled area kept in another CRS stays in it; with no cell ticked, every cell is added
+    ll = tmp_path / "ll.gpkg"
+    gpd.GeoDataFrame({"note": ["first"]}, geometry=[box(x0, y0 + 100, x0 + 30, y0 + 130)], crs="EPSG:32633") \
+        .to_crs("EPSG:4326").to_file(ll)
+    cells.assign(done=0).to_file(tmp_path / "next2.gpkg", layer="next2")
+    assert main(["suggest", "--done", str(tmp_path / "next2.gpkg"), "--labelled-area", str(ll), "-q"]) == 0
+    back = gpd.read_file(ll)
+    assert len(back) == 4 and back.crs.to_epsg() == 4326
+    assert back.to_crs("EPSG:32633").geometry.iloc[1].equals_exact(cells.geometry.iloc[0], 1e-3)
+    capsys.readouterr()
+    assert main(["suggest", "--done", str(tmp_path / "next.gpkg")]) == 2
+    assert "needs --labelled-area" in capsys.readouterr().err
+    assert main(["suggest", str(synth.image), "-o", str(tmp_path / "x.gpkg")]) == 2
+    err = capsys.readouterr().err
+    assert "needs --model" in err and len(err.strip().splitlines()) == 1
+    assert main(["suggest", str(synth.image), "-m", "m.pt", "-o", str(tmp_path / "x.csv")]) == 2
+    assert "polygons to label" in capsys.readouterr().err
