@@ -324,3 +324,36 @@ def test_provider_reports_geodets_one_line_error(provider, synth, tmp_path):
     assert r.returncode != 0
     assert "geodet: error:" in r.stdout + r.stderr and "not a" in r.stdout + r.stderr
     assert not (tmp_path / "x.gpkg").exists()
+
+
+def test_the_labelling_loop_runs_from_the_toolbox(provider, tiny_model, synth, tmp_path):
+    """Suggest, label (the 'done' field ticked), train again on the labelled cells, detect: each a
+    toolbox algorithm run as Processing runs it; the labelled-area file is made and extended."""
+    import geopandas as gpd
+
+    (suggest,) = processing(provider, {"alg": "geodet:suggest", "params": {
+        "INPUT": str(synth.image), "MODEL": str(tiny_model), "COUNT": 2, "CELL_SIZE": 128, "STRATEGY": 1,
+        "OUTPUT": str(tmp_path / "next.gpkg")}, "load": True})
+    assert suggest["error"] is None, suggest
+    cells = gpd.read_file(tmp_path / "next.gpkg", layer="next")
+    assert list(cells["done"]) == [0, 0]
+    cells.loc[0, "done"] = 1  # the user labelled the first cell (the labels file holds every object)
+    cells.to_file(tmp_path / "next.gpkg", layer="next")
+    area = tmp_path / "area.gpkg"
+    cfg = tmp_path / "short.yaml"
+    cfg.write_text("train: {batch_size: 2, warmup_steps: 2}\n")  # the card keeps the architecture
+    again, detect = processing(
+        provider,
+        {"alg": "geodet:train-again", "params": {
+            "SCENE": str(synth.image), "LABELS": str(synth.labels), "CELLS": str(tmp_path / "next.gpkg"),
+            "LABELLED_AREA": str(area), "INIT": str(tiny_model), "CONFIG": str(cfg), "TIME_LIMIT": 0.5,
+            "OUTPUT_FOLDER": str(tmp_path / "round1")}},
+        {"alg": "geodet:detect", "params": {"INPUT": str(synth.image), "MODEL": str(tmp_path / "round1" / "model.pt"),
+                                            "OUTPUT": str(tmp_path / "round1.gpkg")}, "load": True})
+    assert again["error"] is None, again
+    got = gpd.read_file(area)
+    assert len(got) == 1 and got.geometry.iloc[0].equals_exact(cells.geometry.iloc[0], 1e-6)
+    assert (tmp_path / "round1" / "model.pt").exists()
+    bar = again["progress"]
+    assert bar == sorted(bar) and bar[-1] == 100.0, bar  # one bar for both steps, never back
+    assert detect["error"] is None and detect["layers"][0]["valid"], detect

@@ -10,6 +10,7 @@ from qgis.core import (
     QgsProcessingOutputFile,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterField,
     QgsProcessingParameterFile,
@@ -119,14 +120,17 @@ class AnchorsAlgorithm(GeodetAlgorithm):
                 "FITTED_COVERAGE": cover[1] if len(cover) > 1 else None}
 
 
+STRATEGIES = ["uncertainty", "per-object", "coreset", "hybrid"]  # geodet suggest --strategy
+
+
 class SuggestAlgorithm(GeodetAlgorithm):
     COMMAND = "suggest"
     TITLE = "Suggest tiles to label"
     GROUP = "Prepare"
     HELP = ("The cells of a scene most worth labelling next: where the model scores the most detections near its "
             "operating point (the decisions it could get either way), spread over the scene, ranked, with the reason "
-            "in a column. Label the objects inside them, then train again from the model (Train a detector, 'Start "
-            "from this model').")
+            "in a column. Label the objects inside them, set their 'done' field to 1, then run Train again on the "
+            "labelled cells.")
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Scene"))
@@ -138,6 +142,7 @@ class SuggestAlgorithm(GeodetAlgorithm):
                                                        None, True, 16))
         self.addParameter(QgsProcessingParameterFeatureSource("LABELLED_AREA", "Already labelled (polygons; optional)",
                                                               [QgsProcessing.TypeVectorPolygon], None, True))
+        self.addParameter(QgsProcessingParameterEnum("STRATEGY", "Ranking", STRATEGIES, False, 0))
         out = QgsProcessingParameterVectorDestination("OUTPUT", "Cells to label (GeoPackage, GeoJSON, FlatGeobuf or "
                                                                 "Shapefile)", QgsProcessing.TypeVectorPolygon)
         out.setSupportsNonFileBasedOutput(False)
@@ -151,7 +156,8 @@ class SuggestAlgorithm(GeodetAlgorithm):
         out = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
         args = ["suggest", self.raster_path(parameters, "INPUT", context), "-m",
                 self.parameterAsFile(parameters, "MODEL", context), "-o", out,
-                "--count", self.parameterAsInt(parameters, "COUNT", context)]
+                "--count", self.parameterAsInt(parameters, "COUNT", context),
+                "--strategy", STRATEGIES[self.parameterAsEnum(parameters, "STRATEGY", context)]]
         self.flag(args, "--cell-size", self.optional_number(parameters, "CELL_SIZE", context, integer=True))
         self.flag(args, "--labelled-area", self.vector_path(parameters, "LABELLED_AREA", context, feedback))
         self.run_command(args, feedback, outputs=[out])

@@ -1,4 +1,5 @@
-"""The toolbox's Train group: train a detector (with Resume and validation scenes), pretrain a backbone."""
+"""The toolbox's Train group: train a detector (with Resume and validation scenes), train again on the
+labelled cells (a round of the labelling loop), pretrain a backbone."""
 
 import os
 import time
@@ -19,7 +20,7 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
-from .base import DEVICES, PRESETS, GeodetAlgorithm, is_empty
+from .base import DEVICES, PRESETS, GeodetAlgorithm, extension, is_empty
 
 
 def preset_parameters(alg):
@@ -150,3 +151,83 @@ class PretrainAlgorithm(GeodetAlgorithm):
         self.flag(args, "--bands", self.optional_text(parameters, "BANDS", context))
         self.run_command(args, feedback, outputs=[out])
         return {"OUTPUT": out}
+
+
+class _NoProgress:
+    """The feedback, but a quick step before the main command leaves QGIS's bar alone (the bar
+    goes from 0 to 100 once, with the main command)."""
+
+    def __init__(self, feedback):
+        self._feedback = feedback
+
+    def setProgress(self, value):  # noqa: N802
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._feedback, name)
+
+
+class TrainAgainAlgorithm(GeodetAlgorithm):
+    COMMAND = "train-again"
+    TITLE = "Train again on the labelled cells"
+    GROUP = "Train"
+    GRACE = 30.0
+    HELP = ("One round of the labelling loop: the suggested cells you labelled (their 'done' field set to 1; all of "
+            "them if none is set) join the labelled area, then training continues from the model on every label so "
+            "far. Suggest tiles to label gives the cells; label the objects inside them in the labels layer first. "
+            "The labelled-area file is extended in place (made when missing).")
+
+    def shortHelpString(self):  # noqa: N802
+        return self.HELP + " Runs 'geodet suggest --done', then 'geodet train --init'."
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.addParameter(QgsProcessingParameterRasterLayer("SCENE", "Scene"))
+        self.addParameter(QgsProcessingParameterFeatureSource("LABELS", "Labels (every label so far)",
+                                                              [QgsProcessing.TypeVectorAnyGeometry]))
+        self.addParameter(QgsProcessingParameterField("CLASS_COLUMN", "Class column (empty: the model's)", None,
+                                                      "LABELS", QgsProcessingParameterField.Any, False, True))
+        self.addParameter(QgsProcessingParameterFeatureSource("CELLS", "Suggested cells you labelled",
+                                                              [QgsProcessing.TypeVectorPolygon]))
+        self.addParameter(QgsProcessingParameterFile("LABELLED_AREA", "Labelled area file (extended; made when "
+                                                     "missing)", QgsProcessingParameterFile.File, "gpkg"))
+        self.addParameter(QgsProcessingParameterFile("INIT", "Model to continue from (model.pt)",
+                                                     QgsProcessingParameterFile.File, "pt"))
+        preset_parameters(self)  # the training settings (the model's card keeps its architecture)
+        self.addParameter(QgsProcessingParameterNumber("TIME_LIMIT", "Training time (minutes)",
+                                                       QgsProcessingParameterNumber.Double, 10.0, False, 0.1))
+        self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", DEVICES, False, 0))
+        self.addParameter(QgsProcessingParameterFolderDestination("OUTPUT_FOLDER", "Run folder"))
+        self.addOutput(QgsProcessingOutputFile("MODEL", "Model file"))
+
+    def checkParameterValues(self, parameters, context):  # noqa: N802
+        # the labelled area may not exist yet (the first round makes it): check only what must exist
+        area = self.parameterAsString(parameters, "LABELLED_AREA", context)
+        if area and extension(area) not in ("gpkg", "geojson", "fgb", "shp"):
+            return False, f"Labelled area file: geodet writes .gpkg, .geojson, .fgb or .shp, not {os.path.basename(area)}"
+        if not area:
+            return False, "give the labelled-area file (it is made when missing)"
+        problem = (self.check_file(parameters, "INIT", context, ["pt"], "Model to continue from")
+                   or self.check_file(parameters, "CONFIG", context, ["yaml", "yml"], "Config file"))
+        if problem or is_empty(parameters.get("INIT")):
+            return False, problem or "give the model to continue from (model.pt)"
+        if is_empty(parameters.get("SCENE")) or is_empty(parameters.get("LABELS")) or is_empty(parameters.get("CELLS")):
+            return False, "give the scene, the labels and the labelled cells"
+        return True, ""
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        folder = self.parameterAsString(parameters, "OUTPUT_FOLDER", context)
+        area = self.parameterAsString(parameters, "LABELLED_AREA", context)
+        cells = self.vector_path(parameters, "CELLS", context, feedback)
+        self.run_command(["suggest", "--done", cells, "--labelled-area", area], _NoProgress(feedback), outputs=[area])
+        if feedback.isCanceled():
+            return {}
+        args = ["train", self.raster_path(parameters, "SCENE", context),
+                "--labels", self.vector_path(parameters, "LABELS", context, feedback), "--labelled-area", area,
+                "--init", self.parameterAsFile(parameters, "INIT", context), "-o", folder,
+                "--config", config_argument(self, parameters, context),
+                "--time-limit", self.parameterAsDouble(parameters, "TIME_LIMIT", context),
+                "--device", DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)]]
+        self.flag(args, "--class-column", self.optional_text(parameters, "CLASS_COLUMN", context))
+        since = time.time()
+        self.run_command(args, feedback, on_cancel=lambda killed: checkpoint_report(folder, since))
+        return {"OUTPUT_FOLDER": folder, "MODEL": os.path.join(folder, "model.pt")}

@@ -5,7 +5,7 @@ it wrote; vector outputs load with geodet's style (``styling``)."""
 
 from .alg_detect import DetectAlgorithm, ExportAlgorithm, ImportAlgorithm
 from .alg_prepare import AnchorsAlgorithm, EvaluateAlgorithm, SuggestAlgorithm, TileAlgorithm
-from .alg_train import PretrainAlgorithm, TrainAlgorithm
+from .alg_train import PretrainAlgorithm, TrainAgainAlgorithm, TrainAlgorithm
 
-ALGORITHMS = [DetectAlgorithm, ExportAlgorithm, ImportAlgorithm, TrainAlgorithm, PretrainAlgorithm, EvaluateAlgorithm,
-              TileAlgorithm, AnchorsAlgorithm, SuggestAlgorithm]
+ALGORITHMS = [DetectAlgorithm, ExportAlgorithm, ImportAlgorithm, TrainAlgorithm, TrainAgainAlgorithm, PretrainAlgorithm,
+              EvaluateAlgorithm, TileAlgorithm, AnchorsAlgorithm, SuggestAlgorithm]
