@@ -406,10 +406,13 @@ class Scene:
         w = (window.col_off, window.row_off, window.width, window.height)
         return read_error(self.path, w, b, gdal_message(exc), self.skip_hint if skip_hint is None else skip_hint)
 
-    def read_tile(self, tile, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    def read_tile(self, tile, out: np.ndarray | None = None, raw: bool = False) -> tuple[np.ndarray, float]:
         """A tile as float32 ``[C, tile, tile]`` (padded with 0 past the scene) and its valid
         fraction; read into ``out`` (float32 ``[C, tile, tile]``) when given. A window that GDAL
-        cannot read raises ``ReadError`` (file, window, map bounds, GDAL's message)."""
+        cannot read raises ``ReadError`` (file, window, map bounds, GDAL's message).
+
+        ``raw`` (uint8 scenes): the tile unscaled, uint8, invalid pixels 0, for scaling elsewhere
+        (a GPU); ``x * np.float32(1 / 255)`` then gives this method's float32 tile exactly."""
         window = tile.window()
         if self._origin != (0, 0):
             from rasterio.windows import Window
@@ -424,6 +427,14 @@ class Scene:
         frac = 1.0 if self.all_valid and not self.is_float else (float(valid.mean()) if valid.size else 0.0)
         h, w = data.shape[1:]
         padded = (h, w) != (tile.height, tile.width)
+        if raw:
+            if self.dtype != np.uint8:
+                raise GeodetError(f"{self.path}: raw tiles are read from uint8 scenes only, not {self.dtype}")
+            if not valid.all():
+                data[:, ~valid] = 0
+            if padded:
+                data = np.pad(data, ((0, 0), (0, tile.height - h), (0, tile.width - w)))
+            return data, frac
         if out is None:
             out = (np.zeros if padded else np.empty)((self.count, tile.height, tile.width), np.float32)
         elif padded:

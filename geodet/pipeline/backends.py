@@ -49,11 +49,22 @@ class TorchDetector:
     """A geodet model ready to run with this call's thresholds and precision, without touching
     the caller's object: it runs the model as is when it is already in eval mode on ``device``,
     else an eval copy moved there (channels_last on CUDA). ``precision`` fp32, bf16 or fp16
-    runs the network core under autocast of that type; boxes are decoded in float32."""
+    runs the network core under autocast of that type; boxes are decoded in float32.
+
+    ``start`` and ``finish`` split a batch for the per-tile loop: ``start`` normalises the batch
+    (all tiles at once), runs the core and the fixed-shape part of decoding (on CUDA without a
+    host sync, and from the second full batch on as one CUDA graph when ``cuda_graphs``);
+    ``finish`` thresholds, runs NMS for the whole batch (``nms``: ``per_image`` on the CPU, so
+    CPU results stay torchvision's, ``pairs`` on CUDA) and sends the detections to the host in
+    one copy."""
 
     backend = "torch"
 
-    def __init__(self, model, device: torch.device, settings: DetectSettings, precision: str = "fp32"):
+    def __init__(self, model, device: torch.device, settings: DetectSettings, precision: str = "fp32",
+                 cuda_graphs: bool = True, nms: str | None = None):
+        from ..model.decode import default_nms
+        from ..model.network import NativeSizeTransform
+
         self.card = model.card
         self.source = getattr(model, "source", None)
         on_device = next(model.parameters()).device == device
@@ -62,14 +73,86 @@ class TorchDetector:
             if device.type == "cuda":
                 model = model.to(memory_format=torch.channels_last)
         self.model = model
+        self.device = device
         self.precision = precision
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.kw = dict(score_threshold=settings.score_threshold, nms_iou=settings.nms_iou,
                        detections_per_tile=settings.detections_per_tile)
+        self.batch_size = settings.batch_size
         self.timings: dict = {}
+        net = getattr(model, "net", None)
+        # tiles at their own size: normalised as one batch here (a resizing model or a wrapper
+        # such as TTA goes through its own predict)
+        self.net = net if isinstance(getattr(net, "transform", None), NativeSizeTransform) else None
+        if self.net is not None:
+            t = self.net.transform
+            self.mean = torch.tensor(t.image_mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+            self.std = torch.tensor(t.image_std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.nms = nms or default_nms(device)
+        self.cuda_graphs = cuda_graphs and device.type == "cuda" and self.net is not None
+        self.graph = None
+        self._full_batches = 0
 
     def __call__(self, batch):
         return self.model.predict(batch, autocast_dtype=self.autocast_dtype, timings=self.timings, **self.kw)
+
+    def _candidates(self, x: torch.Tensor):
+        """Normalise and pad the batch as torchvision's transform does (same values), run the core
+        under this precision's autocast, and pick the candidates (fixed shapes)."""
+        import torch.nn.functional as F
+
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        x = (x - self.mean) / self.std
+        d = int(self.net.transform.size_divisible)
+        ph, pw = -(-h // d) * d - h, -(-w // d) * d - w
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        dtype = self.autocast_dtype
+        # no autocast weight cache: a CUDA graph must not hold casts made outside it
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+            cls_logits, bbox_regression = self.net.core(x)
+        return self.net.decoder.candidates(cls_logits.float(), bbox_regression.float(), tuple(x.shape[-2:]),
+                                           [(h, w)] * int(x.shape[0]), self.kw["score_threshold"],
+                                           self.net.topk_candidates)
+
+    def start(self, batch: torch.Tensor):
+        """The core and candidates of ``batch`` (asynchronous on CUDA); see ``finish``."""
+        from .graphs import cudnn_autotune, try_capture
+
+        if self.net is None:
+            with torch.inference_mode():
+                return self(batch)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if self.cuda_graphs and self.graph is None and batch.shape[0] == self.batch_size:
+                self._full_batches += 1
+                if self._full_batches == 2:  # the first full batch runs as is: a one-batch job never captures
+                    self.graph = try_capture(self._candidates, batch, "the network core")
+                    self.cuda_graphs = self.graph is not None
+            if self.graph is not None and self.graph.fits(batch):
+                out = self.graph(batch)
+            elif self.device.type == "cuda":
+                with cudnn_autotune():
+                    out = self._candidates(batch)
+            else:
+                out = self._candidates(batch)
+        self.timings["core"] = self.timings.get("core", 0.0) + time.perf_counter() - t0
+        return out
+
+    def finish(self, started):
+        """``start``'s candidates thresholded, through NMS, on their way to the host."""
+        from ..model.decode import finish_candidates
+        from .batches import pack, pack_outputs
+
+        if self.net is None:
+            return pack_outputs(started)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            tb = finish_candidates(*started, self.kw["score_threshold"], self.kw["nms_iou"],
+                                   self.kw["detections_per_tile"], self.nms)
+            out = pack(tb.boxes, tb.scores, tb.labels, tb.tiles, tb.n_tiles)
+        self.timings["decode"] = self.timings.get("decode", 0.0) + time.perf_counter() - t0
+        return out
 
 
 class OnnxDetector:
@@ -91,6 +174,10 @@ class OnnxDetector:
         self.timings: dict = {}
 
     def __call__(self, batch):
+        return self.finish(self.start(batch), as_pending=False)
+
+    def start(self, batch):
+        """The core on ONNX Runtime (synchronous): ``(cls_logits, bbox_regression, padded size, tile size, n)``."""
         from ..model.onnx import padded_input
 
         t0 = time.perf_counter()
@@ -98,12 +185,20 @@ class OnnxDetector:
         h, w = arr.shape[-2:]
         x = padded_input(arr, self.card.mean)
         cls_logits, bbox_regression = self.onnx.core(x)
-        t1 = time.perf_counter()
-        dets = self.decoder(torch.from_numpy(cls_logits), torch.from_numpy(bbox_regression), x.shape[-2:],
-                            [(h, w)] * len(arr), *self.args)
-        self.timings["core"] = self.timings.get("core", 0.0) + t1 - t0
-        self.timings["decode"] = self.timings.get("decode", 0.0) + time.perf_counter() - t1
-        return dets
+        self.timings["core"] = self.timings.get("core", 0.0) + time.perf_counter() - t0
+        return torch.from_numpy(cls_logits), torch.from_numpy(bbox_regression), x.shape[-2:], (h, w), len(arr)
+
+    def finish(self, started, as_pending: bool = True):
+        """Decoding and NMS of ``start``'s outputs (the torch model's own code): packed for the
+        per-tile loop, or (``as_pending=False``) one dict per tile."""
+        from .batches import pack
+
+        cls_logits, bbox_regression, padded, hw, n = started
+        t0 = time.perf_counter()
+        tb = self.decoder.detect(cls_logits, bbox_regression, padded, [hw] * n, *self.args)
+        out = pack(tb.boxes, tb.scores, tb.labels, tb.tiles, tb.n_tiles) if as_pending else tb.per_tile()
+        self.timings["decode"] = self.timings.get("decode", 0.0) + time.perf_counter() - t0
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from ..errors import GeodetError, ReadError
 from ..io.scene import Scene, gdal_env
 from ..progress import progress_bar
 from .grid import Tile, TileGrid
+from .batches import finish_batch, model_input, start_batch
 from .reader import TileDataset, make_collate, read_batches, worker_init
 from .settings import DetectSettings
 from .stitch import SceneDetections, Stitcher
@@ -81,66 +82,76 @@ def tile_detections(scene: Scene, grid: TileGrid, detector, settings: DetectSett
                     indices: Iterable[int] | None = None, timings: dict | None = None) -> Iterator[TileResult]:
     """Run ``detector`` over the tiles ``indices`` (default: all) of ``grid``, in batches, and
     yield each tile's detections as soon as its batch is done. Skipped tiles (no valid pixels)
-    are yielded with ``boxes=None``. ``timings`` collects seconds of read wait and model."""
+    are yielded with ``boxes=None``. ``timings`` collects seconds of read wait and model.
+
+    One batch is in flight: the next batch's core is started (asynchronous on CUDA) before the
+    previous batch's tiles are handed out, so the card computes while the caller stitches."""
     timings = timings if timings is not None else {}
     for k in ("read_wait", "model"):
         timings.setdefault(k, 0.0)
-    workers = default_workers(device) if settings.num_workers is None else settings.num_workers
-    if workers == 0 and device.type == "cpu":
-        # in-process reading into one reused batch buffer (the model consumes each batch
-        # before the next is read; on CUDA the copy to the GPU may still be running)
-        batches = read_batches(scene, grid, settings.batch_size, settings.min_valid_fraction, indices,
-                               settings.on_read_error)
-    else:
-        data = TileDataset(scene, grid, indices, settings.on_read_error)
-        batches = torch.utils.data.DataLoader(
-            data, batch_size=settings.batch_size, num_workers=workers, collate_fn=make_collate(settings.min_valid_fraction),
-            pin_memory=device.type == "cuda", worker_init_fn=worker_init if workers > 0 else None,
-            prefetch_factor=2 if workers > 0 else None,
-        )
+    batches = tile_batches(scene, grid, settings, device, indices)
+    prev = None
     t0 = time.perf_counter()
     for images, tiles, skipped, failed in batches:
         t1 = time.perf_counter()
         timings["read_wait"] += t1 - t0
-        for tile in skipped:
-            yield TileResult(tile, None, None, None)
         for tile, message, info in failed:
             if settings.on_read_error == "fail":
                 raise ReadError(message, info)
-            log.warning("skipping an unreadable tile: %s", message)
-            yield TileResult(tile, None, None, None, unreadable={"tile_row": tile.row, "tile_col": tile.col, **info})
-        if images is not None:
-            images = images.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            # geodet's detectors run their own precision; plain callables get autocast on CUDA
-            plain = getattr(detector, "backend", None) is None
-            with torch.inference_mode(), torch.autocast(device.type, enabled=plain and device.type == "cuda"):
-                outputs = detector(images)
-            timings["model"] += time.perf_counter() - t1
-            for tile, (boxes, scores, labels) in zip(tiles, batch_to_host(outputs)):
-                keep = scores >= settings.score_threshold  # plain detectors get the threshold here
-                n = int(keep.sum())
-                if n:
-                    # a box centred where the scene has no data (a warped scene's corners, padding) is no object
-                    b = boxes[keep]
-                    keep[keep] = scene.valid_at(tile, (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
-                yield TileResult(tile, boxes[keep], scores[keep], labels[keep],
-                                 capped=len(scores) >= settings.detections_per_tile, on_nodata=n - int(keep.sum()))
+        started = start_batch(detector, model_input(images, device), device) if images is not None else None
+        timings["model"] += time.perf_counter() - t1
+        if prev is not None:
+            yield from batch_results(scene, settings, *prev, timings)
+        t2 = time.perf_counter()
+        pending = finish_batch(detector, started) if started is not None else None
+        timings["model"] += time.perf_counter() - t2
+        prev = (tiles, skipped, failed, pending)
         t0 = time.perf_counter()
+    if prev is not None:
+        yield from batch_results(scene, settings, *prev, timings)
 
 
-def batch_to_host(outputs: Sequence[dict]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """A batch's detections as numpy ``(boxes float32, scores float32, labels)`` per tile, moved
-    off the device in one copy per field rather than three per tile."""
-    counts = [len(o["scores"]) for o in outputs]
-    if not outputs:
-        return []
-    boxes = torch.cat([torch.as_tensor(o["boxes"]).reshape(-1, 4).float() for o in outputs]).cpu().numpy()
-    scores = torch.cat([torch.as_tensor(o["scores"]).reshape(-1).float() for o in outputs]).cpu().numpy()
-    labels = torch.cat([torch.as_tensor(o["labels"]).reshape(-1) for o in outputs]).cpu().numpy()
-    cuts = np.cumsum(counts)[:-1]
-    return list(zip(np.split(boxes, cuts), np.split(scores, cuts), np.split(labels, cuts)))
+def tile_batches(scene: Scene, grid: TileGrid, settings: DetectSettings, device: torch.device, indices=None):
+    """The batches ``(images, tiles, skipped, failed)`` of the tiles ``indices``: read in this
+    process into one reused buffer (the CPU without workers), or by DataLoader workers (pinned
+    memory on CUDA, where uint8 scenes travel as uint8)."""
+    workers = default_workers(device) if settings.num_workers is None else settings.num_workers
+    if workers == 0 and device.type == "cpu":
+        # in-process reading into one reused batch buffer (the model consumes each batch
+        # before the next is read; on CUDA the copy to the GPU may still be running)
+        return read_batches(scene, grid, settings.batch_size, settings.min_valid_fraction, indices,
+                            settings.on_read_error)
+    raw = device.type == "cuda" and scene.dtype == np.uint8
+    data = TileDataset(scene, grid, indices, settings.on_read_error, raw=raw)
+    return torch.utils.data.DataLoader(
+        data, batch_size=settings.batch_size, num_workers=workers, collate_fn=make_collate(settings.min_valid_fraction),
+        pin_memory=device.type == "cuda", worker_init_fn=worker_init if workers > 0 else None,
+        prefetch_factor=(4 if device.type == "cuda" else 2) if workers > 0 else None,
+    )
+
+
+def batch_results(scene: Scene, settings: DetectSettings, tiles, skipped, failed, pending,
+                  timings: dict) -> Iterator[TileResult]:
+    """A batch's tile results, in the order of old: skipped, unreadable, then the tiles run."""
+    for tile in skipped:
+        yield TileResult(tile, None, None, None)
+    for tile, message, info in failed:
+        log.warning("skipping an unreadable tile: %s", message)
+        yield TileResult(tile, None, None, None, unreadable={"tile_row": tile.row, "tile_col": tile.col, **info})
+    if pending is None:
+        return
+    t0 = time.perf_counter()
+    per_tile = pending.per_tile()  # waits for the batch's copy to the host, if it is still on its way
+    timings["model"] += time.perf_counter() - t0
+    for tile, (boxes, scores, labels) in zip(tiles, per_tile):
+        keep = scores >= settings.score_threshold  # plain detectors get the threshold here
+        n = int(keep.sum())
+        if n:
+            # a box centred where the scene has no data (a warped scene's corners, padding) is no object
+            b = boxes[keep]
+            keep[keep] = scene.valid_at(tile, (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
+        yield TileResult(tile, boxes[keep], scores[keep], labels[keep],
+                         capped=len(scores) >= settings.detections_per_tile, on_nodata=n - int(keep.sum()))
 
 
 def to_frame(det: SceneDetections, scene: Scene, classes: Sequence[str] | None):

@@ -69,16 +69,19 @@ def _check_policy(on_read_error: str) -> str:
 class TileDataset:
     """A torch map-style dataset of a scene's tiles: ``(image [C, T, T] or None, tile,
     valid_fraction, failure or None)``; a failure is ``(message, info)`` of an unreadable tile.
+    ``raw`` (uint8 scenes): images stay uint8 (``Scene.read_tile(raw=True)``), a quarter of the
+    bytes to move between processes and to the GPU, scaled there (``batches.model_input``).
 
     The scene object is pickled without its file handle, so each DataLoader worker opens its own.
     """
 
-    def __init__(self, scene, grid: TileGrid, indices=None, on_read_error: str = "fail"):
+    def __init__(self, scene, grid: TileGrid, indices=None, on_read_error: str = "fail", raw: bool = False):
         scene.stats  # computed once here, not in every worker
         self.scene = scene
         self.grid = grid
         self.indices = list(range(len(grid))) if indices is None else list(indices)
         self.on_read_error = _check_policy(on_read_error)
+        self.raw = raw
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -90,7 +93,7 @@ class TileDataset:
 
         tile = self.grid.tile(self.indices[i])
         try:
-            data, frac = self.scene.read_tile(tile)
+            data, frac = self.scene.read_tile(tile, raw=self.raw)
         except ReadError as exc:  # returned, not raised: a worker's exception loses its type
             return None, tile, 0.0, (str(exc), exc.info)
         return torch.from_numpy(data), tile, frac, None
@@ -146,7 +149,8 @@ def make_collate(min_valid_fraction: float):
         readable = [s for s in samples if s[3] is None]
         keep = [s for s in readable if s[2] > min_valid_fraction]
         skipped = [s[1] for s in readable if s[2] <= min_valid_fraction]
-        images = torch.stack([s[0] for s in keep]) if keep else None
+        # torch's collate stacks into shared memory in a worker: no further copy to the main process
+        images = torch.utils.data.default_collate([s[0] for s in keep]) if keep else None
         return images, [s[1] for s in keep], skipped, failed
 
     return collate
