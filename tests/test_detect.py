@@ -131,3 +131,30 @@ def test_tiles_at_the_detection_cap_are_counted_and_named(tmp_path, caplog):
     assert "detections_per_tile" in caplog.text
     f2 = detect_scene(tmp_path / "s.tif", full, tile_size=128, overlap=16, detections_per_tile=50, progress=False)
     assert f2.attrs["report"]["tiles_capped"] == 0
+
+
+def test_the_split_batch_path_gives_the_whole_call_path_row_for_row(synth):
+    """geodet's detectors run a batch in two halves (core started before the previous batch's
+    tiles are handed out; NMS for the batch and one packed copy after): the scene's detections
+    are those of calling the detector whole on each batch, row for row, with and without
+    DataLoader workers, with a last batch smaller than the others."""
+    from geodet.pipeline.backends import TorchDetector
+    from geodet.pipeline.settings import resolve_detect_settings
+
+    m = build_model(ModelConfig(**TINY, score_threshold=0.0), tile_size=128, overlap=16).eval()
+    s = resolve_detect_settings(m.card, score_threshold=0.0104, batch_size=3)
+    det = TorchDetector(m, torch.device("cpu"), s)
+
+    class Whole:  # the detector protocol only, so the loop calls it whole
+        card = m.card
+
+        def __call__(self, batch):
+            return det(batch)
+
+    for workers in (0, 2):
+        kw = dict(score_threshold=0.0104, batch_size=3, num_workers=workers, progress=False, device="cpu")
+        a, b = detect_scene(synth.image, det, **kw), detect_scene(synth.image, Whole(), **kw)
+        assert a.attrs["report"]["tiles_run"] % 3 != 0  # a smaller last batch
+        assert len(a) > 50
+        cols = ["label", "score", "tile_row", "tile_col", "px_x0", "px_y0", "px_x1", "px_y1"]
+        assert a[cols].equals(b[cols])

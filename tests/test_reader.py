@@ -30,3 +30,34 @@ def test_in_process_batches_equal_dataloader_batches(tmp_path, dtype, shape, til
         assert (ia is None) == (ib is None)
         if ia is not None:
             assert torch.equal(ia, ib)
+
+
+@pytest.mark.parametrize("shape,tile", [((3, 300, 260), 128), ((3, 90, 70), 128)])
+def test_raw_uint8_tiles_scaled_on_the_device_equal_the_hosts_float_tiles(tmp_path, shape, tile):
+    """CUDA's reader moves uint8 tiles (a quarter of the bytes) and scales them on the card: the
+    result is the host's float32 tile bit for bit, nodata and padding past the edge included.
+    Also through DataLoader workers (batches stacked into shared memory)."""
+    import torch
+
+    from geodet.errors import GeodetError
+    from geodet.pipeline.batches import model_input
+    from geodet.pipeline.reader import TileDataset, make_collate
+
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 256, shape).astype(np.uint8)
+    data[:, :, : shape[2] // 3] = 0  # nodata
+    sc = Scene(write_raster(tmp_path / "s.tif", data, nodata=0), bands=[1, 2, 3])
+    g = TileGrid(sc.width, sc.height, tile, 16)
+    for workers in (0, 1):
+        kw = dict(batch_size=2, collate_fn=make_collate(0.0), num_workers=workers)
+        ref = list(torch.utils.data.DataLoader(TileDataset(sc, g), **kw))
+        raw = list(torch.utils.data.DataLoader(TileDataset(sc, g, raw=True), **kw))
+        assert [r[1:] for r in ref] == [r[1:] for r in raw]
+        for (a, *_), (b, *_) in zip(ref, raw):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert b.dtype == torch.uint8
+                assert torch.equal(model_input(b, torch.device("cpu")), a)
+    f32 = Scene(write_raster(tmp_path / "f.tif", data.astype(np.float32), nodata=0), bands=[1, 2, 3])
+    with pytest.raises(GeodetError, match="uint8"):
+        f32.read_tile(g.tile(0), raw=True)
