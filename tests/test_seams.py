@@ -61,3 +61,80 @@ def test_seam_candidate_pairs_equal_brute_force(w, h, tile, overlap_share, n, th
     assert set(got_pairs) == set(want)
     for k, v in want.items():
         assert got_pairs[k] == pytest.approx(v)
+
+
+def _direction_pairs_one_grid(b, lab, rows, cols, tile_id, grid, thr, dr, dc):
+    """The seam join as it was before size classes: one grid (cells from the longest side of all
+    boxes), one search per neighbouring cell. The reference for the pairs and their order, which
+    the merge's tie-breaking follows."""
+    from geodet.pipeline.seams import _clipped, _shared_windows
+
+    g = grid
+    ia = np.flatnonzero((rows + dr < g.n_rows) & (cols + dc >= 0) & (cols + dc < g.n_cols))
+    ib = np.flatnonzero((rows - dr >= 0) & (cols - dc >= 0) & (cols - dc < g.n_cols))
+    if len(ia) == 0 or len(ib) == 0:
+        return []
+    ia, ca, wa = _clipped(b, ia, _shared_windows(g, rows[ia], cols[ia], dr, dc))
+    ib, cb, wb = _clipped(b, ib, _shared_windows(g, rows[ib] - dr, cols[ib] - dc, dr, dc))
+    if len(ia) == 0 or len(ib) == 0:
+        return []
+    n_labels = int(lab.max()) + 1
+    C = int(g.tile_size) + 3
+    slack = 1.0 - min(max(float(thr), 0.0), 1.0)
+    side = max(np.max(ca[:, 2:] - ca[:, :2]), np.max(cb[:, 2:] - cb[:, :2]))
+    cell = max(slack * float(side) * 1.001 + 1e-9, 1.0)
+
+    def keys(cbox, win, pair, labels):
+        cx = np.floor(((cbox[:, 0] + cbox[:, 2]) / 2 - win[:, 0]) / cell).astype(np.int64) + 1
+        cy = np.floor(((cbox[:, 1] + cbox[:, 3]) / 2 - win[:, 1]) / cell).astype(np.int64) + 1
+        return ((pair * n_labels + labels) * C + cy) * C + cx
+
+    ka = keys(ca, wa, tile_id[ia], lab[ia])
+    kb = keys(cb, wb, tile_id[ib] - (dr * g.n_cols + dc), lab[ib])
+    return [np.column_stack([ia[ai], ib[bj], iou]) for ai, bj, iou in _nine_searches(ka, kb, ca, cb, C, thr)]
+
+
+def _nine_searches(ka, kb, ca, cb, C, thr):
+    order = np.argsort(kb, kind="stable")
+    kb_sorted = kb[order]
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            target = ka + dy * C + dx
+            lo = np.searchsorted(kb_sorted, target, side="left")
+            counts = np.searchsorted(kb_sorted, target, side="right") - lo
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            start = lo - (np.cumsum(counts) - counts)
+            ai = np.repeat(np.arange(len(ka)), counts)
+            bj = order[np.repeat(start, counts) + np.arange(total)]
+            A, B = ca[ai], cb[bj]
+            inter = np.clip(np.minimum(A[:, 2], B[:, 2]) - np.maximum(A[:, 0], B[:, 0]), 0, None) * np.clip(
+                np.minimum(A[:, 3], B[:, 3]) - np.maximum(A[:, 1], B[:, 1]), 0, None)
+            union = (A[:, 2] - A[:, 0]) * (A[:, 3] - A[:, 1]) + (B[:, 2] - B[:, 0]) * (B[:, 3] - B[:, 1]) - inter
+            iou = inter / np.maximum(union, 1e-12)
+            ok = (inter > 0) & (iou >= thr)
+            if ok.any():
+                yield ai[ok], bj[ok], iou[ok]
+
+
+@pytest.mark.parametrize("seed,tile,overlap,max_size", [(0, 128, 24, 30), (1, 96, 60, 40), (2, 64, 8, 12)])
+def test_seam_pairs_come_in_the_order_of_the_one_grid_join(monkeypatch, seed, tile, overlap, max_size):
+    """Same pairs, same order, as the join on one grid (the false positives here reach half a
+    tile, so that grid's cells are large): the merge breaks ties by this order, so the stitched
+    rows stay what they were, exactly."""
+    from helpers import noisy_tile_views
+
+    import geodet.pipeline.seams as seams
+    from geodet.pipeline.stitch import Stitcher
+
+    grid = TileGrid(700, 520, tile, overlap)
+    st = Stitcher(grid, 0.5)
+    for v in noisy_tile_views(grid, seed, 2500, 1.0, max_size=max_size):
+        st.add(*v)
+    b, _, lab, rows, cols = st.seam_boxes()[:5]
+    tile_id = rows.astype(np.int64) * grid.n_cols + cols
+    got = seams.candidate_pairs(b, lab, rows, cols, tile_id, grid, 0.5)
+    monkeypatch.setattr(seams, "_direction_pairs", _direction_pairs_one_grid)
+    want = seams.candidate_pairs(b, lab, rows, cols, tile_id, grid, 0.5)
+    assert len(want) > 500 and np.array_equal(got, want)

@@ -26,6 +26,7 @@ from .grid import Tile, TileGrid
 from .batches import finish_batch, model_input, start_batch
 from .reader import TileDataset, make_collate, read_batches, worker_init
 from .settings import DetectSettings
+from .bands import BandStitcher
 from .stitch import SceneDetections, Stitcher
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,8 @@ def detect_tiles(scene: Scene, grid: TileGrid, detector, settings: DetectSetting
     """Every tile of ``grid`` through ``detector`` (ready to run: see ``choice.choose_detector``)
     and into the stitcher, with a progress bar; ``timings`` gains the seconds of read wait, model
     and stitch."""
-    stitcher = Stitcher(grid, settings.match_iou)
+    # on CUDA the card leaves the host free: bands of rows are stitched in a thread as they come
+    stitcher = BandStitcher(grid, settings.match_iou) if device.type == "cuda" else Stitcher(grid, settings.match_iou)
     counts = dict(tiles_run=0, tiles_skipped=0, tiles_capped=0, tiles_lost=0, on_nodata=0)
     unreadable: list[dict] = []
     timings.setdefault("stitch", 0.0)
@@ -227,4 +229,6 @@ def detect_tiles(scene: Scene, grid: TileGrid, detector, settings: DetectSetting
         timings["stitch"] += time.perf_counter() - t0
     finally:
         bar.close()
+        if isinstance(stitcher, BandStitcher):
+            stitcher.close()
     return ScenePass(det, stitcher.n_in, unreadable=unreadable, **counts)

@@ -172,7 +172,12 @@ def _clipped(b, idx, win):
 
 
 def _direction_pairs(b, lab, rows, cols, tile_id, grid: TileGrid, thr: float, dr: int, dc: int) -> list:
-    """``candidate_pairs`` between each tile and its partner at (+dr, +dc)."""
+    """``candidate_pairs`` between each tile and its partner at (+dr, +dc), ordered as a join on
+    one grid of cells (cell = the slack times the longest side of all boxes) finds them: by
+    neighbouring cell (dy, then dx), then by a-side box, then by the b-side box's place in that
+    grid's key order. The merge breaks ties by this order, so it stays fixed; the join itself
+    runs on grids per size class (``_size_class_matches``), since one large box made that one
+    grid's cells large and the join near-quadratic along the strips."""
     g = grid
     # side a: boxes whose tile has a partner at (+dr, +dc); side b: at (-dr, -dc)
     ia = np.flatnonzero((rows + dr < g.n_rows) & (cols + dc >= 0) & (cols + dc < g.n_cols))
@@ -185,37 +190,80 @@ def _direction_pairs(b, lab, rows, cols, tile_id, grid: TileGrid, thr: float, dr
         return []
     n_labels = int(lab.max()) + 1
     C = int(g.tile_size) + 3  # cells per axis inside a shared window (cell >= 1 px), with a margin each side
-    # IoU >= t needs |centre distance| <= (1 - t) * longest side on each axis.
     slack = 1.0 - min(max(float(thr), 0.0), 1.0)
+    ga = tile_id[ia] * n_labels + lab[ia]  # (pair, class) of each box
+    gb = (tile_id[ib] - (dr * g.n_cols + dc)) * n_labels + lab[ib]
+    ai, bj, iou = _size_class_matches(ca, cb, wa, wb, ga, gb, thr, C)
+    if len(ai) == 0:
+        return []
+    # the order of the one-grid join
     side = max(np.max(ca[:, 2:] - ca[:, :2]), np.max(cb[:, 2:] - cb[:, :2]))
     cell = max(slack * float(side) * 1.001 + 1e-9, 1.0)
+    ka = _cell_keys(ca, wa, ga, cell, C)
+    kb = _cell_keys(cb, wb, gb, cell, C)
+    rank = np.empty(len(kb), np.int64)
+    rank[np.argsort(kb, kind="stable")] = np.arange(len(kb))
+    diff = kb[bj] - ka[ai]  # dy * C + dx, with dy and dx in -1..1 for every match (that grid's bound)
+    dy = np.round(diff / C).astype(np.int64)
+    order = np.lexsort((rank[bj], ai, diff - dy * C, dy))
+    return [np.column_stack([ia[ai[order]], ib[bj[order]], iou[order]])]
 
-    def keys(cbox, win, pair, labels):
-        cx = np.floor(((cbox[:, 0] + cbox[:, 2]) / 2 - win[:, 0]) / cell).astype(np.int64) + 1
-        cy = np.floor(((cbox[:, 1] + cbox[:, 3]) / 2 - win[:, 1]) / cell).astype(np.int64) + 1
-        return ((pair * n_labels + labels) * C + cy) * C + cx
 
-    ka = keys(ca, wa, tile_id[ia], lab[ia])
-    kb = keys(cb, wb, tile_id[ib] - (dr * g.n_cols + dc), lab[ib])
-    return [np.column_stack([ia[ai], ib[bj], iou]) for ai, bj, iou in _neighbour_matches(ka, kb, ca, cb, C, thr)]
+def _cell_keys(cbox, win, group, cell, C: int):
+    """Each box's cell (its centre's, relative to its shared window) in a grid of ``cell`` px,
+    keyed with ``group``."""
+    cx = np.floor(((cbox[:, 0] + cbox[:, 2]) / 2 - win[:, 0]) / cell).astype(np.int64) + 1
+    cy = np.floor(((cbox[:, 1] + cbox[:, 3]) / 2 - win[:, 1]) / cell).astype(np.int64) + 1
+    return (group * C + cy) * C + cx
 
 
-def _neighbour_matches(ka, kb, ca, cb, C: int, thr: float):
-    """For each of the 3 x 3 neighbouring cells: ``(a index, b index, iou)`` of the clipped boxes
-    ``ca`` and ``cb`` whose cell keys meet there, that intersect with IoU >= ``thr``."""
+def _size_class_matches(ca, cb, wa, wb, ga, gb, thr: float, C: int):
+    """``(a index, b index, iou)`` of the clipped boxes ``ca`` and ``cb`` of one group (``ga``,
+    ``gb``) that intersect with IoU >= ``thr``, in no particular order.
+
+    IoU >= t needs, on each axis, an overlap of at least t times the longer side: the sides
+    differ by less than a factor 1/t, and the centres by at most (1 - t) times the longer side.
+    So boxes go in size classes a factor R >= 1/t wide (longest side), partners are in the same
+    or a neighbouring class, and a grid per class k, with cells (1 - t) times the longest side
+    in classes up to k, puts partners of classes k and k - 1 in neighbouring cells. Each b box is
+    in its class's grid twice, as itself and as a partner of the class above."""
+    slack = 1.0 - min(max(float(thr), 0.0), 1.0)
+    sa = np.max(ca[:, 2:] - ca[:, :2], axis=1)
+    sb = np.max(cb[:, 2:] - cb[:, :2], axis=1)
+    r = max(1.001 / max(float(thr), 1e-9), 1.1)
+    lo = np.log(max(min(sa.min(), sb.min()), 1e-12))
+
+    def size_class(sides):
+        return np.floor((np.log(np.maximum(sides, 1e-12)) - lo) / np.log(r)).astype(np.int64)
+
+    la, lb = size_class(sa), size_class(sb)
+    nk = int(max(la.max(), lb.max())) + 2
+    top = np.zeros(nk)
+    np.maximum.at(top, la, sa)
+    np.maximum.at(top, lb, sb)
+    cell = np.maximum(slack * np.maximum.accumulate(top) * 1.001 + 1e-9, 1.0)  # cell of class k's grid
+
+    def keys(cbox, win, group, k, kind):
+        cx = np.floor(((cbox[:, 0] + cbox[:, 2]) / 2 - win[:, 0]) / cell[k]).astype(np.int64) + 1
+        cy = np.floor(((cbox[:, 1] + cbox[:, 3]) / 2 - win[:, 1]) / cell[k]).astype(np.int64) + 1
+        return ((((group * nk + k) * 2 + kind) * C + cy) * C + cx)
+
+    kb = np.concatenate([keys(cb, wb, gb, lb, 0), keys(cb, wb, gb, lb + 1, 1)])  # as itself; for the class above
+    owner = np.concatenate([np.arange(len(cb)), np.arange(len(cb))])
     order = np.argsort(kb, kind="stable")
-    kb_sorted = kb[order]
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            target = ka + dy * C + dx
-            lo = np.searchsorted(kb_sorted, target, side="left")
-            counts = np.searchsorted(kb_sorted, target, side="right") - lo
+    kb_sorted, owner = kb[order], owner[order]
+    out_a, out_b, out_iou = [], [], []
+    for k, kind in ((la, 0), (la, 1), (la + 1, 0)):  # b in a's class, the class below, the class above
+        base = keys(ca, wa, ga, k, kind)
+        for dy in (-1, 0, 1):
+            row = base + dy * C
+            first = np.searchsorted(kb_sorted, row - 1, side="left")
+            counts = np.searchsorted(kb_sorted, row + 1, side="right") - first
             total = int(counts.sum())
             if total == 0:
                 continue
-            start = lo - (np.cumsum(counts) - counts)
-            ai = np.repeat(np.arange(len(ka)), counts)
-            bj = order[np.repeat(start, counts) + np.arange(total)]
+            ai = np.repeat(np.arange(len(ca)), counts)
+            bj = owner[np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(total)]
             A, B = ca[ai], cb[bj]
             inter = np.clip(np.minimum(A[:, 2], B[:, 2]) - np.maximum(A[:, 0], B[:, 0]), 0, None) * np.clip(
                 np.minimum(A[:, 3], B[:, 3]) - np.maximum(A[:, 1], B[:, 1]), 0, None
@@ -223,8 +271,12 @@ def _neighbour_matches(ka, kb, ca, cb, C: int, thr: float):
             union = (A[:, 2] - A[:, 0]) * (A[:, 3] - A[:, 1]) + (B[:, 2] - B[:, 0]) * (B[:, 3] - B[:, 1]) - inter
             iou = inter / np.maximum(union, 1e-12)
             ok = (inter > 0) & (iou >= thr)
-            if ok.any():
-                yield ai[ok], bj[ok], iou[ok]
+            out_a.append(ai[ok])
+            out_b.append(bj[ok])
+            out_iou.append(iou[ok])
+    if not out_a:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    return np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_iou)
 
 
 def mutual_best(n: int, p: np.ndarray, tile_id, n_tiles: int):
