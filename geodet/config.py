@@ -118,9 +118,9 @@ class TrainConfig:
     pseudo_rounds: int = 3  # times the teacher labels the unlabelled areas again after the burn-in
     pseudo_share: float = 0.5  # share of the chips drawn from the teacher's boxes
     ema_decay: float = 0.99  # the teacher's weights: this much of the old, 1 - this of the student's, per step
-    # the teacher's detections from this score up to their threshold are ignored by the loss (neither
-    # object nor background); None: the model's own score threshold
-    pseudo_floor: Optional[float] = None
+    # a teacher's detection from this share of its threshold up to the threshold is a doubt: ignored by
+    # the loss (neither object nor background); below it, background
+    pseudo_doubt: float = 0.3
     class_column: str = "label"
     unknown_classes: str = "drop"  # drop | keep (keep adds them as new classes)
     point_box_m: float = 1.0  # points become squares of this side

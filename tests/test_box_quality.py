@@ -131,3 +131,34 @@ def test_adabn_reestimates_statistics_on_the_target_and_leaves_the_model(tiny_mo
     assert torch.equal(bn.running_mean, before)  # the caller's model is untouched
     assert not torch.allclose(bn2.running_mean, before) and not adapted.training
     assert np.isfinite(bn2.running_var.numpy()).all()
+
+
+def test_atss_never_leaves_a_tiny_or_thin_object_without_a_positive():
+    """Objects smaller or thinner than the stride hold no candidate's centre: they keep their best
+    candidate, as the IoU matcher's low-quality match does, rather than being taught as background."""
+    from geodet.model.atss import atss_match, level_sizes
+
+    cfg = ModelConfig(classes=["a"], channels=16, head_depth=1, levels=[2, 4], anchor_sizes=[8.0, 16.0, 32.0])
+    net = build_model(cfg, tile_size=128).train().net
+    images, _ = net.transform(list(torch.rand(1, 3, 128, 128)))
+    anchors = net.anchor_generator(images, list(net.backbone(images.tensors).values()))[0]
+    layout = net.anchor_generator.layout
+    objects = torch.tensor([[50.5, 50.5, 53.5, 53.5], [20.0, 60.0, 21.0, 90.0], [100.0, 3.0, 112.0, 6.0]])
+    m = atss_match(objects, anchors, level_sizes(layout), layout[0][5].shape[0])
+    assert all(int((m == g).sum()) >= 1 for g in range(3)), [int((m == g).sum()) for g in range(3)]
+
+
+def test_models_changed_in_memory_never_run_a_files_cached_onnx(tiny_model, synth):
+    """An adapted (AdaBN) or test-time-augmented model is not the file's network: it runs in torch,
+    and asking for ONNX or int8 is refused in one line instead of running the original's."""
+    from geodet import detect_scene
+    from geodet.model import load_model
+    from geodet.model.tta import TtaModel
+    from geodet.training.adapt import adapt_batch_norm
+
+    model = load_model(tiny_model)
+    adapted = adapt_batch_norm(model, [synth.image], tiles=4)
+    assert model.source and adapted.source is None
+    for m in (adapted, TtaModel(model)):
+        with pytest.raises(GeodetError, match="not loaded from one"):
+            detect_scene(synth.image, m, progress=False, device="cpu", backend="onnx")

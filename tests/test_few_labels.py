@@ -463,3 +463,21 @@ def test_give_back_refuses_keep_best(tmp_path, synth):
     with pytest.raises(GeodetError, match="val_give_back"):
         train(tiny_config(synth.image, synth.labels, val_give_back=0.5, keep="best"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_held_out_object_reaching_out_of_the_strip_is_ignored_not_background(tmp_path, synth):
+    """A label centred in the validation strip is no training label, and its part outside the
+    strip is ignored: an anchor on it must not be taught as background."""
+    from geodet.io.labels import LabelBoxes
+    from geodet.io.scene import Scene
+    from geodet.training.sampler import ChipDataset, TrainScene, chip_tile
+
+    cfg = tiny_config(synth.image, synth.labels, augment=False, chip_context=True).train
+    sc = Scene(synth.image)
+    lb = LabelBoxes(np.array([[290.0, 40.0, 320.0, 70.0], [20.0, 20.0, 40.0, 40.0]]), np.zeros(2, np.int64), ["a"])
+    ts = TrainScene(sc, lb, (0, 0, 300, sc.height), "l", held_out=(300, 0, sc.width, sc.height))
+    ds = ChipDataset([ts], 128, cfg, 4, 0)
+    boxes, _, mask = ds._labels_and_mask(0, chip_tile(200, 0, 128, (0, 0, sc.width, sc.height)), 128)
+    assert boxes.tolist() == []  # the held-out object is no label
+    assert mask[40:70, 90:100].all()  # its part left of the strip (x 290-300): ignored
+    assert mask[:, 100:].all() and not mask[:, :90].any()  # the strip itself: ignored; the rest taught

@@ -61,7 +61,7 @@ def test_pseudo_boxes_are_labels_and_every_box_below_its_threshold_is_ignored(tm
     thr = Thresholds({0: (0.8, 0.8)}, split=20.0)
     rest = box(0, 0, 400, 300).difference(box(0, 0, 40, 300))  # the left 40 px are labelled by the user
     scenes, n_sure, n_doubt = pseudo_scenes(teacher, [PseudoArea(sc, (0, 0, 400, 300), rest)], thr, ["0"], 0, 512,
-                                            "cpu", 4, np.random.default_rng(0), floor=0.05)
+                                            "cpu", 4, np.random.default_rng(0), doubt=0.1)
     (ps,) = scenes
     assert ps.kind == "pseudo" and n_sure == 0 and n_doubt == 2  # the 0.9 box lies in the user's part
     assert len(ps.labels) == 0

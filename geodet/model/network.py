@@ -33,6 +33,7 @@ from ..config import ModelConfig, SceneConfig, TilingConfig
 from ..errors import GeodetError
 from .card import ModelCard
 from .decode import Decoder, decode_levels
+from .atss import IGNORE_IOU as ATSS_IGNORE_IOU
 from .atss import atss_match, level_sizes
 from .ignore import ignore_unlabelled, resize_mask
 from .matching import anchor_generator, match_anchors, match_anchors_on_grid
@@ -134,7 +135,8 @@ class DenseRetinaNet(RetinaNet):
             else:
                 matched = match_anchors(targets_per_image["boxes"], anchors_per_image, hi, lo)
             if targets_per_image.get("unlabelled") is not None:
-                matched = ignore_unlabelled(matched, anchors_per_image, targets_per_image["unlabelled"], lo)
+                at = ATSS_IGNORE_IOU if getattr(self, "matcher", "iou") == "atss" else lo
+                matched = ignore_unlabelled(matched, anchors_per_image, targets_per_image["unlabelled"], at)
             matched_idxs.append(matched)
         return self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
 

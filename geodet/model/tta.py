@@ -71,6 +71,7 @@ class TtaModel(nn.Module):
         super().__init__()
         self.model = model
         self.card = model.card
+        self.source = None  # not the file's network: it runs in torch, never as the file's cached ONNX models
         self.views, self.fuse_iou = views, fuse_iou
 
     @torch.inference_mode()

@@ -141,6 +141,10 @@ def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int)
     wants_onnx = backend == "onnx" or precision == "int8"
     if wants_onnx and not has_onnxruntime():
         raise GeodetError("the onnx backend needs onnxruntime and onnx: pip install onnxruntime onnx")
+    if wants_onnx and not source.get("sha256"):
+        raise GeodetError("the onnx backend and int8 run models derived from a model file (cached by its hash), and "
+                          "this model was not loaded from one (or was changed since, as by test-time augmentation or "
+                          "batch-norm adaptation): save and load it, or use --backend torch")
     if backend == "auto" and precision == "auto" and not source.get("sha256"):
         return Choice("torch", "fp32", "a model not loaded from a file (the faster paths are cached by file hash)"), None
     checks: dict = {}

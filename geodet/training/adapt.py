@@ -58,6 +58,7 @@ def adapt_batch_norm(model, scenes, tiles: int = 64, batch_size: int = 4, seed: 
     if not images:
         raise GeodetError("no tile of the target scenes holds enough valid pixels to adapt to")
     adapted = copy.deepcopy(model).eval()
+    adapted.source = None  # other weights than the file's: never the original's cached ONNX or int8 models
     for m in adapted.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()

@@ -24,14 +24,16 @@ CARD_METRICS = ("AP", "AP50", "AP75", "precision", "recall", "f1")
 KEPT_KEYS = CARD_METRICS + ("score_threshold", "step", "note")  # what a checkpoint keeps of a validation
 
 
-def save_checkpoint(out: Path, r, cfg, kept: dict | None = None) -> None:
+def save_checkpoint(out: Path, r, cfg, kept: dict | None = None, thresholds=None) -> None:
     """``out/last.pt``: the model, optimiser and scheduler state and the step (and, once the
-    validation strips were given back, the validation before: ``kept``), written atomically."""
+    validation strips were given back, the validation before: ``kept``; self-training's rounds and
+    thresholds), written atomically."""
     state = {
         "format": CHECKPOINT_FORMAT, "version": 1, "step": r.step, "epoch": r.epoch, "best_ap50": r.best,
         "card": r.model.card.to_dict(), "config": asdict(cfg),
         "model": r.model.net.state_dict(), "optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict(),
-        "given_back": bool(r.given_back), "kept_metrics": kept or {},
+        "given_back": bool(r.given_back), "kept_metrics": kept or {}, "rounds_done": int(r.rounds_done),
+        "thresholds": None if thresholds is None else thresholds.to_dict(),
     }
     fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".pt", dir=out)
     os.close(fd)

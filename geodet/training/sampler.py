@@ -193,7 +193,9 @@ class ChipDataset(torch.utils.data.Dataset):
         src_boxes, src_labels = ts.labels.boxes[self.boxes_ok[k]], ts.labels.labels[self.boxes_ok[k]]
         boxes, keep = clip_boxes(src_boxes, tile.valid, self.cfg.min_visibility)
         seen, seen_keep = clip_boxes(src_boxes, tile.valid, 1e-9)
-        cut = seen[~keep[seen_keep]] + [tile.valid[0] - tile.col_off, tile.valid[1] - tile.row_off] * 2
+        held, _ = clip_boxes(ts.labels.boxes[~self.boxes_ok[k]], tile.valid, 1e-9)  # held-out objects reaching in
+        cut = np.concatenate([seen[~keep[seen_keep]], held]) + [tile.valid[0] - tile.col_off,
+                                                              tile.valid[1] - tile.row_off] * 2
         unlabelled = unlabelled_mask(self.teach[k], tile.col_off, tile.row_off, read, read)
         if len(cut):
             unlabelled = np.zeros((read, read), bool) if unlabelled is None else unlabelled

@@ -10,10 +10,13 @@ augmentation, loss) stays as it is.
   augmented chips (the strong view: scale jitter, flips, rotations, colour), beside labelled chips.
 - **Thresholds** per class and object size, from validation: the teacher's best-F1 score on the
   held-out strip; small and large objects (split at the labels' median size) get their own, as
-  small aerial objects score lower (S3OD, arXiv 2310.14718). Every detection below its threshold,
-  down to the score floor, is a doubt: the loss ignores the anchors under it rather than teach
-  them as background (a teacher at recall 0.6 that taught its misses as background would unteach
-  40% of the objects).
+  small aerial objects score lower (S3OD, arXiv 2310.14718). A detection below its threshold but
+  above ``train.pseudo_doubt`` of it (default 0.3; it was 0.75) is a doubt: the loss ignores the
+  anchors under it rather than teach them as background (a teacher at recall 0.6 that taught its
+  misses as background would unteach 40% of the objects). So are boxes cut by the window's edge
+  and boxes reaching into the unlabelled part from outside it. Below the doubt share a box is
+  background: a floor at the network's own score threshold (0.05) ignored a third to four fifths
+  of the unlabelled pixels, and pseudo chips taught almost no background.
 - **The user's labels** outside the labelled area stay labels in the teacher's chips.
 """
 
@@ -32,6 +35,8 @@ from .sampler import TrainScene
 
 log = logging.getLogger(__name__)
 MIN_VAL_LABELS = 5  # a size bin with fewer validation labels uses its class's threshold
+DOUBT_SHARE = 0.3  # a teacher box from this share of its threshold up to it is a doubt: ignored by the loss
+MIN_TEACH = 0.2  # a pseudo window whose doubts leave less than this share of it to teach background is skipped
 MAX_AREA_TILES = 64  # an unlabelled area larger than this many tiles is pseudo-labelled in sampled windows
 
 
@@ -70,6 +75,14 @@ class Thresholds:
         small = np.array([self.by_class.get(int(c), (1.0, 1.0))[0] for c in labels])
         large = np.array([self.by_class.get(int(c), (1.0, 1.0))[1] for c in labels])
         return np.where(side < self.split, small, large)
+
+    def to_dict(self) -> dict:
+        return {"by_class": {str(c): [float(a), float(b)] for c, (a, b) in self.by_class.items()},
+                "split": float(self.split)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Thresholds":
+        return cls({int(c): (float(a), float(b)) for c, (a, b) in d["by_class"].items()}, float(d["split"]))
 
     def describe(self, classes) -> str:
         return "; ".join(f"{classes[c]} {s:.2f}/{lg:.2f}" for c, (s, lg) in sorted(self.by_class.items()))
@@ -214,51 +227,62 @@ def windows(rect, tile: int, rng, max_tiles: int = MAX_AREA_TILES) -> list[tuple
 
 
 def pseudo_scenes(teacher, areas: list[PseudoArea], thresholds: Thresholds, classes, overlap: int, tile: int, device,
-                  batch_size: int, rng, floor: float | None = None) -> tuple[list[TrainScene], int, int]:
+                  batch_size: int, rng, doubt: float = DOUBT_SHARE) -> tuple[list[TrainScene], int, int]:
     """The teacher's boxes over ``areas`` as training scenes: boxes at or above their threshold are
-    labels beside the user's own labels there, and every other box the teacher saw (from ``floor``,
-    default the model's score threshold, up to its threshold) is cut out of where the loss may
-    teach background: a doubt, or a miss the teacher half saw, is neither object nor background.
-    Returns (scenes, pseudo boxes, ignored boxes)."""
+    labels beside the user's own labels there, and every box the teacher half saw (from ``doubt``
+    x its threshold up to it), cut by the window's edge, or reaching in from outside the area, is
+    cut out of where the loss may teach background. Windows left with too little to teach
+    (``MIN_TEACH``) are skipped. Returns (scenes, pseudo boxes, ignored boxes)."""
     out, n_sure, n_doubt = [], 0, 0
     for area in areas:
         for win in windows(area.rect, tile, rng):
-            ts, sure, doubt = _pseudo_window(teacher, area, win, thresholds, classes, overlap, device, batch_size, floor)
+            ts, sure, doubtful = _pseudo_window(teacher, area, win, thresholds, classes, overlap, device, batch_size,
+                                                doubt)
             n_sure += sure
-            n_doubt += doubt
+            n_doubt += doubtful
             if ts is not None:
                 out.append(ts)
     return out, n_sure, n_doubt
 
 
-def _pseudo_window(teacher, area: PseudoArea, win, thresholds, classes, overlap, device, batch_size, floor):
+def _teacher_boxes(teacher, area: PseudoArea, win, classes, overlap, device, batch_size):
+    """The teacher's detections over the window, in scene pixels: (boxes, scores, labels)."""
+    from ..pipeline.scenes import detect_scene
+
+    index = {n: k for k, n in enumerate(classes)}
+    frame = detect_scene(area.scene, teacher, area=win, overlap=overlap, device=str(device), num_workers=0,
+                         progress=False, batch_size=batch_size)
+    b = frame[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float64) + [win[0], win[1]] * 2
+    return b, frame["score"].to_numpy(np.float64), frame["label"].map(index).to_numpy(np.int64)
+
+
+def _pseudo_window(teacher, area: PseudoArea, win, thresholds, classes, overlap, device, batch_size, doubt_share):
     import shapely
     from shapely.geometry import box
     from torchvision.ops import box_iou
 
-    from ..pipeline.scenes import detect_scene
-
-    index = {n: k for k, n in enumerate(classes)}
-    kw = {} if floor is None else {"score_threshold": floor}
-    frame = detect_scene(area.scene, teacher, area=win, overlap=overlap, device=str(device), num_workers=0,
-                         progress=False, batch_size=batch_size, **kw)
-    b = frame[["px_x0", "px_y0", "px_x1", "px_y1"]].to_numpy(np.float64) + [win[0], win[1]] * 2
-    s = frame["score"].to_numpy(np.float64)
-    lab = frame["label"].map(index).to_numpy(np.int64)
-    keep = centres_inside(area.geom, b)  # only where nobody labelled
-    b, s, lab = b[keep], s[keep], lab[keep]
+    b, s, lab = _teacher_boxes(teacher, area, win, classes, overlap, device, batch_size)
+    region = box(*win) if area.geom is None else area.geom.intersection(box(*win))
+    touches = shapely.intersects(region, shapely.box(*b.T)) if len(b) else np.zeros(0, bool)
+    inside = centres_inside(area.geom, b)
+    b, s, lab, inside = b[touches], s[touches], lab[touches], inside[touches]  # only what reaches the unlabelled part
     mine = centres_inside(box(*win), area.boxes)
     ub, ul = area.boxes[mine], area.labels[mine]
     if len(ub) and len(b):  # the user's label wins over the teacher's box for the same object
         dup = box_iou(torch.as_tensor(b), torch.as_tensor(ub)).amax(1).numpy() >= 0.5
-        b, s, lab = b[~dup], s[~dup], lab[~dup]
+        b, s, lab, inside = b[~dup], s[~dup], lab[~dup], inside[~dup]
     thr = thresholds.of(lab, b)
-    sure, doubt = s >= thr, s < thr
-    teach = box(*win) if area.geom is None else area.geom.intersection(box(*win))
+    sc = area.scene
+    # a box on an edge of the window inside the scene may be a cut view of its object
+    cut = (((b[:, 0] <= win[0] + 1) & (win[0] > 0)) | ((b[:, 1] <= win[1] + 1) & (win[1] > 0))
+           | ((b[:, 2] >= win[2] - 1) & (win[2] < sc.width)) | ((b[:, 3] >= win[3] - 1) & (win[3] < sc.height)))
+    sure = (s >= thr) & inside & ~cut
+    doubt = ~sure & (s >= doubt_share * thr)
+    teach = region
     if doubt.any():
         teach = teach.difference(shapely.union_all(shapely.box(*b[doubt].T)))
-    if teach.is_empty:
-        return None, 0, 0
+    if teach.is_empty or teach.area < MIN_TEACH * max(region.area, 1e-9):
+        return None, 0, int(doubt.sum())
     shapely.prepare(teach)
     boxes, labels = np.concatenate([b[sure], ub]), np.concatenate([lab[sure], ul]).astype(np.int64)
     lb = LabelBoxes(boxes, labels, list(classes), {"pseudo": int(sure.sum()), "user": len(ub)})

@@ -13,6 +13,7 @@ from ..model import GeodetModel, ModelCard, build_model
 from .inputs import normalisation
 
 log = logging.getLogger(__name__)
+LOSS_SETTINGS = ("matcher", "box_loss", "fg_iou", "bg_iou", "focal_alpha", "focal_gamma")  # not the architecture
 STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 
 
@@ -44,7 +45,10 @@ def apply_init(cfg) -> tuple[dict, ModelCard]:
     col = card.extra.get("class_column")
     if col is not None and "train.class_column" not in cfg.explicit:
         cfg.train.class_column = col  # the start model's classes came from this column: so do these
+    loss = {k: getattr(cfg.model, k) for k in LOSS_SETTINGS if f"model.{k}" in cfg.explicit}
     cfg.model = copy.deepcopy(card.model)
+    for k, v in loss.items():  # how to learn is this run's; what the network is, the start model's
+        setattr(cfg.model, k, v)
     # the classes come from the labels (or the config), as in any training run
     cfg.model.classes = classes if classes is not None else ModelConfig().classes
     for key, value in (("tiling.tile_size", card.tile_size), ("tiling.overlap", card.overlap),

@@ -153,6 +153,9 @@ class Trainer:
             if tc.keep == "best":
                 raise GeodetError("train.val_give_back trains on the validation strip, which then cannot pick the best "
                                   "model: use train.keep: last, or leave val_give_back unset")
+            if self.world > 1:
+                raise GeodetError("train.val_give_back runs in one process: train without --engine ray or leave "
+                                  "val_give_back unset")
         seconds = None if tc.time_limit_min is None else float(tc.time_limit_min) * 60
         if seconds is not None and seconds <= 0:
             raise GeodetError(f"--time-limit must be a positive number of minutes, got {tc.time_limit_min:g}")
@@ -182,6 +185,11 @@ class Trainer:
             if state.get("given_back"):  # the strips were training data by then: they stay so
                 inputs.give_back(self.val_sets)
                 r.given_back, self.kept_metrics = True, dict(state.get("kept_metrics") or {})
+            r.rounds_done = int(state.get("rounds_done") or 0)
+            if state.get("thresholds"):
+                from .selftrain import Thresholds
+
+                self.thresholds = Thresholds.from_dict(state["thresholds"])
             log.info("resuming at step %d (epoch %d)", r.step, r.epoch)
         # a resumed run gets a fresh time budget; a step cap counts from the first step
         r.budget = Budget(total, seconds, start_step=r.step)
@@ -284,7 +292,7 @@ class Trainer:
         if stopped in STOPS:
             self._end_of_epoch(r, final=stopped is not None)
         elif self.main:
-            save_checkpoint(self.out, r, self.cfg, self.kept_metrics)
+            save_checkpoint(self.out, r, self.cfg, self.kept_metrics, self.thresholds)
         return stopped
 
     def _describe_run(self, r: Run) -> None:
@@ -330,12 +338,12 @@ class Trainer:
                 save_kept_model(r, self.kept_metrics, self.out / "model.pt", self.val_sets, self.cfg.detect.batch_size)
                 log.info("step %d: saved model.pt (validated at step %d, before the strip was given back)", r.step,
                          self.kept_metrics.get("step", 0))
-            save_checkpoint(self.out, r, self.cfg, self.kept_metrics)
+            save_checkpoint(self.out, r, self.cfg, self.kept_metrics, self.thresholds)
             if not final:
                 self._pseudo_round(r)
             return
         if not r.budget.due_validation(final):
-            save_checkpoint(self.out, r, self.cfg, self.kept_metrics)
+            save_checkpoint(self.out, r, self.cfg, self.kept_metrics, self.thresholds)
             self._pseudo_round(r)
             return
         t0 = time.perf_counter()
@@ -351,7 +359,7 @@ class Trainer:
             log.info("step %d: val AP50 %.3f (saved model.pt)", r.step, score)
         else:
             log.info("step %d: val AP50 %.3f (best %.3f)", r.step, score, r.best)
-        save_checkpoint(self.out, r, self.cfg, self.kept_metrics)
+        save_checkpoint(self.out, r, self.cfg, self.kept_metrics, self.thresholds)
         r.budget.note_validation(time.perf_counter() - t0)
         self.metrics.note(r, r.budget.elapsed(), f"validation ({time.perf_counter() - t0:.1f} s)",
                           val_AP=f"{m.get('AP') or 0:.4f}" if m else "", val_AP50=f"{ap50 or 0:.4f}" if m else "")
@@ -375,6 +383,8 @@ class Trainer:
         self.kept_metrics["note"] = f"validated at step {r.step}, before the validation strip was given back to training"
         r.model.card.operating_point = m.get("score_threshold") if m else None
         if r.teacher is not None and self.thresholds is None:
+            log.info("self-training's thresholds are measured now, on the student, before the strip is given back "
+                     "(no round has run yet: train.val_give_back is earlier than train.burn_in)")
             self.thresholds = self._thresholds(r, r.model)
         n = inputs.give_back(self.val_sets)
         r.data.set_scenes(r.data.scenes, r.data.pseudo_share)
@@ -414,7 +424,7 @@ class Trainer:
         rng = np.random.default_rng([tc.seed, 99, r.rounds_done])
         scenes, n_sure, n_doubt = pseudo_scenes(teacher, self.pseudo_areas, thr, self.classes, self.overlap,
                                                 self.cfg.tiling.tile_size, r.device, self.cfg.detect.batch_size, rng,
-                                                tc.pseudo_floor)
+                                                tc.pseudo_doubt)
         r.data.set_scenes(self.train_scenes + [s for s in scenes if len(s.labels)], tc.pseudo_share)
         r.rounds_done += 1
         r.model.train()
