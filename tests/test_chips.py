@@ -9,7 +9,7 @@ from geodet.pipeline.grid import TileGrid
 
 
 def test_chip_transforms_match_rasterio_windows(tmp_path):
-    from geodet.io.chips import write_chips
+    from geodet.pipeline.chips import write_chips
 
     data = np.random.default_rng(2).integers(0, 255, (3, 300, 250)).astype(np.uint8)
     p = write_raster(tmp_path / "s.tif", data)
@@ -34,7 +34,7 @@ def test_coco_annotations_are_label_boxes_clipped_to_chips(tmp_path):
     import geopandas as gpd
     from shapely.geometry import box as sbox
 
-    from geodet.io.chips import write_chips
+    from geodet.pipeline.chips import write_chips
 
     t = from_origin(300000, 5000000, 0.5, 0.5)
     p = write_raster(tmp_path / "s.tif", np.full((3, 200, 300), 50, np.uint8), transform=t)

@@ -69,7 +69,7 @@ def test_columns_types_and_names(tmp_path, scene):
     assert fields["tile_row"] == fields["tile_col"] == "int32"
     df = pyogrio.read_dataframe(tmp_path / "d.gpkg", layer="d")
     assert set(df["scene"]) == {"field_07.tif"}  # a name per feature; the paths are in the report
-    from geodet.io.chips import write_chips
+    from geodet.pipeline.chips import write_chips
 
     write_chips(scene, tmp_path / "chips", 128, 16, progress=False)
     chips_info = pyogrio.read_info(tmp_path / "chips" / "chips.gpkg", layer="chips")

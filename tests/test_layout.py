@@ -198,7 +198,11 @@ def test_no_import_cycle():
 
 
 @pytest.mark.parametrize("floor,forbidden", [
-    ("geodet.model", ("geodet.io",)),
+    # lower floors never import higher ones: io < model < pipeline < training < cli (model apart from io)
+    ("geodet.io", ("geodet.model", "geodet.pipeline", "geodet.training", "geodet.cli")),
+    ("geodet.model", ("geodet.io", "geodet.pipeline", "geodet.training", "geodet.cli")),
+    ("geodet.pipeline", ("geodet.training", "geodet.cli")),
+    ("geodet.training", ("geodet.cli",)),
     (TILE_LOOP, ABOVE_TILE_LOOP),
 ])
 def test_floors(floor, forbidden):

@@ -27,7 +27,7 @@ def add_parser(sub, common) -> None:
 def run(args) -> int:
     from .. import progress
     from ..config import load_config
-    from ..io.chips import write_chips
+    from ..pipeline.chips import write_chips
 
     cfg = load_config(args.config, {"tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap,
                                     "tiling.overlap_m": args.overlap_m, "scene.gsd_m": args.gsd})

@@ -8,15 +8,15 @@ import numpy as np
 
 from ..errors import GeodetError
 from ..progress import progress_bar
-from .scene import READ_ERRORS, Scene, gdal_env
-from ..pipeline.grid import TileGrid, overlap_pixels
+from ..io.scene import READ_ERRORS, Scene, gdal_env
+from .grid import TileGrid, overlap_pixels
 
 
 def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=None, bands=None, gsd_m=None, labels=None,
                 class_column="label", min_visibility=0.5, min_valid_fraction=0.0, progress=True) -> str:
     """Write ``out_dir/chips/r{row}_c{col}.tif`` (the scene's transform and CRS for each window,
     original dtype and bands), ``out_dir/chips.gpkg`` and, with ``labels``, ``annotations.json``."""
-    from .labels import load_scene_labels
+    from ..io.labels import load_scene_labels
 
     sc = Scene(scene_path, bands=bands, gsd_m=gsd_m)  # chips keep raw values: no scaling statistics needed
     sc.skip_hint = False
@@ -29,7 +29,7 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise GeodetError(f"--out must be a folder, but {out} is a file")
-    from .writers import missing_folders, remove_partial
+    from ..io.writers import missing_folders, remove_partial
 
     made = missing_folders(out / "chips")  # removed again if the run fails
     (out / "chips").mkdir(parents=True, exist_ok=True)
@@ -48,8 +48,8 @@ def _write(sc, grid, lb, out: Path, scene_path, tile_size: int, min_visibility, 
     import rasterio
     from rasterio.windows import transform as window_transform
 
-    from .labels import clip_boxes
-    from .writers import atomic_path, boxes_to_polygons, write_json
+    from ..io.labels import clip_boxes
+    from ..io.writers import atomic_path, boxes_to_polygons, write_json
 
     rows = []
     images, anns = [], []
