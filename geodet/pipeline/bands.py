@@ -55,6 +55,12 @@ class BandStitcher:
                                             self.match_iou))
         self._tiles = []
 
+    def wait(self) -> None:
+        """Block until the bands whose tiles have all come are stitched (what ``finish`` then
+        has left is the last band and the merge)."""
+        for f in self._done:
+            f.result()
+
     def finish(self) -> SceneDetections:
         try:
             self._submit()
