@@ -280,7 +280,7 @@ class Check:
     def reads(self, preset, workers):
         _, s = self.detector(self.models[preset], workers=workers)
         row = gm.read_row(str(self.scene), s, self.device, workers)
-        self.read_rate.setdefault(preset, row["bare_tiles_per_s"])
+        self.read_rate[preset, workers] = row["bare_tiles_per_s"]
         self.res.add("read_bound", {"preset": preset, **row})
 
     def detect(self, preset, workers=None, tag="default"):
@@ -293,7 +293,7 @@ class Check:
         arch = "small_objects" if preset == "small_objects_trained" else preset  # the same network
         row, _ = gm.detect_row(self.scene, self.base.image, det, self.device, self.batch, w, self.flops.get(arch),
                                self.peak)
-        core, read = self.core_rate.get(arch), self.read_rate.get(arch)
+        core, read = self.core_rate.get(arch), self.read_rate.get((arch, w))
         row = {"preset": preset, "run": tag, **row,
                "share_of_core_alone": round(row["tiles_per_s"] / core, 3) if core else None,
                "share_of_read_bound": round(row["tiles_per_s"] / read, 3) if read else None}
@@ -396,7 +396,7 @@ def main(argv=None):
         if budget.allows(f"read {preset}", 20 if c.cuda else 10):
             res.part(f"read {preset}", c.reads, preset, workers)
         if budget.allows(f"detect {preset}", 30 if c.cuda else 10):
-            res.part(f"detect {preset}", c.detect, preset)
+            res.part(f"detect {preset}", c.detect, preset, workers)
     more = min(gm.cores() - 2, 14)
     if c.cuda and more > workers and budget.allows(f"cpu preset with {more} workers", 30):
         res.part("read cpu more workers", c.reads, "cpu", more)

@@ -120,6 +120,9 @@ def clustered_tiles(seed, counts, classes, size=256):
                       torch.full((n,), t)))
     boxes, labels, tiles = (torch.cat([p[i] for p in parts]) for i in range(3))
     scores = (torch.randperm(len(boxes), generator=g).float() + 1) / (len(boxes) + 1)
+    odd = torch.randint(0, len(boxes), (len(boxes) // 50,), generator=g)
+    boxes[odd[::2], 2] = boxes[odd[::2], 0]  # no area: IoU 0 with every box
+    boxes[odd[1::2], 2:] = boxes[odd[1::2], :2] + 1e-3  # a thousandth of a pixel
     return boxes, scores, labels, tiles
 
 

@@ -55,7 +55,7 @@ def nms_tiles(boxes: Tensor, scores: Tensor, labels: Tensor, tiles: Tensor, n_ti
     t = tiles[order]
     # the first ``cap`` kept boxes of each tile
     counts = torch.zeros(n_tiles + 1, dtype=torch.long, device=t.device)
-    counts[1:] = torch.bincount(t[keep], minlength=n_tiles).cumsum(0)
+    counts[1:] = torch.bincount(t, weights=keep.double(), minlength=n_tiles).long().cumsum(0)  # no sync
     rank = torch.cumsum(keep.long(), 0) - counts[t]  # 1-based rank among a tile's kept boxes
     return order[keep & (rank <= cap)]
 
@@ -110,16 +110,20 @@ def suppression_pairs(b: Tensor, labels: Tensor, tiles: Tensor, iou: float) -> t
     ok = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])  # boxes without area have IoU 0 with all
     r = max((1.0 + _MARGIN) / iou, 1.1)  # wider classes only add candidates; this bounds their number
     level = torch.floor(torch.log(side.clamp(min=1e-30)) / math.log(r)).long()
-    level = torch.where(ok, level, torch.zeros_like(level))
-    lo = int(level[ok].min()) if bool(ok.any()) else 0
-    level = (level - lo).clamp(min=0)
-    n_levels = int(level.max()) + 2
-    smax = torch.zeros(n_levels, dtype=torch.float64, device=dev).scatter_reduce(0, level[ok], side[ok], "amax")
+    big = torch.iinfo(torch.long).max
+    stats = torch.stack([torch.where(ok, level, big).min(), torch.where(ok, level, -big).max(), labels.max(),
+                         tiles.max()])
+    lo, hi, top_label, top_tile = stats.tolist()  # one host sync for the sizes below
+    if lo > hi:  # no box with an area
+        return (torch.zeros(0, dtype=torch.long, device=dev),) * 2
+    level = torch.where(ok, level - lo, torch.zeros_like(level))
+    n_levels = hi - lo + 2
+    smax = torch.zeros(n_levels, dtype=torch.float64, device=dev).scatter_reduce(0, level, side * ok, "amax")
     smax = torch.cummax(smax, 0).values  # longest side in a class or any below it
     cell = (smax * ((1.0 - iou) * (1.0 + _MARGIN))).clamp(min=_MIN_CELL)
     cx, cy = (b[:, 0] + b[:, 2]).double() / 2, (b[:, 1] + b[:, 3]).double() / 2
-    group = tiles * (int(labels.max()) + 1) + labels
-    if int(group.max()) >= (1 << 21) // n_levels:  # keys hold 21 bits of (tile, class, size class)
+    group = tiles * (top_label + 1) + labels
+    if (top_tile + 1) * (top_label + 1) >= (1 << 21) // n_levels:  # keys hold 21 bits of (tile, class, size class)
         group = torch.unique(group, return_inverse=True)[1]
     group = group * n_levels  # + a size class: a box's (tile, class, size class)
 
@@ -130,9 +134,9 @@ def suppression_pairs(b: Tensor, labels: Tensor, tiles: Tensor, iou: float) -> t
     own = torch.where(ok, own, torch.full_like(own, -1))
     sorted_keys, by_key = torch.sort(own)
     pi, pj = [], []
-    for start in range(0, n, PAIR_CHUNK):
-        sl = torch.arange(start, min(n, start + PAIR_CHUNK), device=dev)
-        sl = sl[ok[sl]]
+    with_area = ok.nonzero()[:, 0]
+    for start in range(0, len(with_area), PAIR_CHUNK):
+        sl = with_area[start : start + PAIR_CHUNK]
         queries, src = [], []
         for up in (0, 1):  # partners in the same size class, and in the next one
             lv = level[sl] + up

@@ -63,5 +63,8 @@ def try_capture(fn, example: torch.Tensor, what: str):
     except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager launches
         log.warning("%s: CUDA graph capture failed (%s: %s); launching its kernels one by one", what,
                     type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-        torch.cuda.synchronize()
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 - an invalidated capture may report again here; eager runs go on
+            log.debug("synchronising after the failed capture", exc_info=True)
         return None
