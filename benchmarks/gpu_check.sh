@@ -16,6 +16,9 @@
 # the GPU machine: the archive is unpacked and put on PYTHONPATH (no venv or pip needed there).
 # Run (from the repository root):
 #   bash benchmarks/gpu_check.sh [DIR] [-- extra gpu_check.py flags]
+#   bash benchmarks/gpu_check.sh gpu_wheels -- --budget 300   # issue 39's check: under 6 minutes in all
+# (--budget bounds the measurements, scene making included; a part that would overrun is skipped
+# and named in the JSON; a hang dumps its stacks and exits at budget + 90 s)
 #   GPU_CHECK_RUN=benchmarks/bench_decode.py bash benchmarks/gpu_check.sh [DIR]   # another benchmark
 # With no archive in DIR, the dependencies come from the package index instead.
 set -euo pipefail
