@@ -78,10 +78,16 @@ def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x
 
 
+def _split(detector) -> bool:
+    """Whether ``detector`` is one of geodet's backends, which split a batch in two (any other
+    callable is only the detector protocol, whatever else it has)."""
+    return getattr(detector, "backend", None) is not None and hasattr(detector, "start") and hasattr(detector, "finish")
+
+
 def start_batch(detector, images: torch.Tensor, device: torch.device):
-    """The first half of a batch: ``detector.start`` when it has one (geodet's backends: the core,
-    asynchronous on CUDA), else the whole call (plain callables get autocast on CUDA)."""
-    if hasattr(detector, "start"):
+    """The first half of a batch: ``detector.start`` for geodet's backends (the core, asynchronous
+    on CUDA), else the whole call (plain callables get autocast on CUDA)."""
+    if _split(detector):
         return detector.start(images)
     plain = getattr(detector, "backend", None) is None
     with torch.inference_mode(), torch.autocast(device.type, enabled=plain and device.type == "cuda"):
@@ -90,6 +96,6 @@ def start_batch(detector, images: torch.Tensor, device: torch.device):
 
 def finish_batch(detector, started) -> PendingBatch:
     """The second half: the batch's detections on their way to the host."""
-    if hasattr(detector, "finish"):
+    if _split(detector):
         return detector.finish(started)
     return pack_outputs(started)
