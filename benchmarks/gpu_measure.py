@@ -4,8 +4,9 @@ run the same code at small sizes (tests/test_gpu_check.py).
 - ``core_row``: the network core alone (band normalisation, backbone, FPN, heads) on random
   tiles already on the device, eager or as one CUDA graph, between device synchronisations;
 - ``read_row``: the read bound: a bare parallel rasterio loop over the grid's windows (processes,
-  each with its own dataset, reading the bands, nothing else) and the pipeline's own reader
-  (DataLoader workers, collate, pinned memory), both with the workers the pipeline uses;
+  each with its own dataset, reading the bands, nothing else, the windows shared out in batches
+  as DataLoader workers share them) and the pipeline's own reader (DataLoader workers, collate,
+  pinned memory), both with the workers the pipeline uses;
 - ``detect_row``: ``detect_scene`` end to end with a prepared detector, after a warm-up scene;
 - ``decode_row``: a batch's decoding and NMS alone, torchvision's per-tile NMS against the
   one-pass pair NMS, with the agreement of their detections;
@@ -77,14 +78,17 @@ def _read_windows(path: str, bands: list, windows: list) -> tuple[int, float]:
     return len(windows), time.perf_counter() - t0
 
 
-def bare_read_rate(path: str, bands: list, grid, workers: int) -> float:
-    """tiles/s of ``workers`` processes reading the grid's windows (interleaved shares), from the
+def bare_read_rate(path: str, bands: list, grid, workers: int, batch: int) -> float:
+    """tiles/s of ``workers`` processes reading the grid's windows, batch ``k`` of ``batch``
+    consecutive windows by process ``k mod workers`` (as DataLoader workers share them), from the
     moment they are started to the last one's end."""
     windows = [(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in (t.valid for t in grid)]
+    batches = [windows[i : i + batch] for i in range(0, len(windows), batch)]
     n = max(1, workers)
+    shares = [[w for bt in batches[i::n] for w in bt] for i in range(n)]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(n) as pool:
-        done = list(pool.map(_read_windows, [path] * n, [bands] * n, [windows[i::n] for i in range(n)]))
+        done = list(pool.map(_read_windows, [path] * n, [bands] * n, shares))
     return sum(d[0] for d in done) / (time.perf_counter() - t0)
 
 
@@ -97,7 +101,7 @@ def read_row(scene_path: str, settings, device, workers: int) -> dict:
     sc = open_scene(scene_path, settings)
     try:
         grid = scene_grid(sc, settings)
-        bare = bare_read_rate(scene_path, sc.bands, grid, workers)
+        bare = bare_read_rate(scene_path, sc.bands, grid, workers, settings.batch_size)
         t0 = time.perf_counter()
         n = 0
         with gdal_env():
