@@ -165,3 +165,48 @@ def test_the_split_batch_path_gives_the_whole_call_path_row_for_row(synth):
         assert len(a) > 50
         cols = ["label", "score", "tile_row", "tile_col", "px_x0", "px_y0", "px_x1", "px_y1"]
         assert a[cols].equals(b[cols])
+
+
+def test_the_graph_bookkeeping_gives_the_eager_detections(synth, monkeypatch):
+    """What the CUDA graph path does around the graph, on the CPU: a stand-in for the graph runs
+    the captured function on its static input when replayed. Captured at the second full batch,
+    replayed for the others, a smaller last batch padded and its extra rows dropped: the scene's
+    detections are the eager ones, row for row."""
+    import geodet.pipeline.graphs as graphs
+    from geodet.pipeline.backends import TorchDetector, sample_tiles
+    from geodet.pipeline.settings import resolve_detect_settings
+
+    replays = []
+
+    class Replay:  # torch.cuda.CUDAGraph's part here: replay() refills the static outputs
+        def __init__(self, fn, g):
+            self.fn, self.g = fn, g
+
+        def replay(self):
+            replays.append(1)
+            for out, new in zip(self.g.static_out, self.fn(self.g.static_in)):
+                out.copy_(new)
+
+    def capture(fn, example, what):
+        g = object.__new__(graphs.GraphedBatch)
+        g.static_in = example.clone()
+        g.static_out = tuple(t.clone() for t in fn(g.static_in))
+        g.graph = Replay(fn, g)
+        return g
+
+    monkeypatch.setattr(graphs, "try_capture", capture)
+    torch.manual_seed(5)
+    m = build_model(ModelConfig(**TINY, score_threshold=0.0), tile_size=128, overlap=16).eval()
+    with torch.inference_mode():
+        probe = m.predict(torch.from_numpy(np.stack(sample_tiles(synth.image, resolve_detect_settings(m.card), m.card, 4))))
+    thr = float(torch.quantile(torch.cat([d["scores"] for d in probe]), 0.97))
+    s = resolve_detect_settings(m.card, score_threshold=thr, batch_size=3)
+    graphed, eager = TorchDetector(m, torch.device("cpu"), s), TorchDetector(m, torch.device("cpu"), s)
+    graphed.cuda_graphs = True  # on the CPU only with the stand-in
+    kw = dict(score_threshold=thr, batch_size=3, num_workers=0, progress=False, device="cpu")
+    a, b = detect_scene(synth.image, graphed, **kw), detect_scene(synth.image, eager, **kw)
+    tiles = a.attrs["report"]["tiles_run"]
+    assert graphed.graph is not None and tiles % 3 != 0 and len(replays) == -(-tiles // 3) - 1
+    assert len(a) > 50
+    cols = ["label", "score", "tile_row", "tile_col", "px_x0", "px_y0", "px_x1", "px_y1"]
+    assert a[cols].equals(b[cols])
