@@ -133,7 +133,7 @@ def tile_batches(scene: Scene, grid: TileGrid, settings: DetectSettings, device:
 
 def batch_results(scene: Scene, settings: DetectSettings, tiles, skipped, failed, pending,
                   timings: dict) -> Iterator[TileResult]:
-    """A batch's tile results, in the order of old: skipped, unreadable, then the tiles run."""
+    """A batch's tile results, in the order they always came: skipped, unreadable, then the tiles run."""
     for tile in skipped:
         yield TileResult(tile, None, None, None)
     for tile, message, info in failed:
