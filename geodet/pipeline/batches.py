@@ -5,12 +5,13 @@ A detector may split its work in two (``start``: the network core, asynchronous 
 ``finish``: thresholds, NMS and the copy to the host), so that the per-tile loop can hand out
 the previous batch's tiles while the card runs the next core. Detections come back packed, one
 float32 row ``(x0, y0, x1, y1, score, label, tile)`` per box, in one copy per batch; on CUDA the
-copy goes, without blocking, into pinned memory, and the host waits for it only when it reads
-the tiles.
+copy goes, without blocking, into pinned memory, on a stream of its own (beside the next batch's
+core), and the host waits for it only when it reads the tiles.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -47,11 +48,21 @@ def pack(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, tiles:
                         tiles.reshape(-1, 1).float()], 1)
     if packed.device.type == "cuda":
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-        host.copy_(packed, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
+        side = _copy_stream(packed.device)
+        side.wait_stream(torch.cuda.current_stream(packed.device))  # after the kernels that made it
+        with torch.cuda.stream(side):  # beside the next batch's core, not after it
+            host.copy_(packed, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        packed.record_stream(side)  # its memory is not reused before the copy is done
         return PendingBatch(host, n_tiles, ready)
     return PendingBatch(packed, n_tiles)
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_stream(device: torch.device):
+    """One stream per card for the copies to the host."""
+    return torch.cuda.Stream(device=device)
 
 
 def pack_outputs(outputs: Sequence[dict]) -> PendingBatch:
