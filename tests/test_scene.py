@@ -88,3 +88,14 @@ def test_area_view_reads_the_scene_exactly(synth):
     assert np.array_equal(got[:, : y1 - y0, : x1 - x0], want)
     view.close()
     assert sc.read_tile(tile)[0].shape == got.shape  # closing the view left the scene open
+
+
+def test_gdal_env_caps_the_block_cache_in_megabytes_not_bytes():
+    """rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64 as bytes: a cap written as 128
+    was a 128-byte cache, so overlapping tiles decoded their blocks again on every read."""
+    from rasterio._env import get_gdal_config
+
+    from geodet.io.scene import GDAL_CACHE_MB, gdal_env
+
+    with gdal_env():
+        assert int(get_gdal_config("GDAL_CACHEMAX")) == GDAL_CACHE_MB * 1024 * 1024
