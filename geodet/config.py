@@ -192,6 +192,9 @@ class DetectConfig:
     # a tile GDAL cannot read (damaged file, failed remote read): fail (stop, nothing written) or
     # skip (run the other tiles, list the unreadable windows in the report, exit code 3)
     on_read_error: str = "fail"
+    # test-time augmentation: each tile also run flipped and turned (8 views on square tiles, 4
+    # on others), the views' boxes fused (model/tta.py); about 8x the detection time, torch only
+    tta: bool = False
 
 
 @dataclass

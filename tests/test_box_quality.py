@@ -162,3 +162,25 @@ def test_models_changed_in_memory_never_run_a_files_cached_onnx(tiny_model, synt
     for m in (adapted, TtaModel(model)):
         with pytest.raises(GeodetError, match="not loaded from one"):
             detect_scene(synth.image, m, progress=False, device="cpu", backend="onnx")
+
+
+def test_detect_tta_from_the_command_line_and_its_refusals(tiny_model, synth, tmp_path):
+    """``geodet detect --tta`` writes fused detections and says so in its report; the paths TTA
+    cannot take (an ONNX file, the onnx backend, int8, the ray engine) are refused in one line,
+    before any work, with nothing written."""
+    import json
+
+    from test_cli import assert_clean_error, geodet
+
+    out = tmp_path / "tta.gpkg"
+    r = geodet("detect", synth.image, "-m", tiny_model, "-o", out, "--tta", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "tta.gpkg.report.json").read_text())
+    assert report["model"]["tta"] is True and report["detections"] > 0
+    assert report["scenes"][0]["backend"]["backend"] == "torch"
+    for extra, pattern in ((["--backend", "onnx"], "drop --backend onnx"), (["--precision", "int8"], "int8"),
+                           (["--engine", "ray"], "local engine")):
+        bad = tmp_path / f"bad{len(extra[1])}.gpkg"
+        r = geodet("detect", synth.image, "-m", tiny_model, "-o", bad, "--tta", *extra)
+        assert_clean_error(r, pattern)
+        assert not bad.exists()

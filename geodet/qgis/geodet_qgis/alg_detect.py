@@ -39,11 +39,16 @@ class DetectAlgorithm(GeodetAlgorithm):
         self.addParameter(QgsProcessingParameterString("BANDS", "Scene bands for the model, e.g. 1,2,3 (empty: the "
                                                                 "model's)", None, False, True))
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", DEVICES, False, 0))
+        self.addParameter(QgsProcessingParameterBoolean(
+            "TTA", "Test-time augmentation (each tile also flipped and turned; about 8x slower; .pt models)", False))
         out = QgsProcessingParameterVectorDestination("OUTPUT", "Detections", QgsProcessing.TypeVectorPolygon)
         out.setSupportsNonFileBasedOutput(False)  # geodet writes files
         self.addParameter(out)
 
     def check(self, parameters, context):
+        if self.parameterAsBoolean(parameters, "TTA", context) and \
+                self.parameterAsFile(parameters, "MODEL", context).lower().endswith(".onnx"):
+            return "Test-time augmentation runs a .pt model: give the model.pt the .onnx was exported from, or untick it"
         return (self.check_file(parameters, "MODEL", context, ["pt", "onnx"], "Model file")
                 or self.check_bands(self.optional_text(parameters, "BANDS", context))
                 or self.check_output(parameters, "OUTPUT", context, detection_extensions(), "Detections"))
@@ -55,6 +60,8 @@ class DetectAlgorithm(GeodetAlgorithm):
                 "--device", DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)]]
         self.flag(args, "--score-threshold", self.optional_number(parameters, "SCORE_THRESHOLD", context))
         self.flag(args, "--bands", self.optional_text(parameters, "BANDS", context))
+        if self.parameterAsBoolean(parameters, "TTA", context):
+            args.append("--tta")
         self.run_command(args, feedback, outputs=[out])
         load_styled(context, out)
         return {"OUTPUT": out}
