@@ -176,11 +176,12 @@ def test_detect_tta_from_the_command_line_and_its_refusals(tiny_model, synth, tm
     r = geodet("detect", synth.image, "-m", tiny_model, "-o", out, "--tta", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "tta.gpkg.report.json").read_text())
-    assert report["model"]["tta"] is True and report["detections"] > 0
+    assert report["model"]["tta"]["views"] == 8 and report["detections"] > 0
+    assert report["model"]["sha256"]  # the file behind the wrappers
     assert report["scenes"][0]["backend"]["backend"] == "torch"
-    for extra, pattern in ((["--backend", "onnx"], "drop --backend onnx"), (["--precision", "int8"], "int8"),
-                           (["--engine", "ray"], "local engine")):
-        bad = tmp_path / f"bad{len(extra[1])}.gpkg"
+    for i, (extra, pattern) in enumerate(((["--backend", "onnx"], "drop --backend onnx"),
+                                          (["--precision", "int8"], "int8"), (["--engine", "ray"], "local engine"))):
+        bad = tmp_path / f"bad{i}.gpkg"
         r = geodet("detect", synth.image, "-m", tiny_model, "-o", bad, "--tta", *extra)
         assert_clean_error(r, pattern)
         assert not bad.exists()

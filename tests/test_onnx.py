@@ -172,7 +172,7 @@ def test_small_jobs_and_in_memory_models_run_torch_fp32(monkeypatch, tiny_model,
     assert (r["backend"], r["precision"]) == ("torch", "fp32") and "small job" in r["reason"]
     model.source = None
     r = detect_scene(synth.image, model, progress=False).attrs["report"]["backend"]
-    assert (r["backend"], r["precision"]) == ("torch", "fp32") and "not loaded from a file" in r["reason"]
+    assert (r["backend"], r["precision"]) == ("torch", "fp32") and "derived from model files" in r["reason"]
 
 
 def test_bf16_only_where_the_cpu_has_it(monkeypatch, tiny_model, synth):
@@ -285,3 +285,20 @@ def test_on_the_spot_int8_never_checks_on_its_calibration_tiles(monkeypatch, tmp
     r = detect_scene(one_tile_scene, model, progress=False).attrs["report"]["backend"]
     assert (r["backend"], r["precision"]) == ("torch", "fp32") and "int8" not in r["checks"]
     assert not list((tmp_path / "cache").rglob("*.failed.json"))
+
+
+def test_tta_refuses_an_onnx_model_and_runs_from_the_config(fp32_onnx, tiny_model, synth, tmp_path):
+    """Test-time augmentation needs the .pt model: an .onnx is refused in one sentence; asked for
+    by a config file (detect.tta) it runs through the API as through ``--tta``, and the report
+    names the model file behind the wrappers."""
+    from geodet.config import load_config
+    from geodet.errors import GeodetError
+    from geodet.pipeline.job import detect_to_file
+
+    with pytest.raises(GeodetError, match="give the model.pt"):
+        detect_scene(synth.image, load_onnx(fp32_onnx[0]), progress=False, tta=True)
+    cfg = load_config(None, {"detect.tta": True})
+    frame = detect_to_file([synth.image], tiny_model, tmp_path / "d.gpkg", config=cfg, progress=False)
+    report = frame.attrs["report"]
+    assert report["model"]["tta"]["views"] == 8 and report["model"]["path"] == str(tiny_model)
+    assert report["scenes"][0]["backend"]["backend"] == "torch" and len(frame) > 0

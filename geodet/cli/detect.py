@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -37,9 +38,10 @@ def add_parser(sub, common) -> None:
                         "written) or skip (the other tiles run, the unreadable windows are listed in the report, "
                         "exit code 3)")
     d.add_argument("--workers", type=nonneg_int, default=None, help="tile-reading worker processes (default: none on a 2-core CPU, a few with CUDA)")
-    d.add_argument("--tta", action="store_true", default=None,
+    d.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time augmentation: also run every tile flipped and turned (8 views), the boxes fused; "
-                        "about 8x the detection time, a little better AP (docs/benchmarks.md); torch only")
+                        "about 8x the detection time for a little more AP (docs/benchmarks.md, Few labels S10); "
+                        "torch only (default: detect.tta of --config, else off)")
     d.add_argument("--bands", type=bands, help="scene bands to feed the model, e.g. 3,2,1")
     d.add_argument("--gsd", type=float, help="resample scenes to this GSD (default: the model card's)")
     d.add_argument("--csv-geometry", choices=["wkt", "pixel"], default=None, help="CSV: WKT polygons or pixel boxes only")
@@ -136,7 +138,8 @@ def run(args) -> int:
                                     "output.format": args.format, "output.csv_geometry": args.csv_geometry})
     if args.engine == "ray":
         if cfg.detect.tta:
-            raise GeodetError("--tta runs with the local engine only: drop --engine ray, or drop --tta")
+            raise GeodetError("test-time augmentation (--tta, detect.tta) runs with the local engine only: drop --engine "
+                              "ray, or turn tta off")
         return _run_ray(args, cfg, scenes, ids)
     progress.plan(len(scenes))  # one pass per scene
     frame = detect_to_file(scenes, args.model, args.out, config=cfg, quicklook=args.quicklook,

@@ -146,7 +146,9 @@ def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int)
                           "this model was not loaded from one (or was changed since, as by test-time augmentation or "
                           "batch-norm adaptation): save and load it, or use --backend torch")
     if backend == "auto" and precision == "auto" and not source.get("sha256"):
-        return Choice("torch", "fp32", "a model not loaded from a file (the faster paths are cached by file hash)"), None
+        return Choice("torch", "fp32", "the model is not a model file's network as loaded (test-time augmentation, "
+                      "batch-norm adaptation, or built in Python), and the faster paths are derived from model files; "
+                      "--precision bf16 runs it in bf16 where the CPU has it"), None
     checks: dict = {}
     # int8 first: the fastest when vouched for
     if precision in ("auto", "int8") and backend in ("auto", "onnx") and has_onnxruntime():

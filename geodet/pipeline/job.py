@@ -44,8 +44,6 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     resolve_device(settings.get("device") or cfg.detect.device)
     if isinstance(model, (str, Path)):
         model = load_detector_file(model)
-    if settings.pop("tta", None) or cfg.detect.tta:
-        model = with_tta(model, cfg, settings)
     t0 = time.perf_counter()
     frames = detect_scenes(readable, model, config=cfg, progress=progress, per_scene=True,
                            failures=failures if len(scenes) > 1 else None, **settings) if readable else []
@@ -65,24 +63,6 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     write_json(report, report_path(out))
     frame.attrs["report"] = report
     return frame
-
-
-def with_tta(model, cfg, settings: dict):
-    """``model`` run with test-time augmentation (``model/tta.py``): torch only, so an ONNX file,
-    the onnx backend and int8 are refused here, before any work."""
-    from ..model.tta import TtaModel
-
-    if isinstance(model, TtaModel):
-        return model
-    if not hasattr(model, "net"):
-        raise GeodetError("--tta runs a geodet .pt model in torch, and this model is an ONNX file: give the model.pt "
-                          "it was exported from, or drop --tta")
-    backend = settings.get("backend") or cfg.detect.backend
-    precision = settings.get("precision") or cfg.detect.precision
-    if backend == "onnx" or precision == "int8":
-        raise GeodetError("--tta runs the model in torch (fp32, or bf16 where the CPU has it): drop --backend onnx and "
-                          "--precision int8, or drop --tta")
-    return TtaModel(model)
 
 
 def _readable_scenes(scenes: Sequence, fmt: str) -> tuple[list, list[dict]]:
@@ -125,7 +105,7 @@ def _job_report(out, fmt: str, model, scenes: Sequence, frames: list, failures: 
                   "backend": (frames[0].attrs["report"].get("backend") if frames else None),
                   "classes": list(card.classes) if card else None,
                   "operating_point": card.operating_point if card else None,
-                  "tta": type(model).__name__ == "TtaModel"},
+                  "tta": (frames[0].attrs["report"].get("tta") if frames else None)},
         "inputs": [_input(s) for s in scenes],
         "output_crs": _output_crs(fmt, frames),
         "scenes": [f.attrs["report"] for f in frames],

@@ -171,7 +171,7 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
     t_start = time.perf_counter()
     if not scenes:
         raise GeodetError("no scenes given")
-    if settings.get("tta") or (config is not None and config.detect.tta):
+    if settings.pop("tta", None) or (config is not None and config.detect.tta):
         raise GeodetError("test-time augmentation (tta) runs with the local engine only: detect_to_file / geodet "
                           "detect without --engine ray")
     out = Path(out_dir)

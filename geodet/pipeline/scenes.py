@@ -34,6 +34,7 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
     ``frame.attrs["report"]`` says what ran, with which settings, and how long each stage took.
     """
     t_start = time.perf_counter()
+    detector = with_tta(detector, config, settings)
     card = getattr(detector, "card", None)
     s = resolve_detect_settings(card, config, **settings)
     device = resolve_device(s.device)
@@ -57,9 +58,55 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
             timings[f"model_{stage}"] = runner.timings[stage] - stages_before.get(stage, 0.0)
     timings["total"] = time.perf_counter() - t_start
     log_losses(Path(sc.path).name, done, s, op)
-    frame.attrs["report"] = scene_report(view, grid, s, device, done, timings, card, getattr(runner, "source", None),
-                                         area, getattr(runner, "choice", None))
+    source = file_source(runner)
+    frame.attrs["report"] = scene_report(view, grid, s, device, done, timings, card, source, area,
+                                         getattr(runner, "choice", None))
+    frame.attrs["report"]["tta"] = tta_report(runner)
     return frame
+
+
+def with_tta(detector, config, settings: dict):
+    """``detector`` with test-time augmentation (``model/tta.py``) where ``settings["tta"]`` (popped)
+    or ``config.detect.tta`` asks for it; TTA runs a geodet model in torch, so an ONNX model, the
+    onnx backend and int8 are refused, before any work."""
+    from ..model.tta import TtaModel
+
+    tta = settings.pop("tta", None)
+    if tta is None:
+        tta = bool(config is not None and config.detect.tta)
+    if not tta or isinstance(detector, TtaModel) or isinstance(getattr(detector, "model", None), TtaModel):
+        return detector
+    if not hasattr(detector, "net"):
+        what = "an ONNX model" if getattr(detector, "backend", None) == "onnx" else "not a geodet .pt model"
+        raise GeodetError(f"test-time augmentation (--tta, detect.tta) runs a geodet .pt model in torch, and this "
+                          f"detector is {what}: give the model.pt (the one an .onnx was exported from), or turn tta off")
+    backend = settings.get("backend") or (config.detect.backend if config is not None else "auto")
+    precision = settings.get("precision") or (config.detect.precision if config is not None else "auto")
+    if backend == "onnx" or precision == "int8":
+        raise GeodetError("test-time augmentation (--tta, detect.tta) runs the model in torch: drop --backend onnx and "
+                          "--precision int8, or turn tta off")
+    return TtaModel(detector)
+
+
+def file_source(runner) -> dict | None:
+    """The model file a detector runs (path, hash), through its wrappers (TTA, a Torch/OnnxDetector)."""
+    for _ in range(4):
+        if runner is None or getattr(runner, "source", None):
+            return getattr(runner, "source", None)
+        runner = getattr(runner, "model", None)
+    return None
+
+
+def tta_report(runner) -> dict | None:
+    from ..model.tta import VIEWS_SQUARE, TtaModel
+
+    tta = runner if isinstance(runner, TtaModel) else getattr(runner, "model", None)
+    if not isinstance(tta, TtaModel):
+        return None
+    # geodet's tiles are square (edge tiles padded): all eight views
+    return {"views": len(tta.views or VIEWS_SQUARE), "fuse_iou": tta.fuse_iou,
+            "note": "fused scores are the views' summed score over the views: an object some views miss scores "
+                    "lower than without TTA, while the operating point was measured without it"}
 
 
 def log_losses(name: str, done: ScenePass, s: DetectSettings, op: float | None) -> None:
@@ -149,6 +196,7 @@ def detect_scenes(paths: Sequence, detector, *, per_scene: bool = False, failure
 
     if not paths:
         raise GeodetError("no scenes given")
+    detector = with_tta(detector, kwargs.get("config"), kwargs)
     card = getattr(detector, "card", None)
     s = resolve_detect_settings(card, kwargs.get("config"), **{k: v for k, v in kwargs.items() if k not in ("config", "progress")})
     detector = job_detector(paths, detector, s, failures)
