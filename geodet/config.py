@@ -149,6 +149,10 @@ class TrainConfig:
     # (the validation then, which sets the operating point and the card's metrics, is the last);
     # None: the strip stays held out for the whole run
     val_give_back: Optional[float] = None
+    # also measure the operating point of test-time augmentation (detect --tta) at the validation that
+    # sets model.pt's (the last, or the one before the strip is given back): 8 more passes over the
+    # strip, reserved inside the time limit; without it, --tta styles at the plain operating point
+    tta_operating_point: bool = False
     # which model becomes model.pt: "last" (the end of the schedule, where the LR has decayed) or "best"
     # (the best validation AP50 seen); validation always sets the card's metrics and operating point.
     # "last": with a few hundred labels the validation strip holds a few dozen objects; picking by it

@@ -185,3 +185,27 @@ def test_detect_tta_from_the_command_line_and_its_refusals(tiny_model, synth, tm
         r = geodet("detect", synth.image, "-m", tiny_model, "-o", bad, "--tta", *extra)
         assert_clean_error(r, pattern)
         assert not bad.exists()
+
+
+def test_tta_operating_point_is_measured_at_validation_and_detect_uses_it(synth, tmp_path):
+    """With ``train.tta_operating_point`` the card holds TTA's own operating point (its fused scores
+    run lower than the plain model's); ``--tta`` styles and reports with it, plain detection keeps
+    the card's own."""
+    from conftest import tiny_config
+
+    from geodet.model import load_model
+    from geodet.model.tta import TtaModel
+    from geodet.pipeline.job import detect_to_file
+    from geodet.training.trainer import train
+
+    path = train(tiny_config(synth.image, synth.labels, epochs=8, tta_operating_point=True), tmp_path / "run",
+                 progress=False)
+    model = load_model(path)
+    op, tta_op = model.card.operating_point, model.card.extra.get("tta_operating_point")
+    assert op is not None and tta_op is not None and 0 < tta_op <= 1
+    assert TtaModel(model).card.operating_point == tta_op and model.card.operating_point == op
+    with_tta = detect_to_file([synth.image], path, tmp_path / "t.gpkg", progress=False, tta=True).attrs["report"]
+    plain = detect_to_file([synth.image], path, tmp_path / "p.gpkg", progress=False).attrs["report"]
+    assert with_tta["model"]["operating_point"] == pytest.approx(tta_op)
+    assert "measured with TTA" in with_tta["model"]["tta"]["operating_point"]
+    assert plain["model"]["operating_point"] == pytest.approx(op) and plain["model"]["tta"] is None

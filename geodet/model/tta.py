@@ -63,6 +63,15 @@ def fuse(boxes: Tensor, scores: Tensor, labels: Tensor, n_views: int, fuse_iou: 
     return {"boxes": fused[order], "scores": score[order], "labels": labels[leaders][order]}
 
 
+def tta_card(card):
+    """The card as TTA sees it: the operating point measured with TTA at validation where the
+    card has one (``train.tta_operating_point``), else the card's own."""
+    import dataclasses
+
+    op = (card.extra or {}).get("tta_operating_point")
+    return dataclasses.replace(card, operating_point=float(op)) if op is not None else card
+
+
 class TtaModel(nn.Module):
     """A geodet model run on ``views`` (default: all eight dihedral views on square tiles, four on
     others) with the views' boxes fused. The wrapped model is not changed."""
@@ -70,7 +79,7 @@ class TtaModel(nn.Module):
     def __init__(self, model, views=None, fuse_iou: float = 0.55):
         super().__init__()
         self.model = model
-        self.card = model.card
+        self.card = tta_card(model.card)
         self.source = None  # not the file's network: it runs in torch, never as the file's cached ONNX models
         self.views, self.fuse_iou = views, fuse_iou
 

@@ -52,13 +52,15 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     frame = combine_frames(frames)
     t1 = time.perf_counter()
     card = getattr(model, "card", None)
-    write_detections(frames, out, fmt, csv_geometry or cfg.output.csv_geometry,
-                     style_min_score=card.operating_point if card is not None else None)
+    # the operating point of what ran (with --tta, the card's TTA operating point where it has one)
+    ran = frames[0].attrs["report"].get("model") or {}
+    op = ran.get("operating_point", card.operating_point if card is not None else None)
+    write_detections(frames, out, fmt, csv_geometry or cfg.output.csv_geometry, style_min_score=op)
     t2 = time.perf_counter()
     report = _job_report(out, fmt, model, scenes, frames, failures, len(frame))
     report["seconds"] = {"detect": round(t1 - t0, 3), "write": round(t2 - t1, 3)}
     if looks:
-        min_score = quicklook_min_score if quicklook_min_score is not None else (card.operating_point if card else None)
+        min_score = quicklook_min_score if quicklook_min_score is not None else op
         report["quicklooks"] = _draw_quicklooks(scenes, looks, frames, card, min_score)
     write_json(report, report_path(out))
     frame.attrs["report"] = report
@@ -104,7 +106,8 @@ def _job_report(out, fmt: str, model, scenes: Sequence, frames: list, failures: 
         "model": {"path": source.get("path"), "sha256": source.get("sha256"),
                   "backend": (frames[0].attrs["report"].get("backend") if frames else None),
                   "classes": list(card.classes) if card else None,
-                  "operating_point": card.operating_point if card else None,
+                  "operating_point": ((frames[0].attrs["report"].get("model") or {}).get("operating_point") if frames
+                                      else None) if card else None,
                   "tta": (frames[0].attrs["report"].get("tta") if frames else None)},
         "inputs": [_input(s) for s in scenes],
         "output_crs": _output_crs(fmt, frames),

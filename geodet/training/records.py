@@ -21,7 +21,7 @@ CHECKPOINT_FORMAT = "geodet-checkpoint"
 METRICS_HEADER = ["step", "epoch", "loss", "classification", "bbox_regression", "lr", "val_AP", "val_AP50", "seconds",
                   "note"]
 CARD_METRICS = ("AP", "AP50", "AP75", "precision", "recall", "f1")
-KEPT_KEYS = CARD_METRICS + ("score_threshold", "step", "note")  # what a checkpoint keeps of a validation
+KEPT_KEYS = CARD_METRICS + ("score_threshold", "tta_score_threshold", "step", "note")  # what a checkpoint keeps of a validation
 
 
 def save_checkpoint(out: Path, r, cfg, kept: dict | None = None, thresholds=None) -> None:
@@ -93,6 +93,9 @@ def save_kept_model(r, metrics: dict, path: Path, val_sets, batch_size: int) -> 
     if metrics.get("note"):  # validated earlier than this step (the strip was given back to training since)
         card.metrics.update(validated_at_step=int(metrics["step"]), validation_note=metrics["note"])
     card.operating_point = metrics.get("score_threshold") if metrics else None
+    card.extra.pop("tta_operating_point", None)  # measured for this model, or not at all
+    if metrics.get("tta_score_threshold") is not None:
+        card.extra["tta_operating_point"] = float(metrics["tta_score_threshold"])
     card.trained_steps = r.step
     store_bf16_check(r, val_sets, batch_size)
     save_model(r.model, path)

@@ -50,6 +50,7 @@ class Budget:
     val_seconds: float = 0.0  # the longest validation so far (with its save)
     last_val: float = 0.0  # clock time of the last validation's end
     validations: int = 0
+    final_passes: float = 1.0  # the final validation costs this many validations (TTA's operating point: 9)
     _rate_t0: Optional[float] = None
     _rate_s0: int = 0
 
@@ -65,7 +66,7 @@ class Budget:
         """The seconds training may use: the limit less the final validation's reserve."""
         if self.seconds is None:
             return None
-        return max(1.0, self.seconds - 1.2 * self.val_seconds)
+        return max(1.0, self.seconds - 1.2 * self.val_seconds * self.final_passes)
 
     def progress(self, step: int) -> float:
         p = 0.0

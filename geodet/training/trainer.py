@@ -193,6 +193,8 @@ class Trainer:
             log.info("resuming at step %d (epoch %d)", r.step, r.epoch)
         # a resumed run gets a fresh time budget; a step cap counts from the first step
         r.budget = Budget(total, seconds, start_step=r.step)
+        if tc.tta_operating_point and tc.val_give_back is None:
+            r.budget.final_passes = 9.0  # the last validation runs again on 8 views
         if self.pseudo_areas:
             from .selftrain import EmaTeacher
 
@@ -349,6 +351,8 @@ class Trainer:
         t0 = time.perf_counter()
         m = validate(r.model, self.val_sets, self.classes, self.overlap, r.device, self.cfg.detect.batch_size,
                      self.cfg.train.min_visibility)
+        if final and m and (self.keep == "last" or (m.get("AP50") or 0.0) > r.best):
+            m["tta_score_threshold"] = self._tta_threshold(r)
         r.model.train()
         ap50 = m.get("AP50") if m else None
         score = ap50 if ap50 is not None else 0.0
@@ -382,6 +386,8 @@ class Trainer:
         self.kept_metrics = {k: v for k, v in dict(m or {}, step=r.step).items() if k in KEPT_KEYS}
         self.kept_metrics["note"] = f"validated at step {r.step}, before the validation strip was given back to training"
         r.model.card.operating_point = m.get("score_threshold") if m else None
+        if m:
+            self.kept_metrics["tta_score_threshold"] = self._tta_threshold(r)
         if r.teacher is not None and self.thresholds is None:
             log.info("self-training's thresholds are measured now, on the student, before the strip is given back "
                      "(no round has run yet: train.val_give_back is earlier than train.burn_in)")
@@ -394,6 +400,19 @@ class Trainer:
         log.info("step %d: %s", r.step, note)
         self.metrics.note(r, r.budget.elapsed(), note, val_AP=f"{m.get('AP') or 0:.4f}" if m else "",
                           val_AP50=f"{r.last_ap50:.4f}" if m else "")
+
+    def _tta_threshold(self, r: Run) -> Optional[float]:
+        """The operating point of test-time augmentation (``train.tta_operating_point``), on the
+        validation strips: TTA's fused scores run lower than the plain model's."""
+        if not self.cfg.train.tta_operating_point:
+            return None
+        t0 = time.perf_counter()
+        m = validate(r.model, self.val_sets, self.classes, self.overlap, r.device, self.cfg.detect.batch_size,
+                     self.cfg.train.min_visibility, tta=True)
+        op = m.get("score_threshold") if m else None
+        log.info("step %d: operating point with test-time augmentation %s (AP50 %.3f; %.1f s)", r.step,
+                 "none" if op is None else f"{op:.3f}", (m.get("AP50") or 0.0) if m else 0.0, time.perf_counter() - t0)
+        return op
 
     def _thresholds(self, r: Run, teacher):
         from .selftrain import thresholds_from_validation

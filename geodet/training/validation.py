@@ -12,8 +12,10 @@ from ..pipeline.scenes import detect_scene
 from .area import centres_inside
 
 
-def validate(model, val_sets, classes: list[str], overlap: int, device, batch_size: int, min_visibility: float) -> dict:
-    """COCO metrics of ``model`` over ``val_sets`` [(TrainScene, area)], each area its own image.
+def validate(model, val_sets, classes: list[str], overlap: int, device, batch_size: int, min_visibility: float,
+             tta: bool = False) -> dict:
+    """COCO metrics of ``model`` over ``val_sets`` [(TrainScene, area)], each area its own image
+    (with ``tta``, of the model under test-time augmentation).
     Labels count when at least ``min_visibility`` of them lies inside the area; with the
     scene's labelled area (``TrainScene.labelled``), detections and labels centred outside it are
     left out."""
@@ -21,6 +23,10 @@ def validate(model, val_sets, classes: list[str], overlap: int, device, batch_si
         return {}
     det_b, det_s, det_l, det_i, gt_b, gt_l, gt_i = [], [], [], [], [], [], []
     index = {n: k for k, n in enumerate(classes)}
+    if tta:
+        from ..model.tta import TtaModel
+
+        model = TtaModel(model)
     for i, (ts, area) in enumerate(val_sets):
         frame = detect_scene(ts.scene, model, area=area, overlap=overlap, device=str(device), num_workers=0,
                              progress=False, batch_size=batch_size)
