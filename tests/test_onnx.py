@@ -165,7 +165,10 @@ def test_auto_backend_on_a_large_job_makes_checks_and_caches(monkeypatch, tmp_pa
     assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == made  # nothing made twice
 
 
-def test_small_jobs_and_in_memory_models_run_torch_fp32(monkeypatch, tiny_model, synth):
+def test_small_jobs_and_in_memory_models_run_torch_fp32(monkeypatch, tmp_path, tiny_model, synth):
+    # a cache of its own: an int8 model another test derived (and checked) on a CPU with VNNI would
+    # rightly run even a small job
+    monkeypatch.setenv("GEODET_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(choice, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
     model = load_model(tiny_model)
     r = detect_scene(synth.image, model, progress=False, tile_size=384, overlap=0).attrs["report"]["backend"]
