@@ -187,6 +187,36 @@ def test_detect_tta_from_the_command_line_and_its_refusals(tiny_model, synth, tm
         assert not bad.exists()
 
 
+def test_detect_adapt_from_the_command_line_and_its_refusals(tiny_model, synth, tmp_path):
+    """``geodet detect --adapt`` re-estimates batch norm on the scenes it detects and says so in its
+    report (with the model file it was made from); where it cannot run (an ONNX file, the onnx
+    backend, int8, the ray engine, bands the model does not take) it is refused in one line before
+    any work, with nothing written."""
+    import json
+    import shutil
+
+    from test_cli import assert_clean_error, geodet
+
+    out = tmp_path / "adapted.gpkg"
+    r = geodet("detect", synth.image, "-m", tiny_model, "-o", out, "--adapt", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "adapted.gpkg.report.json").read_text())
+    adapted = report["model"]["adapted_to"]
+    assert adapted["method"] == "AdaBN" and adapted["tiles"] > 0 and adapted["scenes"] == [str(synth.image)]
+    assert report["model"]["sha256"] and report["model"]["sha256"] == adapted["model"]["sha256"]
+    assert report["scenes"][0]["backend"]["backend"] == "torch" and report["detections"] > 0
+    onnx = tmp_path / "m.onnx"
+    shutil.copy(tiny_model, onnx)
+    for i, (model, extra, pattern) in enumerate((
+            (onnx, [], "needs the torch model"), (tiny_model, ["--backend", "onnx"], "drop --backend onnx"),
+            (tiny_model, ["--precision", "int8"], "int8"), (tiny_model, ["--engine", "ray"], "local engine"),
+            (tiny_model, ["--bands", "1,2"], "model expects 3 band"))):
+        bad = tmp_path / f"bad{i}.gpkg"
+        r = geodet("detect", synth.image, "-m", model, "-o", bad, "--adapt", *extra)
+        assert_clean_error(r, pattern)
+        assert not bad.exists()
+
+
 def test_tta_operating_point_is_measured_at_validation_and_detect_uses_it(synth, tmp_path):
     """With ``train.tta_operating_point`` the card holds TTA's own operating point (its fused scores
     run lower than the plain model's); ``--tta`` styles and reports with it, plain detection keeps

@@ -260,6 +260,8 @@ def test_parameters_are_checked_before_the_run(provider, tiny_model, synth, tmp_
         ("geodet:detect", {**base, "MODEL": str(tmp_path / "notes.txt"), "OUTPUT": str(tmp_path / "d.gpkg")},
          "is not a .pt or .onnx file"),
         ("geodet:detect", {**base, "BANDS": "1;2", "OUTPUT": str(tmp_path / "d.gpkg")}, "bands must be numbers"),
+        ("geodet:detect", {**base, "MODEL": str(tmp_path / "m.onnx"), "ADAPT": True, "OUTPUT": str(tmp_path / "d.gpkg")},
+         "Adapting to the scene needs a .pt model"),
         ("geodet:train", {"SCENE": str(synth.image), "LABELS": str(synth.labels), "RESUME": True,
                           "OUTPUT_FOLDER": str(empty)}, "has none: choose the folder of the run to continue"),
         ("geodet:train", {"SCENE": str(synth.image), "LABELS": str(synth.labels), "VAL_SCENE": str(synth.image),
@@ -306,6 +308,7 @@ def test_every_algorithm_runs_headless(provider, tiny_model, synth, tmp_path):
                    "CLASSES=car,truck", f"OUTPUT={tmp_path / 'imported.pt'}"],
         "pretrain": [f"INPUT={synth.image}", f"CONFIG={cfg}", "TIME_LIMIT=1", "MAX_STEPS=2", "BANDS=",
                      f"OUTPUT={tmp_path / 'bb.pt'}"],
+        "detect": [f"INPUT={synth.image}", f"MODEL={tiny_model}", "ADAPT=true", f"OUTPUT={tmp_path / 'adapted.gpkg'}"],
     }
     for alg, params in runs.items():
         r = qgis_process(provider, "run", f"geodet:{alg}", "--", *params)
@@ -317,6 +320,8 @@ def test_every_algorithm_runs_headless(provider, tiny_model, synth, tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["n_labels"] > 0
     for f in ("m.onnx", "imported.pt", "bb.pt"):
         assert (tmp_path / f).stat().st_size > 1000, f
+    report = json.loads((tmp_path / "adapted.gpkg.report.json").read_text())
+    assert report["model"]["adapted_to"]["method"] == "AdaBN" and report["detections"] > 0
 
 
 def test_provider_reports_geodets_one_line_error(provider, synth, tmp_path):

@@ -42,6 +42,11 @@ def add_parser(sub, common) -> None:
                    help="test-time augmentation: also run every tile flipped and turned (8 views), the boxes fused; "
                         "about 8x the detection time for a little more AP (docs/benchmarks.md, Few labels S10); "
                         "torch only (default: detect.tta of --config, else off)")
+    d.add_argument("--adapt", action="store_true",
+                   help="first re-estimate the model's batch-norm statistics on these scenes (AdaBN: 64 tiles, no "
+                        "labels, seconds to a minute on a CPU), for a model trained on another site, season or "
+                        "sensor; measured on one pair of sites (docs/benchmarks.md, Few labels S10); .pt models "
+                        "with batch norm, torch only, the local engine")
     d.add_argument("--bands", type=bands, help="scene bands to feed the model, e.g. 3,2,1")
     d.add_argument("--gsd", type=float, help="resample scenes to this GSD (default: the model card's)")
     d.add_argument("--csv-geometry", choices=["wkt", "pixel"], default=None, help="CSV: WKT polygons or pixel boxes only")
@@ -121,6 +126,27 @@ def _run_ray(args, cfg, scenes, ids) -> int:
     return 0
 
 
+def _adapted(path, scenes, cfg, out):
+    """``--adapt``: the model file's network with its batch-norm statistics re-estimated on the
+    scenes (AdaBN). Refused, before any work, where it cannot run."""
+    from ..io.writers import check_output_path, output_format
+    from ..pipeline.job import load_detector_file
+    from ..pipeline.settings import resolve_detect_settings
+    from ..training.adapt import adapt_batch_norm
+
+    if str(path).lower().endswith(".onnx"):
+        raise GeodetError(f"--adapt needs the torch model (.pt): {path} is ONNX, whose batch norms are folded into its "
+                          "convolutions; give the model.pt it was exported from, or drop --adapt")
+    if cfg.detect.backend == "onnx" or cfg.detect.precision == "int8":
+        raise GeodetError("--adapt runs the adapted network in torch: drop --backend onnx / --precision int8, or --adapt")
+    check_output_path(out, output_format(out, cfg.output.format))  # a bad output is refused before the adaptation
+    model = load_detector_file(path)
+    if not hasattr(model, "modules"):
+        raise GeodetError(f"--adapt needs a torch model (.pt): {path} is not one; drop --adapt")
+    s = resolve_detect_settings(model.card, cfg)  # the scenes read as detection will read them
+    return adapt_batch_norm(model, scenes, settings=s)
+
+
 def run(args) -> int:
     from .. import progress
     from ..config import load_config
@@ -140,9 +166,12 @@ def run(args) -> int:
         if cfg.detect.tta:
             raise GeodetError("test-time augmentation (--tta, detect.tta) runs with the local engine only: drop --engine "
                               "ray, or turn tta off")
+        if args.adapt:
+            raise GeodetError("--adapt runs with the local engine only: drop --engine ray, or --adapt")
         return _run_ray(args, cfg, scenes, ids)
+    model = _adapted(args.model, scenes, cfg, args.out) if args.adapt else args.model
     progress.plan(len(scenes))  # one pass per scene
-    frame = detect_to_file(scenes, args.model, args.out, config=cfg, quicklook=args.quicklook,
+    frame = detect_to_file(scenes, model, args.out, config=cfg, quicklook=args.quicklook,
                            quicklook_min_score=args.min_score, progress=not args.quiet)
     report = frame.attrs["report"]
     skipped = sum(r["tiles_skipped"] for r in report["scenes"])

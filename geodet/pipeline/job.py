@@ -100,7 +100,9 @@ def _readable_scenes(scenes: Sequence, fmt: str) -> tuple[list, list[dict]]:
 def _job_report(out, fmt: str, model, scenes: Sequence, frames: list, failures: list, n_detections: int) -> dict:
     """The job's report: output, model, inputs, each scene's report, what failed."""
     card = getattr(model, "card", None)
-    source = getattr(model, "source", None) or {}
+    adapted = (card.extra.get("adapted_to") if card is not None else None) or None
+    # an adapted (AdaBN) copy has no file of its own: the report names the file it was made from
+    source = getattr(model, "source", None) or (adapted or {}).get("model") or {}
     return {
         "output": str(out), "format": fmt, "detections": n_detections,
         "model": {"path": source.get("path"), "sha256": source.get("sha256"),
@@ -108,7 +110,8 @@ def _job_report(out, fmt: str, model, scenes: Sequence, frames: list, failures: 
                   "classes": list(card.classes) if card else None,
                   "operating_point": ((frames[0].attrs["report"].get("model") or {}).get("operating_point") if frames
                                       else None) if card else None,
-                  "tta": (frames[0].attrs["report"].get("tta") if frames else None)},
+                  "tta": (frames[0].attrs["report"].get("tta") if frames else None),
+                  "adapted_to": adapted},
         "inputs": [_input(s) for s in scenes],
         "output_crs": _output_crs(fmt, frames),
         "scenes": [f.attrs["report"] for f in frames],

@@ -21,22 +21,31 @@ from ..errors import GeodetError
 log = logging.getLogger(__name__)
 
 
-def _sample_tiles(paths, card, n: int, seed: int) -> list[torch.Tensor]:
-    """Up to ``n`` random tiles (the model's tile size, mostly valid pixels) spread over ``paths``."""
-    from ..io.scene import Scene
+def _sample_tiles(paths, card, n: int, seed: int, settings) -> list[torch.Tensor]:
+    """Up to ``n`` random tiles (the model's tile size, mostly valid pixels) spread over ``paths``,
+    opened as detection opens them (``settings``: bands, resolution, scaling; the same checks)."""
+    from ..pipeline.reader import open_scene
     from ..training.sampler import chip_tile
 
     rng = np.random.default_rng(seed)
-    size = int(card.tile_size)
+    size = int(settings.tile_size)
     out = []
-    scenes = [Scene(p, bands=card.bands, gsd_m=card.gsd_m, percentiles=card.percentiles) for p in paths]
+    scenes, error = [], None
+    for p in paths:  # a scene that cannot be read is the detection job's to report; adapt to the others
+        try:
+            scenes.append(open_scene(p, settings, card, warn=False))
+        except GeodetError as e:
+            log.warning("not adapting to %s: %s", p, e)
+            error = e
+    if not scenes:
+        raise error if error is not None else GeodetError("no scene to adapt to")
     try:
         for i in range(n * 3):
             sc = scenes[i % len(scenes)]
             x = int(rng.integers(0, max(1, sc.width - size + 1)))
             y = int(rng.integers(0, max(1, sc.height - size + 1)))
             img, frac = sc.read_tile(chip_tile(x, y, size, (0, 0, sc.width, sc.height)))
-            if frac >= 0.5:
+            if frac >= 0.5 * min(1.0, sc.width * sc.height / size**2):  # a scene smaller than a tile counts whole
                 out.append(torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)))
             if len(out) >= n:
                 break
@@ -47,16 +56,24 @@ def _sample_tiles(paths, card, n: int, seed: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def adapt_batch_norm(model, scenes, tiles: int = 64, batch_size: int = 4, seed: int = 0):
+def adapt_batch_norm(model, scenes, tiles: int = 64, batch_size: int = 4, seed: int = 0, settings=None):
     """A copy of ``model`` whose BatchNorm statistics are those of ``scenes``' tiles (the caller's
-    model is not changed). Models without BatchNorm layers (frozen or group norm) are refused."""
+    model is not changed), read as detection with ``settings`` (``DetectSettings``; default: the
+    model card's) will read them. Models without BatchNorm layers (frozen or group norm) are
+    refused."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         raise GeodetError("this model has no trainable batch-norm layers (frozen or group norm): there are no "
-                          "statistics to adapt")
-    images = _sample_tiles([str(p) for p in scenes], model.card, tiles, seed)
+                          "statistics to adapt: detect without --adapt")
+    if settings is None:
+        from ..pipeline.settings import resolve_detect_settings
+
+        settings = resolve_detect_settings(model.card)
+    images = _sample_tiles([str(p) for p in scenes], model.card, tiles, seed, settings)
     if not images:
-        raise GeodetError("no tile of the target scenes holds enough valid pixels to adapt to")
+        raise GeodetError("no tile of the target scenes holds enough valid pixels to adapt to (mostly nodata?): "
+                          "detect without --adapt")
+    source = getattr(model, "source", None) or {}
     adapted = copy.deepcopy(model).eval()
     adapted.source = None  # other weights than the file's: never the original's cached ONNX or int8 models
     for m in adapted.modules():
@@ -69,7 +86,8 @@ def adapt_batch_norm(model, scenes, tiles: int = 64, batch_size: int = 4, seed: 
         x = net.transform(images[i : i + batch_size])[0].tensors
         net.backbone(x)
     adapted.eval()
-    adapted.card.extra["adapted_to"] = {"scenes": [str(p) for p in scenes], "tiles": len(images), "method": "AdaBN"}
+    adapted.card.extra["adapted_to"] = {"scenes": [str(p) for p in scenes], "tiles": len(images), "method": "AdaBN",
+                                      "model": {"path": source.get("path"), "sha256": source.get("sha256")}}
     log.info("batch-norm statistics of %d layer(s) re-estimated on %d tile(s) of %s", len(bns), len(images),
              ", ".join(str(p) for p in scenes))
     return adapted

@@ -41,6 +41,9 @@ class DetectAlgorithm(GeodetAlgorithm):
         self.addParameter(QgsProcessingParameterEnum("DEVICE", "Device", DEVICES, False, 0))
         self.addParameter(QgsProcessingParameterBoolean(
             "TTA", "Test-time augmentation (each tile also flipped and turned; about 8x slower; .pt models)", False))
+        self.addParameter(QgsProcessingParameterBoolean(
+            "ADAPT", "Adapt to this scene first (batch-norm statistics re-estimated on it: a model trained on another "
+                     "site or sensor; .pt models)", False))
         out = QgsProcessingParameterVectorDestination("OUTPUT", "Detections", QgsProcessing.TypeVectorPolygon)
         out.setSupportsNonFileBasedOutput(False)  # geodet writes files
         self.addParameter(out)
@@ -49,6 +52,9 @@ class DetectAlgorithm(GeodetAlgorithm):
         if self.parameterAsBoolean(parameters, "TTA", context) and \
                 self.parameterAsFile(parameters, "MODEL", context).lower().endswith(".onnx"):
             return "Test-time augmentation runs a .pt model: give the model.pt the .onnx was exported from, or untick it"
+        if self.parameterAsBoolean(parameters, "ADAPT", context) and \
+                self.parameterAsFile(parameters, "MODEL", context).lower().endswith(".onnx"):
+            return "Adapting to the scene needs a .pt model: give the model.pt the .onnx was exported from, or untick it"
         return (self.check_file(parameters, "MODEL", context, ["pt", "onnx"], "Model file")
                 or self.check_bands(self.optional_text(parameters, "BANDS", context))
                 or self.check_output(parameters, "OUTPUT", context, detection_extensions(), "Detections"))
@@ -62,6 +68,8 @@ class DetectAlgorithm(GeodetAlgorithm):
         self.flag(args, "--bands", self.optional_text(parameters, "BANDS", context))
         if self.parameterAsBoolean(parameters, "TTA", context):
             args.append("--tta")
+        if self.parameterAsBoolean(parameters, "ADAPT", context):
+            args.append("--adapt")
         self.run_command(args, feedback, outputs=[out])
         load_styled(context, out)
         return {"OUTPUT": out}
