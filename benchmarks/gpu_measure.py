@@ -5,8 +5,9 @@ run the same code at small sizes (tests/test_gpu_check.py).
   tiles already on the device, eager or as one CUDA graph, between device synchronisations;
 - ``read_row``: the read bound: a bare parallel rasterio loop over the grid's windows (processes,
   each with its own dataset, reading the bands, nothing else, the windows shared out in batches
-  as DataLoader workers share them) and the pipeline's own reader (DataLoader workers, collate,
-  pinned memory), both with the workers the pipeline uses;
+  as DataLoader workers share them) and the pipeline's own reader (the ring reader on Linux:
+  pinned memory), both with the workers the pipeline uses, and torch's DataLoader over the same
+  tiles (the pipeline's reader before the ring reader) for comparison;
 - ``detect_row``: ``detect_scene`` end to end with a prepared detector, after a warm-up scene;
 - ``decode_row``: a batch's decoding and NMS alone, torchvision's per-tile NMS against the
   one-pass pair NMS, with the agreement of their detections;
@@ -92,29 +93,58 @@ def bare_read_rate(path: str, bands: list, grid, workers: int, batch: int) -> fl
     return sum(d[0] for d in done) / (time.perf_counter() - t0)
 
 
+def _reader_rate(batches, device) -> tuple[float, float, int]:
+    """(tiles/s after the first batch, seconds to the first batch, tiles) of a reader's batches,
+    each moved to ``device`` as the pipeline moves it."""
+    t0 = time.perf_counter()
+    first, n, n0 = None, 0, 0
+    for images, tiles, skipped, _ in batches:
+        if images is not None and device.type == "cuda":
+            images.to(device, non_blocking=True)
+        n += len(tiles) + len(skipped)
+        if first is None:
+            sync(device)
+            first, n0 = time.perf_counter(), n
+    sync(device)
+    end = time.perf_counter()
+    if first is None:
+        return 0.0, 0.0, 0
+    steady = (n - n0) / (end - first) if n > n0 and end > first else n / max(end - t0, 1e-9)
+    return steady, first - t0, n
+
+
 def read_row(scene_path: str, settings, device, workers: int) -> dict:
-    """The read bound of a preset's grid over a scene, and the pipeline's own reader's rate."""
+    """The read bound of a preset's grid over a scene, and the pipeline's own reader's rate (the
+    ring reader where it runs), with torch's DataLoader over the same tiles for comparison:
+    tiles/s from start to end, and after the first batch with the time to it."""
     from geodet.io.scene import gdal_env
     from geodet.pipeline.detect import tile_batches
-    from geodet.pipeline.reader import open_scene, scene_grid
+    from geodet.pipeline.reader import TileDataset, make_collate, open_scene, scene_grid, worker_init
 
     sc = open_scene(scene_path, settings)
     try:
         grid = scene_grid(sc, settings)
         bare = bare_read_rate(scene_path, sc.bands, grid, workers, settings.batch_size)
-        t0 = time.perf_counter()
-        n = 0
+        row = {"workers": workers, "tiles": len(grid), "bare_tiles_per_s": round(bare, 1),
+               "uint8_raw": device.type == "cuda" and sc.dtype == np.uint8}
+        raw = row["uint8_raw"]
         with gdal_env():
-            for images, tiles, skipped, _ in tile_batches(sc, grid, settings, device):
-                n += len(tiles) + len(skipped)
-                if images is not None and device.type == "cuda":
-                    images.to(device, non_blocking=True)
-        sync(device)
-        loader = n / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            steady, first, n = _reader_rate(tile_batches(sc, grid, settings, device), device)
+            row["pipeline_reader_tiles_per_s"] = round(n / (time.perf_counter() - t0), 1)
+            row["pipeline_reader_steady_tiles_per_s"], row["pipeline_reader_first_batch_s"] = round(steady, 1), round(first, 3)
+            if workers > 0:
+                loader = torch.utils.data.DataLoader(
+                    TileDataset(sc, grid, raw=raw), batch_size=settings.batch_size, num_workers=workers,
+                    collate_fn=make_collate(settings.min_valid_fraction), pin_memory=device.type == "cuda",
+                    worker_init_fn=worker_init, prefetch_factor=4 if device.type == "cuda" else 2)
+                t0 = time.perf_counter()
+                steady, first, n = _reader_rate(loader, device)
+                row["dataloader_tiles_per_s"] = round(n / (time.perf_counter() - t0), 1)
+                row["dataloader_steady_tiles_per_s"], row["dataloader_first_batch_s"] = round(steady, 1), round(first, 3)
     finally:
         sc.close()
-    return {"workers": workers, "tiles": len(grid), "bare_tiles_per_s": round(bare, 1),
-            "pipeline_reader_tiles_per_s": round(loader, 1), "uint8_raw": device.type == "cuda" and sc.dtype == np.uint8}
+    return row
 
 
 def detect_row(scene, warm_scene, detector, device, batch, workers, flops=None, peak=None) -> tuple[dict, object]:

@@ -25,6 +25,7 @@ from ..progress import progress_bar
 from .grid import Tile, TileGrid
 from .batches import finish_batch, model_input, start_batch
 from .reader import TileDataset, make_collate, read_batches, worker_init
+from .ring import ring_available, ring_batches
 from .settings import DetectSettings
 from .bands import BandStitcher
 from .stitch import SceneDetections, Stitcher
@@ -114,8 +115,9 @@ def tile_detections(scene: Scene, grid: TileGrid, detector, settings: DetectSett
 
 def tile_batches(scene: Scene, grid: TileGrid, settings: DetectSettings, device: torch.device, indices=None):
     """The batches ``(images, tiles, skipped, failed)`` of the tiles ``indices``: read in this
-    process into one reused buffer (the CPU without workers), or by DataLoader workers (pinned
-    memory on CUDA, where uint8 scenes travel as uint8)."""
+    process into one reused buffer (the CPU without workers), or by worker processes (the ring
+    reader on Linux, DataLoader workers elsewhere; pinned memory on CUDA, where uint8 scenes
+    travel as uint8)."""
     workers = default_workers(device) if settings.num_workers is None else settings.num_workers
     if workers == 0 and device.type == "cpu":
         # in-process reading into one reused batch buffer (the model consumes each batch
@@ -123,11 +125,16 @@ def tile_batches(scene: Scene, grid: TileGrid, settings: DetectSettings, device:
         return read_batches(scene, grid, settings.batch_size, settings.min_valid_fraction, indices,
                             settings.on_read_error)
     raw = device.type == "cuda" and scene.dtype == np.uint8
+    prefetch = 4 if device.type == "cuda" else 2
+    if workers > 0 and ring_available():
+        # workers write into shared batch buffers: no per-batch shared-memory segment or pinning thread
+        return ring_batches(scene, grid, settings.batch_size, workers, settings.min_valid_fraction, indices,
+                            settings.on_read_error, raw=raw, pin=device.type == "cuda", prefetch=prefetch)
     data = TileDataset(scene, grid, indices, settings.on_read_error, raw=raw)
     return torch.utils.data.DataLoader(
         data, batch_size=settings.batch_size, num_workers=workers, collate_fn=make_collate(settings.min_valid_fraction),
         pin_memory=device.type == "cuda", worker_init_fn=worker_init if workers > 0 else None,
-        prefetch_factor=(4 if device.type == "cuda" else 2) if workers > 0 else None,
+        prefetch_factor=prefetch if workers > 0 else None,
     )
 
 
