@@ -91,6 +91,14 @@ def test_tta_fuses_the_views_of_one_object_and_damps_a_box_one_view_saw():
     seen_by_all = out["boxes"][out["scores"].argmax()]
     assert torch.allclose(seen_by_all, torch.tensor([10.0, 10.25, 20.0, 20.25]))
     assert out["scores"].tolist() == pytest.approx([0.8, 0.225])
+    # a view votes once per object: a second box of view 0 beside its first (a model NMS IoU above
+    # fuse_iou keeps both) neither raises the object's score nor moves its box
+    views = torch.tensor([0, 1, 2, 3, 0])
+    twice = torch.cat([boxes[:4], torch.tensor([[10.0, 12.0, 20.0, 22.0]])])
+    out = fuse(twice, torch.tensor([0.8, 0.8, 0.8, 0.8, 0.7]), torch.zeros(5, dtype=torch.int64), 4, 0.55, 100,
+               views=views)
+    assert len(out["boxes"]) == 1 and out["scores"].tolist() == pytest.approx([0.8])
+    assert torch.allclose(out["boxes"][0], torch.tensor([10.0, 10.25, 20.0, 20.25]))
 
 
 def test_tta_model_runs_in_the_pipeline(tiny_model, synth):
@@ -125,12 +133,26 @@ def test_adabn_reestimates_statistics_on_the_target_and_leaves_the_model(tiny_mo
         dst.write((data * 0.5).astype(data.dtype))
     model = load_model(tiny_model)
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    before = bn.running_mean.clone()
-    adapted = adapt_batch_norm(model, [dark], tiles=8)
+    before, momentum = bn.running_mean.clone(), bn.momentum
+    not_a_raster = tmp_path / "notes.tif"
+    not_a_raster.write_text("not a raster")
+    adapted = adapt_batch_norm(model, [not_a_raster, dark], tiles=8, batch_size=4)
     bn2 = next(m for m in adapted.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert torch.equal(bn.running_mean, before)  # the caller's model is untouched
-    assert not torch.allclose(bn2.running_mean, before) and not adapted.training
+    assert not adapted.training and bn2.momentum == momentum and int(bn2.num_batches_tracked) == 2
+    # the first layer's statistics are those of the dark scene's tiles: its input's channel means
+    from geodet.training.adapt import _sample_tiles
+    from geodet.pipeline.settings import resolve_detect_settings
+
+    tiles, used = _sample_tiles([str(dark)], model.card, 8, 0, resolve_detect_settings(model.card))
+    net = model.net
+    with torch.no_grad():
+        first = net.backbone.body.conv1(net.transform(tiles)[0].tensors)
+    assert torch.allclose(bn2.running_mean, first.mean((0, 2, 3)), atol=1e-4)
+    assert not torch.allclose(bn2.running_mean, before, atol=1e-3)
     assert np.isfinite(bn2.running_var.numpy()).all()
+    # the scene that could not be read is left out of what the model was adapted to
+    assert adapted.card.extra["adapted_to"]["scenes"] == [str(dark)] == used
 
 
 def test_atss_never_leaves_a_tiny_or_thin_object_without_a_positive():
@@ -210,11 +232,14 @@ def test_detect_adapt_from_the_command_line_and_its_refusals(tiny_model, synth, 
     for i, (model, extra, pattern) in enumerate((
             (onnx, [], "needs the torch model"), (tiny_model, ["--backend", "onnx"], "drop --backend onnx"),
             (tiny_model, ["--precision", "int8"], "int8"), (tiny_model, ["--engine", "ray"], "local engine"),
-            (tiny_model, ["--bands", "1,2"], "model expects 3 band"))):
+            (tiny_model, ["--bands", "1,2"], "model expects 3 band"),
+            # the job's own checks come before the adaptation's minute of work
+            (tiny_model, ["--quicklook", str(onnx / "q.png")], "is a file, not a folder"),
+            *([(tiny_model, ["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []))):
         bad = tmp_path / f"bad{i}.gpkg"
         r = geodet("detect", synth.image, "-m", model, "-o", bad, "--adapt", *extra)
         assert_clean_error(r, pattern)
-        assert not bad.exists()
+        assert not bad.exists() and "re-estimated" not in r.stderr  # refused before the adaptation
 
 
 def test_tta_operating_point_is_measured_at_validation_and_detect_uses_it(synth, tmp_path):
@@ -238,4 +263,13 @@ def test_tta_operating_point_is_measured_at_validation_and_detect_uses_it(synth,
     plain = detect_to_file([synth.image], path, tmp_path / "p.gpkg", progress=False).attrs["report"]
     assert with_tta["model"]["operating_point"] == pytest.approx(tta_op)
     assert "measured with TTA" in with_tta["model"]["tta"]["operating_point"]
-    assert plain["model"]["operating_point"] == pytest.approx(op) and plain["model"]["tta"] is None
+    assert plain["model"]["operating_point"] == pytest.approx(op) and plain["model"]["tta"] is False
+    # an explicit tta=False wins over a configuration that turns TTA on
+    from geodet.config import load_config
+
+    cfg = load_config("cpu")
+    cfg.detect.tta = True
+    off = detect_to_file([synth.image], path, tmp_path / "o.gpkg", config=cfg, progress=False, tta=False)
+    cfg.detect.tta = False
+    ref = detect_to_file([synth.image], path, tmp_path / "r.gpkg", config=cfg, progress=False)
+    assert off.attrs["report"]["model"]["tta"] is False and len(off) == len(ref) > 0

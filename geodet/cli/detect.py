@@ -126,11 +126,11 @@ def _run_ray(args, cfg, scenes, ids) -> int:
     return 0
 
 
-def _adapted(path, scenes, cfg, out):
+def _adapted(path, scenes, cfg, out, quicklook=None):
     """``--adapt``: the model file's network with its batch-norm statistics re-estimated on the
-    scenes (AdaBN). Refused, before any work, where it cannot run."""
-    from ..io.writers import check_output_path, output_format
-    from ..pipeline.job import load_detector_file
+    scenes (AdaBN). Refused, before any work, where it cannot run, and after the job's own checks
+    (output, quicklooks, the scenes, the device)."""
+    from ..pipeline.job import check_job, load_detector_file
     from ..pipeline.settings import resolve_detect_settings
     from ..training.adapt import adapt_batch_norm
 
@@ -139,12 +139,14 @@ def _adapted(path, scenes, cfg, out):
                           "convolutions; give the model.pt it was exported from, or drop --adapt")
     if cfg.detect.backend == "onnx" or cfg.detect.precision == "int8":
         raise GeodetError("--adapt runs the adapted network in torch: drop --backend onnx / --precision int8, or --adapt")
-    check_output_path(out, output_format(out, cfg.output.format))  # a bad output is refused before the adaptation
+    readable = check_job(scenes, out, cfg, quicklook=quicklook)[3]  # what detection would refuse, refused first
     model = load_detector_file(path)
     if not hasattr(model, "modules"):
         raise GeodetError(f"--adapt needs a torch model (.pt): {path} is not one; drop --adapt")
     s = resolve_detect_settings(model.card, cfg)  # the scenes read as detection will read them
-    return adapt_batch_norm(model, scenes, settings=s)
+    if not readable:  # detection says why no scene can be read
+        return path
+    return adapt_batch_norm(model, readable, settings=s)
 
 
 def run(args) -> int:
@@ -169,7 +171,7 @@ def run(args) -> int:
         if args.adapt:
             raise GeodetError("--adapt runs with the local engine only: drop --engine ray, or --adapt")
         return _run_ray(args, cfg, scenes, ids)
-    model = _adapted(args.model, scenes, cfg, args.out) if args.adapt else args.model
+    model = _adapted(args.model, scenes, cfg, args.out, args.quicklook) if args.adapt else args.model
     progress.plan(len(scenes))  # one pass per scene
     frame = detect_to_file(scenes, model, args.out, config=cfg, quicklook=args.quicklook,
                            quicklook_min_score=args.min_score, progress=not args.quiet)

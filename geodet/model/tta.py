@@ -44,8 +44,11 @@ def unview_boxes(b: Tensor, flip: bool, k: int, h: int, w: int) -> Tensor:
     return b
 
 
-def fuse(boxes: Tensor, scores: Tensor, labels: Tensor, n_views: int, fuse_iou: float, cap: int) -> dict:
-    """One box per object from the boxes of ``n_views`` views (see the module's note)."""
+def fuse(boxes: Tensor, scores: Tensor, labels: Tensor, n_views: int, fuse_iou: float, cap: int,
+         views: Tensor | None = None) -> dict:
+    """One box per object from the boxes of ``n_views`` views (see the module's note); ``views``
+    (each box's view) lets a view vote once per object: its best box in a cluster counts, not a
+    second box it kept beside it (possible where the model's NMS IoU is above ``fuse_iou``)."""
     if boxes.numel() == 0:
         return {"boxes": boxes, "scores": scores, "labels": labels}
     leaders = batched_nms(boxes, scores, labels, fuse_iou)
@@ -53,6 +56,8 @@ def fuse(boxes: Tensor, scores: Tensor, labels: Tensor, n_views: int, fuse_iou: 
     iou[labels[leaders][:, None] != labels[None, :]] = 0
     best, owner = iou.max(0)
     member = best >= fuse_iou
+    if views is not None:
+        member &= _best_of_each_view(owner, scores, views, member, n_views)
     owner, w = owner[member], scores[member]
     n = len(leaders)
     fused = torch.zeros((n, 4), dtype=boxes.dtype, device=boxes.device).index_add_(0, owner, boxes[member] * w[:, None])
@@ -61,6 +66,22 @@ def fuse(boxes: Tensor, scores: Tensor, labels: Tensor, n_views: int, fuse_iou: 
     score = (total / n_views).clamp(max=1.0)
     order = score.argsort(descending=True)[:cap]
     return {"boxes": fused[order], "scores": score[order], "labels": labels[leaders][order]}
+
+
+def _best_of_each_view(owner: Tensor, scores: Tensor, views: Tensor, member: Tensor, n_views: int) -> Tensor:
+    """Of the members of each cluster, the highest-scoring one of each view (ties: the first)."""
+    idx = member.nonzero().squeeze(1)
+    keep = torch.zeros_like(member)
+    if len(idx) == 0:
+        return keep
+    order = idx[scores[idx].argsort(descending=True, stable=True)]
+    key = owner[order] * n_views + views[order]
+    _, inverse = torch.unique(key, return_inverse=True)
+    pos = torch.arange(len(order), device=order.device)
+    first = torch.full((int(inverse.max()) + 1,), len(order), dtype=pos.dtype, device=pos.device)
+    first = first.scatter_reduce(0, inverse, pos, reduce="amin")
+    keep[order[first]] = True
+    return keep
 
 
 def tta_card(card):
@@ -95,9 +116,10 @@ class TtaModel(nn.Module):
             out = self.model.predict(view(batch, flip, k), score_threshold=score_threshold, nms_iou=nms_iou,
                                      detections_per_tile=cap, autocast_dtype=autocast_dtype, timings=timings)
             for i, d in enumerate(out):
-                per_image[i].append((unview_boxes(d["boxes"], flip, k, h, w), d["scores"], d["labels"]))
-        return [fuse(torch.cat([v[0] for v in vs]), torch.cat([v[1] for v in vs]), torch.cat([v[2] for v in vs]),
-                     len(views), self.fuse_iou, cap) for vs in per_image]
+                which = torch.full((len(d["scores"]),), len(per_image[i]), dtype=torch.int64, device=d["scores"].device)
+                per_image[i].append((unview_boxes(d["boxes"], flip, k, h, w), d["scores"], d["labels"], which))
+        return [fuse(*(torch.cat([v[j] for v in vs]) for j in range(3)), len(views), self.fuse_iou, cap,
+                     views=torch.cat([v[3] for v in vs])) for vs in per_image]
 
     def forward(self, images):
         return self.predict(images)

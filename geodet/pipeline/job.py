@@ -15,6 +15,25 @@ from ..errors import GeodetError, ReadError
 log = logging.getLogger(__name__)
 
 
+def check_job(scenes: Sequence, out, cfg, fmt: str | None = None, quicklook=None, device: str | None = None):
+    """The checks ``detect_to_file`` makes before any work (scenes given, output folder and
+    format, quicklook paths, the scenes' CRS, the device): ``(fmt, out, quicklook paths, readable
+    scenes, failures)``; a job that prepares its model first (``detect --adapt``) makes them too."""
+    from ..io.writers import check_output_path, output_format
+    from .detect import resolve_device
+
+    if not scenes:
+        raise GeodetError("no scenes given")
+    fmt = output_format(out, fmt or cfg.output.format)
+    out = check_output_path(out, fmt)
+    looks = _quicklook_paths(quicklook, scenes) if quicklook else []
+    for p in looks:
+        check_output_path(p)
+    readable, failures = _readable_scenes(scenes, fmt)
+    resolve_device(device or cfg.detect.device)
+    return fmt, out, looks, readable, failures
+
+
 def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None = None, csv_geometry: str | None = None,
                    quicklook=None, quicklook_min_score: float | None = None, progress: bool = True,
                    **settings):
@@ -28,20 +47,11 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     listed; in a job of several scenes, a scene that cannot be read fails alone (listed in the
     report's ``failed_scenes``) and the others are written. ``report["partial"]`` says so."""
     from ..config import load_config
-    from ..io.writers import check_output_path, combine_frames, output_format, report_path, write_detections, write_json
-    from .detect import resolve_device
+    from ..io.writers import combine_frames, report_path, write_detections, write_json
     from .scenes import detect_scenes
 
     cfg = config if config is not None else load_config()
-    if not scenes:
-        raise GeodetError("no scenes given")
-    fmt = output_format(out, fmt or cfg.output.format)
-    out = check_output_path(out, fmt)
-    looks = _quicklook_paths(quicklook, scenes) if quicklook else []
-    for p in looks:
-        check_output_path(p)
-    readable, failures = _readable_scenes(scenes, fmt)
-    resolve_device(settings.get("device") or cfg.detect.device)
+    fmt, out, looks, readable, failures = check_job(scenes, out, cfg, fmt, quicklook, settings.get("device"))
     if isinstance(model, (str, Path)):
         model = load_detector_file(model)
     t0 = time.perf_counter()
@@ -110,7 +120,7 @@ def _job_report(out, fmt: str, model, scenes: Sequence, frames: list, failures: 
                   "classes": list(card.classes) if card else None,
                   "operating_point": ((frames[0].attrs["report"].get("model") or {}).get("operating_point") if frames
                                       else None) if card else None,
-                  "tta": (frames[0].attrs["report"].get("tta") if frames else None),
+                  "tta": (frames[0].attrs["report"].get("tta") if frames else None) or False,  # views when on
                   "adapted_to": adapted},
         "inputs": [_input(s) for s in scenes],
         "output_crs": _output_crs(fmt, frames),

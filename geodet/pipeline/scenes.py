@@ -76,6 +76,9 @@ def with_tta(detector, config, settings: dict):
         tta = bool(config is not None and config.detect.tta)
     if not tta or isinstance(detector, TtaModel) or isinstance(getattr(detector, "model", None), TtaModel):
         return detector
+    if getattr(detector, "backend", None) is not None:  # a TorchDetector/OnnxDetector: its model is set
+        raise GeodetError("test-time augmentation wraps a geodet model, not a prepared detector: pass the model "
+                          "(or its .pt file) with tta, or turn tta off")
     if not hasattr(detector, "net"):
         what = "an ONNX model" if getattr(detector, "backend", None) == "onnx" else "not a geodet .pt model"
         raise GeodetError(f"test-time augmentation (--tta, detect.tta) runs a geodet .pt model in torch, and this "
@@ -201,6 +204,7 @@ def detect_scenes(paths: Sequence, detector, *, per_scene: bool = False, failure
     detector = with_tta(detector, kwargs.get("config"), kwargs)
     card = getattr(detector, "card", None)
     s = resolve_detect_settings(card, kwargs.get("config"), **{k: v for k, v in kwargs.items() if k not in ("config", "progress")})
+    kwargs["tta"] = False  # decided here, once: each scene runs the detector as it now is
     detector = job_detector(paths, detector, s, failures)
     frames = []
     names = scene_names(paths)

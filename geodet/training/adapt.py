@@ -21,9 +21,13 @@ from ..errors import GeodetError
 log = logging.getLogger(__name__)
 
 
-def _sample_tiles(paths, card, n: int, seed: int, settings) -> list[torch.Tensor]:
+def _sample_tiles(paths, card, n: int, seed: int, settings) -> tuple[list[torch.Tensor], list[str]]:
     """Up to ``n`` random tiles (the model's tile size, mostly valid pixels) spread over ``paths``,
-    opened as detection opens them (``settings``: bands, resolution, scaling; the same checks)."""
+    opened as detection opens them (``settings``: bands, resolution, scaling; the same checks),
+    and the paths they came from. A scene that cannot be opened, and a tile GDAL cannot read,
+    is passed over with a warning (the detection job reports them)."""
+    from ..errors import ReadError
+    from ..io.scene import gdal_env
     from ..pipeline.reader import open_scene
     from ..training.sampler import chip_tile
 
@@ -31,7 +35,7 @@ def _sample_tiles(paths, card, n: int, seed: int, settings) -> list[torch.Tensor
     size = int(settings.tile_size)
     out = []
     scenes, error = [], None
-    for p in paths:  # a scene that cannot be read is the detection job's to report; adapt to the others
+    for p in paths:
         try:
             scenes.append(open_scene(p, settings, card, warn=False))
         except GeodetError as e:
@@ -39,20 +43,28 @@ def _sample_tiles(paths, card, n: int, seed: int, settings) -> list[torch.Tensor
             error = e
     if not scenes:
         raise error if error is not None else GeodetError("no scene to adapt to")
+    used = set()
     try:
-        for i in range(n * 3):
-            sc = scenes[i % len(scenes)]
-            x = int(rng.integers(0, max(1, sc.width - size + 1)))
-            y = int(rng.integers(0, max(1, sc.height - size + 1)))
-            img, frac = sc.read_tile(chip_tile(x, y, size, (0, 0, sc.width, sc.height)))
-            if frac >= 0.5 * min(1.0, sc.width * sc.height / size**2):  # a scene smaller than a tile counts whole
-                out.append(torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)))
-            if len(out) >= n:
-                break
+        with gdal_env():
+            for i in range(n * 3):
+                sc = scenes[i % len(scenes)]
+                x = int(rng.integers(0, max(1, sc.width - size + 1)))
+                y = int(rng.integers(0, max(1, sc.height - size + 1)))
+                try:
+                    # the valid fraction counts the part of the tile inside the scene (a small scene whole)
+                    img, frac = sc.read_tile(chip_tile(x, y, size, (0, 0, sc.width, sc.height)))
+                except ReadError as e:
+                    log.warning("not adapting to an unreadable tile: %s", e)
+                    continue
+                if frac >= 0.5:
+                    out.append(torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)))
+                    used.add(i % len(scenes))
+                if len(out) >= n:
+                    break
     finally:
         for sc in scenes:
             sc.close()
-    return out
+    return out, [scenes[k].path for k in sorted(used)]
 
 
 @torch.no_grad()
@@ -69,25 +81,29 @@ def adapt_batch_norm(model, scenes, tiles: int = 64, batch_size: int = 4, seed: 
         from ..pipeline.settings import resolve_detect_settings
 
         settings = resolve_detect_settings(model.card)
-    images = _sample_tiles([str(p) for p in scenes], model.card, tiles, seed, settings)
+    images, used = _sample_tiles([str(p) for p in scenes], model.card, tiles, seed, settings)
     if not images:
         raise GeodetError("no tile of the target scenes holds enough valid pixels to adapt to (mostly nodata?): "
                           "detect without --adapt")
     source = getattr(model, "source", None) or {}
     adapted = copy.deepcopy(model).eval()
     adapted.source = None  # other weights than the file's: never the original's cached ONNX or int8 models
-    for m in adapted.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative mean over every batch
-            m.train()
+    layers = [m for m in adapted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative mean over every batch
+        m.train()
     net = adapted.net
+    device = next(adapted.parameters()).device
     for i in range(0, len(images), batch_size):
-        x = net.transform(images[i : i + batch_size])[0].tensors
+        x = net.transform([t.to(device) for t in images[i : i + batch_size]])[0].tensors
         net.backbone(x)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum  # as trained, for whoever fine-tunes the copy
     adapted.eval()
-    adapted.card.extra["adapted_to"] = {"scenes": [str(p) for p in scenes], "tiles": len(images), "method": "AdaBN",
+    adapted.card.extra["adapted_to"] = {"scenes": used, "tiles": len(images), "method": "AdaBN",
                                       "model": {"path": source.get("path"), "sha256": source.get("sha256")}}
     log.info("batch-norm statistics of %d layer(s) re-estimated on %d tile(s) of %s", len(bns), len(images),
-             ", ".join(str(p) for p in scenes))
+             ", ".join(used))
     return adapted

@@ -351,13 +351,15 @@ class Trainer:
         t0 = time.perf_counter()
         m = validate(r.model, self.val_sets, self.classes, self.overlap, r.device, self.cfg.detect.batch_size,
                      self.cfg.train.min_visibility)
-        if final and m and (self.keep == "last" or (m.get("AP50") or 0.0) > r.best):
-            m["tta_score_threshold"] = self._tta_threshold(r)
-        r.model.train()
         ap50 = m.get("AP50") if m else None
         score = ap50 if ap50 is not None else 0.0
+        kept = self.keep == "last" or not m or score > r.best or not (self.out / "model.pt").exists()
+        if m and kept and (final or self.keep == "best"):
+            # TTA's own operating point for every model.pt that may be the last (keep: best keeps an earlier one)
+            m["tta_score_threshold"] = self._tta_threshold(r)
+        r.model.train()
         r.last_ap50 = score
-        if self.keep == "last" or not m or score > r.best or not (self.out / "model.pt").exists():
+        if kept:
             r.best = max(r.best, score)
             save_kept_model(r, m, self.out / "model.pt", self.val_sets, self.cfg.detect.batch_size)
             log.info("step %d: val AP50 %.3f (saved model.pt)", r.step, score)
