@@ -3,6 +3,7 @@ against torch's DataLoader (the reader before it), the reader in the main proces
 parallel rasterio loop over the same windows (the read bound), in one run. uint8 tiles raw (as
 CUDA reads them) and scaled to float32 (as the CPU reads them with workers). Alternating runs,
 medians, every run printed: tiles/s after the first batch, and the seconds to the first batch.
+The transport alone (workers that fill tiles with zeros, reading nothing) is measured too.
 
     python benchmarks/bench_reader.py [--size 2048] [--mosaic 5] [--workers 2] [--runs 3]
 """
@@ -16,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -73,8 +75,30 @@ def main():
         sc, g = opened()
         return bare_read_rate(vrt, sc.bands, g, args.workers, args.batch), None, len(g)
 
+    class Zeros:
+        """A scene of zeros that reads nothing: the readers' transport alone."""
+
+        stats, count, dtype = {}, 3, None
+
+        def read_tile(self, tile, out=None, raw=False):
+            if raw:
+                return np.zeros((3, tile.height, tile.width), np.uint8), 1.0
+            out[...] = 0.0
+            return out, 1.0
+
+    def transport(kind):
+        _, g = opened()
+        if kind == "ring":
+            return _reader_rate(ring_batches(Zeros(), g, args.batch, args.workers, raw=True), cpu)
+        dl = torch.utils.data.DataLoader(TileDataset(Zeros(), g, raw=True), batch_size=args.batch,
+                                         num_workers=args.workers, collate_fn=make_collate(0.0),
+                                         worker_init_fn=worker_init, prefetch_factor=2)
+        return _reader_rate(dl, cpu)
+
     w = args.workers
-    cases = {f"bare parallel rasterio loop, {w} processes (the read bound; pool start included)": bare,
+    cases = {f"transport alone (uint8 zeros, nothing read): ring, {w} workers": lambda: transport("ring"),
+             f"transport alone (uint8 zeros, nothing read): DataLoader, {w} workers": lambda: transport("dl"),
+             f"bare parallel rasterio loop, {w} processes (the read bound; pool start included)": bare,
              f"ring reader, {w} workers, uint8 raw": lambda: ring(True),
              f"DataLoader, {w} workers, uint8 raw": lambda: loader(True),
              f"ring reader, {w} workers, float32": lambda: ring(False),
