@@ -273,3 +273,29 @@ def test_tta_operating_point_is_measured_at_validation_and_detect_uses_it(synth,
     cfg.detect.tta = False
     ref = detect_to_file([synth.image], path, tmp_path / "r.gpkg", config=cfg, progress=False)
     assert off.attrs["report"]["model"]["tta"] is False and len(off) == len(ref) > 0
+
+
+def test_keep_best_gets_tta_operating_point_for_the_model_it_kept(synth, tmp_path, monkeypatch):
+    """With ``keep: best`` an earlier validation's model.pt can be the one kept: TTA's operating
+    point is then measured on that model, at the end, and written into its card (it was missing,
+    and ``--tta`` blamed the config)."""
+    from conftest import tiny_config
+
+    import geodet.training.trainer as trainer_mod
+    from geodet.model import load_model
+
+    real, calls = trainer_mod.validate, []
+
+    def first_is_best(*a, tta=False, **kw):  # the first validation scores best, every later one worse
+        m = real(*a, tta=tta, **kw)
+        if not tta and m:
+            calls.append(1)
+            m["AP50"] = 1.0 / len(calls)
+        return m
+
+    monkeypatch.setattr(trainer_mod, "validate", first_is_best)
+    path = trainer_mod.train(tiny_config(synth.image, synth.labels, epochs=4, keep="best", tta_operating_point=True),
+                         tmp_path / "run", progress=False)
+    card = load_model(path).card
+    assert len(calls) >= 2 and card.metrics["AP50"] == pytest.approx(1.0)  # an earlier model.pt was kept
+    assert card.extra.get("tta_operating_point") is not None

@@ -140,3 +140,73 @@ def test_a_dead_worker_or_an_error_in_one_ends_the_loop_with_one_line_and_no_pro
     next(it)
     it.close()
     assert multiprocessing.active_children() == []
+
+
+class _Slow(Scene):
+    """A scene whose tiles take a while to read (a remote scene over a slow link)."""
+
+    def read_tile(self, tile, out=None, raw=False):
+        import time
+
+        time.sleep(0.15)
+        return super().read_tile(tile, out=out, raw=raw)
+
+
+def test_leaving_early_stops_busy_readers_at_once_even_with_the_clis_sigterm_handler(tmp_path):
+    """With batches still queued and every reader busy, leaving the loop ends them within about
+    a second, not after the batches they were given; the CLI's SIGTERM handler (which raises
+    KeyboardInterrupt) is not theirs."""
+    import time
+
+    path = write_raster(tmp_path / "s.tif", np.full((3, 1024, 1024), 7, np.uint8))
+    g = TileGrid(1024, 1024, 64, 0)  # 256 tiles of 0.15 s; 9 batches of 8 queued: 5 s for each worker
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        it = ring_batches(_Slow(path), g, 8, 2, prefetch=4)
+        next(it)
+        t0 = time.monotonic()
+        it.close()
+        took = time.monotonic() - t0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert multiprocessing.active_children() == []
+    assert took < 1.5, took
+
+
+def test_readers_die_with_the_process_that_started_them(tmp_path):
+    """The main process killed outright (the OOM killer, a firm kill from QGIS): its readers do
+    not wait for tasks for ever, holding the ring and the scene."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    path = write_raster(tmp_path / "s.tif", np.full((3, 512, 512), 7, np.uint8))
+    code = textwrap.dedent(f"""
+        import multiprocessing, os, signal, sys
+        from geodet.io.scene import Scene
+        from geodet.pipeline.grid import TileGrid
+        from geodet.pipeline.ring import ring_batches
+        it = ring_batches(Scene({str(path)!r}), TileGrid(512, 512, 64, 0), 2, 2)
+        next(it)
+        print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()  # not read to the end: readers left alive would hold the pipe open
+    proc.wait(60)
+    proc.stdout.close()
+    pids = [int(p) for p in line.split()]
+    assert len(pids) == 2 and proc.returncode == -signal.SIGKILL, (line, proc.returncode)
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return f.read().split("State:")[1].split()[0] != "Z"  # a zombie is dead, not yet reaped
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)

@@ -99,3 +99,21 @@ def test_gdal_env_caps_the_block_cache_in_megabytes_not_bytes():
 
     with gdal_env():
         assert int(get_gdal_config("GDAL_CACHEMAX")) == GDAL_CACHE_MB * 1024 * 1024
+
+
+@pytest.mark.parametrize("gsd", [None, 0.7])
+def test_area_view_of_a_resampled_scene_reads_the_scenes_pixels_there(tmp_path, gsd):
+    """Validation, self-training and training read areas of scenes resampled to a model's GSD: an
+    area's tile is the scene's tile at the same place, in the resampled grid too; the view shares
+    the scene's file handle."""
+    from geodet.training.sampler import chip_tile
+
+    rng = np.random.default_rng(0)
+    sc = Scene(write_raster(tmp_path / "s.tif", rng.integers(0, 255, (3, 800, 800)).astype(np.uint8)), gsd_m=gsd)
+    assert sc.resampled == (gsd is not None)
+    view = sc.area(200, 150, 500, 460)
+    assert view.handle is sc.handle
+    for x, y in ((0, 0), (150, 170)):
+        got, _ = view.read_tile(chip_tile(x, y, 128, (0, 0, view.width, view.height)))
+        want, _ = sc.read_tile(chip_tile(200 + x, 150 + y, 128, (0, 0, sc.width, sc.height)))
+        assert np.array_equal(got, want)

@@ -183,6 +183,8 @@ class Scene:
                 self.transform = self.file_transform * Affine.scale(
                     self.file_width / self.width, self.file_height / self.height
                 )
+        # the grid a resampled scene is read in (an area view keeps its scene's, and offsets into it)
+        self._grid_geometry = (self.transform, self.width, self.height)
         if percentiles is None:
             from ..config import SceneConfig
 
@@ -213,14 +215,9 @@ class Scene:
                 from rasterio.enums import Resampling
                 from rasterio.vrt import WarpedVRT
 
-                src = WarpedVRT(
-                    src,
-                    crs=self.crs,
-                    transform=self.transform,
-                    width=self.width,
-                    height=self.height,
-                    resampling=Resampling.bilinear,
-                )
+                transform, width, height = self._grid_geometry
+                src = WarpedVRT(src, crs=self.crs, transform=transform, width=width, height=height,
+                                resampling=Resampling.bilinear)
             self._handle, self._pid = src, os.getpid()
         return self._handle
 
@@ -242,6 +239,7 @@ class Scene:
         self.handle  # opened here first, so the view shares this handle
         self.stats  # and the statistics, from the whole scene
         view = copy.copy(self)
+        view._handle, view._pid = self._handle, self._pid  # (copying drops the handle, as pickling does)
         view._owns_handle = False
         ox, oy = self._origin
         view._origin = (ox + x0, oy + y0)

@@ -128,9 +128,10 @@ def run_block(plan: ScenePlan, block: Block, detector, device: str | torch.devic
     grid = plan.grid
     run, capped, skipped, unreadable, found = [], [], [], [], []
     on_nodata = 0
+    results = tile_detections(sc, grid, detector, plan.settings, dev, indices=block.tiles)
     try:
         with gdal_env():
-            for r in tile_detections(sc, grid, detector, plan.settings, dev, indices=block.tiles):
+            for r in results:
                 if r.unreadable is not None:
                     unreadable.append(r.unreadable)
                 elif r.boxes is None:
@@ -142,6 +143,7 @@ def run_block(plan: ScenePlan, block: Block, detector, device: str | torch.devic
                         capped.append(r.tile.index)
                     found.append((r.tile, r.boxes, r.scores, r.labels))
     finally:
+        results.close()  # its reader processes end now, also on an error
         sc.close()
     rows = [t // grid.n_cols for t in block.tiles]
     cols = [t % grid.n_cols for t in block.tiles]

@@ -92,6 +92,16 @@ def tile_detections(scene: Scene, grid: TileGrid, detector, settings: DetectSett
     for k in ("read_wait", "model"):
         timings.setdefault(k, 0.0)
     batches = tile_batches(scene, grid, settings, device, indices)
+    try:
+        yield from _run_batches(scene, batches, detector, settings, device, timings)
+    finally:
+        close = getattr(batches, "close", None)  # reader processes end now, not when collected
+        if close is not None:
+            close()
+
+
+def _run_batches(scene, batches, detector, settings, device, timings):
+    """``tile_detections``'s loop over the reader's ``batches``."""
     prev = None
     t0 = time.perf_counter()
     for images, tiles, skipped, failed in batches:
@@ -212,9 +222,10 @@ def detect_tiles(scene: Scene, grid: TileGrid, detector, settings: DetectSetting
     unreadable: list[dict] = []
     timings.setdefault("stitch", 0.0)
     bar = progress_bar(total=len(grid), desc=f"detect {Path(scene.path).name}", unit="tile", enabled=progress)
+    results = tile_detections(scene, grid, detector, settings, device, timings=timings)
     try:
         with gdal_env():  # GDAL's block cache capped while the scene streams through
-            for r in tile_detections(scene, grid, detector, settings, device, timings=timings):
+            for r in results:
                 t0 = time.perf_counter()
                 if r.unreadable is not None:
                     unreadable.append(r.unreadable)
@@ -235,6 +246,7 @@ def detect_tiles(scene: Scene, grid: TileGrid, detector, settings: DetectSetting
         det = stitcher.finish()
         timings["stitch"] += time.perf_counter() - t0
     finally:
+        results.close()  # the readers end now, also when a tile failed the scene
         bar.close()
         if isinstance(stitcher, BandStitcher):
             stitcher.close()

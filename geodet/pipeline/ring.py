@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 RING_MAX_BYTES = 1 << 30  # at most 1 GiB of batch buffers (fewer batches read ahead past that)
 POLL_S = 1.0  # how often a wait for a batch checks that the workers are alive
+STOP_GRACE_S = 1.0  # a reader still busy this long after being asked to stop is terminated
 
 
 def ring_available() -> bool:
@@ -35,28 +36,33 @@ def ring_available() -> bool:
     return sys.platform.startswith("linux")
 
 
-def _worker(scene, grid, ring, tasks, results, raw: bool, min_valid_fraction: float) -> None:
-    """One reader process: takes ``(batch, slot, indices)`` from ``tasks`` until ``None``, reads
-    the tiles into ``ring[slot]`` (kept tiles first, as ``read_batches`` does) and reports
-    ``(batch, slot, tiles, skipped, failed, error)``."""
+def _worker(scene, grid, ring, stop, tasks, results, raw: bool, min_valid_fraction: float, parent: int) -> None:
+    """One reader process: takes ``(batch, slot, indices)`` from ``tasks`` until ``None`` (or
+    ``stop[0]`` is set), reads the tiles into ``ring[slot]`` (kept tiles first, as
+    ``read_batches`` does) and reports ``(batch, slot, tiles, skipped, failed, error)``."""
     import signal
 
     from ..errors import ReadError
     from ..io.scene import gdal_env
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler: terminate() ends a reader at once
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent around the fork
+    _die_with_parent(parent)
     # exit without flushing unread results when stopped early (the main process reads them all otherwise)
     results.cancel_join_thread()
     with gdal_env():
         while True:
             task = tasks.get()
-            if task is None:
+            if task is None or stop[0]:
                 return
             k, slot, indices = task
             tiles, skipped, failed = [], [], []
             try:
                 out = ring[slot]
                 for i in indices:
+                    if stop[0]:
+                        return
                     tile = grid.tile(i)
                     try:
                         if raw:
@@ -69,8 +75,23 @@ def _worker(scene, grid, ring, tasks, results, raw: bool, min_valid_fraction: fl
                         continue
                     (tiles if frac > min_valid_fraction else skipped).append(tile)
                 results.put((k, slot, tiles, skipped, failed, None))
-            except BaseException as exc:  # noqa: BLE001 - reported to the main process, which raises it
+            except Exception as exc:  # reported to the main process, which raises it
                 results.put((k, slot, None, None, None, _portable(exc)))
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this reader when the process that started it dies (the OOM killer, a
+    firm kill of QGIS's child or a Ray actor): otherwise it would wait for tasks for ever, holding
+    the ring and the scene. A parent already gone before this is noticed here."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -153,13 +174,23 @@ class _Ring:
         # MAP_SHARED | MAP_ANONYMOUS: inherited by the forked workers, outside /dev/shm
         self.buf = mmap.mmap(-1, n_slots * slot_bytes)
         self.slots = np.frombuffer(self.buf, dtype).reshape((n_slots, *shape))
+        self.stop_flag = mmap.mmap(-1, 1)  # set to 1: readers end after their current tile
         ctx = mp.get_context("fork")  # each worker opens its own handle (``Scene.handle`` reopens after a fork)
         self.tasks, self.results = ctx.SimpleQueue(), ctx.Queue()
         self.procs = [ctx.Process(target=_worker, name=f"geodet-reader-{w}", daemon=True,
-                                  args=(scene, grid, self.slots, self.tasks, self.results, raw, min_valid_fraction))
+                                  args=(scene, grid, self.slots, self.stop_flag, self.tasks, self.results, raw,
+                                        min_valid_fraction, os.getpid()))
                       for w in range(workers)]
-        for p in self.procs:
-            p.start()
+        self.finished = False
+        import signal
+
+        # a Ctrl-C between a fork and the reader's own handlers waits, blocked, and is then ignored there
+        masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for p in self.procs:
+                p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, masked)
         self.batches = batches
         self.free, self.held = list(range(n_slots)), []
         self.issued, self.done = 0, {}
@@ -191,23 +222,22 @@ class _Ring:
         return self.done.pop(k)
 
     def stop(self) -> None:
-        _stop(self.procs, self.tasks)
-
-
-def _stop(procs, tasks, grace_s: float = 5.0) -> None:
-    """Ask the workers to end after their current batch, then terminate any still running."""
-    for p in procs:
-        if p.exitcode is None:
-            try:
-                tasks.put(None)
-            except (OSError, ValueError):
-                break
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.exitcode is None:
-            p.terminate()
-            p.join(1.0)
-        if p.exitcode is None:
-            os.kill(p.pid, 9)
-            p.join(1.0)
+        """End the readers: at once after their current tile when batches are left (an error, a
+        break, Ctrl-C), else as they go idle; any still running after ``STOP_GRACE_S`` are
+        terminated, then killed."""
+        self.stop_flag[0] = 1
+        for p in self.procs:
+            if p.exitcode is None:
+                try:
+                    self.tasks.put(None)
+                except (OSError, ValueError):
+                    break
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for sig in ("terminate", "kill"):
+            left = [p for p in self.procs if p.exitcode is None]
+            for p in left:
+                getattr(p, sig)()
+            for p in left:
+                p.join(1.0)

@@ -354,9 +354,10 @@ class Trainer:
         ap50 = m.get("AP50") if m else None
         score = ap50 if ap50 is not None else 0.0
         kept = self.keep == "last" or not m or score > r.best or not (self.out / "model.pt").exists()
-        if m and kept and (final or self.keep == "best"):
-            # TTA's own operating point for every model.pt that may be the last (keep: best keeps an earlier one)
+        if final and m and kept:
             m["tta_score_threshold"] = self._tta_threshold(r)
+        elif final and self.cfg.train.tta_operating_point:
+            self._tta_for_kept_model(r)  # keep: best kept an earlier model.pt: TTA's operating point is its
         r.model.train()
         r.last_ap50 = score
         if kept:
@@ -415,6 +416,27 @@ class Trainer:
         log.info("step %d: operating point with test-time augmentation %s (AP50 %.3f; %.1f s)", r.step,
                  "none" if op is None else f"{op:.3f}", (m.get("AP50") or 0.0) if m else 0.0, time.perf_counter() - t0)
         return op
+
+    def _tta_for_kept_model(self, r: Run) -> None:
+        """TTA's operating point for the model.pt an earlier validation kept (``keep: best``),
+        measured once, at the end, on that model, and written into its card."""
+        from ..model import load_model
+        from ..model.file import save_model
+
+        path = self.out / "model.pt"
+        if not path.exists() or not self.val_sets:
+            return
+        kept = load_model(path).to(r.device).eval()
+        t0 = time.perf_counter()
+        m = validate(kept, self.val_sets, self.classes, self.overlap, r.device, self.cfg.detect.batch_size,
+                     self.cfg.train.min_visibility, tta=True)
+        op = m.get("score_threshold") if m else None
+        kept.card.extra.pop("tta_operating_point", None)
+        if op is not None:
+            kept.card.extra["tta_operating_point"] = float(op)
+        save_model(kept.cpu(), path)
+        log.info("operating point with test-time augmentation of the kept model.pt (step %s): %s (%.1f s)",
+                 kept.card.metrics.get("step", "?"), "none" if op is None else f"{op:.3f}", time.perf_counter() - t0)
 
     def _thresholds(self, r: Run, teacher):
         from .selftrain import thresholds_from_validation
