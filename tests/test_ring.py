@@ -210,3 +210,23 @@ def test_readers_die_with_the_process_that_started_them(tmp_path):
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids)
+
+
+def test_pinned_batches_are_copies_the_ring_may_overwrite_at_once(tmp_path, monkeypatch):
+    """On CUDA each batch is copied into page-locked memory and its slot reused at once: every
+    batch the caller kept stays intact while the ring goes round many times (on a CPU the copy
+    into pinned memory is stood in for by a plain copy)."""
+    import torch
+
+    import geodet.pipeline.ring as ring
+
+    monkeypatch.setattr(ring, "RING_MAX_BYTES", 1)  # the fewest slots: workers + 2
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self.clone())
+    rng = np.random.default_rng(4)
+    sc = Scene(write_raster(tmp_path / "s.tif", rng.integers(1, 256, (3, 600, 600)).astype(np.uint8)), bands=[1, 2, 3])
+    g = TileGrid(600, 600, 64, 0)
+    with gdal_env():
+        ref = _batches(read_batches(sc, g, 2))
+    kept = [(im, t, s, f) for im, t, s, f in ring_batches(sc, g, 2, 2, raw=True, pin=True)]  # no clone here
+    assert len(kept) == len(ref) > 4 * 4
+    _assert_same(kept, ref, raw=True)
