@@ -164,6 +164,21 @@ def _shared_windows(grid: TileGrid, r, c, dr: int, dc: int) -> np.ndarray:
     return np.column_stack([x0, y0, x1, y1])
 
 
+def _reaching(b, idx, grid: TileGrid, r, c, dr: int, dc: int):
+    """Of the boxes ``idx`` (tile (``r``, ``c``) paired with its partner at (+dr, +dc)), those
+    overlapping the window both tiles saw: the ones ``_clipped`` keeps, in their order, found
+    with cheap 1-D tests before any window is built."""
+    ts = int(grid.tile_size)
+    col_off = np.asarray(grid.col_offsets, np.float64)
+    row_off = np.asarray(grid.row_offsets, np.float64)
+    a, p = col_off[c], col_off[c + dc]
+    bx = b[idx]
+    keep = (bx[:, 2] > np.maximum(a, p)) & (bx[:, 0] < np.minimum(np.minimum(a, p) + ts, grid.width))
+    a, p = row_off[r], row_off[r + dr]
+    keep &= (bx[:, 3] > np.maximum(a, p)) & (bx[:, 1] < np.minimum(np.minimum(a, p) + ts, grid.height))
+    return idx[keep]
+
+
 def _clipped(b, idx, win):
     """Boxes ``idx`` clipped to their windows ``win``; those left with no area dropped."""
     cb = np.minimum(np.maximum(b[idx], np.tile(win[:, :2], 2)), np.tile(win[:, 2:], 2))
@@ -182,6 +197,8 @@ def _direction_pairs(b, lab, rows, cols, tile_id, grid: TileGrid, thr: float, dr
     # side a: boxes whose tile has a partner at (+dr, +dc); side b: at (-dr, -dc)
     ia = np.flatnonzero((rows + dr < g.n_rows) & (cols + dc >= 0) & (cols + dc < g.n_cols))
     ib = np.flatnonzero((rows - dr >= 0) & (cols - dc >= 0) & (cols - dc < g.n_cols))
+    ia = _reaching(b, ia, g, rows[ia], cols[ia], dr, dc)  # most seam boxes are in another strip
+    ib = _reaching(b, ib, g, rows[ib] - dr, cols[ib] - dc, dr, dc)
     if len(ia) == 0 or len(ib) == 0:
         return []
     ia, ca, wa = _clipped(b, ia, _shared_windows(g, rows[ia], cols[ia], dr, dc))
@@ -255,6 +272,8 @@ def _size_class_matches(ca, cb, wa, wb, ga, gb, thr: float, C: int):
     out_a, out_b, out_iou = [], [], []
     for k, kind in ((la, 0), (la, 1), (la + 1, 0)):  # b in a's class, the class below, the class above
         base = keys(ca, wa, ga, k, kind)
+        by_key = np.argsort(base, kind="stable")  # sorted queries: numpy's search is ~10x faster on them
+        base = base[by_key]
         for dy in (-1, 0, 1):
             row = base + dy * C
             first = np.searchsorted(kb_sorted, row - 1, side="left")
@@ -262,7 +281,7 @@ def _size_class_matches(ca, cb, wa, wb, ga, gb, thr: float, C: int):
             total = int(counts.sum())
             if total == 0:
                 continue
-            ai = np.repeat(np.arange(len(ca)), counts)
+            ai = np.repeat(by_key, counts)
             bj = owner[np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(total)]
             A, B = ca[ai], cb[bj]
             inter = np.clip(np.minimum(A[:, 2], B[:, 2]) - np.maximum(A[:, 0], B[:, 0]), 0, None) * np.clip(
