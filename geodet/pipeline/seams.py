@@ -15,6 +15,17 @@ from .grid import TileGrid
 COVER = 0.5  # a box is inside another when at least this share of its area lies in it
 
 
+def _search(a: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(a, v)``, the queries sorted first where there are many: numpy's binary
+    search is about 10x faster on sorted queries (it starts each from the last)."""
+    if len(v) < 4096:
+        return np.searchsorted(a, v)
+    order = np.argsort(v, kind="stable")
+    out = np.empty(len(v), np.intp)
+    out[order] = np.searchsorted(a, v[order])
+    return out
+
+
 def tile_windows(grid: TileGrid, rows, cols) -> np.ndarray:
     """Each box's tile window (x0, y0, x1, y1), clipped to the scene."""
     x0 = np.asarray(grid.col_offsets, np.float64)[cols]
@@ -97,7 +108,7 @@ def seen_better(rep, out_b, comp, comp_owned, b, lab, tile_id, owned, win, best,
     # the covering box's tile reported none of the merged boxes
     member = np.sort(comp * n_tiles + tile_id)
     code = c * n_tiles + tile_id[v]
-    pos = np.clip(np.searchsorted(member, code), 0, len(member) - 1)
+    pos = np.clip(_search(member, code), 0, len(member) - 1)
     ok = member[pos] != code
     qi, v, r, c, area_o = qi[ok], v[ok], r[ok], c[ok], area_o[ok]
     o, vb = out_b[qi], out_b[slot[comp[v]]]
@@ -108,7 +119,7 @@ def seen_better(rep, out_b, comp, comp_owned, b, lab, tile_id, owned, win, best,
     beyond = ~inside(vb, win[r])
     key = r * n_tiles + tile_id[v]
     if len(best[0]):
-        pos = np.clip(np.searchsorted(best[0], key), 0, len(best[0]) - 1)
+        pos = np.clip(_search(best[0], key), 0, len(best[0]) - 1)
         other = (best[0][pos] == key) & (best[1][pos] != v)
     else:
         other = np.zeros(len(key), bool)
@@ -318,7 +329,7 @@ def mutual_best(n: int, p: np.ndarray, tile_id, n_tiles: int):
     code = bi * n + bj
     rev = bj * n + bi
     sorted_code = np.sort(code)
-    pos = np.clip(np.searchsorted(sorted_code, rev), 0, len(sorted_code) - 1)
+    pos = np.clip(_search(sorted_code, rev), 0, len(sorted_code) - 1)
     mutual = (sorted_code[pos] == rev) & (bi < bj)
     edges = np.column_stack([bi[mutual], bj[mutual]]).astype(np.int64)
     return edges, w[first][mutual], (best_key, bj)
