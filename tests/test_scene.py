@@ -117,3 +117,9 @@ def test_area_view_of_a_resampled_scene_reads_the_scenes_pixels_there(tmp_path, 
         got, _ = view.read_tile(chip_tile(x, y, 128, (0, 0, view.width, view.height)))
         want, _ = sc.read_tile(chip_tile(200 + x, 150 + y, 128, (0, 0, sc.width, sc.height)))
         assert np.array_equal(got, want)
+    # a view outlives its scene's handle: it opens its own, and closes it
+    sc.close()
+    again, _ = view.read_tile(chip_tile(150, 170, 128, (0, 0, view.width, view.height)))
+    assert np.array_equal(again, got)
+    view.close()
+    assert view._handle is None

@@ -209,13 +209,15 @@ class Scene:
     @property
     def handle(self):
         """The open dataset of this process (reopened after fork or unpickling)."""
-        if self._handle is None or self._pid != os.getpid():
+        if self._handle is None or self._pid != os.getpid() or self._handle.closed:
+            # a view whose scene was closed, or that crossed into another process, opens its own
+            self._owns_handle = True
             src = open_raster(self.path)
             if self.resampled:
                 from rasterio.enums import Resampling
                 from rasterio.vrt import WarpedVRT
 
-                transform, width, height = self._grid_geometry
+                transform, width, height = getattr(self, "_grid_geometry", (self.transform, self.width, self.height))
                 src = WarpedVRT(src, crs=self.crs, transform=transform, width=width, height=height,
                                 resampling=Resampling.bilinear)
             self._handle, self._pid = src, os.getpid()

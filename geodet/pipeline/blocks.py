@@ -143,8 +143,10 @@ def run_block(plan: ScenePlan, block: Block, detector, device: str | torch.devic
                         capped.append(r.tile.index)
                     found.append((r.tile, r.boxes, r.scores, r.labels))
     finally:
-        results.close()  # its reader processes end now, also on an error
-        sc.close()
+        try:
+            results.close()  # its reader processes end now, also on an error
+        finally:
+            sc.close()
     rows = [t // grid.n_cols for t in block.tiles]
     cols = [t % grid.n_cols for t in block.tiles]
     stitch = stitch_block(grid, (min(rows), max(rows)), (min(cols), max(cols)), found, plan.settings.match_iou)

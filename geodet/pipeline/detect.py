@@ -246,8 +246,10 @@ def detect_tiles(scene: Scene, grid: TileGrid, detector, settings: DetectSetting
         det = stitcher.finish()
         timings["stitch"] += time.perf_counter() - t0
     finally:
-        results.close()  # the readers end now, also when a tile failed the scene
-        bar.close()
-        if isinstance(stitcher, BandStitcher):
-            stitcher.close()
+        try:
+            results.close()  # the readers end now, also when a tile failed the scene
+        finally:
+            bar.close()
+            if isinstance(stitcher, BandStitcher):
+                stitcher.close()
     return ScenePass(det, stitcher.n_in, unreadable=unreadable, **counts)

@@ -36,7 +36,8 @@ def ring_available() -> bool:
     return sys.platform.startswith("linux")
 
 
-def _worker(scene, grid, ring, stop, tasks, results, raw: bool, min_valid_fraction: float, parent: int) -> None:
+def _worker(scene, grid, ring, stop, tasks, results, raw: bool, min_valid_fraction: float, parent: int,
+            die_with_parent: bool) -> None:
     """One reader process: takes ``(batch, slot, indices)`` from ``tasks`` until ``None`` (or
     ``stop[0]`` is set), reads the tiles into ``ring[slot]`` (kept tiles first, as
     ``read_batches`` does) and reports ``(batch, slot, tiles, skipped, failed, error)``."""
@@ -48,7 +49,8 @@ def _worker(scene, grid, ring, stop, tasks, results, raw: bool, min_valid_fracti
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler: terminate() ends a reader at once
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent around the fork
-    _die_with_parent(parent)
+    if die_with_parent:
+        _die_with_parent(parent)
     # exit without flushing unread results when stopped early (the main process reads them all otherwise)
     results.cancel_join_thread()
     with gdal_env():
@@ -77,6 +79,15 @@ def _worker(scene, grid, ring, stop, tasks, results, raw: bool, min_valid_fracti
                 results.put((k, slot, tiles, skipped, failed, None))
             except Exception as exc:  # reported to the main process, which raises it
                 results.put((k, slot, None, None, None, _portable(exc)))
+
+
+def _from_main_thread() -> bool:
+    """Whether the ring starts in the main thread: the kernel's parent-death signal follows the
+    thread that forked, so readers forked from another thread (which may end while the process
+    lives on) do without it; the main process stops them itself."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _die_with_parent(parent: int) -> None:
@@ -134,8 +145,9 @@ def ring_batches(scene, grid, batch_size: int, workers: int, min_valid_fraction:
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     if not batches:
         return
-    ring = _Ring(scene, grid, batches, batch_size, workers, raw, min_valid_fraction, prefetch)
+    ring = None
     try:
+        ring = _Ring(scene, grid, batches, batch_size, workers, raw, min_valid_fraction, prefetch)
         ring.issue()
         for k in range(len(batches)):
             slot, tiles, skipped, failed, error = ring.wait_for(k)
@@ -156,7 +168,8 @@ def ring_batches(scene, grid, batch_size: int, workers: int, min_valid_fraction:
                 ring.free.append(ring.held.pop(0))
             ring.issue()
     finally:
-        ring.stop()
+        if ring is not None:
+            ring.stop()
 
 
 class _Ring:
@@ -179,9 +192,8 @@ class _Ring:
         self.tasks, self.results = ctx.SimpleQueue(), ctx.Queue()
         self.procs = [ctx.Process(target=_worker, name=f"geodet-reader-{w}", daemon=True,
                                   args=(scene, grid, self.slots, self.stop_flag, self.tasks, self.results, raw,
-                                        min_valid_fraction, os.getpid()))
+                                        min_valid_fraction, os.getpid(), _from_main_thread()))
                       for w in range(workers)]
-        self.finished = False
         import signal
 
         # a Ctrl-C between a fork and the reader's own handlers waits, blocked, and is then ignored there
@@ -189,6 +201,9 @@ class _Ring:
         try:
             for p in self.procs:
                 p.start()
+        except BaseException:
+            self.stop()  # the readers started so far (the caller's ``finally`` has no ring yet)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, masked)
         self.batches = batches
@@ -226,17 +241,18 @@ class _Ring:
         break, Ctrl-C), else as they go idle; any still running after ``STOP_GRACE_S`` are
         terminated, then killed."""
         self.stop_flag[0] = 1
-        for p in self.procs:
+        started = [p for p in self.procs if p.pid is not None]
+        for p in started:
             if p.exitcode is None:
                 try:
                     self.tasks.put(None)
                 except (OSError, ValueError):
                     break
         deadline = time.monotonic() + STOP_GRACE_S
-        for p in self.procs:
+        for p in started:
             p.join(max(0.0, deadline - time.monotonic()))
         for sig in ("terminate", "kill"):
-            left = [p for p in self.procs if p.exitcode is None]
+            left = [p for p in started if p.exitcode is None]
             for p in left:
                 getattr(p, sig)()
             for p in left:

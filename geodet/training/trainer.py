@@ -356,7 +356,7 @@ class Trainer:
         kept = self.keep == "last" or not m or score > r.best or not (self.out / "model.pt").exists()
         if final and m and kept:
             m["tta_score_threshold"] = self._tta_threshold(r)
-        elif final and self.cfg.train.tta_operating_point:
+        elif final and m and self.cfg.train.tta_operating_point:
             self._tta_for_kept_model(r)  # keep: best kept an earlier model.pt: TTA's operating point is its
         r.model.train()
         r.last_ap50 = score
