@@ -278,3 +278,16 @@ def noisy_tile_views(grid, seed, n_objects, noise=1.0, max_size=None):
         labels = np.concatenate([classes[seen], rng.integers(0, 2, len(fp))])
         out.append((t, b.astype(np.float32), rng.random(len(b)).astype(np.float32), labels))
     return out
+
+
+def half_nodata_scene(path, dtype, shape):
+    """A ``Scene`` of random values in ``dtype`` with nodata (0) on its left half and, for
+    float32, one NaN: what the readers must zero, skip and pad alike."""
+    from geodet.io.scene import Scene
+
+    rng = np.random.default_rng(1)
+    data = rng.uniform(1, 250, shape).astype(dtype)
+    data[:, :, : shape[2] // 2] = 0
+    if dtype == "float32":
+        data[0, 5, -5] = np.nan
+    return Scene(write_raster(path, data, nodata=0), bands=list(range(1, shape[0] + 1)))

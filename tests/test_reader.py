@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from helpers import write_raster
+from helpers import half_nodata_scene, write_raster
 
 from geodet.io.scene import Scene
 from geodet.pipeline.grid import TileGrid
@@ -14,12 +14,7 @@ def test_in_process_batches_equal_dataloader_batches(tmp_path, dtype, shape, til
 
     from geodet.pipeline.reader import TileDataset, make_collate, read_batches
 
-    rng = np.random.default_rng(1)
-    data = rng.uniform(1, 250, shape).astype(dtype)
-    data[:, :, : shape[2] // 2] = 0  # nodata on the left half
-    if dtype == "float32":
-        data[0, 5, -5] = np.nan
-    sc = Scene(write_raster(tmp_path / "s.tif", data, nodata=0), bands=list(range(1, shape[0] + 1)))
+    sc = half_nodata_scene(tmp_path / "s.tif", dtype, shape)
     g = TileGrid(sc.width, sc.height, tile, 16)
     ref = list(torch.utils.data.DataLoader(TileDataset(sc, g), batch_size=3, collate_fn=make_collate(0.0)))
     got = [(None if im is None else im.clone(), t, s, f) for im, t, s, f in read_batches(sc, g, 3, 0.0)]

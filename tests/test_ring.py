@@ -7,7 +7,7 @@ import signal
 
 import numpy as np
 import pytest
-from helpers import write_id_scene, write_raster
+from helpers import half_nodata_scene, write_id_scene, write_raster
 
 from geodet.errors import GeodetError, ReadError
 from geodet.io.scene import Scene, gdal_env
@@ -44,12 +44,7 @@ def test_ring_batches_equal_the_in_process_batches(tmp_path, dtype, shape, tile,
     """Same batches in the same order, same pixels (nodata zeroed, padding past the edge of a
     scene smaller than a tile), same tiles skipped for too little data; a chosen subset of tiles;
     uint8 tiles read raw equal the float tiles once scaled; more workers than batches."""
-    rng = np.random.default_rng(1)
-    data = rng.uniform(1, 250, shape).astype(dtype)
-    data[:, :, : shape[2] // 2] = 0  # nodata on the left half
-    if dtype == "float32":
-        data[0, 5, -5] = np.nan
-    sc = Scene(write_raster(tmp_path / "s.tif", data, nodata=0), bands=list(range(1, shape[0] + 1)))
+    sc = half_nodata_scene(tmp_path / "s.tif", dtype, shape)
     g = TileGrid(sc.width, sc.height, tile, 16)
     with gdal_env():
         ref = _batches(read_batches(sc, g, 3, min_valid))
