@@ -332,7 +332,8 @@ class Check:
 
         side, n = (12288, 940_000) if self.cuda else (1536, 6000)
         grid = TileGrid(side, side, 512, 64)
-        self.res.data["stitch"] = {"side": side, **bench_stitch.measure(grid, bench_stitch.dense_views(grid, n))}
+        views = bench_stitch.dense_views(grid, n)  # tiles also come at the dense goal, 360 tiles/s
+        self.res.data["stitch"] = {"side": side, **bench_stitch.measure(grid, views, rate=360)}
         self.res.save()
 
     def cuda_vs_cpu(self):
@@ -363,6 +364,13 @@ class Check:
         if "dense" in d:
             out["dense model >= 3x 120 tiles/s"] = {"tiles_per_s": d["dense"]["tiles_per_s"],
                                                     "met": d["dense"]["tiles_per_s"] >= 3 * OLD_DENSE_TILES_PER_S}
+        st = d.get("stitch", {})
+        if st.get("paced_after_last_tile_s") is not None:
+            share = st["paced_after_last_tile_s"] / max(st["paced_tiles_s"], 1e-9)
+            out["dense stitching does not show: <= 10% of the tiles' time after the last tile, rows equal"] = {
+                "after_last_tile_s": st["paced_after_last_tile_s"], "tiles_s": st["paced_tiles_s"],
+                "one_stitcher_finish_s": st.get("one_stitcher_finish_s"), "share": round(share, 3),
+                "identical": st["identical"], "met": bool(st["identical"] and share <= 0.1)}
         for p in ("fp32", "fp16"):
             a = d.get("cuda_vs_cpu", {}).get(f"cuda_{p}")
             if a:

@@ -68,6 +68,8 @@ def test_gpu_check_runs_on_a_cpu_and_says_cuda_was_skipped(tmp_path):
     decode = res["decode"][0]
     assert decode["agreement"]["f1"] == 1.0 and decode["detections"]["pairs"] == decode["detections"]["per_image"] > 0
     assert res["stitch"]["identical"] and res["stitch"]["rows"] > 1000
+    assert res["stitch"]["paced_after_last_tile_s"] >= 0  # the tiles also came at 360 tiles/s
+    assert any("dense stitching" in k for k in res["goals"])
     assert "cuda_vs_cpu" not in res  # CUDA only
     assert any("dense model" in k for k in res["goals"])
     ddp = res["ddp"]  # the trainer's step through a DDP wrapper (gloo here, NCCL on CUDA)

@@ -163,9 +163,10 @@ def test_overlapping_distinct_objects_stay_distinct(tile, overlap, max_size):
 
 
 def test_band_stitcher_equals_one_stitcher_row_for_row():
-    """CUDA's stitcher (bands of grid rows stitched in a thread as their tiles come, the seam boxes
-    they defer merged at the end) gives one Stitcher's rows exactly: any grid, overlap (past half
-    a tile), band height, an imperfect detector, tiles without detections left out."""
+    """CUDA's stitcher (bands of grid rows stitched in threads as their tiles come, the clusters
+    of seam boxes they defer reduced as soon as complete) gives one Stitcher's rows exactly: any
+    grid, overlap (past half a tile), band heights, threads (bands done out of order), an
+    imperfect detector, tiles without detections left out."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
     from helpers import noisy_tile_views
@@ -175,11 +176,13 @@ def test_band_stitcher_equals_one_stitcher_row_for_row():
 
     @settings(max_examples=40, deadline=None)
     @given(w=st.integers(40, 700), h=st.integers(40, 900), tile=st.integers(32, 200), frac=st.floats(0.0, 0.7),
-           rows=st.integers(1, 5), n=st.integers(0, 400), seed=st.integers(0, 2**31))
-    def check(w, h, tile, frac, rows, n, seed):
+           rows=st.integers(1, 5), last=st.integers(1, 3), threads=st.integers(1, 3), n=st.integers(0, 400),
+           seed=st.integers(0, 2**31))
+    def check(w, h, tile, frac, rows, last, threads, n, seed):
         grid = TileGrid(w, h, tile, min(int(tile * frac), tile - 4))
         views = [v for v in noisy_tile_views(grid, seed, n, 1.0) if len(v[1]) or v[0].index % 3]
-        one, bands = Stitcher(grid, 0.5), BandStitcher(grid, 0.5, rows_per_band=rows)
+        one = Stitcher(grid, 0.5)
+        bands = BandStitcher(grid, 0.5, rows_per_band=rows, last_rows=last, threads=threads)
         for v in views:
             one.add(*v)
             bands.add(*v)
@@ -189,6 +192,30 @@ def test_band_stitcher_equals_one_stitcher_row_for_row():
             assert np.array_equal(getattr(a, f), getattr(b, f)), f
 
     check()
+
+
+def test_band_stitcher_reduces_deferred_boxes_before_the_last_tile():
+    """What shows after the last tile is the last band and the boxes deferred along its top edge:
+    the clusters of deferred boxes that no later band can reach are reduced while tiles still
+    come (with everything reduced at the end, a dense scene's whole merge showed)."""
+    from helpers import noisy_tile_views
+
+    from geodet.pipeline.bands import BandStitcher
+    from geodet.pipeline.stitch import Stitcher
+
+    grid = TileGrid(2400, 2400, 160, 20)
+    views = noisy_tile_views(grid, 3, 6000, 1.0)
+    one, bands = Stitcher(grid, 0.5), BandStitcher(grid, 0.5, rows_per_band=5, last_rows=2, threads=2)
+    assert len(bands.starts) >= 4
+    for v in views:
+        one.add(*v)
+        bands.add(*v)
+    bands.wait()
+    assert bands.n_deferred > 1000
+    assert 0 < bands.open_deferred < 0.3 * bands.n_deferred
+    a, b = one.finish(), bands.finish()
+    for f in ("boxes", "scores", "labels", "tile_row", "tile_col"):
+        assert np.array_equal(getattr(a, f), getattr(b, f)), f
 
 
 def test_band_stitcher_refuses_tiles_out_of_grid_order():

@@ -216,7 +216,7 @@ def detect_tiles(scene: Scene, grid: TileGrid, detector, settings: DetectSetting
     """Every tile of ``grid`` through ``detector`` (ready to run: see ``choice.choose_detector``)
     and into the stitcher, with a progress bar; ``timings`` gains the seconds of read wait, model
     and stitch."""
-    # on CUDA the card leaves the host free: bands of rows are stitched in a thread as they come
+    # on CUDA the card leaves the host free: bands of rows are stitched in threads as they come
     stitcher = BandStitcher(grid, settings.match_iou) if device.type == "cuda" else Stitcher(grid, settings.match_iou)
     counts = dict(tiles_run=0, tiles_skipped=0, tiles_capped=0, tiles_lost=0, on_nodata=0)
     unreadable: list[dict] = []

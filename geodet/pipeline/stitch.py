@@ -246,7 +246,10 @@ def block_interior(grid: TileGrid, r0: int, r1: int, c0: int, c1: int) -> tuple[
 
 
 def _sorted_by_key(arrays: tuple, key: int = -1) -> tuple:
-    order = np.argsort(arrays[key], kind="stable")
+    k = arrays[key]
+    if len(k) < 2 or bool(np.all(k[1:] >= k[:-1])):  # often in order already (blocks come in order)
+        return arrays
+    order = np.argsort(k, kind="stable")
     return tuple(a[order] for a in arrays)
 
 
@@ -334,22 +337,52 @@ def stitch_block(grid: TileGrid, rows: tuple[int, int], cols: tuple[int, int], t
     slot = np.full(n, -1)
     slot[comp[rep]] = np.arange(len(rep))
     obj_box = out_b[slot[comp]]  # each box's object's box
-    # objects a moving object could see better (a tile owning one of its boxes holds them, and
-    # the moving object's final box is not known here): the reduce decides them too
+    # Where a moving object's final box can lie, in y: its boxes here, and beyond the block's edge
+    # that they reach. Other blocks' boxes lie outside the interior; in a block of whole grid
+    # rows (a band) that is above it or below it, and a chain of overlapping boxes (a merged
+    # object) gets from one to the other only through the block's own boxes. With a side edge,
+    # the outside goes around the block, so a moving object's box can lie at any y. The
+    # partial-view test needs a box to overlap the object it covers, so only what overlaps these
+    # ranges can meet a moving object.
+    if np.isfinite(x0) or np.isfinite(x1):
+        side = np.ones(n, bool)
+    else:
+        side = np.zeros(n, bool)
+    lo = np.full(n, np.inf)
+    hi = np.full(n, -np.inf)
+    np.minimum.at(lo, joined, np.where((b[:, 1] <= y0 + m) | side, -np.inf, b[:, 1]))
+    np.maximum.at(hi, joined, np.where((b[:, 3] >= y1 - m) | side, np.inf, b[:, 3]))
     n_lab = int(lab.max()) + 1
+    top, bottom = np.full(n_lab, -np.inf), np.full(n_lab, np.inf)  # per class: reach from above, from below
+    mv = np.flatnonzero(moving)
+    np.maximum.at(top, lab[mv], np.where(lo[joined[mv]] == -np.inf, hi[joined[mv]], -np.inf))
+    np.minimum.at(bottom, lab[mv], np.where(hi[joined[mv]] == np.inf, lo[joined[mv]], np.inf))
+
+    def meets(bx, cls):  # the y-range of a box of class ``cls`` overlaps (or touches) a reach
+        return (bx[:, 1] <= top[cls]) | (bx[:, 3] >= bottom[cls])
+
+    # objects a moving object could see better (a tile owning one of its boxes holds them, they
+    # meet its reach, and its final box is not known here): the reduce decides them too
     pending = np.zeros(n, bool)
     for c in range(n_lab):
         owns = np.zeros(len(grid), bool)
         owns[tile_id[moving & owned & (lab == c)]] = True
         pending |= ~moving & (lab == c) & _held_by(obj_box, grid, owns)
+    pending &= meets(obj_box, lab)
     pending = spread(pending, comp)
     decide = moving | pending
-    # the tiles whose owned boxes the reduce's decisions can look at
+    # the reduce decides pending objects too: what covers one of them overlaps it
+    pb, pl = obj_box[pending], lab[pending]
+    np.maximum.at(top, pl, np.where(pb[:, 1] <= top[pl], pb[:, 3], -np.inf))
+    np.minimum.at(bottom, pl, np.where(pb[:, 3] >= bottom[pl], pb[:, 1], np.inf))
+    # the tiles whose owned boxes the reduce's decisions can look at, and of their boxes, those
+    # whose objects meet what the reduce decides
     all_tiles = np.arange(len(grid))
     tr, tc = all_tiles // grid.n_cols, all_tiles % grid.n_cols
     ring = reaches_out(tile_windows(grid, tr, tc)) & (tr >= rows[0]) & (tr <= rows[1]) & (tc >= cols[0]) & (tc <= cols[1])
     looked_at = ring | _holding(b[moving], grid) | _holding(obj_box[pending], grid)
-    context = spread((decide | (owned & looked_at[tile_id])), group) & ~decide  # whole groups: their matches
+    seen = owned & looked_at[tile_id] & meets(obj_box, lab)
+    context = spread((decide | seen), group) & ~decide  # whole groups: their matches
     deferred = tuple(a[decide | context] for a in seam) + (decide[decide | context],)
     if (~decide).any():
         ob, os_, olab, orows, ocols, first = merge_seams(*seam[:7], grid, match_iou, found)
@@ -360,6 +393,32 @@ def stitch_block(grid: TileGrid, rows: tuple[int, int], cols: tuple[int, int], t
     return BlockStitch(final, merged, deferred, st.n_in)
 
 
+def reduce_deferred(grid: TileGrid, deferred: tuple, match_iou: float = 0.5) -> tuple:
+    """The objects the blocks left to the reduce, from their deferred seam boxes (``BlockStitch.
+    deferred``, concatenated in any order): (boxes, scores, labels, rows, cols, keys).
+
+    Boxes interact in the merge only where they overlap (candidate pairs, the partial-view test),
+    so deferred boxes that overlap none of another set's can be reduced apart from it, with the
+    same objects (``bands.BandStitcher`` reduces each such cluster as soon as it is complete)."""
+    d = _sorted_by_key(deferred, key=7)
+    if not len(d[0]):
+        return tuple(a[:0] for a in d[:5]) + (d[7][:0],)
+    ob, os_, olab, orows, ocols, first = merge_seams(*d[:7], grid, match_iou)
+    ours = d[8][first]  # objects the blocks left to the reduce; the others are theirs
+    return ob[ours], os_[ours], olab[ours], orows[ours], ocols[ours], d[7][first[ours]]
+
+
+def assemble(finals: list, merged: list) -> SceneDetections:
+    """One ``Stitcher``'s rows from the blocks' kept boxes and merged objects (each a tuple of
+    boxes, scores, labels, rows, cols, keys): kept boxes in add order, then merged objects in the
+    order of their first box."""
+    if not finals and not merged:
+        return _empty()
+    parts = [_sorted_by_key(tuple(np.concatenate([p[i] for p in ps]) for i in range(6)))
+             for ps in (finals, merged) if ps]
+    return SceneDetections(*(np.concatenate([p[i] for p in parts]) for i in range(5)))
+
+
 def reduce_blocks(grid: TileGrid, blocks, match_iou: float = 0.5) -> SceneDetections:
     """The scene's detections from every block's ``BlockStitch``: identical, row for row, to
     stitching all tiles in one ``Stitcher`` (kept boxes in add order, then merged objects in the
@@ -367,12 +426,6 @@ def reduce_blocks(grid: TileGrid, blocks, match_iou: float = 0.5) -> SceneDetect
     blocks = list(blocks)
     if not blocks:
         return _empty()
-    final = _sorted_by_key(tuple(np.concatenate([bl.final[i] for bl in blocks]) for i in range(6)))
-    merged = [bl.merged for bl in blocks]
-    d = _sorted_by_key(tuple(np.concatenate([bl.deferred[i] for bl in blocks]) for i in range(9)), key=7)
-    if len(d[0]):
-        ob, os_, olab, orows, ocols, first = merge_seams(*d[:7], grid, match_iou)
-        ours = d[8][first]  # objects the blocks left to the reduce; the others are theirs
-        merged.append((ob[ours], os_[ours], olab[ours], orows[ours], ocols[ours], d[7][first[ours]]))
-    m = _sorted_by_key(tuple(np.concatenate([p[i] for p in merged]) for i in range(6)))
-    return SceneDetections(*(np.concatenate([final[i], m[i]]) for i in range(5)))
+    d = tuple(np.concatenate([bl.deferred[i] for bl in blocks]) for i in range(9))
+    merged = [bl.merged for bl in blocks] + [reduce_deferred(grid, d, match_iou)]
+    return assemble([bl.final for bl in blocks], merged)
