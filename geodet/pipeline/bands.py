@@ -29,9 +29,10 @@ from .stitch import BlockStitch, SceneDetections, assemble, reduce_deferred, sti
 # Rows per band: a band defers the seam boxes near its top and bottom edges (and those they can
 # meet) to the reduce, so thin bands repeat work, and where a band's two edges' deferred boxes
 # meet, the clusters of neighbouring bands join and wait for each other. Bands are at least
-# MIN_ROWS rows and about ROWS_SHARE of the scene; the last band, whose bottom is the scene's,
-# defers nothing there, so it is one row (LAST_ROWS): with the clusters along its top edge, it is
-# what is left to stitch after the last tile (benchmarks/bench_stitch.py).
+# MIN_ROWS rows and about ROWS_SHARE of the scene, but for the first and the last, whose top or
+# bottom is the scene's (nothing deferred there): the first takes what is left over, the last is
+# one row (LAST_ROWS): with the clusters along its top edge, it is what is left to stitch after
+# the last tile (benchmarks/bench_stitch.py).
 MIN_ROWS = 4
 ROWS_SHARE = 1 / 8
 LAST_ROWS = 1
@@ -195,5 +196,7 @@ class BandStitcher:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
-        """Drop the work in flight (a run that stopped early)."""
+        """Drop the work in flight (a run that stopped early). A band still running then fails to
+        submit its clusters' reduces (the pool is shut): its future holds that error, and nothing
+        reads it."""
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -198,12 +198,10 @@ def _clipped(b, idx, win):
 
 
 def _direction_pairs(b, lab, rows, cols, tile_id, grid: TileGrid, thr: float, dr: int, dc: int) -> list:
-    """``candidate_pairs`` between each tile and its partner at (+dr, +dc), ordered as a join on
-    one grid of cells (cell = the slack times the longest side of all boxes) finds them: by
-    neighbouring cell (dy, then dx), then by a-side box, then by the b-side box's place in that
-    grid's key order. The merge breaks ties by this order, so it stays fixed; the join itself
-    runs on grids per size class (``_size_class_matches``), since one large box made that one
-    grid's cells large and the join near-quadratic along the strips."""
+    """``candidate_pairs`` between each tile and its partner at (+dr, +dc), in no particular order
+    (the merge's choices depend on box order alone: ``mutual_best``). The join runs on grids per
+    size class (``_size_class_matches``): one grid sized by the longest box made its cells large
+    and the join near-quadratic along the strips."""
     g = grid
     # side a: boxes whose tile has a partner at (+dr, +dc); side b: at (-dr, -dc)
     ia = np.flatnonzero((rows + dr < g.n_rows) & (cols + dc >= 0) & (cols + dc < g.n_cols))
@@ -218,31 +216,12 @@ def _direction_pairs(b, lab, rows, cols, tile_id, grid: TileGrid, thr: float, dr
         return []
     n_labels = int(lab.max()) + 1
     C = int(g.tile_size) + 3  # cells per axis inside a shared window (cell >= 1 px), with a margin each side
-    slack = 1.0 - min(max(float(thr), 0.0), 1.0)
     ga = tile_id[ia] * n_labels + lab[ia]  # (pair, class) of each box
     gb = (tile_id[ib] - (dr * g.n_cols + dc)) * n_labels + lab[ib]
     ai, bj, iou = _size_class_matches(ca, cb, wa, wb, ga, gb, thr, C)
     if len(ai) == 0:
         return []
-    # the order of the one-grid join
-    side = max(np.max(ca[:, 2:] - ca[:, :2]), np.max(cb[:, 2:] - cb[:, :2]))
-    cell = max(slack * float(side) * 1.001 + 1e-9, 1.0)
-    ka = _cell_keys(ca, wa, ga, cell, C)
-    kb = _cell_keys(cb, wb, gb, cell, C)
-    rank = np.empty(len(kb), np.int64)
-    rank[np.argsort(kb, kind="stable")] = np.arange(len(kb))
-    diff = kb[bj] - ka[ai]  # dy * C + dx, with dy and dx in -1..1 for every match (that grid's bound)
-    dy = np.round(diff / C).astype(np.int64)
-    order = np.lexsort((rank[bj], ai, diff - dy * C, dy))
-    return [np.column_stack([ia[ai[order]], ib[bj[order]], iou[order]])]
-
-
-def _cell_keys(cbox, win, group, cell, C: int):
-    """Each box's cell (its centre's, relative to its shared window) in a grid of ``cell`` px,
-    keyed with ``group``."""
-    cx = np.floor(((cbox[:, 0] + cbox[:, 2]) / 2 - win[:, 0]) / cell).astype(np.int64) + 1
-    cy = np.floor(((cbox[:, 1] + cbox[:, 3]) / 2 - win[:, 1]) / cell).astype(np.int64) + 1
-    return (group * C + cy) * C + cx
+    return [np.column_stack([ia[ai], ib[bj], iou])]
 
 
 def _size_class_matches(ca, cb, wa, wb, ga, gb, thr: float, C: int):
@@ -319,7 +298,9 @@ def mutual_best(n: int, p: np.ndarray, tile_id, n_tiles: int):
         return np.zeros((0, 2), np.int64), np.zeros(0), (empty, empty)
     p = np.concatenate([p, p[:, [1, 0, 2]]])  # both directions
     i, j, w = p[:, 0].astype(np.int64), p[:, 1].astype(np.int64), p[:, 2]
-    order = np.lexsort((-w, tile_id[j], i))
+    # equal IoUs go to the partner first in add order: the order of any subset of the boxes (a
+    # block's, a cluster's), so the pairs' own order never decides
+    order = np.lexsort((j, -w, tile_id[j], i))
     i, j, w = i[order], j[order], w[order]
     first = np.ones(len(i), bool)
     first[1:] = (i[1:] != i[:-1]) | (tile_id[j][1:] != tile_id[j][:-1])
