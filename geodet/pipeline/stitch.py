@@ -282,6 +282,59 @@ def _holding(boxes: np.ndarray, grid: TileGrid) -> np.ndarray:
     return (mask.cumsum(0).cumsum(1)[: grid.n_rows, : grid.n_cols] > 0).ravel()
 
 
+def _spread(mask: np.ndarray, by: np.ndarray) -> np.ndarray:
+    """``mask`` spread to every box whose label in ``by`` (one per box) a box in ``mask`` has."""
+    g = np.zeros(len(by), bool)
+    g[by[mask]] = True
+    return g[by]
+
+
+def _meets(bx: np.ndarray, cls: np.ndarray, top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+    """Whether the y-range of each box (of class ``cls``) overlaps or touches its class's reach."""
+    return (bx[:, 1] <= top[cls]) | (bx[:, 3] >= bottom[cls])
+
+
+def _moving_reach(b, lab, joined, moving, interior) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, how far down from above (``top``) and up from below (``bottom``) a moving
+    object's final box can lie, in y: its boxes here, and beyond the block's edge that they reach.
+
+    Other blocks' boxes lie outside the interior; in a block of whole grid rows (a band) that is
+    above it or below it, and a chain of overlapping boxes (a merged object) gets from one to the
+    other only through the block's own boxes. With a side edge, the outside goes around the
+    block, so a moving object's box can lie at any y. The partial-view test needs a box to
+    overlap the object it covers, so only what overlaps these ranges can meet a moving object."""
+    x0, y0, x1, y1 = interior
+    n, m = len(b), EDGE_EPS  # a margin: touching the boundary counts as reaching past it
+    side = np.full(n, bool(np.isfinite(x0) or np.isfinite(x1)))
+    lo = np.full(n, np.inf)
+    hi = np.full(n, -np.inf)
+    np.minimum.at(lo, joined, np.where((b[:, 1] <= y0 + m) | side, -np.inf, b[:, 1]))
+    np.maximum.at(hi, joined, np.where((b[:, 3] >= y1 - m) | side, np.inf, b[:, 3]))
+    n_lab = int(lab.max()) + 1
+    top, bottom = np.full(n_lab, -np.inf), np.full(n_lab, np.inf)
+    mv = np.flatnonzero(moving)
+    np.maximum.at(top, lab[mv], np.where(lo[joined[mv]] == -np.inf, hi[joined[mv]], -np.inf))
+    np.minimum.at(bottom, lab[mv], np.where(hi[joined[mv]] == np.inf, lo[joined[mv]], np.inf))
+    return top, bottom
+
+
+def _pending(grid: TileGrid, obj_box, lab, tile_id, moving, owned, comp, top, bottom) -> np.ndarray:
+    """Objects a moving object could see better (a tile owning one of its boxes holds them, they
+    meet its reach, and its final box is not known here): the reduce decides them too. Widens
+    ``top`` and ``bottom`` in place by them, since what covers one of them overlaps it."""
+    pending = np.zeros(len(lab), bool)
+    for c in range(len(top)):
+        owns = np.zeros(len(grid), bool)
+        owns[tile_id[moving & owned & (lab == c)]] = True
+        pending |= ~moving & (lab == c) & _held_by(obj_box, grid, owns)
+    pending &= _meets(obj_box, lab, top, bottom)
+    pending = _spread(pending, comp)
+    pb, pl = obj_box[pending], lab[pending]
+    np.maximum.at(top, pl, np.where(pb[:, 1] <= top[pl], pb[:, 3], -np.inf))
+    np.minimum.at(bottom, pl, np.where(pb[:, 3] >= bottom[pl], pb[:, 1], np.inf))
+    return pending
+
+
 def stitch_block(grid: TileGrid, rows: tuple[int, int], cols: tuple[int, int], tile_results,
                  match_iou: float = 0.5) -> BlockStitch:
     """Stitch the block of tiles in grid rows ``rows`` and columns ``cols`` (inclusive ranges)
@@ -319,11 +372,6 @@ def stitch_block(grid: TileGrid, rows: tuple[int, int], cols: tuple[int, int], t
     pairs, _, comp, tile_id, joined = found
     group = components(n, pairs[:, :2].astype(np.int64))  # linked by candidate pairs
 
-    def spread(mask, by):
-        g = np.zeros(n, bool)
-        g[by[mask]] = True
-        return g[by]
-
     x0, y0, x1, y1 = block_interior(grid, rows[0], rows[1], cols[0], cols[1])
     m = EDGE_EPS  # a margin: touching the boundary counts as reaching past it
 
@@ -331,58 +379,23 @@ def stitch_block(grid: TileGrid, rows: tuple[int, int], cols: tuple[int, int], t
         return (bx[:, 0] <= x0 + m) | (bx[:, 1] <= y0 + m) | (bx[:, 2] >= x1 - m) | (bx[:, 3] >= y1 - m)
 
     # objects whose matches can take boxes from other blocks: the reduce decides them
-    moving = spread(reaches_out(b), joined)
+    moving = _spread(reaches_out(b), joined)
     win = tile_windows(grid, rws, cls)
     rep, out_b, _ = representatives(b, seam[1], seam[5], owned, comp, win)  # final for the others
     slot = np.full(n, -1)
     slot[comp[rep]] = np.arange(len(rep))
     obj_box = out_b[slot[comp]]  # each box's object's box
-    # Where a moving object's final box can lie, in y: its boxes here, and beyond the block's edge
-    # that they reach. Other blocks' boxes lie outside the interior; in a block of whole grid
-    # rows (a band) that is above it or below it, and a chain of overlapping boxes (a merged
-    # object) gets from one to the other only through the block's own boxes. With a side edge,
-    # the outside goes around the block, so a moving object's box can lie at any y. The
-    # partial-view test needs a box to overlap the object it covers, so only what overlaps these
-    # ranges can meet a moving object.
-    if np.isfinite(x0) or np.isfinite(x1):
-        side = np.ones(n, bool)
-    else:
-        side = np.zeros(n, bool)
-    lo = np.full(n, np.inf)
-    hi = np.full(n, -np.inf)
-    np.minimum.at(lo, joined, np.where((b[:, 1] <= y0 + m) | side, -np.inf, b[:, 1]))
-    np.maximum.at(hi, joined, np.where((b[:, 3] >= y1 - m) | side, np.inf, b[:, 3]))
-    n_lab = int(lab.max()) + 1
-    top, bottom = np.full(n_lab, -np.inf), np.full(n_lab, np.inf)  # per class: reach from above, from below
-    mv = np.flatnonzero(moving)
-    np.maximum.at(top, lab[mv], np.where(lo[joined[mv]] == -np.inf, hi[joined[mv]], -np.inf))
-    np.minimum.at(bottom, lab[mv], np.where(hi[joined[mv]] == np.inf, lo[joined[mv]], np.inf))
-
-    def meets(bx, cls):  # the y-range of a box of class ``cls`` overlaps (or touches) a reach
-        return (bx[:, 1] <= top[cls]) | (bx[:, 3] >= bottom[cls])
-
-    # objects a moving object could see better (a tile owning one of its boxes holds them, they
-    # meet its reach, and its final box is not known here): the reduce decides them too
-    pending = np.zeros(n, bool)
-    for c in range(n_lab):
-        owns = np.zeros(len(grid), bool)
-        owns[tile_id[moving & owned & (lab == c)]] = True
-        pending |= ~moving & (lab == c) & _held_by(obj_box, grid, owns)
-    pending &= meets(obj_box, lab)
-    pending = spread(pending, comp)
+    top, bottom = _moving_reach(b, lab, joined, moving, (x0, y0, x1, y1))
+    pending = _pending(grid, obj_box, lab, tile_id, moving, owned, comp, top, bottom)
     decide = moving | pending
-    # the reduce decides pending objects too: what covers one of them overlaps it
-    pb, pl = obj_box[pending], lab[pending]
-    np.maximum.at(top, pl, np.where(pb[:, 1] <= top[pl], pb[:, 3], -np.inf))
-    np.minimum.at(bottom, pl, np.where(pb[:, 3] >= bottom[pl], pb[:, 1], np.inf))
     # the tiles whose owned boxes the reduce's decisions can look at, and of their boxes, those
     # whose objects meet what the reduce decides
     all_tiles = np.arange(len(grid))
     tr, tc = all_tiles // grid.n_cols, all_tiles % grid.n_cols
     ring = reaches_out(tile_windows(grid, tr, tc)) & (tr >= rows[0]) & (tr <= rows[1]) & (tc >= cols[0]) & (tc <= cols[1])
     looked_at = ring | _holding(b[moving], grid) | _holding(obj_box[pending], grid)
-    seen = owned & looked_at[tile_id] & meets(obj_box, lab)
-    context = spread((decide | seen), group) & ~decide  # whole groups: their matches
+    seen = owned & looked_at[tile_id] & _meets(obj_box, lab, top, bottom)
+    context = _spread(decide | seen, group) & ~decide  # whole groups: their matches
     deferred = tuple(a[decide | context] for a in seam) + (decide[decide | context],)
     if (~decide).any():
         ob, os_, olab, orows, ocols, first = merge_seams(*seam[:7], grid, match_iou, found)
