@@ -33,7 +33,7 @@ def main():
     import rasterio
     from rasterio.windows import Window
 
-    import geodet.io.scene as scene_mod
+    import geodet.io.gdal as gdal_mod
     from gpu_check import mosaic_vrt
     from geodet.io.scene import gdal_env
     from geodet.pipeline.detect import tile_batches
@@ -47,7 +47,7 @@ def main():
     rows = {}
 
     def rate(cap_mb, workers):
-        scene_mod.GDAL_CACHE_MB = cap_mb
+        gdal_mod.GDAL_CACHE_MB = cap_mb
         s = resolve_detect_settings(None, tile_size=256, overlap=32, num_workers=workers, batch_size=16)
         sc = open_scene(vrt, s)
         grid = scene_grid(sc, s)
@@ -76,7 +76,7 @@ def main():
     for _ in range(args.runs):
         for name, fn in cases.items():
             rows.setdefault(name, []).append(round(fn(), 1))
-    scene_mod.GDAL_CACHE_MB = 128
+    gdal_mod.GDAL_CACHE_MB = 128
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     isa = [k for k in ("avx2", "avx512_f", "avx512_bf16", "avx512_vnni", "amx_bf16") if caps.get(k)]
     out = {"cpu": f"{caps.get('cpu_name', '?')} ({', '.join(isa)}), {caps.get('num_logical_cores', '?')} cores",

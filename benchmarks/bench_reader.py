@@ -71,9 +71,9 @@ def main():
         with gdal_env():
             return _reader_rate(read_batches(sc, g, args.batch), cpu)
 
-    def bare():
+    def bare(reuse=True):
         sc, g = opened()
-        return bare_read_rate(vrt, sc.bands, g, args.workers, args.batch), None, len(g)
+        return bare_read_rate(vrt, sc.bands, g, args.workers, args.batch, reuse=reuse), None, len(g)
 
     class Zeros:
         """A scene of zeros that reads nothing: the readers' transport alone."""
@@ -81,9 +81,9 @@ def main():
         stats, count, dtype = {}, 3, None
 
         def read_tile(self, tile, out=None, raw=False):
-            if raw:
-                return np.zeros((3, tile.height, tile.width), np.uint8), 1.0
-            out[...] = 0.0
+            if out is None:
+                return np.zeros((3, tile.height, tile.width), np.uint8 if raw else np.float32), 1.0
+            out[...] = 0
             return out, 1.0
 
     def transport(kind):
@@ -98,7 +98,8 @@ def main():
     w = args.workers
     cases = {f"transport alone (uint8 zeros, nothing read): ring, {w} workers": lambda: transport("ring"),
              f"transport alone (uint8 zeros, nothing read): DataLoader, {w} workers": lambda: transport("dl"),
-             f"bare parallel rasterio loop, {w} processes (the read bound; pool start included)": bare,
+             f"bare parallel rasterio loop, {w} processes, into one buffer each (the read bound; pool start included)": bare,
+             f"bare parallel rasterio loop, {w} processes, a new array a tile (pool start included)": lambda: bare(False),
              f"ring reader, {w} workers, uint8 raw": lambda: ring(True),
              f"DataLoader, {w} workers, uint8 raw": lambda: loader(True),
              f"ring reader, {w} workers, float32": lambda: ring(False),

@@ -67,29 +67,33 @@ def core_row(model, device, batch, precision, flops, peak, iters, graph=False):
             "share_of_bf16_peak": round(flops * rate / peak, 4) if peak else None}
 
 
-def _read_windows(path: str, bands: list, windows: list) -> tuple[int, float]:
-    """One process of the bare loop: its own dataset, its windows read in turn."""
+def _read_windows(path: str, bands: list, windows: list, reuse: bool = True) -> tuple[int, float]:
+    """One process of the bare loop: its own dataset, its windows read in turn, into one buffer
+    it reuses (``reuse``; as the pipeline's readers do) or into a new array each."""
     import rasterio
     from rasterio.windows import Window
 
     t0 = time.perf_counter()
     with rasterio.open(path) as ds:
+        side = max([max(w, h) for _, _, w, h in windows], default=0)
+        buf = np.empty((len(bands), side, side), ds.dtypes[bands[0] - 1]) if reuse else None
         for x, y, w, h in windows:
-            ds.read(bands, window=Window(x, y, w, h))
+            ds.read(bands, window=Window(x, y, w, h), out=None if buf is None else buf[:, :h, :w])
     return len(windows), time.perf_counter() - t0
 
 
-def bare_read_rate(path: str, bands: list, grid, workers: int, batch: int) -> float:
+def bare_read_rate(path: str, bands: list, grid, workers: int, batch: int, reuse: bool = True) -> float:
     """tiles/s of ``workers`` processes reading the grid's windows, batch ``k`` of ``batch``
     consecutive windows by process ``k mod workers`` (as DataLoader workers share them), from the
-    moment they are started to the last one's end."""
+    moment they are started to the last one's end. Each reads into one buffer (``reuse``, the
+    read bound: a new tile-sized array a read costs page faults) or a new array a window."""
     windows = [(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in (t.valid for t in grid)]
     batches = [windows[i : i + batch] for i in range(0, len(windows), batch)]
     n = max(1, workers)
     shares = [[w for bt in batches[i::n] for w in bt] for i in range(n)]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(n) as pool:
-        done = list(pool.map(_read_windows, [path] * n, [bands] * n, shares))
+        done = list(pool.map(_read_windows, [path] * n, [bands] * n, shares, [reuse] * n))
     return sum(d[0] for d in done) / (time.perf_counter() - t0)
 
 

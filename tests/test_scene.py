@@ -123,3 +123,39 @@ def test_area_view_of_a_resampled_scene_reads_the_scenes_pixels_there(tmp_path, 
     assert np.array_equal(again, got)
     view.close()
     assert view._handle is None
+
+
+@pytest.mark.parametrize("dtype,nodata", [("uint8", True), ("uint8", False), ("uint16", True), ("float32", True)])
+def test_tiles_read_into_a_used_buffer_equal_a_plain_read_of_the_file(tmp_path, dtype, nodata):
+    """Tiles are read straight into the caller's buffer (the ring reader's slot, raw or float) or
+    a scratch buffer the thread reuses: whatever the buffer held before, every tile (padded past
+    the edge of a scene narrower than a tile, nodata and NaN zeroed) equals a plain read of the
+    file, scaled."""
+    rng = np.random.default_rng(3)
+    data = rng.integers(1, 250, (3, 150, 130)).astype(dtype)
+    if nodata:
+        data[:, :60, :50] = 7  # nodata that is not 0
+        if dtype == "float32":
+            data[1, 100, 100] = np.nan
+    sc = Scene(write_raster(tmp_path / "s.tif", data, nodata=7 if nodata else None), bands=[1, 2, 3])
+    assert sc.all_valid is not nodata
+    g = TileGrid(sc.width, sc.height, 144, 8)  # 130 px wide: every tile padded on the right
+    with rasterio.open(sc.path) as ds:
+        pixels = ds.read().astype(np.float64)
+        valid = ds.dataset_mask() > 0
+    valid &= np.isfinite(pixels).all(0)
+    lo, hi = ((0.0, 255.0) if dtype == "uint8" else
+              (np.asarray(sc.stats["lo"], np.float64)[:, None, None], np.asarray(sc.stats["hi"], np.float64)[:, None, None]))
+    for raw in ([False, True] if dtype == "uint8" else [False]):
+        kind = np.uint8 if raw else np.float32
+        used = np.full((3, 144, 144), 77, kind)
+        for t in list(g) + list(g)[::-1]:
+            x0, y0, x1, y1 = t.valid
+            want = np.zeros((3, 144, 144))
+            part = pixels[:, y0:y1, x0:x1] if raw else np.clip((pixels[:, y0:y1, x0:x1] - lo) / (hi - lo), 0, 1)
+            want[:, : y1 - y0, : x1 - x0] = np.where(valid[y0:y1, x0:x1], np.nan_to_num(part), 0)
+            plain, frac = sc.read_tile(t, raw=raw)
+            got, frac_used = sc.read_tile(t, out=used, raw=raw)
+            assert got is used and got.dtype == plain.dtype == kind
+            assert np.array_equal(got, plain) and frac == frac_used == pytest.approx(valid[y0:y1, x0:x1].mean())
+            np.testing.assert_allclose(got, want, rtol=0, atol=0 if raw else 1e-6)

@@ -10,6 +10,7 @@ import copy
 import logging
 import math
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -17,40 +18,11 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import REMOTE_PREFIXES, GeodetError, ReadError, read_error
+from .gdal import GDAL_CACHE_MB, HTTP_RETRY, READ_ERRORS, gdal_env, gdal_message  # noqa: F401 (geodet's readers import them here)
 
 log = logging.getLogger(__name__)
 
 STATS_MAX_SIDE = 1024  # decimated read for percentile statistics
-
-
-# GDAL's block cache defaults to 5% of RAM and fills as a scene streams through, so memory would
-# grow with scene size. A row of overlapping tiles shares blocks with the next, which a cache of
-# this size holds (without one, every tile decodes its blocks again: 7x slower reads). geodet's
-# reads run with this cap (unless GDAL_CACHEMAX is set); nothing changes for the rest of the process.
-GDAL_CACHE_MB = 128
-
-
-def gdal_env():
-    """The ``rasterio.Env`` that geodet streams scenes in: GDAL's block cache capped at
-    ``GDAL_CACHE_MB`` unless the user set ``GDAL_CACHEMAX``; leaving it restores GDAL. Wrap a
-    whole loop of reads in it (``with gdal_env(): for tile in grid: scene.read_tile(tile)``), not
-    each read: entering it re-applies the cache limit, ~2 ms each time."""
-    import rasterio
-
-    # in bytes: rasterio hands an integer to GDALSetCacheMax64, so 128 would be a 128-byte cache (no
-    # cache at all: every overlapping tile decoded its blocks again, 7x slower reads)
-    options = {} if os.environ.get("GDAL_CACHEMAX") else {"GDAL_CACHEMAX": GDAL_CACHE_MB * 1024 * 1024}
-    # remote reads (/vsicurl/, /vsis3/, ...): retry transient failures (HTTP 429, 5xx, dropped
-    # connections), waiting GDAL_HTTP_RETRY_DELAY s, then twice as long each time
-    for key, value in HTTP_RETRY.items():
-        if not os.environ.get(key):
-            options[key] = value
-    return rasterio.Env(**options)
-
-
-HTTP_RETRY = {"GDAL_HTTP_MAX_RETRY": "5", "GDAL_HTTP_RETRY_DELAY": "0.5",
-              # a remote scene is one object: do not list its folder or probe for sidecars
-              "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 
 
 def open_raster(path: str | Path):
@@ -77,30 +49,6 @@ def open_raster(path: str | Path):
         raise GeodetError(
             f"{path}: not a raster that GDAL can read (expected a GeoTIFF or another georeferenced raster)"
         ) from None
-
-
-def READ_ERRORS() -> tuple:
-    """The exceptions of a failed GDAL read (a damaged block, a truncated file, a failed range
-    request)."""
-    from rasterio.errors import RasterioError
-
-    try:
-        from rasterio._err import CPLE_BaseError
-    except ImportError:  # rasterio's private module moved
-        return (RasterioError,)
-    return (RasterioError, CPLE_BaseError)
-
-
-def gdal_message(exc: BaseException) -> str:
-    """GDAL's own words: rasterio's 'Read failed. See previous exception' points back to them."""
-    msgs = []
-    e = exc
-    while e is not None and len(msgs) < 4:
-        text = " ".join(str(e).split())
-        if text and "See previous exception" not in text:
-            msgs.append(text)
-        e = e.__cause__ or e.__context__
-    return "; ".join(dict.fromkeys(msgs)) or " ".join(str(exc).split()) or type(exc).__name__
 
 
 def pixel_size_m(transform) -> float:
@@ -338,12 +286,13 @@ class Scene:
             raise self.read_error(Window(ox, oy, self.width, self.height), first_exc)
         return data, valid
 
-    def read_raw(self, window) -> np.ndarray:
-        """The selected bands of ``window`` in the file's dtype (in the resampled grid if any).
+    def read_raw(self, window, out: np.ndarray | None = None) -> np.ndarray:
+        """The selected bands of ``window`` in the file's dtype (in the resampled grid if any),
+        read into ``out`` (``[C, h, w]`` of the file's dtype, a view will do) when given.
 
         Loops that stream a scene run inside ``gdal_env()`` (detection, chips and training do),
         which caps GDAL's block cache; entering it per read would cost ~2 ms a tile."""
-        return self.handle.read(self.bands, window=window)
+        return self.handle.read(self.bands, window=window, out=out)
 
     def read_mask(self, window) -> np.ndarray:
         """GDAL's dataset mask of ``window`` (uint8, 255 valid, 0 nodata or masked)."""
@@ -378,8 +327,8 @@ class Scene:
 
     def scale(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Scale to float32 0..1 (uint8 / 255; others by the percentile limits); pixels outside
-        ``valid`` (from ``valid_pixels``, so NaNs included) become 0. Written into ``out`` (float32,
-        the shape of ``data``) when given."""
+        ``valid`` (from ``valid_pixels``, so NaNs included; None: all valid) become 0. Written into
+        ``out`` (float32, the shape of ``data``) when given."""
         if out is None:
             out = np.empty(data.shape, np.float32)
         if self.dtype == np.uint8:
@@ -391,7 +340,7 @@ class Scene:
             out -= lo
             out /= hi - lo
             np.clip(out, 0.0, 1.0, out=out)
-        if not valid.all():
+        if valid is not None and not valid.all():
             out[:, ~valid] = 0.0
         return out
 
@@ -415,34 +364,43 @@ class Scene:
         cannot read raises ``ReadError`` (file, window, map bounds, GDAL's message).
 
         ``raw`` (uint8 scenes): the tile unscaled, uint8, invalid pixels 0, for scaling elsewhere
-        (a GPU); ``x * np.float32(1 / 255)`` then gives this method's float32 tile exactly."""
+        (a GPU), read straight into ``out`` (uint8 ``[C, tile, tile]``) when given;
+        ``x * np.float32(1 / 255)`` then gives this method's float32 tile exactly.
+
+        Pixels are read into ``out`` or a buffer this thread reuses, never into a new array: a
+        tile-sized allocation is a fresh mapping whose pages fault in on every read, a third of a
+        uint8 tile's read time."""
+        if raw and self.dtype != np.uint8:
+            raise GeodetError(f"{self.path}: raw tiles are read from uint8 scenes only, not {self.dtype}")
         window = tile.window()
         if self._origin != (0, 0):
             from rasterio.windows import Window
 
             window = Window(window.col_off + self._origin[0], window.row_off + self._origin[1], window.width, window.height)
+        h, w = int(window.height), int(window.width)
+        padded = (h, w) != (tile.height, tile.width)
+        if out is None:
+            out = np.zeros((self.count, tile.height, tile.width), np.uint8 if raw else np.float32)
+        elif padded:
+            out[:, h:, :] = 0
+            out[:, :h, w:] = 0
+        into = out[:, :h, :w] if raw else _scratch((self.count, h, w), self.dtype)
         try:
-            data = self.read_raw(window)
-            mask = self.read_valid(window)
+            data = self.read_raw(window, out=into)
+            mask = self.read_valid(window) if not self.all_valid else None
         except READ_ERRORS() as exc:
             raise self.read_error(window, exc) from None
-        valid = self.valid_pixels(data, mask)
-        frac = 1.0 if self.all_valid and not self.is_float else (float(valid.mean()) if valid.size else 0.0)
-        h, w = data.shape[1:]
-        padded = (h, w) != (tile.height, tile.width)
+        if mask is None and not self.is_float:  # every pixel valid
+            if not raw:
+                self.scale(data, None, out=out[:, :h, :w])
+            return out, 1.0
+        valid = self.valid_pixels(data, np.ones((h, w), bool) if mask is None else mask)
+        frac = float(valid.mean()) if valid.size else 0.0
         if raw:
-            if self.dtype != np.uint8:
-                raise GeodetError(f"{self.path}: raw tiles are read from uint8 scenes only, not {self.dtype}")
             if not valid.all():
                 data[:, ~valid] = 0
-            if padded:
-                data = np.pad(data, ((0, 0), (0, tile.height - h), (0, tile.width - w)))
-            return data, frac
-        if out is None:
-            out = (np.zeros if padded else np.empty)((self.count, tile.height, tile.width), np.float32)
-        elif padded:
-            out[...] = 0.0
-        self.scale(data, valid, out=out[:, :h, :w])
+        else:
+            self.scale(data, valid, out=out[:, :h, :w])
         return out, frac
 
     def valid_at(self, tile, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -483,6 +441,21 @@ class Scene:
             f"{self.path}: {self.file_width} x {self.file_height} px, {self.file_count} band(s) {self.dtype}, "
             f"{crs}, {self.native_gsd:.4g} units/px{extra}"
         )
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple, dtype) -> np.ndarray:
+    """A reusable array of ``shape`` and ``dtype`` for this thread's reads (its contents are
+    overwritten by the next read in the thread): one buffer per dtype, grown as needed."""
+    dtype = np.dtype(dtype)
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    n = int(np.prod(shape))
+    buf = bufs.get(dtype)
+    if buf is None or buf.size < n:
+        buf = bufs[dtype] = np.empty(n, dtype)
+    return buf[:n].reshape(shape)
 
 
 def scene_from_config(path: str | Path, scene_cfg, stats: dict | None = None) -> Scene:

@@ -67,11 +67,7 @@ def _worker(scene, grid, ring, stop, tasks, results, raw: bool, min_valid_fracti
                         return
                     tile = grid.tile(i)
                     try:
-                        if raw:
-                            data, frac = scene.read_tile(tile, raw=True)
-                            out[len(tiles)] = data
-                        else:
-                            _, frac = scene.read_tile(tile, out=out[len(tiles)])
+                        _, frac = scene.read_tile(tile, out=out[len(tiles)], raw=raw)
                     except ReadError as exc:
                         failed.append((tile, str(exc), exc.info))
                         continue
