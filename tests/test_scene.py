@@ -125,21 +125,24 @@ def test_area_view_of_a_resampled_scene_reads_the_scenes_pixels_there(tmp_path, 
     assert view._handle is None
 
 
-@pytest.mark.parametrize("dtype,nodata", [("uint8", True), ("uint8", False), ("uint16", True), ("float32", True)])
-def test_tiles_read_into_a_used_buffer_equal_a_plain_read_of_the_file(tmp_path, dtype, nodata):
+@pytest.mark.parametrize("shape", [(3, 150, 130), (3, 120, 200)])
+@pytest.mark.parametrize("dtype,nodata", [("uint8", True), ("uint8", False), ("uint16", True), ("uint16", False),
+                                          ("float32", True), ("float32", False)])
+def test_tiles_read_into_a_used_buffer_equal_a_plain_read_of_the_file(tmp_path, dtype, nodata, shape):
     """Tiles are read straight into the caller's buffer (the ring reader's slot, raw or float) or
     a scratch buffer the thread reuses: whatever the buffer held before, every tile (padded past
-    the edge of a scene narrower than a tile, nodata and NaN zeroed) equals a plain read of the
-    file, scaled."""
+    the edge of a scene narrower or shorter than a tile, nodata and NaN zeroed) equals a plain
+    read of the file, scaled."""
     rng = np.random.default_rng(3)
-    data = rng.integers(1, 250, (3, 150, 130)).astype(dtype)
+    data = rng.integers(1, 250, shape).astype(dtype)
     if nodata:
         data[:, :60, :50] = 7  # nodata that is not 0
-        if dtype == "float32":
-            data[1, 100, 100] = np.nan
+    if dtype == "float32":
+        data[1, 100, 100] = np.nan  # invalid with or without nodata
     sc = Scene(write_raster(tmp_path / "s.tif", data, nodata=7 if nodata else None), bands=[1, 2, 3])
     assert sc.all_valid is not nodata
-    g = TileGrid(sc.width, sc.height, 144, 8)  # 130 px wide: every tile padded on the right
+    g = TileGrid(sc.width, sc.height, 144, 8)  # every tile padded on the right or at the bottom
+    assert all(t.valid[2] - t.valid[0] < 144 or t.valid[3] - t.valid[1] < 144 for t in g)
     with rasterio.open(sc.path) as ds:
         pixels = ds.read().astype(np.float64)
         valid = ds.dataset_mask() > 0
@@ -159,3 +162,5 @@ def test_tiles_read_into_a_used_buffer_equal_a_plain_read_of_the_file(tmp_path, 
             assert got is used and got.dtype == plain.dtype == kind
             assert np.array_equal(got, plain) and frac == frac_used == pytest.approx(valid[y0:y1, x0:x1].mean())
             np.testing.assert_allclose(got, want, rtol=0, atol=0 if raw else 1e-6)
+    with pytest.raises(ValueError, match="float32 buffer"):  # GDAL would fill a uint8 buffer unscaled
+        sc.read_tile(g.tile(0), out=np.zeros((3, 144, 144), np.uint8))

@@ -379,8 +379,12 @@ class Scene:
             window = Window(window.col_off + self._origin[0], window.row_off + self._origin[1], window.width, window.height)
         h, w = int(window.height), int(window.width)
         padded = (h, w) != (tile.height, tile.width)
+        kind = np.uint8 if raw else np.float32
         if out is None:
-            out = np.zeros((self.count, tile.height, tile.width), np.uint8 if raw else np.float32)
+            out = np.zeros((self.count, tile.height, tile.width), kind)
+        elif out.dtype != kind or out.shape != (self.count, tile.height, tile.width):
+            raise ValueError(f"read_tile needs a {np.dtype(kind)} buffer of {(self.count, tile.height, tile.width)}, "
+                             f"not {out.dtype} {out.shape}")  # GDAL would convert into it silently
         elif padded:
             out[:, h:, :] = 0
             out[:, :h, w:] = 0
