@@ -40,3 +40,14 @@ def read_error(path, window: tuple, bounds: tuple | None, gdal_message: str, ski
     info = {"window": {"col_off": c0, "row_off": r0, "width": w, "height": h},
             "bounds": None if bounds is None else [round(float(v), 3) for v in bounds], "error": gdal_message}
     return ReadError(message, info)
+
+
+def brief(exc: BaseException, limit: int = 160) -> str:
+    """The first line of ``exc``'s message (its type's name when empty), cut at a word boundary
+    near ``limit`` characters, for a one-line error."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0].rstrip(",;:(")
+    return (cut if len(cut) > limit // 2 else text[:limit]) + "..."

@@ -273,7 +273,8 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     import geopandas as gpd
     import shapely
 
-    from .io.labels import labels_to_boxes, map_bounds_to_pixels, read_labels, repair_geometries
+    from .io.labels import (class_values, drop_unclassed, geoms_to_pixel_boxes, labels_to_boxes, read_labels,
+                            repair_geometries)
     from .io.scene import Scene
 
     det = detections if isinstance(detections, gpd.GeoDataFrame) else _read_detections(detections)
@@ -287,8 +288,9 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     # An empty class column means class-agnostic: every label and detection is one class.
     agnostic = not class_column
     class_column_gt = None if agnostic or class_column not in gt.columns else class_column
+    gt, _ = drop_unclassed(gt, class_column_gt)
     det_names = det["label"].astype(str).to_numpy() if "label" in det.columns else np.full(len(det), "object", dtype=object)
-    gt_names = gt[class_column_gt].astype(str).to_numpy() if class_column_gt else np.full(len(gt), "object")
+    gt_names = class_values(gt[class_column_gt]) if class_column_gt else np.full(len(gt), "object")
     mismatch = None
     if not agnostic and len(det_names) and len(gt_names) and not set(det_names) & set(gt_names):
         if len(set(det_names)) == 1:
@@ -317,14 +319,14 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
         if len(det):
             if det.crs is not None and sc.crs is not None and det.crs != sc.crs:
                 det = det.to_crs(sc.crs)
-            det_boxes = map_bounds_to_pixels(shapely.bounds(np.array(det.geometry.values, dtype=object)), sc.transform) if det.crs is not None else det[_pixel_columns(det)].to_numpy(np.float64)
+            det_boxes = geoms_to_pixel_boxes(det.geometry.values, sc.transform) if det.crs is not None else det[_pixel_columns(det)].to_numpy(np.float64)
         else:
             det_boxes = np.zeros((0, 4))
     else:
         if det.crs is not None and gt.crs is not None and det.crs != gt.crs:
             gt = gt.to_crs(det.crs)
         gt, _ = repair_geometries(gt)
-        gt_names = gt[class_column_gt].astype(str).to_numpy() if class_column_gt else np.full(len(gt), "object")
+        gt_names = class_values(gt[class_column_gt]) if class_column_gt else np.full(len(gt), "object")
         gt_boxes = shapely.bounds(np.array(gt.geometry.values, dtype=object)).reshape(-1, 4)
         gt_labels = np.array([lookup[n] for n in gt_names], np.int64)
         det_boxes = shapely.bounds(np.array(det.geometry.values, dtype=object)).reshape(-1, 4) if len(det) else np.zeros((0, 4))

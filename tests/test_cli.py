@@ -96,10 +96,12 @@ def test_band_mismatch_message_and_bands_flag(tmp_path, tiny_model, count, dtype
     p = raster(tmp_path / "s.tif", count=count, dtype=dtype)
     r = geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg")
     if count == 1:
-        assert_clean_error(r, r"model expects 3 band\(s\) \(1,2,3\); scene s.tif has 1: pass --bands")
+        assert_clean_error(r, r"model expects 3 band\(s\) \(1,2,3\); scene s.tif has 1: repeat a band with "
+                              r"--bands \(e\.g\. 1,1,1\)")
         r = geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg", "--bands", "1,1,1")
     else:
-        assert r.returncode == 0, r.stderr  # bands 1,2,3 of a 4-band scene
+        assert r.returncode == 0, r.stderr  # bands 1,2,3 of a 4-band scene, said so
+        assert "s.tif has 4 bands; the model reads bands 1,2,3" in r.stderr
         r = geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg", "--bands", "4,3,2")
     assert r.returncode == 0, r.stderr
     r = geodet("detect", p, "-m", tiny_model, "-o", tmp_path / "o.gpkg", "--bands", "1,2")
@@ -339,3 +341,63 @@ def test_closing_stdin_stops_a_driven_training_with_its_checkpoint(tmp_path, syn
     assert proc.returncode == 130, err
     assert "stopping after this step and saving last.pt" in err and "--resume" in err and "Traceback" not in err
     assert torch.load(run / "last.pt", weights_only=True)["step"] >= 1
+
+
+def _one_error(capsys, args, pattern):
+    from geodet.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("geodet: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_more_bad_inputs_are_one_line_before_any_work(tmp_path, tiny_model, synth, capsys):
+    """Outputs named for another format, folders that cannot be written, a file that is not
+    suggestions, a damaged ray output, labels that cannot check an export: each refused in one
+    line, with nothing left behind."""
+    labels = str(synth.labels)
+    _one_error(capsys, ["evaluate", labels, labels, "-o", str(tmp_path / "m.gpkg")], r"m\.gpkg: this output is a JSON")
+    _one_error(capsys, ["evaluate", labels, labels, "--plot", str(tmp_path / "p.xyz")], r"p\.xyz: .* PNG file.*p\.png")
+    _one_error(capsys, ["detect", str(synth.image), "-m", str(tiny_model), "-o", str(tmp_path / "d.gpkg"),
+                        "--quicklook", str(tmp_path / "q.jpg")], r"q\.jpg: .* PNG file")
+    _one_error(capsys, ["suggest", "--done", labels, "--labelled-area", str(tmp_path / "area.gpkg")],
+               "no 'done' field, so it is not a file geodet suggest wrote")
+    _one_error(capsys, ["merge", str(tmp_path / "nothing"), "-o", str(tmp_path / "all.gpkg")], "nothing: not found")
+    bad = tmp_path / "ray" / "scene=a"
+    bad.mkdir(parents=True)
+    (bad / "_SUCCESS.json").write_text("{}")
+    (bad / "detections.parquet").write_bytes(b"PAR1 truncated")
+    _one_error(capsys, ["merge", str(tmp_path / "ray"), "-o", str(tmp_path / "all.gpkg")],
+               r"not a GeoParquet file.*run geodet detect --engine ray again")
+    g = gpd.read_file(synth.labels).assign(label=None)
+    g.to_file(tmp_path / "noclass.gpkg")
+    for check in (tmp_path / "missing.gpkg", tmp_path / "noclass.gpkg"):
+        _one_error(capsys, ["export", "-m", str(tiny_model), "-o", str(tmp_path / "x.onnx"), "--calibrate",
+                            str(synth.image), "--check-labels", str(check)], "labels not found|every label's 'label' is empty")
+    if sys.platform.startswith("linux"):  # a folder nobody can write in, even root
+        _one_error(capsys, ["tile", str(synth.image), "-o", "/proc/geodet-test/chips"], "cannot write in /proc")
+        _one_error(capsys, ["train", str(synth.image), "--labels", labels, "-o", "/proc/geodet-test/run",
+                            "--max-steps", "1"], "cannot write in /proc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noclass.gpkg", "ray"]
+
+
+def test_labels_with_empty_classes_tile_and_a_run_folder_detects(tmp_path, synth, tiny_model, caplog):
+    """Labels whose class is empty are left out (and said so); a run folder given as the model
+    runs its model.pt."""
+    from geodet.cli import main
+
+    g = gpd.read_file(synth.labels)
+    g.loc[:4, "label"] = None
+    g.to_file(tmp_path / "some.gpkg")
+    assert main(["-q", "tile", str(synth.image), "-o", str(tmp_path / "chips"), "--tile-size", "128", "--overlap", "16",
+                 "--labels", str(tmp_path / "some.gpkg")]) == 0
+    text = (tmp_path / "chips" / "annotations.json").read_text()
+    coco = json.loads(text)
+    assert "NaN" not in text and {c["name"] for c in coco["categories"]} <= set(g["label"].dropna())
+    assert "5 label(s) with an empty 'label' left out" in caplog.text
+    assert main(["-q", "detect", str(synth.image), "-m", str(tiny_model.parent), "-o", str(tmp_path / "d.gpkg")]) == 0
+    assert len(gpd.read_file(tmp_path / "d.gpkg", layer="d")) > 0

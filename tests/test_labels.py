@@ -60,3 +60,49 @@ def test_missing_class_column_lists_columns(tmp_path):
     g.to_file(tmp_path / "l.gpkg")
     with pytest.raises(GeodetError, match="available columns: kind"):
         read_labels(tmp_path / "l.gpkg", "label")
+
+
+def test_labels_with_an_empty_class_are_left_out_and_counted(tmp_path, caplog):
+    sc = _scene(tmp_path / "s.tif")
+    t = sc.transform
+    boxes = [box(*(t * (10 + 20 * i, 30)), *(t * (20 + 20 * i, 20))) for i in range(4)]
+    g = gpd.GeoDataFrame({"label": ["car", None, "  ", "truck"]}, geometry=boxes, crs="EPSG:32633")
+    g.to_file(tmp_path / "l.gpkg")  # read back as a file: pandas' string column, nulls as NaN
+    lb = labels_to_boxes(read_labels(tmp_path / "l.gpkg", "label"), sc, unknown="keep")
+    assert lb.classes == ["car", "truck"] and lb.counts["no_class"] == 2 and len(lb) == 2
+    assert np.allclose(lb.boxes[:, 0], [10, 70])
+    assert "2 label(s) with an empty 'label' left out" in caplog.text
+    g.assign(label=None).to_file(tmp_path / "none.gpkg")
+    with pytest.raises(GeodetError, match="every label's 'label' is empty.*--class-column ''"):
+        labels_to_boxes(read_labels(tmp_path / "none.gpkg", "label"), sc)
+
+
+def test_labels_on_a_rotated_scene_are_the_boxes_of_their_pixels(tmp_path):
+    """On a rotated grid each label's box is that of its vertices in pixels, as on a north-up
+    grid: not the pixel box of its map bounds (inflated by the rotation)."""
+    from rasterio.transform import Affine
+
+    from geodet.evaluation import evaluate
+    from geodet.io.writers import boxes_to_polygons
+
+    t = from_origin(500000, 4600000, 0.5, 0.5) * Affine.rotation(20)
+    sc = _scene(tmp_path / "s.tif", t=t)
+    px = np.array([[10, 20, 30, 26], [100, 50, 104, 58]], float)
+    g = gpd.GeoDataFrame({"label": ["car", "car"]}, geometry=boxes_to_polygons(px, t), crs="EPSG:32633")
+    lb = labels_to_boxes(g, sc)
+    np.testing.assert_allclose(lb.boxes, px, atol=1e-6)
+    cx, cy = t * (50, 40)
+    pts = labels_to_boxes(gpd.GeoDataFrame({"label": ["tree"]}, geometry=[Point(cx, cy)], crs="EPSG:32633"), sc,
+                          point_box_m=3.0)
+    np.testing.assert_allclose(pts.boxes[0], [47, 37, 53, 43], atol=1e-6)
+    # detections drawn from the same pixels score perfectly against them
+    det = g.assign(score=0.9)
+    m = evaluate(det, g, scene=sc)
+    assert m["AP50"] == pytest.approx(1.0) and m["AP"] == pytest.approx(1.0)
+
+
+def test_projected_coordinates_in_a_file_read_as_degrees_are_refused(tmp_path):
+    g = gpd.GeoDataFrame({"label": ["car"]}, geometry=[box(500010, 4599990, 500012, 4599992)])
+    g.to_file(tmp_path / "n.geojson", driver="GeoJSON")  # no CRS written: readers take it as WGS 84
+    with pytest.raises(GeodetError, match="are not degrees.*assign its real CRS"):
+        read_labels(tmp_path / "n.geojson", "label")

@@ -45,10 +45,10 @@ def test_pretrain_writes_a_backbone_that_train_starts_from_and_detect_refuses(tm
     cfg.write_text("tiling: {tile_size: 128, overlap: 16}\nmodel: {channels: 16, head_depth: 1, levels: [2, 4], "
                    "anchor_sizes: [8.0, 16.0, 32.0]}\ntrain: {batch_size: 2, warmup_steps: 2}\n")
     out = tmp_path / "bb.pt"
-    assert main(["pretrain", str(synth.image), "--config", str(cfg), "-o", str(out), "--time-limit", "0.15", "-q"]) == 0
+    assert main(["pretrain", str(synth.image), "--config", str(cfg), "-o", str(out), "--max-steps", "5", "-q"]) == 0
     payload = read_model_file(out)
-    info = payload["card"]["pretrained"]
-    assert info["steps"] > 3 and np.isfinite(info["loss_last"]) and payload["card"]["pretrain_only"]
+    info = payload["card"]["pretrained"]  # a step budget, not a time limit: a busy machine takes the same steps
+    assert info["steps"] == 5 and np.isfinite(info["loss_last"]) and payload["card"]["pretrain_only"]
     run = tmp_path / "run"
     assert main(["train", str(synth.image), "--init", str(out), "--labels", str(synth.labels), "--out",
                  str(run), "--max-steps", "2", "--class-column", "", "-q"]) == 0

@@ -67,3 +67,37 @@ def test_scene_in_epsg4326(tmp_path):
     write_detections(g, tmp_path / "d.geojson")
     geom = gpd.read_file(tmp_path / "d.geojson").geometry[0]
     assert geom.bounds == pytest.approx((10.0 + 3e-5, 50.0 - 6e-5, 10.0 + 4e-5, 50.0 - 5e-5), abs=1e-12)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import pyogrio
+
+    from geodet import GeodetError
+
+    frame = gpd.GeoDataFrame({"score": [0.5]}, geometry=gpd.points_from_xy([500000.0], [4600000.0]).buffer(1),
+                             crs="EPSG:32633")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for name, fail in (("d.gpkg", full), ("d.geojson", pyogrio.errors.FeatureError("Failed to write: No space left"))):
+        def raising(*args, _fail=fail, **kwargs):
+            if callable(_fail):
+                _fail()
+            raise _fail
+
+        monkeypatch.setattr(pyogrio, "write_dataframe", raising)
+        with pytest.raises(GeodetError, match=f"cannot write .*{name}: .*No space left.*free some space"):
+            write_detections(frame, tmp_path / name)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_brief_cuts_at_a_word():
+    from geodet.errors import brief
+
+    assert brief(ValueError("short\nsecond line")) == "short"
+    assert brief(ValueError("")) == "ValueError"
+    text = brief(ValueError("word " * 60), 40)
+    assert text.endswith("word...") and len(text) <= 43

@@ -26,9 +26,9 @@ def run(args) -> int:
     from ..evaluation import evaluate, format_table, plot_pr
     from ..io.writers import check_output_path, write_json
 
-    for p in (args.out, args.plot):
+    for p, suffix, example in ((args.out, ".json", "metrics.json"), (args.plot, ".png", "pr.png")):
         if p:
-            check_output_path(p)
+            check_output_path(p, suffixes=(suffix,), example=example)
     if not 0 < args.iou < 1:
         raise GeodetError(f"--iou must be between 0 and 1, got {args.iou}")
     m = evaluate(args.detections, args.labels, scene=args.scene, iou=args.iou, class_column=args.class_column)

@@ -3,6 +3,8 @@ they are labelled, ``--done`` adds them to the labelled area for the next round 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .common import add_device, deprecated, positive_int
 
 STRATEGY_HELP = ("how cells are ranked: uncertainty (default: the most detections scored near the operating point, "
@@ -48,6 +50,9 @@ def run(args) -> int:
     if missing:
         raise GeodetError(f"geodet suggest needs {', '.join(missing)} (or --done CELLS --labelled-area AREA to add "
                           "labelled cells to the labelled area)")
+    if Path(args.out).suffix.lower() not in (".gpkg", ".geojson", ".fgb", ".shp"):
+        raise GeodetError(f"{Path(args.out).name}: suggestions are written as .gpkg, .geojson, .fgb or .shp (the cells "
+                          "are polygons to label in QGIS): name the file so")
     fmt = output_format(args.out)
     if fmt not in ("gpkg", "geojson", "fgb", "shp"):
         raise GeodetError(f"suggestions are written as .gpkg, .geojson, .fgb or .shp, not {fmt}: the cells are "

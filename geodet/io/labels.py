@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import GeodetError
+from ..errors import GeodetError, brief
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def read_labels(path: str | Path, class_column: str | None = None, allow_empty: 
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, ValueError, OSError) as exc:
         raise GeodetError(
             f"{path}: not a vector file that OGR can read (use a shapefile, GeoPackage or GeoJSON): "
-            f"{str(exc).splitlines()[0][:120]}"
+            f"{brief(exc, 120)}"
         ) from None
     return _checked(gdf, path, class_column, allow_empty)
 
@@ -65,7 +65,7 @@ def read_geoparquet(path):
     try:
         return gpd.read_parquet(path)
     except (OSError, ValueError) as exc:
-        raise GeodetError(f"{path}: not a GeoParquet file geopandas can read: {str(exc).splitlines()[0][:120]}") from None
+        raise GeodetError(f"{path}: not a GeoParquet file geopandas can read: {brief(exc, 120)}") from None
 
 
 def _checked(gdf, path, class_column, allow_empty):
@@ -73,6 +73,13 @@ def _checked(gdf, path, class_column, allow_empty):
         raise GeodetError(f"{path}: the labels file holds no features")
     if gdf.crs is None and len(gdf):
         raise GeodetError(f"{path}: the labels have no CRS: assign one (e.g. in QGIS, or ogr2ogr -a_srs EPSG:xxxx)")
+    if gdf.crs is not None and gdf.crs.is_geographic and len(gdf):
+        x0, y0, x1, y1 = gdf.total_bounds
+        if x0 < -360 or x1 > 360 or y0 < -90.5 or y1 > 90.5:
+            raise GeodetError(
+                f"{path}: coordinates from ({x0:.0f}, {y0:.0f}) to ({x1:.0f}, {y1:.0f}) are not degrees, yet the file's CRS is "
+                f"{gdf.crs.name} (a GeoJSON file is read as WGS 84 unless it says otherwise): assign its real CRS "
+                "(e.g. ogr2ogr -a_srs EPSG:xxxx) or save it as a GeoPackage")
     if class_column and class_column not in gdf.columns:
         cols = [c for c in gdf.columns if c != gdf.geometry.name]
         raise GeodetError(
@@ -110,10 +117,54 @@ def map_bounds_to_pixels(bounds: np.ndarray, transform) -> np.ndarray:
     return np.stack([cols.min(1), rows.min(1), cols.max(1), rows.max(1)], 1)
 
 
+def geoms_to_pixel_boxes(geoms, transform) -> np.ndarray:
+    """Each geometry's box [N, 4] in the pixel grid of ``transform``: its vertices mapped to
+    pixels, then their bounds (on a rotated or sheared grid the map bounds' corners would inflate
+    every box)."""
+    import shapely
+
+    geoms = np.asarray(geoms, dtype=object).reshape(-1)
+    if transform.b == 0 and transform.d == 0:  # north-up: the map bounds map exactly
+        return map_bounds_to_pixels(shapely.bounds(geoms).reshape(-1, 4), transform)
+    inv = ~transform
+
+    def to_pixels(xy):
+        return np.stack([inv.a * xy[:, 0] + inv.b * xy[:, 1] + inv.c, inv.d * xy[:, 0] + inv.e * xy[:, 1] + inv.f], 1)
+
+    return shapely.bounds(shapely.transform(geoms, to_pixels)).reshape(-1, 4)
+
+
+def class_values(column) -> np.ndarray:
+    """A class column's values as stripped strings (object array), None where a label has no
+    class (null, NaN or blank): such labels name no class, they are not a class of their own."""
+    values = np.empty(len(column), dtype=object)
+    missing = column.isna().to_numpy()
+    text = column[~missing].astype(str).str.strip()
+    vals = np.asarray(text.to_numpy(), dtype=object)
+    vals[text.to_numpy() == ""] = None
+    values[~missing] = vals
+    return values
+
+
+def drop_unclassed(gdf, class_column: str | None, source: str = "labels") -> tuple[object, int]:
+    """``gdf`` without the labels whose class is empty (warned about), and how many; an error
+    when every label's is."""
+    if not class_column or class_column not in gdf.columns or not len(gdf):
+        return gdf, 0
+    missing = np.array([v is None for v in class_values(gdf[class_column])], bool)
+    if missing.all():
+        raise GeodetError(f"{source}: every label's '{class_column}' is empty: fill in the class column, or pass "
+                          "--class-column '' for one class")
+    if missing.any():
+        log.warning("%s: %d label(s) with an empty '%s' left out (fill in their class to use them)",
+                    source, int(missing.sum()), class_column)
+    return gdf[~missing], int(missing.sum())
+
+
 def class_names(gdf, class_column: str | None) -> list[str]:
     if not class_column:
         return ["object"]
-    return sorted({str(v) for v in gdf[class_column].dropna()})
+    return sorted({v for v in class_values(gdf[class_column]) if v is not None})
 
 
 def labels_to_boxes(
@@ -137,21 +188,24 @@ def labels_to_boxes(
         raise GeodetError(f"{scene.path}: the scene has no CRS, so labels cannot be placed on it")
     if gdf.crs is not None and gdf.crs != scene.crs:
         gdf = gdf.to_crs(scene.crs)
+    gdf, no_class = drop_unclassed(gdf, class_column, source)
     gdf, counts = repair_geometries(gdf)
+    counts["no_class"] = no_class
     geoms = np.array(gdf.geometry.values, dtype=object)
     is_point = np.isin(shapely.get_type_id(geoms), [0, 4])  # Point, MultiPoint
     counts["points"] = int(is_point.sum())
-    bounds = shapely.bounds(geoms).reshape(-1, 4)
-    if is_point.any():
-        half = point_box_m / 2
-        c = bounds[is_point]
+    boxes = geoms_to_pixel_boxes(geoms, scene.transform)
+    if is_point.any():  # a square of point_box_m on the ground, centred on the point
+        t = scene.transform
+        hx = point_box_m / 2 / np.hypot(t.a, t.d)
+        hy = point_box_m / 2 / np.hypot(t.b, t.e)
+        c = boxes[is_point]
         cx, cy = (c[:, 0] + c[:, 2]) / 2, (c[:, 1] + c[:, 3]) / 2
-        bounds[is_point] = np.stack([cx - half, cy - half, cx + half, cy + half], 1)
-    boxes = map_bounds_to_pixels(bounds, scene.transform)
+        boxes[is_point] = np.stack([cx - hx, cy - hy, cx + hx, cy + hy], 1)
     # Class mapping.
     names = list(classes) if classes else class_names(gdf, class_column)
     if class_column:
-        values = gdf[class_column].astype(str).to_numpy()
+        values = class_values(gdf[class_column])
     else:
         values = np.full(len(gdf), names[0], dtype=object)
     lookup = {n: i for i, n in enumerate(names)}
@@ -182,7 +236,7 @@ def labels_to_boxes(
             f"{sb[2]:.2f}, {sb[3]:.2f}) in {scene.crs.to_string()}: check that they cover the same area"
         )
     counts["used"] = int(keep.sum())
-    if counts["repaired"] or counts["empty"] or counts["outside"] or counts["unknown"]:
+    if counts["repaired"] or counts["empty"] or counts["outside"] or counts["unknown"] or no_class:
         log.info("%s: %s", source, ", ".join(f"{k} {v}" for k, v in counts.items()))
     return LabelBoxes(clipped[keep], idx[keep], names, counts)
 

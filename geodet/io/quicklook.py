@@ -20,7 +20,7 @@ def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX
     from matplotlib.patches import Rectangle
 
     from .writers import atomic_path
-    from .labels import map_bounds_to_pixels
+    from .labels import geoms_to_pixel_boxes
     from .scene import Scene
 
     sc = Scene(scene_path, bands=bands or None)
@@ -44,9 +44,7 @@ def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX
         det = detections
         if det.crs is not None and sc.crs is not None and det.crs != sc.crs:
             det = det.to_crs(sc.crs)
-        import shapely
-
-        boxes = map_bounds_to_pixels(shapely.bounds(np.array(det.geometry.values, dtype=object)), sc.transform) / scale
+        boxes = geoms_to_pixel_boxes(det.geometry.values, sc.transform) / scale
         labels = det["label"].astype(str).to_numpy()
         for b, lab in zip(boxes, labels):
             k = names.index(lab) if lab in names else 0

@@ -6,6 +6,7 @@ interrupted run never leaves a half-written output and never touches a previous 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GeodetError
+from ..errors import GeodetError, brief
 
 FORMATS = {
     ".geojson": "geojson", ".json": "geojson", ".gpkg": "gpkg", ".fgb": "fgb", ".shp": "shp", ".csv": "csv",
@@ -47,30 +48,49 @@ def output_format(path: str | Path, fmt: str | None = None) -> str:
     return FORMATS[suffix]
 
 
-def check_output_path(path: str | Path, fmt: str | None = None) -> Path:
+def check_output_path(path: str | Path, fmt: str | None = None, suffixes: tuple = (),
+                      example: str = "detections.gpkg") -> Path:
     """Fail before any work starts if the output cannot be written there: the nearest existing
     folder on its path must take a new file (missing folders are made when the output is written),
+    with ``suffixes`` its name must end in one of them (what is written is ``example``'s kind),
     and, with ``fmt``, no other output may own its sidecar files (a shapefile's and a CSV's ``.prj``
     and ``.qml`` share the stem)."""
     p = Path(path)
     if p.is_dir():
-        raise GeodetError(f"output path is a folder: {p}; give a file name such as {p / 'detections.gpkg'}")
-    parent = p.parent if str(p.parent) else Path(".")
-    existing = next((a for a in (parent, *parent.parents) if a.exists()), Path("."))
-    if not existing.is_dir():
-        raise GeodetError(f"cannot write {p}: {existing} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".geodet-write-test.", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise GeodetError(f"cannot write in {existing} ({exc.strerror or exc}): choose another output folder") from None
+        raise GeodetError(f"output path is a folder: {p}; give a file name such as {p / example}")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise GeodetError(f"{p.name}: this output is a {'/'.join(s.lstrip('.').upper() for s in suffixes)} file: "
+                          f"name it so (e.g. {p.with_suffix(suffixes[0]).name if p.suffix or p.name else example})")
+    _check_writable_in(p.parent if str(p.parent) else Path("."), p)
     if fmt in ("shp", "csv"):
         other = p.with_suffix(".csv" if fmt == "shp" else ".shp")
         if other.exists():
             raise GeodetError(f"{p.name} and {other.name} would share {p.with_suffix('.prj').name} and "
                               f"{p.with_suffix('.qml').name} (the CRS and the style): give this output another name")
     return p
+
+
+def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """Fail before any work starts if ``path`` cannot be the run's output folder: it must be a
+    folder or not exist yet, and the nearest existing folder on its path must take new files."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise GeodetError(f"{flag} must be a folder, but {p} is a file")
+    _check_writable_in(p, p)
+    return p
+
+
+def _check_writable_in(folder: Path, target: Path) -> None:
+    """The nearest existing folder on ``folder``'s path must take a new file (for ``target``)."""
+    existing = next((a for a in (folder, *folder.parents) if a.exists()), Path("."))
+    if not existing.is_dir():
+        raise GeodetError(f"cannot write {target}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".geodet-write-test.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise GeodetError(f"cannot write in {existing} ({exc.strerror or exc}): choose another output folder") from None
 
 
 def missing_folders(path: str | Path) -> list[Path]:
@@ -127,10 +147,28 @@ class atomic_path:
             if exc_type is None:
                 produced = sorted(self.tmpdir.iterdir())
                 for f in produced:  # a shapefile is several files with one stem
-                    os.replace(f, self.path.parent / f.name)
+                    try:
+                        os.replace(f, self.path.parent / f.name)
+                    except OSError as err:
+                        raise GeodetError(f"cannot write {self.path}: {brief(err)}: choose another output") from None
         finally:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
+        if exc is not None and _disk_refused(exc):  # a full disk, a quota: one line, nothing left behind
+            raise GeodetError(f"cannot write {self.path}: {brief(exc)}: free some space there or choose another "
+                              "output folder") from None
         return False
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _disk_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` (an OSError, or a writer's error wrapping GDAL's) says the disk refused
+    the write: no space, a quota, a file too large, a read-only file system."""
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left", "Disk quota", "File too large", "Read-only file system"))
 
 
 def crs_groups(frames) -> list:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import GeodetError
+from ..errors import GeodetError, brief
 from .card import ModelCard
 from .network import GeodetModel, build_model
 
@@ -49,10 +49,12 @@ def read_model_file(path: str | Path) -> dict:
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files; none of them run code
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = brief(exc)
+        todo = "copy it again (it looks damaged or incomplete), or use the run's last.pt"
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             reason = "it holds Python objects that a safe load refuses"
-        raise GeodetError(f"{path}: not a readable geodet model file ({reason})") from None
+            todo = "give a model.pt that geodet train wrote, or import other checkpoints first (geodet import)"
+        raise GeodetError(f"{path}: not a readable geodet model file ({reason}): {todo}") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise GeodetError(f"{path}: not a geodet model file (no '{MODEL_FORMAT}' format tag)")
     if payload.get("version") != MODEL_VERSION:

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from ..config import ModelConfig
-from ..errors import GeodetError
+from ..errors import GeodetError, brief
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,13 @@ def read_state_dict(path: Path, source) -> dict:
         try:
             return load_file(str(path))
         except Exception as exc:
-            _refuse(source, f"not a readable safetensors file ({str(exc).splitlines()[0][:120]})")
+            _refuse(source, f"not a readable safetensors file ({brief(exc, 120)})")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
         why = ("it holds Python objects (a pickle payload) that a safe load refuses" if "weights_only" in text
-               or "Unsupported global" in text else f"not a readable torch file ({text.splitlines()[0][:120] if text else type(exc).__name__})")
+               or "Unsupported global" in text else f"not a readable torch file ({brief(exc, 120)})")
         _refuse(source, why)
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -130,7 +130,7 @@ def _hf_folder(repo_id: str) -> Path:
     except Exception as exc:
         raise GeodetError(
             f"hf://{repo_id}: not in the Hugging Face cache and it could not be fetched ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:120] if str(exc) else ''}): on a machine with internet run "
+            f"{brief(exc, 120)}): on a machine with internet run "
             f"'hf download {repo_id}' (huggingface_hub's command; or 'geodet import hf://{repo_id} -o model.pt') and "
             "copy the cache (HF_HOME) or the model file here"
         ) from None

@@ -30,7 +30,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
 from ..config import ModelConfig, SceneConfig, TilingConfig
-from ..errors import GeodetError
+from ..errors import GeodetError, brief
 from .card import ModelCard
 from .decode import Decoder, decode_levels
 from .atss import IGNORE_IOU as ATSS_IGNORE_IOU
@@ -263,7 +263,7 @@ def _local_weights(path: str, backbone: str) -> dict:
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise GeodetError(f"model.pretrained: {p.name} is not a weights file a safe load accepts ({str(exc).splitlines()[0][:120]})") from None
+        raise GeodetError(f"model.pretrained: {p.name} is not a weights file a safe load accepts ({brief(exc, 120)})") from None
     if not isinstance(sd, dict) or "conv1.weight" not in sd:
         raise GeodetError(f"model.pretrained: {p.name} is not a torchvision ResNet state_dict (no conv1.weight): give "
                           f"the {backbone} ImageNet weights file")
@@ -287,7 +287,7 @@ def build_backbone(cfg: ModelConfig, in_channels: int, load_pretrained: bool = T
         try:
             body.load_state_dict({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, strict=True)
         except RuntimeError as exc:
-            raise GeodetError(f"model.pretrained: the weights do not fit {cfg.backbone} ({str(exc).splitlines()[0][:120]})") from None
+            raise GeodetError(f"model.pretrained: the weights do not fit {cfg.backbone} ({brief(exc, 120)})") from None
     if in_channels != 3:
         old = body.conv1
         new = nn.Conv2d(in_channels, old.out_channels, 7, 2, 3, bias=False)

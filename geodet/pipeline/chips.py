@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GeodetError
 from ..progress import progress_bar
 from ..io.scene import READ_ERRORS, Scene, gdal_env
 from .grid import TileGrid, overlap_pixels
@@ -23,13 +22,12 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     if overlap_m is not None:
         overlap = overlap_pixels(overlap_m, sc.pixel_gsd)
     grid = TileGrid(sc.width, sc.height, tile_size, overlap)
+    from ..io.writers import check_output_folder, missing_folders, remove_partial
+
+    out = check_output_folder(out_dir)
     lb = None
     if labels:
         lb = load_scene_labels(sc, labels, class_column or None, unknown="keep")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise GeodetError(f"--out must be a folder, but {out} is a file")
-    from ..io.writers import missing_folders, remove_partial
 
     made = missing_folders(out / "chips")  # removed again if the run fails
     (out / "chips").mkdir(parents=True, exist_ok=True)

@@ -29,16 +29,17 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
     ``check_scene``, default the first calibration scene) it also reports AP50 of torch fp32 and
     the export there. Returns the check (also stored in the file); ``check_tiles_from`` says
     where its tiles came from."""
-    from ..io.writers import check_output_path
+    from ..io.writers import atomic_path, check_output_path
     from ..model import load_model
 
-    out = check_output_path(out)
-    if out.suffix.lower() != ".onnx":
-        raise GeodetError(f"export writes an .onnx file, got '{out.name}': use -o MODEL.onnx")
+    out = check_output_path(out, suffixes=(".onnx",), example="model.onnx")
+    scenes = list(calibrate)
+    check_scene = check_scene or (scenes[0] if scenes else None)
+    if check_labels:  # before any work: the labels must be readable and lie on their scene
+        _check_labels_input(check_scene, check_labels, class_column)
     if isinstance(model, (str, Path)):
         model = load_model(model)
     settings = resolve_detect_settings(model.card, device="cpu")
-    scenes = list(calibrate)
     if scenes:
         calib, check, ref, names = calibration_tiles(model, scenes, calib_tiles, settings, int8=int8)
         where = ", ".join(Path(str(n)).name for n in names)
@@ -51,12 +52,22 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
     meta = {"calibration": {"scenes": names, "tiles": len(calib), "method": "minmax", "per_channel": True,
                             "format": "QDQ"} if int8 else None,
             "check_tiles_from": names or where}
-    result = build_onnx(model, out, "int8" if int8 else "fp32", calib, check, settings, min_agreement, meta, ref)
-    result["check_tiles_from"] = where
-    if check_labels:
-        result["labels_check"] = labels_check(model, out, check_scene or (scenes[0] if scenes else None), check_labels,
-                                              class_column)
+    with atomic_path(out) as tmp:  # in place only once every check, the labels' too, has run
+        result = build_onnx(model, tmp, "int8" if int8 else "fp32", calib, check, settings, min_agreement, meta, ref)
+        result["check_tiles_from"] = where
+        if check_labels:
+            result["labels_check"] = labels_check(model, tmp, check_scene, check_labels, class_column)
     return result
+
+
+def _check_labels_input(scene, labels, class_column: str) -> None:
+    from ..io.labels import load_scene_labels
+    from ..io.scene import Scene
+
+    if scene is None:
+        raise GeodetError("--check-labels needs the labelled scene: pass --check-scene SCENE (or --calibrate SCENE)")
+    with Scene(scene, bands=None) as sc:
+        load_scene_labels(sc, labels, class_column, unknown="keep")
 
 
 def labels_check(model, onnx_path, scene, labels, class_column: str = "label") -> dict:

@@ -12,6 +12,8 @@ import logging
 
 import torch
 
+from ..errors import brief
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +64,7 @@ def try_capture(fn, example: torch.Tensor, what: str):
         return GraphedBatch(fn, example)
     except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager launches
         log.warning("%s: CUDA graph capture failed (%s: %s); launching its kernels one by one", what,
-                    type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                    type(exc).__name__, brief(exc, 200))
         try:
             torch.cuda.synchronize()
         except Exception:  # noqa: BLE001 - an invalidated capture may report again here; eager runs go on

@@ -28,7 +28,7 @@ def check_job(scenes: Sequence, out, cfg, fmt: str | None = None, quicklook=None
     out = check_output_path(out, fmt)
     looks = _quicklook_paths(quicklook, scenes) if quicklook else []
     for p in looks:
-        check_output_path(p)
+        check_output_path(p, suffixes=(".png",), example="quicklook.png")
     readable, failures = _readable_scenes(scenes, fmt)
     resolve_device(device or cfg.detect.device)
     return fmt, out, looks, readable, failures
@@ -151,13 +151,27 @@ def load_detector_file(path):
         from ..model.onnx import load_onnx
 
         return load_onnx(path)
-    if str(path).startswith("hf://") or Path(str(path)).is_dir():
+    run_model = Path(str(path)) / "model.pt"
+    if Path(str(path)).is_dir() and run_model.is_file() and _is_geodet_file(run_model):
+        log.info("%s is a training run's folder: using its model.pt", path)
+        path = run_model
+    elif str(path).startswith("hf://") or Path(str(path)).is_dir():
         return imported_model(str(path))
     model = load_model(path)
     if model.card.extra.get("pretrain_only"):
         raise GeodetError(f"{path} is a pretrained backbone (geodet pretrain), not a detector: train it on labels first "
                           f"(geodet train --init {path} ...)")
     return model
+
+
+def _is_geodet_file(path: Path) -> bool:
+    from ..model.file import read_model_file
+
+    try:
+        read_model_file(path)
+    except GeodetError:
+        return False
+    return True
 
 
 def imported_model(source: str):

@@ -359,15 +359,23 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
     ``scene`` column naming each feature's scene; scenes in several CRSs are written as
     ``geodet detect`` writes them (``io.writers.write_detections``). Returns the merged frame (one
     CRS, or EPSG:4326 with a ``crs`` column)."""
-    import geopandas as gpd
-
+    from ..io.labels import read_geoparquet
     from ..io.writers import check_output_path, combine_frames, output_format, write_detections
 
+    if not Path(out_dir).is_dir():
+        raise GeodetError(f"{out_dir}: {'not a folder' if Path(out_dir).exists() else 'not found'}: give the folder "
+                          "that geodet detect --engine ray wrote (its -o)")
     dirs = finished_scenes(out_dir)
     if not dirs:
         raise GeodetError(f"{out_dir}: no finished scenes (no scene=*/{SUCCESS}): run geodet detect --engine ray first")
     fmt = output_format(path, fmt)
     out = check_output_path(path, fmt)
-    frames = [gpd.read_parquet(d / FINAL) for d in dirs]
+    frames = []
+    for d in dirs:
+        try:
+            frames.append(read_geoparquet(d / FINAL))
+        except GeodetError as exc:
+            raise GeodetError(f"{exc}: run geodet detect --engine ray again on that scene (or delete its folder "
+                              f"{d.name} to merge the others)") from None
     write_detections(frames, out, fmt)  # several CRSs: as geodet detect writes them
     return combine_frames(frames)

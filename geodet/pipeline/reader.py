@@ -35,9 +35,15 @@ def open_scene(scene, settings, card=None, warn: bool = True):
     if card is not None and (len(bands) != card.n_bands or max(bands) > count):
         listed = ",".join(str(b) for b in card.bands)
         raise GeodetError(
-            f"model expects {card.n_bands} band(s) ({listed}); scene {Path(path).name} has {count}: pass --bands "
-            f"with {card.n_bands} band number(s) from 1 to {count}"
+            f"model expects {card.n_bands} band(s) ({listed}); scene {Path(path).name} has {count}: "
+            + (f"pass --bands with {card.n_bands} band number(s) from 1 to {count}" if count >= card.n_bands else
+               f"repeat a band with --bands (e.g. {','.join(['1'] * card.n_bands)}) or use a model trained on "
+               f"{count}-band scenes")
         )
+    if card is not None and count != len(bands) and settings.sources.get("bands") == "card" and warn:
+        listed = ",".join(str(b) for b in bands)
+        log.warning("scene %s has %d bands; the model reads bands %s, as it was trained: pass --bands to pick "
+                    "others", Path(path).name, count, listed)
     gsd_m = settings.gsd_m
     if gsd_m is not None and settings.sources.get("gsd_m") == "card" and not projected:
         # The card's GSD is in metres; a scene without a projected CRS cannot be resampled to

@@ -32,9 +32,9 @@ def read_labelled_area(path: str | Path, scene):
     geoms = np.array(gdf.geometry.values, dtype=object)
     polygonal = np.isin(shapely.get_type_id(geoms), [3, 6, 7])  # Polygon, MultiPolygon, GeometryCollection
     if not polygonal.any():
-        raise GeodetError(f"{path}: the labelled area must be polygons (it holds "
-                          f"{', '.join(sorted(set(shapely.get_type_id(geoms).astype(str))))} geometry type ids): draw "
-                          "the area you labelled as one or more polygons")
+        kinds = ", ".join(sorted({g.geom_type for g in geoms if g is not None})) or "no geometry"
+        raise GeodetError(f"{path}: the labelled area must be polygons (it holds {kinds}): draw the area you "
+                          "labelled as one or more polygons")
     if counts["repaired"]:
         log.info("%s: %d invalid polygon(s) of the labelled area repaired", path, counts["repaired"])
     merged = shapely.union_all(geoms[polygonal])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import GeodetError
+from ..errors import GeodetError, brief
 from ..model import save_model
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def load_checkpoint(out: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file; nothing in it runs
-        raise GeodetError(f"{path}: checkpoint cannot be read ({str(exc).splitlines()[0][:120]})") from None
+        raise GeodetError(f"{path}: checkpoint cannot be read ({brief(exc, 120)})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise GeodetError(f"{path}: not a geodet training checkpoint")
     return state

@@ -8,7 +8,7 @@ import copy
 import logging
 
 from ..config import ModelConfig
-from ..errors import GeodetError
+from ..errors import GeodetError, brief
 from ..model import GeodetModel, ModelCard, build_model
 from .inputs import normalisation
 
@@ -103,7 +103,7 @@ def load_init(model: GeodetModel, payload: dict, init: ModelCard, path) -> None:
         missing, unexpected = model.net.load_state_dict(sd, strict=False)
     except RuntimeError as exc:
         raise GeodetError(f"{path}: its weights do not fit this configuration "
-                          f"({str(exc).splitlines()[0][:160]})") from None
+                          f"({brief(exc, 160)})") from None
     expected_missing = set() if same else {"head.classification_head.cls_logits.weight",
                                             "head.classification_head.cls_logits.bias"}
     if set(missing) - expected_missing or unexpected:

@@ -306,7 +306,7 @@ def write_suggestions(frame, path) -> Path:
 def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
     """Add the suggested cells the user labelled to the labelled-area file (made when missing): the
     cells whose ``done`` field the user set (1, true, yes, x), or every cell of the file when none
-    is set. The file is rewritten whole, atomically, in its own CRS (or the
+    is set (a file without that field is refused: it is not suggestions). The file is rewritten whole, atomically, in its own CRS (or the
     cells' when new). Returns (cells added, polygons in the labelled area now)."""
     import geopandas as gpd
     import pandas as pd
@@ -317,6 +317,10 @@ def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
 
     cells = read_labels(suggestions, None)
     done = _done_rows(cells)
+    if done is None:  # not suggestions: a labels file's objects would become labelled cells
+        raise GeodetError(f"{suggestions} has no 'done' field, so it is not a file geodet suggest wrote: give the "
+                          "suggestions file (its cells with 'done' ticked), or draw the area in the labelled-area "
+                          "file itself")
     if done is not None and done.any():
         cells = cells[done]
     else:

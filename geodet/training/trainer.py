@@ -159,6 +159,10 @@ class Trainer:
         seconds = None if tc.time_limit_min is None else float(tc.time_limit_min) * 60
         if seconds is not None and seconds <= 0:
             raise GeodetError(f"--time-limit must be a positive number of minutes, got {tc.time_limit_min:g}")
+        if self.main:  # before reading anything: the run must be able to write its folder
+            from ..io.writers import check_output_folder
+
+            check_output_folder(self.out)
         self.prepare()
         device = self._device()
         state = load_checkpoint(self.out) if self.resume else None
