@@ -149,6 +149,8 @@ def train_cfg(scene, labels, device, batch, steps, workers):
     from geodet.config import SceneLabels, load_config
 
     cfg = load_config("small_objects")
+    if device.type != "cuda":  # the plumbing on a CPU: the same network on smaller tiles (a 512 px step takes ~9 s)
+        cfg.tiling.tile_size, cfg.tiling.overlap = 192, 32
     cfg.train.scenes = [SceneLabels(str(scene), str(labels))]
     cfg.train.batch_size = batch
     cfg.train.max_steps = steps

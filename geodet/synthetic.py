@@ -330,6 +330,8 @@ def make_scene(
     if bands not in (1, 3, 4):
         raise GeodetError(f"bands must be 1, 3 or 4, got {bands}")
     image_path, labels_path = Path(image_path), Path(labels_path)
+    for folder in {image_path.parent, labels_path.parent}:
+        folder.mkdir(parents=True, exist_ok=True)
     transform = from_origin(origin[0], origin[1], gsd_m, gsd_m)
     roads, lots, vehicles = make_layout(width, height, seed, density)
     if nodata_region:
