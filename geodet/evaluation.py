@@ -288,26 +288,29 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     # An empty class column means class-agnostic: every label and detection is one class.
     agnostic = not class_column
     class_column_gt = None if agnostic or class_column not in gt.columns else class_column
-    gt, _ = drop_unclassed(gt, class_column_gt)
     det_names = det["label"].astype(str).to_numpy() if "label" in det.columns else np.full(len(det), "object", dtype=object)
     gt_names = class_values(gt[class_column_gt]) if class_column_gt else np.full(len(gt), "object")
+    named = {n for n in gt_names if n is not None}  # labels with an empty class name none
     mismatch = None
-    if not agnostic and len(det_names) and len(gt_names) and not set(det_names) & set(gt_names):
+    if not agnostic and len(det_names) and len(gt_names) and not set(det_names) & named:
         if len(set(det_names)) == 1:
             # one class (a one-class model, e.g. the trees preset's 'object'): every label is one of them
             mismatch = (f"the detections hold one class ('{det_names[0]}') that no label has "
-                        f"({', '.join(sorted(set(gt_names))[:5])}): scored class-agnostically")
+                        f"({', '.join(sorted(named)[:5]) or 'every class empty'}): scored class-agnostically")
             agnostic = True
             log.info(mismatch)
         else:
             mismatch = (f"no detection class ({', '.join(sorted(set(det_names))[:5])}) matches a label class "
-                        f"({', '.join(sorted(set(gt_names))[:5])}), so every AP is 0: pass --class-column '' to "
+                        f"({', '.join(sorted(named)[:5]) or 'every class empty'}), so every AP is 0: pass --class-column '' to "
                         "evaluate class-agnostically")
             log.warning(mismatch)
     if agnostic:
         class_column_gt = None
         det_names = np.full(len(det), "object", dtype=object)
         gt_names = np.full(len(gt), "object", dtype=object)
+    elif class_column_gt:  # scored per class: a label without a class belongs to none
+        gt, _ = drop_unclassed(gt, class_column_gt, labels if isinstance(labels, (str, Path)) else "labels")
+        gt_names = class_values(gt[class_column_gt])
     classes = sorted(set(gt_names) | set(det_names))
     lookup = {n: i for i, n in enumerate(classes)}
     scores = det["score"].to_numpy(np.float64) if "score" in det.columns else np.ones(len(det))

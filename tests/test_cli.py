@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import geopandas as gpd
@@ -355,7 +356,7 @@ def _one_error(capsys, args, pattern):
     assert re.search(pattern, lines[0]), lines[0]
 
 
-def test_more_bad_inputs_are_one_line_before_any_work(tmp_path, tiny_model, synth, capsys):
+def test_more_bad_inputs_are_one_line_before_any_work(tmp_path, tiny_model, synth, capsys, monkeypatch):
     """Outputs named for another format, folders that cannot be written, a file that is not
     suggestions, a damaged ray output, labels that cannot check an export: each refused in one
     line, with nothing left behind."""
@@ -378,11 +379,26 @@ def test_more_bad_inputs_are_one_line_before_any_work(tmp_path, tiny_model, synt
     for check in (tmp_path / "missing.gpkg", tmp_path / "noclass.gpkg"):
         _one_error(capsys, ["export", "-m", str(tiny_model), "-o", str(tmp_path / "x.onnx"), "--calibrate",
                             str(synth.image), "--check-labels", str(check)], "labels not found|every label's 'label' is empty")
-    if sys.platform.startswith("linux"):  # a folder nobody can write in, even root
-        _one_error(capsys, ["tile", str(synth.image), "-o", "/proc/geodet-test/chips"], "cannot write in /proc")
-        _one_error(capsys, ["train", str(synth.image), "--labels", labels, "-o", "/proc/geodet-test/run",
-                            "--max-steps", "1"], "cannot write in /proc")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["noclass.gpkg", "ray"]
+    run = tmp_path / "run"  # a run folder whose model.pt is damaged: said so, not taken for an import
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"PK\x03\x04" + os.urandom(400))
+    _one_error(capsys, ["detect", str(synth.image), "-m", str(run), "-o", str(tmp_path / "d.gpkg")],
+               r"not a readable geodet model file.*copy it again")
+    ro = tmp_path / "ro"  # a folder this user cannot write in (root can write anywhere: refused by a stand-in)
+    ro.mkdir()
+    real = tempfile.mkstemp
+
+    def refusing(*args, dir=None, **kwargs):
+        if dir is not None and str(dir).startswith(str(ro)):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refusing)
+    _one_error(capsys, ["tile", str(synth.image), "-o", str(ro / "chips")], "cannot write in .*ro .Permission denied")
+    _one_error(capsys, ["train", str(synth.image), "--labels", labels, "-o", str(ro / "run"), "--max-steps", "1"],
+               "cannot write in .*ro .Permission denied")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noclass.gpkg", "ray", "ro", "run"]
+    assert list(ro.iterdir()) == []
 
 
 def test_labels_with_empty_classes_tile_and_a_run_folder_detects(tmp_path, synth, tiny_model, caplog):

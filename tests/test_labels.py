@@ -87,18 +87,18 @@ def test_labels_on_a_rotated_scene_are_the_boxes_of_their_pixels(tmp_path):
 
     t = from_origin(500000, 4600000, 0.5, 0.5) * Affine.rotation(20)
     sc = _scene(tmp_path / "s.tif", t=t)
-    px = np.array([[10, 20, 30, 26], [100, 50, 104, 58]], float)
-    g = gpd.GeoDataFrame({"label": ["car", "car"]}, geometry=boxes_to_polygons(px, t), crs="EPSG:32633")
+    px = np.array([[10, 20, 30, 26], [100, 50, 104, 58], [140, 40, 170, 70]], float)  # the last 30 x 30 px
+    g = gpd.GeoDataFrame({"label": ["car"] * 3}, geometry=boxes_to_polygons(px, t), crs="EPSG:32633")
     lb = labels_to_boxes(g, sc)
     np.testing.assert_allclose(lb.boxes, px, atol=1e-6)
     cx, cy = t * (50, 40)
     pts = labels_to_boxes(gpd.GeoDataFrame({"label": ["tree"]}, geometry=[Point(cx, cy)], crs="EPSG:32633"), sc,
                           point_box_m=3.0)
     np.testing.assert_allclose(pts.boxes[0], [47, 37, 53, 43], atol=1e-6)
-    # detections drawn from the same pixels score perfectly against them
-    det = g.assign(score=0.9)
-    m = evaluate(det, g, scene=sc)
-    assert m["AP50"] == pytest.approx(1.0) and m["AP"] == pytest.approx(1.0)
+    # sizes are the pixels' too: every box is small (under 32^2 px; the map bounds made the 30 x 30 px
+    # box 38.5 px a side, a medium one)
+    m = evaluate(g.assign(score=0.9), g, scene=sc)
+    assert m["AP_small"] == pytest.approx(1.0) and m["AP_medium"] is None
 
 
 def test_projected_coordinates_in_a_file_read_as_degrees_are_refused(tmp_path):
@@ -106,3 +106,18 @@ def test_projected_coordinates_in_a_file_read_as_degrees_are_refused(tmp_path):
     g.to_file(tmp_path / "n.geojson", driver="GeoJSON")  # no CRS written: readers take it as WGS 84
     with pytest.raises(GeodetError, match="are not degrees.*assign its real CRS"):
         read_labels(tmp_path / "n.geojson", "label")
+
+
+def test_evaluate_scores_labels_without_a_class_as_the_detections_class_allows(tmp_path):
+    """A one-class model's detections are scored class-agnostically, so a label with an empty class
+    still counts; scored per class, such a label belongs to no class and is left out."""
+    from geodet.evaluation import evaluate
+
+    boxes = [box(500000 + 10 * i, 4600000, 500005 + 10 * i, 4600005) for i in range(4)]
+    gpd.GeoDataFrame({"label": ["tree", None, "", "tree"]}, geometry=boxes, crs="EPSG:32633").to_file(tmp_path / "l.gpkg")
+    one = gpd.GeoDataFrame({"label": ["object"] * 4, "score": [0.9] * 4}, geometry=boxes, crs="EPSG:32633")
+    m = evaluate(one, tmp_path / "l.gpkg")
+    assert m["n_labels"] == 4 and m["AP50"] == pytest.approx(1.0)
+    per_class = one.assign(label=["tree", "tree", "bush", "tree"])
+    m = evaluate(per_class, tmp_path / "l.gpkg")
+    assert m["n_labels"] == 2 and m["per_class"]["tree"]["n_labels"] == 2

@@ -56,3 +56,19 @@ def test_raw_uint8_tiles_scaled_on_the_device_equal_the_hosts_float_tiles(tmp_pa
     f32 = Scene(write_raster(tmp_path / "f.tif", data.astype(np.float32), nodata=0), bands=[1, 2, 3])
     with pytest.raises(GeodetError, match="uint8"):
         f32.read_tile(g.tile(0), raw=True)
+
+
+def test_a_scene_with_more_bands_than_the_model_says_which_it_reads_once(tmp_path, tiny_model, caplog):
+    from geodet.model import load_model
+    from geodet.pipeline.reader import open_scene
+    from geodet.pipeline.settings import resolve_detect_settings
+
+    card = load_model(tiny_model).card
+    p = write_raster(tmp_path / "four.tif", np.random.default_rng(0).integers(0, 255, (4, 64, 64)).astype(np.uint8))
+    for _ in range(3):  # a plan, its blocks and checks open the scene again: one warning
+        open_scene(p, resolve_detect_settings(card), card).close()
+    said = [r for r in caplog.records if "the model reads bands 1,2,3" in r.getMessage()]
+    assert len(said) == 1 and "four.tif has 4 bands" in said[0].getMessage()
+    caplog.clear()
+    open_scene(p, resolve_detect_settings(card, bands=(4, 3, 2)), card).close()  # chosen: nothing to say
+    assert "the model reads" not in caplog.text

@@ -101,3 +101,16 @@ def test_brief_cuts_at_a_word():
     assert brief(ValueError("")) == "ValueError"
     text = brief(ValueError("word " * 60), 40)
     assert text.endswith("word...") and len(text) <= 43
+
+
+def test_a_failed_write_removes_the_folders_it_made(tmp_path):
+    from geodet.io.writers import atomic_path
+
+    with pytest.raises(ValueError):
+        with atomic_path(tmp_path / "a" / "b" / "f.json") as tmp:
+            tmp.write_text("{}")
+            raise ValueError("the check failed")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(tmp_path / "a" / "f.json") as tmp:
+        tmp.write_text("{}")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.json"]

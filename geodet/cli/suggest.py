@@ -40,7 +40,7 @@ def add_parser(sub, common) -> None:
 def run(args) -> int:
     from .. import progress
     from ..errors import GeodetError
-    from ..io.writers import check_output_path, output_format
+    from ..io.writers import FORMATS, check_output_path, output_format
     from ..pipeline.job import load_detector_file
     from ..training.suggest import suggest_tiles, write_suggestions
 
@@ -50,7 +50,7 @@ def run(args) -> int:
     if missing:
         raise GeodetError(f"geodet suggest needs {', '.join(missing)} (or --done CELLS --labelled-area AREA to add "
                           "labelled cells to the labelled area)")
-    if Path(args.out).suffix.lower() not in (".gpkg", ".geojson", ".fgb", ".shp"):
+    if FORMATS.get(Path(args.out).suffix.lower()) not in ("gpkg", "geojson", "fgb", "shp"):
         raise GeodetError(f"{Path(args.out).name}: suggestions are written as .gpkg, .geojson, .fgb or .shp (the cells "
                           "are polygons to label in QGIS): name the file so")
     fmt = output_format(args.out)

@@ -135,13 +135,13 @@ def geoms_to_pixel_boxes(geoms, transform) -> np.ndarray:
 
 
 def class_values(column) -> np.ndarray:
-    """A class column's values as stripped strings (object array), None where a label has no
-    class (null, NaN or blank): such labels name no class, they are not a class of their own."""
+    """A class column's values as strings (object array), None where a label has no class (null,
+    NaN or blank): such labels name no class, they are not a class of their own."""
     values = np.empty(len(column), dtype=object)
     missing = column.isna().to_numpy()
-    text = column[~missing].astype(str).str.strip()
+    text = column[~missing].astype(str)
     vals = np.asarray(text.to_numpy(), dtype=object)
-    vals[text.to_numpy() == ""] = None
+    vals[(text.str.strip() == "").to_numpy()] = None  # names are kept as written; blank ones name nothing
     values[~missing] = vals
     return values
 

@@ -132,10 +132,12 @@ class atomic_path:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.tmpdir = None
+        self.made: list[Path] = []  # folders made for it, removed again when the write fails
 
     def __enter__(self) -> Path:
         parent = self.path.parent if str(self.path.parent) else Path(".")
         try:
+            self.made = missing_folders(parent)
             parent.mkdir(parents=True, exist_ok=True)
             self.tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.stem}.", dir=parent))
         except OSError as exc:
@@ -143,6 +145,7 @@ class atomic_path:
         return self.tmpdir / self.path.name
 
     def __exit__(self, exc_type, exc, tb):
+        failed = exc is not None
         try:
             if exc_type is None:
                 produced = sorted(self.tmpdir.iterdir())
@@ -151,9 +154,14 @@ class atomic_path:
                         os.replace(f, self.path.parent / f.name)
                     except OSError as err:
                         raise GeodetError(f"cannot write {self.path}: {brief(err)}: choose another output") from None
+        except BaseException:
+            failed = True
+            raise
         finally:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
-        if exc is not None and _disk_refused(exc):  # a full disk, a quota: one line, nothing left behind
+            if failed:
+                remove_partial([], self.made)
+        if exc is not None and _disk_refused(exc, self.tmpdir):  # a full disk, a quota: one line, nothing left
             raise GeodetError(f"cannot write {self.path}: {brief(exc)}: free some space there or choose another "
                               "output folder") from None
         return False
@@ -162,9 +170,13 @@ class atomic_path:
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
-def _disk_refused(exc: BaseException) -> bool:
+def _disk_refused(exc: BaseException, tmpdir: Path) -> bool:
     """Whether ``exc`` (an OSError, or a writer's error wrapping GDAL's) says the disk refused
-    the write: no space, a quota, a file too large, a read-only file system."""
+    the write into ``tmpdir`` (the output's folder): no space, a quota, a file too large, a
+    read-only file system. Elsewhere (a temporary file of a library in /tmp) it is not the output's."""
+    name = getattr(exc, "filename", None)
+    if name and not str(Path(name).resolve()).startswith(str(tmpdir.resolve())):
+        return False
     if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
         return True
     text = str(exc)

@@ -61,13 +61,14 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
 
 
 def _check_labels_input(scene, labels, class_column: str) -> None:
-    from ..io.labels import load_scene_labels
+    from ..io.labels import labels_to_boxes, read_labels
     from ..io.scene import Scene
 
     if scene is None:
         raise GeodetError("--check-labels needs the labelled scene: pass --check-scene SCENE (or --calibrate SCENE)")
+    gdf = read_labels(labels, class_column or None)  # readable, with the class column
     with Scene(scene, bands=None) as sc:
-        load_scene_labels(sc, labels, class_column, unknown="keep")
+        labels_to_boxes(gdf, sc, None, source=str(labels))  # on the scene (classes: as the check scores them)
 
 
 def labels_check(model, onnx_path, scene, labels, class_column: str = "label") -> dict:

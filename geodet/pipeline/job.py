@@ -151,27 +151,23 @@ def load_detector_file(path):
         from ..model.onnx import load_onnx
 
         return load_onnx(path)
-    run_model = Path(str(path)) / "model.pt"
-    if Path(str(path)).is_dir() and run_model.is_file() and _is_geodet_file(run_model):
-        log.info("%s is a training run's folder: using its model.pt", path)
-        path = run_model
-    elif str(path).startswith("hf://") or Path(str(path)).is_dir():
+    folder = Path(str(path))
+    model = None
+    if folder.is_dir() and (folder / "model.pt").is_file() and not (folder / "config.json").is_file():
+        try:  # a training run's folder (a Hugging Face folder has its config.json)
+            model = load_model(folder / "model.pt")
+            log.info("%s is a training run's folder: using its model.pt", path)
+            path = folder / "model.pt"
+        except GeodetError as exc:
+            if "format tag" not in str(exc):  # a geodet file, damaged or of another version: say so
+                raise
+    if model is None and (str(path).startswith("hf://") or folder.is_dir()):
         return imported_model(str(path))
-    model = load_model(path)
+    model = model or load_model(path)
     if model.card.extra.get("pretrain_only"):
         raise GeodetError(f"{path} is a pretrained backbone (geodet pretrain), not a detector: train it on labels first "
                           f"(geodet train --init {path} ...)")
     return model
-
-
-def _is_geodet_file(path: Path) -> bool:
-    from ..model.file import read_model_file
-
-    try:
-        read_model_file(path)
-    except GeodetError:
-        return False
-    return True
 
 
 def imported_model(source: str):

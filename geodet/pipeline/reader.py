@@ -17,6 +17,7 @@ from .grid import TileGrid, overlap_pixels
 log = logging.getLogger(__name__)
 
 ON_READ_ERROR = ("fail", "skip")
+_BANDS_SAID: set = set()  # (scene, its band count, the bands read) already warned about
 
 
 def open_scene(scene, settings, card=None, warn: bool = True):
@@ -40,7 +41,10 @@ def open_scene(scene, settings, card=None, warn: bool = True):
                f"repeat a band with --bands (e.g. {','.join(['1'] * card.n_bands)}) or use a model trained on "
                f"{count}-band scenes")
         )
-    if card is not None and count != len(bands) and settings.sources.get("bands") == "card" and warn:
+    said = (path, count, tuple(bands))
+    if card is not None and count != len(bands) and settings.sources.get("bands") == "card" and warn \
+            and said not in _BANDS_SAID:
+        _BANDS_SAID.add(said)  # once per scene in a process (a plan, its blocks and checks open it again)
         listed = ",".join(str(b) for b in bands)
         log.warning("scene %s has %d bands; the model reads bands %s, as it was trained: pass --bands to pick "
                     "others", Path(path).name, count, listed)
