@@ -58,3 +58,21 @@ def test_coco_annotations_are_label_boxes_clipped_to_chips(tmp_path):
                 expect.append([c[0] - x0, c[1] - y0, c[2] - c[0], c[3] - c[1]])
         got = [a["bbox"] for a in coco["annotations"] if a["image_id"] == img["id"]]
         assert sorted(map(tuple, np.round(got, 6))) == sorted(map(tuple, np.round(expect, 6)))
+
+
+def test_a_scene_without_crs_tiles_and_says_so_once(tmp_path, caplog):
+    import warnings
+
+    import rasterio
+
+    from geodet.pipeline.chips import write_chips
+
+    p = tmp_path / "nocrs.tif"
+    with rasterio.open(p, "w", driver="GTiff", width=100, height=80, count=3, dtype="uint8",
+                       transform=from_origin(500000, 4600000, 0.3, 0.3)) as d:  # a transform, no CRS
+        d.write(np.full((3, 80, 100), 50, np.uint8))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*crs.*not provided")  # pyogrio's own warning fails here
+        write_chips(p, tmp_path / "out", 64, 8, progress=False)
+    assert (tmp_path / "out" / "chips.gpkg").exists()
+    assert caplog.text.count("nocrs.tif has no CRS, so chips.gpkg has none either") == 1

@@ -79,7 +79,11 @@ def test_suggest_needs_an_operating_point_and_skips_labelled_cells(tiny_model, t
     out = suggest_tiles(model, [synth.image], n=50, cell=64, labelled_area=tmp_path / "a.gpkg", progress=False)
     assert (out["cell_col"] >= 3).all()  # 384 px, 64 px cells: columns 0-2 lie in the labelled half
     model.card.operating_point = None
-    with pytest.raises(GeodetError, match="no operating point"):
+    model.card.metrics = {"AP50": 0.0}  # validation ran and found nothing
+    with pytest.raises(GeodetError, match="no operating point: its validation found no object.*train it longer"):
+        suggest_tiles(model, [synth.image], n=5)
+    model.card.metrics = {}  # no validation at all
+    with pytest.raises(GeodetError, match="no operating point.*use a model trained with validation"):
         suggest_tiles(model, [synth.image], n=5)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,8 @@ import numpy as np
 from ..progress import progress_bar
 from ..io.scene import READ_ERRORS, Scene, gdal_env
 from .grid import TileGrid, overlap_pixels
+
+log = logging.getLogger(__name__)
 
 
 def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=None, bands=None, gsd_m=None, labels=None,
@@ -99,7 +103,11 @@ def _write(sc, grid, lb, out: Path, scene_path, tile_size: int, min_visibility, 
         columns,
         geometry=boxes_to_polygons(np.array([r["box"] for r in rows], float).reshape(-1, 4), sc.transform), crs=sc.crs,
     )
-    with atomic_path(out / "chips.gpkg") as tmp:
+    if sc.crs is None:  # said once here, in geodet's words, rather than by pyogrio's warning
+        log.warning("%s has no CRS, so chips.gpkg has none either: assign the scene one (e.g. gdal_edit.py -a_srs "
+                    "EPSG:xxxx) to place the chips on a map", Path(str(scene_path)).name)
+    with atomic_path(out / "chips.gpkg") as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*'crs' was not provided", category=UserWarning)
         footprints.to_file(tmp, driver="GPKG", layer="chips", engine="pyogrio", VERSION="1.2")
     msg = f"{written} chips ({skipped} empty skipped) of {len(grid)} tiles in {grid.n_rows} rows x {grid.n_cols} cols -> {out}"
     if lb is not None:
