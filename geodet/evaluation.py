@@ -292,10 +292,13 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     gt_names = class_values(gt[class_column_gt]) if class_column_gt else np.full(len(gt), "object")
     named = {n for n in gt_names if n is not None}  # labels with an empty class name none
     mismatch = None
-    if not agnostic and len(det_names) and len(gt_names) and not set(det_names) & named:
-        if len(set(det_names)) == 1:
-            # one class (a one-class model, e.g. the trees preset's 'object'): every label is one of them
-            mismatch = (f"the detections hold one class ('{det_names[0]}') that no label has "
+    det_classes = sorted(set(det_names))
+    if not agnostic and len(gt_names) and (det_classes or not named) and not set(det_classes) & named:
+        if len(det_classes) <= 1:
+            # one class (a one-class model, e.g. the trees preset's 'object'), or none and no label
+            # names one: every label is one of them
+            what = f"one class ('{det_classes[0]}')" if det_classes else "no class (no detection)"
+            mismatch = (f"the detections hold {what} that no label has "
                         f"({', '.join(sorted(named)[:5]) or 'every class empty'}): scored class-agnostically")
             agnostic = True
             log.info(mismatch)

@@ -376,6 +376,11 @@ def test_more_bad_inputs_are_one_line_before_any_work(tmp_path, tiny_model, synt
                r"not a GeoParquet file.*run geodet detect --engine ray again")
     g = gpd.read_file(synth.labels).assign(label=None)
     g.to_file(tmp_path / "noclass.gpkg")
+
+    def work(*args, **kwargs):
+        raise AssertionError("the export's work started before its labels were checked")
+
+    monkeypatch.setattr("geodet.pipeline.export.calibration_tiles", work)
     for check in (tmp_path / "missing.gpkg", tmp_path / "noclass.gpkg"):
         _one_error(capsys, ["export", "-m", str(tiny_model), "-o", str(tmp_path / "x.onnx"), "--calibrate",
                             str(synth.image), "--check-labels", str(check)], "labels not found|every label's 'label' is empty")

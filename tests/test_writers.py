@@ -111,6 +111,12 @@ def test_a_failed_write_removes_the_folders_it_made(tmp_path):
             tmp.write_text("{}")
             raise ValueError("the check failed")
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()  # the user's (empty) folder, named through one that does not exist
+    with pytest.raises(ValueError):
+        with atomic_path(tmp_path / "new" / ".." / "mine" / "f.json") as tmp:
+            raise ValueError("the check failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    (tmp_path / "mine").rmdir()
     with atomic_path(tmp_path / "a" / "f.json") as tmp:
         tmp.write_text("{}")
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.json"]

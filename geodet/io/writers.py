@@ -95,7 +95,7 @@ def _check_writable_in(folder: Path, target: Path) -> None:
 
 def missing_folders(path: str | Path) -> list[Path]:
     """``path`` and its parents that do not exist yet, deepest first (what a run will make)."""
-    p = Path(path)
+    p = Path(os.path.abspath(path))  # normalised: a/../b names b, never a folder of the user's
     return [d for d in (p, *p.parents) if not d.exists()]
 
 
@@ -135,13 +135,16 @@ class atomic_path:
         self.made: list[Path] = []  # folders made for it, removed again when the write fails
 
     def __enter__(self) -> Path:
-        parent = self.path.parent if str(self.path.parent) else Path(".")
+        # the folder normalised (a/../b is b: "a" is neither made nor needed)
+        parent = self.parent = Path(os.path.abspath(self.path.parent if str(self.path.parent) else "."))
         try:
             self.made = missing_folders(parent)
             parent.mkdir(parents=True, exist_ok=True)
             self.tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.stem}.", dir=parent))
         except OSError as exc:
-            raise GeodetError(f"cannot write {self.path} ({exc.strerror or exc}): choose another output folder") from None
+            remove_partial([], self.made)
+            todo = "free some space there or choose" if exc.errno in _WRITE_ERRNOS else "choose"
+            raise GeodetError(f"cannot write {self.path} ({exc.strerror or exc}): {todo} another output folder") from None
         return self.tmpdir / self.path.name
 
     def __exit__(self, exc_type, exc, tb):
@@ -151,7 +154,7 @@ class atomic_path:
                 produced = sorted(self.tmpdir.iterdir())
                 for f in produced:  # a shapefile is several files with one stem
                     try:
-                        os.replace(f, self.path.parent / f.name)
+                        os.replace(f, self.parent / f.name)
                     except OSError as err:
                         raise GeodetError(f"cannot write {self.path}: {brief(err)}: choose another output") from None
         except BaseException:
@@ -175,7 +178,7 @@ def _disk_refused(exc: BaseException, tmpdir: Path) -> bool:
     the write into ``tmpdir`` (the output's folder): no space, a quota, a file too large, a
     read-only file system. Elsewhere (a temporary file of a library in /tmp) it is not the output's."""
     name = getattr(exc, "filename", None)
-    if name and not str(Path(name).resolve()).startswith(str(tmpdir.resolve())):
+    if name and not Path(os.path.abspath(os.fsdecode(name))).is_relative_to(os.path.abspath(tmpdir)):
         return False
     if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
         return True

@@ -35,10 +35,10 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
     out = check_output_path(out, suffixes=(".onnx",), example="model.onnx")
     scenes = list(calibrate)
     check_scene = check_scene or (scenes[0] if scenes else None)
-    if check_labels:  # before any work: the labels must be readable and lie on their scene
-        _check_labels_input(check_scene, check_labels, class_column)
     if isinstance(model, (str, Path)):
         model = load_model(model)
+    if check_labels:  # before any work: the labels must be readable and lie on their scene
+        _check_labels_input(check_scene, check_labels, class_column, per_class=len(model.card.classes) > 1)
     settings = resolve_detect_settings(model.card, device="cpu")
     if scenes:
         calib, check, ref, names = calibration_tiles(model, scenes, calib_tiles, settings, int8=int8)
@@ -60,15 +60,15 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
     return result
 
 
-def _check_labels_input(scene, labels, class_column: str) -> None:
+def _check_labels_input(scene, labels, class_column: str, per_class: bool) -> None:
     from ..io.labels import labels_to_boxes, read_labels
     from ..io.scene import Scene
 
     if scene is None:
         raise GeodetError("--check-labels needs the labelled scene: pass --check-scene SCENE (or --calibrate SCENE)")
     gdf = read_labels(labels, class_column or None)  # readable, with the class column
-    with Scene(scene, bands=None) as sc:
-        labels_to_boxes(gdf, sc, None, source=str(labels))  # on the scene (classes: as the check scores them)
+    with Scene(scene, bands=None) as sc:  # on the scene; by class for a model of several (one: agnostic)
+        labels_to_boxes(gdf, sc, (class_column or None) if per_class else None, unknown="keep", source=str(labels))
 
 
 def labels_check(model, onnx_path, scene, labels, class_column: str = "label") -> dict:

@@ -208,7 +208,7 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
     from ..pipeline.settings import resolve_detect_settings
 
     card = getattr(model, "card", None)
-    if card is not None and card.operating_point is None and card.metrics:
+    if card is not None and card.operating_point is None and "AP50" in card.metrics:  # validation ran
         raise GeodetError("the model has no operating point: its validation found no object (AP50 "
                           f"{float(card.metrics.get('AP50') or 0):.3f}), so its uncertainty cannot be told: train it "
                           "longer or on more labels, then suggest")
