@@ -266,25 +266,13 @@ class Metrics(dict):
         return repr(shown)
 
 
-def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str = "label", bands=None) -> dict:
-    """Evaluate detections (a frame or any file geodet writes) against labels (a frame or any
-    OGR vector). With ``scene`` both go to its pixel grid, so size ranges are in its pixels;
-    otherwise labels are reprojected to the detections' CRS. ``class_column=""`` ignores classes."""
-    import geopandas as gpd
-    import shapely
+def _class_names(det, gt, labels, class_column: str):
+    """The detections' and labels' class names as they will be scored: per class, or one class
+    ('object') when asked (``class_column=""``) or when no detection class is a label class and
+    the detections hold at most one. Returns (labels, det names, label names, label class column
+    or None, agnostic, the note or warning to report or None)."""
+    from .io.labels import class_values, drop_unclassed
 
-    from .io.labels import (class_values, drop_unclassed, geoms_to_pixel_boxes, labels_to_boxes, read_labels,
-                            repair_geometries)
-    from .io.scene import Scene
-
-    det = detections if isinstance(detections, gpd.GeoDataFrame) else _read_detections(detections)
-    if scene is not None:
-        det = _only_scene(det, scene if not hasattr(scene, "path") else scene.path)
-    elif "scene" in det.columns and det["scene"].nunique() > 1:
-        names = ", ".join(sorted(det["scene"].astype(str).unique())[:5])
-        raise GeodetError(f"the detections come from {det['scene'].nunique()} scenes ({names}): pass --scene with the "
-                          "one the labels are drawn on, so other scenes' detections do not count as false positives")
-    gt = labels if isinstance(labels, gpd.GeoDataFrame) else read_labels(labels, class_column)
     # An empty class column means class-agnostic: every label and detection is one class.
     agnostic = not class_column
     class_column_gt = None if agnostic or class_column not in gt.columns else class_column
@@ -314,6 +302,28 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     elif class_column_gt:  # scored per class: a label without a class belongs to none
         gt, _ = drop_unclassed(gt, class_column_gt, labels if isinstance(labels, (str, Path)) else "labels")
         gt_names = class_values(gt[class_column_gt])
+    return gt, det_names, gt_names, class_column_gt, agnostic, mismatch
+
+
+def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str = "label", bands=None) -> dict:
+    """Evaluate detections (a frame or any file geodet writes) against labels (a frame or any
+    OGR vector). With ``scene`` both go to its pixel grid, so size ranges are in its pixels;
+    otherwise labels are reprojected to the detections' CRS. ``class_column=""`` ignores classes."""
+    import geopandas as gpd
+    import shapely
+
+    from .io.labels import class_values, geoms_to_pixel_boxes, labels_to_boxes, read_labels, repair_geometries
+    from .io.scene import Scene
+
+    det = detections if isinstance(detections, gpd.GeoDataFrame) else _read_detections(detections)
+    if scene is not None:
+        det = _only_scene(det, scene if not hasattr(scene, "path") else scene.path)
+    elif "scene" in det.columns and det["scene"].nunique() > 1:
+        names = ", ".join(sorted(det["scene"].astype(str).unique())[:5])
+        raise GeodetError(f"the detections come from {det['scene'].nunique()} scenes ({names}): pass --scene with the "
+                          "one the labels are drawn on, so other scenes' detections do not count as false positives")
+    gt = labels if isinstance(labels, gpd.GeoDataFrame) else read_labels(labels, class_column)
+    gt, det_names, gt_names, class_column_gt, agnostic, mismatch = _class_names(det, gt, labels, class_column)
     classes = sorted(set(gt_names) | set(det_names))
     lookup = {n: i for i, n in enumerate(classes)}
     scores = det["score"].to_numpy(np.float64) if "score" in det.columns else np.ones(len(det))
