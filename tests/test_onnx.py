@@ -211,6 +211,27 @@ def test_cli_export_and_detect_with_the_onnx_file(tmp_path, tiny_model, synth, c
     assert "runs on the onnx backend" in capsys.readouterr().err
 
 
+def test_export_reads_a_one_band_scene_with_bands_and_says_how_without(tmp_path, tiny_model, synth, capsys):
+    import rasterio
+
+    from geodet.cli import main
+
+    one = tmp_path / "one_band.tif"
+    with rasterio.open(synth.image) as src:
+        profile = dict(src.profile, count=1)
+        with rasterio.open(one, "w", **profile) as dst:
+            dst.write(src.read(1), 1)
+    out = tmp_path / "m.onnx"
+    assert main(["-q", "export", "-m", str(tiny_model), "-o", str(out), "--calibrate", str(one)]) == 2
+    err = capsys.readouterr().err
+    assert "repeat a band with --bands (e.g. 1,1,1)" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(["-q", "export", "-m", str(tiny_model), "-o", str(out), "--calibrate", str(one),
+                 "--calib-tiles", "4", "--bands", "1,1,1"]) == 0
+    assert "export check on 4 tiles of one_band.tif" in capsys.readouterr().out
+    assert load_onnx(out).card.bands == load_model(tiny_model).card.bands  # the model's own, unchanged
+
+
 # ---------------------------------------------------------------------------------------------
 # checks that say what they checked: never on noise, never on the tiles int8 calibrated on
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import GeodetError, positive_int, warn_deprecated
+from .common import GeodetError, bands, positive_int, warn_deprecated
 
 
 def add_parser(sub, common) -> None:
@@ -26,6 +26,8 @@ def add_parser(sub, common) -> None:
                    help="calibration tiles (32, as many again to check; fewer where the scenes have fewer tiles)")
     x.add_argument("--min-agreement", type=float, default=None,
                    help="int8: least detection F1 against fp32 at the operating point (0.95)")
+    x.add_argument("--bands", type=bands,
+                   help="scene bands to read the calibration and check scenes with, e.g. 3,2,1 (default: the model's)")
     x.add_argument("--check-labels", help="labels of a scene: also report AP50 of torch fp32 and of the export")
     x.add_argument("--check-scene", help="the scene of --check-labels (default: the first --calibrate scene)")
     x.add_argument("--class-column", default="label",
@@ -53,7 +55,7 @@ def run(args) -> int:
     result = export_model(model_path(args), args.out, int8=args.int8, calibrate=args.calibrate, calib_tiles=args.calib_tiles,
                           check_scene=args.check_scene, check_labels=args.check_labels,
                           min_agreement=INT8_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement,
-                          class_column=args.class_column)
+                          class_column=args.class_column, bands=args.bands)
     fp = result["fp32"]
     print(f"export check on {result['tiles']} tiles of {result['check_tiles_from']}: fp32 logit difference "
           f"{fp['max_relative_logit_diff']:.2g} "

@@ -21,13 +21,14 @@ log = logging.getLogger(__name__)
 
 def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), calib_tiles: int = 32,
                  check_scene=None, check_labels=None, min_agreement: float = INT8_MIN_AGREEMENT, seed: int = 0,
-                 class_column: str = "label") -> dict:
+                 class_column: str = "label", bands: Sequence[int] | None = None) -> dict:
     """Export ``model`` (a geodet model or its file) to ``out`` (``.onnx``): fp32, or int8
     calibrated on ``calib_tiles`` tiles of ``calibrate`` scenes and checked on as many others.
     Without ``calibrate`` (fp32 only) the check runs on tiles of a synthetic scene (``seed``).
     Refused, with no file written, when the export check fails. With ``check_labels`` (labels of
     ``check_scene``, default the first calibration scene) it also reports AP50 of torch fp32 and
-    the export there. Returns the check (also stored in the file); ``check_tiles_from`` says
+    the export there. ``bands`` reads the scenes with other bands than the model's (as
+    ``detect --bands`` would). Returns the check (also stored in the file); ``check_tiles_from`` says
     where its tiles came from."""
     from ..io.writers import atomic_path, check_output_path
     from ..model import load_model
@@ -39,7 +40,7 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
         model = load_model(model)
     if check_labels:  # before any work: the labels must be readable and lie on their scene
         _check_labels_input(check_scene, check_labels, class_column, per_class=len(model.card.classes) > 1)
-    settings = resolve_detect_settings(model.card, device="cpu")
+    settings = resolve_detect_settings(model.card, device="cpu", bands=bands)
     if scenes:
         calib, check, ref, names = calibration_tiles(model, scenes, calib_tiles, settings, int8=int8)
         where = ", ".join(Path(str(n)).name for n in names)
@@ -56,7 +57,7 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
         result = build_onnx(model, tmp, "int8" if int8 else "fp32", calib, check, settings, min_agreement, meta, ref)
         result["check_tiles_from"] = where
         if check_labels:
-            result["labels_check"] = labels_check(model, tmp, check_scene, check_labels, class_column)
+            result["labels_check"] = labels_check(model, tmp, check_scene, check_labels, class_column, bands=bands)
     return result
 
 
@@ -71,7 +72,7 @@ def _check_labels_input(scene, labels, class_column: str, per_class: bool) -> No
         labels_to_boxes(gdf, sc, (class_column or None) if per_class else None, unknown="keep", source=str(labels))
 
 
-def labels_check(model, onnx_path, scene, labels, class_column: str = "label") -> dict:
+def labels_check(model, onnx_path, scene, labels, class_column: str = "label", bands=None) -> dict:
     """AP50 of the torch fp32 model and of the exported file on a labelled scene (classes by
     ``class_column``; a one-class model is scored class-agnostically)."""
     from ..evaluation import evaluate
@@ -83,7 +84,7 @@ def labels_check(model, onnx_path, scene, labels, class_column: str = "label") -
     out = {}
     for name, det in (("torch_fp32", model), ("export", load_onnx(onnx_path))):
         frame = detect_scene(scene, det, progress=False, backend="torch" if name == "torch_fp32" else "onnx",
-                             precision="fp32" if name == "torch_fp32" else None)
+                             precision="fp32" if name == "torch_fp32" else None, bands=bands)
         m = evaluate(frame, labels, scene=scene, class_column=class_column)
         out[name] = {"ap50": round(float(m["AP50"]), 4), "ap": round(float(m["AP"]), 4), "detections": len(frame)}
     return out
