@@ -269,7 +269,7 @@ class Metrics(dict):
 def _class_names(det, gt, labels, class_column: str):
     """The detections' and labels' class names as they will be scored: per class, or one class
     ('object') when asked (``class_column=""``) or when no detection class is a label class and
-    the detections hold at most one. Returns (labels, det names, label names, label class column
+    the detections hold at most one. Returns (the labels frame, det names, label names, label class column
     or None, agnostic, the note or warning to report or None)."""
     from .io.labels import class_values, drop_unclassed
 

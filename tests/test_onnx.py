@@ -226,10 +226,19 @@ def test_export_reads_a_one_band_scene_with_bands_and_says_how_without(tmp_path,
     err = capsys.readouterr().err
     assert "repeat a band with --bands (e.g. 1,1,1)" in err and "Traceback" not in err
     assert not out.exists()
+    # the labels check detects on the scene with both models: with the same bands
     assert main(["-q", "export", "-m", str(tiny_model), "-o", str(out), "--calibrate", str(one),
-                 "--calib-tiles", "4", "--bands", "1,1,1"]) == 0
-    assert "export check on 4 tiles of one_band.tif" in capsys.readouterr().out
+                 "--calib-tiles", "4", "--bands", "1,1,1", "--check-labels", str(synth.labels)]) == 0
+    said = capsys.readouterr().out
+    assert "export check on 4 tiles of one_band.tif" in said and "torch_fp32: AP50" in said and "export: AP50" in said
     assert load_onnx(out).card.bands == load_model(tiny_model).card.bands  # the model's own, unchanged
+    # bands of a check scene are checked before any work; without any scene --bands has nothing to read
+    bad = tmp_path / "bad.onnx"
+    assert main(["-q", "export", "-m", str(tiny_model), "-o", str(bad), "--check-scene", str(one),
+                 "--check-labels", str(synth.labels)]) == 2
+    assert "repeat a band with --bands" in capsys.readouterr().err and not bad.exists()
+    assert main(["-q", "export", "-m", str(tiny_model), "-o", str(bad), "--bands", "1,1,1"]) == 2
+    assert "none is given" in capsys.readouterr().err and not bad.exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Sequence
 from ..errors import GeodetError
 from ..model.onnx import INT8_MIN_AGREEMENT
 from .convert import SYNTHETIC, build_onnx, calibration_tiles, synthetic_check_tiles
+from .reader import open_scene
 from .settings import resolve_detect_settings
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,13 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
     check_scene = check_scene or (scenes[0] if scenes else None)
     if isinstance(model, (str, Path)):
         model = load_model(model)
-    if check_labels:  # before any work: the labels must be readable and lie on their scene
-        _check_labels_input(check_scene, check_labels, class_column, per_class=len(model.card.classes) > 1)
     settings = resolve_detect_settings(model.card, device="cpu", bands=bands)
+    if bands is not None and not scenes and not check_labels:
+        raise GeodetError("--bands picks the bands of the --calibrate (and --check-scene) scenes, and none is given: the "
+                          "check runs on a synthetic scene; pass --calibrate SCENE, or drop --bands")
+    if check_labels:  # before any work: the labels must be readable and lie on their scene, read with these bands
+        _check_labels_input(check_scene, check_labels, class_column, per_class=len(model.card.classes) > 1)
+        open_scene(check_scene, settings, model.card, warn=False).close()
     if scenes:
         calib, check, ref, names = calibration_tiles(model, scenes, calib_tiles, settings, int8=int8)
         where = ", ".join(Path(str(n)).name for n in names)
@@ -50,8 +55,8 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
                               "will run on")
         calib, ref, names, where = [], None, [], f"{SYNTHETIC}, no --calibrate scene given"
         check = synthetic_check_tiles(model, settings, 4, seed)
-    meta = {"calibration": {"scenes": names, "tiles": len(calib), "method": "minmax", "per_channel": True,
-                            "format": "QDQ"} if int8 else None,
+    meta = {"calibration": {"scenes": names, "bands": list(settings.bands), "tiles": len(calib), "method": "minmax",
+                            "per_channel": True, "format": "QDQ"} if int8 else None,
             "check_tiles_from": names or where}
     with atomic_path(out) as tmp:  # in place only once every check, the labels' too, has run
         result = build_onnx(model, tmp, "int8" if int8 else "fp32", calib, check, settings, min_agreement, meta, ref)
