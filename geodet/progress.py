@@ -19,12 +19,19 @@ program's bar goes from 0 to 1 once. JSON lines:
 ``stage_index`` counts from 1; ``stage_count`` is null when nobody planned the stages (then
 ``progress`` is the stage's own fraction). Other lines: ``{"message": ...}``. Importing this
 module changes nothing in the caller's process.
+
+A stop asked for by a driving program (``request_stop``: the ``geodet`` command's standard input
+closed) is also checked at every progress update in the main thread, so it cannot be lost: a
+Ctrl-C raised where a library swallows exceptions (a C extension probing an attribute) would
+otherwise let the work run to its end.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -33,6 +40,31 @@ JSON_INTERVAL = 0.25  # seconds between JSON lines of one stage (the first and l
 LINE_INTERVAL = 15.0  # seconds between plain lines: a few a minute
 
 _STATE: dict = {"mode": "auto", "weights": None, "index": 0, "reported": 0.0}
+_STOP: dict = {"asked": False, "told": []}  # a driver's stop; the SIGINT handlers already told of it
+
+
+def request_stop() -> None:
+    """Stop as on Ctrl+C: interrupt the main thread now (callable from any thread) and, should
+    that interrupt be lost, again at its next progress update. A SIGINT handler of the work's own
+    (training's: finish the step, save, stop) is told once, never twice (a second one means stop
+    at once); without one, every later update raises ``KeyboardInterrupt``."""
+    import _thread
+
+    _STOP["asked"] = True
+    _STOP["told"].append(signal.getsignal(signal.SIGINT))
+    _thread.interrupt_main()
+
+
+def _check_stop() -> None:
+    """At a progress update: carry out a stop that was asked for and has not taken effect."""
+    if not _STOP["asked"] or threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    if handler is signal.default_int_handler or not callable(handler):
+        raise KeyboardInterrupt
+    if not any(handler is h for h in _STOP["told"]):  # installed since: tell it once
+        _STOP["told"].append(handler)
+        handler(signal.SIGINT, None)
 
 
 def set_mode(mode: str) -> None:
@@ -111,10 +143,22 @@ def progress_bar(total=None, desc: str = "", unit: str = "it", enabled: bool = T
         from tqdm.auto import tqdm
 
         prefix = f"[{index}/{count}] " if count and count > 1 else ""
-        return tqdm(total=total, desc=prefix + desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+        return _bar_class(tqdm)(total=total, desc=prefix + desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
                     **kwargs)
     cls = JsonProgress if m == "json" else LineProgress
     return cls(total=total, desc=desc, unit=unit, initial=kwargs.get("initial", 0), index=index, count=count)
+
+
+def _bar_class(tqdm):
+    """tqdm, checking for a stop at every update (made when first needed: tqdm is imported late)."""
+    if "bar" not in _STATE:
+        class Bar(tqdm):
+            def update(self, n=1):
+                _check_stop()
+                return super().update(n)
+
+        _STATE["bar"] = Bar
+    return _STATE["bar"]
 
 
 def message(text: str) -> None:
@@ -140,6 +184,7 @@ class Silent:
         self.total, self.n = total, initial
 
     def update(self, n: int = 1) -> None:
+        _check_stop()
         self.n += n
 
     def refresh(self) -> None:
@@ -187,6 +232,7 @@ class _Reporter(Silent):
         raise NotImplementedError
 
     def update(self, n: int = 1) -> None:
+        _check_stop()
         self.n += n
         self._emit()
 

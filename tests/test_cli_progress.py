@@ -160,3 +160,94 @@ def test_a_redirected_log_gets_lines_and_q_gets_none(tmp_path, tiny_model, synth
     assert "(100%), ended after" in lines[-1]
     r = _detect(tmp_path, tiny_model, [synth.image], "-q")
     assert r.returncode == 0 and "detect s.tif:" not in r.stderr and "\r" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# a driver's stop (standard input closed) cannot be lost
+
+
+@pytest.mark.parametrize("mode", ["none", "json", "bar"])
+def test_a_stop_swallowed_by_a_library_is_carried_out_at_the_next_update(stderr, monkeypatch, mode):
+    """The interrupt a stop makes can be raised where a C extension swallows it (an attribute
+    probe); the next progress update in the main thread raises it again."""
+    monkeypatch.setattr(progress, "_STOP", {"asked": False, "told": []})
+    progress.set_mode(mode)
+    bar = progress.progress_bar(total=10, desc="work")
+    bar.update(1)  # no stop asked: nothing happens
+    try:
+        progress.request_stop()
+        for _ in range(10**7):  # the interrupt arrives at the next check of the interpreter
+            pass
+    except KeyboardInterrupt:
+        pass  # swallowed
+    with pytest.raises(KeyboardInterrupt):
+        bar.update(1)
+    with pytest.raises(KeyboardInterrupt):  # and at every later one
+        bar.update(1)
+    bar.close()
+
+
+def test_a_stop_tells_a_handler_of_the_work_once(stderr, monkeypatch):
+    """Training's own SIGINT handler (finish the step, save, stop; a second signal: stop at once)
+    is told once, also when it was installed after the stop was asked for (the first interrupt
+    lost before it), never twice."""
+    import signal
+
+    monkeypatch.setattr(progress, "_STOP", {"asked": False, "told": []})
+    progress.set_mode("none")
+    bar = progress.progress_bar(total=10)
+    try:
+        progress.request_stop()
+        for _ in range(10**7):
+            pass
+    except KeyboardInterrupt:
+        pass  # lost before the work's handler was installed
+    calls = []
+    old = signal.signal(signal.SIGINT, lambda s, f: calls.append(s))
+    try:
+        for _ in range(3):
+            bar.update(1)
+        assert calls == [signal.SIGINT] and bar.n == 3
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_stdin_closing_stops_work_that_swallows_the_first_interrupt(blocking):
+    """GEODET_STOP_ON_EOF's watcher, end to end in a child: its standard input closes (a blocking
+    pipe, or a non-blocking one, whose flag the driver may have set) while the work swallows the
+    first interrupt; the work stops at its next progress update."""
+    script = (
+        "import sys, time\n"
+        "from geodet import progress\n"
+        "from geodet.cli import _stop_when_stdin_closes\n"
+        "progress.set_mode('none')\n"
+        "_stop_when_stdin_closes()\n"
+        "bar = progress.progress_bar(total=10**6)\n"
+        "print('ready', flush=True)\n"
+        "swallowed = 0\n"
+        "try:\n"
+        "    for _ in range(600):\n"
+        "        try:\n"
+        "            time.sleep(0.05)\n"
+        "        except KeyboardInterrupt:\n"
+        "            swallowed += 1\n"
+        "        bar.update(1)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('stopped', swallowed, flush=True)\n"
+        "    sys.exit(130)\n"
+    )
+    r, w = os.pipe()
+    os.set_blocking(r, blocking)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=r, stdout=subprocess.PIPE, text=True, env=ENV)
+    os.close(r)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        os.close(w)
+        w = None
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if w is not None:
+            os.close(w)
+        proc.kill()
+    assert proc.returncode == 130 and out.split() == ["stopped", "1"]

@@ -52,20 +52,30 @@ def _sigterm(signum, frame):
 def _stop_when_stdin_closes() -> None:
     """GEODET_STOP_ON_EOF=1 (set by programs that drive geodet, such as its QGIS provider): when
     standard input closes (the driver cancelled, or went away), stop as on Ctrl+C. It works the
-    same on every OS, where signals do not (Windows has no SIGTERM for a process without a console)."""
-    import _thread
+    same on every OS, where signals do not (Windows has no SIGTERM for a process without a console).
+    The stop is also checked at every progress update (``progress.request_stop``), so an interrupt
+    that a library swallows does not let the work run on."""
     import threading
+    import time
+
+    from .. import progress
 
     def watch():
         # os.read on the descriptor, not sys.stdin: a daemon thread blocked inside the buffered
         # reader holds its lock and aborts the interpreter's shutdown
         try:
             fd = sys.stdin.fileno()
-            while os.read(fd, 65536):
-                pass
         except (OSError, ValueError, AttributeError):  # no stdin at all: stopping is the driver's kill then
             return
-        _thread.interrupt_main()  # SIGINT's handler in the main thread: KeyboardInterrupt, or training's stop
+        while True:
+            try:
+                if not os.read(fd, 65536):
+                    break
+            except BlockingIOError:  # a non-blocking pipe (its flag is shared with whoever made it)
+                time.sleep(0.1)
+            except OSError:  # closed or unreadable: nothing to watch
+                return
+        progress.request_stop()  # SIGINT's handler in the main thread: KeyboardInterrupt, or training's stop
 
     threading.Thread(target=watch, name="geodet-stop-on-eof", daemon=True).start()
 
