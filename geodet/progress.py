@@ -44,15 +44,19 @@ _STOP: dict = {"asked": False, "told": []}  # a driver's stop; the SIGINT handle
 
 
 def request_stop() -> None:
-    """Stop as on Ctrl+C: interrupt the main thread now (callable from any thread) and, should
-    that interrupt be lost, again at its next progress update. A SIGINT handler of the work's own
+    """Stop as on Ctrl+C, from a thread other than the main one (the stop-on-EOF watcher):
+    interrupt the main thread now and, should that interrupt be lost, again at its next progress
+    update. A SIGINT handler of the work's own
     (training's: finish the step, save, stop) is told once, never twice (a second one means stop
     at once); without one, every later update raises ``KeyboardInterrupt``."""
-    import _thread
-
-    _STOP["asked"] = True
     _STOP["told"].append(signal.getsignal(signal.SIGINT))
-    _thread.interrupt_main()
+    if hasattr(signal, "pthread_kill"):  # a real SIGINT to the main thread: it also ends a blocking wait
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:  # Windows: Python's own interrupt (taken at the main thread's next Python step)
+        import _thread
+
+        _thread.interrupt_main()
+    _STOP["asked"] = True  # last: an update in between must not tell the handler a second time
 
 
 def _check_stop() -> None:
@@ -149,16 +153,24 @@ def progress_bar(total=None, desc: str = "", unit: str = "it", enabled: bool = T
     return cls(total=total, desc=desc, unit=unit, initial=kwargs.get("initial", 0), index=index, count=count)
 
 
+_BARS: dict = {}  # tqdm class (tqdm.auto's: a notebook's or a terminal's) -> its subclass below
+
+
 def _bar_class(tqdm):
-    """tqdm, checking for a stop at every update (made when first needed: tqdm is imported late)."""
-    if "bar" not in _STATE:
+    """``tqdm``, checking for a stop at every update and refresh (made when first needed: tqdm
+    is imported late; its monitor thread's refreshes are not the main thread's, so never stop)."""
+    if tqdm not in _BARS:
         class Bar(tqdm):
             def update(self, n=1):
                 _check_stop()
                 return super().update(n)
 
-        _STATE["bar"] = Bar
-    return _STATE["bar"]
+            def refresh(self, *args, **kwargs):
+                _check_stop()
+                return super().refresh(*args, **kwargs)
+
+        _BARS[tqdm] = Bar
+    return _BARS[tqdm]
 
 
 def message(text: str) -> None:
@@ -188,7 +200,7 @@ class Silent:
         self.n += n
 
     def refresh(self) -> None:
-        pass
+        _check_stop()  # timed work sets ``n`` and refreshes
 
     def set_postfix(self, **kwargs) -> None:
         pass
@@ -237,6 +249,7 @@ class _Reporter(Silent):
         self._emit()
 
     def refresh(self) -> None:
+        _check_stop()
         self._emit()
 
     def set_postfix(self, **kwargs) -> None:

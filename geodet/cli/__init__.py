@@ -60,6 +60,11 @@ def _stop_when_stdin_closes() -> None:
 
     from .. import progress
 
+    if not callable(signal.getsignal(signal.SIGINT)):
+        # started with SIGINT ignored (a background job of a non-interactive shell): the stop is
+        # delivered as SIGINT, whose handler must then be Python's
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def watch():
         # os.read on the descriptor, not sys.stdin: a daemon thread blocked inside the buffered
         # reader holds its lock and aborts the interpreter's shutdown
@@ -75,7 +80,7 @@ def _stop_when_stdin_closes() -> None:
                 time.sleep(0.1)
             except OSError:  # closed or unreadable: nothing to watch
                 return
-        progress.request_stop()  # SIGINT's handler in the main thread: KeyboardInterrupt, or training's stop
+        progress.request_stop()  # SIGINT in the main thread: KeyboardInterrupt, or training's stop
 
     threading.Thread(target=watch, name="geodet-stop-on-eof", daemon=True).start()
 
