@@ -166,6 +166,17 @@ def test_a_redirected_log_gets_lines_and_q_gets_none(tmp_path, tiny_model, synth
 # a driver's stop (standard input closed) cannot be lost
 
 
+@pytest.fixture
+def python_sigint():
+    """SIGINT handled by Python, as the stop-on-EOF watcher makes it (a test run started as a
+    background job of a non-interactive shell has it ignored)."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def _stop_swallowed() -> None:
     """A stop asked for from another thread (as the stop-on-EOF watcher does), its interrupt
     swallowed in the main thread."""
@@ -183,7 +194,7 @@ def _stop_swallowed() -> None:
 
 
 @pytest.mark.parametrize("mode", ["none", "json", "bar"])
-def test_a_stop_swallowed_by_a_library_is_carried_out_at_the_next_update(stderr, monkeypatch, mode):
+def test_a_stop_swallowed_by_a_library_is_carried_out_at_the_next_update(stderr, monkeypatch, python_sigint, mode):
     """The interrupt a stop makes can be raised where a C extension swallows it (an attribute
     probe); the next progress update in the main thread raises it again."""
     monkeypatch.setattr(progress, "_STOP", {"asked": False, "told": []})
@@ -198,7 +209,7 @@ def test_a_stop_swallowed_by_a_library_is_carried_out_at_the_next_update(stderr,
     bar.close()
 
 
-def test_a_stop_tells_a_handler_of_the_work_once(stderr, monkeypatch):
+def test_a_stop_tells_a_handler_of_the_work_once(stderr, monkeypatch, python_sigint):
     """Training's own SIGINT handler (finish the step, save, stop; a second signal: stop at once)
     is told once, also when it was installed after the stop was asked for (the first interrupt
     lost before it), never twice."""
