@@ -46,16 +46,22 @@ _STOP: dict = {"asked": False, "told": []}  # a driver's stop; the SIGINT handle
 def request_stop() -> None:
     """Stop as on Ctrl+C, from a thread other than the main one (the stop-on-EOF watcher):
     interrupt the main thread now and, should that interrupt be lost, again at its next progress
-    update. A SIGINT handler of the work's own
-    (training's: finish the step, save, stop) is told once, never twice (a second one means stop
-    at once); without one, every later update raises ``KeyboardInterrupt``."""
-    _STOP["told"].append(signal.getsignal(signal.SIGINT))
-    if hasattr(signal, "pthread_kill"):  # a real SIGINT to the main thread: it also ends a blocking wait
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-    else:  # Windows: Python's own interrupt (taken at the main thread's next Python step)
-        import _thread
+    update. A SIGINT handler of the work's own (training's: finish the step, save, stop) is told
+    once, never twice (a second one means stop at once); without one, every later update raises
+    ``KeyboardInterrupt``. With SIGINT ignored or left to the OS (which would kill at once), only
+    the updates stop the work."""
+    handler = signal.getsignal(signal.SIGINT)
+    _STOP["told"].append(handler)
+    if callable(handler):
+        if hasattr(signal, "pthread_kill"):  # a real SIGINT to the main thread: it also ends a blocking wait
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        else:  # Windows: Python's own interrupt (taken at the main thread's next Python step)
+            import _thread
 
-        _thread.interrupt_main()
+            _thread.interrupt_main()
+    now = signal.getsignal(signal.SIGINT)
+    if now is not handler:  # a handler installed meanwhile may be the one that got it: never tell it twice
+        _STOP["told"].append(now)
     _STOP["asked"] = True  # last: an update in between must not tell the handler a second time
 
 

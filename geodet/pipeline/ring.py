@@ -193,15 +193,17 @@ class _Ring:
         import signal
 
         # a Ctrl-C between a fork and the reader's own handlers waits, blocked, and is then ignored there
-        masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # (a Ctrl-C held back meanwhile is raised as the mask is restored: still inside the try)
         try:
-            for p in self.procs:
-                p.start()
+            masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                for p in self.procs:
+                    p.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, masked)
         except BaseException:
             self.stop()  # the readers started so far (the caller's ``finally`` has no ring yet)
             raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, masked)
         self.batches = batches
         self.free, self.held = list(range(n_slots)), []
         self.issued, self.done = 0, {}
