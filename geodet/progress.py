@@ -153,8 +153,8 @@ def progress_bar(total=None, desc: str = "", unit: str = "it", enabled: bool = T
         from tqdm.auto import tqdm
 
         prefix = f"[{index}/{count}] " if count and count > 1 else ""
-        return _bar_class(tqdm)(total=total, desc=prefix + desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
-                    **kwargs)
+        return _bar_class(tqdm)(total=total, desc=prefix + desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                                mininterval=0.5, **kwargs)
     cls = JsonProgress if m == "json" else LineProgress
     return cls(total=total, desc=desc, unit=unit, initial=kwargs.get("initial", 0), index=index, count=count)
 

@@ -102,11 +102,14 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _portable(exc: BaseException) -> BaseException:
-    """``exc`` if it pickles (GeodetError does), else a RuntimeError with its text."""
+    """``exc`` if it can cross to the main process (GeodetError can): it pickles and rebuilds from
+    its reduction (a copy, so nothing is unpickled here), else a RuntimeError with its text."""
+    import copy
     import pickle
 
     try:
-        pickle.loads(pickle.dumps(exc))
+        pickle.dumps(exc)
+        copy.deepcopy(exc)  # rebuilt as unpickling would: an exception whose __init__ the args do not fit fails
         return exc
     except Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
