@@ -1,5 +1,6 @@
-"""The bad-input matrix, through the real CLI in a subprocess: exit code, one-line message,
-no traceback, nothing half-written."""
+"""The bad-input matrix, through the real CLI in a process of its own (forked with its imports
+done, see cli_runner.py; the signal and stdin tests start real interpreters): exit code, one-line
+message, no traceback, nothing half-written."""
 
 import json
 import os
@@ -17,12 +18,14 @@ import torch
 from rasterio.transform import from_origin
 from shapely.geometry import box
 
+from cli_runner import run_geodet
+
 ENV = {**os.environ, "GEODET_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 
 
 def geodet(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "geodet.cli", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, cwd=cwd, timeout=600)
+    """``python -m geodet.cli ARGS`` in a process of its own (forked with the imports done: cli_runner)."""
+    return run_geodet(*args, env=ENV, cwd=cwd, timeout=600)
 
 
 def assert_clean_error(r, pattern, code=2):
