@@ -178,7 +178,11 @@ def test_small_jobs_and_in_memory_models_run_torch_fp32(monkeypatch, tmp_path, t
     assert (r["backend"], r["precision"]) == ("torch", "fp32") and "derived from model files" in r["reason"]
 
 
-def test_bf16_only_where_the_cpu_has_it(monkeypatch, tiny_model, synth):
+def test_bf16_only_where_the_cpu_has_it(monkeypatch, tiny_model, tmp_path):
+    from geodet.synthetic import make_scene
+
+    # 4 tiles of the tiny model (bf16 is emulated, slowly, on a CPU without it)
+    synth = make_scene(tmp_path / "s.tif", tmp_path / "s.gpkg", size=200, seed=3)
     model = load_model(tiny_model)
     monkeypatch.setattr(choice, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
     with pytest.raises(GeodetError, match="no native bf16"):
