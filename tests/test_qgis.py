@@ -238,7 +238,7 @@ def test_train_cancel_keeps_its_checkpoint_and_resume_continues(provider, synth,
     cfg.write_text("tiling: {tile_size: 128, overlap: 16}\nmodel: {channels: 16, head_depth: 1, levels: [2, 4], "
                    "anchor_sizes: [8.0, 16.0, 32.0]}\ntrain: {batch_size: 2, warmup_steps: 2, steps_per_epoch: 4}\n")
     folder = tmp_path / "run"
-    params = {"SCENE": str(synth.image), "LABELS": str(synth.labels), "CONFIG": str(cfg), "TIME_LIMIT": 0.4,
+    params = {"SCENE": str(synth.image), "LABELS": str(synth.labels), "CONFIG": str(cfg), "TIME_LIMIT": 0.2,
               "VAL_SCENE": str(synth.image), "VAL_LABELS": str(synth.labels), "OUTPUT_FOLDER": str(folder)}
     stopped, resumed = processing(provider, {"alg": "geodet:train", "params": params, "cancel_at": 3},
                                   {"alg": "geodet:train", "params": {**params, "RESUME": True}})
@@ -354,7 +354,7 @@ def test_the_labelling_loop_runs_from_the_toolbox(provider, tiny_model, synth, t
         provider,
         {"alg": "geodet:train-again", "params": {
             "SCENE": str(synth.image), "LABELS": str(synth.labels), "CELLS": str(tmp_path / "next.gpkg"),
-            "LABELLED_AREA": str(area), "INIT": str(tiny_model), "CONFIG": str(cfg), "TIME_LIMIT": 0.5,
+            "LABELLED_AREA": str(area), "INIT": str(tiny_model), "CONFIG": str(cfg), "TIME_LIMIT": 0.2,
             "OUTPUT_FOLDER": str(tmp_path / "round1")}},
         {"alg": "geodet:detect", "params": {"INPUT": str(synth.image), "MODEL": str(tmp_path / "round1" / "model.pt"),
                                             "OUTPUT": str(tmp_path / "round1.gpkg")}, "load": True})
