@@ -138,9 +138,10 @@ def test_json_weights_unplanned_stages_and_finish(stderr, clock):
 
 
 def _detect(tmp_path, model, scenes, *flags):
-    cmd = [sys.executable, "-m", "geodet.cli", *flags, "detect", *map(str, scenes), "-m", str(model), "-o",
-           str(tmp_path / "d.gpkg")]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    """``geodet detect`` in a process of its own, its stderr a file (not a terminal; cli_runner.py)."""
+    from cli_runner import run_geodet
+
+    return run_geodet(*flags, "detect", *scenes, "-m", model, "-o", tmp_path / "d.gpkg", env=ENV, timeout=600)
 
 
 def test_a_two_scene_detect_moves_a_driving_programs_bar_once(tmp_path, tiny_model, synth):

@@ -60,16 +60,14 @@ def test_area_detection_equals_whole_scene_inside_the_area(tmp_path):
 
 
 def test_api_job_writes_the_same_report_as_the_command(tmp_path, synth, tiny_model):
-    import subprocess
-    import sys
+    from cli_runner import run_geodet
 
     from geodet.pipeline.job import detect_to_file
 
     frame = detect_to_file([synth.image], tiny_model, tmp_path / "api.gpkg", progress=False)
     api = json.loads((tmp_path / "api.gpkg.report.json").read_text())
     assert api == json.loads(json.dumps(frame.attrs["report"], default=str))
-    r = subprocess.run([sys.executable, "-m", "geodet.cli", "detect", str(synth.image), "-m", str(tiny_model), "-o",
-                        str(tmp_path / "cli.gpkg"), "-q"], capture_output=True, text=True)
+    r = run_geodet("detect", synth.image, "-m", tiny_model, "-o", tmp_path / "cli.gpkg", "-q")
     assert r.returncode == 0, r.stderr
     cli = json.loads((tmp_path / "cli.gpkg.report.json").read_text())
     assert cli["detections"] == api["detections"] and cli["model"]["sha256"] == api["model"]["sha256"]
