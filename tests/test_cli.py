@@ -23,9 +23,18 @@ from cli_runner import run_geodet
 ENV = {**os.environ, "GEODET_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 
 
-def geodet(*args, cwd=None):
-    """``python -m geodet.cli ARGS`` in a process of its own (forked with the imports done: cli_runner)."""
+def geodet(*args, cwd=None, fresh=False):
+    """``python -m geodet.cli ARGS`` in a process of its own: forked with the imports done
+    (cli_runner.py), or with ``fresh`` a new interpreter."""
+    if fresh:
+        return subprocess.run([sys.executable, "-m", "geodet.cli", *map(str, args)], capture_output=True, text=True,
+                              env=ENV, cwd=cwd, timeout=600)
     return run_geodet(*args, env=ENV, cwd=cwd, timeout=600)
+
+
+def assert_clean_end(r):
+    """Nothing printed by the interpreter's own ending: no traceback, no ignored exception."""
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
 
 
 def assert_clean_error(r, pattern, code=2):
@@ -158,9 +167,10 @@ def test_bad_model_files(tmp_path):
             return (os.system, (f"touch {tmp_path / 'EVIL'}",))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    for name in ("rand.pt", "evil.pt"):
-        r = geodet("detect", p, "-m", tmp_path / name, "-o", tmp_path / "o.gpkg")
+    for name in ("rand.pt", "evil.pt"):  # the pickle with code in a new interpreter, as a user meets it
+        r = geodet("detect", p, "-m", tmp_path / name, "-o", tmp_path / "o.gpkg", fresh=name == "evil.pt")
         assert_clean_error(r, "not a model file|not a readable geodet model")
+        assert_clean_end(r)
     assert not (tmp_path / "EVIL").exists() and not (tmp_path / "o.gpkg").exists()
 
 
@@ -253,9 +263,11 @@ def test_sigterm_during_train_then_resume(tmp_path, synth):
 
 
 def test_end_to_end_cli_detect_and_evaluate(tmp_path, tiny_model, synth):
+    """The main path in new interpreters, as a user runs it, to their end."""
     out = tmp_path / "d.geojson"
-    r = geodet("detect", synth.image, "-m", tiny_model, "-o", out, "--quicklook", tmp_path / "q.png")
+    r = geodet("detect", synth.image, "-m", tiny_model, "-o", out, "--quicklook", tmp_path / "q.png", fresh=True)
     assert r.returncode == 0, r.stderr
+    assert_clean_end(r)
     rep = json.loads((tmp_path / "d.geojson.report.json").read_text())
     import hashlib
 
@@ -263,8 +275,10 @@ def test_end_to_end_cli_detect_and_evaluate(tmp_path, tiny_model, synth):
     assert rep["inputs"][0]["bytes"] == os.path.getsize(synth.image)
     assert rep["quicklooks"] == [str(tmp_path / "q.png")] and rep["scenes"][0]["tiles_capped"] >= 0
     assert (tmp_path / "q.png").stat().st_size > 0
-    r = geodet("evaluate", out, synth.labels, "--scene", synth.image, "-o", tmp_path / "m.json", "--plot", tmp_path / "pr.png")
+    r = geodet("evaluate", out, synth.labels, "--scene", synth.image, "-o", tmp_path / "m.json", "--plot", tmp_path / "pr.png",
+               fresh=True)
     assert r.returncode == 0, r.stderr
+    assert_clean_end(r)
     m = json.loads((tmp_path / "m.json").read_text())
     for k in ("AP", "AP50", "AP75", "AP_small", "precision", "recall", "f1", "n_detections", "n_labels", "per_class"):
         assert k in m

@@ -2,6 +2,7 @@
 runs over an area, and gives the same report as the command."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -67,7 +68,8 @@ def test_api_job_writes_the_same_report_as_the_command(tmp_path, synth, tiny_mod
     frame = detect_to_file([synth.image], tiny_model, tmp_path / "api.gpkg", progress=False)
     api = json.loads((tmp_path / "api.gpkg.report.json").read_text())
     assert api == json.loads(json.dumps(frame.attrs["report"], default=str))
-    r = run_geodet("detect", synth.image, "-m", tiny_model, "-o", tmp_path / "cli.gpkg", "-q")
+    r = run_geodet("detect", synth.image, "-m", tiny_model, "-o", tmp_path / "cli.gpkg", "-q",
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     cli = json.loads((tmp_path / "cli.gpkg.report.json").read_text())
     assert cli["detections"] == api["detections"] and cli["model"]["sha256"] == api["model"]["sha256"]
