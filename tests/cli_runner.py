@@ -130,12 +130,13 @@ def _read(path) -> str:
         return f.read().decode(locale.getpreferredencoding(False))
 
 
-def run_geodet(*args, env=None, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+def run_geodet(*args, env=None, cwd=None, timeout=600, fresh=False) -> subprocess.CompletedProcess:
     """``subprocess.run([python, -m, geodet.cli, *args], capture_output=True, text=True, env=env,
-    cwd=cwd, timeout=timeout)``, the command forked from the preloaded server where it can be."""
+    cwd=cwd, timeout=timeout)``, the command forked from the preloaded server where it can be
+    (``fresh``: always a new interpreter)."""
     argv = [str(a) for a in args]
     env = dict(os.environ if env is None else env)
-    ctx = _forkserver()
+    ctx = None if fresh else _forkserver()
     if ctx is None or _import_time(env) != _import_time(_SERVER["env"]):
         return subprocess.run([sys.executable, "-m", "geodet.cli", *argv], capture_output=True, text=True, env=env,
                               cwd=cwd, timeout=timeout)

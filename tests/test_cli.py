@@ -26,10 +26,7 @@ ENV = {**os.environ, "GEODET_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 def geodet(*args, cwd=None, fresh=False):
     """``python -m geodet.cli ARGS`` in a process of its own: forked with the imports done
     (cli_runner.py), or with ``fresh`` a new interpreter."""
-    if fresh:
-        return subprocess.run([sys.executable, "-m", "geodet.cli", *map(str, args)], capture_output=True, text=True,
-                              env=ENV, cwd=cwd, timeout=600)
-    return run_geodet(*args, env=ENV, cwd=cwd, timeout=600)
+    return run_geodet(*args, env=ENV, cwd=cwd, timeout=600, fresh=fresh)
 
 
 def assert_clean_end(r):

@@ -46,8 +46,10 @@ def test_time_limit_is_used_and_spans_the_schedule(tmp_path, synth):
     times = [float(r["seconds"]) for r in steps]
     step_s = max(b - a for a, b in zip(times, times[1:]))
     assert 0.9 * 18 <= float(end["seconds"]) <= 18 + 2 * step_s + 2
-    # (that the time limit and not an epoch count ended it is the note and the seconds above: a
-    # step count would depend on how busy the machine is; a loaded one made 7 steps in 18 s)
+    # the time limit, not an epoch count, ended it: the note above, and steps taken until the final
+    # validation's reserve (a step count would depend on how busy the machine is: 7 in 18 s on a
+    # loaded one)
+    assert times[-1] >= 0.6 * 18, times
     lrs = [float(r["lr"]) for r in steps]
     peak = max(lrs)
     assert lrs[len(lrs) // 3] == pytest.approx(peak)  # the peak holds through the first part of the budget...
