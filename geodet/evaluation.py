@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GeodetError
+from .errors import GeodetError, brief
 
 log = logging.getLogger(__name__)
 SPLIT_BOXES = 1000  # coco_metrics evaluates more boxes than this as images of about this many
@@ -43,9 +43,28 @@ def _read_detections(path):
     if not p.exists():
         raise GeodetError(f"detections not found: {path}")
     if p.suffix.lower() == ".csv":
-        df = pd.read_csv(p)
+        try:
+            df = pd.read_csv(p)
+        except (ValueError, OSError, UnicodeDecodeError) as exc:
+            raise GeodetError(f"{path}: not a CSV file pandas can read: {brief(exc, 120)}") from None
         if "wkt" in df.columns:
-            return gpd.GeoDataFrame(df.drop(columns="wkt"), geometry=shapely.from_wkt(df["wkt"]), crs=None)
+            geom = shapely.from_wkt(df["wkt"].where(df["wkt"].notna(), None), on_invalid="ignore")
+            if "crs" in df.columns and df["crs"].notna().any():  # several CRSs: one per row, as geodet writes them
+                parts = [gpd.GeoDataFrame(df[sel].drop(columns=["wkt", "crs"]), geometry=geom[sel.to_numpy()], crs=crs)
+                         for crs, sel in ((c, df["crs"] == c) for c in df["crs"].dropna().unique())]
+                first = parts[0].crs
+                return pd.concat([f.to_crs(first) for f in parts], ignore_index=True).set_crs(first, allow_override=True)
+            prj = p.with_suffix(".prj")  # the CRS, as geodet (and GDAL's CSV driver) write it beside the file
+            crs = None
+            if prj.exists():
+                from pyproj import CRS
+                from pyproj.exceptions import CRSError
+
+                try:
+                    crs = CRS.from_user_input(prj.read_text(encoding="utf-8", errors="replace"))
+                except CRSError:
+                    raise GeodetError(f"{prj}: not a CRS that PROJ can read; fix or remove it") from None
+            return gpd.GeoDataFrame(df.drop(columns="wkt"), geometry=geom, crs=crs)
         cols = _pixel_columns(df)
         if cols:
             geom = shapely.box(*(df[c] for c in cols))
@@ -158,7 +177,8 @@ def coco_metrics(
     det_boxes, det_scores, det_labels, gt_boxes, gt_labels, classes, iou: float = 0.5, area_scale: float = 1.0,
     det_images=None, gt_images=None, split: bool = True,
 ) -> dict:
-    """COCO AP/AP50/AP75/size APs plus precision, recall and F1 at ``iou`` and the best score.
+    """COCO AP/AP50/AP75/size APs (the mean over classes) plus the operating point at ``iou``: the
+    score threshold of the best F1 of all classes' detections together, and its precision and recall.
 
     Boxes are xyxy in any common unit; ``area_scale`` converts their area to pixels for the
     size ranges (pixel area = area * area_scale). ``det_images`` / ``gt_images`` give each box's
@@ -173,6 +193,7 @@ def coco_metrics(
     gt_labels = np.asarray(gt_labels, np.int64).reshape(-1)
     det_images = np.ones(len(det_boxes), np.int64) if det_images is None else np.asarray(det_images, np.int64) + 1
     gt_images = np.ones(len(gt_boxes), np.int64) if gt_images is None else np.asarray(gt_images, np.int64) + 1
+    callers = det_images, gt_images  # the operating point matches within the caller's images
     standard = set(np.round(np.linspace(0.5, 0.95, 10), 2).tolist())
     iou_thrs = sorted(standard | {round(iou, 2)})
     if split and len(det_boxes) + len(gt_boxes) > SPLIT_BOXES:
@@ -183,8 +204,8 @@ def coco_metrics(
         out.update({k: 0.0 for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "precision", "recall", "f1")})
         out["score_threshold"] = None
         return Metrics(out)
-    prec, scores_arr, rec_thrs = _run_cocoeval((det_boxes, det_scores, det_labels, det_images),
-                                               (gt_boxes, gt_labels, gt_images), classes, iou_thrs, area_scale)
+    prec = _run_cocoeval((det_boxes, det_scores, det_labels, det_images), (gt_boxes, gt_labels, gt_images), classes,
+                         iou_thrs, area_scale)
     std = [i for i, t in enumerate(iou_thrs) if round(t, 2) in standard]
 
     def ap(t_idx, area=0, k=slice(None)):
@@ -197,7 +218,8 @@ def coco_metrics(
         "AP": ap(std), "AP50": ap(t50), "AP75": ap(t75),
         "AP_small": ap(std, 1), "AP_medium": ap(std, 2), "AP_large": ap(std, 3),
     })
-    out.update(_best_f1(prec, scores_arr, rec_thrs, iou_thrs.index(round(iou, 2))))
+    order, matched = _match(det_boxes, det_scores, det_labels, callers[0], gt_boxes, gt_labels, callers[1], iou)
+    out.update(_operating_point(det_scores, order, matched, len(gt_boxes)))
     per_class = {}
     for k, name in enumerate(classes):
         if not (gt_labels == k).any() and not (det_labels == k).any():
@@ -207,13 +229,22 @@ def coco_metrics(
             "n_labels": int((gt_labels == k).sum()), "n_detections": int((det_labels == k).sum()),
         }
     out["per_class"] = per_class
-    return Metrics({k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in out.items()})
+    return Metrics(_no_nan(out))
+
+
+def _no_nan(v):
+    """``v`` with every NaN (an AP with nothing to average: a class without labels) as None, so
+    the metrics are valid JSON."""
+    if isinstance(v, dict):
+        return {k: _no_nan(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_no_nan(x) for x in v]
+    return None if isinstance(v, float) and np.isnan(v) else v
 
 
 def _run_cocoeval(dets: tuple, gts: tuple, classes, iou_thrs: list, area_scale: float):
     """faster-coco-eval over ``dets`` (boxes, scores, labels, image ids) and ``gts`` (boxes,
-    labels, image ids): ``(precision [T, R, K, A, M], the score at each of its points, the recall
-    thresholds)``."""
+    labels, image ids): COCO's precision array [T, R, K, A, M]."""
     from faster_coco_eval import COCO, COCOeval_faster
 
     det_boxes, det_scores, det_labels, det_images = dets
@@ -240,22 +271,62 @@ def _run_cocoeval(dets: tuple, gts: tuple, classes, iou_thrs: list, area_scale: 
     ev.params.iouThrs = np.array(iou_thrs)
     ev.evaluate()
     ev.accumulate()
-    keys = np.rint(ev.eval["scores"]).astype(np.int64)  # back from rank keys to scores (0: none)
-    scores_arr = np.where(keys > 0, det_scores[by_score][np.clip(n_det - keys, 0, n_det - 1)], 0.0)
-    return ev.eval["precision"], scores_arr, ev.params.recThrs
+    return ev.eval["precision"]
 
 
-def _best_f1(prec, scores_arr, rec_thrs, ti: int) -> dict:
-    """The best-F1 operating point on the PR curve at IoU threshold index ``ti``, all classes
-    pooled by mean, and that curve."""
-    p_curve = prec[ti, :, :, 0, -1]
-    valid_k = (p_curve > -1).any(axis=0)
-    pc = np.where(p_curve > -1, p_curve, 0)[:, valid_k].mean(axis=1)
-    sc = scores_arr[ti, :, :, 0, -1][:, valid_k].mean(axis=1)
-    f1 = 2 * pc * rec_thrs / np.maximum(pc + rec_thrs, 1e-12)
-    best = int(np.argmax(f1))
-    return {"precision": float(pc[best]), "recall": float(rec_thrs[best]), "f1": float(f1[best]),
-            "score_threshold": float(sc[best]), "pr_curve": {"recall": rec_thrs.tolist(), "precision": pc.tolist()}}
+def _match(det_boxes, det_scores, det_labels, det_images, gt_boxes, gt_labels, gt_images, iou: float):
+    """COCO's greedy matching at one IoU threshold: in rank order (score, ties in input order), each
+    detection takes the unmatched label of its class and image with the highest IoU >= ``iou``.
+    Returns (each detection's rank order, whether each detection matched)."""
+    import shapely
+
+    order = np.argsort(-det_scores, kind="stable")
+    matched = np.zeros(len(det_boxes), bool)
+    if not len(det_boxes) or not len(gt_boxes):
+        return order, matched
+    tree = shapely.STRtree(shapely.box(*gt_boxes.T))
+    d_idx, g_idx = tree.query(shapely.box(*det_boxes.T), predicate="intersects")
+    a, b = det_boxes[d_idx], gt_boxes[g_idx]
+    iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
+    ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ious = np.where(union > 0, inter / union, 0.0)
+    keep = (ious >= min(iou, 1 - 1e-10)) & (det_labels[d_idx] == gt_labels[g_idx])
+    keep &= det_images[d_idx] == gt_images[g_idx]
+    d_idx, g_idx, ious = d_idx[keep], g_idx[keep], ious[keep]
+    rank = np.empty(len(det_boxes), np.int64)
+    rank[order] = np.arange(len(det_boxes))
+    pairs = np.lexsort((g_idx, -ious, rank[d_idx]))  # by detection rank, then best IoU first
+    taken = np.zeros(len(gt_boxes), bool)
+    done = -1
+    for d, g in zip(d_idx[pairs].tolist(), g_idx[pairs].tolist()):
+        if d == done or taken[g]:
+            continue
+        taken[g] = matched[d] = True
+        done = d
+    return order, matched
+
+
+def _operating_point(det_scores, order, matched, n_gt: int) -> dict:
+    """The best-F1 score threshold of the detections of all classes together, and the precision,
+    recall and F1 that keeping the detections scored at or above it gives (a real operating point:
+    filter at ``score_threshold`` and these are the figures); the PR curve of that pooled ranking
+    (precision interpolated at COCO's 101 recall points)."""
+    s = det_scores[order]
+    tp = np.cumsum(matched[order])
+    k = np.arange(1, len(s) + 1)
+    cut = np.r_[s[1:] != s[:-1], True]  # a threshold keeps every detection of a tied score
+    prec, rec = tp / k, tp / max(n_gt, 1)
+    f1 = 2 * prec * rec / np.maximum(prec + rec, 1e-12)
+    best = int(np.flatnonzero(cut)[np.argmax(f1[cut])])
+    rec_thrs = np.linspace(0, 1, 101)
+    envelope = np.maximum.accumulate(prec[cut][::-1])[::-1]  # best precision at this recall or beyond
+    at = np.searchsorted(rec[cut], rec_thrs - 1e-12, side="left")
+    curve = np.where(at < len(envelope), envelope[np.minimum(at, len(envelope) - 1)], 0.0)
+    return {"precision": float(prec[best]), "recall": float(rec[best]), "f1": float(f1[best]),
+            "score_threshold": float(s[best]), "pr_curve": {"recall": rec_thrs.tolist(), "precision": curve.tolist()}}
 
 
 class Metrics(dict):
@@ -322,6 +393,7 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
         names = ", ".join(sorted(det["scene"].astype(str).unique())[:5])
         raise GeodetError(f"the detections come from {det['scene'].nunique()} scenes ({names}): pass --scene with the "
                           "one the labels are drawn on, so other scenes' detections do not count as false positives")
+    det = _with_geometry(det, detections)
     gt = labels if isinstance(labels, gpd.GeoDataFrame) else read_labels(labels, class_column)
     gt, det_names, gt_names, class_column_gt, agnostic, mismatch = _class_names(det, gt, labels, class_column)
     classes = sorted(set(gt_names) | set(det_names))
@@ -333,15 +405,31 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
         lb = labels_to_boxes(gt, sc, class_column_gt, classes=classes, unknown="keep")
         gt_boxes, gt_labels = lb.boxes, lb.labels
         if len(det):
+            px = _pixel_columns(det)
+            if det.crs is None and not px and sc.crs is not None:
+                log.warning("the detections have no CRS: taken to be in the scene's (%s)", sc.crs.to_string())
+                det = det.set_crs(sc.crs)
             if det.crs is not None and sc.crs is not None and det.crs != sc.crs:
                 det = det.to_crs(sc.crs)
-            det_boxes = geoms_to_pixel_boxes(det.geometry.values, sc.transform) if det.crs is not None else det[_pixel_columns(det)].to_numpy(np.float64)
+            det_boxes = (geoms_to_pixel_boxes(det.geometry.values, sc.transform) if det.crs is not None
+                         else det[px].to_numpy(np.float64))
+            # in the scene's grid, as the labels are: a box past its edge is judged by what lies in it
+            np.clip(det_boxes[:, 0::2], 0, sc.width, out=det_boxes[:, 0::2])
+            np.clip(det_boxes[:, 1::2], 0, sc.height, out=det_boxes[:, 1::2])
         else:
             det_boxes = np.zeros((0, 4))
     else:
+        if det.crs is None and gt.crs is not None and len(det):
+            log.warning("the detections have no CRS: taken to be in the labels' (%s)", gt.crs.to_string())
         if det.crs is not None and gt.crs is not None and det.crs != gt.crs:
             gt = gt.to_crs(det.crs)
+        lines = np.isin(shapely.get_type_id(np.array(gt.geometry.values, dtype=object)), [1, 2, 5]) if len(gt) else []
+        if np.any(lines):  # as in a scene's grid: a line is no object's outline
+            log.warning("%s: %d line(s) left out: draw each object as a polygon or a point",
+                        labels if isinstance(labels, (str, Path)) else "labels", int(np.sum(lines)))
+            gt = gt[~np.asarray(lines)]
         gt, _ = repair_geometries(gt)
+        gt = _points_as_squares(gt)
         gt_names = class_values(gt[class_column_gt]) if class_column_gt else np.full(len(gt), "object")
         gt_boxes = shapely.bounds(np.array(gt.geometry.values, dtype=object)).reshape(-1, 4)
         gt_labels = np.array([lookup[n] for n in gt_names], np.int64)
@@ -358,6 +446,44 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     if mismatch:
         m["warning" if not agnostic else "note"] = mismatch
     return m
+
+
+def _with_geometry(det, source):
+    """The detections that have a geometry; those without one (null or empty) are left out and
+    counted in a warning (a box cannot be scored without its place)."""
+    if not len(det):
+        return det
+    missing = (det.geometry.isna() | det.geometry.is_empty).to_numpy()
+    if missing.any():
+        name = source if isinstance(source, (str, Path)) else "detections"
+        log.warning("%s: %d detection(s) without a geometry left out", name, int(missing.sum()))
+        det = det[~missing]
+    return det
+
+
+def _points_as_squares(gt, point_box_m: float = 1.0):
+    """Point labels as squares of ``point_box_m`` on the ground (as training and ``--scene`` make
+    them), in the labels' CRS; other geometries as they are."""
+    import shapely
+
+    geoms = np.array(gt.geometry.values, dtype=object)
+    is_point = np.isin(shapely.get_type_id(geoms), [0, 4]) if len(geoms) else np.zeros(0, bool)
+    if not is_point.any():
+        return gt
+    pts = gt.geometry[is_point]
+    crs = gt.crs
+    work = pts.to_crs(pts.estimate_utm_crs()) if crs is not None and crs.is_geographic else pts
+    unit = 1.0
+    if work.crs is not None and work.crs.axis_info:
+        unit = work.crs.axis_info[0].unit_conversion_factor or 1.0  # metres per unit (US feet: 0.3048)
+    h = point_box_m / 2 / unit
+    c = shapely.centroid(np.array(work.values, dtype=object))
+    x, y = shapely.get_x(c), shapely.get_y(c)
+    squares = work.__class__(shapely.box(x - h, y - h, x + h, y + h), index=work.index, crs=work.crs)
+    if squares.crs != crs:
+        squares = squares.to_crs(crs)
+    geoms[is_point] = np.array(squares.values, dtype=object)
+    return gt.set_geometry(list(geoms), crs=crs)
 
 
 def format_table(m: dict) -> str:

@@ -1,3 +1,4 @@
+import json
 
 import geopandas as gpd
 import numpy as np
@@ -131,3 +132,93 @@ def test_split_keeps_callers_images_apart(monkeypatch):
     whole = ev.coco_metrics(b, [0.9, 0.8, 0.7], [0, 0, 0], b[:2], [0, 0], ["a"], det_images=[1, 0, 0],
                             gt_images=[0, 0], split=False)
     assert m["AP50"] == whole["AP50"]
+
+
+def _naive_counts(case, threshold):
+    """True positives among the detections scored >= threshold, matched as COCO matches (per image
+    and class, in score order, each to the free label of highest IoU >= the threshold), box by box."""
+    keep = np.flatnonzero(case["det_scores"] >= threshold)
+    keep = keep[np.argsort(-case["det_scores"][keep], kind="stable")]
+    free = np.ones(len(case["gt_boxes"]), bool)
+    tp = 0
+    for d in keep:
+        best, best_iou = -1, min(case["iou"], 1 - 1e-10)
+        for g in range(len(case["gt_boxes"])):
+            if not free[g] or case["gt_labels"][g] != case["det_labels"][d] or case["gt_images"][g] != case["det_images"][d]:
+                continue
+            a, b = case["det_boxes"][d], case["gt_boxes"][g]
+            iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+            ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+            inter = iw * ih
+            iou = inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+            if iou >= best_iou and (best < 0 or iou > best_iou):
+                best, best_iou = g, iou
+        if best >= 0:
+            free[best] = False
+            tp += 1
+    return tp, len(keep)
+
+
+@pytest.mark.parametrize("seed,iou,ties", [(5, 0.5, False), (6, 0.5, True), (7, 0.3, False)])
+def test_the_operating_point_is_what_filtering_at_its_score_gives(seed, iou, ties):
+    """precision, recall and F1 are those of keeping the detections scored at or above
+    score_threshold (all classes together), and no other threshold has a better F1."""
+    case = _dense_case(seed, 40, iou, ties)
+    m = coco_metrics(**case)
+    best = max((2 * tp / (n + len(case["gt_boxes"])), -t) for t in np.unique(case["det_scores"])
+               for tp, n in [_naive_counts(case, t)])
+    tp, n = _naive_counts(case, m["score_threshold"])
+    assert m["precision"] == pytest.approx(tp / n) and m["recall"] == pytest.approx(tp / len(case["gt_boxes"]))
+    assert m["f1"] == pytest.approx(best[0]) and m["score_threshold"] == -best[1]
+    assert 0.1 < m["recall"] < 0.95 and 0.1 < m["precision"] < 0.95  # not a trivial case
+
+
+def test_a_class_never_detected_lowers_recall_not_precision(tmp_path):
+    """55 cars found exactly and 6 trucks missed: precision 1 and recall 55/61 at the lowest score,
+    not a mean over classes (which made it precision 0.5, recall 1 at a score below every one)."""
+    boxes = [(500000 + 10 * i, 4600000, 500000 + 10 * i + 4, 4600004) for i in range(61)]
+    gt = _frame(boxes)
+    gt["label"] = ["car"] * 55 + ["truck"] * 6
+    det = _frame(boxes[:55], scores=list(np.linspace(0.9, 0.5, 55)))
+    m = evaluate(det, gt)
+    assert (m["precision"], m["recall"], m["score_threshold"]) == (1.0, pytest.approx(55 / 61), pytest.approx(0.5))
+    # a class with detections and no label: its APs are None, and the metrics are valid JSON
+    det.loc[:5, "label"] = "lorry"
+    m = evaluate(det, gt)
+    assert m["per_class"]["lorry"]["AP"] is None
+    json.dumps(m, allow_nan=False)
+
+
+def test_detection_files_as_users_have_them(tmp_path):
+    """A CSV's CRS is its .prj (as geodet writes it), so labels in another CRS are reprojected; a
+    CSV without one is taken to be in the scene's (said); a detection without a geometry is left out
+    (said), not a NaN that zeroes every figure; point labels are scored as point_box_m squares as in
+    the scene's grid; in the scene's grid a box over its edge is clipped as the labels are."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from geodet.io.writers import write_detections
+
+    boxes = [(500000 + 10 * i, 4600000 - 6, 500000 + 10 * i + 4, 4600000 - 2) for i in range(5)]
+    det, gt = _frame(boxes, scores=[0.9, 0.8, 0.7, 0.6, 0.5]), _frame(boxes)
+    write_detections(det, tmp_path / "d.csv")
+    assert (tmp_path / "d.prj").exists()
+    assert evaluate(str(tmp_path / "d.csv"), gt.to_crs("EPSG:4326"))["AP50"] == 1
+    scene = tmp_path / "s.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=100, height=40, count=1, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(500000, 4600000, 0.5, 0.5)) as d:
+        d.write(np.zeros((1, 40, 100), np.uint8))
+    (tmp_path / "d.prj").unlink()
+    assert evaluate(str(tmp_path / "d.csv"), gt, scene=str(scene))["AP50"] == 1
+    with_null = det.copy()
+    with_null.loc[0, "geometry"] = None
+    m = evaluate(with_null, gt)
+    assert m["n_detections"] == 4 and m["recall"] == pytest.approx(0.8) and m["precision"] == 1
+    points = gt.copy()
+    points["geometry"] = gt.geometry.centroid
+    squares = det.copy()
+    squares["geometry"] = gt.geometry.centroid.buffer(0.5, cap_style="square")
+    assert evaluate(squares, points)["AP"] == 1
+    assert evaluate(squares, points.to_crs("EPSG:4326"))["AP50"] == 1
+    edge = _frame([(499998, 4599990, 500004, 4599996)])
+    assert evaluate(edge, edge, scene=str(scene))["AP"] == 1

@@ -121,3 +121,67 @@ def test_evaluate_scores_labels_without_a_class_as_the_detections_class_allows(t
     per_class = one.assign(label=["tree", "tree", "bush", "tree"])
     m = evaluate(per_class, tmp_path / "l.gpkg")
     assert m["n_labels"] == 2 and m["per_class"]["tree"]["n_labels"] == 2
+
+
+def test_an_integer_class_column_with_a_null_keeps_integer_names(tmp_path):
+    """OGR reads an integer column holding a null as floats: the classes are still '1' and '2'
+    (as without the null), not '1.0' and '2.0', so a model trained on either file reads the other."""
+    from geodet.io.labels import class_values
+
+    sc = _scene(tmp_path / "s.tif")
+    t = sc.transform
+    boxes = [box(*(t * (10 + 20 * i, 30)), *(t * (20 + 20 * i, 20))) for i in range(4)]
+    gpd.GeoDataFrame({"label": [1, 2, 2, None]}, geometry=boxes, crs="EPSG:32633").to_file(tmp_path / "l.gpkg")
+    g = read_labels(tmp_path / "l.gpkg", "label")
+    assert g["label"].dtype.kind == "f"  # the reader's doing
+    lb = labels_to_boxes(g, sc)
+    assert lb.classes == ["1", "2"] and lb.counts["no_class"] == 1 and list(lb.labels) == [0, 1, 1]
+    assert list(class_values(g["label"].astype(float) / 2)) == ["0.5", "1.0", "1.0", None]  # real fractions stay
+
+
+def test_a_file_of_several_layers_needs_one_named(tmp_path):
+    """A GeoPackage of several layers (a QGIS project's area and labels) is not read by guessing:
+    the error lists its layers and how to name one; a named layer is read; a missing one is named."""
+    p = tmp_path / "project.gpkg"
+    gpd.GeoDataFrame({"name": ["aoi"]}, geometry=[box(0, 0, 100, 100)], crs="EPSG:32633").to_file(p, layer="area")
+    gpd.GeoDataFrame({"label": ["car", "car"]}, geometry=[box(1, 1, 2, 2), box(3, 3, 4, 4)],
+                     crs="EPSG:32633").to_file(p, layer="labels")
+    with pytest.raises(GeodetError, match=r"holds 2 layers \(area, labels\).*project.gpkg\|layername=area"):
+        read_labels(p, "label")
+    assert len(read_labels(f"{p}|layername=labels", "label")) == 2
+    with pytest.raises(GeodetError, match="has no layer 'lbls' .its layers: area, labels"):
+        read_labels(f"{p}|layername=lbls", "label")
+
+
+def test_lines_and_boxes_without_area_are_left_out_and_every_label_is_counted(tmp_path):
+    """A line is no object's outline: lines are left out and counted (a file of only lines is one
+    error that says so), as are polygons with no area in the scene's pixels; every label read is
+    counted once, as used or as why not."""
+    from shapely.geometry import LineString
+
+    from geodet.io.labels import describe_counts
+
+    sc = _scene(tmp_path / "s.tif")
+    t = sc.transform
+
+    def px(x0, y0, x1, y1):
+        return box(*(t * (x0, y1)), *(t * (x1, y0)))
+
+    geoms = [px(10, 10, 20, 20), LineString([t * (30, 10), t * (40, 20)]), px(50, 10, 60, 20), None,
+             Polygon([t * (70, 10), t * (80, 10), t * (80, 10)]), px(500, 10, 510, 20), px(90, 10, 100, 20)]
+    g = gpd.GeoDataFrame({"label": ["a", "a", "b", "a", "a", "a", None]}, geometry=geoms, crs="EPSG:32633")
+    lb = labels_to_boxes(g, sc, classes=["a"])
+    c = lb.counts
+    assert (c["used"], c["lines"], c["unknown"], c["empty"], c["no_area"], c["outside"], c["no_class"]) == (1, 1, 1, 1, 1, 1, 1)
+    assert sum(c[k] for k in ("used", "lines", "unknown", "empty", "no_area", "outside", "no_class")) == len(g)
+    only_lines = g.iloc[[1]]
+    with pytest.raises(GeodetError, match=r"no usable label \(used 0; left out: 1 lines \(draw polygons or points\)\)"):
+        labels_to_boxes(only_lines, sc)
+    assert describe_counts({"used": 3}) == "used 3"
+
+
+def test_labels_without_any_geometry_say_so(tmp_path):
+    sc = _scene(tmp_path / "s.tif")
+    g = gpd.GeoDataFrame({"label": ["a", "a"]}, geometry=[None, Polygon()], crs="EPSG:32633")
+    with pytest.raises(GeodetError, match=r"the labels hold no geometry \(2 null or empty\)"):
+        labels_to_boxes(g, sc)

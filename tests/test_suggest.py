@@ -137,3 +137,34 @@ def test_done_cells_join_the_labelled_area_in_its_own_crs(tmp_path, synth, capsy
     assert "needs --model" in err and len(err.strip().splitlines()) == 1
     assert main(["suggest", str(synth.image), "-m", "m.pt", "-o", str(tmp_path / "x.csv")]) == 2
     assert "polygons to label" in capsys.readouterr().err
+
+
+def test_done_reads_a_numeric_field_with_empty_cells_and_keeps_the_other_layers(tmp_path):
+    """A 'done' field with empty cells reads as numbers: only the ticked cells are added (not every
+    cell, as when none is ticked); the labelled area's layer in a GeoPackage of several is named,
+    rewritten, and the file's other layers (the user's labels) stay as they were."""
+    import geopandas as gpd
+    import pyogrio
+    from shapely.geometry import box
+
+    from geodet.training.suggest import add_done_cells
+
+    x0, y0 = 500000.0, 4000000.0
+    cells = gpd.GeoDataFrame({"rank": [1, 2, 3, 4], "done": [1, 0, None, 0]},
+                             geometry=[box(x0 + 30 * i, y0, x0 + 30 * (i + 1), y0 + 30) for i in range(4)],
+                             crs="EPSG:32633")
+    cells.to_file(tmp_path / "next.gpkg", layer="next")
+    project = tmp_path / "project.gpkg"
+    gpd.GeoDataFrame({"note": ["first"]}, geometry=[box(x0, y0 + 100, x0 + 30, y0 + 130)],
+                     crs="EPSG:32633").to_file(project, layer="aoi")
+    labels = gpd.GeoDataFrame({"label": ["car"] * 3}, geometry=[box(x0 + i, y0 + i, x0 + i + 2, y0 + i + 2)
+                                                                for i in range(3)], crs="EPSG:32633")
+    labels.to_file(project, layer="labels")
+    with pytest.raises(GeodetError, match="holds 2 layers"):
+        add_done_cells(tmp_path / "next.gpkg", project)
+    assert add_done_cells(tmp_path / "next.gpkg", f"{project}|layername=aoi") == (1, 2)
+    assert sorted(name for name, _ in pyogrio.list_layers(project)) == ["aoi", "labels"]
+    area = gpd.read_file(project, layer="aoi")
+    assert len(area) == 2 and area.geometry.iloc[1].equals_exact(cells.geometry.iloc[0], 1e-6)
+    assert gpd.read_file(project, layer="labels").geometry.geom_equals(labels.geometry).all()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left

@@ -22,7 +22,7 @@ def add_parser(sub, common) -> None:
 
 def run(args) -> int:
     from ..config import load_config, save_config
-    from ..io.labels import load_scene_labels
+    from ..io.labels import describe_counts, load_scene_labels
     from ..io.scene import scene_from_config
     from ..model.anchors import anchor_coverage, fit_anchors, size_summary
 
@@ -37,6 +37,8 @@ def run(args) -> int:
     sc = scene_from_config(scene, cfg.scene)
     col = args.class_column if args.class_column is not None else cfg.train.class_column
     lb = load_scene_labels(sc, args.labels, col or None, unknown="keep", point_box_m=cfg.train.point_box_m)
+    if not len(lb):
+        raise GeodetError(f"{args.labels}: no usable label in {scene} ({describe_counts(lb.counts)})")
     sizes = lb.boxes[:, 2:] - lb.boxes[:, :2]
     print(f"label boxes at {sc.pixel_gsd:.4g} m/px:")
     print(size_summary(sizes))

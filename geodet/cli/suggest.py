@@ -3,6 +3,7 @@ they are labelled, ``--done`` adds them to the labelled area for the next round 
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from .common import add_device, deprecated, positive_int
@@ -83,5 +84,5 @@ def _done(args) -> int:
                           "and --out")
     added, total = add_done_cells(args.done, args.labelled_area)
     print(f"added {added} labelled cell(s) of {args.done} to {args.labelled_area} ({total} polygon(s) now); train "
-          f"again: geodet train SCENE --labels LABELS --labelled-area {args.labelled_area} --init MODEL -o RUN")
+          f"again: geodet train SCENE --labels LABELS --labelled-area {shlex.quote(args.labelled_area)} --init MODEL -o RUN")
     return 0

@@ -29,7 +29,7 @@ class LabelBoxes:
 
 def read_labels(path: str | Path, class_column: str | None = None, allow_empty: bool = False, layer: str | None = None):
     """Read a vector file with pyogrio (``path|layername=NAME`` picks a layer, as QGIS writes it;
-    default: the first layer with geometry); clear errors for missing, unreadable, empty (unless
+    a file of several layers with geometry needs one named); clear errors for missing, unreadable, empty (unless
     ``allow_empty``: a detection file may hold none) or CRS-less files."""
     import geopandas as gpd
     import pyogrio
@@ -45,9 +45,16 @@ def read_labels(path: str | Path, class_column: str | None = None, allow_empty: 
         gdf = read_geoparquet(p)
         return _checked(gdf, path, class_column, allow_empty)
     try:
-        if layer is None:  # the first layer with geometry (a GeoPackage may hold a layer_styles table)
+        if layer is None:  # the one layer with geometry (a GeoPackage may hold a layer_styles table)
             spatial = [name for name, geom in pyogrio.list_layers(p) if geom]
+            if len(spatial) > 1:
+                shown = ", ".join(spatial[:8]) + (", ..." if len(spatial) > 8 else "")
+                raise GeodetError(f"{path} holds {len(spatial)} layers ({shown}): name the one to use as "
+                                  f"'{path}|layername={spatial[0]}'")
             layer = spatial[0] if spatial else None
+        elif layer not in [name for name, _ in pyogrio.list_layers(p)]:
+            names = ", ".join(name for name, _ in pyogrio.list_layers(p))
+            raise GeodetError(f"{path} has no layer '{layer}' (its layers: {names or 'none'})")
         gdf = gpd.read_file(p, engine="pyogrio", layer=layer)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, ValueError, OSError) as exc:
         raise GeodetError(
@@ -94,7 +101,7 @@ def repair_geometries(gdf) -> tuple[object, dict]:
     import shapely
 
     geoms = gdf.geometry.values
-    missing = np.asarray([g is None for g in geoms])
+    missing = np.asarray([g is None for g in geoms], dtype=bool)
     arr = np.array(geoms, dtype=object)
     arr[missing] = shapely.Polygon()
     empty = shapely.is_empty(arr) | missing
@@ -139,7 +146,11 @@ def class_values(column) -> np.ndarray:
     NaN or blank): such labels name no class, they are not a class of their own."""
     values = np.empty(len(column), dtype=object)
     missing = column.isna().to_numpy()
-    text = column[~missing].astype(str)
+    present = column[~missing]
+    if present.dtype.kind == "f" and len(present) and bool((present == np.round(present)).all()):
+        # an integer column with a null reads as floats: its classes are still 1 and 2, not 1.0 and 2.0
+        present = present.astype(np.int64)
+    text = present.astype(str)
     vals = np.asarray(text.to_numpy(), dtype=object)
     vals[(text.str.strip() == "").to_numpy()] = None  # names are kept as written; blank ones name nothing
     values[~missing] = vals
@@ -188,9 +199,21 @@ def labels_to_boxes(
         raise GeodetError(f"{scene.path}: the scene has no CRS, so labels cannot be placed on it")
     if gdf.crs is not None and gdf.crs != scene.crs:
         gdf = gdf.to_crs(scene.crs)
+    n_read = len(gdf)
     gdf, no_class = drop_unclassed(gdf, class_column, source)
-    gdf, counts = repair_geometries(gdf)
+    kind = shapely.get_type_id(np.array(gdf.geometry.values, dtype=object)) if len(gdf) else np.zeros(0, int)
+    lines = np.isin(kind, [1, 2, 5])  # LineString, LinearRing, MultiLineString: not an object's outline
+    if lines.any() and not lines.all():  # all of them: the error below says so
+        log.warning("%s: %d line(s) left out: draw each object as a polygon (its box or outline) or a point",
+                    source, int(lines.sum()))
+    gdf, counts = repair_geometries(gdf[~lines])
     counts["no_class"] = no_class
+    counts["lines"] = int(lines.sum())
+    if n_read and not len(gdf) and counts["empty"]:
+        raise GeodetError(f"{source}: the labels hold no geometry ({counts['empty']} null or empty): draw the objects' "
+                          "boxes (polygons or points)")
+    if not len(gdf):
+        raise GeodetError(f"{source}: no usable label ({describe_counts(counts)})")
     geoms = np.array(gdf.geometry.values, dtype=object)
     is_point = np.isin(shapely.get_type_id(geoms), [0, 4])  # Point, MultiPoint
     counts["points"] = int(is_point.sum())
@@ -218,15 +241,18 @@ def labels_to_boxes(
         else:
             log.warning("%s: dropping labels of classes not in the model: %s", source, ", ".join(unknown_values[:10]))
     idx = np.array([lookup.get(v, -1) for v in values], np.int64)
-    counts["unknown"] = int((idx < 0).sum())
-    # Clip to the scene; count the ones entirely outside.
+    # Clip to the scene; count the ones entirely outside, then (inside) of an unknown class, then
+    # without an area (a point-thin polygon), so each label left out is counted once.
     w, h = scene.width, scene.height
     inside = (boxes[:, 2] > 0) & (boxes[:, 0] < w) & (boxes[:, 3] > 0) & (boxes[:, 1] < h)
     counts["outside"] = int((~inside).sum())
+    counts["unknown"] = int((inside & (idx < 0)).sum())
     clipped = boxes.copy()
     np.clip(clipped[:, 0::2], 0, w, out=clipped[:, 0::2])
     np.clip(clipped[:, 1::2], 0, h, out=clipped[:, 1::2])
-    keep = inside & (idx >= 0) & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    flat = ~((clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1]))
+    counts["no_area"] = int((inside & (idx >= 0) & flat).sum())
+    keep = inside & (idx >= 0) & ~flat
     if not inside.any():
         lb = gdf.total_bounds
         sb = scene.bounds()
@@ -236,9 +262,20 @@ def labels_to_boxes(
             f"{sb[2]:.2f}, {sb[3]:.2f}) in {scene.crs.to_string()}: check that they cover the same area"
         )
     counts["used"] = int(keep.sum())
-    if counts["repaired"] or counts["empty"] or counts["outside"] or counts["unknown"] or no_class:
+    if any(counts[k] for k in ("repaired", "empty", "outside", "unknown", "no_class", "lines", "no_area")):
         log.info("%s: %s", source, ", ".join(f"{k} {v}" for k, v in counts.items()))
     return LabelBoxes(clipped[keep], idx[keep], names, counts)
+
+
+LEFT_OUT = {"empty": "null or empty", "no_class": "without a class", "lines": "lines (draw polygons or points)",
+            "outside": "outside the scene", "unknown": "of classes not in the model",
+            "no_area": "without an area in the scene's pixels", "outside_labelled_area": "outside the labelled area"}
+
+
+def describe_counts(counts: dict) -> str:
+    """What became of a file's labels, in words: 'used 0; left out: 61 lines (draw polygons or points)'."""
+    gone = [f"{counts[k]} {what}" for k, what in LEFT_OUT.items() if counts.get(k)]
+    return f"used {counts.get('used', 0)}" + (f"; left out: {', '.join(gone)}" if gone else "")
 
 
 def clip_boxes(boxes: np.ndarray, window: tuple[float, float, float, float], min_visibility: float = 0.5):

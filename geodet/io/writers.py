@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -322,10 +323,21 @@ def _write_csv(groups, tmp: Path, csv_geometry: str) -> None:
 
 
 def write_json(data: dict, path: str | Path) -> Path:
+    """``data`` as JSON (RFC 8259: NaN and infinities, which JSON has no words for, as null)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+        tmp.write_text(json.dumps(_finite(data), indent=2, default=str, allow_nan=False), encoding="utf-8")
     return path
+
+
+def _finite(v):
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def report_path(output: str | Path) -> Path:

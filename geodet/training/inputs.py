@@ -10,7 +10,7 @@ import logging
 import numpy as np
 
 from ..errors import GeodetError
-from ..io.labels import class_names, labels_to_boxes, read_labels
+from ..io.labels import class_names, describe_counts, labels_to_boxes, read_labels
 from ..io.scene import READ_ERRORS, scene_from_config
 from .area import centres_inside, read_labelled_area, validation_split, within
 from .sampler import TrainScene
@@ -90,7 +90,7 @@ def open_labelled(pairs, cfg, classes: list[str] | None) -> tuple[list[TrainScen
         lb = labels_to_boxes(gdf, sc, col, classes, cfg.train.unknown_classes, cfg.train.point_box_m,
                              source=str(pair.labels))
         if len(lb) == 0:
-            raise GeodetError(f"{pair.labels}: no usable labels inside {sc.path} (counts: {lb.counts})")
+            raise GeodetError(f"{pair.labels}: no usable label inside {sc.path} ({describe_counts(lb.counts)})")
         classes = lb.classes
         labelled, area = _labelled_part(pair, sc, lb)
         out.append(TrainScene(sc, lb, area, str(pair.labels), labelled))

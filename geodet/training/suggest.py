@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -310,8 +311,8 @@ def write_suggestions(frame, path) -> Path:
 def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
     """Add the suggested cells the user labelled to the labelled-area file (made when missing): the
     cells whose ``done`` field the user set (1, true, yes, x), or every cell of the file when none
-    is set (a file without that field is refused: it is not suggestions). The file is rewritten whole, atomically, in its own CRS (or the
-    cells' when new). Returns (cells added, polygons in the labelled area now)."""
+    is set (a file without that field is refused: it is not suggestions). The area's layer is rewritten
+    atomically, in its own CRS (or the cells' when new); a GeoPackage's other layers stay as they were. Returns (cells added, polygons in the labelled area now)."""
     import geopandas as gpd
     import pandas as pd
     import pyogrio
@@ -335,17 +336,23 @@ def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
         raise GeodetError(f"the labelled area is written as .gpkg, .geojson, .fgb or .shp, not {fmt}")
     new = gpd.GeoDataFrame({"source": [Path(str(suggestions)).name] * len(cells)}, geometry=cells.geometry.values,
                            crs=cells.crs)
+    layer = path.stem
     if path.exists():
         old = read_labels(labelled_area, None)
+        if fmt == "gpkg":  # the layer read (named, or the file's one): the file's other layers stay as they are
+            layer = (str(labelled_area).split("|layername=", 1)[1].split("|", 1)[0] if "|layername=" in str(labelled_area)
+                     else next(name for name, geom in pyogrio.list_layers(path) if geom))
         new = new.to_crs(old.crs) if old.crs is not None and new.crs is not None else new
         keep = [c for c in old.columns if c != old.geometry.name]
         old = gpd.GeoDataFrame(old[keep], geometry=old.geometry.values, crs=old.crs)
         new = gpd.GeoDataFrame(pd.concat([old, new], ignore_index=True), geometry="geometry", crs=old.crs)
     drivers = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf", "shp": "ESRI Shapefile"}
     with atomic_path(path) as tmp:
+        if fmt == "gpkg" and path.exists():
+            shutil.copyfile(path, tmp)  # a copy, the layer replaced in it, then renamed into place
         out = new.to_crs("EPSG:4326") if fmt == "geojson" and new.crs is not None else new
-        pyogrio.write_dataframe(out, tmp, driver=drivers[fmt], layer=path.stem,
-                                dataset_options={"VERSION": GPKG_VERSION} if fmt == "gpkg" else None)
+        pyogrio.write_dataframe(out, tmp, driver=drivers[fmt], layer=layer,
+                                dataset_options={"VERSION": GPKG_VERSION} if fmt == "gpkg" and not path.exists() else None)
     return len(cells), len(new)
 
 
@@ -357,4 +364,6 @@ def _done_rows(frame):
     v = frame[col]
     if v.dtype == bool:
         return v.fillna(False).to_numpy()
-    return v.astype(str).str.strip().str.lower().isin(("1", "true", "yes", "y", "x", "done")).to_numpy()
+    if v.dtype.kind in "iuf":  # a number (a float column where a cell is empty): 1 is done, 0 or empty is not
+        return (v.fillna(0) != 0).to_numpy()
+    return v.astype(str).str.strip().str.lower().isin(("1", "1.0", "true", "yes", "y", "x", "done")).to_numpy()
