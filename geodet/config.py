@@ -225,6 +225,12 @@ class Config:
         a value the user wrote beats the model card's, a default does not."""
         return self.__dict__.setdefault("_explicit", set())
 
+    @property
+    def from_arguments(self) -> set:
+        """Of ``explicit``, the keys the command line (or an API argument) set, not a file: the
+        report says where each setting came from."""
+        return self.__dict__.setdefault("_from_arguments", set())
+
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -343,6 +349,10 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "comma
         for part in reversed(section.split(".")) if section else []:
             nested = {part: nested}
         _merge(cfg, nested, "", source)
+        if source == "command line":
+            cfg.from_arguments.add(dotted)
+        else:
+            cfg.from_arguments.discard(dotted)
     return cfg
 
 

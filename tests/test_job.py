@@ -1,5 +1,7 @@
 """A detection job over scenes in several UTM zones: every output keeps each scene where it is."""
 
+import os
+
 import numpy as np
 import pyogrio
 import pytest
@@ -81,3 +83,73 @@ def test_evaluate_with_scene_counts_only_that_scenes_detections(tmp_path, two_zo
     assert m["n_detections"] == 1 and m["AP50"] == 1.0
     with pytest.raises(GeodetError, match="none of the detections come from"):
         evaluate(out, labels, scene=tmp_path / "other.tif")
+
+
+def test_outputs_never_replace_a_scene_or_one_another(tmp_path, two_zones):
+    """Refused before any work: an output named as a scene (-o scene.tif --format gpkg), a
+    quicklook named as the output, a scene given twice (its detections would be written twice).
+    Scenes of one name in different folders get a quicklook each; the report lists them."""
+    west, east = two_zones
+    for out, kw, match in [(west, {"fmt": "gpkg"}, "is a scene of this job"),
+                           (tmp_path / "x.png", {"fmt": "gpkg", "quicklook": tmp_path / "x.png"},
+                            "as a quicklook and as the output")]:
+        with pytest.raises(GeodetError, match=match):
+            detect_to_file([west], one_box, out, tile_size=128, overlap=16, progress=False, **kw)
+    with pytest.raises(GeodetError, match="given twice"):
+        detect_to_file([west, tmp_path / "." / west.name], one_box, tmp_path / "d.gpkg", tile_size=128, overlap=16,
+                       progress=False)
+    assert west.read_bytes()[:2] in (b"II", b"MM")  # still the GeoTIFF
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    same = [tmp_path / "a" / "x.tif", tmp_path / "b" / "x.tif"]
+    for src, dst in zip(two_zones, same):
+        dst.write_bytes(src.read_bytes())
+    frame = detect_to_file(same, one_box, tmp_path / "d.gpkg", tile_size=128, overlap=16, progress=False,
+                           quicklook=tmp_path / "q.png")
+    looks = frame.attrs["report"]["quicklooks"]
+    assert looks == [str(tmp_path / "q_x_1.png"), str(tmp_path / "q_x_2.png")] and all(map(os.path.exists, looks))
+
+
+def test_the_report_lands_with_its_output(tmp_path, two_zones, monkeypatch):
+    """The report is renamed into place with the output (an interrupt there is acted on once both
+    are in place), so a new output never sits beside the previous run's report; an uppercase .SHP
+    is written under the name given."""
+    import json
+    import signal
+
+    from geodet.io import writers
+
+    real = os.replace
+    calls = []
+
+    def replace_then_interrupt(a, b):
+        real(a, b)
+        calls.append(b)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl+C between the two renames
+
+    out = tmp_path / "d.gpkg"
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        detect_to_file(two_zones[:1], one_box, out, tile_size=128, overlap=16, progress=False)
+    monkeypatch.undo()
+    assert len(calls) == 2 and out.exists()
+    assert json.loads((tmp_path / "d.gpkg.report.json").read_text())["output"] == str(out)
+    assert writers.WRITTEN[-1] == out
+    shp = tmp_path / "U" / "D.SHP"
+    detect_to_file(two_zones[:1], one_box, shp, tile_size=128, overlap=16, progress=False)
+    assert pyogrio.read_info(shp)["features"] == 1 and (tmp_path / "U" / "D.SHP.report.json").exists()
+
+
+def test_a_scene_that_is_no_raster_fails_alone_in_a_job_of_several(tmp_path, two_zones):
+    """As a scene that cannot be read: the others are written, the report names it (exit 3 on the
+    command line); alone, it fails the job with one line."""
+    text = tmp_path / "notes.tif"
+    text.write_text("not a raster\n")
+    frame = detect_to_file([two_zones[0], text], one_box, tmp_path / "d.gpkg", tile_size=128, overlap=16,
+                           progress=False)
+    report = frame.attrs["report"]
+    assert report["partial"] and [f["scene"] for f in report["failed_scenes"]] == [str(text)]
+    assert "not a raster" in report["failed_scenes"][0]["error"] and len(report["scenes"]) == 1
+    with pytest.raises(GeodetError, match="not a raster"):
+        detect_to_file([text], one_box, tmp_path / "e.gpkg", tile_size=128, overlap=16, progress=False)

@@ -1,6 +1,7 @@
 """The ONNX backend: exported core, metadata, checks, int8, and the backend choice."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -266,7 +267,8 @@ def test_export_without_scenes_checks_on_a_synthetic_scene_and_says_so(tmp_path,
     result = export_model(tiny_model, out)
     assert "synthetic scene" in result["check_tiles_from"] and result["tiles"] == 4
     assert "synthetic scene" in load_onnx(out).props["check_tiles_from"]
-    assert main(["-q", "export", "-m", str(tiny_model), "-o", str(tmp_path / "c.onnx")]) == 0
+    # -m takes a training run's folder (its model.pt), as detect's does
+    assert main(["-q", "export", "-m", os.path.dirname(tiny_model), "-o", str(tmp_path / "c.onnx")]) == 0
     said = capsys.readouterr().out
     assert "export check on 4 tiles of a synthetic scene" in said and "noise" not in said
 

@@ -44,7 +44,7 @@ def test_pretrain_writes_a_backbone_that_train_starts_from_and_detect_refuses(tm
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("tiling: {tile_size: 128, overlap: 16}\nmodel: {channels: 16, head_depth: 1, levels: [2, 4], "
                    "anchor_sizes: [8.0, 16.0, 32.0]}\ntrain: {batch_size: 2, warmup_steps: 2}\n")
-    out = tmp_path / "bb.pt"
+    out = tmp_path / "new" / "bb.pt"  # a folder made for it when it is written
     assert main(["pretrain", str(synth.image), "--config", str(cfg), "-o", str(out), "--max-steps", "5", "-q"]) == 0
     payload = read_model_file(out)
     info = payload["card"]["pretrained"]  # a step budget, not a time limit: a busy machine takes the same steps
@@ -57,10 +57,14 @@ def test_pretrain_writes_a_backbone_that_train_starts_from_and_detect_refuses(tm
     # the stem the run started from is the pretrained one (two steps move it only a little)
     w0, w1 = payload["state_dict"]["backbone.body.conv1.weight"], trained["state_dict"]["backbone.body.conv1.weight"]
     assert (w1 - w0).abs().mean() < 0.1 * w0.abs().mean()
-    with pytest.raises(GeodetError, match="pretrained backbone"):
-        from geodet.pipeline.job import load_detector_file
+    from geodet.pipeline.export import export_model
+    from geodet.pipeline.job import load_detector_file
 
+    with pytest.raises(GeodetError, match="pretrained backbone"):
         load_detector_file(out)
+    with pytest.raises(GeodetError, match="pretrained backbone"):  # nor exported to run as one
+        export_model(out, tmp_path / "bb.onnx")
+    assert not (tmp_path / "bb.onnx").exists()
 
 
 def test_every_fpn_level_learns_and_the_vicreg_batch_is_the_points(tmp_path, synth):

@@ -164,3 +164,49 @@ def test_tiles_read_into_a_used_buffer_equal_a_plain_read_of_the_file(tmp_path, 
             np.testing.assert_allclose(got, want, rtol=0, atol=0 if raw else 1e-6)
     with pytest.raises(ValueError, match="float32 buffer"):  # GDAL would fill a uint8 buffer unscaled
         sc.read_tile(g.tile(0), out=np.zeros((3, 144, 144), np.uint8))
+
+
+def test_a_crs_in_feet_and_non_square_pixels_are_measured_in_metres(tmp_path):
+    """GSDs and overlaps are metres whatever the CRS's unit: 0.3 m pixels in US survey feet run at
+    0.3 m, not resampled 3.28x; non-square pixels are resampled per axis; point labels are
+    point_box_m on the ground. A geographic scene's overlap in metres is refused (pixels work)."""
+    import geopandas as gpd
+    from rasterio.transform import Affine
+    from shapely.geometry import Point
+
+    from geodet.errors import GeodetError
+    from geodet.io.labels import labels_to_boxes
+
+    ft = 0.3 / 0.3048006096012192
+    p = write_raster(tmp_path / "ft.tif", np.zeros((3, 100, 120), np.uint8), crs="EPSG:2263",
+                     transform=Affine(ft, 0, 1_000_000, 0, -ft, 200_000))
+    sc = Scene(p, gsd_m=0.3)
+    assert not sc.resampled and (sc.width, sc.height) == (120, 100) and sc.pixel_gsd == pytest.approx(0.3)
+    assert sc.overlap_px(3.0) == 10
+    x, y = sc.transform * (50, 40)
+    lb = labels_to_boxes(gpd.GeoDataFrame({"label": ["t"]}, geometry=[Point(x, y)], crs="EPSG:2263"), sc, point_box_m=3.0)
+    assert np.allclose(lb.boxes[0], [45, 35, 55, 45])  # 3 m = 10 px of 0.3 m
+    nonsq = write_raster(tmp_path / "ns.tif", np.zeros((3, 90, 60), np.uint8),
+                         transform=Affine(0.1, 0, 500000, 0, -0.2, 4600000))
+    sc = Scene(nonsq, gsd_m=0.3)
+    assert (sc.width, sc.height) == (20, 60)  # 6 m x 18 m at 0.3 m
+    assert sc.transform.a == pytest.approx(0.3) and sc.transform.e == pytest.approx(-0.3)
+    geo = write_raster(tmp_path / "geo.tif", np.zeros((3, 50, 50), np.uint8), crs="EPSG:4326",
+                       transform=Affine(2.7e-6, 0, 15, 0, -2.7e-6, 41.5))
+    with pytest.raises(GeodetError, match="overlap in metres needs a projected CRS.*--overlap"):
+        Scene(geo).overlap_px(5.0)
+
+
+def test_unreadable_kinds_of_raster_are_one_clear_error(tmp_path):
+    """A TIFF cut inside its header (GDAL opens what it can and warns) is damaged, not a scene
+    without a CRS; complex pixels (a SAR SLC) are refused, not cast to their real part."""
+    from geodet.errors import GeodetError
+
+    full = write_raster(tmp_path / "full.tif", np.zeros((3, 64, 64), np.uint8))
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(full.read_bytes()[:300])
+    with pytest.raises(GeodetError, match="looks damaged"):
+        Scene(cut)
+    c = write_raster(tmp_path / "c.tif", np.zeros((1, 8, 8), np.complex64))
+    with pytest.raises(GeodetError, match="complex pixels"):
+        Scene(c)

@@ -68,3 +68,13 @@ def test_every_setting_has_a_default_in_config():
 def test_bad_settings_refused(kw, msg):
     with pytest.raises(GeodetError, match=msg):
         resolve_detect_settings(**kw)
+
+
+def test_a_command_line_flag_is_reported_as_an_argument_not_the_config(card, tmp_path):
+    """geodet detect folds its flags into the config object; the report still says a flag set
+    them (not a YAML file the user never gave), and a value from the file stays 'config'."""
+    (tmp_path / "c.yaml").write_text("detect:\n  batch_size: 3\n")
+    cfg = load_config(tmp_path / "c.yaml", {"model.detections_per_tile": 5, "tiling.tile_size": None})
+    s = resolve_detect_settings(card, cfg)
+    assert s.detections_per_tile == 5 and s.sources["detections_per_tile"] == "argument"
+    assert s.sources["batch_size"] == "config" and s.sources["tile_size"] == "card"

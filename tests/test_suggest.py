@@ -168,3 +168,18 @@ def test_done_reads_a_numeric_field_with_empty_cells_and_keeps_the_other_layers(
     assert len(area) == 2 and area.geometry.iloc[1].equals_exact(cells.geometry.iloc[0], 1e-6)
     assert gpd.read_file(project, layer="labels").geometry.geom_equals(labels.geometry).all()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_a_scene_without_georeferencing_is_refused_before_detection(tiny_model, tmp_path, monkeypatch):
+    import rasterio
+
+    from geodet.model import load_model
+    from geodet.pipeline import scenes
+    from geodet.training.suggest import suggest_tiles
+
+    p = tmp_path / "plain.tif"
+    with rasterio.open(p, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8") as d:
+        d.write(np.zeros((3, 64, 64), np.uint8))
+    monkeypatch.setattr(scenes, "detect_scene", lambda *a, **k: pytest.fail("detected before refusing"))
+    with pytest.raises(GeodetError, match="no CRS or georeferencing"):
+        suggest_tiles(load_model(tiny_model), [str(p)], n=2, progress=False)

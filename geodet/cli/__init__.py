@@ -122,6 +122,9 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGBREAK, _sigterm)
     if os.environ.pop("GEODET_STOP_ON_EOF", None) == "1":  # popped: geodet's own children do not watch
         _stop_when_stdin_closes()
+    from ..io.writers import WRITTEN
+
+    WRITTEN.clear()
     try:
         code = COMMANDS[args.command](args)
         if code in (0, EXIT_PARTIAL):
@@ -135,7 +138,13 @@ def main(argv=None) -> int:
     except BrokenPipeError:
         return _stdout_gone()
     except KeyboardInterrupt:
-        print("geodet: interrupted; no partial output was written", file=sys.stderr)
+        from ..io.writers import WRITTEN
+
+        if WRITTEN:  # whole files renamed into place before the interrupt: say which, not that nothing was
+            print(f"geodet: interrupted after writing {', '.join(str(p) for p in WRITTEN[:5])}; nothing else was written",
+                  file=sys.stderr)
+        else:
+            print("geodet: interrupted; no partial output was written", file=sys.stderr)
         return 130
     except Exception as exc:  # unexpected: one line, details with --verbose
         if args.verbose:

@@ -219,9 +219,8 @@ def labels_to_boxes(
     counts["points"] = int(is_point.sum())
     boxes = geoms_to_pixel_boxes(geoms, scene.transform)
     if is_point.any():  # a square of point_box_m on the ground, centred on the point
-        t = scene.transform
-        hx = point_box_m / 2 / np.hypot(t.a, t.d)
-        hy = point_box_m / 2 / np.hypot(t.b, t.e)
+        mx, my = metres_per_pixel(scene)
+        hx, hy = point_box_m / 2 / mx, point_box_m / 2 / my
         c = boxes[is_point]
         cx, cy = (c[:, 0] + c[:, 2]) / 2, (c[:, 1] + c[:, 3]) / 2
         boxes[is_point] = np.stack([cx - hx, cy - hy, cx + hx, cy + hy], 1)
@@ -276,6 +275,20 @@ def describe_counts(counts: dict) -> str:
     """What became of a file's labels, in words: 'used 0; left out: 61 lines (draw polygons or points)'."""
     gone = [f"{counts[k]} {what}" for k, what in LEFT_OUT.items() if counts.get(k)]
     return f"used {counts.get('used', 0)}" + (f"; left out: {', '.join(gone)}" if gone else "")
+
+
+def metres_per_pixel(scene) -> tuple[float, float]:
+    """A pixel's sides on the ground in metres: from the CRS's unit when projected (feet too), from
+    the latitude of the scene's centre when geographic; a scene without a CRS counts pixels."""
+    t = scene.transform
+    px, py = float(np.hypot(t.a, t.d)), float(np.hypot(t.b, t.e))
+    unit = getattr(scene, "unit_m", None)
+    if unit:
+        return px * unit, py * unit
+    if scene.crs is not None and scene.crs.is_geographic:
+        lat = np.radians((scene.bounds()[1] + scene.bounds()[3]) / 2)
+        return px * 111_320.0 * max(float(np.cos(lat)), 1e-6), py * 110_574.0
+    return px, py
 
 
 def clip_boxes(boxes: np.ndarray, window: tuple[float, float, float, float], min_visibility: float = 0.5):

@@ -6,6 +6,7 @@ decimated read (GDAL uses overviews when the file has them), never from a full r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -37,10 +38,17 @@ def open_raster(path: str | Path):
         if p.is_dir():
             raise GeodetError(f"scene is a folder, not a raster file: {path}")
     try:
-        with warnings.catch_warnings(), gdal_env():
+        with warnings.catch_warnings(), gdal_env(), _gdal_warnings() as said:
             # a scene without georeferencing is handled (and explained) by the caller
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
+            src = rasterio.open(path)
+        damage = [m for m in said if any(k in m for k in DAMAGE_SIGNS)]
+        if damage:  # GDAL opened what it could of a cut or corrupt header: its CRS or grid may be missing
+            src.close()
+            raise GeodetError(f"{path}: the file looks damaged (GDAL: {damage[0][:160]}): copy or download it again")
+        for m in said:
+            log.debug("GDAL on opening %s: %s", path, m)
+        return src
     except rasterio.errors.RasterioIOError as exc:
         if str(path).startswith(REMOTE_PREFIXES):
             raise ReadError(f"{path}: cannot open the remote scene: the reads kept failing after retries; GDAL says: "
@@ -51,9 +59,47 @@ def open_raster(path: str | Path):
         ) from None
 
 
+DAMAGE_SIGNS = ("IO error", "Read error", "TIFFReadDirectory", "truncated", "Truncated", "corrupt", "Corrupt")
+
+
+@contextlib.contextmanager
+def _gdal_warnings():
+    """GDAL's warnings (rasterio logs them) while the block runs, as a list of messages, not on
+    the user's stderr: the caller decides what they mean."""
+    logger = logging.getLogger("rasterio._env")
+    said: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    handler, propagate, level = Collect(logging.WARNING), logger.propagate, logger.level
+    logger.addHandler(handler)
+    logger.propagate = False
+    if not logger.isEnabledFor(logging.WARNING):
+        logger.setLevel(logging.WARNING)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        logger.setLevel(level)
+
+
 def pixel_size_m(transform) -> float:
     """Ground resolution of a (possibly rotated) affine transform, in CRS units per pixel."""
     return float(math.hypot(transform.a, transform.d))
+
+
+def metres_per_unit(crs) -> float | None:
+    """Metres in one linear unit of a projected ``crs`` (1 for metres, 0.3048006 for US survey
+    feet); None for a geographic CRS or none."""
+    if crs is None or not crs.is_projected:
+        return None
+    try:
+        return float(crs.linear_units_factor[1])
+    except Exception:  # a projected CRS without a unit PROJ knows: take it as metres, as GDAL does
+        return 1.0
 
 
 class Scene:
@@ -86,11 +132,17 @@ class Scene:
             self.crs = src.crs
             self.dtype = np.dtype(src.dtypes[0])
             self.nodata = src.nodata
-            self.native_gsd = pixel_size_m(src.transform)
+            self.unit_m = metres_per_unit(src.crs)  # metres per CRS unit (None: not projected)
+            self.native_gsd = pixel_size_m(src.transform) * (self.unit_m or 1.0)
+            # a pixel's sides in metres (not square in some products: resampled per axis)
+            self.native_size_xy = (self.native_gsd, math.hypot(src.transform.b, src.transform.e) * (self.unit_m or 1.0))
             self.has_georef = src.crs is not None and not src.transform.is_identity
             flags = src.mask_flag_enums
         finally:
             src.close()
+        if self.dtype.kind == "c":
+            raise GeodetError(f"{self.path}: complex pixels ({self.dtype}, e.g. a SAR SLC): geodet reads real values; make an "
+                              "amplitude image first (e.g. gdal_translate with the 'mod' VRT pixel function, or gdal_calc.py)")
         if bands is None or len(bands) == 0:
             bands = list(range(1, self.file_count + 1))
         self.bands = [int(b) for b in bands]
@@ -120,13 +172,13 @@ class Scene:
                     f"{self.path}: resampling to {gsd_m} m needs a projected CRS in metres; "
                     "reproject the scene (e.g. gdalwarp -t_srs EPSG:326xx) or unset gsd_m"
                 )
-            factor = gsd_m / self.native_gsd
-            if abs(factor - 1.0) > 1e-6:
+            fx, fy = (gsd_m / size for size in self.native_size_xy)
+            if abs(fx - 1.0) > 1e-6 or abs(fy - 1.0) > 1e-6:
                 from rasterio.transform import Affine
 
                 self.resampled = True
-                self.width = max(1, int(round(self.file_width / factor)))
-                self.height = max(1, int(round(self.file_height / factor)))
+                self.width = max(1, int(round(self.file_width / fx)))
+                self.height = max(1, int(round(self.file_height / fy)))
                 # Scale so that the resampled grid covers exactly the file's extent.
                 self.transform = self.file_transform * Affine.scale(
                     self.file_width / self.width, self.file_height / self.height
@@ -216,7 +268,18 @@ class Scene:
 
     @property
     def pixel_gsd(self) -> float:
-        return pixel_size_m(self.transform)
+        """The grid's ground resolution: metres per pixel in a projected CRS (whatever its unit),
+        else the CRS's units (degrees) or pixels."""
+        return pixel_size_m(self.transform) * (getattr(self, "unit_m", None) or 1.0)
+
+    def overlap_px(self, overlap_m: float) -> int:
+        """An overlap in metres as pixels of this grid (a projected CRS is needed to know them)."""
+        from ..pipeline.grid import overlap_pixels
+
+        if getattr(self, "unit_m", None) is None:
+            raise GeodetError(f"{self.path}: an overlap in metres needs a projected CRS (the scene's is "
+                              f"{self.crs.to_string() if self.crs else 'none'}): give it in pixels (--overlap)")
+        return overlap_pixels(overlap_m, self.pixel_gsd)
 
     def _percentile_stats(self) -> dict:
         scale = max(self.width, self.height) / STATS_MAX_SIDE

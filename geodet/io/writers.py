@@ -6,12 +6,17 @@ interrupted run never leaves a half-written output and never touches a previous 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import glob
 import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +132,39 @@ def boxes_to_polygons(boxes: np.ndarray, transform):
     return shapely.polygons(coords)
 
 
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl+C (SIGINT) and SIGTERM that arrive inside are acted on as the block ends, so the
+    renames of one output's files are not cut between two of them (main thread only: signal
+    handlers are set there; elsewhere the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held, previous = [], {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    except (ValueError, OSError):  # not the main interpreter (an embedding host): as it is
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(held):
+            handler = previous[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
+
+
+WRITTEN: list[Path] = []  # outputs renamed into place by this process (the command says so when interrupted)
+
+
 class atomic_path:
     """``with atomic_path(out) as tmp:`` write to ``tmp``; it replaces ``out`` only on success."""
 
@@ -153,11 +191,14 @@ class atomic_path:
         try:
             if exc_type is None:
                 produced = sorted(self.tmpdir.iterdir())
-                for f in produced:  # a shapefile is several files with one stem
-                    try:
-                        os.replace(f, self.parent / f.name)
-                    except OSError as err:
-                        raise GeodetError(f"cannot write {self.path}: {brief(err)}: choose another output") from None
+                with interrupts_held():  # the output and its report land together, or neither does
+                    for f in produced:  # a shapefile is several files with one stem
+                        try:
+                            os.replace(f, self.parent / f.name)
+                        except OSError as err:
+                            raise GeodetError(f"cannot write {self.path}: {brief(err)}: choose another output") from None
+                        if f.name == self.path.name:
+                            WRITTEN.append(self.path)
         except BaseException:
             failed = True
             raise
@@ -226,7 +267,7 @@ def combine_frames(frames):
 
 
 def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry: str = "wkt",
-                     style_min_score: float | None = None) -> Path:
+                     style_min_score: float | None = None, report=None) -> Path:
     """Write detections (a frame, or a list of per-scene frames); the format comes from ``fmt`` or
     the file's extension. What a GIS user opens:
 
@@ -243,7 +284,11 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
     EPSG:4326 anyway; a GeoPackage gets one layer per CRS (``STEM_EPSG``), each in its own CRS; CSV
     gets each row's WKT in its scene's CRS and a ``crs`` column; FlatGeobuf, Shapefile and
     GeoParquet (one CRS per file) are written in EPSG:4326 with a ``crs`` column naming each
-    row's scene CRS."""
+    row's scene CRS.
+
+    ``report`` (a function returning a dict, called once the detections are written): the JSON
+    report ``OUT.report.json``, renamed into place with the output, so neither lands without
+    the other."""
     import pandas as pd
     import pyogrio
     from shapely.geometry.polygon import orient
@@ -260,7 +305,9 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
             "boxes, or assign the scene a CRS (gdal_edit.py -a_srs EPSG:xxxx)"
         )
     classes = sorted({str(v) for f in frames if "label" in f.columns for v in f["label"]})
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # GDAL's advice on a name that --format overrides (out.dat as gpkg) is not the user's business
+        warnings.filterwarnings("ignore", message="The filename extension should be", category=RuntimeWarning)
         if fmt == "csv":
             _write_csv(groups, tmp, csv_geometry)
             tmp.with_suffix(".qml").write_text(qml(classes, style_min_score), encoding="utf-8")
@@ -284,6 +331,15 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
                 layer_opts = {"RFC7946": "YES", "WRITE_BBOX": "NO"}
             pyogrio.write_dataframe(out, tmp, driver=DRIVERS[fmt], layer_options=layer_opts, geometry_type="Polygon")
             tmp.with_suffix(".qml").write_text(qml(classes, style_min_score), encoding="utf-8")
+            if fmt == "shp" and tmp.suffix != ".shp":  # GDAL names a shapefile's parts in lower case: A.SHP as given
+                for part in tmp.parent.glob(f"{glob.escape(tmp.stem)}.*"):
+                    if part.suffix in (".shp", ".shx", ".dbf", ".prj", ".cpg"):
+                        part.rename(part.with_suffix(part.suffix.upper() if tmp.suffix.isupper() else part.suffix))
+                if not tmp.exists():
+                    tmp.with_suffix(".shp").rename(tmp)
+        if report is not None:
+            (tmp.parent / report_path(path).name).write_text(
+                json.dumps(_finite(report()), indent=2, default=str, allow_nan=False), encoding="utf-8")
     return path
 
 

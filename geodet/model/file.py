@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ def save_model(model: GeodetModel, path: str | Path) -> Path:
         "card": model.card.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
     }
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         torch.save(payload, tmp)
@@ -47,7 +49,9 @@ def read_model_file(path: str | Path) -> dict:
         raise GeodetError(f"{path}: not a model file (not a PyTorch file at all): give the model.pt that geodet train "
                           "wrote, or import other checkpoints first")
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on an old pickle protocol: the error below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files; none of them run code
         reason = brief(exc)
         todo = "copy it again (it looks damaged or incomplete), or use the run's last.pt"

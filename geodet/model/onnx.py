@@ -236,6 +236,9 @@ def load_onnx(path: str | Path, threads: int | None = None) -> OnnxModel:
                           "was altered; re-export it")
     if [o.name for o in session.get_outputs()] != list(OUTPUT_NAMES):
         raise GeodetError(f"{path}: the ONNX graph's outputs are not the geodet core outputs {list(OUTPUT_NAMES)}")
+    if card.extra.get("pretrain_only"):
+        raise GeodetError(f"{path} holds a pretrained backbone (geodet pretrain), not a detector: train it on labels "
+                          "first (geodet train --init), then export the trained model")
     precision = props.get("precision", "fp32")
     return OnnxModel(session, card, precision, props, {"path": str(path), "sha256": file_sha256(path),
                                                        "source_sha256": props.get("source_sha256")})

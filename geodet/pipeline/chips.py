@@ -10,7 +10,7 @@ import numpy as np
 
 from ..progress import progress_bar
 from ..io.scene import READ_ERRORS, Scene, gdal_env
-from .grid import TileGrid, overlap_pixels
+from .grid import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     sc = Scene(scene_path, bands=bands, gsd_m=gsd_m)  # chips keep raw values: no scaling statistics needed
     sc.skip_hint = False
     if overlap_m is not None:
-        overlap = overlap_pixels(overlap_m, sc.pixel_gsd)
+        overlap = sc.overlap_px(overlap_m)
     grid = TileGrid(sc.width, sc.height, tile_size, overlap)
     from ..io.writers import check_output_folder, missing_folders, remove_partial
 
@@ -75,7 +75,9 @@ def _write(sc, grid, lb, out: Path, scene_path, tile_size: int, min_visibility, 
                 continue
             name = f"r{tile.row}_c{tile.col}.tif"
             path = out / "chips" / name
-            with atomic_path(path) as tmp:
+            with atomic_path(path) as tmp, warnings.catch_warnings():
+                # a scene without georeferencing (said once, above): its first chip's grid is the identity
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 with rasterio.open(tmp, "w", width=int(win.width), height=int(win.height),
                                    transform=window_transform(win, sc.transform), **profile) as dst:
                     dst.write(data)

@@ -32,13 +32,16 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
     ``detect --bands`` would). Returns the check (also stored in the file); ``check_tiles_from`` says
     where its tiles came from."""
     from ..io.writers import atomic_path, check_output_path
-    from ..model import load_model
 
     out = check_output_path(out, suffixes=(".onnx",), example="model.onnx")
     scenes = list(calibrate)
     check_scene = check_scene or (scenes[0] if scenes else None)
     if isinstance(model, (str, Path)):
-        model = load_model(model)
+        if str(model).lower().endswith(".onnx"):
+            raise GeodetError(f"{model} is ONNX already: export the model.pt it came from")
+        from .job import load_detector_file
+
+        model = load_detector_file(model)  # a run's folder too; a pretrained backbone is refused
     settings = resolve_detect_settings(model.card, device="cpu", bands=bands)
     if bands is not None and not scenes and not check_labels:
         raise GeodetError("--bands picks the bands of the --calibrate (and --check-scene) scenes, and none is given: the "

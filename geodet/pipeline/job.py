@@ -24,11 +24,19 @@ def check_job(scenes: Sequence, out, cfg, fmt: str | None = None, quicklook=None
 
     if not scenes:
         raise GeodetError("no scenes given")
+    seen = {}
+    for s in scenes:
+        key = _same_file_key(s)
+        if key in seen:
+            also = "" if str(seen[key]) == str(s) else f" (as {seen[key]} too)"
+            raise GeodetError(f"{s} is given twice{also}: its detections would be written twice; name each scene once")
+        seen[key] = s
     fmt = output_format(out, fmt or cfg.output.format)
     out = check_output_path(out, fmt)
     looks = _quicklook_paths(quicklook, scenes) if quicklook else []
     for p in looks:
         check_output_path(p, suffixes=(".png",), example="quicklook.png")
+    _check_no_overwrite(scenes, out, fmt, looks)
     readable, failures = _readable_scenes(scenes, fmt)
     resolve_device(device or cfg.detect.device)
     return fmt, out, looks, readable, failures
@@ -47,7 +55,7 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     listed; in a job of several scenes, a scene that cannot be read fails alone (listed in the
     report's ``failed_scenes``) and the others are written. ``report["partial"]`` says so."""
     from ..config import load_config
-    from ..io.writers import combine_frames, report_path, write_detections, write_json
+    from ..io.writers import combine_frames, write_detections
     from .scenes import detect_scenes
 
     cfg = config if config is not None else load_config()
@@ -65,16 +73,50 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     # the operating point of what ran (with --tta, the card's TTA operating point where it has one)
     ran = frames[0].attrs["report"].get("model") or {}
     op = ran.get("operating_point", card.operating_point if card is not None else None)
-    write_detections(frames, out, fmt, csv_geometry or cfg.output.csv_geometry, style_min_score=op)
-    t2 = time.perf_counter()
     report = _job_report(out, fmt, model, scenes, frames, failures, len(frame))
-    report["seconds"] = {"detect": round(t1 - t0, 3), "write": round(t2 - t1, 3)}
-    if looks:
+    if looks:  # before the output, so the report that lands with it names only quicklooks that exist
         min_score = quicklook_min_score if quicklook_min_score is not None else op
         report["quicklooks"] = _draw_quicklooks(scenes, looks, frames, card, min_score)
-    write_json(report, report_path(out))
+    t2 = time.perf_counter()
+
+    def finished():
+        report["seconds"] = {"detect": round(t1 - t0, 3), "write": round(time.perf_counter() - t2, 3)}
+        return report
+
+    # the report lands with the output (one rename after the other), never an old one beside a new output
+    write_detections(frames, out, fmt, csv_geometry or cfg.output.csv_geometry, style_min_score=op, report=finished)
     frame.attrs["report"] = report
     return frame
+
+
+def _same_file_key(path) -> str:
+    """A key equal for two names of one local file (a link, ./a.tif and a.tif); a URL as it is."""
+    p = str(path)
+    if "://" in p or p.startswith("/vsi"):
+        return p
+    return os.path.normcase(os.path.realpath(p))
+
+
+def _check_no_overwrite(scenes: Sequence, out: Path, fmt: str, looks: list) -> None:
+    """Refuse, before any work, an output or quicklook that would replace a scene of the job or
+    one another (``-o scene.tif --format gpkg``, ``--quicklook`` named as the output)."""
+    from ..io.writers import report_path
+
+    sidecars = {"csv": (".prj", ".csvt", ".qml"), "shp": (".shx", ".dbf", ".prj", ".cpg", ".qml"), "gpkg": ()}
+    files = [(out, "the output"), (report_path(out), "the output's report")]
+    files += [(out.with_suffix(x), f"the output's {x} file") for x in sidecars.get(fmt, (".qml",))]
+    files += [(p, "a quicklook") for p in looks]
+    written = {}
+    for p, what in files:
+        key = _same_file_key(p)
+        if key in written:
+            raise GeodetError(f"{p} would be written as {what} and as {written[key][1]}: give them different names")
+        written[key] = (p, what)
+    for s in scenes:
+        hit = written.get(_same_file_key(s))
+        if hit:
+            raise GeodetError(f"{s} is a scene of this job: writing {hit[1]} there would replace it; choose another "
+                              "output name")
 
 
 def _readable_scenes(scenes: Sequence, fmt: str) -> tuple[list, list[dict]]:
@@ -88,7 +130,7 @@ def _readable_scenes(scenes: Sequence, fmt: str) -> tuple[list, list[dict]]:
     for s in scenes:
         try:
             src = open_raster(s)
-        except ReadError as exc:
+        except (ReadError, GeodetError) as exc:  # missing, not a raster, damaged, unreachable
             if len(scenes) == 1:
                 raise
             failures.append({"scene": str(s), "error": str(exc)})
@@ -211,11 +253,14 @@ def _output_crs(fmt: str, frames) -> str | dict | None:
 
 
 def _quicklook_paths(path, scenes) -> list[Path]:
-    """One PNG per scene: ``path`` itself for one scene, ``STEM_<scene>.png`` beside it for several."""
+    """One PNG per scene: ``path`` itself for one scene, ``STEM_<scene>.png`` beside it for several
+    (``STEM_<scene>_<n>.png``, n its place in the job, for scenes of one name in different folders)."""
     path = Path(path)
     if len(scenes) == 1:
         return [path]
-    return [path.with_name(f"{path.stem}_{Path(str(s)).stem}{path.suffix or '.png'}") for s in scenes]
+    stems = [Path(str(s).split("?", 1)[0]).stem for s in scenes]
+    return [path.with_name(f"{path.stem}_{stem}{f'_{i + 1}' if stems.count(stem) > 1 else ''}{path.suffix or '.png'}")
+            for i, stem in enumerate(stems)]
 
 
 def _input(s) -> dict:

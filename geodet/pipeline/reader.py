@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .grid import TileGrid, overlap_pixels
+from .grid import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def scene_grid(scene, settings) -> TileGrid:
     """The tile grid of an opened ``scene`` (or an area of one) with the tile size and overlap of
     ``settings``; an overlap in metres (``overlap_m``) becomes pixels at the scene's GSD."""
     if settings.overlap_m is not None:
-        overlap = overlap_pixels(settings.overlap_m, scene.pixel_gsd)
+        overlap = scene.overlap_px(settings.overlap_m)
     else:
         overlap = settings.overlap
     return TileGrid(scene.width, scene.height, settings.tile_size, overlap)

@@ -74,19 +74,20 @@ def resolve_detect_settings(card=None, config: Config | None = None, **explicit)
     if unknown:
         raise TypeError(f"unknown detection setting(s): {', '.join(sorted(unknown))}")
     defaults = Config()
-    values, sources = {}, {}
+    values, sources, tier = {}, {}, {}
     for name, (key, card_attr) in SETTINGS.items():
         if explicit.get(name) is not None:
-            values[name], sources[name] = explicit[name], "argument"
+            values[name], sources[name], tier[name] = explicit[name], "argument", 3
         elif config is not None and key in config.explicit and _get(config, key) is not None:
-            values[name], sources[name] = _get(config, key), "config"
+            # a command-line flag is folded into the config: reported as the argument it was
+            values[name], tier[name] = _get(config, key), 2
+            sources[name] = "argument" if key in config.from_arguments else "config"
         elif card is not None and card_attr is not None and _get(card, card_attr) is not None:
-            values[name], sources[name] = _get(card, card_attr), "card"
+            values[name], sources[name], tier[name] = _get(card, card_attr), "card", 1
         else:
-            values[name], sources[name] = _get(defaults, key), "default"
+            values[name], sources[name], tier[name] = _get(defaults, key), "default", 0
     # an overlap in metres replaces the one in pixels when it was asked for at least as directly
-    rank = {"argument": 3, "config": 2, "card": 1, "default": 0}
-    if values["overlap_m"] is not None and rank[sources["overlap_m"]] < rank[sources["overlap"]]:
+    if values["overlap_m"] is not None and tier["overlap_m"] < tier["overlap"]:
         values["overlap_m"], sources["overlap_m"] = None, "default"
     if values["score_threshold"] is None:  # no card and no config: the network default
         values["score_threshold"] = defaults.model.score_threshold

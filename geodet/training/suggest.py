@@ -224,6 +224,13 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
     op = float(card.operating_point)
     s = resolve_detect_settings(card, **{k: v for k, v in settings.items() if k != "config"})
     cell = int(cell or s.tile_size)
+    from ..io.scene import open_raster
+
+    for path in scenes:  # before any detection: cells are polygons on a map
+        with open_raster(path) as src:
+            if src.crs is None or src.transform.is_identity:
+                raise GeodetError(f"{path}: the scene has no CRS or georeferencing, so the cells to label cannot be "
+                                  "placed on a map: assign them (gdal_edit.py -a_srs EPSG:xxxx -a_ullr ...)")
     scenes_cells = [scene_cells(model, path, s, cell, op, labelled_area, progress,
                                 strategy in ("coreset", "hybrid"), settings) for path in scenes]
     # one ranking over every scene: a scene with more doubt gets more of the n suggestions
