@@ -13,94 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GeodetError, brief
+from .errors import GeodetError
+from .io.detections import only_scene, pixel_columns, points_as_squares, read_detections, with_geometry
 
 log = logging.getLogger(__name__)
 SPLIT_BOXES = 1000  # coco_metrics evaluates more boxes than this as images of about this many
 SIZE_RANGES_PX = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, 1e10)}
-
-
-def _pixel_columns(df) -> list[str] | None:
-    """The pixel-box columns of a detection table: ``px_x0..px_y1``, or the ``x0..y1`` that
-    geodet wrote before 0.2."""
-    for cols in (["px_x0", "px_y0", "px_x1", "px_y1"], ["x0", "y0", "x1", "y1"]):
-        if set(cols) <= set(df.columns):
-            return cols
-    return None
-
-
-def _read_detections(path):
-    """Any detection file geodet writes (vector formats, or CSV with a wkt column)."""
-    import geopandas as gpd
-    import pandas as pd
-    import shapely
-
-    if "|layername=" in str(path):  # one layer of a file, as QGIS names it
-        from .io.labels import read_labels
-
-        return read_labels(path, allow_empty=True)
-    p = Path(path)
-    if not p.exists():
-        raise GeodetError(f"detections not found: {path}")
-    if p.suffix.lower() == ".csv":
-        try:
-            df = pd.read_csv(p)
-        except (ValueError, OSError, UnicodeDecodeError) as exc:
-            raise GeodetError(f"{path}: not a CSV file pandas can read: {brief(exc, 120)}") from None
-        if "wkt" in df.columns:
-            geom = shapely.from_wkt(df["wkt"].where(df["wkt"].notna(), None), on_invalid="ignore")
-            if "crs" in df.columns and df["crs"].notna().any():  # several CRSs: one per row, as geodet writes them
-                parts = [gpd.GeoDataFrame(df[sel].drop(columns=["wkt", "crs"]), geometry=geom[sel.to_numpy()], crs=crs)
-                         for crs, sel in ((c, df["crs"] == c) for c in df["crs"].dropna().unique())]
-                first = parts[0].crs
-                return pd.concat([f.to_crs(first) for f in parts], ignore_index=True).set_crs(first, allow_override=True)
-            prj = p.with_suffix(".prj")  # the CRS, as geodet (and GDAL's CSV driver) write it beside the file
-            crs = None
-            if prj.exists():
-                from pyproj import CRS
-                from pyproj.exceptions import CRSError
-
-                try:
-                    crs = CRS.from_user_input(prj.read_text(encoding="utf-8", errors="replace"))
-                except CRSError:
-                    raise GeodetError(f"{prj}: not a CRS that PROJ can read; fix or remove it") from None
-            return gpd.GeoDataFrame(df.drop(columns="wkt"), geometry=geom, crs=crs)
-        cols = _pixel_columns(df)
-        if cols:
-            geom = shapely.box(*(df[c] for c in cols))
-            return gpd.GeoDataFrame(df, geometry=geom, crs=None)
-        raise GeodetError(f"{path}: a CSV of detections needs a wkt column or px_x0, px_y0, px_x1, px_y1 pixel boxes")
-    from .io.labels import read_geoparquet, read_labels
-
-    if p.suffix.lower() == ".parquet":
-        return read_geoparquet(p)
-    if p.suffix.lower() == ".gpkg":
-        import pyogrio
-
-        layers = [name for name, geom in pyogrio.list_layers(p) if geom]  # not layer_styles
-        if len(layers) > 1:  # one layer per CRS (scenes in several UTM zones)
-            parts = [gpd.read_file(p, layer=name, engine="pyogrio") for name in layers]
-            parts = [f for f in parts if len(f)] or parts[:1]
-            crs = parts[0].crs
-            return pd.concat([f.to_crs(crs) if f.crs != crs else f for f in parts], ignore_index=True).set_crs(
-                crs, allow_override=True)
-        if len(layers) == 1:
-            return read_labels(p, allow_empty=True, layer=layers[0])
-    return read_labels(p, allow_empty=True)
-
-
-def _only_scene(det, scene):
-    """The detections of ``scene`` from a file of several scenes (its ``scene`` column)."""
-    if "scene" not in det.columns or scene is None or len(det) == 0:
-        return det
-    names = det["scene"].astype(str)
-    want = str(scene)
-    sel = (names == want) | (names.map(lambda n: Path(n).name) == Path(want).name)
-    if not sel.any():
-        listed = ", ".join(sorted(set(names.map(lambda n: Path(n).name)))[:5])
-        raise GeodetError(f"none of the detections come from {Path(want).name} (scenes in the file: {listed}): "
-                          "pass the --scene the detections were made on")
-    return det[sel.to_numpy()]
 
 
 def _coco(boxes, labels, scores=None, images=None):
@@ -276,7 +194,8 @@ def _run_cocoeval(dets: tuple, gts: tuple, classes, iou_thrs: list, area_scale: 
 
 def _match(det_boxes, det_scores, det_labels, det_images, gt_boxes, gt_labels, gt_images, iou: float):
     """COCO's greedy matching at one IoU threshold: in rank order (score, ties in input order), each
-    detection takes the unmatched label of its class and image with the highest IoU >= ``iou``.
+    detection takes the unmatched label of its class and image with the highest IoU >= ``iou``
+    (of labels with equal IoU, the later one, as COCO's loop keeps the last it finds).
     Returns (each detection's rank order, whether each detection matched)."""
     import shapely
 
@@ -298,7 +217,7 @@ def _match(det_boxes, det_scores, det_labels, det_images, gt_boxes, gt_labels, g
     d_idx, g_idx, ious = d_idx[keep], g_idx[keep], ious[keep]
     rank = np.empty(len(det_boxes), np.int64)
     rank[order] = np.arange(len(det_boxes))
-    pairs = np.lexsort((g_idx, -ious, rank[d_idx]))  # by detection rank, then best IoU first
+    pairs = np.lexsort((-g_idx, -ious, rank[d_idx]))  # by detection rank, best IoU first, ties to the later label
     taken = np.zeros(len(gt_boxes), bool)
     done = -1
     for d, g in zip(d_idx[pairs].tolist(), g_idx[pairs].tolist()):
@@ -350,6 +269,10 @@ def _class_names(det, gt, labels, class_column: str):
     det_names = det["label"].astype(str).to_numpy() if "label" in det.columns else np.full(len(det), "object", dtype=object)
     gt_names = class_values(gt[class_column_gt]) if class_column_gt else np.full(len(gt), "object")
     named = {n for n in gt_names if n is not None}  # labels with an empty class name none
+    # a model trained before integer classes kept their names read 1.0 where the labels now read 1
+    renamed = {n: n[:-2] for n in set(det_names) if n.endswith(".0") and n not in named and n[:-2] in named}
+    if renamed:
+        det_names = np.array([renamed.get(n, n) for n in det_names], dtype=object)
     mismatch = None
     det_classes = sorted(set(det_names))
     if not agnostic and len(gt_names) and (det_classes or not named) and not set(det_classes) & named:
@@ -376,24 +299,27 @@ def _class_names(det, gt, labels, class_column: str):
     return gt, det_names, gt_names, class_column_gt, agnostic, mismatch
 
 
-def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str = "label", bands=None) -> dict:
+def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str = "label", bands=None,
+             point_box_m: float = 1.0) -> dict:
     """Evaluate detections (a frame or any file geodet writes) against labels (a frame or any
     OGR vector). With ``scene`` both go to its pixel grid, so size ranges are in its pixels;
-    otherwise labels are reprojected to the detections' CRS. ``class_column=""`` ignores classes."""
+    otherwise labels are reprojected to the detections' CRS. ``class_column=""`` ignores classes.
+    Point labels are squares of ``point_box_m`` metres (as training's ``train.point_box_m``)."""
     import geopandas as gpd
     import shapely
 
-    from .io.labels import class_values, geoms_to_pixel_boxes, labels_to_boxes, read_labels, repair_geometries
+    from .io.labels import (class_values, geoms_to_pixel_boxes, labels_to_boxes, read_labels, repair_geometries,
+                            without_lines)
     from .io.scene import Scene
 
-    det = detections if isinstance(detections, gpd.GeoDataFrame) else _read_detections(detections)
+    det = detections if isinstance(detections, gpd.GeoDataFrame) else read_detections(detections)
     if scene is not None:
-        det = _only_scene(det, scene if not hasattr(scene, "path") else scene.path)
+        det = only_scene(det, scene if not hasattr(scene, "path") else scene.path)
     elif "scene" in det.columns and det["scene"].nunique() > 1:
         names = ", ".join(sorted(det["scene"].astype(str).unique())[:5])
         raise GeodetError(f"the detections come from {det['scene'].nunique()} scenes ({names}): pass --scene with the "
                           "one the labels are drawn on, so other scenes' detections do not count as false positives")
-    det = _with_geometry(det, detections)
+    det = with_geometry(det, detections)
     gt = labels if isinstance(labels, gpd.GeoDataFrame) else read_labels(labels, class_column)
     gt, det_names, gt_names, class_column_gt, agnostic, mismatch = _class_names(det, gt, labels, class_column)
     classes = sorted(set(gt_names) | set(det_names))
@@ -402,17 +328,17 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     area_scale = 1.0
     if scene is not None:
         sc = scene if isinstance(scene, Scene) else Scene(scene, bands=None)
-        lb = labels_to_boxes(gt, sc, class_column_gt, classes=classes, unknown="keep")
+        lb = labels_to_boxes(gt, sc, class_column_gt, classes=classes, unknown="keep", point_box_m=point_box_m)
         gt_boxes, gt_labels = lb.boxes, lb.labels
         if len(det):
-            px = _pixel_columns(det)
+            px = pixel_columns(det)
             if det.crs is None and not px and sc.crs is not None:
                 log.warning("the detections have no CRS: taken to be in the scene's (%s)", sc.crs.to_string())
                 det = det.set_crs(sc.crs)
             if det.crs is not None and sc.crs is not None and det.crs != sc.crs:
                 det = det.to_crs(sc.crs)
             det_boxes = (geoms_to_pixel_boxes(det.geometry.values, sc.transform) if det.crs is not None
-                         else det[px].to_numpy(np.float64))
+                         else np.array(det[px], dtype=np.float64))  # a copy: clipped in place below
             # in the scene's grid, as the labels are: a box past its edge is judged by what lies in it
             np.clip(det_boxes[:, 0::2], 0, sc.width, out=det_boxes[:, 0::2])
             np.clip(det_boxes[:, 1::2], 0, sc.height, out=det_boxes[:, 1::2])
@@ -423,20 +349,21 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
             log.warning("the detections have no CRS: taken to be in the labels' (%s)", gt.crs.to_string())
         if det.crs is not None and gt.crs is not None and det.crs != gt.crs:
             gt = gt.to_crs(det.crs)
-        lines = np.isin(shapely.get_type_id(np.array(gt.geometry.values, dtype=object)), [1, 2, 5]) if len(gt) else []
-        if np.any(lines):  # as in a scene's grid: a line is no object's outline
-            log.warning("%s: %d line(s) left out: draw each object as a polygon or a point",
-                        labels if isinstance(labels, (str, Path)) else "labels", int(np.sum(lines)))
-            gt = gt[~np.asarray(lines)]
+        gt, _ = without_lines(gt, str(labels) if isinstance(labels, (str, Path)) else "labels")
         gt, _ = repair_geometries(gt)
-        gt = _points_as_squares(gt)
+        gt = points_as_squares(gt, point_box_m)
+        b = gt.geometry.bounds.to_numpy() if len(gt) else np.zeros((0, 4))
+        flat = ~((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))  # no area (repaired into a line): as in a scene's grid
+        if flat.any():
+            log.info("%d label(s) without an area left out", int(flat.sum()))
+            gt = gt[~flat]
         gt_names = class_values(gt[class_column_gt]) if class_column_gt else np.full(len(gt), "object")
         gt_boxes = shapely.bounds(np.array(gt.geometry.values, dtype=object)).reshape(-1, 4)
         gt_labels = np.array([lookup[n] for n in gt_names], np.int64)
         det_boxes = shapely.bounds(np.array(det.geometry.values, dtype=object)).reshape(-1, 4) if len(det) else np.zeros((0, 4))
         if det.crs is not None and det.crs.is_geographic:
             log.warning("evaluating in degrees: pass the scene (--scene) for pixel-based IoU and size ranges")
-        px = _pixel_columns(det)
+        px = pixel_columns(det)
         if px and len(det) and det.crs is not None and det.crs.is_projected:
             # geodet output carries pixel boxes: their ratio to the map boxes gives the pixel size.
             gsd = np.median((det_boxes[:, 2] - det_boxes[:, 0]) / np.maximum(det[px[2]] - det[px[0]], 1e-12))
@@ -446,44 +373,6 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     if mismatch:
         m["warning" if not agnostic else "note"] = mismatch
     return m
-
-
-def _with_geometry(det, source):
-    """The detections that have a geometry; those without one (null or empty) are left out and
-    counted in a warning (a box cannot be scored without its place)."""
-    if not len(det):
-        return det
-    missing = (det.geometry.isna() | det.geometry.is_empty).to_numpy()
-    if missing.any():
-        name = source if isinstance(source, (str, Path)) else "detections"
-        log.warning("%s: %d detection(s) without a geometry left out", name, int(missing.sum()))
-        det = det[~missing]
-    return det
-
-
-def _points_as_squares(gt, point_box_m: float = 1.0):
-    """Point labels as squares of ``point_box_m`` on the ground (as training and ``--scene`` make
-    them), in the labels' CRS; other geometries as they are."""
-    import shapely
-
-    geoms = np.array(gt.geometry.values, dtype=object)
-    is_point = np.isin(shapely.get_type_id(geoms), [0, 4]) if len(geoms) else np.zeros(0, bool)
-    if not is_point.any():
-        return gt
-    pts = gt.geometry[is_point]
-    crs = gt.crs
-    work = pts.to_crs(pts.estimate_utm_crs()) if crs is not None and crs.is_geographic else pts
-    unit = 1.0
-    if work.crs is not None and work.crs.axis_info:
-        unit = work.crs.axis_info[0].unit_conversion_factor or 1.0  # metres per unit (US feet: 0.3048)
-    h = point_box_m / 2 / unit
-    c = shapely.centroid(np.array(work.values, dtype=object))
-    x, y = shapely.get_x(c), shapely.get_y(c)
-    squares = work.__class__(shapely.box(x - h, y - h, x + h, y + h), index=work.index, crs=work.crs)
-    if squares.crs != crs:
-        squares = squares.to_crs(crs)
-    geoms[is_point] = np.array(squares.values, dtype=object)
-    return gt.set_geometry(list(geoms), crs=crs)
 
 
 def format_table(m: dict) -> str:

@@ -48,7 +48,7 @@ def test_card_keys_from_a_newer_writer_are_kept(tmp_path):
     d = m.card.to_dict()
     d["calibration"] = {"tiles": 64}
     card = ModelCard.from_dict(d)
-    assert card.extra == {"calibration": {"tiles": 64}} and card.to_dict()["calibration"] == {"tiles": 64}
+    assert card.extra == {"gsd_unit": "m", "calibration": {"tiles": 64}} and card.to_dict()["calibration"] == {"tiles": 64}
 
 
 @pytest.mark.parametrize("version", [2, 0, "1"])

@@ -4,6 +4,7 @@ nothing with -q, and JSON lines whose ``progress`` goes from 0 to 1 once over a 
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -145,7 +146,9 @@ def _detect(tmp_path, model, scenes, *flags):
 
 
 def test_a_two_scene_detect_moves_a_driving_programs_bar_once(tmp_path, tiny_model, synth):
-    r = _detect(tmp_path, tiny_model, [synth.image, synth.image], "--progress", "json")
+    other = tmp_path / "other.tif"  # a second scene (one scene twice is refused)
+    shutil.copy(synth.image, other)
+    r = _detect(tmp_path, tiny_model, [synth.image, other], "--progress", "json")
     assert r.returncode == 0, r.stderr
     ev = [e for e in _events(r.stderr) if "progress" in e]
     overall = [e["progress"] for e in ev]

@@ -2,6 +2,7 @@ import json
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 from shapely.geometry import box
 
@@ -151,7 +152,7 @@ def _naive_counts(case, threshold):
             ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
             inter = iw * ih
             iou = inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-            if iou >= best_iou and (best < 0 or iou > best_iou):
+            if iou >= best_iou:  # COCO's loop: the last label of the best IoU
                 best, best_iou = g, iou
         if best >= 0:
             free[best] = False
@@ -210,6 +211,10 @@ def test_detection_files_as_users_have_them(tmp_path):
         d.write(np.zeros((1, 40, 100), np.uint8))
     (tmp_path / "d.prj").unlink()
     assert evaluate(str(tmp_path / "d.csv"), gt, scene=str(scene))["AP50"] == 1
+    px = pd.DataFrame({"px_x0": [20.0 * i for i in range(5)], "px_y0": 4.0, "px_x1": [20.0 * i + 8 for i in range(5)],
+                       "px_y1": 12.0, "score": 0.9, "label": "car"})
+    px.to_csv(tmp_path / "px.csv", index=False)  # pixel boxes only (--csv-geometry pixel), no CRS
+    assert evaluate(str(tmp_path / "px.csv"), gt, scene=str(scene))["AP"] == 1
     with_null = det.copy()
     with_null.loc[0, "geometry"] = None
     m = evaluate(with_null, gt)

@@ -66,9 +66,9 @@ def test_evaluate_and_merge_read_every_format_detect_writes(tmp_path, scene, ext
         (d / "_SUCCESS.json").write_text("{}")
     merged = tmp_path / f"merged.{ext}"
     merge_outputs(folder, merged)
-    from geodet.evaluation import _read_detections
+    from geodet.io.detections import read_detections
 
-    back = _read_detections(merged)
+    back = read_detections(merged)
     assert len(back) == 4 and sorted(set(back["scene"])) == ["a.tif", "b.tif"]
 
 

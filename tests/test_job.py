@@ -129,10 +129,15 @@ def test_the_report_lands_with_its_output(tmp_path, two_zones, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl+C between the two renames
 
     out = tmp_path / "d.gpkg"
+    # Ctrl+C raises KeyboardInterrupt here (a background job of a non-interactive shell ignores it)
+    old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr(os, "replace", replace_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        detect_to_file(two_zones[:1], one_box, out, tile_size=128, overlap=16, progress=False)
-    monkeypatch.undo()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            detect_to_file(two_zones[:1], one_box, out, tile_size=128, overlap=16, progress=False)
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, old_handler)
     assert len(calls) == 2 and out.exists()
     assert json.loads((tmp_path / "d.gpkg.report.json").read_text())["output"] == str(out)
     assert writers.WRITTEN[-1] == out
@@ -153,3 +158,17 @@ def test_a_scene_that_is_no_raster_fails_alone_in_a_job_of_several(tmp_path, two
     assert "not a raster" in report["failed_scenes"][0]["error"] and len(report["scenes"]) == 1
     with pytest.raises(GeodetError, match="not a raster"):
         detect_to_file([text], one_box, tmp_path / "e.gpkg", tile_size=128, overlap=16, progress=False)
+
+
+def test_a_quicklook_that_fails_never_costs_the_detections(tmp_path, two_zones, monkeypatch, caplog):
+    from geodet.io import quicklook
+
+    def broken(*a, **k):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(quicklook, "quicklook", broken)
+    out = tmp_path / "d.gpkg"
+    frame = detect_to_file(two_zones[:1], one_box, out, tile_size=128, overlap=16, progress=False,
+                           quicklook=tmp_path / "q.png")
+    assert out.exists() and frame.attrs["report"]["quicklooks"] == [] and len(frame) == 1
+    assert "quicklook" in caplog.text and "not drawn" in caplog.text

@@ -149,7 +149,7 @@ def test_a_file_of_several_layers_needs_one_named(tmp_path):
     with pytest.raises(GeodetError, match=r"holds 2 layers \(area, labels\).*project.gpkg\|layername=area"):
         read_labels(p, "label")
     assert len(read_labels(f"{p}|layername=labels", "label")) == 2
-    with pytest.raises(GeodetError, match="has no layer 'lbls' .its layers: area, labels"):
+    with pytest.raises(GeodetError, match="'lbls' is no such layer .its layers with geometry: area, labels"):
         read_labels(f"{p}|layername=lbls", "label")
 
 

@@ -3,6 +3,7 @@ Python example runs (scene and label files swapped for a synthetic pair, a 2-ste
 
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,9 @@ def test_every_command_line_in_the_readme_parses():
 @pytest.mark.slow
 def test_python_example_runs_as_written(tmp_path, monkeypatch, synth):
     (code,) = [b for b in _blocks("python") if "geodet.train(" in b]
-    swaps = {'"a.tif"': repr(str(synth.image)), '"b.tif"': repr(str(synth.image)), '"big.tif"': repr(str(synth.image)),
+    other = tmp_path / "b.tif"  # a second scene: one scene twice is refused
+    shutil.copy(synth.image, other)
+    swaps = {'"a.tif"': repr(str(synth.image)), '"b.tif"': repr(str(other)), '"big.tif"': repr(str(synth.image)),
              '"a.gpkg"': repr(str(synth.labels)), '"labels.gpkg"': repr(str(synth.labels))}
     for old, new in swaps.items():
         assert old in code, old

@@ -210,3 +210,54 @@ def test_unreadable_kinds_of_raster_are_one_clear_error(tmp_path):
     c = write_raster(tmp_path / "c.tif", np.zeros((1, 8, 8), np.complex64))
     with pytest.raises(GeodetError, match="complex pixels"):
         Scene(c)
+
+
+def _rgb_with_a_fourth_band(path, w=4, h=4):
+    """A TIFF that reads well while libtiff warns on opening it: RGB with a fourth sample and no
+    ExtraSamples tag (some RGB+NIR products)."""
+    import struct
+
+    spp, data = 4, bytes(range(w * h * 4))
+    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, spp, 8 + 2 + 10 * 12 + 4), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, 1, 8 + 2 + 10 * 12 + 4 + 2 * spp), (277, 3, 1, spp), (278, 3, 1, h), (279, 4, 1, len(data)),
+            (284, 3, 1, 1)]
+    out = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags))
+    for tag, typ, cnt, val in tags:
+        out += struct.pack("<HHI", tag, typ, cnt) + (struct.pack("<HH", val, 0) if typ == 3 and cnt == 1
+                                                     else struct.pack("<I", val))
+    path.write_bytes(out + struct.pack("<I", 0) + struct.pack("<" + "H" * spp, *([8] * spp)) + data)
+    return path
+
+
+def test_gdal_warnings_of_a_sound_file_or_another_thread_do_not_refuse_a_scene(tmp_path):
+    """Only a cut header is 'damaged': a file libtiff warns about but reads is opened; and a damaged
+    file opened in another thread at the same moment does not make a sound one look damaged."""
+    import threading
+
+    from geodet.errors import GeodetError
+    from geodet.io.raster import open_raster
+
+    with open_raster(_rgb_with_a_fourth_band(tmp_path / "rgbn.tif")) as src:
+        assert src.count == 4 and src.read().shape == (4, 4, 4)
+    full = write_raster(tmp_path / "full.tif", np.zeros((3, 64, 64), np.uint8))
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(full.read_bytes()[:300])
+    errors, opened = [], []
+
+    def loop(path, n=40):
+        for _ in range(n):
+            try:
+                open_raster(path).close()
+                opened.append(path)
+            except GeodetError as exc:
+                errors.append((path, str(exc)))
+
+    threads = [threading.Thread(target=loop, args=(p,)) for p in (cut, full, cut, full)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {p for p, _ in errors} == {cut} and len(errors) == 80 and opened.count(full) == 80
+    import logging
+
+    assert logging.getLogger("rasterio._env").propagate  # left as it was

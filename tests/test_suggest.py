@@ -168,6 +168,9 @@ def test_done_reads_a_numeric_field_with_empty_cells_and_keeps_the_other_layers(
     assert len(area) == 2 and area.geometry.iloc[1].equals_exact(cells.geometry.iloc[0], 1e-6)
     assert gpd.read_file(project, layer="labels").geometry.geom_equals(labels.geometry).all()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    fresh = tmp_path / "fresh.gpkg"  # a new file takes the layer named for it, so the same name reads it back
+    assert add_done_cells(tmp_path / "next.gpkg", f"{fresh}|layername=area") == (1, 1)
+    assert [name for name, _ in pyogrio.list_layers(fresh)] == ["area"]
 
 
 def test_a_scene_without_georeferencing_is_refused_before_detection(tiny_model, tmp_path, monkeypatch):

@@ -17,6 +17,8 @@ def add_parser(sub, common) -> None:
                                    "the detections come from several scenes")
     e.add_argument("--iou", type=float, default=0.5, help="IoU for precision/recall/F1 (0.5)")
     e.add_argument("--class-column", default="label", help="class column of the labels (label); '' ignores classes")
+    e.add_argument("--point-box", type=float, default=1.0, metavar="METRES",
+                   help="point labels are squares of this side on the ground (1; as train.point_box_m)")
     e.add_argument("--out", "-o", help="write the metrics here (JSON)")
     e.add_argument("--plot", help="write a precision-recall plot (PNG) here")
     deprecated(e, "--json", "use -o/--out", dest="out")
@@ -31,7 +33,10 @@ def run(args) -> int:
             check_output_path(p, suffixes=(suffix,), example=example)
     if not 0 < args.iou < 1:
         raise GeodetError(f"--iou must be between 0 and 1, got {args.iou}")
-    m = evaluate(args.detections, args.labels, scene=args.scene, iou=args.iou, class_column=args.class_column)
+    if not args.point_box > 0:
+        raise GeodetError(f"--point-box must be a positive number of metres, got {args.point_box}")
+    m = evaluate(args.detections, args.labels, scene=args.scene, iou=args.iou, class_column=args.class_column,
+                 point_box_m=args.point_box)
     print(format_table(m))
     if m.get("warning"):
         print(f"warning: {m['warning']}")

@@ -52,9 +52,12 @@ def read_labels(path: str | Path, class_column: str | None = None, allow_empty: 
                 raise GeodetError(f"{path} holds {len(spatial)} layers ({shown}): name the one to use as "
                                   f"'{path}|layername={spatial[0]}'")
             layer = spatial[0] if spatial else None
-        elif layer not in [name for name, _ in pyogrio.list_layers(p)]:
-            names = ", ".join(name for name, _ in pyogrio.list_layers(p))
-            raise GeodetError(f"{path} has no layer '{layer}' (its layers: {names or 'none'})")
+        else:
+            kinds = {name: geom for name, geom in pyogrio.list_layers(p)}
+            if not kinds.get(layer):
+                names = ", ".join(name for name, geom in kinds.items() if geom)
+                what = "a table without geometry" if layer in kinds else "no such layer"
+                raise GeodetError(f"{path}: '{layer}' is {what} (its layers with geometry: {names or 'none'})")
         gdf = gpd.read_file(p, engine="pyogrio", layer=layer)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, ValueError, OSError) as exc:
         raise GeodetError(
@@ -178,6 +181,34 @@ def class_names(gdf, class_column: str | None) -> list[str]:
     return sorted({v for v in class_values(gdf[class_column]) if v is not None})
 
 
+def without_lines(gdf, source: str = "labels", warn: bool = True):
+    """``gdf`` without its lines (a line is no object's outline), and how many there were."""
+    import shapely
+
+    kind = shapely.get_type_id(np.array(gdf.geometry.values, dtype=object)) if len(gdf) else np.zeros(0, int)
+    lines = np.isin(kind, [1, 2, 5])  # LineString, LinearRing, MultiLineString
+    if warn and lines.any() and not lines.all():  # all of them: the caller's error says so
+        log.warning("%s: %d line(s) left out: draw each object as a polygon (its box or outline) or a point",
+                    source, int(lines.sum()))
+    return gdf[~lines], int(lines.sum())
+
+
+def usable_geometries(gdf, class_column: str | None, source: str = "labels"):
+    """The labels with a class (when classes are read), no lines, and repaired geometry, and the
+    counts of those left out; an error that says why when none is left."""
+    n_read = len(gdf)
+    gdf, no_class = drop_unclassed(gdf, class_column, source)
+    gdf, n_lines = without_lines(gdf, source)
+    gdf, counts = repair_geometries(gdf)
+    counts["no_class"], counts["lines"] = no_class, n_lines
+    if n_read and not len(gdf) and counts["empty"]:
+        raise GeodetError(f"{source}: the labels hold no geometry ({counts['empty']} null or empty): draw the objects' "
+                          "boxes (polygons or points)")
+    if not len(gdf):
+        raise GeodetError(f"{source}: no usable label ({describe_counts(counts)})")
+    return gdf, counts
+
+
 def labels_to_boxes(
     gdf,
     scene,
@@ -199,21 +230,7 @@ def labels_to_boxes(
         raise GeodetError(f"{scene.path}: the scene has no CRS, so labels cannot be placed on it")
     if gdf.crs is not None and gdf.crs != scene.crs:
         gdf = gdf.to_crs(scene.crs)
-    n_read = len(gdf)
-    gdf, no_class = drop_unclassed(gdf, class_column, source)
-    kind = shapely.get_type_id(np.array(gdf.geometry.values, dtype=object)) if len(gdf) else np.zeros(0, int)
-    lines = np.isin(kind, [1, 2, 5])  # LineString, LinearRing, MultiLineString: not an object's outline
-    if lines.any() and not lines.all():  # all of them: the error below says so
-        log.warning("%s: %d line(s) left out: draw each object as a polygon (its box or outline) or a point",
-                    source, int(lines.sum()))
-    gdf, counts = repair_geometries(gdf[~lines])
-    counts["no_class"] = no_class
-    counts["lines"] = int(lines.sum())
-    if n_read and not len(gdf) and counts["empty"]:
-        raise GeodetError(f"{source}: the labels hold no geometry ({counts['empty']} null or empty): draw the objects' "
-                          "boxes (polygons or points)")
-    if not len(gdf):
-        raise GeodetError(f"{source}: no usable label ({describe_counts(counts)})")
+    gdf, counts = usable_geometries(gdf, class_column, source)
     geoms = np.array(gdf.geometry.values, dtype=object)
     is_point = np.isin(shapely.get_type_id(geoms), [0, 4])  # Point, MultiPoint
     counts["points"] = int(is_point.sum())
@@ -231,6 +248,9 @@ def labels_to_boxes(
     else:
         values = np.full(len(gdf), names[0], dtype=object)
     lookup = {n: i for i, n in enumerate(names)}
+    for v in set(values) - set(lookup):  # a model trained when an integer column's 1 read as 1.0
+        if v is not None and f"{v}.0" in lookup:
+            lookup[v] = lookup[f"{v}.0"]
     unknown_values = sorted(set(values) - set(lookup))
     if unknown_values:
         if unknown == "keep":

@@ -6,100 +6,23 @@ decimated read (GDAL uses overviews when the file has them), never from a full r
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
 import os
 import threading
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import REMOTE_PREFIXES, GeodetError, ReadError, read_error
+from ..errors import GeodetError, ReadError, read_error
 from .gdal import GDAL_CACHE_MB, HTTP_RETRY, READ_ERRORS, gdal_env, gdal_message  # noqa: F401 (geodet's readers import them here)
+from .raster import metres_per_unit, open_raster, overlap_pixels, pixel_size_m  # noqa: F401 (and these)
 
 log = logging.getLogger(__name__)
 
 STATS_MAX_SIDE = 1024  # decimated read for percentile statistics
-
-
-def open_raster(path: str | Path):
-    """rasterio.open with a clear GeodetError for missing or unreadable files."""
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning
-
-    p = Path(path)
-    if not str(path).startswith(("/vsi", "http://", "https://", "s3://")):
-        if not p.exists():
-            raise GeodetError(f"scene not found: {path}")
-        if p.is_dir():
-            raise GeodetError(f"scene is a folder, not a raster file: {path}")
-    try:
-        with warnings.catch_warnings(), gdal_env(), _gdal_warnings() as said:
-            # a scene without georeferencing is handled (and explained) by the caller
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            src = rasterio.open(path)
-        damage = [m for m in said if any(k in m for k in DAMAGE_SIGNS)]
-        if damage:  # GDAL opened what it could of a cut or corrupt header: its CRS or grid may be missing
-            src.close()
-            raise GeodetError(f"{path}: the file looks damaged (GDAL: {damage[0][:160]}): copy or download it again")
-        for m in said:
-            log.debug("GDAL on opening %s: %s", path, m)
-        return src
-    except rasterio.errors.RasterioIOError as exc:
-        if str(path).startswith(REMOTE_PREFIXES):
-            raise ReadError(f"{path}: cannot open the remote scene: the reads kept failing after retries; GDAL says: "
-                            f"{gdal_message(exc)}. Check the address, the connection or the object store's "
-                            "credentials", {"error": gdal_message(exc)}) from None
-        raise GeodetError(
-            f"{path}: not a raster that GDAL can read (expected a GeoTIFF or another georeferenced raster)"
-        ) from None
-
-
-DAMAGE_SIGNS = ("IO error", "Read error", "TIFFReadDirectory", "truncated", "Truncated", "corrupt", "Corrupt")
-
-
-@contextlib.contextmanager
-def _gdal_warnings():
-    """GDAL's warnings (rasterio logs them) while the block runs, as a list of messages, not on
-    the user's stderr: the caller decides what they mean."""
-    logger = logging.getLogger("rasterio._env")
-    said: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            said.append(record.getMessage())
-
-    handler, propagate, level = Collect(logging.WARNING), logger.propagate, logger.level
-    logger.addHandler(handler)
-    logger.propagate = False
-    if not logger.isEnabledFor(logging.WARNING):
-        logger.setLevel(logging.WARNING)
-    try:
-        yield said
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
-        logger.setLevel(level)
-
-
-def pixel_size_m(transform) -> float:
-    """Ground resolution of a (possibly rotated) affine transform, in CRS units per pixel."""
-    return float(math.hypot(transform.a, transform.d))
-
-
-def metres_per_unit(crs) -> float | None:
-    """Metres in one linear unit of a projected ``crs`` (1 for metres, 0.3048006 for US survey
-    feet); None for a geographic CRS or none."""
-    if crs is None or not crs.is_projected:
-        return None
-    try:
-        return float(crs.linear_units_factor[1])
-    except Exception:  # a projected CRS without a unit PROJ knows: take it as metres, as GDAL does
-        return 1.0
 
 
 class Scene:
@@ -160,29 +83,7 @@ class Scene:
         self.resampled = False
         self.width, self.height, self.transform = self.file_width, self.file_height, self.file_transform
         if gsd_m is not None:
-            if gsd_m <= 0:
-                raise GeodetError(f"gsd_m must be positive, got {gsd_m}")
-            if not self.has_georef:
-                raise GeodetError(
-                    f"{self.path}: the scene has no georeferencing (no CRS or geotransform), so it cannot be resampled "
-                    f"to {gsd_m} m: georeference it (gdal_translate -a_srs ... -a_ullr ..., or QGIS's Georeferencer), "
-                    "or unset the GSD (--gsd / scene.gsd_m) to run at its own resolution")
-            if self.crs is None or not self.crs.is_projected:
-                raise GeodetError(
-                    f"{self.path}: resampling to {gsd_m} m needs a projected CRS in metres; "
-                    "reproject the scene (e.g. gdalwarp -t_srs EPSG:326xx) or unset gsd_m"
-                )
-            fx, fy = (gsd_m / size for size in self.native_size_xy)
-            if abs(fx - 1.0) > 1e-6 or abs(fy - 1.0) > 1e-6:
-                from rasterio.transform import Affine
-
-                self.resampled = True
-                self.width = max(1, int(round(self.file_width / fx)))
-                self.height = max(1, int(round(self.file_height / fy)))
-                # Scale so that the resampled grid covers exactly the file's extent.
-                self.transform = self.file_transform * Affine.scale(
-                    self.file_width / self.width, self.file_height / self.height
-                )
+            self._resample_to(gsd_m)
         # the grid a resampled scene is read in (an area view keeps its scene's, and offsets into it)
         self._grid_geometry = (self.transform, self.width, self.height)
         if percentiles is None:
@@ -195,6 +96,32 @@ class Scene:
             self._stats = {"lo": [0.0] * len(self.bands), "hi": [255.0] * len(self.bands)}
         elif stats is not None:
             self._stats = {"lo": list(stats["lo"]), "hi": list(stats["hi"])}
+
+    def _resample_to(self, gsd_m: float) -> None:
+        """The grid tiles live in at ``gsd_m`` metres per pixel, per axis (the file's, when it is
+        already at that resolution)."""
+        if gsd_m <= 0:
+            raise GeodetError(f"gsd_m must be positive, got {gsd_m}")
+        if not self.has_georef:
+            raise GeodetError(
+                f"{self.path}: the scene has no georeferencing (no CRS or geotransform), so it cannot be resampled "
+                f"to {gsd_m} m: georeference it (gdal_translate -a_srs ... -a_ullr ..., or QGIS's Georeferencer), "
+                "or unset the GSD (--gsd / scene.gsd_m) to run at its own resolution")
+        if self.crs is None or not self.crs.is_projected:
+            raise GeodetError(
+                f"{self.path}: resampling to {gsd_m} m needs a projected CRS; "
+                "reproject the scene (e.g. gdalwarp -t_srs EPSG:326xx) or unset gsd_m"
+            )
+        fx, fy = (gsd_m / size for size in self.native_size_xy)
+        if abs(fx - 1.0) > 1e-6 or abs(fy - 1.0) > 1e-6:
+            from rasterio.transform import Affine
+
+            self.resampled = True
+            self.width = max(1, int(round(self.file_width / fx)))
+            self.height = max(1, int(round(self.file_height / fy)))
+            # Scale so that the resampled grid covers exactly the file's extent.
+            self.transform = self.file_transform * Affine.scale(self.file_width / self.width,
+                                                                self.file_height / self.height)
 
     @property
     def stats(self) -> dict:
@@ -274,8 +201,6 @@ class Scene:
 
     def overlap_px(self, overlap_m: float) -> int:
         """An overlap in metres as pixels of this grid (a projected CRS is needed to know them)."""
-        from ..pipeline.grid import overlap_pixels
-
         if getattr(self, "unit_m", None) is None:
             raise GeodetError(f"{self.path}: an overlap in metres needs a projected CRS (the scene's is "
                               f"{self.crs.to_string() if self.crs else 'none'}): give it in pixels (--overlap)")

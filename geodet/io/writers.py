@@ -108,8 +108,11 @@ def missing_folders(path: str | Path) -> list[Path]:
 def remove_partial(files, folders) -> None:
     """Undo a failed run: remove ``files`` it wrote, then the ``folders`` it made (deepest first)
     while they are empty."""
+    gone = set()
     for f in files:
         Path(f).unlink(missing_ok=True)
+        gone.add(Path(f))
+    WRITTEN[:] = [p for p in WRITTEN if p not in gone]  # an interrupt then names only what is still there
     for d in folders:
         try:
             Path(d).rmdir()
@@ -141,8 +144,11 @@ def interrupts_held():
         yield
         return
     held, previous = [], {}
+    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in signals:
+            if signal.getsignal(sig) is None:  # a handler set outside Python: it cannot be put back, so not held
+                continue
             previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
     except (ValueError, OSError):  # not the main interpreter (an embedding host): as it is
         for sig, handler in previous.items():

@@ -432,5 +432,6 @@ def build_model(
         percentiles=[float(p) for p in (percentiles if percentiles is not None else SceneConfig().percentiles)],
         gsd_m=None if gsd_m is None else float(gsd_m),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        extra={"gsd_unit": "m"},  # metres in any CRS (older cards held the training scene CRS's unit)
     )
     return GeodetModel(net, card)

@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import GeodetError
+from ..io.raster import overlap_pixels  # noqa: F401 (an overlap in metres: with the scene that knows them)
 
 
 @dataclass(frozen=True)
@@ -116,12 +117,3 @@ class TileGrid:
             f"TileGrid({self.width}x{self.height}, tile_size={self.tile_size}, overlap={self.overlap}: "
             f"{self.n_rows} rows x {self.n_cols} cols)"
         )
-
-
-def overlap_pixels(overlap_m: float, gsd_m: float) -> int:
-    """An overlap given in metres, in pixels at ``gsd_m`` (rounded up)."""
-    if overlap_m < 0:
-        raise GeodetError(f"overlap must be zero or positive, got {overlap_m} m")
-    if gsd_m <= 0:
-        raise GeodetError(f"ground resolution must be positive, got {gsd_m} m")
-    return int(math.ceil(overlap_m / gsd_m - 1e-9))

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import GeodetError, ReadError
+from ..errors import GeodetError, ReadError, brief
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +179,14 @@ def _draw_quicklooks(scenes: Sequence, looks: list, frames: list, card, min_scor
 
     ran = {f.attrs["report"]["scene"] for f in frames}
     pairs = [(x, p) for x, p in zip(scenes, looks) if str(x) in ran]
+    drawn = []
     for (scene, png), f in zip(pairs, frames):
-        draw(scene, f, png, classes=card.classes if card else None, min_score=min_score)
-    return [str(p) for _, p in pairs]
+        try:
+            draw(scene, f, png, classes=card.classes if card else None, min_score=min_score)
+            drawn.append(str(png))
+        except Exception as exc:  # a picture's failure (a damaged overview, a full disk) never costs the detections
+            log.warning("quicklook %s not drawn: %s", png, brief(exc))
+    return drawn
 
 
 def load_detector_file(path):

@@ -25,13 +25,14 @@ def open_scene(scene, settings, card=None, warn: bool = True):
     (``DetectSettings``; ``warn``: say when the card's GSD cannot apply; off for a second opening
     of one scene). A ``Scene`` is returned as it is."""
     from ..errors import GeodetError
-    from ..io.scene import Scene, open_raster
+    from ..io.scene import Scene, metres_per_unit, open_raster
 
     if isinstance(scene, Scene):
         return scene
     path = str(scene)
     with open_raster(path) as src:
         count, projected = src.count, src.crs is not None and src.crs.is_projected
+        unit = metres_per_unit(src.crs)
     bands = list(settings.bands)
     if card is not None and (len(bands) != card.n_bands or max(bands) > count):
         listed = ",".join(str(b) for b in card.bands)
@@ -55,6 +56,10 @@ def open_scene(scene, settings, card=None, warn: bool = True):
         if warn:
             log.warning("%s has no projected CRS: running at its native resolution, not the model's %.3g m", path, gsd_m)
         gsd_m = None
+    if gsd_m is not None and settings.sources.get("gsd_m") == "card" and unit not in (None, 1.0) \
+            and card is not None and card.extra.get("gsd_unit") != "m":
+        # a card written before GSDs were metres in every CRS holds the training scene's units
+        gsd_m *= unit
     return Scene(path, bands=bands, gsd_m=gsd_m, percentiles=settings.percentiles)
 
 

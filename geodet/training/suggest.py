@@ -11,10 +11,11 @@ its neighbours (``SPREAD``) so that the suggestions cover the scene instead of o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
-import shutil
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -343,12 +344,12 @@ def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
         raise GeodetError(f"the labelled area is written as .gpkg, .geojson, .fgb or .shp, not {fmt}")
     new = gpd.GeoDataFrame({"source": [Path(str(suggestions)).name] * len(cells)}, geometry=cells.geometry.values,
                            crs=cells.crs)
-    layer = path.stem
+    named = str(labelled_area).split("|layername=", 1)[1].split("|", 1)[0] if "|layername=" in str(labelled_area) else None
+    layer = named or path.stem
     if path.exists():
         old = read_labels(labelled_area, None)
-        if fmt == "gpkg":  # the layer read (named, or the file's one): the file's other layers stay as they are
-            layer = (str(labelled_area).split("|layername=", 1)[1].split("|", 1)[0] if "|layername=" in str(labelled_area)
-                     else next(name for name, geom in pyogrio.list_layers(path) if geom))
+        if fmt == "gpkg" and not named:  # the layer read (the file's one): the file's other layers stay as they are
+            layer = next(name for name, geom in pyogrio.list_layers(path) if geom)
         new = new.to_crs(old.crs) if old.crs is not None and new.crs is not None else new
         keep = [c for c in old.columns if c != old.geometry.name]
         old = gpd.GeoDataFrame(old[keep], geometry=old.geometry.values, crs=old.crs)
@@ -356,7 +357,10 @@ def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
     drivers = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf", "shp": "ESRI Shapefile"}
     with atomic_path(path) as tmp:
         if fmt == "gpkg" and path.exists():
-            shutil.copyfile(path, tmp)  # a copy, the layer replaced in it, then renamed into place
+            # a copy (through SQLite, so edits QGIS still holds in its write-ahead log come along), the
+            # layer replaced in it, then renamed into place
+            with contextlib.closing(sqlite3.connect(path)) as src, contextlib.closing(sqlite3.connect(tmp)) as dst:
+                src.backup(dst)
         out = new.to_crs("EPSG:4326") if fmt == "geojson" and new.crs is not None else new
         pyogrio.write_dataframe(out, tmp, driver=drivers[fmt], layer=layer,
                                 dataset_options={"VERSION": GPKG_VERSION} if fmt == "gpkg" and not path.exists() else None)

@@ -32,7 +32,6 @@ import torch
 from ..config import Config, config_from_dict
 from ..errors import GeodetError
 from ..io.scene import gdal_env
-from ..pipeline.grid import overlap_pixels
 from ..progress import progress_bar
 from . import inputs
 from .loop import STOPS, CpuShare, Run, StopSignals, train_step, training_precision
@@ -95,8 +94,7 @@ class Trainer:
             self.keep = "last"
         self.classes = classes
         t = cfg.tiling
-        gsd = self.train_scenes[0].scene.pixel_gsd
-        self.overlap = overlap_pixels(t.overlap_m, gsd) if t.overlap_m is not None else t.overlap
+        self.overlap = self.train_scenes[0].scene.overlap_px(t.overlap_m) if t.overlap_m is not None else t.overlap
         n_labels = sum(len(s.labels) for s in self.train_scenes)
         col = cfg.train.class_column
         where = f"from the labels' '{col}' column" if col else "one class: no class column (train.class_column '')"

@@ -1,0 +1,134 @@
+"""Detection files as geodet writes them (any vector format, GeoParquet, CSV with its .prj), read
+back for evaluation: pixel columns, one scene of several, rows without a geometry, point labels."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GeodetError, brief
+
+log = logging.getLogger(__name__)
+
+
+def pixel_columns(df) -> list[str] | None:
+    """The pixel-box columns of a detection table: ``px_x0..px_y1``, or the ``x0..y1`` that
+    geodet wrote before 0.2."""
+    for cols in (["px_x0", "px_y0", "px_x1", "px_y1"], ["x0", "y0", "x1", "y1"]):
+        if set(cols) <= set(df.columns):
+            return cols
+    return None
+
+
+def read_detections(path):
+    """Any detection file geodet writes (vector formats, or CSV with a wkt column)."""
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+
+    if "|layername=" in str(path):  # one layer of a file, as QGIS names it
+        from .labels import read_labels
+
+        return read_labels(path, allow_empty=True)
+    p = Path(path)
+    if not p.exists():
+        raise GeodetError(f"detections not found: {path}")
+    if p.suffix.lower() == ".csv":
+        try:
+            df = pd.read_csv(p)
+        except (ValueError, OSError, UnicodeDecodeError) as exc:
+            raise GeodetError(f"{path}: not a CSV file pandas can read: {brief(exc, 120)}") from None
+        if "wkt" in df.columns:
+            geom = shapely.from_wkt(df["wkt"].where(df["wkt"].notna(), None), on_invalid="ignore")
+            if "crs" in df.columns and df["crs"].notna().any():  # several CRSs: one per row, as geodet writes them
+                parts = [gpd.GeoDataFrame(df[sel].drop(columns=["wkt", "crs"]), geometry=geom[sel.to_numpy()], crs=crs)
+                         for crs, sel in ((c, df["crs"] == c) for c in df["crs"].dropna().unique())]
+                first = parts[0].crs
+                return pd.concat([f.to_crs(first) for f in parts], ignore_index=True).set_crs(first, allow_override=True)
+            prj = p.with_suffix(".prj")  # the CRS, as geodet (and GDAL's CSV driver) write it beside the file
+            crs = None
+            if prj.exists():
+                from pyproj import CRS
+                from pyproj.exceptions import CRSError
+
+                try:
+                    crs = CRS.from_user_input(prj.read_text(encoding="utf-8", errors="replace"))
+                except CRSError:
+                    raise GeodetError(f"{prj}: not a CRS that PROJ can read; fix or remove it") from None
+            return gpd.GeoDataFrame(df.drop(columns="wkt"), geometry=geom, crs=crs)
+        cols = pixel_columns(df)
+        if cols:
+            geom = shapely.box(*(df[c] for c in cols))
+            return gpd.GeoDataFrame(df, geometry=geom, crs=None)
+        raise GeodetError(f"{path}: a CSV of detections needs a wkt column or px_x0, px_y0, px_x1, px_y1 pixel boxes")
+    from .labels import read_geoparquet, read_labels
+
+    if p.suffix.lower() == ".parquet":
+        return read_geoparquet(p)
+    if p.suffix.lower() == ".gpkg":
+        import pyogrio
+
+        layers = [name for name, geom in pyogrio.list_layers(p) if geom]  # not layer_styles
+        if len(layers) > 1:  # one layer per CRS (scenes in several UTM zones)
+            parts = [gpd.read_file(p, layer=name, engine="pyogrio") for name in layers]
+            parts = [f for f in parts if len(f)] or parts[:1]
+            crs = parts[0].crs
+            return pd.concat([f.to_crs(crs) if f.crs != crs else f for f in parts], ignore_index=True).set_crs(
+                crs, allow_override=True)
+        if len(layers) == 1:
+            return read_labels(p, allow_empty=True, layer=layers[0])
+    return read_labels(p, allow_empty=True)
+
+
+def only_scene(det, scene):
+    """The detections of ``scene`` from a file of several scenes (its ``scene`` column)."""
+    if "scene" not in det.columns or scene is None or len(det) == 0:
+        return det
+    names = det["scene"].astype(str)
+    want = str(scene)
+    sel = (names == want) | (names.map(lambda n: Path(n).name) == Path(want).name)
+    if not sel.any():
+        listed = ", ".join(sorted(set(names.map(lambda n: Path(n).name)))[:5])
+        raise GeodetError(f"none of the detections come from {Path(want).name} (scenes in the file: {listed}): "
+                          "pass the --scene the detections were made on")
+    return det[sel.to_numpy()]
+
+
+def with_geometry(det, source):
+    """The detections that have a geometry; those without one (null or empty) are left out and
+    counted in a warning (a box cannot be scored without its place)."""
+    if not len(det):
+        return det
+    missing = (det.geometry.isna() | det.geometry.is_empty).to_numpy()
+    if missing.any():
+        name = source if isinstance(source, (str, Path)) else "detections"
+        log.warning("%s: %d detection(s) without a geometry left out", name, int(missing.sum()))
+        det = det[~missing]
+    return det
+
+
+def points_as_squares(gt, point_box_m: float = 1.0):
+    """Point labels as squares of ``point_box_m`` on the ground (as training and ``--scene`` make
+    them), in the labels' CRS; other geometries as they are."""
+    import shapely
+
+    geoms = np.array(gt.geometry.values, dtype=object)
+    is_point = np.isin(shapely.get_type_id(geoms), [0, 4]) if len(geoms) else np.zeros(0, bool)
+    if not is_point.any():
+        return gt
+    pts = gt.geometry[is_point]
+    crs = gt.crs
+    work = pts.to_crs(pts.estimate_utm_crs()) if crs is not None and crs.is_geographic else pts
+    unit = 1.0
+    if work.crs is not None and work.crs.axis_info:
+        unit = work.crs.axis_info[0].unit_conversion_factor or 1.0  # metres per unit (US feet: 0.3048)
+    h = point_box_m / 2 / unit
+    c = shapely.centroid(np.array(work.values, dtype=object))
+    x, y = shapely.get_x(c), shapely.get_y(c)
+    squares = work.__class__(shapely.box(x - h, y - h, x + h, y + h), index=work.index, crs=work.crs)
+    if squares.crs != crs:
+        squares = squares.to_crs(crs)
+    geoms[is_point] = np.array(squares.values, dtype=object)
+    return gt.set_geometry(list(geoms), crs=crs)

@@ -1,0 +1,111 @@
+"""Opening a raster: clear errors for what is not one or is damaged, and a pixel's size in metres."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import warnings
+from pathlib import Path
+
+from ..errors import REMOTE_PREFIXES, GeodetError, ReadError
+from .gdal import gdal_env, gdal_message
+
+log = logging.getLogger(__name__)
+
+
+def open_raster(path: str | Path):
+    """rasterio.open with a clear GeodetError for missing or unreadable files."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    p = Path(path)
+    if not str(path).startswith(("/vsi", "http://", "https://", "s3://")):
+        if not p.exists():
+            raise GeodetError(f"scene not found: {path}")
+        if p.is_dir():
+            raise GeodetError(f"scene is a folder, not a raster file: {path}")
+    try:
+        with warnings.catch_warnings(), gdal_env(), _gdal_warnings() as said:
+            # a scene without georeferencing is handled (and explained) by the caller
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
+        damage = [m for m in said if any(k in m for k in DAMAGE_SIGNS)]
+        if damage:  # GDAL opened what it could of a cut or corrupt header: its CRS or grid may be missing
+            src.close()
+            raise GeodetError(f"{path}: the file looks damaged (GDAL: {damage[0][:160]}): copy or download it again")
+        for m in said:
+            log.debug("GDAL on opening %s: %s", path, m)
+        return src
+    except rasterio.errors.RasterioIOError as exc:
+        if str(path).startswith(REMOTE_PREFIXES):
+            raise ReadError(f"{path}: cannot open the remote scene: the reads kept failing after retries; GDAL says: "
+                            f"{gdal_message(exc)}. Check the address, the connection or the object store's "
+                            "credentials", {"error": gdal_message(exc)}) from None
+        raise GeodetError(
+            f"{path}: not a raster that GDAL can read (expected a GeoTIFF or another georeferenced raster)"
+        ) from None
+
+
+# libtiff on a file cut inside its header ("TIFFFetchNormalTag:IO error during reading of \"GeoKeyDirectory\""); its other
+# warnings (an RGB file with a fourth band and no ExtraSamples) come from files that read well
+DAMAGE_SIGNS = ("IO error",)
+
+
+_SAID = threading.local()  # the GDAL warnings of an open in progress, per thread
+
+
+class _Collect(logging.Filter):
+    """On rasterio's GDAL logger, once: while a thread opens a scene (``_gdal_warnings``), GDAL's
+    warnings in that thread are kept for it and not passed on; in other threads, as always."""
+
+    def filter(self, record) -> bool:
+        said = getattr(_SAID, "said", None)
+        if said is None or record.levelno < logging.WARNING:
+            return True
+        said.append(record.getMessage())
+        return False
+
+
+_COLLECT = _Collect()
+
+
+@contextlib.contextmanager
+def _gdal_warnings():
+    """GDAL's warnings (rasterio logs them) in this thread while the block runs, as a list of
+    messages, not on the user's stderr: the caller decides what they mean."""
+    logger = logging.getLogger("rasterio._env")
+    if _COLLECT not in logger.filters:
+        logger.addFilter(_COLLECT)
+    outer = getattr(_SAID, "said", None)
+    _SAID.said = said = []
+    try:
+        yield said
+    finally:
+        _SAID.said = outer
+
+
+def pixel_size_m(transform) -> float:
+    """Ground resolution of a (possibly rotated) affine transform, in CRS units per pixel."""
+    return float(math.hypot(transform.a, transform.d))
+
+
+def metres_per_unit(crs) -> float | None:
+    """Metres in one linear unit of a projected ``crs`` (1 for metres, 0.3048006 for US survey
+    feet); None for a geographic CRS or none."""
+    if crs is None or not crs.is_projected:
+        return None
+    try:
+        return float(crs.linear_units_factor[1])
+    except Exception:  # a projected CRS without a unit PROJ knows: take it as metres, as GDAL does
+        return 1.0
+
+
+def overlap_pixels(overlap_m: float, gsd_m: float) -> int:
+    """An overlap given in metres, in pixels at ``gsd_m`` (rounded up)."""
+    if overlap_m < 0:
+        raise GeodetError(f"overlap must be zero or positive, got {overlap_m} m")
+    if gsd_m <= 0:
+        raise GeodetError(f"ground resolution must be positive, got {gsd_m} m")
+    return int(math.ceil(overlap_m / gsd_m - 1e-9))
