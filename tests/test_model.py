@@ -152,8 +152,10 @@ def test_bad_model_files(tmp_path):
     (tmp_path / "rand.pt").write_bytes(np.random.default_rng(0).bytes(5000))
     torch.save({"format": "geodet-model", "version": 99, "card": {}, "state_dict": {}}, tmp_path / "v99.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    torch.save({"format": "geodet-checkpoint", "version": 1, "model": {}}, tmp_path / "last.pt")  # as train writes it
     for name, msg in [("trunc.pt", "not a readable"), ("rand.pt", "not a model file \\(not a PyTorch file"), ("v99.pt", "version 99"),
-                      ("other.pt", "not a geodet model"), ("missing.pt", "not found")]:
+                      ("other.pt", "not a geodet model"), ("missing.pt", "not found"),
+                      ("last.pt", "is a training checkpoint .what train --resume reads.*model.pt")]:
         with pytest.raises(GeodetError, match=msg):
             load_model(tmp_path / name)
 

@@ -59,6 +59,9 @@ def read_model_file(path: str | Path) -> dict:
             reason = "it holds Python objects that a safe load refuses"
             todo = "give a model.pt that geodet train wrote, or import other checkpoints first (geodet import)"
         raise GeodetError(f"{path}: not a readable geodet model file ({reason}): {todo}") from None
+    if isinstance(payload, dict) and payload.get("format") == "geodet-checkpoint":  # a run's last.pt
+        raise GeodetError(f"{path} is a training checkpoint (what train --resume reads), not a model: give the run's "
+                          "model.pt, or its folder")
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise GeodetError(f"{path}: not a geodet model file (no '{MODEL_FORMAT}' format tag)")
     if payload.get("version") != MODEL_VERSION:
