@@ -172,3 +172,16 @@ def test_a_quicklook_that_fails_never_costs_the_detections(tmp_path, two_zones, 
                            quicklook=tmp_path / "q.png")
     assert out.exists() and frame.attrs["report"]["quicklooks"] == [] and len(frame) == 1
     assert "quicklook" in caplog.text and "not drawn" in caplog.text
+
+
+def test_a_scene_placed_by_ground_control_points_only_is_told_to_warp(tmp_path):
+    from rasterio.control import GroundControlPoint
+    from rasterio.crs import CRS
+
+    gcps = [GroundControlPoint(r, c, 500000 + c * 0.3, 4600000 - r * 0.3) for r in (0, 100) for c in (0, 100)]
+    p = tmp_path / "gcp.tif"
+    with rasterio.open(p, "w", driver="GTiff", width=100, height=100, count=3, dtype="uint8", gcps=gcps,
+                       crs=CRS.from_epsg(32633)) as dst:
+        dst.write(np.zeros((3, 100, 100), np.uint8))
+    with pytest.raises(GeodetError, match=r"ground control points only: warp it to a grid first \(gdalwarp -t_srs EPSG:32633"):
+        detect_to_file([p], one_box, tmp_path / "d.gpkg", tile_size=128, overlap=16, progress=False)

@@ -86,6 +86,16 @@ def _gdal_warnings():
         _SAID.said = outer
 
 
+def georeference_advice(src) -> str:
+    """What to do about an opened raster without a CRS or grid: warp one georeferenced by ground
+    control points only (GDAL reads them, geodet needs a grid), else assign one."""
+    gcps, gcp_crs = src.gcps if hasattr(src, "gcps") else ([], None)
+    if gcps:
+        return (f"it is georeferenced by {len(gcps)} ground control points only: warp it to a grid first "
+                f"(gdalwarp -t_srs {gcp_crs.to_string() if gcp_crs else 'EPSG:xxxx'} in.tif out.tif)")
+    return "assign a CRS (gdal_edit.py -a_srs EPSG:xxxx) and, without a geotransform, corners (-a_ullr)"
+
+
 def pixel_size_m(transform) -> float:
     """Ground resolution of a (possibly rotated) affine transform, in CRS units per pixel."""
     return float(math.hypot(transform.a, transform.d))

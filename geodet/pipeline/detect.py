@@ -235,9 +235,10 @@ def detect_tiles(scene: Scene, grid: TileGrid, detector, settings: DetectSetting
                     counts["tiles_run"] += 1
                     counts["tiles_capped"] += r.capped
                     # a capped tile loses objects that matter only if its lowest kept score is at or
-                    # above the operating point: below it, only boxes the model ranks as noise were cut
-                    counts["tiles_lost"] += r.capped and (operating_point is None or not len(r.scores)
-                                                          or float(r.scores.min()) >= operating_point)
+                    # above the operating point: below it, only boxes the model ranks as noise were cut;
+                    # a tile whose boxes all lay on nodata or padding (a scene of a few pixels) kept none
+                    counts["tiles_lost"] += r.capped and len(r.scores) > 0 and (
+                        operating_point is None or float(r.scores.min()) >= operating_point)
                     counts["on_nodata"] += r.on_nodata
                     stitcher.add(r.tile, r.boxes, r.scores, r.labels)
                 timings["stitch"] += time.perf_counter() - t0

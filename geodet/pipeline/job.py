@@ -123,7 +123,7 @@ def _readable_scenes(scenes: Sequence, fmt: str) -> tuple[list, list[dict]]:
     """The scenes that open, and the failures of those that do not (a remote scene that cannot be
     reached fails alone in a job of several; alone, it fails the job). A scene without a CRS
     fails the job unless the output is CSV (pixel boxes)."""
-    from ..io.scene import open_raster
+    from ..io.raster import georeference_advice, open_raster
     from ..io.writers import distinct_crss
 
     crss, failures, readable = [], [], []
@@ -140,7 +140,7 @@ def _readable_scenes(scenes: Sequence, fmt: str) -> tuple[list, list[dict]]:
             if fmt != "csv" and src.crs is None:
                 raise GeodetError(
                     f"{s}: the scene has no CRS, so {fmt} output cannot be georeferenced: write CSV (-o out.csv) "
-                    "for pixel boxes, or assign a CRS (gdal_edit.py -a_srs EPSG:xxxx)"
+                    f"for pixel boxes, or {georeference_advice(src)}"
                 )
             crss.append(src.crs)
     if len(distinct_crss(crss)) > 1 and fmt in ("fgb", "shp", "parquet"):

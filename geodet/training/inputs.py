@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import GeodetError
 from ..io.labels import class_names, describe_counts, labels_to_boxes, read_labels
-from ..io.scene import READ_ERRORS, scene_from_config
+from ..io.scene import READ_ERRORS, open_raster, scene_from_config
 from .area import centres_inside, read_labelled_area, validation_split, within
 from .sampler import TrainScene
 
@@ -47,9 +47,12 @@ def _open_pair(pair, cfg):
     sc = scene_from_config(pair.scene, cfg.scene)
     sc.skip_hint = False
     if not sc.has_georef:
+        from ..io.raster import georeference_advice
+
+        with open_raster(pair.scene) as src:
+            advice = georeference_advice(src)
         raise GeodetError(f"{pair.scene}: the scene has no georeferencing (no CRS or geotransform), so vector "
-                          "labels cannot be placed on it: georeference it (e.g. gdal_translate -a_srs and "
-                          "-a_ullr, or QGIS's Georeferencer)")
+                          f"labels cannot be placed on it: {advice} (or use QGIS's Georeferencer)")
     return sc, read_labels(pair.labels, cfg.train.class_column or None)
 
 
