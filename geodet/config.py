@@ -362,3 +362,34 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def check_run_values(cfg: Config) -> None:
+    """Refuse, before any work, values a training or pretraining run cannot start with (one line
+    naming the key; the flag of the same name sets it too)."""
+    import math
+
+    t, tr = cfg.tiling, cfg.train
+
+    def refuse(key: str, value, want: str):
+        raise GeodetError(f"{key} must be {want}, got {value!r}: fix it in the config (or its flag)")
+
+    if t.tile_size < 1:
+        refuse("tiling.tile_size", t.tile_size, "a positive number of pixels")
+    if t.overlap_m is not None:
+        if not (math.isfinite(t.overlap_m) and t.overlap_m >= 0):
+            refuse("tiling.overlap_m", t.overlap_m, "zero or a positive number of metres")
+    elif not 0 <= t.overlap < t.tile_size:
+        refuse("tiling.overlap", t.overlap, f"zero or more and smaller than the tile size ({t.tile_size} px)")
+    if tr.batch_size < 1:
+        refuse("train.batch_size", tr.batch_size, "at least 1")
+    if tr.steps_per_epoch < 1:
+        refuse("train.steps_per_epoch", tr.steps_per_epoch, "at least 1")
+    if tr.epochs is not None and tr.epochs < 1:
+        refuse("train.epochs", tr.epochs, "at least 1 (or unset)")
+    if tr.max_steps is not None and tr.max_steps < 1:
+        refuse("train.max_steps", tr.max_steps, "at least 1 (or unset)")
+    if not (math.isfinite(tr.lr) and tr.lr > 0):
+        refuse("train.lr", tr.lr, "a positive number")
+    if not 0 <= tr.val_fraction < 1:
+        refuse("train.val_fraction", tr.val_fraction, "from 0 (no validation strip) to less than 1")

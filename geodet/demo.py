@@ -24,29 +24,36 @@ def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: i
     """Make train/test scenes, train the CPU preset for ``minutes``, detect, evaluate, write files."""
     from .pipeline.scenes import detect_scene
     from .evaluation import evaluate
-    from .io.writers import check_output_path, write_detections, write_json
+    from .io.writers import check_output_path, missing_folders, remove_partial, write_detections, write_json
     from .model import load_model
     from .io.quicklook import quicklook
     from .synthetic import make_scene
     from .training.trainer import Trainer
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     check_output_path(out / "metrics.json")
+    made = missing_folders(out / "data")  # removed again, with the scenes, if no model comes of the run
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = out / "data"
     data.mkdir(exist_ok=True)
-    log.info("making synthetic scenes (%d px, 0.3 m, vehicles) in %s", size, data)
-    train_s = make_scene(data / "train.tif", data / "train.gpkg", size=size, seed=seed * 2 + 1)
-    test_s = make_scene(data / "test.tif", data / "test.gpkg", size=size, seed=seed * 2 + 2)
-    cfg = load_config("cpu")
-    cfg.train.scenes = [SceneLabels(str(train_s.image), str(train_s.labels))]
-    cfg.train.time_limit_min = minutes
-    cfg.train.max_steps = max_steps
-    cfg.train.seed = seed
-    log.info("training the CPU preset for up to %.1f min on %d vehicles", minutes, train_s.n_objects)
-    trainer = Trainer(cfg, out / "run", progress=progress)
-    model_path = trainer.run()
+    scenes = [p for p in (data / f"{split}{ext}" for split in ("train", "test") for ext in (".tif", ".gpkg"))
+              if not p.exists()]  # made by this run (an earlier demo's stay)
+    try:
+        log.info("making synthetic scenes (%d px, 0.3 m, vehicles) in %s", size, data)
+        train_s = make_scene(data / "train.tif", data / "train.gpkg", size=size, seed=seed * 2 + 1)
+        test_s = make_scene(data / "test.tif", data / "test.gpkg", size=size, seed=seed * 2 + 2)
+        cfg = load_config("cpu")
+        cfg.train.scenes = [SceneLabels(str(train_s.image), str(train_s.labels))]
+        cfg.train.time_limit_min = minutes
+        cfg.train.max_steps = max_steps
+        cfg.train.seed = seed
+        log.info("training the CPU preset for up to %.1f min on %d vehicles", minutes, train_s.n_objects)
+        trainer = Trainer(cfg, out / "run", progress=progress)
+        model_path = trainer.run()
+    except BaseException:  # a refused budget, an interrupt: the demo's scenes go with it (exit 2 writes nothing)
+        remove_partial(scenes, made)
+        raise
     share = trainer.cpu_share  # the trainer warns when other work took the CPU
     model = load_model(model_path)
     steps = _steps_made(out / "run" / "metrics.csv")

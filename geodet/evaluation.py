@@ -235,6 +235,9 @@ def _operating_point(det_scores, order, matched, n_gt: int) -> dict:
     (precision interpolated at COCO's 101 recall points)."""
     s = det_scores[order]
     tp = np.cumsum(matched[order])
+    if not tp[-1]:  # no detection found an object: no score separates them, so there is no operating point
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0, "score_threshold": None,
+                "pr_curve": {"recall": np.linspace(0, 1, 101).tolist(), "precision": [0.0] * 101}}
     k = np.arange(1, len(s) + 1)
     cut = np.r_[s[1:] != s[:-1], True]  # a threshold keeps every detection of a tied score
     prec, rec = tp / k, tp / max(n_gt, 1)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import rasterio
 from helpers import write_raster
 from rasterio.transform import from_origin
@@ -76,3 +77,58 @@ def test_a_scene_without_crs_tiles_and_says_so_once(tmp_path, caplog):
         write_chips(p, tmp_path / "out", 64, 8, progress=False)
     assert (tmp_path / "out" / "chips.gpkg").exists()
     assert caplog.text.count("nocrs.tif has no CRS, so chips.gpkg has none either") == 1
+
+
+def test_a_rerun_replaces_the_folder_whole_and_a_failed_one_leaves_it(tmp_path, monkeypatch):
+    """Tiles of a rerun into the same folder never mix with the last run's (chips, chips.gpkg and
+    annotations.json are of one run); a rerun that fails or is interrupted leaves the last run as it was."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from geodet.io.scene import Scene
+    from geodet.pipeline.chips import write_chips
+
+    data = np.random.default_rng(3).integers(0, 255, (3, 200, 200)).astype(np.uint8)
+    p = write_raster(tmp_path / "s.tif", data)
+    x0, y0 = 300000, 5000000
+    labels = gpd.GeoDataFrame({"label": ["car"]}, geometry=[box(x0 + 5, y0 - 15, x0 + 15, y0 - 5)], crs="EPSG:32633")
+    labels.to_file(tmp_path / "l.gpkg")
+    out = tmp_path / "out"
+    write_chips(p, out, tile_size=50, overlap=0, labels=tmp_path / "l.gpkg", progress=False)
+    assert len(list((out / "chips").iterdir())) == 16 and (out / "annotations.json").exists()
+    write_chips(p, out, tile_size=100, overlap=0, progress=False)  # no labels this time
+    assert sorted(f.name for f in (out / "chips").iterdir()) == ["r0_c0.tif", "r0_c1.tif", "r1_c0.tif", "r1_c1.tif"]
+    assert not (out / "annotations.json").exists() and len(gpd.read_file(out / "chips.gpkg")) == 4
+    before = {f.name: f.read_bytes() for f in (out / "chips").iterdir()}
+    calls = []
+    real = Scene.read_raw
+
+    def interrupted(self, window):
+        calls.append(window)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, window)
+
+    monkeypatch.setattr(Scene, "read_raw", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_chips(p, out, tile_size=40, overlap=0, progress=False)
+    assert {f.name: f.read_bytes() for f in (out / "chips").iterdir()} == before
+    assert len(gpd.read_file(out / "chips.gpkg")) == 4 and sorted(f.name for f in out.iterdir()) == ["chips", "chips.gpkg"]
+
+
+def test_tile_numbers_are_checked_and_a_small_tile_gets_a_smaller_overlap(tmp_path, capsys, caplog):
+    from geodet.cli import main
+
+    p = write_raster(tmp_path / "s.tif", np.zeros((3, 160, 160), np.uint8))
+    for flag, value, said in [("--overlap-m", "nan", "finite number"), ("--gsd", "inf", "finite number"),
+                              ("--min-visibility", "1.5", "at most 1"), ("--min-valid", "1", "less than 1")]:
+        with pytest.raises(SystemExit) as stop:  # a usage error, as argparse ends it
+            main(["tile", str(p), "-o", str(tmp_path / "x"), flag, value])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    # the default overlap (64 px) with a tile of 80 would step 16 px: 10 px instead, said
+    assert main(["tile", str(p), "-o", str(tmp_path / "t"), "--tile-size", "80", "-q"]) == 0
+    assert "overlap 10 px instead" in caplog.text
+    assert len(list((tmp_path / "t" / "chips").iterdir())) == 9  # 80 px tiles stepping 70 px over 160 px (36 stepping 16 px)

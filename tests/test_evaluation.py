@@ -227,3 +227,11 @@ def test_detection_files_as_users_have_them(tmp_path):
     assert evaluate(squares, points.to_crs("EPSG:4326"))["AP50"] == 1
     edge = _frame([(499998, 4599990, 500004, 4599996)])
     assert evaluate(edge, edge, scene=str(scene))["AP"] == 1
+
+
+def test_no_detection_that_finds_an_object_gives_no_operating_point():
+    """Detections that match nothing have no score that separates right from wrong: the operating
+    point is None (a model card then has none, and suggest refuses it), not the top score."""
+    far = [(x0 + 100, y0, x1 + 100, y1) for x0, y0, x1, y1 in BOXES]
+    m = evaluate(_frame(far, scores=[0.9, 0.8, 0.7, 0.6, 0.5]), _frame(BOXES))
+    assert m["score_threshold"] is None and m["f1"] == 0 and m["AP50"] == 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from geodet.errors import GeodetError
 from geodet.model import load_model
 
 
@@ -93,3 +94,31 @@ def test_losses_stay_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(images, targets)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+
+
+def test_resume_with_another_network_is_one_line_and_leaves_the_run(tmp_path, synth):
+    """A config whose network differs from the run's checkpoint is refused with what to do (not a
+    state-dict traceback), and values no run can start with are refused before any work."""
+    from geodet.config import check_run_values
+    from geodet.training.trainer import train
+
+    train(tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0), tmp_path, progress=False)
+    before = (tmp_path / "last.pt").read_bytes()
+    other = tiny_config(synth.image, synth.labels, epochs=2, val_fraction=0.0)
+    other.model.channels = 16
+    with pytest.raises(GeodetError, match="--resume: .*last.pt holds another network or classes"):
+        train(other, tmp_path, resume=True, progress=False)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    for key, value, match in [("batch_size", 0, "train.batch_size must be at least 1"),
+                              ("steps_per_epoch", 0, "train.steps_per_epoch must be at least 1"),
+                              ("lr", -1e-3, "train.lr must be a positive number"),
+                              ("val_fraction", 1.0, "train.val_fraction must be from 0")]:
+        cfg = tiny_config(synth.image, synth.labels)
+        setattr(cfg.train, key, value)
+        with pytest.raises(GeodetError, match=match):
+            check_run_values(cfg)
+    cfg = tiny_config(synth.image, synth.labels)
+    cfg.tiling.overlap = cfg.tiling.tile_size
+    with pytest.raises(GeodetError, match="tiling.overlap must be zero or more and smaller than the tile size"):
+        train(cfg, tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()

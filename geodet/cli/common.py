@@ -4,6 +4,7 @@ logging, progress and exit codes."""
 from __future__ import annotations
 
 import argparse
+import math
 import logging
 import re
 import sys
@@ -42,6 +43,32 @@ def int_at_least(minimum: int):
 
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite number (never nan or inf) in the range given, with a one-line
+    message otherwise."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+        if (low is not None and (v < low or low_open and v == low)) or \
+                (high is not None and (v > high or high_open and v == high)):
+            lo = "" if low is None else f"{'more than' if low_open else 'at least'} {low:g}"
+            hi = "" if high is None else f"{'less than' if high_open else 'at most'} {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(x for x in (lo, hi) if x)}, got {v:g}")
+        return v
+
+    return parse
+
+
+finite = number()
+positive = number(0, low_open=True)
+share = number(0, 1)  # a fraction from 0 to 1
 
 
 DEVICE_METAVAR = "{auto,cpu,cuda,cuda:N}"

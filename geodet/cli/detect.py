@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import EXIT_PARTIAL, FORMATS, GeodetError, add_device, bands, nonneg_int, positive_int, quiet_ray
+from .common import add_device, bands, EXIT_PARTIAL, finite, FORMATS, GeodetError, nonneg_int, positive, positive_int, quiet_ray, share
 
 
 def add_parser(sub, common) -> None:
@@ -25,7 +25,7 @@ def add_parser(sub, common) -> None:
     d.add_argument("--tile-size", type=positive_int, help="default: the model card's")
     d.add_argument("--overlap", type=nonneg_int, help="default: the model card's")
     d.add_argument("--batch-size", type=positive_int, default=None, help="tiles per model call (8)")
-    d.add_argument("--score-threshold", type=float, help="default: the model card's")
+    d.add_argument("--score-threshold", type=share, help="default: the model card's")
     d.add_argument("--detections-per-tile", type=positive_int, help="most boxes kept per tile (default: the model card's)")
     add_device(d)
     d.add_argument("--backend", choices=["auto", "torch", "onnx"], default=None,
@@ -48,10 +48,10 @@ def add_parser(sub, common) -> None:
                         "sensor; measured on one pair of sites (docs/benchmarks.md, Few labels S10); .pt models "
                         "with batch norm, torch only, the local engine")
     d.add_argument("--bands", type=bands, help="scene bands to feed the model, e.g. 3,2,1")
-    d.add_argument("--gsd", type=float, help="resample scenes to this GSD (default: the model card's)")
+    d.add_argument("--gsd", type=positive, help="resample scenes to this GSD (default: the model card's)")
     d.add_argument("--csv-geometry", choices=["wkt", "pixel"], default=None, help="CSV: WKT polygons or pixel boxes only")
     d.add_argument("--quicklook", help="also write a PNG per scene with the detections drawn")
-    d.add_argument("--min-score", type=float, default=None,
+    d.add_argument("--min-score", type=share, default=None,
                    help="quicklook: draw boxes scoring at least this (default: the model's operating point, "
                         "the best-F1 score at validation)")
     d.add_argument("--config", help="YAML config for detect/output settings")
@@ -68,8 +68,8 @@ def add_parser(sub, common) -> None:
     d.add_argument("--ray-workers", type=positive_int, default=2,
                    help="ray: detection actors, each loading the model once (default 2; --workers stays the "
                         "tile readers inside each)")
-    d.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per actor (e.g. 1, or 0.5 to share)")
-    d.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs per actor (default 1)")
+    d.add_argument("--gpus-per-worker", type=finite, default=0.0, help="ray: GPUs per actor (e.g. 1, or 0.5 to share)")
+    d.add_argument("--cpus-per-worker", type=finite, default=1.0, help="ray: CPUs per actor (default 1)")
     d.add_argument("--block-tiles", type=positive_int, default=8,
                    help="ray: a work item is a K x K block of the scene's tiles (default 8)")
     d.add_argument("--retries", type=nonneg_int, default=2, help="ray: rounds that rerun failed blocks (default 2)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import GeodetError, deprecated
+from .common import deprecated, GeodetError, number, positive
 
 
 def add_parser(sub, common) -> None:
@@ -15,9 +15,9 @@ def add_parser(sub, common) -> None:
     e.add_argument("labels", metavar="LABELS", help="the true objects (boxes or polygons, any CRS)")
     e.add_argument("--scene", help="evaluate in this scene's pixel grid (size ranges in its pixels); required when "
                                    "the detections come from several scenes")
-    e.add_argument("--iou", type=float, default=0.5, help="IoU for precision/recall/F1 (0.5)")
+    e.add_argument("--iou", type=number(0, 1, low_open=True, high_open=True), default=0.5, help="IoU for precision/recall/F1 (0.5)")
     e.add_argument("--class-column", default="label", help="class column of the labels (label); '' ignores classes")
-    e.add_argument("--point-box", type=float, default=1.0, metavar="METRES",
+    e.add_argument("--point-box", type=positive, default=1.0, metavar="METRES",
                    help="point labels are squares of this side on the ground (1; as train.point_box_m)")
     e.add_argument("--out", "-o", help="write the metrics here (JSON)")
     e.add_argument("--plot", help="write a precision-recall plot (PNG) here")

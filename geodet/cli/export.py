@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import GeodetError, bands, positive_int, warn_deprecated
+from .common import bands, finite, GeodetError, positive_int, warn_deprecated
 
 
 def add_parser(sub, common) -> None:
@@ -24,7 +24,7 @@ def add_parser(sub, common) -> None:
                    help="scenes to read calibration and check tiles from (required with --int8)")
     x.add_argument("--calib-tiles", type=positive_int, default=32,
                    help="calibration tiles (32, as many again to check; fewer where the scenes have fewer tiles)")
-    x.add_argument("--min-agreement", type=float, default=None,
+    x.add_argument("--min-agreement", type=finite, default=None,
                    help="int8: least detection F1 against fp32 at the operating point (0.95)")
     x.add_argument("--bands", type=bands,
                    help="scene bands to read the calibration and check scenes with, e.g. 3,2,1 (default: the model's)")

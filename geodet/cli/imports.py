@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import bands, positive_int
+from .common import bands, finite, positive, positive_int
 
 
 def add_parser(sub, common) -> None:
@@ -15,7 +15,7 @@ def add_parser(sub, common) -> None:
                                     "resolution in the card (scenes are resampled on read).")
     im.add_argument("source", metavar="SOURCE", help="a Hugging Face folder, hf://ORG/NAME, or a state_dict file")
     im.add_argument("--out", "-o", required=True, help="geodet model file to write (.pt)")
-    im.add_argument("--gsd", type=float, help="ground resolution (m) of the imagery the model ran on at home "
+    im.add_argument("--gsd", type=positive, help="ground resolution (m) of the imagery the model ran on at home "
                                               "(default: none, scenes run at their native resolution)")
     im.add_argument("--tile-size", type=positive_int, help="window size it ran on at home (DeepForest: patch_size, "
                                                            "400); default: the config's, else --min-size")
@@ -23,7 +23,7 @@ def add_parser(sub, common) -> None:
     im.add_argument("--bands", type=bands, help="scene bands for the network's inputs (default 1,2,3)")
     im.add_argument("--classes", help="class names, comma-separated, in the head's order (default: config.json's "
                                       "label_dict)")
-    im.add_argument("--score-threshold", type=float, help="the network's output threshold (default: config.json's, "
+    im.add_argument("--score-threshold", type=finite, help="the network's output threshold (default: config.json's, "
                                                            "else torchvision's 0.05)")
     im.add_argument("--detections-per-tile", type=positive_int, help="default 300, as torchvision")
 

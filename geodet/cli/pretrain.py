@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import PRESETS_HELP, add_device, bands, positive_int
+from .common import add_device, bands, finite, positive, positive_int, PRESETS_HELP
 
 
 def add_parser(sub, common) -> None:
@@ -14,14 +14,14 @@ def add_parser(sub, common) -> None:
     p.add_argument("scenes", nargs="+", metavar="SCENE", help="unlabelled scenes (GeoTIFFs) to learn from")
     p.add_argument("--out", "-o", required=True, help="the pretrained model file (.pt)")
     p.add_argument("--config", help=PRESETS_HELP)
-    p.add_argument("--time-limit", type=float, metavar="MINUTES",
+    p.add_argument("--time-limit", type=finite, metavar="MINUTES",
                    help="minutes to pretrain for: the learning-rate schedule spans them (give this, --max-steps, or "
                         "both)")
     p.add_argument("--max-steps", type=positive_int, help="cap the run at this many optimiser steps")
     p.add_argument("--bands", type=bands, help="scene bands to use (default: the config's)")
-    p.add_argument("--gsd", type=float, help="pretrain at this ground resolution (scenes resampled on read)")
+    p.add_argument("--gsd", type=positive, help="pretrain at this ground resolution (scenes resampled on read)")
     p.add_argument("--batch-size", type=positive_int, help="chips per step (default: the config's train.batch_size)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the config's train.lr)")
+    p.add_argument("--lr", type=finite, help="peak learning rate (default: the config's train.lr)")
     add_device(p)
     p.add_argument("--seed", type=int, help="random seed (default: the config's train.seed)")
 

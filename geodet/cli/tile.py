@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from .common import PRESETS_HELP, bands, nonneg_int, positive_int
+import logging
+
+from .common import bands, nonneg_int, number, positive, positive_int, PRESETS_HELP
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(sub, common) -> None:
@@ -13,14 +17,14 @@ def add_parser(sub, common) -> None:
     t.add_argument("--out", "-o", required=True, help="output folder (created)")
     t.add_argument("--tile-size", type=positive_int, default=None, help="tile side in pixels (default: the config's tiling.tile_size)")
     t.add_argument("--overlap", type=nonneg_int, default=None, help="overlap in pixels (default: the config's tiling.overlap)")
-    t.add_argument("--overlap-m", type=float, default=None, help="overlap in metres instead of pixels")
+    t.add_argument("--overlap-m", type=number(0), default=None, help="overlap in metres instead of pixels")
     t.add_argument("--labels", help="vector labels (shapefile, GeoPackage, GeoJSON) for annotations.json")
     t.add_argument("--class-column", default=None,
                    help="class column of the labels (default: the config's, label); '' for one class, 'object'")
-    t.add_argument("--min-visibility", type=float, default=0.5, help="keep a clipped box if this share is inside (0.5)")
+    t.add_argument("--min-visibility", type=number(0, 1, low_open=True), default=0.5, help="keep a clipped box if this share is inside (0.5)")
     t.add_argument("--bands", type=bands, default=None, help="bands to keep, e.g. 1,2,3 (default: all)")
-    t.add_argument("--gsd", type=float, default=None, help="resample to this ground resolution in metres")
-    t.add_argument("--min-valid", type=float, default=0.0, help="skip chips with this valid fraction or less (0)")
+    t.add_argument("--gsd", type=positive, default=None, help="resample to this ground resolution in metres")
+    t.add_argument("--min-valid", type=number(0, 1, high_open=True), default=0.0, help="skip chips with this valid fraction or less (0)")
     t.add_argument("--config", help=PRESETS_HELP)
 
 
@@ -31,6 +35,12 @@ def run(args) -> int:
 
     cfg = load_config(args.config, {"tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap,
                                     "tiling.overlap_m": args.overlap_m, "scene.gsd_m": args.gsd})
+    t = cfg.tiling
+    if args.overlap is None and t.overlap_m is None and "tiling.overlap" not in cfg.explicit and 4 * t.overlap > t.tile_size:
+        # the default overlap is for the default tile size: a small tile would step a few pixels at a time
+        log.warning("--tile-size %d with the default overlap of %d px would step %d px: overlap %d px instead (pass "
+                    "--overlap to choose)", t.tile_size, t.overlap, t.tile_size - t.overlap, t.tile_size // 8)
+        t.overlap = t.tile_size // 8
     progress.plan(1)
     summary = write_chips(args.scene, args.out, cfg.tiling.tile_size, cfg.tiling.overlap, overlap_m=cfg.tiling.overlap_m,
                           bands=args.bands, gsd_m=cfg.scene.gsd_m, labels=args.labels,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import PRESETS_HELP, GeodetError, add_device, bands, deprecated, nonneg_int, positive_int, quiet_ray
+from .common import add_device, bands, deprecated, finite, GeodetError, nonneg_int, positive, positive_int, PRESETS_HELP, quiet_ray
 
 PAIRING = ("scenes and labels pair by position: the first --labels file belongs to the first SCENE, the second to "
            "the second, and so on; name the scenes before the options, since an option that takes several files "
@@ -46,17 +46,17 @@ def add_parser(sub, common) -> None:
     tr.add_argument("--steps-per-epoch", type=positive_int,
                     help="optimiser steps per epoch (default: the config's train.steps_per_epoch)")
     tr.add_argument("--max-steps", type=positive_int, help="cap the run at this many optimiser steps")
-    tr.add_argument("--time-limit", type=float, metavar="MINUTES",
+    tr.add_argument("--time-limit", type=finite, metavar="MINUTES",
                     help="train for this many minutes: the learning-rate schedule spans them and training, final "
                          "validation included, ends near the limit (--epochs/--max-steps cap it only when given)")
     tr.add_argument("--pretrained", help="none, or imagenet: start the backbone from torchvision's ImageNet weights "
                                          "(3-band RGB scenes only; fetched once into torch's cache, hash-checked)")
     tr.add_argument("--batch-size", type=positive_int, help="chips per step (default: the config's train.batch_size)")
-    tr.add_argument("--lr", type=float, help="peak learning rate (default: the config's train.lr)")
+    tr.add_argument("--lr", type=finite, help="peak learning rate (default: the config's train.lr)")
     tr.add_argument("--tile-size", type=positive_int, help="chip and tile side in pixels (default: the config's)")
     tr.add_argument("--overlap", type=nonneg_int, help="tile overlap in pixels for validation (default: the config's)")
     tr.add_argument("--bands", type=bands, help="scene bands to train on, e.g. 1,2,3 (default: the config's, else all)")
-    tr.add_argument("--gsd", type=float, help="train at this ground resolution (scenes resampled on read)")
+    tr.add_argument("--gsd", type=positive, help="train at this ground resolution (scenes resampled on read)")
     add_device(tr)
     tr.add_argument("--workers", type=nonneg_int, help="DataLoader workers for chip reading (default: the config's)")
     tr.add_argument("--seed", type=int, help="random seed (default: the config's train.seed)")
@@ -70,8 +70,8 @@ def add_parser(sub, common) -> None:
                          "the run folder must be shared storage for several machines")
     tr.add_argument("--address", help="ray: the cluster to join; default: start a local Ray instance")
     tr.add_argument("--ray-workers", type=positive_int, default=2, help="ray: training processes (default 2)")
-    tr.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per training process")
-    tr.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs per training process")
+    tr.add_argument("--gpus-per-worker", type=finite, default=0.0, help="ray: GPUs per training process")
+    tr.add_argument("--cpus-per-worker", type=finite, default=1.0, help="ray: CPUs per training process")
     tr.add_argument("--max-failures", type=nonneg_int, default=2,
                     help="ray: restarts after a worker failure, each resuming from RUN_DIR/last.pt (default 2)")
     deprecated(tr, "--scene", "name the scenes first: geodet train SCENE... --labels LABELS...", dest="scene_flag",
@@ -138,6 +138,9 @@ def run(args) -> int:
 
     cfg = train_config(args)
     out = Path(args.out)
+    if args.resume and cfg.train.init:  # the checkpoint's weights would silently replace the start model's
+        raise GeodetError(f"--resume continues {out / 'last.pt'}, whose weights replace --init {cfg.train.init}: give one "
+                          "of them (--init starts a new run in a new folder)")
     if out.exists() and not out.is_dir():
         raise GeodetError(f"run folder path is a file: {out}")
     for parent in out.parents:  # the run folder is geodet's: create it and any missing parents

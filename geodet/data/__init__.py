@@ -29,15 +29,22 @@ def write_sample(name: str, out_dir: str | Path) -> dict[str, dict[str, Path]]:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise GeodetError(f"{out} is a file: give a folder for the sample")
-    out.mkdir(parents=True, exist_ok=True)
+    from ..io.writers import atomic_path, check_output_folder
+
+    check_output_folder(out, "-o")  # the nearest existing folder must take new files
     src = files("geodet") / "data" / name
     paths = {}
-    for scene in SAMPLES[name]:
-        paths[scene] = {}
-        for kind, ext in (("scene", ".tif"), ("labels", ".geojson")):
-            target = out / f"{scene}{ext}"
-            with (src / f"{scene}{ext}").open("rb") as f, open(target, "wb") as g:
-                shutil.copyfileobj(f, g)
-            paths[scene][kind] = target
-    (out / "README.txt").write_text(f"geodet sample '{name}'\n\n{NOTICE}", encoding="utf-8")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for scene in SAMPLES[name]:
+            paths[scene] = {}
+            for kind, ext in (("scene", ".tif"), ("labels", ".geojson")):
+                target = out / f"{scene}{ext}"
+                with (src / f"{scene}{ext}").open("rb") as f, atomic_path(target) as tmp, open(tmp, "wb") as g:
+                    shutil.copyfileobj(f, g)
+                paths[scene][kind] = target
+        with atomic_path(out / "README.txt") as tmp:
+            tmp.write_text(f"geodet sample '{name}'\n\n{NOTICE}", encoding="utf-8")
+    except OSError as exc:  # a read-only or full file system, a folder we may not write in
+        raise GeodetError(f"cannot write the sample in {out} ({exc.strerror or exc}): choose another folder") from None
     return paths

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,26 +36,51 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     lb = None
     if labels:
         lb = load_scene_labels(sc, labels, class_column or None, unknown="keep")
-
-    made = missing_folders(out / "chips")  # removed again if the run fails
-    (out / "chips").mkdir(parents=True, exist_ok=True)
-    written_paths: list[Path] = []
+    made = missing_folders(out)  # removed again if the run fails
+    out.mkdir(parents=True, exist_ok=True)
+    # the run is written beside the folder's contents and swapped in whole at the end: a previous
+    # run's chips and annotations never mix with these, and a failed or interrupted run leaves them as they were
+    stage = Path(tempfile.mkdtemp(prefix=".geodet-tile-", dir=out))
     try:
-        return _write(sc, grid, lb, out, scene_path, tile_size, min_visibility, min_valid_fraction, progress,
-                      written_paths)
-    except BaseException:  # a damaged scene, an interrupt: no chips of a failed run are left behind
-        remove_partial(written_paths, made)
+        (stage / "chips").mkdir()
+        msg = _write(sc, grid, lb, stage, out, scene_path, tile_size, min_visibility, min_valid_fraction, progress)
+        _swap_in(stage, out)
+        return msg
+    except BaseException:  # a damaged scene, an interrupt: nothing of a failed run is left behind
+        shutil.rmtree(stage, ignore_errors=True)
+        remove_partial([], made)
         raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
-def _write(sc, grid, lb, out: Path, scene_path, tile_size: int, min_visibility, min_valid_fraction, progress,
-           written_paths: list) -> str:
+def _swap_in(stage: Path, out: Path) -> None:
+    """The staged run's ``chips/``, ``chips.gpkg`` and ``annotations.json`` (or none) in place of
+    the folder's, every rename done before an interrupt is acted on."""
+    from ..io.writers import WRITTEN, interrupts_held
+
+    old = out / f".geodet-old-chips-{stage.name}"
+    with interrupts_held():
+        if (out / "chips").is_dir():
+            os.replace(out / "chips", old)
+        os.replace(stage / "chips", out / "chips")
+        os.replace(stage / "chips.gpkg", out / "chips.gpkg")
+        if (stage / "annotations.json").exists():
+            os.replace(stage / "annotations.json", out / "annotations.json")
+        else:  # a run without labels: an earlier run's annotations would name other chips
+            (out / "annotations.json").unlink(missing_ok=True)
+        WRITTEN.append(out / "chips.gpkg")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(sc, grid, lb, out: Path, final: Path, scene_path, tile_size: int, min_visibility, min_valid_fraction,
+           progress) -> str:
     import geopandas as gpd
     import rasterio
     from rasterio.windows import transform as window_transform
 
     from ..io.labels import clip_boxes
-    from ..io.writers import atomic_path, boxes_to_polygons, write_json
+    from ..io.writers import boxes_to_polygons
 
     rows = []
     images, anns = [], []
@@ -75,16 +104,15 @@ def _write(sc, grid, lb, out: Path, scene_path, tile_size: int, min_visibility, 
                 continue
             name = f"r{tile.row}_c{tile.col}.tif"
             path = out / "chips" / name
-            with atomic_path(path) as tmp, warnings.catch_warnings():
-                # a scene without georeferencing (said once, above): its first chip's grid is the identity
+            with warnings.catch_warnings():  # (the run is staged: each chip is written in place)
+                # a scene without georeferencing (said once, below): its first chip's grid is the identity
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                with rasterio.open(tmp, "w", width=int(win.width), height=int(win.height),
+                with rasterio.open(path, "w", width=int(win.width), height=int(win.height),
                                    transform=window_transform(win, sc.transform), **profile) as dst:
                     dst.write(data)
                     if not sc.all_valid:
                         dst.write_mask(valid.astype(np.uint8) * 255)
             written += 1
-            written_paths.append(path)
             rows.append({"row": tile.row, "col": tile.col, "path": f"chips/{name}", "valid_fraction": frac,
                          "box": tile.valid})
             if lb is not None:
@@ -108,13 +136,13 @@ def _write(sc, grid, lb, out: Path, scene_path, tile_size: int, min_visibility, 
     if sc.crs is None:  # said once here, in geodet's words, rather than by pyogrio's warning
         log.warning("%s has no CRS, so chips.gpkg has none either: assign the scene one (e.g. gdal_edit.py -a_srs "
                     "EPSG:xxxx) to place the chips on a map", Path(str(scene_path)).name)
-    with atomic_path(out / "chips.gpkg") as tmp, warnings.catch_warnings():
+    with warnings.catch_warnings():  # written into the staged run, renamed into place with the chips
         warnings.filterwarnings("ignore", message=".*'crs' was not provided", category=UserWarning)
-        footprints.to_file(tmp, driver="GPKG", layer="chips", engine="pyogrio", VERSION="1.2")
-    msg = f"{written} chips ({skipped} empty skipped) of {len(grid)} tiles in {grid.n_rows} rows x {grid.n_cols} cols -> {out}"
+        footprints.to_file(out / "chips.gpkg", driver="GPKG", layer="chips", engine="pyogrio", VERSION="1.2")
+    msg = f"{written} chips ({skipped} empty skipped) of {len(grid)} tiles in {grid.n_rows} rows x {grid.n_cols} cols -> {final}"
     if lb is not None:
         coco = {"images": images, "annotations": anns,
                 "categories": [{"id": i + 1, "name": n} for i, n in enumerate(lb.classes)]}
-        write_json(coco, out / "annotations.json")
+        (out / "annotations.json").write_text(json.dumps(coco, indent=2), encoding="utf-8")
         msg += f"; {len(anns)} boxes in annotations.json"
     return msg

@@ -34,6 +34,9 @@ def open_scene(scene, settings, card=None, warn: bool = True):
         count, projected = src.count, src.crs is not None and src.crs.is_projected
         unit = metres_per_unit(src.crs)
     bands = list(settings.bands)
+    if card is not None and len(bands) == card.n_bands and max(bands) > count and settings.sources.get("bands") != "card":
+        raise GeodetError(f"band {max(bands)} requested but scene {Path(path).name} has {count} band(s): pass --bands "
+                          f"with {card.n_bands} number(s) from 1 to {count}")
     if card is not None and (len(bands) != card.n_bands or max(bands) > count):
         listed = ",".join(str(b) for b in card.bands)
         raise GeodetError(

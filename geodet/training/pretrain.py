@@ -206,6 +206,7 @@ def pretrain(scenes, out, cfg, minutes: float | None, progress: bool = True, max
     """Pretrain ``cfg``'s backbone and FPN on ``scenes`` (paths) for ``minutes`` (and at most
     ``max_steps``); writes a model file (``out``) whose card says it is a pretrained backbone, for
     ``geodet train --init``."""
+    from ..config import check_run_values
     from ..io.writers import check_output_path
     from ..model import build_model
     from ..pipeline.detect import resolve_device
@@ -215,7 +216,8 @@ def pretrain(scenes, out, cfg, minutes: float | None, progress: bool = True, max
     from .schedule import Budget, lr_factor, make_optimizer
 
     VICRegLoss = require_lightly()
-    out = check_output_path(out)
+    check_run_values(cfg)
+    out = check_output_path(out, suffixes=(".pt",), example="backbone.pt")
     if minutes is not None and minutes <= 0:
         raise GeodetError("--time-limit must be a positive number of minutes")
     if max_steps is not None and max_steps <= 0:

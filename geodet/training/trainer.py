@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import Config, config_from_dict
+from ..config import Config, check_run_values, config_from_dict
 from ..errors import GeodetError
 from ..io.scene import gdal_env
 from ..progress import progress_bar
@@ -73,6 +73,7 @@ class Trainer:
         """Read and check every input: the start model's card (``--init``), the labelled scenes,
         the validation areas, the unlabelled scenes."""
         cfg = self.cfg
+        check_run_values(cfg)  # before anything is read: values no run can start with
         if cfg.train.init and self.init is None:
             self.init = apply_init(cfg)
         if not cfg.train.scenes:
@@ -180,9 +181,15 @@ class Trainer:
         # the schedule reads the run's progress, which the budget sets before each scheduler step
         r.sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, r.progress))
         if state is not None:
-            model.net.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            r.sched.load_state_dict(state["scheduler"])
+            try:
+                model.net.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
+                r.sched.load_state_dict(state["scheduler"])
+            except (RuntimeError, ValueError, KeyError):  # another network, classes or optimiser than the run's
+                raise GeodetError(f"--resume: {self.out / 'last.pt'} holds another network or classes (its classes: "
+                                  f"{list(state['card'].get('classes', []))}) than this config and these labels make "
+                                  f"(classes {list(model.card.classes)}): resume with the run's own config and labels, "
+                                  "or train into a new folder") from None
             r.step, r.epoch, r.best = int(state["step"]), int(state["epoch"]), float(state["best_ap50"])
             if state.get("given_back"):  # the strips were training data by then: they stay so
                 inputs.give_back(self.val_sets)

@@ -91,6 +91,9 @@ class GeodetAlgorithm(QgsProcessingAlgorithm):
             return None
         sink = getattr(value, "sink", None)
         text = sink.staticValue() if sink is not None else value
+        if str(text).startswith(("ogr:", "postgis:", "spatialite:", "memory:")):  # a layer in a database, not a file
+            return (f"{what}: geodet writes a file of its own (one layer, named after it): choose 'Save to File...' "
+                    f"with a name ending {' or '.join('.' + e for e in extensions)}, not a table in a database")
         ext = extension(str(text))
         if ext and ext not in extensions:
             return (f"{what}: geodet writes {', '.join('.' + e for e in extensions)} here, not .{ext}")
