@@ -2,6 +2,7 @@
 done, see cli_runner.py; the signal and stdin tests start real interpreters): exit code, one-line
 message, no traceback, nothing half-written."""
 
+import csv
 import json
 import os
 import signal
@@ -254,6 +255,9 @@ def test_sigterm_during_train_then_resume(tmp_path, synth):
     state = torch.load(run / "last.pt", weights_only=True)
     step = state["step"]
     assert step >= 4
+    with open(run / "metrics.csv", newline="") as f:  # the log says why the run ended there
+        notes = [row["note"] for row in csv.DictReader(f) if row["note"]]
+    assert notes[-1].startswith("stopped: ") and f"at step {step} " in notes[-1], notes
     r = geodet(*args[:-2], "--epochs", str(step // 4 + 1), "--resume")
     assert r.returncode == 0, r.stderr
     assert torch.load(run / "last.pt", weights_only=True)["step"] > step

@@ -433,7 +433,7 @@ def test_a_validation_strip_without_labels_keeps_the_last_model(tmp_path, synth,
     assert load_model(path).card.trained_steps == 12  # not the first model that scored 0 on an empty strip
 
 
-def test_the_validation_strip_is_given_back_once_it_set_the_operating_point(tmp_path, synth):
+def test_the_validation_strip_is_given_back_once_it_set_the_operating_point(tmp_path, synth, monkeypatch):
     """train.val_give_back: the strip validates until then (the operating point and the card's
     metrics come from that last validation), then its labels train; it is never validated again."""
     from geodet.model.file import read_model_file
@@ -450,6 +450,18 @@ def test_the_validation_strip_is_given_back_once_it_set_the_operating_point(tmp_
     assert inputs.give_back(t.val_sets) == inputs.labels_inside(ts, strip) > 0
     assert ts.area == ts.full_area and ts.held_out is None and ts.training_boxes().all()
 
+    import geodet.training.trainer as trainer_mod
+
+    real, thresholds = trainer_mod.validate, []
+
+    def numbered(*a, **kw):  # each validation's operating point told apart (a tiny model's may find nothing)
+        m = real(*a, **kw)
+        if m:
+            m["score_threshold"] = 0.3 + 0.01 * len(thresholds)
+            thresholds.append(m["score_threshold"])
+        return m
+
+    monkeypatch.setattr(trainer_mod, "validate", numbered)
     path = train(cfg, tmp_path / "run", progress=False)
     notes = [r["note"] for r in _rows(tmp_path / "run") if r["note"]]
     back = [i for i, n in enumerate(notes) if "given back" in n]
@@ -457,7 +469,8 @@ def test_the_validation_strip_is_given_back_once_it_set_the_operating_point(tmp_
     assert not any(n.startswith("validation") for n in notes[back[0] + 1:])  # never validated on it again
     card = read_model_file(path)["card"]
     assert card["metrics"]["validated_at_step"] < card["trained_steps"] == 24
-    assert card["operating_point"] is not None and "given back" in card["metrics"]["validation_note"]
+    # the operating point is that of the last validation, the one before the strip was given back
+    assert card["operating_point"] == pytest.approx(thresholds[-1]) and "given back" in card["metrics"]["validation_note"]
 
 
 def test_give_back_refuses_keep_best(tmp_path, synth):

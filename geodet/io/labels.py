@@ -27,7 +27,8 @@ class LabelBoxes:
         return len(self.labels)
 
 
-def read_labels(path: str | Path, class_column: str | None = None, allow_empty: bool = False, layer: str | None = None):
+def read_labels(path: str | Path, class_column: str | None = None, allow_empty: bool = False, layer: str | None = None,
+                what: str = "labels"):
     """Read a vector file with pyogrio (``path|layername=NAME`` picks a layer, as QGIS writes it;
     a file of several layers with geometry needs one named); clear errors for missing, unreadable, empty (unless
     ``allow_empty``: a detection file may hold none) or CRS-less files."""
@@ -40,7 +41,7 @@ def read_labels(path: str | Path, class_column: str | None = None, allow_empty: 
         layer = layer.split("|", 1)[0]
     p = Path(path)
     if not p.exists():
-        raise GeodetError(f"labels not found: {path}")
+        raise GeodetError(f"{what} not found: {path}")
     if p.suffix.lower() == ".parquet":
         gdf = read_geoparquet(p)
         return _checked(gdf, path, class_column, allow_empty)

@@ -25,7 +25,7 @@ def read_labelled_area(path: str | Path, scene):
 
     from ..io.labels import read_labels, repair_geometries
 
-    gdf = read_labels(path, None)
+    gdf = read_labels(path, None, what="labelled area")
     if gdf.crs is not None and scene.crs is not None and gdf.crs != scene.crs:
         gdf = gdf.to_crs(scene.crs)
     gdf, counts = repair_geometries(gdf)

@@ -277,6 +277,8 @@ class Trainer:
 
             dist.barrier()
         if stopped not in STOPS:
+            if self.main:  # metrics.csv says why the run ended here, as it does at the end of a schedule
+                self.metrics.note(r, r.budget.elapsed(), f"stopped: {stopped} at step {r.step} (last.pt saved: --resume)")
             raise Interrupted(f"stopped by {stopped} at step {r.step}; {self.out / 'last.pt'} is saved: rerun with --resume")
         self._finish(r, stopped, usage.share())
         return self.out / "model.pt"
