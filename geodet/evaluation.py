@@ -35,6 +35,21 @@ def _coco(boxes, labels, scores=None, images=None):
     return anns
 
 
+def _touching_pairs(det_boxes, gt_boxes):
+    """Every detection-label pair of boxes that touch (an STRtree query), with their intersection
+    and union areas: ``(det index, label index, intersection, union)``."""
+    import shapely
+
+    tree = shapely.STRtree(shapely.box(*gt_boxes.T))
+    d_idx, g_idx = tree.query(shapely.box(*det_boxes.T), predicate="intersects")
+    a, b = det_boxes[d_idx], gt_boxes[g_idx]
+    iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
+    ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    return d_idx, g_idx, inter, union
+
+
 def _split_images(det_boxes, det_labels, det_images, gt_boxes, gt_labels, gt_images, min_iou, max_boxes):
     """COCO image ids that cut a dense scene into small images without changing any match.
 
@@ -46,19 +61,11 @@ def _split_images(det_boxes, det_labels, det_images, gt_boxes, gt_labels, gt_ima
     same order as in one big image, while the IoU matrices shrink from detections x labels of
     the scene to those of each image. Returns (det_ids, gt_ids), numbered from 1.
     """
-    import shapely
-
     n_det, n_gt = len(det_boxes), len(gt_boxes)
     orig = np.concatenate([det_images, gt_images]).astype(np.int64)
     parent = np.arange(n_det + n_gt)
     if n_det and n_gt:
-        tree = shapely.STRtree(shapely.box(*gt_boxes.T))
-        d_idx, g_idx = tree.query(shapely.box(*det_boxes.T), predicate="intersects")
-        a, b = det_boxes[d_idx], gt_boxes[g_idx]
-        iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
-        ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
-        inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-        union = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter)
+        d_idx, g_idx, inter, union = _touching_pairs(det_boxes, gt_boxes)
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = inter / union
         # A margin (and degenerate boxes) only join more pairs than needed, which stays exact.
@@ -197,19 +204,11 @@ def _match(det_boxes, det_scores, det_labels, det_images, gt_boxes, gt_labels, g
     detection takes the unmatched label of its class and image with the highest IoU >= ``iou``
     (of labels with equal IoU, the later one, as COCO's loop keeps the last it finds).
     Returns (each detection's rank order, whether each detection matched)."""
-    import shapely
-
     order = np.argsort(-det_scores, kind="stable")
     matched = np.zeros(len(det_boxes), bool)
     if not len(det_boxes) or not len(gt_boxes):
         return order, matched
-    tree = shapely.STRtree(shapely.box(*gt_boxes.T))
-    d_idx, g_idx = tree.query(shapely.box(*det_boxes.T), predicate="intersects")
-    a, b = det_boxes[d_idx], gt_boxes[g_idx]
-    iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
-    ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
-    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    d_idx, g_idx, inter, union = _touching_pairs(det_boxes, gt_boxes)
     with np.errstate(divide="ignore", invalid="ignore"):
         ious = np.where(union > 0, inter / union, 0.0)
     keep = (ious >= min(iou, 1 - 1e-10)) & (det_labels[d_idx] == gt_labels[g_idx])
