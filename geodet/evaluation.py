@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import GeodetError
 from .io.detections import only_scene, pixel_columns, points_as_squares, read_detections, with_geometry
+from .io.writers import json_safe
 
 log = logging.getLogger(__name__)
 SPLIT_BOXES = 1000  # coco_metrics evaluates more boxes than this as images of about this many
@@ -154,17 +155,7 @@ def coco_metrics(
             "n_labels": int((gt_labels == k).sum()), "n_detections": int((det_labels == k).sum()),
         }
     out["per_class"] = per_class
-    return Metrics(_no_nan(out))
-
-
-def _no_nan(v):
-    """``v`` with every NaN (an AP with nothing to average: a class without labels) as None, so
-    the metrics are valid JSON."""
-    if isinstance(v, dict):
-        return {k: _no_nan(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_no_nan(x) for x in v]
-    return None if isinstance(v, float) and np.isnan(v) else v
+    return Metrics(json_safe(out))  # an AP with nothing to average (a class without labels) is None
 
 
 def _run_cocoeval(dets: tuple, gts: tuple, classes, iou_thrs: list, area_scale: float):
@@ -263,7 +254,7 @@ def _class_names(det, gt, labels, class_column: str):
     ('object') when asked (``class_column=""``) or when no detection class is a label class and
     the detections hold at most one. Returns (the labels frame, det names, label names, label class column
     or None, agnostic, the note or warning to report or None)."""
-    from .io.labels import class_values, drop_unclassed
+    from .io.labels import class_values, drop_unclassed, integer_name
 
     # An empty class column means class-agnostic: every label and detection is one class.
     agnostic = not class_column
@@ -272,7 +263,7 @@ def _class_names(det, gt, labels, class_column: str):
     gt_names = class_values(gt[class_column_gt]) if class_column_gt else np.full(len(gt), "object")
     named = {n for n in gt_names if n is not None}  # labels with an empty class name none
     # a model trained before integer classes kept their names read 1.0 where the labels now read 1
-    renamed = {n: n[:-2] for n in set(det_names) if n.endswith(".0") and n not in named and n[:-2] in named}
+    renamed = {n: integer_name(n) for n in set(det_names) if n not in named and integer_name(n) in named}
     if renamed:
         det_names = np.array([renamed.get(n, n) for n in det_names], dtype=object)
     mismatch = None
@@ -310,8 +301,7 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     import geopandas as gpd
     import shapely
 
-    from .io.labels import (class_values, geoms_to_pixel_boxes, labels_to_boxes, read_labels, repair_geometries,
-                            without_lines)
+    from .io.labels import class_values, geoms_to_pixel_boxes, labels_to_boxes, read_labels, usable_geometries
     from .io.scene import Scene
 
     det = detections if isinstance(detections, gpd.GeoDataFrame) else read_detections(detections)
@@ -351,8 +341,7 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
             log.warning("the detections have no CRS: taken to be in the labels' (%s)", gt.crs.to_string())
         if det.crs is not None and gt.crs is not None and det.crs != gt.crs:
             gt = gt.to_crs(det.crs)
-        gt, _ = without_lines(gt, str(labels) if isinstance(labels, (str, Path)) else "labels")
-        gt, _ = repair_geometries(gt)
+        gt, _ = usable_geometries(gt, None, str(labels) if isinstance(labels, (str, Path)) else "labels")
         gt = points_as_squares(gt, point_box_m)
         b = gt.geometry.bounds.to_numpy() if len(gt) else np.zeros((0, 4))
         flat = ~((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))  # no area (repaired into a line): as in a scene's grid

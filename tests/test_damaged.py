@@ -71,7 +71,7 @@ def _tiles_touching(x0, y0, x1, y1):
             and t.row_off + t.height > y0}
 
 
-def test_corrupt_block_fails_with_the_window_or_skips_its_tiles(tmp_path, intact):
+def test_corrupt_block_fails_with_the_window_or_skips_its_tiles(tmp_path, intact, caplog):
     bad = _corrupt_block(intact, tmp_path / "bad.tif", row=1, col=2)  # pixels x 512-767, y 256-511
     with pytest.raises(ReadError) as err:
         _detect(bad)
@@ -81,6 +81,8 @@ def test_corrupt_block_fails_with_the_window_or_skips_its_tiles(tmp_path, intact
 
     ref = _detect(intact)
     got = _detect(bad, on_read_error="skip")
+    skipped = [r.getMessage() for r in caplog.records if "skipping an unreadable tile" in r.getMessage()]
+    assert skipped and not any("--on-read-error skip" in m for m in skipped)  # it is on: not suggested again
     rep = got.attrs["report"]
     listed = {(u["tile_row"], u["tile_col"]) for u in rep["unreadable_tiles"]}
     assert listed == _tiles_touching(512, 256, 768, 512)

@@ -185,3 +185,21 @@ def test_labels_without_any_geometry_say_so(tmp_path):
     g = gpd.GeoDataFrame({"label": ["a", "a"]}, geometry=[None, Polygon()], crs="EPSG:32633")
     with pytest.raises(GeodetError, match=r"the labels hold no geometry \(2 null or empty\)"):
         labels_to_boxes(g, sc)
+
+
+def test_a_model_whose_integer_classes_read_as_floats_still_meets_its_labels(tmp_path):
+    """Models trained when an integer class column with a null read '1.0', '2.0' keep meeting labels
+    that now read '1', '2': in training's class lookup and in evaluation's class names."""
+    from geodet.evaluation import evaluate
+    from geodet.io.labels import integer_name
+
+    assert [integer_name(n) for n in ("1.0", "-3.0", "1.5", "car.0", "7")] == ["1", "-3", "1.5", "car.0", "7"]
+    sc = _scene(tmp_path / "s.tif")
+    t = sc.transform
+    boxes = [box(*(t * (10 + 20 * i, 30)), *(t * (20 + 20 * i, 20))) for i in range(3)]
+    g = gpd.GeoDataFrame({"label": [1, 2, 2]}, geometry=boxes, crs="EPSG:32633")
+    lb = labels_to_boxes(g, sc, classes=["1.0", "2.0"])
+    assert lb.classes == ["1.0", "2.0"] and list(lb.labels) == [0, 1, 1] and lb.counts["unknown"] == 0
+    det = g.assign(label=["1.0", "2.0", "2.0"], score=0.9)
+    m = evaluate(det, g)
+    assert m["AP50"] == 1 and "warning" not in m

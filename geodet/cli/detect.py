@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_device, bands, EXIT_PARTIAL, finite, FORMATS, GeodetError, nonneg_int, positive, positive_int, quiet_ray, share
+from .common import (EXIT_PARTIAL, FORMATS, GeodetError, add_device, bands, finite, nonneg_int, positive, positive_int,
+                     quiet_ray, share)
 
 
 def add_parser(sub, common) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import deprecated, GeodetError, number, positive
+from .common import deprecated, number, positive
 
 
 def add_parser(sub, common) -> None:
@@ -31,10 +31,6 @@ def run(args) -> int:
     for p, suffix, example in ((args.out, ".json", "metrics.json"), (args.plot, ".png", "pr.png")):
         if p:
             check_output_path(p, suffixes=(suffix,), example=example)
-    if not 0 < args.iou < 1:
-        raise GeodetError(f"--iou must be between 0 and 1, got {args.iou}")
-    if not args.point_box > 0:
-        raise GeodetError(f"--point-box must be a positive number of metres, got {args.point_box}")
     m = evaluate(args.detections, args.labels, scene=args.scene, iou=args.iou, class_column=args.class_column,
                  point_box_m=args.point_box)
     print(format_table(m))

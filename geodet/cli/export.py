@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import bands, finite, GeodetError, positive_int, warn_deprecated
+from .common import GeodetError, bands, finite, positive_int, warn_deprecated
 
 
 def add_parser(sub, common) -> None:

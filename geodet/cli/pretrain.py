@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_device, bands, finite, positive, positive_int, PRESETS_HELP
+from .common import PRESETS_HELP, add_device, bands, finite, positive, positive_int
 
 
 def add_parser(sub, common) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .common import bands, nonneg_int, number, positive, positive_int, PRESETS_HELP
+from .common import PRESETS_HELP, bands, nonneg_int, number, positive, positive_int
 
 log = logging.getLogger(__name__)
 

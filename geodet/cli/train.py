@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import add_device, bands, deprecated, finite, GeodetError, nonneg_int, positive, positive_int, PRESETS_HELP, quiet_ray
+from .common import (PRESETS_HELP, GeodetError, add_device, bands, deprecated, finite, nonneg_int, positive, positive_int,
+                     quiet_ray)
 
 PAIRING = ("scenes and labels pair by position: the first --labels file belongs to the first SCENE, the second to "
            "the second, and so on; name the scenes before the options, since an option that takes several files "

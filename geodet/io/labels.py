@@ -57,8 +57,8 @@ def read_labels(path: str | Path, class_column: str | None = None, allow_empty: 
             kinds = {name: geom for name, geom in pyogrio.list_layers(p)}
             if not kinds.get(layer):
                 names = ", ".join(name for name, geom in kinds.items() if geom)
-                what = "a table without geometry" if layer in kinds else "no such layer"
-                raise GeodetError(f"{path}: '{layer}' is {what} (its layers with geometry: {names or 'none'})")
+                kind = "a table without geometry" if layer in kinds else "no such layer"
+                raise GeodetError(f"{path}: '{layer}' is {kind} (its layers with geometry: {names or 'none'})")
         gdf = gpd.read_file(p, engine="pyogrio", layer=layer)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, ValueError, OSError) as exc:
         raise GeodetError(
@@ -176,19 +176,25 @@ def drop_unclassed(gdf, class_column: str | None, source: str = "labels") -> tup
     return gdf[~missing], int(missing.sum())
 
 
+def integer_name(name: str) -> str:
+    """A class name as an integer column's values now read ('1'), where geodet before read a column
+    with a null as floats ('1.0'): models of that time still meet their labels."""
+    return name[:-2] if name.endswith(".0") and name[:-2].lstrip("-").isdigit() else name
+
+
 def class_names(gdf, class_column: str | None) -> list[str]:
     if not class_column:
         return ["object"]
     return sorted({v for v in class_values(gdf[class_column]) if v is not None})
 
 
-def without_lines(gdf, source: str = "labels", warn: bool = True):
+def without_lines(gdf, source: str = "labels"):
     """``gdf`` without its lines (a line is no object's outline), and how many there were."""
     import shapely
 
     kind = shapely.get_type_id(np.array(gdf.geometry.values, dtype=object)) if len(gdf) else np.zeros(0, int)
     lines = np.isin(kind, [1, 2, 5])  # LineString, LinearRing, MultiLineString
-    if warn and lines.any() and not lines.all():  # all of them: the caller's error says so
+    if lines.any() and not lines.all():  # all of them: the caller's error says so
         log.warning("%s: %d line(s) left out: draw each object as a polygon (its box or outline) or a point",
                     source, int(lines.sum()))
     return gdf[~lines], int(lines.sum())
@@ -249,9 +255,8 @@ def labels_to_boxes(
     else:
         values = np.full(len(gdf), names[0], dtype=object)
     lookup = {n: i for i, n in enumerate(names)}
-    for v in set(values) - set(lookup):  # a model trained when an integer column's 1 read as 1.0
-        if v is not None and f"{v}.0" in lookup:
-            lookup[v] = lookup[f"{v}.0"]
+    for n in [n for n in lookup if integer_name(n) != n]:  # a model trained when an integer column's 1 read as 1.0
+        lookup.setdefault(integer_name(n), lookup[n])
     unknown_values = sorted(set(values) - set(lookup))
     if unknown_values:
         if unknown == "keep":

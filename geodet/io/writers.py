@@ -345,7 +345,7 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
                     tmp.with_suffix(".shp").rename(tmp)
         if report is not None:
             (tmp.parent / report_path(path).name).write_text(
-                json.dumps(_finite(report()), indent=2, default=str, allow_nan=False), encoding="utf-8")
+                json.dumps(json_safe(report()), indent=2, default=str, allow_nan=False), encoding="utf-8")
     return path
 
 
@@ -388,15 +388,16 @@ def write_json(data: dict, path: str | Path) -> Path:
     """``data`` as JSON (RFC 8259: NaN and infinities, which JSON has no words for, as null)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_finite(data), indent=2, default=str, allow_nan=False), encoding="utf-8")
+        tmp.write_text(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False), encoding="utf-8")
     return path
 
 
-def _finite(v):
+def json_safe(v):
+    """``v`` with every NaN or infinity (JSON has no words for them) as None, in dicts and lists."""
     if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
+        return {k: json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
+        return [json_safe(x) for x in v]
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v

@@ -41,17 +41,17 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     # the run is written beside the folder's contents and swapped in whole at the end: a previous
     # run's chips and annotations never mix with these, and a failed or interrupted run leaves them as they were
     stage = Path(tempfile.mkdtemp(prefix=".geodet-tile-", dir=out))
+    swapped = False
     try:
         (stage / "chips").mkdir()
         msg = _write(sc, grid, lb, stage, out, scene_path, tile_size, min_visibility, min_valid_fraction, progress)
         _swap_in(stage, out)
+        swapped = True
         return msg
-    except BaseException:  # a damaged scene, an interrupt: nothing of a failed run is left behind
-        shutil.rmtree(stage, ignore_errors=True)
-        remove_partial([], made)
-        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if not swapped:  # a damaged scene, an interrupt: nothing of a failed run is left behind
+            remove_partial([], made)
 
 
 def _swap_in(stage: Path, out: Path) -> None:

@@ -154,7 +154,7 @@ def batch_results(scene: Scene, settings: DetectSettings, tiles, skipped, failed
     for tile in skipped:
         yield TileResult(tile, None, None, None)
     for tile, message, info in failed:
-        log.warning("skipping an unreadable tile: %s", message.split(", or pass --on-read-error skip", 1)[0])
+        log.warning("skipping an unreadable tile: %s", message)
         yield TileResult(tile, None, None, None, unreadable={"tile_row": tile.row, "tile_col": tile.col, **info})
     if pending is None:
         return

@@ -63,7 +63,9 @@ def open_scene(scene, settings, card=None, warn: bool = True):
             and card is not None and card.extra.get("gsd_unit") != "m":
         # a card written before GSDs were metres in every CRS holds the training scene's units
         gsd_m *= unit
-    return Scene(path, bands=bands, gsd_m=gsd_m, percentiles=settings.percentiles)
+    sc = Scene(path, bands=bands, gsd_m=gsd_m, percentiles=settings.percentiles)
+    sc.skip_hint = settings.on_read_error != "skip"  # a read error's message suggests the skip only where it is not on
+    return sc
 
 
 def scene_grid(scene, settings) -> TileGrid:

@@ -9,6 +9,7 @@ import logging
 
 from ..config import ModelConfig
 from ..errors import GeodetError, brief
+from ..io.labels import integer_name
 from ..model import GeodetModel, ModelCard, build_model
 from .inputs import normalisation
 
@@ -94,10 +95,8 @@ def load_init(model: GeodetModel, payload: dict, init: ModelCard, path) -> None:
     """The start model's weights; with other classes, all but the last classification conv
     (which keeps its prior-probability initialisation)."""
     sd = payload["state_dict"]
-    def name(n: str) -> str:  # a model trained when an integer class column's 1 read as 1.0
-        return n[:-2] if n.endswith(".0") and n[:-2].lstrip("-").isdigit() else n
-
-    same = [name(n) for n in init.classes] == [name(n) for n in model.card.classes]
+    # (integer_name: a model trained when an integer class column's 1 read as 1.0 keeps its head)
+    same = [integer_name(n) for n in init.classes] == [integer_name(n) for n in model.card.classes]
     if not same:
         sd = {k: v for k, v in sd.items() if not k.startswith("head.classification_head.cls_logits.")}
         log.info("classes %s differ from the start model's %s: the last classification conv starts afresh",
