@@ -49,7 +49,7 @@ def main():
     if args.lr is not None:
         cfg.train.lr = args.lr
     t0 = time.perf_counter()
-    path = Trainer(cfg, wd / f"run_{args.config}", progress=False).run()
+    path = Trainer(cfg, wd / f"run_{args.config}", progress=False, overwrite=True).run()
     t_train = time.perf_counter() - t0
     model = load_model(path)
     t1 = time.perf_counter()

@@ -82,7 +82,7 @@ def main():
     out = wd / "runs" / a.name
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    path = Trainer(cfg, out, progress=False).run()
+    path = Trainer(cfg, out, progress=False, overwrite=True).run()
     t_train = time.perf_counter() - t0
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     model = load_model(path)

@@ -243,7 +243,7 @@ def run_one(scenario: str, row: str, seed: int, minutes: float | None, steps: in
 
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, out, progress=False)
+    trainer = Trainer(cfg, out, progress=False, overwrite=True)
     path = trainer.run()
     used = (time.perf_counter() - t0) / 60
     model = load_model(path)

@@ -130,7 +130,7 @@ def train_round(task: Task, labels: Path, area: Path, init: Path | None, steps: 
     cfg.train.init = str(init) if init else None
     if out.exists():
         shutil.rmtree(out)
-    return Trainer(cfg, out, progress=False).run()
+    return Trainer(cfg, out, progress=False, overwrite=True).run()
 
 
 def choose(task: Task, strategy: str, model, labelled: list[int], n: int, seed: int, rnd: int) -> list[int]:

@@ -40,7 +40,7 @@ def main():
     cfg.train.val_fraction = 0.0
     cfg.train.max_steps = cfg.train.steps_per_epoch = 45
     out = tempfile.mkdtemp()
-    Trainer(cfg, out, progress=False).run()
+    Trainer(cfg, out, progress=False, overwrite=True).run()
     rows = [r for r in csv.DictReader(open(Path(out) / "metrics.csv")) if r["loss"]]
     train = (len(rows) - 5) / (float(rows[-1]["seconds"]) - float(rows[4]["seconds"]))
     model = load_model(args.model)

@@ -37,7 +37,7 @@ def main():
     cfg.train.val_fraction = 0.0
     cfg.train.max_steps = cfg.train.steps_per_epoch = 65
     out = tempfile.mkdtemp()
-    Trainer(cfg, out, progress=False).run()
+    Trainer(cfg, out, progress=False, overwrite=True).run()
     rows = [r for r in csv.DictReader(open(Path(out) / "metrics.csv")) if r["loss"]]
     t5, tn = float(rows[4]["seconds"]), float(rows[-1]["seconds"])
     print(f"{args.label}: {(len(rows) - 5) / (tn - t5):.3f} steps/s")

@@ -25,7 +25,7 @@ def run(name, cfg, data, minutes, out):
     cfg.train.time_limit_min = minutes
     cfg.train.epochs = 10_000
     t0 = time.perf_counter()
-    path = Trainer(cfg, out / name, progress=False).run()
+    path = Trainer(cfg, out / name, progress=False, overwrite=True).run()
     minutes_used = (time.perf_counter() - t0) / 60
     model = load_model(path)
     rows = []

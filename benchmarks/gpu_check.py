@@ -166,7 +166,7 @@ def train_rate(scene, labels, device, batch, steps, out, workers):
 
     cfg = train_cfg(scene, labels, device, batch, steps, workers)
     t0 = time.perf_counter()
-    path = Trainer(cfg, out, progress=False).run()
+    path = Trainer(cfg, out, progress=False, overwrite=True).run()
     dt = time.perf_counter() - t0
     import csv
 

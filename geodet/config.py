@@ -393,3 +393,11 @@ def check_run_values(cfg: Config) -> None:
         refuse("train.lr", tr.lr, "a positive number")
     if not 0 <= tr.val_fraction < 1:
         refuse("train.val_fraction", tr.val_fraction, "from 0 (no validation strip) to less than 1")
+    if tr.keep not in ("best", "last"):
+        refuse("train.keep", tr.keep, "best or last")
+    if tr.val_give_back is not None:
+        if not 0 < tr.val_give_back < 1:
+            refuse("train.val_give_back", tr.val_give_back, "a share of the run between 0 and 1")
+        if tr.keep == "best":
+            raise GeodetError("train.val_give_back trains on the validation strip, which then cannot pick the best "
+                              "model: use train.keep: last, or leave val_give_back unset")

@@ -49,7 +49,7 @@ def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: i
         cfg.train.max_steps = max_steps
         cfg.train.seed = seed
         log.info("training the CPU preset for up to %.1f min on %d vehicles", minutes, train_s.n_objects)
-        trainer = Trainer(cfg, out / "run", progress=progress)
+        trainer = Trainer(cfg, out / "run", progress=progress, overwrite=True)  # the demo's own run folder
         model_path = trainer.run()
     except BaseException:  # a refused budget, an interrupt: the demo's scenes go with it (exit 2 writes nothing)
         remove_partial(scenes, made)

@@ -261,6 +261,14 @@ def test_sigterm_during_train_then_resume(tmp_path, synth):
     r = geodet(*args[:-2], "--epochs", str(step // 4 + 1), "--resume")
     assert r.returncode == 0, r.stderr
     assert torch.load(run / "last.pt", weights_only=True)["step"] > step
+    before = (run / "model.pt").read_bytes()
+    for engine in ("local", "ray"):  # a rerun into the finished run's folder: refused before any work (Ray's too)
+        r = geodet(*args[:-2], "--epochs", "1", "--engine", engine)
+        assert_clean_error(r, r"holds a run \(model.pt, last.pt, metrics.csv\): continue it with --resume, replace it "
+                              r"with --overwrite")
+    r = geodet(*args[:-2], "--epochs", "1", "--resume", "--overwrite")
+    assert_clean_error(r, "give one of them")
+    assert (run / "model.pt").read_bytes() == before
 
 
 def test_end_to_end_cli_detect_and_evaluate(tmp_path, tiny_model, synth):

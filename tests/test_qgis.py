@@ -138,6 +138,21 @@ def test_metadata_is_complete_for_the_plugin_repository():
     assert g.get("supportsQt6", "False").lower() in ("false", "no")
 
 
+def test_a_reinstall_replaces_the_plugin_whole(tmp_path):
+    """`geodet qgis-plugin` over an earlier install leaves none of its files (a module the new
+    version dropped would still be imported by QGIS), its record included, and no staging folder."""
+    from geodet.qgis import PLUGIN, RECORD, install_plugin, plugin_files
+
+    folder = install_plugin(tmp_path, executable="/opt/old/geodet")
+    assert (folder / RECORD).is_file()
+    (folder / "alg_dropped.py").write_text("raise ImportError('an old module')\n")
+    install_plugin(tmp_path)  # no executable: no record
+    expected = {name for name, _ in plugin_files(None)}
+    assert {p.name for p in folder.iterdir()} == expected and RECORD not in expected
+    assert [p.name for p in tmp_path.iterdir()] == [PLUGIN]
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o755)
+
+
 def test_provider_says_which_geodet_it_runs_and_records_it_in_its_setting(provider, tmp_path):
     import geodet
 

@@ -37,6 +37,40 @@ def test_resume_continues_from_same_step(tmp_path, synth):
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 12
 
 
+def test_a_folder_holding_a_run_is_continued_or_replaced_never_silently(tmp_path, synth, caplog):
+    """A second run into a run's folder is refused unless --resume or --overwrite says what to do
+    with it; --overwrite replaces it only once the new inputs are read; --resume with other scenes
+    is refused (a new run starts from the model with --init); a run without validation says so."""
+    import shutil
+
+    from geodet.training.trainer import train
+
+    run = tmp_path / "run"
+    caplog.set_level("INFO", logger="geodet")
+    train(tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0), run, progress=False)
+    assert "no validation" in caplog.text and "val AP50" not in caplog.text
+    before = {n: (run / n).read_bytes() for n in ("model.pt", "last.pt", "metrics.csv")}
+    with pytest.raises(GeodetError, match=r"holds a run \(model.pt, last.pt, metrics.csv\): continue it with "
+                                          r"--resume, replace it with --overwrite"):
+        train(tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0), run, progress=False)
+    with pytest.raises(GeodetError, match="give one of them"):
+        train(tiny_config(synth.image, synth.labels), run, resume=True, overwrite=True, progress=False)
+    with pytest.raises(GeodetError, match="labels not found|cannot|no such|not found"):
+        train(tiny_config(synth.image, tmp_path / "missing.gpkg", epochs=1, val_fraction=0.0), run, overwrite=True,
+              progress=False)
+    assert {n: (run / n).read_bytes() for n in before} == before  # a refused replacement keeps the run
+    other = tmp_path / "other.tif"
+    shutil.copy(synth.image, other)
+    with pytest.raises(GeodetError, match=r"--resume: .*last.pt was trained on s.tif \(s.gpkg\), this run names "
+                                          r"other.tif \(s.gpkg\).*--init"):
+        train(tiny_config(other, synth.labels, epochs=2, val_fraction=0.0), run, resume=True, progress=False)
+    train(tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0, seed=5), run, overwrite=True,
+          progress=False)
+    steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv")) if r["loss"]]
+    assert steps == list(range(1, 7))  # a new run, not appended to the old one's rows
+    assert (run / "model.pt").read_bytes() != before["model.pt"]
+
+
 def test_deterministic_on_cpu(tmp_path, synth):
     from geodet.training.trainer import train
 

@@ -62,6 +62,9 @@ def add_parser(sub, common) -> None:
     tr.add_argument("--workers", type=nonneg_int, help="DataLoader workers for chip reading (default: the config's)")
     tr.add_argument("--seed", type=int, help="random seed (default: the config's train.seed)")
     tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace the run RUN_DIR holds (its model.pt, last.pt and metrics.csv), once every input has "
+                         "been read (a folder holding a run is otherwise refused)")
     tr.add_argument("--init", help="start from this model file (geodet train, import or pretrain): its architecture, "
                                    "weights, tile size and GSD; new classes re-initialise only the last classification conv")
     tr.add_argument("--freeze-stages", type=nonneg_int, help="freeze the backbone's first N stages (1 stem, 2 +layer1, "
@@ -150,7 +153,10 @@ def run(args) -> int:
     progress.plan(1)
     if args.engine == "ray":
         from ..training.ray_train import train_ray
+        from ..training.records import check_run_folder
 
+        for path in check_run_folder(out, args.resume, args.overwrite):  # before Ray's workers look for last.pt
+            path.unlink(missing_ok=True)
         quiet_ray()
         res = train_ray(cfg, out, address=args.address, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
                         cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, resume=args.resume)
@@ -158,7 +164,7 @@ def run(args) -> int:
               f"last checkpoint: {out / 'last.pt'}\nmetrics: {out / 'metrics.csv'}")
         return 0
     try:
-        path = Trainer(cfg, out, resume=args.resume, progress=not args.quiet).run()
+        path = Trainer(cfg, out, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite).run()
     except Interrupted as exc:
         print(f"geodet: {exc}", file=sys.stderr)
         return 130

@@ -66,16 +66,36 @@ def default_plugin_dir() -> Path:
 
 def install_plugin(plugins_dir: str | Path | None = None, executable: str | None = None) -> Path:
     """Copy the plugin into ``plugins_dir`` (default: the default profile's), recording
-    ``executable`` as the geodet it runs; returns its folder."""
+    ``executable`` as the geodet it runs; returns its folder. The new plugin is written beside the
+    old one and swapped in whole, so a reinstall leaves no file the new version does not have."""
+    import tempfile
+
     target = Path(plugins_dir) if plugins_dir else default_plugin_dir()
     folder = target / PLUGIN
+    stage = old = None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / RECORD).unlink(missing_ok=True)  # an earlier install's record, if this one has none
+        target.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{PLUGIN}-new-", dir=target))
         for name, data in plugin_files(executable):
-            (folder / name).write_bytes(data)
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            (stage / name).write_bytes(data)
+        os.chmod(stage, 0o755)  # mkdtemp's folder is the user's alone; QGIS's plugin folders are readable
+        if folder.is_symlink():  # a developer's link to a checkout: replaced, its target left alone
+            folder.unlink()
+        elif folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{PLUGIN}-old-", dir=target)) / PLUGIN
+            os.replace(folder, old)
+        os.replace(stage, folder)
+        stage = None
     except OSError as exc:
+        if old is not None and old.exists() and not folder.exists():
+            os.replace(old, folder)  # the swap failed half-way: the old plugin goes back
         raise GeodetError(f"cannot install the QGIS plugin in {folder}: {exc.strerror or exc}") from None
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old.parent, ignore_errors=True)
     return folder
 
 

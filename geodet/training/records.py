@@ -59,6 +59,44 @@ def load_checkpoint(out: Path) -> dict:
     return state
 
 
+RUN_FILES = ("model.pt", "last.pt", "metrics.csv")  # what a run writes in its folder
+
+
+def check_run_folder(out: str | Path, resume: bool, overwrite: bool) -> list[Path]:
+    """The run files already in ``out`` that this run will replace (``overwrite``); a one-line
+    error where ``out`` holds a run and neither ``resume`` nor ``overwrite`` says what to do with it."""
+    out = Path(out)
+    if resume and overwrite:
+        raise GeodetError(f"--resume continues the run in {out} and --overwrite replaces it: give one of them")
+    found = [out / n for n in RUN_FILES if (out / n).exists()]
+    if found and not resume and not overwrite:
+        raise GeodetError(f"{out} holds a run ({', '.join(p.name for p in found)}): continue it with --resume, "
+                          "replace it with --overwrite, or train into a new folder")
+    return found if overwrite else []
+
+
+def check_same_data(state: dict, train_scenes, out: Path) -> None:
+    """``--resume`` trains on the checkpoint's (``state``) scenes and labels: other files are refused (a new
+    run starts from the model with --init); changed labels in the same files are said."""
+    def files(entries):
+        return [(os.path.basename(str(e.get("scene"))), os.path.basename(str(e.get("labels")))) for e in entries]
+
+    before = list(state["card"].get("trained_on") or [])
+    now = [{"scene": ts.scene.path, "labels": ts.labels_path, "labels_used": len(ts.labels)}
+           for ts in train_scenes]
+    if before and files(before) != files(now):
+        def said(pairs):
+            return ", ".join(f"{s} ({lab})" for s, lab in pairs)
+
+        raise GeodetError(f"--resume: {out / 'last.pt'} was trained on {said(files(before))}, this run names "
+                          f"{said(files(now))}: resume with the run's scenes and labels, or start a new run from "
+                          f"its model (--init {out / 'model.pt'} -o NEW_FOLDER)")
+    for b, n in zip(before, now):
+        if b.get("labels_used") is not None and int(b["labels_used"]) != n["labels_used"]:
+            log.warning("--resume: %s now has %d usable labels (%d when the run began); training goes on with "
+                        "the new ones", os.path.basename(str(n["labels"])), n["labels_used"], int(b["labels_used"]))
+
+
 class MetricsLog:
     """``metrics.csv``, appended row by row by the main rank (other ranks write nothing)."""
 

@@ -130,3 +130,16 @@ def make_optimizer(params, tc) -> torch.optim.Optimizer:
     if tc.optimizer == "sgd":
         return torch.optim.SGD(params, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay)
     raise GeodetError(f"train.optimizer must be adamw or sgd, got '{tc.optimizer}'")
+
+
+def step_cap(tc) -> Optional[int]:
+    """The steps a run (``TrainConfig`` ``tc``) may take: max_steps, else epochs x steps_per_epoch
+    when epochs is set; none with a time limit (the clock ends the run); else the default number
+    of epochs."""
+    if tc.max_steps is not None:
+        return tc.max_steps
+    if tc.epochs is not None:
+        return tc.epochs * tc.steps_per_epoch
+    if tc.time_limit_min is not None:
+        return None
+    return DEFAULT_EPOCHS * tc.steps_per_epoch

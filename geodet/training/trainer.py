@@ -35,9 +35,10 @@ from ..io.scene import gdal_env
 from ..progress import progress_bar
 from . import inputs
 from .loop import STOPS, CpuShare, Run, StopSignals, train_step, training_precision
-from .records import KEPT_KEYS, MetricsLog, load_checkpoint, save_checkpoint, save_kept_model
+from .records import (KEPT_KEYS, MetricsLog, check_run_folder, check_same_data, load_checkpoint, save_checkpoint,
+                      save_kept_model)
 from .sampler import ChipDataset, collate_chips
-from .schedule import DECAY_SHARE, DEFAULT_EPOCHS, Budget, lr_factor, make_optimizer
+from .schedule import DECAY_SHARE, Budget, lr_factor, make_optimizer, step_cap
 from .start import apply_init, build_start_model, freeze_stages
 from .validation import validate
 
@@ -54,10 +55,12 @@ class Interrupted(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True,
+                 overwrite: bool = False):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.resume = resume
+        self.overwrite = overwrite
         self.progress = progress
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -143,29 +146,30 @@ class Trainer:
         has been read and checked."""
         tc = self.cfg.train
         torch.manual_seed(tc.seed + self.rank)
-        total = self._step_cap()
-        if tc.keep not in ("best", "last"):
-            raise GeodetError(f"train.keep must be best or last, got '{tc.keep}'")
-        if tc.val_give_back is not None:
-            if not 0 < tc.val_give_back < 1:
-                raise GeodetError(f"train.val_give_back must be a share of the run between 0 and 1, got {tc.val_give_back}")
-            if tc.keep == "best":
-                raise GeodetError("train.val_give_back trains on the validation strip, which then cannot pick the best "
-                                  "model: use train.keep: last, or leave val_give_back unset")
-            if self.world > 1:
-                raise GeodetError("train.val_give_back runs in one process: train without --engine ray or leave "
-                                  "val_give_back unset")
+        check_run_values(self.cfg)  # before anything is read: values no run can start with
+        total = step_cap(tc)
+        if tc.val_give_back is not None and self.world > 1:
+            raise GeodetError("train.val_give_back runs in one process: train without --engine ray or leave "
+                              "val_give_back unset")
         seconds = None if tc.time_limit_min is None else float(tc.time_limit_min) * 60
         if seconds is not None and seconds <= 0:
             raise GeodetError(f"--time-limit must be a positive number of minutes, got {tc.time_limit_min:g}")
-        if self.main:  # before reading anything: the run must be able to write its folder
+        replaced = []
+        if self.main:  # before reading anything: the run must be able to write its folder, and not over a run
             from ..io.writers import check_output_folder
 
             check_output_folder(self.out)
+            replaced = check_run_folder(self.out, self.resume, self.overwrite)
         self.prepare()
         device = self._device()
         state = load_checkpoint(self.out) if self.resume else None
+        if state is not None:
+            check_same_data(state, self.train_scenes, self.out)
         model = build_start_model(self.cfg, self.train_scenes, self.classes, self.overlap, state, self.init).to(device)
+        for path in replaced:  # every input read and the start model built: the old run goes now
+            path.unlink(missing_ok=True)
+        if replaced:
+            log.info("--overwrite: the run in %s (%s) is replaced", self.out, ", ".join(p.name for p in replaced))
         self.out.mkdir(parents=True, exist_ok=True)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
@@ -209,22 +213,6 @@ class Trainer:
 
             r.teacher = EmaTeacher(model, tc.ema_decay)
         return r
-
-    def _step_cap(self) -> Optional[int]:
-        """The steps the run may take: max_steps, else epochs x steps_per_epoch when epochs is set;
-        none with a time limit (the clock ends the run); else the default number of epochs."""
-        tc = self.cfg.train
-        if tc.max_steps is not None:
-            total = tc.max_steps
-        elif tc.epochs is not None:
-            total = tc.epochs * tc.steps_per_epoch
-        elif tc.time_limit_min is not None:
-            return None
-        else:
-            total = DEFAULT_EPOCHS * tc.steps_per_epoch
-        if total <= 0:
-            raise GeodetError("nothing to train: epochs, steps_per_epoch and max_steps must be positive")
-        return total
 
     def _loader(self, r: Run):
         tc = self.cfg.train
@@ -328,7 +316,10 @@ class Trainer:
             why = f"step cap: {r.step} steps in {minutes:.1f} min"
         self.cpu_share = share
         self.metrics.note(r, b.elapsed(), f"stopped: {why}")
-        if self.main:
+        if self.main and not self.val_sets:
+            log.info("training stopped at step %d (%s); no validation (train.val_fraction 0 and no --val-scene): "
+                     "model.pt is the last model", r.step, why)
+        elif self.main:
             log.info("training stopped at step %d (%s); validation AP50 %.3f (best seen %.3f); model.pt is the %s "
                      "model", r.step, why, r.last_ap50, max(r.best, 0.0),
                      "last" if self.keep == "last" else "best")
@@ -374,7 +365,10 @@ class Trainer:
         if kept:
             r.best = max(r.best, score)
             save_kept_model(r, m, self.out / "model.pt", self.val_sets, self.cfg.detect.batch_size)
-            log.info("step %d: val AP50 %.3f (saved model.pt)", r.step, score)
+            if m:
+                log.info("step %d: val AP50 %.3f (saved model.pt)", r.step, score)
+            else:
+                log.info("step %d: saved model.pt (no validation)", r.step)
         else:
             log.info("step %d: val AP50 %.3f (best %.3f)", r.step, score, r.best)
         save_checkpoint(self.out, r, self.cfg, self.kept_metrics, self.thresholds)
@@ -488,12 +482,14 @@ class Trainer:
         self.metrics.note(r, r.budget.elapsed(), note)
 
 
-def train(config: Config | dict | str | Path, out_dir: str | Path = "runs/geodet", resume: bool = False, progress: bool = True) -> Path:
-    """Train a model from a config (object, dict or YAML path); returns the path of ``model.pt``."""
+def train(config: Config | dict | str | Path, out_dir: str | Path = "runs/geodet", resume: bool = False, progress: bool = True,
+          overwrite: bool = False) -> Path:
+    """Train a model from a config (object, dict or YAML path); returns the path of ``model.pt``.
+    A folder that holds a run is continued (``resume``) or replaced (``overwrite``), never silently."""
     from ..config import load_config
 
     if isinstance(config, (str, Path)):
         config = load_config(config)
     elif isinstance(config, dict):
         config = config_from_dict(config)
-    return Trainer(config, out_dir, resume=resume, progress=progress).run()
+    return Trainer(config, out_dir, resume=resume, progress=progress, overwrite=overwrite).run()

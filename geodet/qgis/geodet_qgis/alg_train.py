@@ -105,8 +105,8 @@ class TrainAlgorithm(GeodetAlgorithm):
                      "--val-labels", self.vector_path(parameters, "VAL_LABELS", context, feedback)]
         if not is_empty(parameters.get("INIT")):
             self.flag(args, "--init", self.parameterAsFile(parameters, "INIT", context))
-        if self.parameterAsBoolean(parameters, "RESUME", context):
-            args.append("--resume")
+        # a Processing output is replaced by a rerun, as QGIS's own are: a run in the folder too
+        args.append("--resume" if self.parameterAsBoolean(parameters, "RESUME", context) else "--overwrite")
         since = time.time()
         self.run_command(args, feedback, on_cancel=lambda killed: checkpoint_report(folder, since))
         return {"OUTPUT_FOLDER": folder, "MODEL": os.path.join(folder, "model.pt"),
@@ -223,7 +223,7 @@ class TrainAgainAlgorithm(GeodetAlgorithm):
             return {}
         args = ["train", self.raster_path(parameters, "SCENE", context),
                 "--labels", self.vector_path(parameters, "LABELS", context, feedback), "--labelled-area", area,
-                "--init", self.parameterAsFile(parameters, "INIT", context), "-o", folder,
+                "--init", self.parameterAsFile(parameters, "INIT", context), "-o", folder, "--overwrite",
                 "--config", config_argument(self, parameters, context),
                 "--time-limit", self.parameterAsDouble(parameters, "TIME_LIMIT", context),
                 "--device", DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)]]
