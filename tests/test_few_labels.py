@@ -433,6 +433,47 @@ def test_a_validation_strip_without_labels_keeps_the_last_model(tmp_path, synth,
     assert load_model(path).card.trained_steps == 12  # not the first model that scored 0 on an empty strip
 
 
+def test_a_labelled_area_in_pieces_gets_a_strip_that_holds_labels(tmp_path, synth, caplog):
+    """The labelling loop's area: the first block plus a confirmed cell far from it with no object.
+    The strip holds train.val_fraction of the labelled area, not of its extent (which would put it
+    over the empty cell and the gap), and a strip with no labels is not chosen where one with
+    labels exists; without a labelled area the far strip stays as it was."""
+    import geopandas as gpd
+    import rasterio
+    from shapely.affinity import affine_transform
+    from shapely.geometry import box
+
+    from geodet.training import inputs
+    from geodet.training.area import validation_split, validation_splits
+    from geodet.training.trainer import Trainer
+
+    with rasterio.open(synth.image) as src:
+        t, crs, w, h = src.transform, src.crs, src.width, src.height
+    m = [t.a, t.b, t.d, t.e, t.c, t.f]
+    pieces = [box(0, 0, 180, h), box(w - 44, 0, w, 60)]  # pixels: a block, and a cell with no object
+    gpd.GeoDataFrame(geometry=[affine_transform(p, m) for p in pieces], crs=crs).to_file(tmp_path / "area.gpkg")
+    g = gpd.read_file(synth.labels)
+    g[g.geometry.centroid.x < t.c + 170 * t.a].to_file(tmp_path / "block.gpkg")
+    cfg = tiny_config(synth.image, tmp_path / "block.gpkg")
+    cfg.train.scenes[0].labelled_area = str(tmp_path / "area.gpkg")
+    with caplog.at_level("WARNING"):
+        tr = Trainer(cfg, tmp_path / "run", progress=False)
+        tr.prepare()
+    ts, strip = tr.val_sets[0]
+    assert inputs.labels_inside(ts, strip) > 0 and inputs.labels_inside(ts, ts.area) > 0
+    assert "validation area holds no labels" not in caplog.text
+    share = ts.labelled.intersection(box(*strip)).area / ts.labelled.area
+    assert abs(share - cfg.train.val_fraction) < 0.01, share
+    # the old split of the extent: a strip over the gap and the empty cell
+    old_rest, old_strip = validation_split(ts.full_area, cfg.train.val_fraction)
+    assert inputs.labels_inside(ts, old_strip) == 0
+    # no labelled area: the far strip across the longer side, as before
+    for rect, split in [((0, 0, 384, 384), ((0, 0, 307, 384), (307, 0, 384, 384))),
+                        ((10, 5, 300, 97), ((10, 5, 242, 97), (242, 5, 300, 97))),
+                        ((0, 0, 51, 400), ((0, 0, 51, 320), (0, 320, 51, 400)))]:
+        assert next(validation_splits(rect, 0.2)) == validation_split(rect, 0.2) == split
+
+
 def test_the_validation_strip_is_given_back_once_it_set_the_operating_point(tmp_path, synth, monkeypatch):
     """train.val_give_back: the strip validates until then (the operating point and the card's
     metrics come from that last validation), then its labels train; it is never validated again."""

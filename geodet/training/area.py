@@ -121,13 +121,55 @@ def validation_split(rect, fraction: float, min_side: int = 16):
     """Split ``rect`` (x0, y0, x1, y1) into a training part and a validation strip holding
     ``fraction`` of it, cut across its longer side (the right-hand or the bottom strip); None when
     either part would be narrower than ``min_side`` px."""
+    return next(validation_splits(rect, fraction, None, min_side), None)
+
+
+def validation_splits(rect, fraction: float, geom=None, min_side: int = 16):
+    """Candidate (rest, strip) splits of ``rect`` (x0, y0, x1, y1), best first: across its longer
+    side, then its shorter; the right-hand (bottom) strip, then the left-hand (top) one. Each strip
+    holds ``fraction`` of the labelled area ``geom`` inside ``rect`` (of ``rect`` for None: a
+    labelled area of separate pieces, as the labelling loop makes it, gets a strip that reaches
+    into them, not one over the gap between). Splits with a part narrower than ``min_side`` px are
+    left out."""
+    from shapely.geometry import box
+
     x0, y0, x1, y1 = (int(round(v)) for v in rect)
-    if x1 - x0 >= y1 - y0:
-        split = int(round(x1 - (x1 - x0) * fraction))
-        if split - x0 < min_side or x1 - split < min_side:
-            return None
-        return (x0, y0, split, y1), (split, y0, x1, y1)
-    split = int(round(y1 - (y1 - y0) * fraction))
-    if split - y0 < min_side or y1 - split < min_side:
-        return None
-    return (x0, y0, x1, split), (x0, split, x1, y1)
+    whole = geom is None or geom.intersection(box(x0, y0, x1, y1)).area >= (x1 - x0) * (y1 - y0) - 1e-6
+    total = None if whole else geom.intersection(box(x0, y0, x1, y1)).area
+    axes = ("x", "y") if x1 - x0 >= y1 - y0 else ("y", "x")
+    for axis in axes:
+        lo, hi = (x0, x1) if axis == "x" else (y0, y1)
+        for high in (True, False):
+            if whole:
+                at = hi - (hi - lo) * fraction if high else lo + (hi - lo) * fraction
+            else:
+                at = _split_holding(geom, (x0, y0, x1, y1), axis, high, fraction * total)
+            split = int(round(at))
+            if split - lo < min_side or hi - split < min_side:
+                continue
+            first, second = ((x0, y0, split, y1), (split, y0, x1, y1)) if axis == "x" else \
+                ((x0, y0, x1, split), (x0, split, x1, y1))
+            yield (first, second) if high else (second, first)
+
+
+def _split_holding(geom, rect, axis: str, high: bool, want: float) -> float:
+    """Where to cut ``rect`` across ``axis`` so that the strip at its high (or low) end holds
+    ``want`` of ``geom``'s area (bisection: the strip's share grows monotonically as it widens)."""
+    from shapely.geometry import box
+
+    x0, y0, x1, y1 = rect
+    lo, hi = (x0, x1) if axis == "x" else (y0, y1)
+
+    def strip_area(at):
+        r = ((at, y0, x1, y1) if high else (x0, y0, at, y1)) if axis == "x" else \
+            ((x0, at, x1, y1) if high else (x0, y0, x1, at))
+        return geom.intersection(box(*r)).area
+
+    a, b = float(lo), float(hi)
+    for _ in range(40):
+        mid = (a + b) / 2
+        if (strip_area(mid) >= want) == high:  # a high strip from mid holds enough: cut further up
+            a = mid
+        else:
+            b = mid
+    return (a + b) / 2

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import GeodetError
 from ..io.labels import class_names, describe_counts, labels_to_boxes, read_labels
 from ..io.scene import READ_ERRORS, open_raster, scene_from_config
-from .area import centres_inside, read_labelled_area, validation_split, within
+from .area import centres_inside, read_labelled_area, validation_splits, within
 from .sampler import TrainScene
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,11 @@ def validation_strips(train_scenes: list[TrainScene], fraction: float) -> list[t
     Returns [(TrainScene, strip)]."""
     val_sets = []
     for ts in train_scenes:
-        parts = validation_split(ts.area, fraction)
+        # the first split (across the longer side, the far strip) whose strip and rest both hold labels;
+        # without a labelled area the whole scene is said to be labelled: the far strip, as it is
+        splits = list(validation_splits(ts.area, fraction, ts.labelled))[:None if ts.labelled is not None else 1]
+        parts = next((p for p in splits if labels_inside(ts, p[0]) and labels_inside(ts, p[1])),
+                     splits[0] if splits else None)
         if parts is None:
             continue
         ts.full_area = ts.area

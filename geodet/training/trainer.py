@@ -92,9 +92,12 @@ class Trainer:
             self.val_sets = inputs.validation_strips(self.train_scenes, cfg.train.val_fraction)
         self.keep = cfg.train.keep
         if self.val_sets and not sum(inputs.labels_inside(v, a) for v, a in self.val_sets):
+            hint = ("label objects inside the validation strip, or give --val-scene"
+                    if any(getattr(v, "labelled", None) is not None for v, _ in self.val_sets) else
+                    "if you labelled only part of the scene, pass --labelled-area (the validation strip is then cut "
+                    "from it), or give --val-scene")
             log.warning("the validation area holds no labels, so validation cannot tell models apart: model.pt will be "
-                        "the last model. If you labelled only part of the scene, pass --labelled-area (the validation "
-                        "strip is then cut from it), or give --val-scene")
+                        "the last model (%s)", hint)
             self.keep = "last"
         self.classes = classes
         t = cfg.tiling
