@@ -317,6 +317,9 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     classes = sorted(set(gt_names) | set(det_names))
     lookup = {n: i for i, n in enumerate(classes)}
     scores = det["score"].to_numpy(np.float64) if "score" in det.columns else np.ones(len(det))
+    if "score" not in det.columns and len(det):
+        log.warning("%s: no score column, so every detection counts with score 1 and AP is that of an unranked "
+                    "set (is it a labels file?)", detections if isinstance(detections, (str, Path)) else "detections")
     area_scale = 1.0
     if scene is not None:
         sc = scene if isinstance(scene, Scene) else Scene(scene, bands=None)
@@ -352,6 +355,10 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
         gt_boxes = shapely.bounds(np.array(gt.geometry.values, dtype=object)).reshape(-1, 4)
         gt_labels = np.array([lookup[n] for n in gt_names], np.int64)
         det_boxes = shapely.bounds(np.array(det.geometry.values, dtype=object)).reshape(-1, 4) if len(det) else np.zeros((0, 4))
+        if len(gt_boxes) and len(det_boxes) and not _extents_meet(gt_boxes, det_boxes):
+            log.warning("no label lies within the detections' extent (labels %s, detections %s%s): check that they "
+                        "cover the same place, or pass the scene (--scene)", _extent(gt_boxes), _extent(det_boxes),
+                        f" in {det.crs.to_string()}" if det.crs is not None else "")
         if det.crs is not None and det.crs.is_geographic:
             log.warning("evaluating in degrees: pass the scene (--scene) for pixel-based IoU and size ranges")
         px = pixel_columns(det)
@@ -364,6 +371,17 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     if mismatch:
         m["warning" if not agnostic else "note"] = mismatch
     return m
+
+
+def _extent(boxes: np.ndarray) -> str:
+    return "({:.2f}, {:.2f}, {:.2f}, {:.2f})".format(*boxes[:, :2].min(0), *boxes[:, 2:].max(0))
+
+
+def _extents_meet(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether the extents of box sets ``a`` and ``b`` [N, 4] overlap."""
+    (ax0, ay0), (ax1, ay1) = a[:, :2].min(0), a[:, 2:].max(0)
+    (bx0, by0), (bx1, by1) = b[:, :2].min(0), b[:, 2:].max(0)
+    return bool(ax0 <= bx1 and bx0 <= ax1 and ay0 <= by1 and by0 <= ay1)
 
 
 def format_table(m: dict) -> str:

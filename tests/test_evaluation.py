@@ -235,3 +235,41 @@ def test_no_detection_that_finds_an_object_gives_no_operating_point():
     far = [(x0 + 100, y0, x1 + 100, y1) for x0, y0, x1, y1 in BOXES]
     m = evaluate(_frame(far, scores=[0.9, 0.8, 0.7, 0.6, 0.5]), _frame(BOXES))
     assert m["score_threshold"] is None and m["f1"] == 0 and m["AP50"] == 0
+
+
+def test_detection_files_that_cannot_be_what_they_are_said_to_be(tmp_path, caplog):
+    """A GeoPackage of a user's layers (detections beside labels) is read by the layer named, not
+    merged; a damaged one is one line; a file without scores, and labels nowhere near the
+    detections, are said. geodet's own layers by CRS (each with a score) still read as one."""
+    from geodet.errors import GeodetError
+
+    boxes = [(500000 + 10 * i, 4600000 - 6, 500000 + 10 * i + 4, 4600000 - 2) for i in range(5)]
+    det, gt = _frame(boxes), _frame(boxes).drop(columns="score")
+    f = tmp_path / "m.gpkg"
+    det.to_file(f, layer="dets")
+    gt.to_file(f, layer="truth")
+    with pytest.raises(GeodetError, match=r"m.gpkg holds 2 layers \(dets, truth\): name the one with the detections "
+                                          r"as '.*m.gpkg\|layername=dets'"):
+        evaluate(str(f), gt)
+    assert evaluate(f"{f}|layername=dets", gt)["AP50"] == 1
+    by_crs = tmp_path / "c.gpkg"  # geodet's output for scenes in two UTM zones
+    det.iloc[:3].to_file(by_crs, layer="c_32633")
+    det.iloc[3:].to_crs("EPSG:32632").to_file(by_crs, layer="c_32632")
+    assert evaluate(str(by_crs), gt)["AP50"] == 1
+    (tmp_path / "cut.gpkg").write_bytes(f.read_bytes()[:3000])
+    with pytest.raises(GeodetError, match="cut.gpkg: not a GeoPackage that OGR can read"):
+        evaluate(str(tmp_path / "cut.gpkg"), gt)
+    gt.to_file(tmp_path / "labels.gpkg")
+    with caplog.at_level("WARNING"):
+        evaluate(str(tmp_path / "labels.gpkg"), gt)
+    assert "labels.gpkg: no score column" in caplog.text
+    caplog.clear()
+    far = gt.copy()
+    far["geometry"] = gt.geometry.translate(100_000, 0)
+    with caplog.at_level("WARNING"):
+        m = evaluate(det, far)
+    assert m["AP50"] == 0 and "no label lies within the detections' extent" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        evaluate(det, gt)
+    assert "extent" not in caplog.text

@@ -70,8 +70,16 @@ def read_detections(path):
     if p.suffix.lower() == ".gpkg":
         import pyogrio
 
-        layers = [name for name, geom in pyogrio.list_layers(p) if geom]  # not layer_styles
-        if len(layers) > 1:  # one layer per CRS (scenes in several UTM zones)
+        try:
+            layers = [name for name, geom in pyogrio.list_layers(p) if geom]  # not layer_styles
+            fields = {name: set(pyogrio.read_info(p, layer=name)["fields"]) for name in layers}
+        except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, ValueError, OSError) as exc:
+            raise GeodetError(f"{path}: not a GeoPackage that OGR can read: {brief(exc, 120)}") from None
+        if len(layers) > 1 and not all("score" in f for f in fields.values()):  # not geodet's layers by CRS
+            shown = ", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "")
+            raise GeodetError(f"{path} holds {len(layers)} layers ({shown}): name the one with the detections as "
+                              f"'{path}|layername={layers[0]}'")
+        if len(layers) > 1:  # one layer per CRS (scenes in several UTM zones), as geodet writes them
             parts = [gpd.read_file(p, layer=name, engine="pyogrio") for name in layers]
             parts = [f for f in parts if len(f)] or parts[:1]
             crs = parts[0].crs

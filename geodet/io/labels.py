@@ -44,7 +44,7 @@ def read_labels(path: str | Path, class_column: str | None = None, allow_empty: 
         raise GeodetError(f"{what} not found: {path}")
     if p.suffix.lower() == ".parquet":
         gdf = read_geoparquet(p)
-        return _checked(gdf, path, class_column, allow_empty)
+        return _checked(gdf, path, class_column, allow_empty, what)
     try:
         if layer is None:  # the one layer with geometry (a GeoPackage may hold a layer_styles table)
             spatial = [name for name, geom in pyogrio.list_layers(p) if geom]
@@ -65,7 +65,7 @@ def read_labels(path: str | Path, class_column: str | None = None, allow_empty: 
             f"{path}: not a vector file that OGR can read (use a shapefile, GeoPackage or GeoJSON): "
             f"{brief(exc, 120)}"
         ) from None
-    return _checked(gdf, path, class_column, allow_empty)
+    return _checked(gdf, path, class_column, allow_empty, what)
 
 
 def read_geoparquet(path):
@@ -79,9 +79,9 @@ def read_geoparquet(path):
         raise GeodetError(f"{path}: not a GeoParquet file geopandas can read: {brief(exc, 120)}") from None
 
 
-def _checked(gdf, path, class_column, allow_empty):
+def _checked(gdf, path, class_column, allow_empty, what: str = "labels"):
     if len(gdf) == 0 and not allow_empty:
-        raise GeodetError(f"{path}: the labels file holds no features")
+        raise GeodetError(f"{path}: the {what} file holds no features")
     if gdf.crs is None and len(gdf):
         raise GeodetError(f"{path}: the labels have no CRS: assign one (e.g. in QGIS, or ogr2ogr -a_srs EPSG:xxxx)")
     if gdf.crs is not None and gdf.crs.is_geographic and len(gdf):
