@@ -294,6 +294,10 @@ def test_end_to_end_cli_detect_and_evaluate(tmp_path, tiny_model, synth):
     assert m["n_labels"] == len(gpd.read_file(synth.labels))
     r = geodet("anchors", synth.image, "--labels", synth.labels, "--config", "cpu")
     assert r.returncode == 0 and "coverage" in r.stdout
+    r = geodet("anchors", synth.image, "--labels", synth.labels, "--config", "cpu", "-o", tmp_path / "new" / "a.yaml")
+    assert r.returncode == 0 and "anchor_sizes" in (tmp_path / "new" / "a.yaml").read_text()  # its folder made
+    for out, pattern in [(tmp_path / "new", "output path is a folder"), (tmp_path / "a.txt", "a YAML/YML file")]:
+        assert_clean_error(geodet("anchors", synth.image, "--labels", synth.labels, "-o", out), pattern)
     r = geodet("tile", synth.image, "--out", tmp_path / "chips", "--tile-size", "128", "--overlap", "16", "--labels", synth.labels)
     assert r.returncode == 0, r.stderr
     coco = json.loads((tmp_path / "chips" / "annotations.json").read_text())

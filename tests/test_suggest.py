@@ -186,3 +186,49 @@ def test_a_scene_without_georeferencing_is_refused_before_detection(tiny_model, 
     monkeypatch.setattr(scenes, "detect_scene", lambda *a, **k: pytest.fail("detected before refusing"))
     with pytest.raises(GeodetError, match="no CRS or georeferencing"):
         suggest_tiles(load_model(tiny_model), [str(p)], n=2, progress=False)
+
+
+def test_suggest_refuses_what_cannot_be_meant_and_says_what_it_ranked(tiny_model, tmp_path, synth, capsys):
+    """A scene named twice, a labelled area that reaches no scene or holds nothing: one line before
+    any detection. --bands picks the model's bands from a 1-band scene. A cell without doubt is
+    not called unsure. --done run twice adds nothing the second time."""
+    import shlex
+
+    import geopandas as gpd
+    import rasterio
+    from shapely.geometry import box
+
+    from geodet.cli import main
+
+    def err_of(args):
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        return err[0]
+
+    base = ["suggest", "-m", str(tiny_model), "-o", str(tmp_path / "n.gpkg"), "--count", "4", "-q"]
+    assert "named twice" in err_of([*base, str(synth.image), str(synth.image)])
+    with rasterio.open(synth.image) as src:
+        b, crs, profile, band = src.bounds, src.crs, src.profile, src.read(1)
+    gpd.GeoDataFrame(geometry=[box(b.left + 1e5, b.bottom, b.right + 1e5, b.top)], crs=crs).to_file(tmp_path / "far.gpkg")
+    assert "reaches none of the scenes" in err_of([*base, str(synth.image), "--labelled-area", str(tmp_path / "far.gpkg")])
+    gpd.GeoDataFrame(geometry=[], crs=crs).to_file(tmp_path / "empty.gpkg")
+    assert "empty.gpkg: the labelled area file holds no features" in err_of(
+        [*base, str(synth.image), "--labelled-area", str(tmp_path / "empty.gpkg")])
+    assert not (tmp_path / "n.gpkg").exists()
+    one = tmp_path / "one band.tif"
+    with rasterio.open(one, "w", **dict(profile, count=1)) as dst:
+        dst.write(band[None])
+    spaced = tmp_path / "next cells.gpkg"
+    assert main([*base[:3], "-o", str(spaced), *base[5:], str(one), "--bands", "1,1,1"]) == 0
+    assert f"--done {shlex.quote(str(spaced))} " in capsys.readouterr().out  # a command to paste as it is
+    cells = gpd.read_file(spaced)
+    assert len(cells) == 4 and (cells["scene"] == "one band.tif").all()
+    for _, c in cells.iterrows():
+        assert ("the model is unsure there" in c["reason"]) == (c["uncertain"] > 0)
+    area = tmp_path / "area.gpkg"
+    for added in (4, 0):
+        assert main(["suggest", "--done", str(spaced), "--labelled-area", str(area), "-q"]) == 0
+        assert f"added {added} labelled cell(s)" in capsys.readouterr().out
+    assert len(gpd.read_file(area)) == 4

@@ -71,6 +71,57 @@ def test_a_folder_holding_a_run_is_continued_or_replaced_never_silently(tmp_path
     assert (run / "model.pt").read_bytes() != before["model.pt"]
 
 
+def test_resume_keeps_the_runs_settings_and_needs_steps_left(tmp_path, synth, caplog):
+    """--resume continues the run as it was: a config's other tile size gives way to the run's
+    (said), the same from the command line is refused, and a cap at or below the steps done is
+    refused rather than training one more step."""
+    from geodet.config import apply_overrides
+    from geodet.training.trainer import train
+
+    train(tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0), tmp_path, progress=False)
+    flagged = apply_overrides(tiny_config(synth.image, synth.labels, epochs=2, val_fraction=0.0),
+                              {"tiling.tile_size": 192})
+    with pytest.raises(GeodetError, match=r"--resume: .* trained with tiling.tile_size 128 \(this command: 192\): "
+                                          "leave those flags out"):
+        train(flagged, tmp_path, resume=True, progress=False)
+    with pytest.raises(GeodetError, match=r"--resume: .* is at step 6, and this command's cap ends it at step 5"):
+        train(tiny_config(synth.image, synth.labels, max_steps=5, val_fraction=0.0), tmp_path, resume=True,
+              progress=False)
+    other = tiny_config(synth.image, synth.labels, epochs=2, val_fraction=0.0)
+    other.tiling.tile_size, other.tiling.overlap = 256, 32  # as a preset's would be
+    caplog.set_level("INFO", logger="geodet")
+    train(other, tmp_path, resume=True, progress=False)
+    assert "the run's own settings kept: tiling.tile_size 128, tiling.overlap 24" in caplog.text
+    card = load_model(tmp_path / "model.pt").card
+    assert (card.tile_size, card.overlap, card.trained_steps) == (128, 24, 12)
+
+
+def test_validation_scenes_that_cannot_tell_are_said_and_init_takes_a_run_folder(tmp_path, synth, tiny_model, caplog):
+    """A --val-scene that is a training scene, or all nodata, is said before training; --init
+    takes a run's folder as -m does (its model.pt)."""
+    import rasterio
+
+    from geodet.config import SceneLabels
+    from geodet.training.trainer import Trainer
+
+    with rasterio.open(synth.image) as src:
+        profile = dict(src.profile, nodata=0)
+    blank = tmp_path / "blank.tif"
+    with rasterio.open(blank, "w", **profile) as dst:
+        dst.write(np.zeros((profile["count"], profile["height"], profile["width"]), profile["dtype"]))
+    for scene, said in [(synth.image, "is also a training scene"), (blank, "holds no valid pixel")]:
+        cfg = tiny_config(synth.image, synth.labels)
+        cfg.train.val_scenes = [SceneLabels(str(scene), str(synth.labels))]
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            Trainer(cfg, tmp_path / "run", progress=False).prepare()
+        assert said in caplog.text
+    cfg = tiny_config(synth.image, synth.labels, init=str(tiny_model.parent))
+    t = Trainer(cfg, tmp_path / "run", progress=False)
+    t.prepare()
+    assert cfg.train.init == str(tiny_model) and t.init[1].classes == ["car", "truck"]
+
+
 def test_deterministic_on_cpu(tmp_path, synth):
     from geodet.training.trainer import train
 
@@ -138,10 +189,14 @@ def test_resume_with_another_network_is_one_line_and_leaves_the_run(tmp_path, sy
 
     train(tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0), tmp_path, progress=False)
     before = (tmp_path / "last.pt").read_bytes()
-    other = tiny_config(synth.image, synth.labels, epochs=2, val_fraction=0.0)
-    other.model.channels = 16
+    other = tiny_config(synth.image, synth.labels, epochs=2, val_fraction=0.0, class_column="")  # one class
     with pytest.raises(GeodetError, match="--resume: .*last.pt holds another network or classes"):
         train(other, tmp_path, resume=True, progress=False)
+    from geodet.config import apply_overrides
+
+    wider = apply_overrides(tiny_config(synth.image, synth.labels, epochs=2, val_fraction=0.0), {"model.channels": 16})
+    with pytest.raises(GeodetError, match=r"--resume: .* trained with model.channels 32 \(this command: 16\)"):
+        train(wider, tmp_path, resume=True, progress=False)
     assert (tmp_path / "last.pt").read_bytes() == before
     for key, value, match in [("batch_size", 0, "train.batch_size must be at least 1"),
                               ("steps_per_epoch", 0, "train.steps_per_epoch must be at least 1"),

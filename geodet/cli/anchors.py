@@ -33,6 +33,10 @@ def run(args) -> int:
     scene = args.scene or scene_flag
     if not scene:
         raise GeodetError("no scene given: geodet anchors SCENE --labels LABELS")
+    if args.out:  # before any work: a folder, a file it cannot write, another kind of file
+        from ..io.writers import check_output_path
+
+        check_output_path(args.out, suffixes=(".yaml", ".yml"), example="anchors.yaml")
     cfg = load_config(args.config)
     sc = scene_from_config(scene, cfg.scene)
     col = args.class_column if args.class_column is not None else cfg.train.class_column

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from .common import add_device, deprecated, positive_int
+from .common import add_device, bands, deprecated, positive_int
 
 STRATEGY_HELP = ("how cells are ranked: uncertainty (default: the most detections scored near the operating point, "
                  "spread over the map), per-object (that doubt per object the cell holds: fewer labels per cell), "
@@ -29,6 +29,8 @@ def add_parser(sub, common) -> None:
     g.add_argument("--cell-size", type=positive_int, help="cell side in pixels (default: the model's tile size)")
     g.add_argument("--labelled-area", help="polygons already labelled: cells mostly inside them are not suggested "
                                            "(with --done: the file the labelled cells are added to, made if missing)")
+    g.add_argument("--bands", type=bands, help="scene bands to feed the model, e.g. 3,2,1 or 1,1,1 (default: the "
+                                               "model's)")
     g.add_argument("--strategy", choices=["uncertainty", "per-object", "coreset", "hybrid"], default="uncertainty",
                    help=STRATEGY_HELP)
     g.add_argument("--done", metavar="CELLS", help="add the cells of this suggestions file that you labelled (its "
@@ -62,11 +64,15 @@ def run(args) -> int:
     model = load_detector_file(args.model)
     progress.plan(len(args.scenes))  # one detection pass per scene
     frame = suggest_tiles(model, args.scenes, n=args.count, cell=args.cell_size, labelled_area=args.labelled_area,
-                          progress=not args.quiet, device=args.device, strategy=args.strategy)
+                          progress=not args.quiet, device=args.device, strategy=args.strategy, bands=args.bands)
     write_suggestions(frame, args.out)
-    print(f"{len(frame)} cell(s) of {frame.attrs['cell_px']} px to label next -> {args.out} (ranked by "
-          f"{args.strategy} around the operating point {frame.attrs['operating_point']:.3g}); label them, set 'done' "
-          f"to 1, then: geodet suggest --done {args.out} --labelled-area AREA.gpkg")
+    ranked = (f"{args.strategy} around the operating point {frame.attrs['operating_point']:.3g}"
+              if args.strategy in ("uncertainty", "per-object") else
+              "coreset: the cells least like the labelled ones to the network" if args.strategy == "coreset" else
+              "hybrid: cells unlike the labelled ones, weighted by the model's doubt per object")
+    print(f"{len(frame)} cell(s) of {frame.attrs['cell_px']} px to label next -> {args.out} (ranked by {ranked}); "
+          f"label them, set 'done' to 1, then: geodet suggest --done {shlex.quote(str(args.out))} --labelled-area "
+          "AREA.gpkg")
     for _, r in frame.head(5).iterrows():
         print(f"  #{r['rank']}: {r['scene']} row {r['cell_row']}, col {r['cell_col']}: {r['reason']}")
     return 0

@@ -130,6 +130,21 @@ def validation_strips(train_scenes: list[TrainScene], fraction: float) -> list[t
     return val_sets
 
 
+def check_validation_scenes(val_scenes: list[TrainScene], train_scenes: list[TrainScene]) -> None:
+    """Say when a validation scene cannot tell how the model finds new objects: it is a training
+    scene (its AP is how well the model fits its own training data), or it has no valid pixel."""
+    import os
+
+    trained = {os.path.realpath(ts.scene.path) for ts in train_scenes}
+    for v in val_scenes:
+        if os.path.realpath(v.scene.path) in trained:
+            log.warning("--val-scene %s is also a training scene: its validation AP measures the fit to the training "
+                        "data, not how new objects are found (give a scene the model does not train on, or leave "
+                        "out --val-scene for a held-out strip)", v.scene.path)
+        elif (not v.scene.all_valid or v.scene.is_float) and not v.scene.overview(NORM_SAMPLE_SIDE)[1].any():
+            log.warning("--val-scene %s holds no valid pixel (all nodata): its validation AP will be 0", v.scene.path)
+
+
 def open_unlabelled(path: str, cfg, ref):
     """An unlabelled scene read as the labelled ones (``ref``, a Scene) are: same bands, resampled
     to their GSD."""

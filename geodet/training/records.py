@@ -75,6 +75,21 @@ def check_run_folder(out: str | Path, resume: bool, overwrite: bool) -> list[Pat
     return found if overwrite else []
 
 
+def remove_replaced(paths: list[Path], out: Path) -> None:
+    """``--overwrite``: remove the old run's files (``check_run_folder``'s list), saying so."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+    if paths:
+        log.info("--overwrite: the run in %s (%s) is replaced", out, ", ".join(p.name for p in paths))
+
+
+def check_resumed_cap(out: Path, step: int, total: int | None) -> None:
+    """A resumed run at ``step`` must have steps left under the step cap ``total``."""
+    if total is not None and step >= total:
+        raise GeodetError(f"--resume: the run in {out} is at step {step}, and this command's cap ends it at step "
+                          f"{total} (--max-steps, or --epochs x steps per epoch): give a larger cap")
+
+
 def check_same_data(state: dict, train_scenes, out: Path) -> None:
     """``--resume`` trains on the checkpoint's (``state``) scenes and labels: other files are refused (a new
     run starts from the model with --init); changed labels in the same files are said."""
@@ -95,6 +110,37 @@ def check_same_data(state: dict, train_scenes, out: Path) -> None:
         if b.get("labels_used") is not None and int(b["labels_used"]) != n["labels_used"]:
             log.warning("--resume: %s now has %d usable labels (%d when the run began); training goes on with "
                         "the new ones", os.path.basename(str(n["labels"])), n["labels_used"], int(b["labels_used"]))
+
+
+RESUMED = ("tiling.tile_size", "tiling.overlap", "tiling.overlap_m", "scene.bands", "scene.gsd_m", "scene.percentiles")
+
+
+def resume_settings(cfg, state: dict, out: Path) -> None:
+    """``--resume`` continues the run as it was: its tiling, scene and network settings (from
+    ``last.pt``) replace a config file's or a default (said); a command-line value that differs is
+    refused. The budget (epochs, steps, minutes) is this command's."""
+    old = state.get("config") or {}
+    keys = list(RESUMED) + [f"model.{k}" for k in (old.get("model") or {}) if k != "classes"]
+    kept, refused = [], []
+    for key in keys:
+        section, name = key.split(".", 1)
+        if name not in (old.get(section) or {}):
+            continue
+        before, now = old[section][name], getattr(getattr(cfg, section), name)
+        same = (list(before) == list(now)) if isinstance(before, (list, tuple)) and isinstance(now, (list, tuple)) \
+            else before == now
+        if same:
+            continue
+        if key in cfg.from_arguments:
+            refused.append(f"{key} {before} (this command: {now})")
+        else:
+            setattr(getattr(cfg, section), name, list(before) if isinstance(before, (list, tuple)) else before)
+            kept.append(f"{key} {before}")
+    if refused:
+        raise GeodetError(f"--resume: the run in {out} was trained with {', '.join(refused)}: leave those flags out "
+                          "(the run keeps its settings), or start a new run")
+    if kept:
+        log.info("--resume: the run's own settings kept: %s", ", ".join(kept))
 
 
 class MetricsLog:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import GeodetError, brief
@@ -36,6 +37,10 @@ def apply_init(cfg) -> tuple[dict, ModelCard]:
     Returns the start model's payload and card."""
     from ..model.file import read_model_file
 
+    run = Path(str(cfg.train.init))
+    if run.is_dir() and (run / "model.pt").is_file():  # a training run's folder, as -m takes it
+        log.info("--init %s is a training run's folder: starting from its model.pt", run)
+        cfg.train.init = str(run / "model.pt")
     payload = read_model_file(cfg.train.init)
     card = ModelCard.from_dict(payload["card"], source=f"{cfg.train.init} card")
     if "scene.bands" in cfg.explicit and len(cfg.scene.bands) != len(card.bands):

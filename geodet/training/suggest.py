@@ -15,7 +15,9 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import sqlite3
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -227,18 +229,36 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
     cell = int(cell or s.tile_size)
     from ..io.scene import open_raster
 
+    seen = {}
+    for path in scenes:  # a scene named twice would have its cells suggested twice
+        key = os.path.realpath(str(path))
+        if key in seen:
+            raise GeodetError(f"{path} is named twice ({seen[key]} and {path}): name each scene once")
+        seen[key] = path
+    area = None
+    if labelled_area is not None:  # missing, unreadable or empty: one line before any detection
+        from ..io.labels import read_labels
+
+        area = read_labels(labelled_area, None, what="labelled area")
+    reached = []
     for path in scenes:  # before any detection: cells are polygons on a map
         with open_raster(path) as src:
             if src.crs is None or src.transform.is_identity:
                 raise GeodetError(f"{path}: the scene has no CRS or georeferencing, so the cells to label cannot be "
                                   "placed on a map: assign them (gdal_edit.py -a_srs EPSG:xxxx -a_ullr ...)")
+            if area is not None:
+                reached.append(_area_reaches(area, src))
+    if area is not None and not any(reached):
+        raise GeodetError(f"{labelled_area}: the labelled area reaches none of the scenes: give the polygons of the "
+                          "parts of these scenes you labelled (or leave out --labelled-area)")
     scenes_cells = [scene_cells(model, path, s, cell, op, labelled_area, progress,
                                 strategy in ("coreset", "hybrid"), settings) for path in scenes]
     # one ranking over every scene: a scene with more doubt gets more of the n suggestions
     flat = sorted(((float(cell_priority(c, strategy)[i]), k) for k, c in enumerate(scenes_cells)
                    for i in np.flatnonzero(c.allowed)), key=lambda t: -t[0])
     per_scene = [sum(1 for _, k in flat[:n] if k == j) for j in range(len(scenes_cells))]
-    rows_out = [_suggestion(c, i, op) for c, m in zip(scenes_cells, per_scene) for i in rank_scene(c, m, strategy)]
+    rows_out = [_suggestion(c, i, op, strategy) for c, m in zip(scenes_cells, per_scene)
+                for i in rank_scene(c, m, strategy)]
     if not rows_out:
         raise GeodetError("no cell to suggest: every cell is already labelled or holds no valid pixels")
     if strategy in ("uncertainty", "per-object"):
@@ -246,12 +266,26 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
     return _suggestions_frame(rows_out, op, cell, strategy)
 
 
-def _suggestion(cells: SceneCells, i: int, op: float) -> dict:
+def _area_reaches(area, src) -> bool:
+    """Whether the labelled-area polygons (a GeoDataFrame) reach the raster ``src``'s extent."""
+    from shapely.geometry import box
+
+    if area.crs is not None and src.crs is not None and area.crs != src.crs:
+        area = area.to_crs(src.crs)
+    return bool(area.geometry.intersects(box(*src.bounds)).any())
+
+
+def _suggestion(cells: SceneCells, i: int, op: float, strategy: str = "uncertainty") -> dict:
     r, c = divmod(int(i), cells.cols)
     st = cells.stats
     u, near, sure = float(st["uncertainty"][r, c]), int(st["uncertain"][r, c]), int(st["confident"][r, c])
-    reason = (f"{near} detection(s) scored near the operating point {op:.2f} (the model is unsure there), "
-              f"{sure} at or above it")
+    if near:
+        reason = (f"{near} detection(s) scored near the operating point {op:.2f} (the model is unsure there), "
+                  f"{sure} at or above it")
+    else:
+        reason = f"no detection scored near the operating point {op:.2f}, {sure} at or above it"
+    if strategy in ("coreset", "hybrid"):
+        reason = f"unlike the labelled cells to the network; {reason}"
     return {"scene": cells.name, "cell_row": r, "cell_col": c, "uncertainty": round(u, 3), "uncertain": near,
             "confident": sure, "reason": reason, "geometry": cells.polys[i], "_crs": cells.crs}
 
@@ -305,8 +339,10 @@ def write_suggestions(frame, path) -> Path:
     with atomic_path(path) as tmp:
         out = frame.to_crs("EPSG:4326") if fmt == "geojson" else frame
         drivers = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf", "shp": "ESRI Shapefile"}
-        pyogrio.write_dataframe(out, tmp, driver=drivers[fmt], layer=path.stem,
-                                dataset_options={"VERSION": GPKG_VERSION} if fmt == "gpkg" else None)
+        with warnings.catch_warnings():  # a shapefile's 10-character field names ('uncertaint'), as in QGIS
+            warnings.filterwarnings("ignore", message="Normalized/laundered field name")
+            pyogrio.write_dataframe(out, tmp, driver=drivers[fmt], layer=path.stem,
+                                    dataset_options={"VERSION": GPKG_VERSION} if fmt == "gpkg" else None)
         if fmt == "gpkg":
             from ..io.style import add_gpkg_style_qml
 
@@ -324,11 +360,12 @@ def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
     import geopandas as gpd
     import pandas as pd
     import pyogrio
+    import shapely
 
     from ..io.labels import read_labels
     from ..io.writers import GPKG_VERSION, atomic_path, output_format
 
-    cells = read_labels(suggestions, None)
+    cells = read_labels(suggestions, None, what="suggestions file")
     done = _done_rows(cells)
     if done is None:  # not suggestions: a labels file's objects would become labelled cells
         raise GeodetError(f"{suggestions} has no 'done' field, so it is not a file geodet suggest wrote: give the "
@@ -344,13 +381,22 @@ def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
         raise GeodetError(f"the labelled area is written as .gpkg, .geojson, .fgb or .shp, not {fmt}")
     new = gpd.GeoDataFrame({"source": [Path(str(suggestions)).name] * len(cells)}, geometry=cells.geometry.values,
                            crs=cells.crs)
+    added = len(new)
     named = str(labelled_area).split("|layername=", 1)[1].split("|", 1)[0] if "|layername=" in str(labelled_area) else None
     layer = named or path.stem
     if path.exists():
-        old = read_labels(labelled_area, None)
+        old = read_labels(labelled_area, None, what="labelled area", allow_empty=True)
         if fmt == "gpkg" and not named:  # the layer read (the file's one): the file's other layers stay as they are
             layer = next(name for name, geom in pyogrio.list_layers(path) if geom)
         new = new.to_crs(old.crs) if old.crs is not None and new.crs is not None else new
+        if len(old):  # a cell added before (--done run twice) is not added again
+            have = shapely.union_all(np.array(old.geometry.values, dtype=object))
+            cell_geoms = np.array(new.geometry.values, dtype=object)
+            inside = shapely.area(shapely.intersection(cell_geoms, have)) >= 0.99 * shapely.area(cell_geoms)
+            if inside.any():
+                log.info("%d cell(s) of %s are in %s already", int(inside.sum()), suggestions, labelled_area)
+            new = new[~inside]
+        added = len(new)
         keep = [c for c in old.columns if c != old.geometry.name]
         old = gpd.GeoDataFrame(old[keep], geometry=old.geometry.values, crs=old.crs)
         new = gpd.GeoDataFrame(pd.concat([old, new], ignore_index=True), geometry="geometry", crs=old.crs)
@@ -364,7 +410,7 @@ def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
         out = new.to_crs("EPSG:4326") if fmt == "geojson" and new.crs is not None else new
         pyogrio.write_dataframe(out, tmp, driver=drivers[fmt], layer=layer,
                                 dataset_options={"VERSION": GPKG_VERSION} if fmt == "gpkg" and not path.exists() else None)
-    return len(cells), len(new)
+    return added, len(new)
 
 
 def _done_rows(frame):

@@ -35,8 +35,8 @@ from ..io.scene import gdal_env
 from ..progress import progress_bar
 from . import inputs
 from .loop import STOPS, CpuShare, Run, StopSignals, train_step, training_precision
-from .records import (KEPT_KEYS, MetricsLog, check_run_folder, check_same_data, load_checkpoint, save_checkpoint,
-                      save_kept_model)
+from .records import (KEPT_KEYS, MetricsLog, check_resumed_cap, check_run_folder, check_same_data, load_checkpoint,
+                      remove_replaced, resume_settings, save_checkpoint, save_kept_model)
 from .sampler import ChipDataset, collate_chips
 from .schedule import DECAY_SHARE, Budget, lr_factor, make_optimizer, step_cap
 from .start import apply_init, build_start_model, freeze_stages
@@ -88,6 +88,7 @@ class Trainer:
         if cfg.train.val_scenes:
             vs, classes = inputs.open_labelled(cfg.train.val_scenes, cfg, classes)
             self.val_sets = [(v, v.area) for v in vs]
+            inputs.check_validation_scenes(vs, self.train_scenes)
         elif cfg.train.val_fraction > 0:
             self.val_sets = inputs.validation_strips(self.train_scenes, cfg.train.val_fraction)
         self.keep = cfg.train.keep
@@ -163,16 +164,15 @@ class Trainer:
 
             check_output_folder(self.out)
             replaced = check_run_folder(self.out, self.resume, self.overwrite)
+        state = load_checkpoint(self.out) if self.resume else None
+        if state is not None:
+            resume_settings(self.cfg, state, self.out)  # the run's tiling and network, before anything is read
         self.prepare()
         device = self._device()
-        state = load_checkpoint(self.out) if self.resume else None
         if state is not None:
             check_same_data(state, self.train_scenes, self.out)
         model = build_start_model(self.cfg, self.train_scenes, self.classes, self.overlap, state, self.init).to(device)
-        for path in replaced:  # every input read and the start model built: the old run goes now
-            path.unlink(missing_ok=True)
-        if replaced:
-            log.info("--overwrite: the run in %s (%s) is replaced", self.out, ", ".join(p.name for p in replaced))
+        remove_replaced(replaced, self.out)  # every input read and the start model built: the old run goes now
         self.out.mkdir(parents=True, exist_ok=True)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
@@ -198,6 +198,7 @@ class Trainer:
                                   f"(classes {list(model.card.classes)}): resume with the run's own config and labels, "
                                   "or train into a new folder") from None
             r.step, r.epoch, r.best = int(state["step"]), int(state["epoch"]), float(state["best_ap50"])
+            check_resumed_cap(self.out, r.step, total)
             if state.get("given_back"):  # the strips were training data by then: they stay so
                 inputs.give_back(self.val_sets)
                 r.given_back, self.kept_metrics = True, dict(state.get("kept_metrics") or {})
