@@ -98,6 +98,13 @@ def test_outputs_never_replace_a_scene_or_one_another(tmp_path, two_zones):
     with pytest.raises(GeodetError, match="given twice"):
         detect_to_file([west, tmp_path / "." / west.name], one_box, tmp_path / "d.gpkg", tile_size=128, overlap=16,
                        progress=False)
+    (tmp_path / "run").mkdir()
+    model_file = tmp_path / "run" / "model.pt"
+    model_file.write_bytes(b"a model")
+    for model in (model_file, tmp_path / "run"):  # the model, given as its file or its run folder
+        with pytest.raises(GeodetError, match="model.pt is the model of this job: writing the output there"):
+            detect_to_file([west], model, model_file, fmt="csv", progress=False)
+    assert model_file.read_bytes() == b"a model"
     assert west.read_bytes()[:2] in (b"II", b"MM")  # still the GeoTIFF
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

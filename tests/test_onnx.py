@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,25 @@ def test_foreign_or_altered_onnx_files_are_refused(tmp_path, tiny_model):
     assert "not a readable ONNX model" in _refused(junk)
 
 
+def test_a_model_damaged_on_disk_is_refused_not_run(tmp_path, tiny_model, fp32_onnx):
+    """Bytes of the weights changed in a copy (a bad disk, a cut transfer patched up): ONNX Runtime
+    and torch.load read them without a word, so the digests written with the files are checked."""
+    from geodet.model.file import read_model_file
+
+    def damaged(src, name):
+        data = bytearray(Path(src).read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 4096] = bytes(255 - b for b in data[mid:mid + 4096])
+        out = tmp_path / name
+        out.write_bytes(bytes(data))
+        return out
+
+    assert "the ONNX graph is damaged" in _refused(damaged(fp32_onnx[0], "d.onnx"))
+    with pytest.raises(GeodetError, match="model's weights are damaged.*copy the file again"):
+        read_model_file(damaged(tiny_model, "d.pt"))
+    assert load_onnx(fp32_onnx[0]).card.classes == load_model(tiny_model).card.classes  # the intact files load
+
+
 def test_int8_export_check_runs_and_is_stored(tmp_path, tiny_model, synth):
     out = tmp_path / "q.onnx"
     result = export_model(tiny_model, out, int8=True, calibrate=[synth.image], calib_tiles=6, min_agreement=0.0)
@@ -167,13 +187,18 @@ def test_auto_backend_on_a_large_job_makes_checks_and_caches(monkeypatch, tmp_pa
 
 
 def test_small_jobs_and_in_memory_models_run_torch_fp32(monkeypatch, tmp_path, tiny_model, synth):
-    # a cache of its own: an int8 model another test derived (and checked) on a CPU with VNNI would
-    # rightly run even a small job
     monkeypatch.setenv("GEODET_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(choice, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
     model = load_model(tiny_model)
     r = detect_scene(synth.image, model, progress=False, tile_size=384, overlap=0).attrs["report"]["backend"]
     assert (r["backend"], r["precision"]) == ("torch", "fp32") and "small job" in r["reason"]
+    # a small job never looks for int8 unasked (an int8 model cached by an earlier --precision int8
+    # run would make the same command give other detections), --backend onnx included
+    asked, real = [], choice._derived_onnx
+    monkeypatch.setattr(choice, "_derived_onnx", lambda m, s, precision, *a, **k: asked.append(precision) or
+                        real(m, s, precision, *a, **k))
+    r = detect_scene(synth.image, model, progress=False, backend="onnx").attrs["report"]["backend"]
+    assert (r["backend"], r["precision"]) == ("onnx", "fp32") and asked == ["fp32"]
     model.source = None
     r = detect_scene(synth.image, model, progress=False).attrs["report"]["backend"]
     assert (r["backend"], r["precision"]) == ("torch", "fp32") and "derived from model files" in r["reason"]

@@ -195,8 +195,17 @@ def test_the_cli_runs_a_model_file_on_ray_and_merges(local_ray, tiny_model, synt
     from geodet.hashing import file_sha256
 
     assert ok["model_sha256"] == file_sha256(tiny_model)
+    capsys.readouterr()
+    empty = out / "scene=empty"  # a finished scene without a detection counts as a scene
+    empty.mkdir()
+    got.iloc[:0].to_parquet(empty / "detections.parquet")
+    (empty / "_SUCCESS.json").write_text(json.dumps(ok))
     assert main(["merge", str(out), "-o", str(tmp_path / "all.geojson"), "--quiet"]) == 0
     assert len(gpd.read_file(tmp_path / "all.geojson")) == len(ref)
+    assert f"{len(ref)} detections from 2 scene(s)" in capsys.readouterr().out
+    (empty / "_SUCCESS.json").write_text(json.dumps(dict(ok, model_sha256="0" * 64)))  # redone with another model
+    assert main(["merge", str(out), "-o", str(tmp_path / "mixed.gpkg")]) == 2
+    assert "detected by 2 different models" in capsys.readouterr().err and not (tmp_path / "mixed.gpkg").exists()
     # a folder without finished scenes: one line, exit 2
     assert main(["merge", str(tmp_path), "-o", str(tmp_path / "none.gpkg")]) == 2
     assert "no finished scenes" in capsys.readouterr().err

@@ -140,7 +140,7 @@ def _adapted(path, scenes, cfg, out, quicklook=None):
                           "convolutions; give the model.pt it was exported from, or drop --adapt")
     if cfg.detect.backend == "onnx" or cfg.detect.precision == "int8":
         raise GeodetError("--adapt runs the adapted network in torch: drop --backend onnx / --precision int8, or --adapt")
-    readable = check_job(scenes, out, cfg, quicklook=quicklook)[3]  # what detection would refuse, refused first
+    readable = check_job(scenes, out, cfg, quicklook=quicklook, model=path)[3]  # what detection would refuse, first
     model = load_detector_file(path)
     if not hasattr(model, "modules"):
         raise GeodetError(f"--adapt needs a torch model (.pt): {path} is not one; drop --adapt")

@@ -20,5 +20,5 @@ def run(args) -> int:
     from ..pipeline.ray_engine import merge_outputs
 
     merged = merge_outputs(args.folder, args.out, args.format)
-    print(f"{len(merged)} detections from {merged['scene'].nunique() if len(merged) else 0} scene(s) -> {args.out}")
+    print(f"{len(merged)} detections from {merged.attrs.get('scenes', 0)} scene(s) -> {args.out}")
     return 0

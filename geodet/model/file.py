@@ -17,14 +17,30 @@ MODEL_FORMAT = "geodet-model"
 MODEL_VERSION = 1
 
 
+def weights_sha256(state_dict: dict) -> str:
+    """The SHA-256 of a state dict's names, dtypes, shapes and bytes, in its order: a model file
+    carries it, so weights damaged on disk or in a copy are refused, not run (torch.load does not
+    check its archive's checksums)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in state_dict.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_model(model: GeodetModel, path: str | Path) -> Path:
-    """Write the model file atomically: ``{format, version, card, state_dict}``."""
+    """Write the model file atomically: ``{format, version, card, state_dict, weights_sha256}``."""
     path = Path(path)
+    state = {k: v.detach().cpu() for k, v in model.net.state_dict().items()}
     payload = {
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
         "card": model.card.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
+        "state_dict": state,
+        "weights_sha256": weights_sha256(state),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -71,6 +87,11 @@ def read_model_file(path: str | Path) -> dict:
         )
     if not isinstance(payload.get("card"), dict) or not isinstance(payload.get("state_dict"), dict):
         raise GeodetError(f"{path}: model file is missing its card or weights")
+    digest = payload.get("weights_sha256")  # files written before the digest have none: read as they are
+    if digest is not None and (not all(isinstance(v, torch.Tensor) for v in payload["state_dict"].values())
+                               or weights_sha256(payload["state_dict"]) != digest):
+        raise GeodetError(f"{path}: the model's weights are damaged (they no longer match the digest written with "
+                          "them): copy the file again, or use the run's model.pt")
     return payload
 
 

@@ -155,14 +155,25 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, batches: Sequence
     return keep_float
 
 
+def graph_sha256(model_proto) -> str:
+    """The SHA-256 of an ONNX model's graph (nodes and weights; not its metadata): stored in the
+    metadata at export and checked at load, so a file damaged on disk or in a copy is refused
+    rather than run (ONNX Runtime reads damaged weights without a word)."""
+    import hashlib
+
+    return hashlib.sha256(model_proto.graph.SerializeToString()).hexdigest()
+
+
 def write_metadata(path: str | Path, card: ModelCard, props: dict) -> None:
-    """Store the card and ``props`` (JSON-able) as ``geodet.*`` metadata_props, in place."""
+    """Store the card and ``props`` (JSON-able) as ``geodet.*`` metadata_props, in place, with the
+    graph's digest (``graph_sha256``)."""
     import onnx
 
     m = onnx.load(str(path))
     del m.metadata_props[:]
-    entries = {"geodet.format": ONNX_FORMAT, "geodet.version": str(ONNX_VERSION), "geodet.card": json.dumps(card.to_dict())}
-    entries.update({f"geodet.{k}": json.dumps(v) for k, v in props.items()})
+    entries = {"geodet.format": ONNX_FORMAT, "geodet.version": str(ONNX_VERSION), "geodet.card": json.dumps(card.to_dict()),
+               "geodet.graph_sha256": json.dumps(graph_sha256(m))}
+    entries.update({f"geodet.{k}": json.dumps(v) for k, v in props.items() if k != "graph_sha256"})
     for k, v in entries.items():
         p = m.metadata_props.add()
         p.key, p.value = k, v
@@ -227,6 +238,12 @@ def load_onnx(path: str | Path, threads: int | None = None) -> OnnxModel:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise GeodetError(f"{path}: not a readable ONNX model ({first})") from None
     card, props = read_metadata(dict(session.get_modelmeta().custom_metadata_map), str(path))
+    if props.get("graph_sha256") is not None:  # files exported before the digest have none
+        import onnx
+
+        if graph_sha256(onnx.load(str(p))) != props["graph_sha256"]:
+            raise GeodetError(f"{path}: the ONNX graph is damaged (it no longer matches the digest written at export): "
+                              "copy the file again, or export the model again")
     inputs = session.get_inputs()
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME or len(inputs[0].shape) != 4:
         raise GeodetError(f"{path}: the ONNX graph's input is not the geodet core input '{INPUT_NAME}' [batch, bands, H, W]")

@@ -151,10 +151,12 @@ def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int)
                       "--precision bf16 runs it in bf16 where the CPU has it"), None
     checks: dict = {}
     # int8 first: the fastest when vouched for
-    if precision in ("auto", "int8") and backend in ("auto", "onnx") and has_onnxruntime():
+    # (a small job never runs int8 unasked, even where an earlier int8 run cached one: the same command
+    # gives the same detections whatever the cache holds)
+    if precision in ("auto", "int8") and backend in ("auto", "onnx") and has_onnxruntime() and (
+            precision == "int8" or n_tiles >= AUTO_INT8_MIN_TILES):
         explicit = precision == "int8"
-        m, how = _derived_onnx(model, s, "int8", scene, checks, on_the_spot=explicit or n_tiles >= AUTO_INT8_MIN_TILES,
-                               explicit=explicit)
+        m, how = _derived_onnx(model, s, "int8", scene, checks, on_the_spot=True, explicit=explicit)
         if m is not None:
             return Choice("onnx", "int8", f"int8 vouched for by its export check ({how})", checks), m
         if explicit:

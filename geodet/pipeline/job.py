@@ -15,7 +15,7 @@ from ..errors import GeodetError, ReadError, brief
 log = logging.getLogger(__name__)
 
 
-def check_job(scenes: Sequence, out, cfg, fmt: str | None = None, quicklook=None, device: str | None = None):
+def check_job(scenes: Sequence, out, cfg, fmt: str | None = None, quicklook=None, device: str | None = None, model=None):
     """The checks ``detect_to_file`` makes before any work (scenes given, output folder and
     format, quicklook paths, the scenes' CRS, the device): ``(fmt, out, quicklook paths, readable
     scenes, failures)``; a job that prepares its model first (``detect --adapt``) makes them too."""
@@ -36,7 +36,7 @@ def check_job(scenes: Sequence, out, cfg, fmt: str | None = None, quicklook=None
     looks = _quicklook_paths(quicklook, scenes) if quicklook else []
     for p in looks:
         check_output_path(p, suffixes=(".png",), example="quicklook.png")
-    _check_no_overwrite(scenes, out, fmt, looks)
+    _check_no_overwrite(scenes, out, fmt, looks, _model_file(model))
     readable, failures = _readable_scenes(scenes, fmt)
     resolve_device(device or cfg.detect.device)
     return fmt, out, looks, readable, failures
@@ -59,7 +59,7 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     from .scenes import detect_scenes
 
     cfg = config if config is not None else load_config()
-    fmt, out, looks, readable, failures = check_job(scenes, out, cfg, fmt, quicklook, settings.get("device"))
+    fmt, out, looks, readable, failures = check_job(scenes, out, cfg, fmt, quicklook, settings.get("device"), model)
     if isinstance(model, (str, Path)):
         model = load_detector_file(model)
     t0 = time.perf_counter()
@@ -97,7 +97,16 @@ def _same_file_key(path) -> str:
     return os.path.normcase(os.path.realpath(p))
 
 
-def _check_no_overwrite(scenes: Sequence, out: Path, fmt: str, looks: list) -> None:
+def _model_file(model):
+    """The file a model was given as (a path, a run folder's model.pt, a loaded model's source)."""
+    path = model if isinstance(model, (str, Path)) else (getattr(model, "source", None) or {}).get("path")
+    if not path or str(path).startswith("hf://"):
+        return None
+    path = Path(str(path))
+    return path / "model.pt" if path.is_dir() else path
+
+
+def _check_no_overwrite(scenes: Sequence, out: Path, fmt: str, looks: list, model_file=None) -> None:
     """Refuse, before any work, an output or quicklook that would replace a scene of the job or
     one another (``-o scene.tif --format gpkg``, ``--quicklook`` named as the output)."""
     from ..io.writers import report_path
@@ -112,6 +121,9 @@ def _check_no_overwrite(scenes: Sequence, out: Path, fmt: str, looks: list) -> N
         if key in written:
             raise GeodetError(f"{p} would be written as {what} and as {written[key][1]}: give them different names")
         written[key] = (p, what)
+    if model_file is not None and _same_file_key(model_file) in written:
+        raise GeodetError(f"{model_file} is the model of this job: writing {written[_same_file_key(model_file)][1]} "
+                          "there would replace it; choose another output name")
     for s in scenes:
         hit = written.get(_same_file_key(s))
         if hit:

@@ -29,6 +29,7 @@ files themselves (parts, markers, the final file and its reduce) are ``parts.py`
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import time
@@ -370,6 +371,18 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
         raise GeodetError(f"{out_dir}: no finished scenes (no scene=*/{SUCCESS}): run geodet detect --engine ray first")
     fmt = output_format(path, fmt)
     out = check_output_path(path, fmt)
+    models = {}
+    for d in dirs:  # one file of one model's detections: scenes redone with another model are not mixed in
+        try:
+            sha = json.loads((d / SUCCESS).read_text()).get("model_sha256")
+        except (OSError, ValueError, AttributeError):
+            raise GeodetError(f"{d / SUCCESS}: damaged: run geodet detect --engine ray again on that scene") from None
+        models.setdefault(sha, []).append(d.name)
+    if len(models) > 1:
+        said = "; ".join(f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''} by model {str(sha)[:12]}"
+                         for sha, names in models.items())
+        raise GeodetError(f"{out_dir}: its scenes were detected by {len(models)} different models ({said}): run "
+                          "geodet detect --engine ray again with one model, or merge one model's scenes")
     frames = []
     for d in dirs:
         try:
@@ -378,4 +391,6 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
             raise GeodetError(f"{exc}: run geodet detect --engine ray again on that scene (or delete its folder "
                               f"{d.name} to merge the others)") from None
     write_detections(frames, out, fmt)  # several CRSs: as geodet detect writes them
-    return combine_frames(frames)
+    merged = combine_frames(frames)
+    merged.attrs["scenes"] = len(dirs)  # scenes without a detection count too
+    return merged
