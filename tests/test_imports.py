@@ -151,6 +151,28 @@ def test_refused_checkpoints(tmp_path, tv50):
     torch.save(sd, other)
     with pytest.raises(GeodetError, match="ResNet-18/34/50/101"):
         import_retinanet(str(other))
+    # config.json as users get it wrong: one line naming the key, before a model is written
+    for config, match in [({"label_dict": ["Tree"]}, "label_dict is a list, not a mapping"),
+                          ({"label_dict": {"Tree": 0, "Snag": 0}}, "gives two classes one index"),
+                          ({"label_dict": {"Tree": "x"}}, "has a class without an index"),
+                          ({"num_classes": "two"}, "num_classes is 'two', not an integer"),
+                          ({"score_thresh": "high"}, "score_thresh is 'high', not a number from 0 to 1"),
+                          ({"patch_overlap": 1.5}, "patch_overlap is 1.5, not a number from 0 to 1"),
+                          ({"gsd": -0.1}, "gsd is -0.1, not a number above 0")]:
+        folder = _hf_folder(tmp_path / f"c{len(match)}", tv50, config)
+        with pytest.raises(GeodetError, match=match):
+            import_retinanet(str(folder))
+    # files that need no import: one line saying how to use them
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07\x12\x07pytorch onnx graph")
+    with pytest.raises(GeodetError, match="is an ONNX model: geodet runs a geodet export as it is"):
+        import_retinanet(str(tmp_path / "m.onnx"))
+    torch.save({"format": "geodet-model", "version": 1, "card": {}, "state_dict": {"w": torch.zeros(1)}},
+               tmp_path / "geodet.pt")
+    with pytest.raises(GeodetError, match="is a geodet model already: detect with it as it is"):
+        import_retinanet(str(tmp_path / "geodet.pt"))
+    # {index: name}, the other way round, reads as DeepForest's {name: index}
+    folder = _hf_folder(tmp_path / "by_index", tv50, {"label_dict": {"0": "Tree", "1": "Snag"}})
+    assert import_retinanet(str(folder)).card.classes == ["Tree", "Snag"]
 
 
 def test_offline_hub_id_gives_a_clear_message(monkeypatch, tmp_path):

@@ -239,6 +239,12 @@ def test_cli_export_and_detect_with_the_onnx_file(tmp_path, tiny_model, synth, c
     assert main(["-q", "detect", str(synth.image), "-m", str(out), "-o", str(tmp_path / "e.gpkg"),
                  "--backend", "torch"]) == 2
     assert "runs on the onnx backend" in capsys.readouterr().err
+    assert main(["-q", "export", "-m", str(tiny_model), "-o", str(tmp_path / "x.onnx"), "--check-scene",
+                 str(synth.image)]) == 2  # a check scene without its labels would be ignored
+    assert "--check-scene is the scene of --check-labels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "-m", str(tiny_model), "-o", str(tmp_path / "x.onnx"), "--int8", "--min-agreement", "1.5"])
+    assert "--min-agreement" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
 
 
 def test_export_reads_a_one_band_scene_with_bands_and_says_how_without(tmp_path, tiny_model, synth, capsys):

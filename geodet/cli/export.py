@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import GeodetError, bands, finite, positive_int, warn_deprecated
+from .common import GeodetError, bands, number, positive_int, warn_deprecated
 
 
 def add_parser(sub, common) -> None:
@@ -24,7 +24,7 @@ def add_parser(sub, common) -> None:
                    help="scenes to read calibration and check tiles from (required with --int8)")
     x.add_argument("--calib-tiles", type=positive_int, default=32,
                    help="calibration tiles (32, as many again to check; fewer where the scenes have fewer tiles)")
-    x.add_argument("--min-agreement", type=finite, default=None,
+    x.add_argument("--min-agreement", type=number(0, 1), default=None,
                    help="int8: least detection F1 against fp32 at the operating point (0.95)")
     x.add_argument("--bands", type=bands,
                    help="scene bands to read the calibration and check scenes with, e.g. 3,2,1 (default: the model's)")
@@ -48,6 +48,9 @@ def model_path(args) -> str:
 
 
 def run(args) -> int:
+    if args.check_scene and not args.check_labels:
+        raise GeodetError("--check-scene is the scene of --check-labels: give its labels too (or leave out "
+                          "--check-scene)")
     from ..model.onnx import INT8_MIN_AGREEMENT
     from ..pipeline.backends import describe_agreement
     from ..pipeline.export import export_model

@@ -50,6 +50,11 @@ def read_state_dict(path: Path, source) -> dict:
             return load_file(str(path))
         except Exception as exc:
             _refuse(source, f"not a readable safetensors file ({brief(exc, 120)})")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if path.suffix.lower() == ".onnx" or (not head.startswith(b"PK") and b"onnx" in head.lower()):
+        raise GeodetError(f"{source} is an ONNX model: geodet runs a geodet export as it is (geodet detect -m "
+                          f"{path.name}); import reads torchvision RetinaNet weights (.pt, .pth, .safetensors)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -57,6 +62,10 @@ def read_state_dict(path: Path, source) -> dict:
         why = ("it holds Python objects (a pickle payload) that a safe load refuses" if "weights_only" in text
                or "Unsupported global" in text else f"not a readable torch file ({brief(exc, 120)})")
         _refuse(source, why)
+    if isinstance(sd, dict) and sd.get("format") in ("geodet-model", "geodet-checkpoint"):
+        raise GeodetError(f"{source} is a geodet {'model' if sd['format'] == 'geodet-model' else 'training checkpoint'} "
+                          "already: detect with it as it is (-m), or train from it with --init; import reads "
+                          "torchvision RetinaNet weights")
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -136,6 +145,75 @@ def _hf_folder(repo_id: str) -> Path:
         ) from None
 
 
+def _setting(config: dict, key: str, source, kind, low=None, high=None, open_low=False, open_high=False):
+    """``config[key]`` as ``kind`` within [low, high] (open ends as said), None when absent; a
+    one-line error naming the key otherwise."""
+    import math
+
+    value = config.get(key)
+    if value is None:
+        return None
+    want = f"{'an integer' if kind is int else 'a number'}" + (
+        f" from {low} to {high}" if low is not None and high is not None else f" above {low}" if open_low else
+        f" of at least {low}" if low is not None else "")
+    try:
+        if isinstance(value, bool) or (kind is int and float(value) != int(float(value))):
+            raise ValueError
+        v = kind(float(value)) if kind is int else float(value)
+    except (TypeError, ValueError):
+        raise GeodetError(f"{source}: config.json's {key} is {value!r}, not {want}: fix config.json, or give the "
+                          "value as a flag of geodet import") from None
+    bad = (not math.isfinite(v) or (low is not None and (v <= low if open_low else v < low))
+           or (high is not None and (v >= high if open_high else v > high)))
+    if bad:
+        raise GeodetError(f"{source}: config.json's {key} is {value!r}, not {want}{' (excluded)' if open_high else ''}: "
+                          "fix config.json, or give the value as a flag of geodet import")
+    return v
+
+
+def _label_dict(value, source) -> dict[int, str]:
+    """DeepForest's ``label_dict`` ({name: index}; {index: name} read too) as {index: name}."""
+    if not value:
+        return {}
+    fix = ("fix config.json: label_dict maps each class name to its index, e.g. {\"Tree\": 0, \"Bird\": 1}, or give "
+           "the names with --classes")
+    if not isinstance(value, dict):
+        raise GeodetError(f"{source}: config.json's label_dict is a {type(value).__name__}, not a mapping: {fix}")
+
+    def index(x):
+        try:
+            return int(x) if not isinstance(x, bool) and float(x) == int(float(x)) else None
+        except (TypeError, ValueError):
+            return None
+
+    pairs = [(index(v), str(k)) for k, v in value.items()]
+    if any(i is None for i, _ in pairs):
+        pairs = [(index(k), str(v)) for k, v in value.items()]  # {index: name}
+    if any(i is None or i < 0 for i, _ in pairs):
+        raise GeodetError(f"{source}: config.json's label_dict {dict(value)} has a class without an index: {fix}")
+    if len({i for i, _ in pairs}) != len(pairs):
+        raise GeodetError(f"{source}: config.json's label_dict {dict(value)} gives two classes one index: {fix}")
+    return dict(pairs)
+
+
+def _class_names(config: dict, source, n_classes: int, classes) -> list[str]:
+    """The imported head's class names: given, from config.json's label_dict, or numbered."""
+    if classes is None:
+        by_index = _label_dict(config.get("label_dict"), source)
+        if by_index:
+            classes = [by_index.get(i, f"class_{i}") for i in range(n_classes)]
+        else:
+            classes = [f"class_{i}" for i in range(n_classes)] if n_classes > 1 else ["object"]
+    classes = list(classes)
+    cfg_n = _setting(config, "num_classes", source, int, 1)
+    if cfg_n is not None and cfg_n != n_classes:
+        _refuse(source, f"its config says {cfg_n} classes but the classification head has {n_classes}")
+    if len(classes) != n_classes:
+        raise GeodetError(f"{source}: the head has {n_classes} class(es) but {len(classes)} names were given "
+                          f"({', '.join(classes)}): give {n_classes} with --classes")
+    return classes
+
+
 def import_retinanet(source, *, gsd_m: float | None = None, tile_size: int | None = None, min_size: int | None = None,
                      bands: Sequence[int] | None = None, classes: Sequence[str] | None = None,
                      score_threshold: float | None = None, nms_iou: float | None = None,
@@ -155,34 +233,27 @@ def import_retinanet(source, *, gsd_m: float | None = None, tile_size: int | Non
         _refuse(source, f"{n_anchors} anchors per place (torchvision's RetinaNet has 9)")
     n_classes = cls_w.shape[0] // n_anchors
     channels = int(cls_w.shape[1])
-    label_dict = config.get("label_dict") or {}
-    if classes is None:
-        if label_dict:
-            by_index = {int(v): str(k) for k, v in label_dict.items()}
-            classes = [by_index.get(i, f"class_{i}") for i in range(n_classes)]
-        else:
-            classes = [f"class_{i}" for i in range(n_classes)] if n_classes > 1 else ["object"]
-    classes = list(classes)
-    cfg_n = config.get("num_classes")
-    if cfg_n is not None and int(cfg_n) != n_classes:
-        _refuse(source, f"its config says {cfg_n} classes but the classification head has {n_classes}")
-    if len(classes) != n_classes:
-        raise GeodetError(f"{source}: the head has {n_classes} class(es) but {len(classes)} names were given "
-                          f"({', '.join(classes)}): give {n_classes} with --classes")
-    min_size = int(min_size or config.get("min_size") or 800)
-    home_tile = int(tile_size or config.get("patch_size") or min_size)
-    if gsd_m is None and config.get("gsd") is not None:
-        gsd_m = float(config["gsd"])
+    config = config if isinstance(config, dict) else {}
+    classes = _class_names(config, source, n_classes, classes)
+    min_size = int(min_size or _setting(config, "min_size", source, int, 1) or 800)
+    home_tile = int(tile_size or _setting(config, "patch_size", source, int, 1) or min_size)
+    if gsd_m is None:
+        gsd_m = _setting(config, "gsd", source, float, 0, open_low=True)
     scale = min_size / home_tile  # torchvision's resize factor at home
     card_gsd = None if gsd_m is None else float(gsd_m) / scale
     card_tile = min_size if gsd_m is not None else home_tile
-    overlap = int(round(card_tile * float(config.get("patch_overlap", 0.05) or 0.05)))
+    share = _setting(config, "patch_overlap", source, float, 0, 1, open_high=True)
+    overlap = int(round(card_tile * (share or 0.05)))
+    if score_threshold is None:
+        score_threshold = _setting(config, "score_thresh", source, float, 0, 1)
+    if nms_iou is None:
+        nms_iou = _setting(config, "nms_thresh", source, float, 0, 1)
     m = ModelConfig(
         classes=classes, backbone=backbone, pretrained="imported", trainable_layers=3, levels=[3, 7],
         anchor_sizes=[float(x) for x in TV_ANCHOR_BASES], scales_per_octave=3, anchor_size_list=list(TV_ANCHORS),
         aspect_ratios=[0.5, 1.0, 2.0], channels=channels, head_depth=_head_depth(sd), group_norm=False,
-        score_threshold=float(score_threshold if score_threshold is not None else config.get("score_thresh", 0.05)),
-        nms_iou=float(nms_iou if nms_iou is not None else config.get("nms_thresh", 0.5)),
+        score_threshold=float(score_threshold if score_threshold is not None else 0.05),
+        nms_iou=float(nms_iou if nms_iou is not None else 0.5),
         topk_candidates=int(topk_candidates or 1000), detections_per_tile=int(detections_per_tile or 300),
     )
     n_bands = int(sd["backbone.body.conv1.weight"].shape[1])

@@ -51,7 +51,7 @@ def calibration_tiles(model, scenes: Sequence, n: int, settings, int8: bool = Tr
         raise GeodetError(
             f"int8 needs at least {MIN_INT8_TILES} tiles with valid pixels from the calibration scenes (some calibrate, "
             f"others check; never the same tile), and {', '.join(Path(x).name for x in names)} gave {len(tiles)}: "
-            "add scenes, or export fp32 (no --int8)")
+            "add scenes, or use fp32 (export without --int8, or detect without --precision int8)")
     torch_det = TorchDetector(model, torch.device("cpu"), settings)
     ref = run_tiles(torch_det, tiles, settings.batch_size)
     cal_idx, chk_idx = split_by_content(ref, check_score(model.card))
@@ -161,8 +161,8 @@ def _quantize_and_check(model, fp32: str, int8: str, calib, check, ref, settings
     if agree["f1"] is None:
         raise GeodetError(
             f"export check inconclusive: neither fp32 nor int8 finds an object at score >= {min_score:.3g} on "
-            f"the {len(check)} check tiles, so int8's accuracy cannot be checked; no file written. Calibrate "
-            "on scenes with the objects in them, or export fp32")
+            f"the {len(check)} check tiles, so int8's accuracy cannot be checked. Calibrate on scenes with the "
+            "objects in them, or use fp32 (export without --int8, or detect without --precision int8)")
     if agree["f1"] < min_agreement:
         raise GeodetError(
             f"export check failed: int8 keeps only F1 {agree['f1']:.3f} of the fp32 detections at score "
