@@ -188,9 +188,9 @@ def test_a_scene_without_georeferencing_is_refused_before_detection(tiny_model, 
         suggest_tiles(load_model(tiny_model), [str(p)], n=2, progress=False)
 
 
-def test_suggest_refuses_what_cannot_be_meant_and_says_what_it_ranked(tiny_model, tmp_path, synth, capsys):
-    """A scene named twice, a labelled area that reaches no scene or holds nothing: one line before
-    any detection. --bands picks the model's bands from a 1-band scene. A cell without doubt is
+def test_suggest_refuses_what_cannot_be_meant_and_says_what_it_ranked(tiny_model, tmp_path, synth, capsys, caplog):
+    """A scene named twice: one line before any detection; a labelled area that reaches no scene
+    or holds nothing yet is said. --bands picks the model's bands from a 1-band scene. A cell without doubt is
     not called unsure. --done run twice adds nothing the second time."""
     import shlex
 
@@ -211,12 +211,14 @@ def test_suggest_refuses_what_cannot_be_meant_and_says_what_it_ranked(tiny_model
     assert "named twice" in err_of([*base, str(synth.image), str(synth.image)])
     with rasterio.open(synth.image) as src:
         b, crs, profile, band = src.bounds, src.crs, src.profile, src.read(1)
-    gpd.GeoDataFrame(geometry=[box(b.left + 1e5, b.bottom, b.right + 1e5, b.top)], crs=crs).to_file(tmp_path / "far.gpkg")
-    assert "reaches none of the scenes" in err_of([*base, str(synth.image), "--labelled-area", str(tmp_path / "far.gpkg")])
-    gpd.GeoDataFrame(geometry=[], crs=crs).to_file(tmp_path / "empty.gpkg")
-    assert "empty.gpkg: the labelled area file holds no features" in err_of(
-        [*base, str(synth.image), "--labelled-area", str(tmp_path / "empty.gpkg")])
     assert not (tmp_path / "n.gpkg").exists()
+    # a project's area labelled elsewhere so far, or still empty: said, and every cell may be suggested
+    gpd.GeoDataFrame(geometry=[box(b.left + 1e5, b.bottom, b.right + 1e5, b.top)], crs=crs).to_file(tmp_path / "far.gpkg")
+    gpd.GeoDataFrame(geometry=[], crs=crs).to_file(tmp_path / "empty.gpkg")
+    for area, said in [("far.gpkg", "reaches none of these scenes"), ("empty.gpkg", "holds no polygon yet")]:
+        with caplog.at_level("WARNING"):
+            assert main([*base, str(synth.image), "--labelled-area", str(tmp_path / area)]) == 0
+        assert said in caplog.text
     one = tmp_path / "one band.tif"
     with rasterio.open(one, "w", **dict(profile, count=1)) as dst:
         dst.write(band[None])

@@ -2,6 +2,7 @@ import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +60,20 @@ def test_a_folder_holding_a_run_is_continued_or_replaced_never_silently(tmp_path
         train(tiny_config(synth.image, tmp_path / "missing.gpkg", epochs=1, val_fraction=0.0), run, overwrite=True,
               progress=False)
     assert {n: (run / n).read_bytes() for n in before} == before  # a refused replacement keeps the run
+    # a run stopped before its first model (last.pt, metrics.csv): refused, and left for --resume
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    for n in ("last.pt", "metrics.csv"):
+        shutil.copy(run / n, stopped / n)
+    with pytest.raises(GeodetError, match=r"holds a run \(last.pt, metrics.csv\): continue it with --resume"):
+        train(tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0), stopped, progress=False)
+    with pytest.raises(GeodetError, match="labels not found|cannot|no such|not found"):
+        train(tiny_config(synth.image, tmp_path / "missing.gpkg", epochs=1, val_fraction=0.0), stopped, overwrite=True,
+              progress=False)
+    assert sorted(p.name for p in stopped.iterdir()) == ["last.pt", "metrics.csv"]
+    (stopped / "last.pt").unlink()  # killed before its first checkpoint: --resume cannot continue it
+    with pytest.raises(GeodetError, match=r"holds a run \(metrics.csv\): replace it with --overwrite"):
+        train(tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0), stopped, progress=False)
     other = tmp_path / "other.tif"
     shutil.copy(synth.image, other)
     with pytest.raises(GeodetError, match=r"--resume: .*last.pt was trained on s.tif \(s.gpkg\), this run names "
@@ -120,6 +135,32 @@ def test_validation_scenes_that_cannot_tell_are_said_and_init_takes_a_run_folder
     t = Trainer(cfg, tmp_path / "run", progress=False)
     t.prepare()
     assert cfg.train.init == str(tiny_model) and t.init[1].classes == ["car", "truck"]
+
+
+def test_a_resumed_runs_data_is_matched_by_name_and_its_best_by_the_same_strip(caplog):
+    """--resume names its scenes in any order and by a checkpoint's Windows paths too; the best
+    AP50 so far is forgotten (said) where the validation strip moved."""
+    from types import SimpleNamespace
+
+    from geodet.training.records import check_same_data, resumed_best
+
+    state = {"card": {"trained_on": [{"scene": r"C:\\data\\a.tif", "labels": r"C:\\data\\a.gpkg", "labels_used": 5},
+                                     {"scene": "/d/b.tif", "labels": "/d/b.gpkg", "labels_used": 7}]},
+             "best_ap50": 0.4, "val_areas": [[0, 0, 10, 10]]}
+
+    def scene(name, labels, n):
+        return SimpleNamespace(scene=SimpleNamespace(path=f"/x/{name}"), labels_path=f"/x/{labels}", labels=[0] * n)
+
+    with caplog.at_level("WARNING"):
+        check_same_data(state, [scene("b.tif", "b.gpkg", 7), scene("a.tif", "a.gpkg", 6)], Path("run"))
+    assert "a.gpkg now has 6 usable labels (5 when the run began)" in caplog.text and "b.gpkg" not in caplog.text
+    with pytest.raises(GeodetError, match="was trained on a.tif"):
+        check_same_data(state, [scene("c.tif", "a.gpkg", 5), scene("b.tif", "b.gpkg", 7)], Path("run"))
+    assert resumed_best(state, [[0, 0, 10, 10]]) == 0.4
+    with caplog.at_level("WARNING"):
+        assert resumed_best(state, [[0, 0, 12, 10]]) == -1.0
+    assert "validation area moved" in caplog.text
+    assert resumed_best({"best_ap50": 0.3}, [[0, 0, 12, 10]]) == 0.3  # a checkpoint from before: as it was
 
 
 def test_deterministic_on_cpu(tmp_path, synth):

@@ -153,10 +153,14 @@ def run(args) -> int:
     progress.plan(1)
     if args.engine == "ray":
         from ..training.ray_train import train_ray
-        from ..training.records import check_run_folder
+        from ..training.records import check_run_folder, remove_replaced
 
-        for path in check_run_folder(out, args.resume, args.overwrite):  # before Ray's workers look for last.pt
-            path.unlink(missing_ok=True)
+        replaced = check_run_folder(out, args.resume, args.overwrite)
+        if replaced:  # as in one process, the old run goes once this run's inputs are read (before Ray starts)
+            import copy
+
+            Trainer(copy.deepcopy(cfg), out).prepare()
+            remove_replaced(replaced, out)
         quiet_ray()
         res = train_ray(cfg, out, address=args.address, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
                         cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, resume=args.resume)

@@ -90,8 +90,8 @@ def read_model_file(path: str | Path) -> dict:
     digest = payload.get("weights_sha256")  # files written before the digest have none: read as they are
     if digest is not None and (not all(isinstance(v, torch.Tensor) for v in payload["state_dict"].values())
                                or weights_sha256(payload["state_dict"]) != digest):
-        raise GeodetError(f"{path}: the model's weights are damaged (they no longer match the digest written with "
-                          "them): copy the file again, or use the run's model.pt")
+        raise GeodetError(f"{path}: the model's weights are damaged or were changed outside geodet (they no longer "
+                          "match the digest written with them): copy the file again, or use the run's model.pt")
     return payload
 
 

@@ -242,8 +242,8 @@ def load_onnx(path: str | Path, threads: int | None = None) -> OnnxModel:
         import onnx
 
         if graph_sha256(onnx.load(str(p))) != props["graph_sha256"]:
-            raise GeodetError(f"{path}: the ONNX graph is damaged (it no longer matches the digest written at export): "
-                              "copy the file again, or export the model again")
+            raise GeodetError(f"{path}: the ONNX graph is damaged or was changed by another tool (it no longer matches "
+                              "the digest geodet export wrote): copy the file again, or export the model again")
     inputs = session.get_inputs()
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME or len(inputs[0].shape) != 4:
         raise GeodetError(f"{path}: the ONNX graph's input is not the geodet core input '{INPUT_NAME}' [batch, bands, H, W]")

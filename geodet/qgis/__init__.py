@@ -89,12 +89,15 @@ def install_plugin(plugins_dir: str | Path | None = None, executable: str | None
         stage = None
     except OSError as exc:
         if old is not None and old.exists() and not folder.exists():
-            os.replace(old, folder)  # the swap failed half-way: the old plugin goes back
+            try:
+                os.replace(old, folder)  # the swap failed half-way: the old plugin goes back
+            except OSError:
+                pass  # left in its .geodet_qgis-old-* folder (not deleted below)
         raise GeodetError(f"cannot install the QGIS plugin in {folder}: {exc.strerror or exc}") from None
     finally:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
-        if old is not None:
+        if old is not None and folder.exists():  # the old plugin is removed only once one is in place
             shutil.rmtree(old.parent, ignore_errors=True)
     return folder
 

@@ -49,6 +49,7 @@ class Run:
     last_ap50: float = 0.0  # the latest validation's
     data: Optional[object] = None  # the chip dataset (a self-training round gives it the teacher's boxes)
     given_back: bool = False  # whether the validation strips train again (train.val_give_back)
+    val_areas: Optional[list] = None  # the validation areas [x0, y0, x1, y1] (kept in last.pt)
 
 
 class CpuShare:

@@ -24,7 +24,9 @@ def _train_loop(config: dict) -> None:
     out = Path(config["out"])
     # a restarted attempt continues from the last checkpoint instead of starting over
     resume = bool(config["resume"]) or (out / "last.pt").is_file()
-    path = Trainer(config["cfg"], out, resume=resume, progress=False).run()
+    # without a checkpoint, what the folder holds is this job's (the driver refused or replaced an
+    # older run): an attempt killed before its first checkpoint leaves metrics.csv to replace
+    path = Trainer(config["cfg"], out, resume=resume, progress=False, overwrite=not resume).run()
     world = dist.get_world_size() if dist.is_initialized() else 1
     info = {"model": str(path), "world_size": world, "resumed": resume}
     if int(os.environ.get("RANK", "0")) == 0:  # the driver reads what rank 0 did

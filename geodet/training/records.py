@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import ntpath
 import os
 import tempfile
 from dataclasses import asdict
@@ -33,7 +34,7 @@ def save_checkpoint(out: Path, r, cfg, kept: dict | None = None, thresholds=None
         "card": r.model.card.to_dict(), "config": asdict(cfg),
         "model": r.model.net.state_dict(), "optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict(),
         "given_back": bool(r.given_back), "kept_metrics": kept or {}, "rounds_done": int(r.rounds_done),
-        "thresholds": None if thresholds is None else thresholds.to_dict(),
+        "thresholds": None if thresholds is None else thresholds.to_dict(), "val_areas": r.val_areas,
     }
     fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".pt", dir=out)
     os.close(fd)
@@ -70,8 +71,9 @@ def check_run_folder(out: str | Path, resume: bool, overwrite: bool) -> list[Pat
         raise GeodetError(f"--resume continues the run in {out} and --overwrite replaces it: give one of them")
     found = [out / n for n in RUN_FILES if (out / n).exists()]
     if found and not resume and not overwrite:
-        raise GeodetError(f"{out} holds a run ({', '.join(p.name for p in found)}): continue it with --resume, "
-                          "replace it with --overwrite, or train into a new folder")
+        go_on = "continue it with --resume, " if (out / "last.pt").exists() else ""
+        raise GeodetError(f"{out} holds a run ({', '.join(p.name for p in found)}): {go_on}replace it with --overwrite, "
+                          "or train into a new folder")
     return found if overwrite else []
 
 
@@ -81,6 +83,18 @@ def remove_replaced(paths: list[Path], out: Path) -> None:
         path.unlink(missing_ok=True)
     if paths:
         log.info("--overwrite: the run in %s (%s) is replaced", out, ", ".join(p.name for p in paths))
+
+
+def resumed_best(state: dict, val_areas) -> float:
+    """The best validation AP50 a resumed run goes on from: forgotten (said) where the validation
+    areas moved since (labels changed: the strip that holds them may be another), as it was
+    measured on other pixels."""
+    before = state.get("val_areas")
+    if before is not None and val_areas is not None and [list(a) for a in before] != [list(a) for a in val_areas]:
+        log.warning("--resume: the validation area moved (%s, was %s): the best validation AP50 so far is forgotten",
+                    val_areas, before)
+        return -1.0
+    return float(state["best_ap50"])
 
 
 def check_resumed_cap(out: Path, step: int, total: int | None) -> None:
@@ -93,8 +107,8 @@ def check_resumed_cap(out: Path, step: int, total: int | None) -> None:
 def check_same_data(state: dict, train_scenes, out: Path) -> None:
     """``--resume`` trains on the checkpoint's (``state``) scenes and labels: other files are refused (a new
     run starts from the model with --init); changed labels in the same files are said."""
-    def files(entries):
-        return [(os.path.basename(str(e.get("scene"))), os.path.basename(str(e.get("labels")))) for e in entries]
+    def files(entries):  # by name, in any order; ntpath splits a checkpoint's Windows paths too
+        return sorted((ntpath.basename(str(e.get("scene"))), ntpath.basename(str(e.get("labels")))) for e in entries)
 
     before = list(state["card"].get("trained_on") or [])
     now = [{"scene": ts.scene.path, "labels": ts.labels_path, "labels_used": len(ts.labels)}
@@ -106,10 +120,12 @@ def check_same_data(state: dict, train_scenes, out: Path) -> None:
         raise GeodetError(f"--resume: {out / 'last.pt'} was trained on {said(files(before))}, this run names "
                           f"{said(files(now))}: resume with the run's scenes and labels, or start a new run from "
                           f"its model (--init {out / 'model.pt'} -o NEW_FOLDER)")
-    for b, n in zip(before, now):
-        if b.get("labels_used") is not None and int(b["labels_used"]) != n["labels_used"]:
+    used = {files([b])[0]: b.get("labels_used") for b in before}
+    for n in now:
+        was = used.get(files([n])[0])
+        if was is not None and int(was) != n["labels_used"]:
             log.warning("--resume: %s now has %d usable labels (%d when the run began); training goes on with "
-                        "the new ones", os.path.basename(str(n["labels"])), n["labels_used"], int(b["labels_used"]))
+                        "the new ones", ntpath.basename(str(n["labels"])), n["labels_used"], int(was))
 
 
 RESUMED = ("tiling.tile_size", "tiling.overlap", "tiling.overlap_m", "scene.bands", "scene.gsd_m", "scene.percentiles")
@@ -120,7 +136,8 @@ def resume_settings(cfg, state: dict, out: Path) -> None:
     ``last.pt``) replace a config file's or a default (said); a command-line value that differs is
     refused. The budget (epochs, steps, minutes) is this command's."""
     old = state.get("config") or {}
-    keys = list(RESUMED) + [f"model.{k}" for k in (old.get("model") or {}) if k != "classes"]
+    # (the classes come from the labels; model.pretrained only chose the first weights)
+    keys = list(RESUMED) + [f"model.{k}" for k in (old.get("model") or {}) if k not in ("classes", "pretrained")]
     kept, refused = [], []
     for key in keys:
         section, name = key.split(".", 1)

@@ -236,10 +236,13 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
             raise GeodetError(f"{path} is named twice ({seen[key]} and {path}): name each scene once")
         seen[key] = path
     area = None
-    if labelled_area is not None:  # missing, unreadable or empty: one line before any detection
+    if labelled_area is not None:  # missing or unreadable: one line before any detection
         from ..io.labels import read_labels
 
-        area = read_labels(labelled_area, None, what="labelled area")
+        area = read_labels(labelled_area, None, what="labelled area", allow_empty=True)
+        if not len(area):
+            log.warning("%s holds no polygon yet: nothing counts as labelled", labelled_area)
+            area = None
     reached = []
     for path in scenes:  # before any detection: cells are polygons on a map
         with open_raster(path) as src:
@@ -248,9 +251,9 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
                                   "placed on a map: assign them (gdal_edit.py -a_srs EPSG:xxxx -a_ullr ...)")
             if area is not None:
                 reached.append(_area_reaches(area, src))
-    if area is not None and not any(reached):
-        raise GeodetError(f"{labelled_area}: the labelled area reaches none of the scenes: give the polygons of the "
-                          "parts of these scenes you labelled (or leave out --labelled-area)")
+    if area is not None and not any(reached):  # a project's area, labelled on other scenes so far
+        log.warning("%s reaches none of these scenes: no cell of them counts as labelled (if you labelled here, "
+                    "check the area's CRS)", labelled_area)
     scenes_cells = [scene_cells(model, path, s, cell, op, labelled_area, progress,
                                 strategy in ("coreset", "hybrid"), settings) for path in scenes]
     # one ranking over every scene: a scene with more doubt gets more of the n suggestions
@@ -399,7 +402,8 @@ def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
         added = len(new)
         keep = [c for c in old.columns if c != old.geometry.name]
         old = gpd.GeoDataFrame(old[keep], geometry=old.geometry.values, crs=old.crs)
-        new = gpd.GeoDataFrame(pd.concat([old, new], ignore_index=True), geometry="geometry", crs=old.crs)
+        new = gpd.GeoDataFrame(pd.concat([old, new], ignore_index=True), geometry="geometry",
+                               crs=old.crs if old.crs is not None else new.crs)
     drivers = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf", "shp": "ESRI Shapefile"}
     with atomic_path(path) as tmp:
         if fmt == "gpkg" and path.exists():

@@ -36,11 +36,11 @@ from ..progress import progress_bar
 from . import inputs
 from .loop import STOPS, CpuShare, Run, StopSignals, train_step, training_precision
 from .records import (KEPT_KEYS, MetricsLog, check_resumed_cap, check_run_folder, check_same_data, load_checkpoint,
-                      remove_replaced, resume_settings, save_checkpoint, save_kept_model)
+                      remove_replaced, resume_settings, resumed_best, save_checkpoint, save_kept_model)
 from .sampler import ChipDataset, collate_chips
 from .schedule import DECAY_SHARE, Budget, lr_factor, make_optimizer, step_cap
 from .start import apply_init, build_start_model, freeze_stages
-from .validation import validate
+from .validation import tta_operating_point, validate
 
 log = logging.getLogger(__name__)
 LOW_CPU_SHARE = 0.6  # below this share of its threads' CPU time, training was starved by other work
@@ -61,6 +61,8 @@ class Trainer:
         self.out = Path(out_dir)
         self.resume = resume
         self.overwrite = overwrite
+        self.replaced: Optional[list] = None  # the old run's files --overwrite replaces (checked in run())
+        self.before: set = set()  # run files in the folder before this run (a failure leaves them)
         self.progress = progress
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -163,16 +165,16 @@ class Trainer:
             from ..io.writers import check_output_folder
 
             check_output_folder(self.out)
-            replaced = check_run_folder(self.out, self.resume, self.overwrite)
+            replaced = self.replaced if self.replaced is not None else check_run_folder(self.out, self.resume,
+                                                                                       self.overwrite)
         state = load_checkpoint(self.out) if self.resume else None
         if state is not None:
             resume_settings(self.cfg, state, self.out)  # the run's tiling and network, before anything is read
         self.prepare()
         device = self._device()
-        if state is not None:
-            check_same_data(state, self.train_scenes, self.out)
         model = build_start_model(self.cfg, self.train_scenes, self.classes, self.overlap, state, self.init).to(device)
         remove_replaced(replaced, self.out)  # every input read and the start model built: the old run goes now
+        self.before -= {p.name for p in replaced}
         self.out.mkdir(parents=True, exist_ok=True)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
@@ -182,12 +184,14 @@ class Trainer:
         if self.world > 1:
             train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         r = Run(model, train_model, params, opt, None, torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
-                device, total, autocast_dtype=training_precision(tc.precision, device))
+                device, total, autocast_dtype=training_precision(tc.precision, device),
+                val_areas=[[int(v) for v in a] for _, a in self.val_sets])
         warmup = min(tc.warmup_steps, total // 4) if total is not None else tc.warmup_steps
         self.warmup = warmup
         # the schedule reads the run's progress, which the budget sets before each scheduler step
         r.sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, r.progress))
         if state is not None:
+            check_same_data(state, self.train_scenes, self.out)
             try:
                 model.net.load_state_dict(state["model"])
                 opt.load_state_dict(state["optimizer"])
@@ -197,7 +201,7 @@ class Trainer:
                                   f"{list(state['card'].get('classes', []))}) than this config and these labels make "
                                   f"(classes {list(model.card.classes)}): resume with the run's own config and labels, "
                                   "or train into a new folder") from None
-            r.step, r.epoch, r.best = int(state["step"]), int(state["epoch"]), float(state["best_ap50"])
+            r.step, r.epoch, r.best = int(state["step"]), int(state["epoch"]), resumed_best(state, r.val_areas)
             check_resumed_cap(self.out, r.step, total)
             if state.get("given_back"):  # the strips were training data by then: they stay so
                 inputs.give_back(self.val_sets)
@@ -238,11 +242,14 @@ class Trainer:
         from ..io.writers import missing_folders, remove_partial
 
         made = missing_folders(self.out)
+        if self.main:  # a refusal here leaves the folder's run as it is
+            self.replaced = check_run_folder(self.out, self.resume, self.overwrite)
+        self.before = {n for n in ("metrics.csv", "last.pt") if (self.out / n).exists()}  # not this run's to remove
         try:
             return self._run()
         except Exception as exc:
             if not isinstance(exc, Interrupted) and self.main and not self.resume and not (self.out / "model.pt").exists():
-                remove_partial([self.out / "metrics.csv", self.out / "last.pt"], made)
+                remove_partial([self.out / n for n in ("metrics.csv", "last.pt") if n not in self.before], made)
             raise
 
     def _run(self) -> Path:
@@ -418,12 +425,9 @@ class Trainer:
         validation strips: TTA's fused scores run lower than the plain model's."""
         if not self.cfg.train.tta_operating_point:
             return None
-        t0 = time.perf_counter()
-        m = validate(r.model, self.val_sets, self.classes, self.overlap, r.device, self.cfg.detect.batch_size,
-                     self.cfg.train.min_visibility, tta=True)
-        op = m.get("score_threshold") if m else None
+        op, m, seconds = tta_operating_point(r.model, self.val_sets, self.classes, self.overlap, r.device, self.cfg)
         log.info("step %d: operating point with test-time augmentation %s (AP50 %.3f; %.1f s)", r.step,
-                 "none" if op is None else f"{op:.3f}", (m.get("AP50") or 0.0) if m else 0.0, time.perf_counter() - t0)
+                 "none" if op is None else f"{op:.3f}", (m.get("AP50") or 0.0) if m else 0.0, seconds)
         return op
 
     def _tta_for_kept_model(self, r: Run) -> None:
@@ -436,16 +440,13 @@ class Trainer:
         if not path.exists() or not self.val_sets:
             return
         kept = load_model(path).to(r.device).eval()
-        t0 = time.perf_counter()
-        m = validate(kept, self.val_sets, self.classes, self.overlap, r.device, self.cfg.detect.batch_size,
-                     self.cfg.train.min_visibility, tta=True)
-        op = m.get("score_threshold") if m else None
+        op, _, seconds = tta_operating_point(kept, self.val_sets, self.classes, self.overlap, r.device, self.cfg)
         kept.card.extra.pop("tta_operating_point", None)
         if op is not None:
             kept.card.extra["tta_operating_point"] = float(op)
         save_model(kept.cpu(), path)
         log.info("operating point with test-time augmentation of the kept model.pt (step %s): %s (%.1f s)",
-                 kept.card.metrics.get("step", "?"), "none" if op is None else f"{op:.3f}", time.perf_counter() - t0)
+                 kept.card.metrics.get("step", "?"), "none" if op is None else f"{op:.3f}", seconds)
 
     def _thresholds(self, r: Run, teacher):
         from .selftrain import thresholds_from_validation
