@@ -295,7 +295,10 @@ def test_keep_best_gets_tta_operating_point_for_the_model_it_kept(synth, tmp_pat
             m["score_threshold"] = 0.123
         return m
 
+    import geodet.training.validation as validation_mod
+
     monkeypatch.setattr(trainer_mod, "validate", first_is_best)
+    monkeypatch.setattr(validation_mod, "validate", first_is_best)  # TTA's validation (tta_operating_point)
     path = trainer_mod.train(tiny_config(synth.image, synth.labels, epochs=4, keep="best", tta_operating_point=True),
                          tmp_path / "run", progress=False)
     card = load_model(path).card
