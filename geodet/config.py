@@ -361,11 +361,7 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """``cfg`` as YAML at ``path``, written to a temporary file renamed into place (missing folders made)."""
-    from .io.writers import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
 def check_run_values(cfg: Config) -> None:

@@ -54,6 +54,9 @@ def run(args) -> int:
     print(f"fitted anchors: sizes {fit.anchor_sizes}, ratios {fit.aspect_ratios}: coverage {fit.coverage:.3f}")
     if args.out:
         cfg.model.anchor_sizes, cfg.model.aspect_ratios = fit.anchor_sizes, fit.aspect_ratios
-        save_config(cfg, args.out)
+        from ..io.writers import atomic_path
+
+        with atomic_path(args.out) as tmp:  # a temporary file renamed into place, missing folders made
+            save_config(cfg, tmp)
         print(f"wrote {args.out}")
     return 0

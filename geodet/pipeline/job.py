@@ -18,19 +18,14 @@ log = logging.getLogger(__name__)
 def check_job(scenes: Sequence, out, cfg, fmt: str | None = None, quicklook=None, device: str | None = None, model=None):
     """The checks ``detect_to_file`` makes before any work (scenes given, output folder and
     format, quicklook paths, the scenes' CRS, the device): ``(fmt, out, quicklook paths, readable
-    scenes, failures)``; a job that prepares its model first (``detect --adapt``) makes them too."""
+    scenes, failures)``; a job that prepares its model first (``detect --adapt``) makes them too.
+    ``model`` (its file, or a loaded model) may not be named as an output either."""
     from ..io.writers import check_output_path, output_format
     from .detect import resolve_device
 
     if not scenes:
         raise GeodetError("no scenes given")
-    seen = {}
-    for s in scenes:
-        key = _same_file_key(s)
-        if key in seen:
-            also = "" if str(seen[key]) == str(s) else f" (as {seen[key]} too)"
-            raise GeodetError(f"{s} is given twice{also}: its detections would be written twice; name each scene once")
-        seen[key] = s
+    check_each_scene_once(scenes, "its detections would be written twice")
     fmt = output_format(out, fmt or cfg.output.format)
     out = check_output_path(out, fmt)
     looks = _quicklook_paths(quicklook, scenes) if quicklook else []
@@ -87,6 +82,17 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     write_detections(frames, out, fmt, csv_geometry or cfg.output.csv_geometry, style_min_score=op, report=finished)
     frame.attrs["report"] = report
     return frame
+
+
+def check_each_scene_once(scenes: Sequence, why: str) -> None:
+    """Refuse a scene named twice (two names of one file included), saying ``why`` it matters."""
+    seen = {}
+    for s in scenes:
+        key = _same_file_key(s)
+        if key in seen:
+            also = "" if str(seen[key]) == str(s) else f" (as {seen[key]} too)"
+            raise GeodetError(f"{s} is given twice{also}: {why}; name each scene once")
+        seen[key] = s
 
 
 def _same_file_key(path) -> str:

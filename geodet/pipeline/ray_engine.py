@@ -29,7 +29,6 @@ files themselves (parts, markers, the final file and its reduce) are ``parts.py`
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import time
@@ -42,7 +41,8 @@ import numpy as np
 
 from ..errors import GeodetError
 from .blocks import ScenePlan, plan_scene, prepare_detector, run_block
-from .parts import FINAL, SUCCESS, finish_scene, part_done, remove_stale_parts, scene_done, write_json, write_part
+from .parts import (FINAL, SUCCESS, finish_scene, part_done, read_json, remove_stale_parts, scene_done, write_json,
+                    write_part)
 
 log = logging.getLogger(__name__)
 
@@ -373,11 +373,10 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
     out = check_output_path(path, fmt)
     models = {}
     for d in dirs:  # one file of one model's detections: scenes redone with another model are not mixed in
-        try:
-            sha = json.loads((d / SUCCESS).read_text()).get("model_sha256")
-        except (OSError, ValueError, AttributeError):
-            raise GeodetError(f"{d / SUCCESS}: damaged: run geodet detect --engine ray again on that scene") from None
-        models.setdefault(sha, []).append(d.name)
+        marker = read_json(d / SUCCESS)
+        if not isinstance(marker, dict):
+            raise GeodetError(f"{d / SUCCESS}: damaged: run geodet detect --engine ray again on that scene")
+        models.setdefault(marker.get("model_sha256"), []).append(d.name)
     if len(models) > 1:
         said = "; ".join(f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''} by model {str(sha)[:12]}"
                          for sha, names in models.items())

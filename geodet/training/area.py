@@ -134,8 +134,8 @@ def validation_splits(rect, fraction: float, geom=None, min_side: int = 16):
     from shapely.geometry import box
 
     x0, y0, x1, y1 = (int(round(v)) for v in rect)
-    whole = geom is None or geom.intersection(box(x0, y0, x1, y1)).area >= (x1 - x0) * (y1 - y0) - 1e-6
-    total = None if whole else geom.intersection(box(x0, y0, x1, y1)).area
+    total = None if geom is None else geom.intersection(box(x0, y0, x1, y1)).area
+    whole = total is None or total >= (x1 - x0) * (y1 - y0) - 1e-6
     axes = ("x", "y") if x1 - x0 >= y1 - y0 else ("y", "x")
     for axis in axes:
         lo, hi = (x0, x1) if axis == "x" else (y0, y1)

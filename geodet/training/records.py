@@ -107,8 +107,11 @@ def check_resumed_cap(out: Path, step: int, total: int | None) -> None:
 def check_same_data(state: dict, train_scenes, out: Path) -> None:
     """``--resume`` trains on the checkpoint's (``state``) scenes and labels: other files are refused (a new
     run starts from the model with --init); changed labels in the same files are said."""
-    def files(entries):  # by name, in any order; ntpath splits a checkpoint's Windows paths too
-        return sorted((ntpath.basename(str(e.get("scene"))), ntpath.basename(str(e.get("labels")))) for e in entries)
+    def key(e):  # by name; ntpath splits a checkpoint's Windows paths too
+        return ntpath.basename(str(e.get("scene"))), ntpath.basename(str(e.get("labels")))
+
+    def files(entries):  # in any order
+        return sorted(map(key, entries))
 
     before = list(state["card"].get("trained_on") or [])
     now = [{"scene": ts.scene.path, "labels": ts.labels_path, "labels_used": len(ts.labels)}
@@ -120,9 +123,9 @@ def check_same_data(state: dict, train_scenes, out: Path) -> None:
         raise GeodetError(f"--resume: {out / 'last.pt'} was trained on {said(files(before))}, this run names "
                           f"{said(files(now))}: resume with the run's scenes and labels, or start a new run from "
                           f"its model (--init {out / 'model.pt'} -o NEW_FOLDER)")
-    used = {files([b])[0]: b.get("labels_used") for b in before}
+    used = {key(b): b.get("labels_used") for b in before}
     for n in now:
-        was = used.get(files([n])[0])
+        was = used.get(key(n))
         if was is not None and int(was) != n["labels_used"]:
             log.warning("--resume: %s now has %d usable labels (%d when the run began); training goes on with "
                         "the new ones", ntpath.basename(str(n["labels"])), n["labels_used"], int(was))

@@ -15,7 +15,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import sqlite3
 import warnings
 from dataclasses import dataclass
@@ -229,12 +228,9 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
     cell = int(cell or s.tile_size)
     from ..io.scene import open_raster
 
-    seen = {}
-    for path in scenes:  # a scene named twice would have its cells suggested twice
-        key = os.path.realpath(str(path))
-        if key in seen:
-            raise GeodetError(f"{path} is named twice ({seen[key]} and {path}): name each scene once")
-        seen[key] = path
+    from ..pipeline.job import check_each_scene_once
+
+    check_each_scene_once(scenes, "a scene named twice would have its cells suggested twice")
     area = None
     if labelled_area is not None:  # missing or unreadable: one line before any detection
         from ..io.labels import read_labels

@@ -152,7 +152,6 @@ class Trainer:
         has been read and checked."""
         tc = self.cfg.train
         torch.manual_seed(tc.seed + self.rank)
-        check_run_values(self.cfg)  # before anything is read: values no run can start with
         total = step_cap(tc)
         if tc.val_give_back is not None and self.world > 1:
             raise GeodetError("train.val_give_back runs in one process: train without --engine ray or leave "
