@@ -215,7 +215,8 @@ def test_outputs_load_styled_and_named_the_way_processing_loads_them(provider, t
         {"alg": "geodet:detect", "params": {"INPUT": str(synth.image), "MODEL": str(tiny_model),
                                             "OUTPUT": str(tmp_path / "cars_b.geojson")}, "load": True},
         {"alg": "geodet:suggest", "params": {"INPUT": str(synth.image), "MODEL": str(tiny_model), "COUNT": 2,
-                                             "CELL_SIZE": 128, "OUTPUT": str(tmp_path / "next.gpkg")}, "load": True},
+                                             "CELL_SIZE": 128, "BANDS": "3,2,1", "OUTPUT": str(tmp_path / "next.gpkg")},
+         "load": True},
         {"alg": "geodet:detect", "params": {"INPUT": str(synth.image), "MODEL": str(tiny_model),
                                             "OUTPUT": str(tmp_path / "in_a_model.gpkg")}, "load": True, "model": True})
     for run, name in zip(runs, ("cars_a", "cars_b", "next", "in_a_model")):
@@ -232,6 +233,7 @@ def test_outputs_load_styled_and_named_the_way_processing_loads_them(provider, t
         layer = run["layers"][0]
         assert layer["renderer"] == "RuleRenderer" and len(layer["rules"]) == 2 and layer["label_min_scale"] == 2500
     assert '"rank"' in runs[2]["layers"][0]["label_field"]  # suggestions: the rank as a label
+    assert any("--bands 3,2,1" in c for c in runs[2]["commands"]), runs[2]["commands"]
 
 
 def test_cancel_leaves_no_process_and_no_temporary_file(provider, tiny_model, tmp_path):
@@ -255,12 +257,14 @@ def test_train_cancel_keeps_its_checkpoint_and_resume_continues(provider, synth,
                    "anchor_sizes: [8.0, 16.0, 32.0]}\ntrain: {batch_size: 2, warmup_steps: 2, steps_per_epoch: 4}\n")
     folder = tmp_path / "run"
     params = {"SCENE": str(synth.image), "LABELS": str(synth.labels), "CONFIG": str(cfg), "TIME_LIMIT": 0.2,
-              "VAL_SCENE": str(synth.image), "VAL_LABELS": str(synth.labels), "OUTPUT_FOLDER": str(folder)}
+              "VAL_SCENE": str(synth.image), "VAL_LABELS": str(synth.labels), "BANDS": "1,2,3",
+              "OUTPUT_FOLDER": str(folder)}
     stopped, resumed = processing(provider, {"alg": "geodet:train", "params": params, "cancel_at": 3},
                                   {"alg": "geodet:train", "params": {**params, "RESUME": True}})
     assert stopped["canceled"] and stopped["alive"] == [], stopped
     assert f"the checkpoint {folder / 'last.pt'}" in stopped["error"] and "Resume" in stopped["error"], stopped["error"]
-    assert any("--val-scene" in c and "--val-labels" in c for c in stopped["commands"]), stopped["commands"]
+    assert any("--val-scene" in c and "--val-labels" in c and "--bands 1,2,3" in c for c in stopped["commands"]), \
+        stopped["commands"]
     assert resumed["error"] is None, resumed
     assert any("--resume" in c for c in resumed["commands"]) and any("resuming at step" in i for i in resumed["infos"])
     assert resumed["results"]["MODEL"] == str(folder / "model.pt") and (folder / "model.pt").exists()
@@ -276,6 +280,9 @@ def test_parameters_are_checked_before_the_run(provider, tiny_model, synth, tmp_
         ("geodet:detect", {**base, "MODEL": str(tmp_path / "notes.txt"), "OUTPUT": str(tmp_path / "d.gpkg")},
          "is not a .pt or .onnx file"),
         ("geodet:detect", {**base, "BANDS": "1;2", "OUTPUT": str(tmp_path / "d.gpkg")}, "bands must be numbers"),
+        ("geodet:suggest", {**base, "BANDS": "red", "OUTPUT": str(tmp_path / "n.gpkg")}, "bands must be numbers"),
+        ("geodet:train", {"SCENE": str(synth.image), "LABELS": str(synth.labels), "BANDS": "1 2",
+                          "OUTPUT_FOLDER": str(empty)}, "bands must be numbers"),
         ("geodet:detect", {**base, "MODEL": str(tmp_path / "m.onnx"), "ADAPT": True, "OUTPUT": str(tmp_path / "d.gpkg")},
          "Adapting to the scene needs a .pt model"),
         ("geodet:train", {"SCENE": str(synth.image), "LABELS": str(synth.labels), "RESUME": True,

@@ -143,6 +143,8 @@ class SuggestAlgorithm(GeodetAlgorithm):
         self.addParameter(QgsProcessingParameterFeatureSource("LABELLED_AREA", "Already labelled (polygons; optional)",
                                                               [QgsProcessing.TypeVectorPolygon], None, True))
         self.addParameter(QgsProcessingParameterEnum("STRATEGY", "Ranking", STRATEGIES, False, 0))
+        self.addParameter(QgsProcessingParameterString("BANDS", "Scene bands for the model, e.g. 1,2,3 (empty: the "
+                                                                "model's)", None, False, True))
         out = QgsProcessingParameterVectorDestination("OUTPUT", "Cells to label (GeoPackage, GeoJSON, FlatGeobuf or "
                                                                 "Shapefile)", QgsProcessing.TypeVectorPolygon)
         out.setSupportsNonFileBasedOutput(False)
@@ -150,6 +152,7 @@ class SuggestAlgorithm(GeodetAlgorithm):
 
     def check(self, parameters, context):
         return (self.check_file(parameters, "MODEL", context, ["pt"], "Model file")
+                or self.check_bands(self.optional_text(parameters, "BANDS", context))
                 or self.check_output(parameters, "OUTPUT", context, CELL_EXTENSIONS, "Cells to label"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
@@ -160,6 +163,7 @@ class SuggestAlgorithm(GeodetAlgorithm):
                 "--strategy", STRATEGIES[self.parameterAsEnum(parameters, "STRATEGY", context)]]
         self.flag(args, "--cell-size", self.optional_number(parameters, "CELL_SIZE", context, integer=True))
         self.flag(args, "--labelled-area", self.vector_path(parameters, "LABELLED_AREA", context, feedback))
+        self.flag(args, "--bands", self.optional_text(parameters, "BANDS", context))
         self.run_command(args, feedback, outputs=[out])
         load_styled(context, out)
         return {"OUTPUT": out}

@@ -70,6 +70,8 @@ class TrainAlgorithm(GeodetAlgorithm):
         self.addParameter(QgsProcessingParameterFeatureSource("VAL_LABELS", "Labels of the validation scene",
                                                               [QgsProcessing.TypeVectorAnyGeometry], None, True))
         preset_parameters(self)
+        self.addParameter(QgsProcessingParameterString("BANDS", "Scene bands to train on, e.g. 1,2,3 (empty: the "
+                                                                "config's, else all)", None, False, True))
         self.addParameter(QgsProcessingParameterNumber("TIME_LIMIT", "Training time (minutes)",
                                                        QgsProcessingParameterNumber.Double, 20.0, False, 0.1))
         self.addParameter(QgsProcessingParameterFile("INIT", "Start from this model (optional)",
@@ -89,7 +91,8 @@ class TrainAlgorithm(GeodetAlgorithm):
                 return (f"Resume continues a run from its folder's last.pt, and {folder or 'the run folder'} has none: "
                         "choose the folder of the run to continue, or uncheck Resume")
         return (self.check_file(parameters, "INIT", context, ["pt"], "Start model")
-                or self.check_file(parameters, "CONFIG", context, ["yaml", "yml"], "Config file"))
+                or self.check_file(parameters, "CONFIG", context, ["yaml", "yml"], "Config file")
+                or self.check_bands(self.optional_text(parameters, "BANDS", context)))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         folder = self.parameterAsString(parameters, "OUTPUT_FOLDER", context)
@@ -100,6 +103,7 @@ class TrainAlgorithm(GeodetAlgorithm):
                 "--time-limit", self.parameterAsDouble(parameters, "TIME_LIMIT", context),
                 "--class-column", column, "--device", DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)]]
         self.flag(args, "--labelled-area", self.vector_path(parameters, "LABELLED_AREA", context, feedback))
+        self.flag(args, "--bands", self.optional_text(parameters, "BANDS", context))
         if not is_empty(parameters.get("VAL_SCENE")):
             args += ["--val-scene", self.raster_path(parameters, "VAL_SCENE", context),
                      "--val-labels", self.vector_path(parameters, "VAL_LABELS", context, feedback)]
