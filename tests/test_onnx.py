@@ -347,7 +347,7 @@ def test_on_the_spot_int8_never_checks_on_its_calibration_tiles(monkeypatch, tmp
     monkeypatch.setattr(choice, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
     model = load_model(tiny_model)
     # asked for: refused, in one line, saying what it needs
-    with pytest.raises(GeodetError, match="needs at least 2 tiles") as err:
+    with pytest.raises(GeodetError, match="gave too few tiles holding data") as err:
         detect_scene(one_tile_scene, model, progress=False, precision="int8")
     assert "\n" not in str(err.value)
     # chosen by default (a large job, pretended): not made, and not held against the model
@@ -355,6 +355,31 @@ def test_on_the_spot_int8_never_checks_on_its_calibration_tiles(monkeypatch, tmp
     r = detect_scene(one_tile_scene, model, progress=False).attrs["report"]["backend"]
     assert (r["backend"], r["precision"]) == ("torch", "fp32") and "int8" not in r["checks"]
     assert not list((tmp_path / "cache").rglob("*.failed.json"))
+
+
+def test_int8_asked_for_calibrates_on_the_first_scene_with_data_and_an_empty_scene_just_runs(
+        monkeypatch, tmp_path, tiny_model, synth):
+    """A job's int8 model made on the spot calibrates on the first of its scenes that holds data;
+    a scene without a valid pixel gives 0 detections, as fp32 does, instead of a refusal."""
+    from rasterio.transform import from_origin
+
+    from geodet.pipeline.job import detect_to_file
+    from helpers import write_raster
+
+    monkeypatch.setenv("GEODET_CACHE", str(tmp_path / "cache"))
+    model = load_model(tiny_model)
+    empty = write_raster(tmp_path / "empty.tif", np.zeros((3, 300, 300), np.uint8), nodata=0,
+                         transform=from_origin(300000, 5000000, model.card.gsd_m, model.card.gsd_m))
+    frame = detect_scene(empty, model, progress=False, precision="int8")
+    r = frame.attrs["report"]["backend"]
+    assert len(frame) == 0 and (r["backend"], r["precision"]) == ("torch", "fp32")
+    assert "no scene of the job holds a valid pixel" in r["reason"]
+    assert not list((tmp_path / "cache").rglob("*.onnx"))  # nothing was calibrated on nothing
+    frame = detect_to_file([empty, synth.image], tiny_model, tmp_path / "d.gpkg", progress=False, precision="int8")
+    r = frame.attrs["report"]["scenes"][0]["backend"]
+    assert (r["backend"], r["precision"]) == ("onnx", "int8"), r
+    assert f"made and checked on tiles of {Path(synth.image).name}" in r["reason"]
+    assert len(frame) > 0 and set(frame["scene"]) == {Path(synth.image).name}
 
 
 def test_tta_refuses_an_onnx_model_and_runs_from_the_config(fp32_onnx, tiny_model, synth, tmp_path):

@@ -309,6 +309,13 @@ class Scene:
             valid &= np.all(np.isfinite(data), axis=0)
         return data, valid, scale
 
+    def holds_data(self, max_side: int = 512) -> bool:
+        """Whether any pixel holds data, from a decimated read of the mask (``overview``); at once
+        where GDAL says every pixel is valid."""
+        if self.all_valid and not self.is_float:
+            return True
+        return bool(self.overview(max_side)[1].any())
+
     def valid_pixels(self, data: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """``mask`` (the dataset mask) and, for float data, finite in every band."""
         return mask & np.all(np.isfinite(data), axis=0) if self.is_float else mask

@@ -17,9 +17,11 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -37,6 +39,8 @@ AUTO_INT8_MIN_TILES = 200
 AUTO_ONNX_MIN_TILES = 16  # an fp32 export (~1-2 s) pays off from about this many tiles
 CHECK_TILES = 16  # tiles for an on-the-spot check (and as many others to calibrate int8)
 BF16_MIN_AGREEMENT = 0.95  # detection F1 of bf16 against fp32 at the operating point
+INT8_SCENE_TRIES = 8  # an int8 model made on the spot calibrates on the first of this many scenes with data
+NOTHING_TO_RUN = object()  # int8 asked for on scenes without a valid pixel: no tile runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,15 +83,53 @@ class Choice:
         return {"backend": self.backend, "precision": self.precision, "reason": self.reason, "checks": self.checks}
 
 
+@dataclass
+class JobChoice:
+    """A backend chosen once for a whole job (on the Ray driver) that workers apply as it is: the
+    ``Choice`` and, where it runs an ONNX model derived on the spot (which a worker on another
+    machine has no cache for, or would calibrate on another scene), that model's bytes."""
+
+    choice: Choice
+    onnx: bytes | None = None
+
+    @classmethod
+    def of(cls, runner, model) -> "JobChoice | None":
+        """The choice ``runner`` (from ``choose_detector``) made for ``model``; None where there was
+        none to make (a plain callable, an ONNX file: every worker runs it as it is)."""
+        choice = getattr(runner, "choice", None)
+        if choice is None or not (isinstance(model, torch.nn.Module) and hasattr(model, "predict")):
+            return None
+        if isinstance(runner, OnnxDetector):
+            return cls(choice, Path(runner.onnx.source["path"]).read_bytes())
+        return cls(choice)
+
+    def detector(self, model, device: torch.device, settings: DetectSettings):
+        """``model`` ready to run as chosen."""
+        from ..model.onnx import load_onnx
+
+        if self.onnx is not None:
+            with tempfile.TemporaryDirectory(prefix="geodet-onnx-") as tmp:
+                path = Path(tmp) / "chosen.onnx"
+                path.write_bytes(self.onnx)
+                det = OnnxDetector(load_onnx(path), settings)  # the session holds the graph: the file can go
+        else:
+            det = TorchDetector(model, device, settings, self.choice.precision)
+        det.choice = self.choice
+        return det
+
+
 # ---------------------------------------------------------------------------------------------
 # choosing the backend
 
 
-def choose_detector(detector, device: torch.device, settings: DetectSettings, scene=None, n_tiles: int = 0):
+def choose_detector(detector, device: torch.device, settings: DetectSettings, scene=None, n_tiles: int = 0,
+                    more_scenes: Sequence = ()):
     """The detector that runs: a geodet model or ONNX model becomes a Torch/OnnxDetector with the
     backend and precision of ``settings`` (``auto``: see the module doc), with a ``choice``
     attribute saying what and why; any other callable is used as it is. ``scene`` (the job's
-    first scene) and ``n_tiles`` (the job's tiles) let ``auto`` check and pay for faster paths."""
+    first scene) and ``n_tiles`` (the job's tiles) let ``auto`` check and pay for faster paths;
+    an int8 model made on the spot is calibrated on the first of ``scene`` and ``more_scenes``
+    (the job's other scenes, paths) with enough tiles holding data."""
     from ..model.onnx import OnnxModel
 
     if isinstance(detector, (TorchDetector, OnnxDetector)):
@@ -108,7 +150,8 @@ def choose_detector(detector, device: torch.device, settings: DetectSettings, sc
         return det
     if not (isinstance(detector, torch.nn.Module) and hasattr(detector, "predict")):
         return detector
-    choice, onnx_model = _decide(detector, device, settings, scene, n_tiles)
+    choice, onnx_model = _decide(detector, device, settings, [scene, *more_scenes] if scene is not None else [],
+                                 n_tiles)
     if onnx_model is not None:
         det = OnnxDetector(onnx_model, settings)
     else:
@@ -117,8 +160,9 @@ def choose_detector(detector, device: torch.device, settings: DetectSettings, sc
     return det
 
 
-def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int):
-    """``(Choice, the ONNX model to run or None)``."""
+def _decide(model, device: torch.device, s: DetectSettings, scenes: list, n_tiles: int):
+    """``(Choice, the ONNX model to run or None)``; ``scenes``: the job's, the first open."""
+    scene = scenes[0] if scenes else None
     backend, precision = s.backend, s.precision
     feats = cpu_features() if device.type == "cpu" else {}
     if device.type == "cuda":
@@ -156,7 +200,10 @@ def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int)
     if precision in ("auto", "int8") and backend in ("auto", "onnx") and has_onnxruntime() and (
             precision == "int8" or n_tiles >= AUTO_INT8_MIN_TILES):
         explicit = precision == "int8"
-        m, how = _derived_onnx(model, s, "int8", scene, checks, on_the_spot=True, explicit=explicit)
+        m, how = _derived_onnx(model, s, "int8", scenes, checks, on_the_spot=True, explicit=explicit)
+        if m is NOTHING_TO_RUN:
+            return Choice("torch", "fp32", "int8 was asked for, but no scene of the job holds a valid pixel to "
+                          "calibrate it on: no tile runs, so nothing needed int8", checks), None
         if m is not None:
             return Choice("onnx", "int8", f"int8 vouched for by its export check ({how})", checks), m
         if explicit:
@@ -169,7 +216,7 @@ def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int)
             return Choice("torch", "bf16", "native bf16 on this CPU, vouched for by a check against fp32", checks), None
     if precision in ("auto", "fp32") and backend in ("auto", "onnx") and has_onnxruntime() and (
             backend == "onnx" or n_tiles >= AUTO_ONNX_MIN_TILES):
-        m, how = _derived_onnx(model, s, "fp32", scene, checks, on_the_spot=True, explicit=backend == "onnx")
+        m, how = _derived_onnx(model, s, "fp32", scenes, checks, on_the_spot=True, explicit=backend == "onnx")
         if m is not None:
             return Choice("onnx", "fp32", f"ONNX Runtime fp32 (same detections as torch, checked at export; {how})",
                           checks), m
@@ -179,10 +226,12 @@ def _decide(model, device: torch.device, s: DetectSettings, scene, n_tiles: int)
     return Choice("torch", "fp32", why, checks), None
 
 
-def _derived_onnx(model, s: DetectSettings, precision: str, scene, checks: dict, on_the_spot: bool, explicit: bool):
+def _derived_onnx(model, s: DetectSettings, precision: str, scenes: list, checks: dict, on_the_spot: bool,
+                  explicit: bool):
     """The cached ONNX model (fp32 or int8) derived from ``model``'s file, made and checked on
-    the spot (tiles of ``scene``) when missing and ``on_the_spot``, and where it came from;
-    ``(None, None)`` when not vouched for. The check's figures go into ``checks[precision]``."""
+    the spot (tiles of ``scenes``) when missing and ``on_the_spot``, and where it came from;
+    ``(None, None)`` when not vouched for, ``(NOTHING_TO_RUN, None)`` when int8 was asked for
+    and no scene holds data. The check's figures go into ``checks[precision]``."""
     from ..model.onnx import load_onnx
 
     sha = model.source["sha256"]
@@ -199,11 +248,11 @@ def _derived_onnx(model, s: DetectSettings, precision: str, scene, checks: dict,
     if failed.is_file() and not explicit:
         checks[precision] = json.loads(failed.read_text())
         return None, None
-    if not on_the_spot or (scene is None and precision == "int8"):
+    if not on_the_spot or (not scenes and precision == "int8"):
         return None, None
-    tiles = _spot_tiles(model, s, precision, scene, explicit)
-    if tiles is None:
-        return None, None
+    tiles = _spot_tiles(model, s, precision, scenes, explicit)
+    if tiles is None or tiles is NOTHING_TO_RUN:
+        return tiles, None
     calib, check, ref, where = tiles
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -227,28 +276,59 @@ def _derived_onnx(model, s: DetectSettings, precision: str, scene, checks: dict,
     return load_onnx(path), f"made and checked on tiles of {where}, cached at {path}"
 
 
-def _spot_tiles(model, s: DetectSettings, precision: str, scene, explicit: bool):
+def _spot_tiles(model, s: DetectSettings, precision: str, scenes: list, explicit: bool):
     """``(calibration tiles, check tiles, fp32 detections of the check tiles or None, where they
-    came from)`` for a model made on the spot: int8 calibrates on ``CHECK_TILES`` tiles of
-    ``scene`` and is checked on as many others; fp32 is checked on 4 tiles of ``scene``, or of a
-    synthetic scene when ``scene`` has none. None (or the error, when ``explicit``) when the scene
-    cannot give them: a fault of the scene, not of the model, so nothing is remembered."""
+    came from)`` for a model made on the spot: int8 calibrates on ``CHECK_TILES`` tiles of the
+    first of ``scenes`` (up to ``INT8_SCENE_TRIES``) that has enough tiles holding data, and is
+    checked on as many others; fp32 is checked on 4 tiles of the first scene, or of a synthetic
+    scene when it has none. None (or the error, when ``explicit``) when the scenes cannot give
+    them: a fault of the scenes, not of the model, so nothing is remembered; ``NOTHING_TO_RUN``
+    when int8 was asked for and none of them holds a valid pixel."""
     from .convert import SYNTHETIC, calibration_tiles, synthetic_check_tiles
 
+    scene = scenes[0] if scenes else None
     where = Path(str(getattr(scene, "path", scene))).name if scene is not None else SYNTHETIC
     if precision == "int8":
-        try:
-            calib, check, ref, _ = calibration_tiles(model, [scene], CHECK_TILES, s)
-        except GeodetError as exc:
-            if explicit:
-                raise
-            log.info("int8 not made: %s", exc)
-            return None
-        return calib, check, ref, where
+        tried, first_exc = [], None
+        for sc in scenes[:INT8_SCENE_TRIES]:
+            try:
+                calib, check, ref, _ = calibration_tiles(model, [sc], CHECK_TILES, s)
+                return calib, check, ref, Path(str(getattr(sc, "path", sc))).name
+            except GeodetError as exc:
+                tried.append(sc)
+                first_exc = first_exc or exc
+        if explicit and tried and not any(_holds_data(sc, s, model.card) for sc in tried):
+            return NOTHING_TO_RUN
+        if explicit:
+            names = ", ".join(Path(str(getattr(x, "path", x))).name for x in tried)
+            raise GeodetError(f"int8 is calibrated and checked on tiles of the job's scenes, and {names} gave too few "
+                              "tiles holding data: export an int8 model calibrated on other scenes ('geodet export "
+                              "MODEL.pt -o OUT.onnx --int8 --calibrate SCENES') and detect with it, or use fp32") \
+                from first_exc
+        log.info("int8 not made: %s", first_exc)
+        return None
     check = sample_tiles(scene, s, model.card, 4) if scene is not None else []
     if not check:
         check, where = synthetic_check_tiles(model, s, 4), SYNTHETIC
     return [], check, None, where
+
+
+def _holds_data(scene, s: DetectSettings, card) -> bool:
+    """Whether ``scene`` (a path or Scene) has any valid pixel; an unreadable one counts as
+    holding data (it is not known to be empty)."""
+    from .reader import open_scene
+
+    try:
+        sc = open_scene(scene, s, card, warn=False)
+    except GeodetError:
+        return True
+    try:
+        return sc.holds_data()
+    except Exception:  # noqa: BLE001 - a damaged file: not known to be empty
+        return True
+    finally:
+        if sc is not scene:
+            sc.close()
 
 
 def _bf16_check(model, s: DetectSettings, scene) -> dict | None:

@@ -141,7 +141,7 @@ def check_validation_scenes(val_scenes: list[TrainScene], train_scenes: list[Tra
             log.warning("--val-scene %s is also a training scene: its validation AP measures the fit to the training "
                         "data, not how new objects are found (give a scene the model does not train on, or leave "
                         "out --val-scene for a held-out strip)", v.scene.path)
-        elif (not v.scene.all_valid or v.scene.is_float) and not v.scene.overview(NORM_SAMPLE_SIDE)[1].any():
+        elif not v.scene.holds_data(NORM_SAMPLE_SIDE):
             log.warning("--val-scene %s holds no valid pixel (all nodata): its validation AP will be 0", v.scene.path)
 
 
