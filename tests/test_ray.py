@@ -291,3 +291,31 @@ def test_ray_train_resumes_from_the_last_checkpoint_after_a_worker_is_killed(loc
     steps = [int(r[0]) for r in rows if r[2]]
     assert max(steps) == 24  # 8 epochs x 3 steps: finished, not cut short
     assert steps.count(1) == 1  # step 1 ran once: the restarted group did not start over
+
+
+def test_the_backend_is_chosen_once_for_the_job_as_one_process_chooses_it(local_ray, tiny_model, synth, tmp_path,
+                                                                           monkeypatch):
+    """Two small scenes: one process runs the job's tiles on ONNX Runtime (enough tiles in all to
+    pay for it), and so does every Ray actor, though each sees one scene of too few tiles; the
+    rows are the local ones."""
+    import shutil
+
+    from geodet.pipeline.job import detect_to_file
+
+    monkeypatch.setenv("GEODET_CACHE", str(tmp_path / "cache"))
+    paths = [shutil.copy(synth.image, tmp_path / f"{n}.tif") for n in ("a", "b")]
+    local = detect_to_file(paths, tiny_model, tmp_path / "local.gpkg", progress=False, score_threshold=0.3)
+    chosen = local.attrs["report"]["scenes"][0]["backend"]
+    assert chosen["backend"] == "onnx"  # the job's tiles together pay for ONNX Runtime; one scene's would not
+    summary = detect_ray([str(p) for p in paths], str(tiny_model), tmp_path / "run", workers=2, block_tiles=1,
+                         progress=False, score_threshold=0.3)
+    assert summary["failed_scenes"] == []
+    assert (summary["backend"]["backend"], summary["backend"]["precision"]) == (chosen["backend"], chosen["precision"])
+    for p in paths:
+        got = gpd.read_parquet(tmp_path / "run" / f"scene={Path(p).stem}" / "detections.parquet")
+        ref = local[local["scene"] == Path(p).name]
+        assert len(ref) > 0 and len(got) == len(ref)
+        g, r = got.sort_values(COLS).reset_index(drop=True), ref.sort_values(COLS).reset_index(drop=True)
+        assert (g["label"] == r["label"]).all() and (g["tile_row"] == r["tile_row"]).all()
+        np.testing.assert_allclose(g[COLS[:4]].to_numpy(), r[COLS[:4]].to_numpy(), atol=1e-3)
+        np.testing.assert_allclose(g["score"].to_numpy(), r["score"].to_numpy(), atol=6e-5)

@@ -154,13 +154,15 @@ def run_block(plan: ScenePlan, block: Block, detector, device: str | torch.devic
                        on_nodata)
 
 
-def prepare_detector(detector, plan: ScenePlan, device=None):
-    """The detector a worker runs: the backend chosen as ``detect_scene`` would (on tiles of the
-    plan's scene), prepared once."""
+def prepare_detector(detector, plan: ScenePlan, device=None, chosen=None):
+    """The detector a worker runs, prepared once: the backend ``chosen`` for the whole job
+    (a ``choice.JobChoice``), else chosen as ``detect_scene`` would (on tiles of the plan's scene)."""
     from .choice import choose_detector
     from .detect import resolve_device
 
     dev = resolve_device(str(device) if device is not None else plan.settings.device)
+    if chosen is not None:
+        return chosen.detector(detector, dev, plan.settings)
     sc = plan.open(getattr(detector, "card", None))
     try:
         return choose_detector(detector, dev, plan.settings, scene=sc, n_tiles=len(plan.grid))

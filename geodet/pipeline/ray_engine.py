@@ -29,6 +29,7 @@ files themselves (parts, markers, the final file and its reduce) are ``parts.py`
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import time
@@ -87,12 +88,12 @@ class BlockWorker:
         data = ray.get(shared[0])
         model, self.plans = data["model"], data["plans"]
         self.model = load_detector_file(model) if isinstance(model, (str, Path)) else model
-        self.dirs, self.device = [Path(d) for d in data["scene_dirs"]], device
+        self.dirs, self.device, self.chosen = [Path(d) for d in data["scene_dirs"]], device, data["chosen"]
         self.prepared = (None, None)  # (scene index, detector): blocks of a scene come together
 
     def detector(self, si: int):
         if self.prepared[0] != si:
-            self.prepared = (si, prepare_detector(self.model, self.plans[si], self.device))
+            self.prepared = (si, prepare_detector(self.model, self.plans[si], self.device, self.chosen))
         return self.prepared[1]
 
     def __call__(self, batch: dict) -> dict:
@@ -136,7 +137,8 @@ def _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, c
     kw = {"num_gpus": gpus_per_worker} if gpus_per_worker else {}
     with warnings.catch_warnings():  # Ray's deprecation notes about its own argument names
         warnings.simplefilter("ignore", DeprecationWarning)
-        shared = ray.put({"model": model_arg, "plans": plans, "scene_dirs": dirs})  # held until the round ends
+        model_arg, chosen = model_arg
+        shared = ray.put({"model": model_arg, "chosen": chosen, "plans": plans, "scene_dirs": dirs})  # held until the round ends
         ds = _map_blocks(ds, ray, [shared], device, workers, len(items), cpus_per_worker, kw)
     try:
         with progress_bar(total=len(items), desc="blocks", unit="block", enabled=progress) as bar:
@@ -184,6 +186,7 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
         raise GeodetError(f"{len(ids)} scene ids for {len(scenes)} scenes")
     dirs = [str(out / f"scene={i}") for i in scene_ids(scenes, ids)]
     plans, failed = plan_scenes(scenes, detector, block_tiles, config, settings)
+    chosen = _job_choice(scenes, detector, plans, config, settings, device, gpus_per_worker)
     pending, done_before = _pending_blocks(plans, dirs, model_sha)
     run = _Run(plans, dirs, getattr(getattr(detector, "card", None), "classes", None), model_sha, pending,
                done_before, t_start)
@@ -199,8 +202,8 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
             if attempt:
                 log.warning("running %d failed block(s) again (round %d of %d)", len(run.pending), attempt + 1,
                             retries + 1)
-            run.round(_run_round(ray, run.pending, model_arg, plans, dirs, workers, gpus_per_worker, cpus_per_worker,
-                                 device, progress))
+            run.round(_run_round(ray, run.pending, (model_arg, chosen), plans, dirs, workers, gpus_per_worker,
+                                 cpus_per_worker, device, progress))
         run.collect(ray, failed)
     finally:
         if started:
@@ -210,7 +213,8 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
                "scenes_already_done": len(done_before), "failed_scenes": failed,
                "blocks_total": sum(len(p.blocks) for p in plans if p is not None), "blocks_run": run.blocks_run,
                "seconds": round(time.perf_counter() - t_start, 2), "scenes": run.scenes_out,
-               "model_sha256": model_sha, "worker_peak_rss_mb": round(run.peak_rss),
+               "model_sha256": model_sha, "backend": chosen.choice.to_dict() if chosen is not None else None,
+               "worker_peak_rss_mb": round(run.peak_rss),
                **_pace(run.arrivals, run.block_seconds, workers)}
     write_json(summary, out / "_job.json")
     return summary
@@ -227,6 +231,38 @@ def _job_model(model):
     on_disk = is_file and Path(str(model)).is_file()
     model_sha = file_sha256(model) if on_disk else (getattr(detector, "source", None) or {}).get("sha256")
     return detector, model_sha, (str(Path(str(model)).resolve()) if on_disk else detector)
+
+
+def _job_choice(scenes: Sequence, detector, plans: list, config, settings: dict, device, gpus_per_worker: float):
+    """The backend one process would choose for this job (``scenes.job_detector``: checked on the
+    first readable scene, for the job's tile count), made once here for CPU workers, who apply
+    it as it is (``choice.JobChoice``). Left to each actor, a job of small scenes ran torch where
+    one process runs ONNX, and every node calibrated its own int8 model on another scene. Each
+    plan's fingerprint takes the choice, so parts of another backend are not reused. None for
+    GPU workers (CUDA has one choice) and for detectors without a choice to make."""
+    import dataclasses
+
+    from .choice import JobChoice
+    from .scenes import job_detector
+    from .settings import resolve_detect_settings
+
+    card = getattr(detector, "card", None)
+    if card is None or gpus_per_worker or getattr(detector, "backend", None) is not None:
+        return None
+    s = resolve_detect_settings(card, config, **settings)
+    if str(device or s.device).startswith("cuda"):
+        return None
+    runner = job_detector(list(scenes), detector, dataclasses.replace(s, device="cpu"), failures=[])
+    chosen = JobChoice.of(runner, detector)
+    if chosen is not None:
+        for p in plans:
+            if p is not None:
+                key = json.dumps([p.fingerprint, chosen.choice.backend, chosen.choice.precision,
+                                  hashlib.sha256(chosen.onnx or b"").hexdigest()])
+                p.fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+        log.info("backend for every worker: %s %s (%s)", chosen.choice.backend, chosen.choice.precision,
+                 chosen.choice.reason)
+    return chosen
 
 
 def plan_scenes(scenes: Sequence, detector, block_tiles: int, config, settings: dict) -> tuple[list, list[dict]]:

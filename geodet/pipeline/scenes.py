@@ -171,11 +171,13 @@ def scene_names(paths: Sequence) -> list[str]:
 
 def job_detector(paths: Sequence, detector, s: DetectSettings, failures: list | None):
     """The detector of a job over ``paths``, its backend chosen once (checked on tiles of the
-    first readable scene); a detector whose backend is chosen, or a plain callable, as it is."""
+    first readable scene; an int8 model made on the spot calibrates on the first scene with
+    data); a detector whose backend is chosen, or a plain callable, as it is."""
     card = getattr(detector, "card", None)
-    first = None
+    first, rest = None, []
     if getattr(detector, "backend", None) is None and hasattr(detector, "card"):
-        for p in paths:
+        for i, p in enumerate(paths):
+            rest = list(paths[i + 1:])
             try:
                 first = open_scene(p, s, card, warn=False)  # detect_scene opens it again and says what matters
                 break
@@ -184,7 +186,7 @@ def job_detector(paths: Sequence, detector, s: DetectSettings, failures: list | 
                     raise
     try:
         n_tiles = len(scene_grid(first, s)) * len(paths) if first is not None else 0
-        return choose_detector(detector, resolve_device(s.device), s, scene=first, n_tiles=n_tiles)
+        return choose_detector(detector, resolve_device(s.device), s, scene=first, n_tiles=n_tiles, more_scenes=rest)
     finally:
         if first is not None:
             first.close()
