@@ -295,22 +295,29 @@ def test_ray_train_resumes_from_the_last_checkpoint_after_a_worker_is_killed(loc
 
 def test_the_backend_is_chosen_once_for_the_job_as_one_process_chooses_it(local_ray, tiny_model, synth, tmp_path,
                                                                            monkeypatch):
-    """Two small scenes: one process runs the job's tiles on ONNX Runtime (enough tiles in all to
-    pay for it), and so does every Ray actor, though each sees one scene of too few tiles; the
-    rows are the local ones."""
+    """Two small scenes after one that is no raster: one process runs the job's tiles on ONNX
+    Runtime (enough tiles in all to pay for it), and so does every Ray actor, though each sees one
+    scene of too few tiles; the broken scene fails alone; the rows are the local ones; a rerun
+    whose driver makes the ONNX model again (no cache) finds the scenes done."""
     import shutil
 
     from geodet.pipeline.job import detect_to_file
 
     monkeypatch.setenv("GEODET_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken.tif"
+    broken.write_text("not a raster")
     paths = [shutil.copy(synth.image, tmp_path / f"{n}.tif") for n in ("a", "b")]
-    local = detect_to_file(paths, tiny_model, tmp_path / "local.gpkg", progress=False, score_threshold=0.3)
+    local = detect_to_file([broken, *paths], tiny_model, tmp_path / "local.gpkg", progress=False,
+                           score_threshold=0.3)
     chosen = local.attrs["report"]["scenes"][0]["backend"]
     assert chosen["backend"] == "onnx"  # the job's tiles together pay for ONNX Runtime; one scene's would not
-    summary = detect_ray([str(p) for p in paths], str(tiny_model), tmp_path / "run", workers=2, block_tiles=1,
-                         progress=False, score_threshold=0.3)
-    assert summary["failed_scenes"] == []
+    shutil.rmtree(tmp_path / "cache")
+    summary = detect_ray([str(p) for p in [broken, *paths]], str(tiny_model), tmp_path / "run", workers=2,
+                         block_tiles=1, progress=False, score_threshold=0.3)
+    assert [f["scene"] for f in summary["failed_scenes"]] == [str(broken)] and summary["scenes_written"] == 2
     assert (summary["backend"]["backend"], summary["backend"]["precision"]) == (chosen["backend"], chosen["precision"])
+    # what the actors ran, block by block: the driver's choice
+    assert summary["worker_backends"] == {f"{chosen['backend']} {chosen['precision']}": summary["blocks_run"]}
     for p in paths:
         got = gpd.read_parquet(tmp_path / "run" / f"scene={Path(p).stem}" / "detections.parquet")
         ref = local[local["scene"] == Path(p).name]
@@ -319,3 +326,7 @@ def test_the_backend_is_chosen_once_for_the_job_as_one_process_chooses_it(local_
         assert (g["label"] == r["label"]).all() and (g["tile_row"] == r["tile_row"]).all()
         np.testing.assert_allclose(g[COLS[:4]].to_numpy(), r[COLS[:4]].to_numpy(), atol=1e-3)
         np.testing.assert_allclose(g["score"].to_numpy(), r["score"].to_numpy(), atol=6e-5)
+    shutil.rmtree(tmp_path / "cache")  # made again on the rerun: other metadata, the same graph
+    again = detect_ray([str(p) for p in paths], str(tiny_model), tmp_path / "run", workers=2, block_tiles=1,
+                       progress=False, score_threshold=0.3)
+    assert again["scenes_already_done"] == 2 and again["blocks_run"] == 0

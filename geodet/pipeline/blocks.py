@@ -160,9 +160,9 @@ def prepare_detector(detector, plan: ScenePlan, device=None, chosen=None):
     from .choice import choose_detector
     from .detect import resolve_device
 
+    if chosen is not None:  # chosen for CPU workers: on the CPU, whatever this worker can see
+        return chosen.detector(detector, plan.settings)
     dev = resolve_device(str(device) if device is not None else plan.settings.device)
-    if chosen is not None:
-        return chosen.detector(detector, dev, plan.settings)
     sc = plan.open(getattr(detector, "card", None))
     try:
         return choose_detector(detector, dev, plan.settings, scene=sc, n_tiles=len(plan.grid))

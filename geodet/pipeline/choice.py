@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import GeodetError
+from ..errors import GeodetError, brief
 from .backends import (OnnxDetector, TorchDetector, bf16_agreement, conclusive, cpu_features, has_onnxruntime,
                        sample_tiles)
 from .settings import DetectSettings
@@ -39,7 +39,7 @@ AUTO_INT8_MIN_TILES = 200
 AUTO_ONNX_MIN_TILES = 16  # an fp32 export (~1-2 s) pays off from about this many tiles
 CHECK_TILES = 16  # tiles for an on-the-spot check (and as many others to calibrate int8)
 BF16_MIN_AGREEMENT = 0.95  # detection F1 of bf16 against fp32 at the operating point
-INT8_SCENE_TRIES = 8  # an int8 model made on the spot calibrates on the first of this many scenes with data
+INT8_SCENE_TRIES = 8  # scenes an int8 model made on the spot tries to calibrate on
 NOTHING_TO_RUN = object()  # int8 asked for on scenes without a valid pixel: no tile runs
 
 
@@ -85,12 +85,15 @@ class Choice:
 
 @dataclass
 class JobChoice:
-    """A backend chosen once for a whole job (on the Ray driver) that workers apply as it is: the
-    ``Choice`` and, where it runs an ONNX model derived on the spot (which a worker on another
-    machine has no cache for, or would calibrate on another scene), that model's bytes."""
+    """A backend chosen once for a whole job of CPU workers (on the Ray driver) that each worker
+    applies: the ``Choice`` and, where it runs an ONNX model derived on the spot (which a worker
+    on another machine has no cache for, or would calibrate on another scene), that model's
+    bytes; ``digest`` names what decides the detections (the graph's digest, not the file's:
+    a model made again on another driver differs only in its metadata)."""
 
     choice: Choice
     onnx: bytes | None = None
+    digest: str = ""
 
     @classmethod
     def of(cls, runner, model) -> "JobChoice | None":
@@ -100,21 +103,29 @@ class JobChoice:
         if choice is None or not (isinstance(model, torch.nn.Module) and hasattr(model, "predict")):
             return None
         if isinstance(runner, OnnxDetector):
-            return cls(choice, Path(runner.onnx.source["path"]).read_bytes())
+            data = Path(runner.onnx.source["path"]).read_bytes()
+            digest = runner.onnx.props.get("graph_sha256") or hashlib.sha256(data).hexdigest()
+            return cls(choice, data, digest)
         return cls(choice)
 
-    def detector(self, model, device: torch.device, settings: DetectSettings):
-        """``model`` ready to run as chosen."""
+    def detector(self, model, settings: DetectSettings):
+        """``model`` ready to run as chosen, on this worker's CPU. bf16 chosen on a driver with
+        native bf16 runs as fp32 on a worker without it (never emulated; fp32 is what bf16 was
+        checked against), and the choice says so."""
         from ..model.onnx import load_onnx
 
+        choice = self.choice
         if self.onnx is not None:
             with tempfile.TemporaryDirectory(prefix="geodet-onnx-") as tmp:
                 path = Path(tmp) / "chosen.onnx"
                 path.write_bytes(self.onnx)
                 det = OnnxDetector(load_onnx(path), settings)  # the session holds the graph: the file can go
         else:
-            det = TorchDetector(model, device, settings, self.choice.precision)
-        det.choice = self.choice
+            if choice.precision == "bf16" and not cpu_features()["bf16"]:
+                choice = Choice("torch", "fp32", "bf16 was chosen for the job, but this worker's CPU has no native "
+                                "bf16: fp32, which bf16 was checked against", choice.checks)
+            det = TorchDetector(model, torch.device("cpu"), settings, choice.precision)
+        det.choice = choice
         return det
 
 
@@ -279,7 +290,8 @@ def _derived_onnx(model, s: DetectSettings, precision: str, scenes: list, checks
 def _spot_tiles(model, s: DetectSettings, precision: str, scenes: list, explicit: bool):
     """``(calibration tiles, check tiles, fp32 detections of the check tiles or None, where they
     came from)`` for a model made on the spot: int8 calibrates on ``CHECK_TILES`` tiles of the
-    first of ``scenes`` (up to ``INT8_SCENE_TRIES``) that has enough tiles holding data, and is
+    first of ``scenes`` that has enough tiles holding data (unasked: of the first
+    ``INT8_SCENE_TRIES``; asked for: of all, up to ``INT8_SCENE_TRIES`` holding data), and is
     checked on as many others; fp32 is checked on 4 tiles of the first scene, or of a synthetic
     scene when it has none. None (or the error, when ``explicit``) when the scenes cannot give
     them: a fault of the scenes, not of the model, so nothing is remembered; ``NOTHING_TO_RUN``
@@ -289,20 +301,30 @@ def _spot_tiles(model, s: DetectSettings, precision: str, scenes: list, explicit
     scene = scenes[0] if scenes else None
     where = Path(str(getattr(scene, "path", scene))).name if scene is not None else SYNTHETIC
     if precision == "int8":
+        # the first scene that gives enough tiles holding data; asked for (``explicit``), every
+        # scene is looked at (up to ``INT8_SCENE_TRIES`` holding data), so the job is known empty
+        # before nothing is calibrated; unasked, only the first few (a faster path, not a need)
         tried, first_exc = [], None
-        for sc in scenes[:INT8_SCENE_TRIES]:
+        for sc in scenes if explicit else scenes[:INT8_SCENE_TRIES]:
             try:
                 calib, check, ref, _ = calibration_tiles(model, [sc], CHECK_TILES, s)
                 return calib, check, ref, Path(str(getattr(sc, "path", sc))).name
             except GeodetError as exc:
-                tried.append(sc)
-                first_exc = first_exc or exc
-        if explicit and tried and not any(_holds_data(sc, s, model.card) for sc in tried):
+                if not explicit:
+                    first_exc = first_exc or exc
+                    continue
+                if _holds_data(sc, s, model.card):
+                    tried.append(sc)
+                    first_exc = first_exc or exc
+                    if len(tried) == INT8_SCENE_TRIES:
+                        break
+        if explicit and not tried:
             return NOTHING_TO_RUN
         if explicit:
-            names = ", ".join(Path(str(getattr(x, "path", x))).name for x in tried)
-            raise GeodetError(f"int8 is calibrated and checked on tiles of the job's scenes, and {names} gave too few "
-                              "tiles holding data: export an int8 model calibrated on other scenes ('geodet export "
+            names = ", ".join(Path(str(getattr(x, "path", x))).name for x in tried[:3]) + (
+                f" and {len(tried) - 3} more" if len(tried) > 3 else "")
+            raise GeodetError(f"int8 is calibrated and checked on tiles of the job's scenes, and {names} gave no usable "
+                              f"calibration tiles ({brief(first_exc, 120)}): export an int8 model calibrated on other scenes ('geodet export "
                               "MODEL.pt -o OUT.onnx --int8 --calibrate SCENES') and detect with it, or use fp32") \
                 from first_exc
         log.info("int8 not made: %s", first_exc)

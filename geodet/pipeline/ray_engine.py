@@ -92,27 +92,33 @@ class BlockWorker:
         self.prepared = (None, None)  # (scene index, detector): blocks of a scene come together
 
     def detector(self, si: int):
-        if self.prepared[0] != si:
-            self.prepared = (si, prepare_detector(self.model, self.plans[si], self.device, self.chosen))
+        # chosen for the whole job, the detector serves every scene of the same settings (one
+        # ONNX Runtime session per actor); else it is chosen per scene
+        key = si if self.chosen is None else self.plans[si].settings
+        if self.prepared[0] is None or self.prepared[0] != key:
+            self.prepared = (key, prepare_detector(self.model, self.plans[si], self.device, self.chosen))
         return self.prepared[1]
 
     def __call__(self, batch: dict) -> dict:
         import resource
 
-        out = {"scene": [], "block": [], "ok": [], "error": [], "detections": [], "seconds": [], "peak_rss_mb": []}
+        out = {"scene": [], "block": [], "ok": [], "error": [], "detections": [], "seconds": [], "peak_rss_mb": [],
+               "backend": []}
         for si, bi in zip(batch["scene"], batch["block"]):
             si, bi = int(si), int(bi)
             t0 = time.perf_counter()
-            ok, err, n = True, "", 0
+            ok, err, n, ran = True, "", 0, ""
             try:
                 plan = self.plans[si]
                 det = self.detector(si)
+                c = getattr(det, "choice", None)
+                ran = f"{c.backend} {c.precision}" if c is not None else "as given"
                 result = run_block(plan, plan.blocks[bi], det, self.device)
                 n = write_part(self.dirs[si], plan, result, plan.transform, plan.crs)
             except Exception as exc:  # noqa: BLE001 - reported to the driver, which retries the block
                 ok, err = False, _one_line(exc)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the actor process, KiB on Linux
-            for k, v in zip(out, (si, bi, ok, err, n, time.perf_counter() - t0, peak)):
+            for k, v in zip(out, (si, bi, ok, err, n, time.perf_counter() - t0, peak, ran)):
                 out[k].append(v)
         return {k: np.asarray(v) for k, v in out.items()}
 
@@ -214,6 +220,7 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
                "blocks_total": sum(len(p.blocks) for p in plans if p is not None), "blocks_run": run.blocks_run,
                "seconds": round(time.perf_counter() - t_start, 2), "scenes": run.scenes_out,
                "model_sha256": model_sha, "backend": chosen.choice.to_dict() if chosen is not None else None,
+               "worker_backends": run.backends,
                "worker_peak_rss_mb": round(run.peak_rss),
                **_pace(run.arrivals, run.block_seconds, workers)}
     write_json(summary, out / "_job.json")
@@ -250,15 +257,17 @@ def _job_choice(scenes: Sequence, detector, plans: list, config, settings: dict,
     if card is None or gpus_per_worker or getattr(detector, "backend", None) is not None:
         return None
     s = resolve_detect_settings(card, config, **settings)
-    if str(device or s.device).startswith("cuda"):
+    if str(device or s.device).startswith("cuda") or s.precision == "bf16":
+        return None  # bf16 asked for: each worker runs it where its CPU has it natively, or refuses
+    planned = [sc for sc, p in zip(scenes, plans) if p is not None]  # as one process takes the readable ones
+    if not planned:
         return None
-    runner = job_detector(list(scenes), detector, dataclasses.replace(s, device="cpu"), failures=[])
+    runner = job_detector(planned, detector, dataclasses.replace(s, device="cpu"), failures=[])
     chosen = JobChoice.of(runner, detector)
     if chosen is not None:
         for p in plans:
             if p is not None:
-                key = json.dumps([p.fingerprint, chosen.choice.backend, chosen.choice.precision,
-                                  hashlib.sha256(chosen.onnx or b"").hexdigest()])
+                key = json.dumps([p.fingerprint, chosen.choice.backend, chosen.choice.precision, chosen.digest])
                 p.fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
         log.info("backend for every worker: %s %s (%s)", chosen.choice.backend, chosen.choice.precision,
                  chosen.choice.reason)
@@ -320,6 +329,7 @@ class _Run:
             self.remaining[si].add(bi)
         self.reducing, self.reducers, self.scenes_out, self.errors = {}, [], [], {}
         self.blocks_run, self.peak_rss = 0, 0.0
+        self.backends: dict[str, int] = {}  # what the actors ran: "backend precision" -> blocks
         self.arrivals, self.block_seconds = [], []  # when each block's row reached the driver; the actor's seconds
 
     def start_reducers(self, ray, workers: int) -> None:
@@ -347,6 +357,7 @@ class _Run:
             self.block_seconds.append(float(r["seconds"]))
             self.peak_rss = max(self.peak_rss, float(r["peak_rss_mb"]))
             if r["ok"]:
+                self.backends[str(r["backend"])] = self.backends.get(str(r["backend"]), 0) + 1
                 self.remaining[si].discard(bi)
                 self.reduce_when_done(si)
             else:
