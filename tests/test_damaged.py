@@ -1,6 +1,7 @@
 """Damaged and flaky inputs: a bad block costs its tiles, not the scene."""
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -120,6 +121,38 @@ def test_truncated_file_on_the_command_line(tmp_path, intact, capsys):
     assert report["partial"] and report["tiles_unreadable"] > 0
     assert report["tiles_unreadable"] == len(report["scenes"][0]["unreadable_tiles"])
     assert out.exists()
+
+
+def test_a_damaged_16_bit_scene_fails_in_one_line_and_says_its_statistics_when_skipping(tmp_path, intact, capsys,
+                                                                                         caplog):
+    """A 16-bit scene is scaled by percentiles from a decimated read, which meets the damaged
+    block first: failing, the tile's error is the one line; skipping, the statistics' source is
+    said as well."""
+    import rasterio
+
+    from geodet.cli import main
+
+    with rasterio.open(intact) as src:
+        prof, data = src.profile, src.read().astype(np.uint16) * 200
+    prof.update(driver="GTiff", dtype="uint16", tiled=True, blockxsize=256, blockysize=256, compress="deflate")
+    plain16 = tmp_path / "plain16.tif"
+    with rasterio.open(plain16, "w", **prof) as dst:
+        dst.write(data)
+    bad = _corrupt_block(plain16, tmp_path / "bad16.tif")
+    model, out = tmp_path / "m.pt", tmp_path / "o.gpkg"
+    _save_tiny_model(model)
+    args = ["-q", "detect", str(bad), "-m", str(model), "-o", str(out), "--tile-size", str(TILE)]
+    caplog.set_level(logging.INFO)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad16.tif: cannot read rows" in err[0], err
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text  # the error alone
+    caplog.clear()
+    assert main(args + ["--on-read-error", "skip"]) == 3
+    assert "unreadable tile(s) skipped" in capsys.readouterr().err
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("bad16.tif: part of the scene cannot be read" in m and "scaling statistics came from the readable "
+               "parts" in m for m in said), said
 
 
 def _save_tiny_model(path):

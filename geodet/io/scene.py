@@ -32,6 +32,9 @@ class Scene:
     own, or the resampled one when ``gsd_m`` differs from the file's resolution.
     """
 
+    partly_unreadable: str | None = None  # GDAL's message where the statistics' read met damage
+    defer_partial_warning = False  # the caller says the damage once its work has gone through
+
     def __init__(
         self,
         path: str | Path,
@@ -248,8 +251,12 @@ class Scene:
         nodata (the tiles that cross them fail, or are skipped, when they are read)."""
         from rasterio.windows import Window
 
-        log.warning("%s: part of the scene cannot be read (%s); scaling statistics come from the readable parts",
-                    self.path, gdal_message(first_exc))
+        self.partly_unreadable = gdal_message(first_exc)
+        # said now, or, where the caller defers it (detect_scene), only once the scene has run:
+        # when a tile's read fails as well, its error alone is the one line that matters
+        (log.debug if self.defer_partial_warning else log.warning)(
+            "%s: part of the scene cannot be read (%s); scaling statistics come from the readable parts",
+            self.path, self.partly_unreadable)
         data = np.zeros((self.count, out_h, out_w), self.dtype)
         valid = np.zeros((out_h, out_w), bool)
         ys = np.linspace(0, out_h, parts + 1).round().astype(int)

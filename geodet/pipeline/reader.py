@@ -22,8 +22,8 @@ _BANDS_SAID: set = set()  # (scene, its band count, the bands read) already warn
 
 def open_scene(scene, settings, card=None, warn: bool = True):
     """Open ``scene`` (a path or a ``Scene``) with the bands, GSD and scaling of ``settings``
-    (``DetectSettings``; ``warn``: say when the card's GSD cannot apply; off for a second opening
-    of one scene). A ``Scene`` is returned as it is."""
+    (``DetectSettings``; ``warn``: say when the card's GSD cannot apply, or damage met by the
+    statistics' read; off for a second opening of one scene). A ``Scene`` is returned as it is."""
     from ..errors import GeodetError
     from ..io.scene import Scene, metres_per_unit, open_raster
 
@@ -65,6 +65,7 @@ def open_scene(scene, settings, card=None, warn: bool = True):
         gsd_m *= unit
     sc = Scene(path, bands=bands, gsd_m=gsd_m, percentiles=settings.percentiles)
     sc.skip_hint = settings.on_read_error != "skip"  # a read error's message suggests the skip only where it is not on
+    sc.defer_partial_warning = not warn  # a second opening: the first (or detect_scene) says the damage
     return sc
 
 

@@ -39,6 +39,8 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
     s = resolve_detect_settings(card, config, **settings)
     device = resolve_device(s.device)
     sc = open_scene(scene, s, card)
+    if sc is not scene:
+        sc.defer_partial_warning = True  # said below, once the tiles have run
     try:
         view = sc.area(*area) if area is not None else sc
         grid = scene_grid(view, s)
@@ -57,6 +59,9 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
         if stage in getattr(runner, "timings", {}):
             timings[f"model_{stage}"] = runner.timings[stage] - stages_before.get(stage, 0.0)
     timings["total"] = time.perf_counter() - t_start
+    if sc is not scene and sc.partly_unreadable:
+        log.warning("%s: part of the scene cannot be read (%s); scaling statistics came from the readable parts",
+                    Path(sc.path).name, sc.partly_unreadable)
     log_losses(Path(sc.path).name, done, s, op)
     source = file_source(runner)
     frame.attrs["report"] = scene_report(view, grid, s, device, done, timings, card, source, area,
