@@ -261,3 +261,16 @@ def test_gdal_warnings_of_a_sound_file_or_another_thread_do_not_refuse_a_scene(t
     import logging
 
     assert logging.getLogger("rasterio._env").propagate  # left as it was
+
+
+@pytest.mark.parametrize("dtype, nodata", [("uint8", 0), ("float32", np.nan)])
+def test_holds_data_finds_a_valid_area_narrower_than_a_decimated_read_steps_over(tmp_path, dtype, nodata):
+    """A scene of nodata but for a 1-pixel-wide sliver: the decimated look misses it, the exact
+    one (what decides that an int8 job has nothing to run) finds it; an empty scene is empty."""
+    data = np.full((3, 2000, 2000), nodata, dtype)
+    empty = Scene(write_raster(tmp_path / "empty.tif", data, nodata=nodata))
+    assert not empty.holds_data() and not empty.holds_data(exact=True)
+    data[:, :, 1003] = 7  # one column of valid pixels
+    sliver = Scene(write_raster(tmp_path / "sliver.tif", data, nodata=nodata))
+    assert not sliver.holds_data(max_side=512)  # between the decimated read's samples
+    assert sliver.holds_data(max_side=512, exact=True)

@@ -316,12 +316,29 @@ class Scene:
             valid &= np.all(np.isfinite(data), axis=0)
         return data, valid, scale
 
-    def holds_data(self, max_side: int = 512) -> bool:
-        """Whether any pixel holds data, from a decimated read of the mask (``overview``); at once
-        where GDAL says every pixel is valid."""
+    def holds_data(self, max_side: int = 512, exact: bool = False) -> bool:
+        """Whether any pixel holds data, from a decimated read of the mask (``overview``, nearest
+        pixels); at once where GDAL says every pixel is valid. A decimated read can miss a valid
+        area narrower than its step: ``exact`` confirms an empty answer at full resolution, strip
+        by strip (the whole file read once, at most)."""
+        from rasterio.windows import Window
+
         if self.all_valid and not self.is_float:
             return True
-        return bool(self.overview(max_side)[1].any())
+        if self.overview(max_side, resampling="nearest")[1].any():
+            return True
+        if not exact:
+            return False
+        rows = max(1, (1 << 22) // max(1, self.file_width))  # strips of about 4 Mpx
+        with gdal_env():
+            for r in range(0, self.file_height, rows):
+                w = Window(0, r, self.file_width, min(rows, self.file_height - r))
+                valid = self.handle.dataset_mask(window=w) > 0
+                if self.is_float and valid.any():
+                    valid &= np.all(np.isfinite(self.handle.read(self.bands, window=w)), axis=0)
+                if valid.any():
+                    return True
+        return False
 
     def valid_pixels(self, data: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """``mask`` (the dataset mask) and, for float data, finite in every band."""

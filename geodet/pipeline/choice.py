@@ -345,7 +345,7 @@ def _holds_data(scene, s: DetectSettings, card) -> bool:
     except GeodetError:
         return True
     try:
-        return sc.holds_data()
+        return sc.holds_data(exact=True)
     except Exception:  # noqa: BLE001 - a damaged file: not known to be empty
         return True
     finally:
