@@ -330,3 +330,17 @@ def test_the_backend_is_chosen_once_for_the_job_as_one_process_chooses_it(local_
     again = detect_ray([str(p) for p in paths], str(tiny_model), tmp_path / "run", workers=2, block_tiles=1,
                        progress=False, score_threshold=0.3)
     assert again["scenes_already_done"] == 2 and again["blocks_run"] == 0
+
+
+def test_bf16_on_the_onnx_backend_is_refused_before_ray_starts(tiny_model, synth, tmp_path):
+    """A setting every worker would refuse, block after block and round after round, is refused
+    once on the driver, in one line, with nothing written."""
+    import ray
+
+    from geodet.errors import GeodetError
+
+    was_running = ray.is_initialized()
+    with pytest.raises(GeodetError, match="use --backend torch for bf16"):
+        detect_ray([str(synth.image)], str(tiny_model), tmp_path / "run", progress=False, backend="onnx",
+                   precision="bf16")
+    assert ray.is_initialized() == was_running and not list((tmp_path / "run").glob("scene=*/*.parquet"))

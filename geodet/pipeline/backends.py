@@ -273,13 +273,14 @@ def run_tiles(detector, tiles: Sequence[np.ndarray], batch_size: int) -> list[di
     return out
 
 
-def sample_tiles(scene, settings: DetectSettings, card, n: int) -> list[np.ndarray]:
+def sample_tiles(scene, settings: DetectSettings, card, n: int, warn: bool = True) -> list[np.ndarray]:
     """Up to ``n`` tiles with valid pixels, spread evenly over ``scene`` (a path or Scene),
-    read with the job's bands, GSD and scaling."""
+    read with the job's bands, GSD and scaling (``warn``: ``open_scene``'s; off for a job's
+    scene, which detection opens again)."""
     from ..io.scene import gdal_env
     from .reader import open_scene, scene_grid
 
-    sc = open_scene(scene, settings, card)
+    sc = open_scene(scene, settings, card, warn=warn)
     try:
         grid = scene_grid(sc, settings)
         order = np.unique(np.linspace(0, len(grid) - 1, min(len(grid), 3 * n)).round().astype(int))

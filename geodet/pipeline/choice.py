@@ -307,7 +307,7 @@ def _spot_tiles(model, s: DetectSettings, precision: str, scenes: list, explicit
         tried, first_exc = [], None
         for sc in scenes if explicit else scenes[:INT8_SCENE_TRIES]:
             try:
-                calib, check, ref, _ = calibration_tiles(model, [sc], CHECK_TILES, s)
+                calib, check, ref, _ = calibration_tiles(model, [sc], CHECK_TILES, s, warn=False)
                 return calib, check, ref, Path(str(getattr(sc, "path", sc))).name
             except GeodetError as exc:
                 if not explicit:
@@ -329,7 +329,7 @@ def _spot_tiles(model, s: DetectSettings, precision: str, scenes: list, explicit
                 from first_exc
         log.info("int8 not made: %s", first_exc)
         return None
-    check = sample_tiles(scene, s, model.card, 4) if scene is not None else []
+    check = sample_tiles(scene, s, model.card, 4, warn=False) if scene is not None else []
     if not check:
         check, where = synthetic_check_tiles(model, s, 4), SYNTHETIC
     return [], check, None, where

@@ -34,16 +34,18 @@ MIN_INT8_TILES = 2
 SYNTHETIC = "a synthetic scene (geodet.synthetic)"
 
 
-def calibration_tiles(model, scenes: Sequence, n: int, settings, int8: bool = True) -> tuple[list, list, list[dict], list[str]]:
+def calibration_tiles(model, scenes: Sequence, n: int, settings, int8: bool = True,
+                      warn: bool = True) -> tuple[list, list, list[dict], list[str]]:
     """Up to ``n`` calibration and ``n`` check tiles from ``scenes`` (read as the model reads
     them), dealt by content into two disjoint sets; plus fp32 reference detections of the check
     tiles and the scene names. Without ``int8`` nothing calibrates, so a lone tile may check.
     int8 with fewer than ``MIN_INT8_TILES`` tiles is refused: it could only be checked on the tile
-    it was calibrated on."""
+    it was calibrated on. ``warn``: ``open_scene``'s (off for a job's scenes, opened again to
+    run)."""
     tiles = []
     per_scene = max(1, -(-2 * n // max(1, len(scenes))))
     for s in scenes:
-        tiles.extend(sample_tiles(s, settings, model.card, per_scene))
+        tiles.extend(sample_tiles(s, settings, model.card, per_scene, warn=warn))
     names = [str(getattr(s, "path", s)) for s in scenes]
     if not tiles:
         raise GeodetError("the calibration scenes have no tile with valid pixels")

@@ -257,8 +257,12 @@ def _job_choice(scenes: Sequence, detector, plans: list, config, settings: dict,
     if card is None or gpus_per_worker or getattr(detector, "backend", None) is not None:
         return None
     s = resolve_detect_settings(card, config, **settings)
-    if str(device or s.device).startswith("cuda") or s.precision == "bf16":
-        return None  # bf16 asked for: each worker runs it where its CPU has it natively, or refuses
+    if str(device or s.device).startswith("cuda"):
+        return None
+    if s.precision == "bf16":  # asked for: each worker runs it where its CPU has it natively, or refuses
+        if s.backend == "onnx":  # refused on every worker: refused here, before Ray starts
+            raise GeodetError("the onnx backend runs fp32 or int8: use --backend torch for bf16")
+        return None
     planned = [sc for sc, p in zip(scenes, plans) if p is not None]  # as one process takes the readable ones
     if not planned:
         return None
