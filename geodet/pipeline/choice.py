@@ -323,10 +323,10 @@ def _spot_tiles(model, s: DetectSettings, precision: str, scenes: list, explicit
         if explicit:
             names = ", ".join(Path(str(getattr(x, "path", x))).name for x in tried[:3]) + (
                 f" and {len(tried) - 3} more" if len(tried) > 3 else "")
-            raise GeodetError(f"int8 is calibrated and checked on tiles of the job's scenes, and {names} gave no usable "
-                              f"calibration tiles ({brief(first_exc, 120)}): export an int8 model calibrated on other scenes ('geodet export "
-                              "MODEL.pt -o OUT.onnx --int8 --calibrate SCENES') and detect with it, or use fp32") \
-                from first_exc
+            raise GeodetError(f"int8 is calibrated and checked on tiles of the job's scenes, and {names} gave no "
+                              f"usable calibration tiles ({brief(first_exc, 120)}): export an int8 model calibrated "
+                              "on other scenes ('geodet export MODEL.pt -o OUT.onnx --int8 --calibrate SCENES') and "
+                              "detect with it, or use fp32") from first_exc
         log.info("int8 not made: %s", first_exc)
         return None
     check = sample_tiles(scene, s, model.card, 4, warn=False) if scene is not None else []

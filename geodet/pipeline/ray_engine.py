@@ -144,7 +144,8 @@ def _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, c
     with warnings.catch_warnings():  # Ray's deprecation notes about its own argument names
         warnings.simplefilter("ignore", DeprecationWarning)
         model_arg, chosen = model_arg
-        shared = ray.put({"model": model_arg, "chosen": chosen, "plans": plans, "scene_dirs": dirs})  # held until the round ends
+        # held until the round ends
+        shared = ray.put({"model": model_arg, "chosen": chosen, "plans": plans, "scene_dirs": dirs})
         ds = _map_blocks(ds, ray, [shared], device, workers, len(items), cpus_per_worker, kw)
     try:
         with progress_bar(total=len(items), desc="blocks", unit="block", enabled=progress) as bar:
