@@ -254,9 +254,7 @@ class Scene:
         self.partly_unreadable = gdal_message(first_exc)
         # said now, or, where the caller defers it (detect_scene), only once the scene has run:
         # when a tile's read fails as well, its error alone is the one line that matters
-        (log.debug if self.defer_partial_warning else log.warning)(
-            "%s: part of the scene cannot be read (%s); scaling statistics come from the readable parts",
-            self.path, self.partly_unreadable)
+        (log.debug if self.defer_partial_warning else log.warning)("%s", self.damage_note())
         data = np.zeros((self.count, out_h, out_w), self.dtype)
         valid = np.zeros((out_h, out_w), bool)
         ys = np.linspace(0, out_h, parts + 1).round().astype(int)
@@ -315,6 +313,11 @@ class Scene:
         if self.is_float:
             valid &= np.all(np.isfinite(data), axis=0)
         return data, valid, scale
+
+    def damage_note(self) -> str:
+        """What to say of a scene whose statistics' read met damage (``partly_unreadable``)."""
+        return (f"{self.path}: part of the scene cannot be read ({self.partly_unreadable}); scaling "
+                "statistics came from the readable parts")
 
     def holds_data(self, max_side: int = 512, exact: bool = False) -> bool:
         """Whether any pixel holds data, from a decimated read of the mask (``overview``, nearest

@@ -95,7 +95,7 @@ class BlockWorker:
         # chosen for the whole job, the detector serves every scene of the same settings (one
         # ONNX Runtime session per actor); else it is chosen per scene
         key = si if self.chosen is None else self.plans[si].settings
-        if self.prepared[0] is None or self.prepared[0] != key:
+        if self.prepared[0] != key:
             self.prepared = (key, prepare_detector(self.model, self.plans[si], self.device, self.chosen))
         return self.prepared[1]
 

@@ -60,8 +60,7 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
             timings[f"model_{stage}"] = runner.timings[stage] - stages_before.get(stage, 0.0)
     timings["total"] = time.perf_counter() - t_start
     if sc.partly_unreadable and sc.defer_partial_warning:  # (a scene not deferred said it when it met the damage)
-        log.warning("%s: part of the scene cannot be read (%s); scaling statistics came from the readable parts",
-                    Path(sc.path).name, sc.partly_unreadable)
+        log.warning("%s", sc.damage_note())
     log_losses(Path(sc.path).name, done, s, op)
     source = file_source(runner)
     frame.attrs["report"] = scene_report(view, grid, s, device, done, timings, card, source, area,
