@@ -61,22 +61,31 @@ def test_coco_annotations_are_label_boxes_clipped_to_chips(tmp_path):
         assert sorted(map(tuple, np.round(got, 6))) == sorted(map(tuple, np.round(expect, 6)))
 
 
-def test_a_scene_without_crs_tiles_and_says_so_once(tmp_path, caplog):
+@pytest.mark.parametrize("georef", ["transform only", "crs only"])
+def test_a_scene_without_crs_tiles_and_says_so_once(tmp_path, caplog, georef):
+    """A transform without a CRS, or a CRS without a transform (GDAL's identity: pixel coordinates,
+    which once went out as map coordinates of that CRS, far from the scene): chips without a CRS."""
     import warnings
 
+    import pyogrio
     import rasterio
 
     from geodet.pipeline.chips import write_chips
 
     p = tmp_path / "nocrs.tif"
-    with rasterio.open(p, "w", driver="GTiff", width=100, height=80, count=3, dtype="uint8",
-                       transform=from_origin(500000, 4600000, 0.3, 0.3)) as d:  # a transform, no CRS
-        d.write(np.full((3, 80, 100), 50, np.uint8))
+    place = ({"transform": from_origin(500000, 4600000, 0.3, 0.3)} if georef == "transform only"
+             else {"crs": "EPSG:32633"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rasterio's NotGeoreferencedWarning
+        with rasterio.open(p, "w", driver="GTiff", width=100, height=80, count=3, dtype="uint8", **place) as d:
+            d.write(np.full((3, 80, 100), 50, np.uint8))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*crs.*not provided")  # pyogrio's own warning fails here
         write_chips(p, tmp_path / "out", 64, 8, progress=False)
     assert (tmp_path / "out" / "chips.gpkg").exists()
-    assert caplog.text.count("nocrs.tif has no CRS, so chips.gpkg has none either") == 1
+    assert pyogrio.read_info(tmp_path / "out" / "chips.gpkg")["crs"] is None
+    assert caplog.text.count("nocrs.tif has no georeferencing (no CRS, or no geotransform), so chips.gpkg has no "
+                             "CRS either") == 1
 
 
 def test_a_rerun_replaces_the_folder_whole_and_a_failed_one_leaves_it(tmp_path, monkeypatch):

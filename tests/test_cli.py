@@ -13,6 +13,7 @@ import time
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import torch
@@ -80,6 +81,25 @@ def test_png_without_georeferencing(tmp_path, tiny_model):
     r = geodet("detect", tmp_path / "p.png", "-m", tiny_model, "-o", tmp_path / "o.csv")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "o.csv").exists()
+
+
+def test_a_crs_without_a_geotransform_is_no_georeferencing(tmp_path, tiny_model):
+    """GDAL reads a scene with a CRS and no geotransform with the identity: its pixel boxes once went
+    out as map coordinates of that CRS (upside down, in the Gulf of Guinea for a UTM zone)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rasterio's NotGeoreferencedWarning
+        with rasterio.open(tmp_path / "c.tif", "w", driver="GTiff", width=120, height=90, count=3, dtype="uint8",
+                           crs="EPSG:32633") as d:
+            d.write(np.random.default_rng(0).integers(0, 255, (3, 90, 120)).astype(np.uint8))
+    assert_clean_error(geodet("detect", tmp_path / "c.tif", "-m", tiny_model, "-o", tmp_path / "o.geojson"),
+                       "a CRS but no geotransform.*CSV")
+    assert not (tmp_path / "o.geojson").exists()
+    r = geodet("detect", tmp_path / "c.tif", "-m", tiny_model, "-o", tmp_path / "o.csv", "--score-threshold", "0.0")
+    assert r.returncode == 0, r.stderr
+    rows = pd.read_csv(tmp_path / "o.csv")
+    assert len(rows) and ("crs" not in rows or not rows["crs"].notna().any())  # pixel boxes: no CRS claimed
 
 
 def test_scene_smaller_than_tile_works(tmp_path, tiny_model):

@@ -86,6 +86,13 @@ def _gdal_warnings():
         _SAID.said = outer
 
 
+def grid_crs(src):
+    """The CRS of an opened raster's pixel grid: its CRS where a geotransform places the grid in it,
+    else None (a CRS without a geotransform, which GDAL reads as the identity, places nothing:
+    pixel coordinates are not map coordinates of that CRS)."""
+    return src.crs if src.crs is not None and not src.transform.is_identity else None
+
+
 def georeference_advice(src) -> str:
     """What to do about an opened raster without a CRS or grid: warp one georeferenced by ground
     control points only (GDAL reads them, geodet needs a grid), else assign one."""

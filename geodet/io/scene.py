@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import GeodetError, ReadError, read_error
 from .gdal import GDAL_CACHE_MB, HTTP_RETRY, READ_ERRORS, gdal_env, gdal_message  # noqa: F401 (geodet's readers import them here)
-from .raster import metres_per_unit, open_raster, overlap_pixels, pixel_size_m  # noqa: F401 (and these)
+from .raster import grid_crs, metres_per_unit, open_raster, overlap_pixels, pixel_size_m  # noqa: F401 (and these)
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,14 @@ class Scene:
             self.file_count = src.count
             self.file_width, self.file_height = src.width, src.height
             self.file_transform = src.transform
-            self.crs = src.crs
+            self.crs = grid_crs(src)  # None without a geotransform too: pixel boxes are no map coordinates then
             self.dtype = np.dtype(src.dtypes[0])
             self.nodata = src.nodata
-            self.unit_m = metres_per_unit(src.crs)  # metres per CRS unit (None: not projected)
+            self.unit_m = metres_per_unit(self.crs)  # metres per CRS unit (None: not projected)
             self.native_gsd = pixel_size_m(src.transform) * (self.unit_m or 1.0)
             # a pixel's sides in metres (not square in some products: resampled per axis)
             self.native_size_xy = (self.native_gsd, math.hypot(src.transform.b, src.transform.e) * (self.unit_m or 1.0))
-            self.has_georef = src.crs is not None and not src.transform.is_identity
+            self.has_georef = self.crs is not None
             flags = src.mask_flag_enums
         finally:
             src.close()

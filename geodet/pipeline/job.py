@@ -141,7 +141,7 @@ def _readable_scenes(scenes: Sequence, fmt: str) -> tuple[list, list[dict]]:
     """The scenes that open, and the failures of those that do not (a remote scene that cannot be
     reached fails alone in a job of several; alone, it fails the job). A scene without a CRS
     fails the job unless the output is CSV (pixel boxes)."""
-    from ..io.raster import georeference_advice, open_raster
+    from ..io.raster import georeference_advice, grid_crs, open_raster
     from ..io.writers import distinct_crss
 
     crss, failures, readable = [], [], []
@@ -155,12 +155,14 @@ def _readable_scenes(scenes: Sequence, fmt: str) -> tuple[list, list[dict]]:
             continue
         readable.append(s)
         with src:
-            if fmt != "csv" and src.crs is None:
+            crs = grid_crs(src)
+            if fmt != "csv" and crs is None:
+                what = "no CRS" if src.crs is None else "a CRS but no geotransform (no place in it)"
                 raise GeodetError(
-                    f"{s}: the scene has no CRS, so {fmt} output cannot be georeferenced: write CSV (-o out.csv) "
+                    f"{s}: the scene has {what}, so {fmt} output cannot be georeferenced: write CSV (-o out.csv) "
                     f"for pixel boxes, or {georeference_advice(src)}"
                 )
-            crss.append(src.crs)
+            crss.append(crs)
     if len(distinct_crss(crss)) > 1 and fmt in ("fgb", "shp", "parquet"):
         log.info("the scenes are in %d CRSs and a %s file holds one: it is written in EPSG:4326, with a crs column "
                  "naming each row's scene CRS (.gpkg keeps each CRS in a layer of its own)", len(distinct_crss(crss)), fmt)

@@ -25,14 +25,15 @@ def open_scene(scene, settings, card=None, warn: bool = True):
     (``DetectSettings``; ``warn``: say when the card's GSD cannot apply, or damage met by the
     statistics' read; off for a second opening of one scene). A ``Scene`` is returned as it is."""
     from ..errors import GeodetError
-    from ..io.scene import Scene, metres_per_unit, open_raster
+    from ..io.scene import Scene, grid_crs, metres_per_unit, open_raster
 
     if isinstance(scene, Scene):
         return scene
     path = str(scene)
     with open_raster(path) as src:
-        count, projected = src.count, src.crs is not None and src.crs.is_projected
-        unit = metres_per_unit(src.crs)
+        crs = grid_crs(src)  # none without a geotransform either: its GSD is unknown
+        count, projected = src.count, crs is not None and crs.is_projected
+        unit = metres_per_unit(crs)
     bands = list(settings.bands)
     if card is not None and len(bands) == card.n_bands and max(bands) > count and settings.sources.get("bands") != "card":
         raise GeodetError(f"band {max(bands)} requested but scene {Path(path).name} has {count} band(s): pass --bands "
@@ -57,7 +58,8 @@ def open_scene(scene, settings, card=None, warn: bool = True):
         # The card's GSD is in metres; a scene without a projected CRS cannot be resampled to
         # it, so it runs at its own resolution (an explicit --gsd still fails clearly).
         if warn:
-            log.warning("%s has no projected CRS: running at its native resolution, not the model's %.3g m", path, gsd_m)
+            log.warning("%s has no projected CRS%s: running at its native resolution, not the model's %.3g m", path,
+                        "" if crs is not None or src.crs is None else " placed by a geotransform", gsd_m)
         gsd_m = None
     if gsd_m is not None and settings.sources.get("gsd_m") == "card" and unit not in (None, 1.0) \
             and card is not None and card.extra.get("gsd_unit") != "m":
