@@ -406,6 +406,36 @@ def _one_error(capsys, args, pattern):
     assert re.search(pattern, lines[0]), lines[0]
 
 
+def test_an_output_never_replaces_an_input_or_a_projects_other_layers(tmp_path, tiny_model, synth, capsys):
+    """evaluate -o naming its detections or labels (.json is GeoJSON too), suggest -o naming its
+    labelled area, and any output into a GeoPackage that holds the user's other layers (the output
+    replaces the whole file): refused in one line before any work, the files byte for byte as they were."""
+    import shutil
+
+    det, lab = tmp_path / "det.json", tmp_path / "lab.json"
+    gpd.read_file(synth.labels).to_crs(4326).to_file(lab, driver="GeoJSON")
+    shutil.copy(lab, det)
+    before = {p: p.read_bytes() for p in (det, lab)}
+    _one_error(capsys, ["evaluate", str(det), str(lab), "-o", str(det)], r"det\.json is the detections: .*another output name")
+    _one_error(capsys, ["evaluate", str(det), str(lab), "-o", str(tmp_path / "." / "lab.json")], "is the labels")
+    area = tmp_path / "area.gpkg"
+    gpd.read_file(synth.labels).to_file(area, layer="area")
+    before[area] = area.read_bytes()
+    _one_error(capsys, ["suggest", str(synth.image), "-m", str(tiny_model), "-o", str(area), "--labelled-area",
+                        str(area)], r"is the labelled area \(--labelled-area\)")
+    project = tmp_path / "project.gpkg"
+    gpd.read_file(synth.labels).to_file(project, layer="labels")
+    before[project] = project.read_bytes()
+    _one_error(capsys, ["detect", str(synth.image), "-m", str(tiny_model), "-o", str(project)],
+               r"project\.gpkg holds other layers \(labels\) and the output replaces the whole file")
+    assert {p: p.read_bytes() for p in before} == before
+    # a GeoPackage geodet wrote (its layers named after it) is replaced as before
+    gpd.read_file(synth.labels).to_file(tmp_path / "out.gpkg", layer="out_32633")
+    from geodet.io.writers import check_output_path
+
+    check_output_path(tmp_path / "out.gpkg", "gpkg")
+
+
 def test_more_bad_inputs_are_one_line_before_any_work(tmp_path, tiny_model, synth, capsys, monkeypatch):
     """Outputs named for another format, folders that cannot be written, a file that is not
     suggestions, a damaged ray output, labels that cannot check an export: each refused in one

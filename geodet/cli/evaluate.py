@@ -26,11 +26,13 @@ def add_parser(sub, common) -> None:
 
 def run(args) -> int:
     from ..evaluation import evaluate, format_table, plot_pr
-    from ..io.writers import check_output_path, write_json
+    from ..io.writers import check_not_an_input, check_output_path, write_json
 
+    inputs = [(args.detections, "the detections"), (args.labels, "the labels"), (args.scene, "the scene")]
     for p, suffix, example in ((args.out, ".json", "metrics.json"), (args.plot, ".png", "pr.png")):
         if p:
             check_output_path(p, suffixes=(suffix,), example=example)
+            check_not_an_input(p, inputs)
     m = evaluate(args.detections, args.labels, scene=args.scene, iou=args.iou, class_column=args.class_column,
                  point_box_m=args.point_box)
     print(format_table(m))

@@ -43,7 +43,7 @@ def add_parser(sub, common) -> None:
 def run(args) -> int:
     from .. import progress
     from ..errors import GeodetError
-    from ..io.writers import FORMATS, check_output_path, output_format
+    from ..io.writers import FORMATS, check_not_an_input, check_output_path, output_format
     from ..pipeline.job import load_detector_file
     from ..training.suggest import suggest_tiles, write_suggestions
 
@@ -61,6 +61,8 @@ def run(args) -> int:
         raise GeodetError(f"suggestions are written as .gpkg, .geojson, .fgb or .shp, not {fmt}: the cells are "
                           "polygons to label in QGIS")
     check_output_path(args.out, fmt)
+    check_not_an_input(args.out, [(args.labelled_area, "the labelled area (--labelled-area)"),
+                                  (args.model, "the model"), *((s, "a scene of this job") for s in args.scenes)])
     model = load_detector_file(args.model)
     progress.plan(len(args.scenes))  # one detection pass per scene
     frame = suggest_tiles(model, args.scenes, n=args.count, cell=args.cell_size, labelled_area=args.labelled_area,

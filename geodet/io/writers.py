@@ -54,6 +54,45 @@ def output_format(path: str | Path, fmt: str | None = None) -> str:
     return FORMATS[suffix]
 
 
+def same_file_key(path) -> str:
+    """A key equal for two names of one local file (a link, ./a.tif and a.tif; a layer's
+    ``file|layername=...`` names its file); a URL or /vsi path as it is."""
+    p = str(path)
+    if "://" in p or p.startswith("/vsi"):
+        return p
+    return os.path.normcase(os.path.realpath(p.split("|")[0]))
+
+
+def check_not_an_input(path: str | Path, inputs) -> None:
+    """Refuse, before any work, an output that names one of the command's input files:
+    ``inputs`` is (file or None, what it is to the user), e.g. (labels, "the labels")."""
+    key = same_file_key(path)
+    for source, what in inputs:
+        if source and same_file_key(source) == key:
+            raise GeodetError(f"{path} is {what}: writing the output there would replace it; choose another output "
+                              "name")
+
+
+def _check_other_layers(p: Path) -> None:
+    """An existing GeoPackage is replaced whole by an output: refuse one that holds layers of its own
+    (a project's labels and areas), so writing detections or cells there never deletes them."""
+    if p.suffix.lower() != ".gpkg" or not p.is_file():
+        return
+    try:
+        import pyogrio
+
+        names = [str(n) for n in pyogrio.list_layers(p)[:, 0]]
+    except Exception:  # not a readable GeoPackage: nothing of the user's can be told apart; it is replaced
+        return
+    import re
+
+    ours = re.compile(rf"{re.escape(p.stem)}(_\d+)?|layer_styles", re.IGNORECASE)  # as geodet names its layers
+    others = [n for n in names if not ours.fullmatch(n)]
+    if others:
+        raise GeodetError(f"{p} holds other layers ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}) and the "
+                          "output replaces the whole file: give the output a new file name")
+
+
 def check_output_path(path: str | Path, fmt: str | None = None, suffixes: tuple = (),
                       example: str = "detections.gpkg") -> Path:
     """Fail before any work starts if the output cannot be written there: the nearest existing
@@ -68,6 +107,7 @@ def check_output_path(path: str | Path, fmt: str | None = None, suffixes: tuple 
         raise GeodetError(f"{p.name}: this output is a {'/'.join(s.lstrip('.').upper() for s in suffixes)} file: "
                           f"name it so (e.g. {p.with_suffix(suffixes[0]).name if p.suffix or p.name else example})")
     _check_writable_in(p.parent if str(p.parent) else Path("."), p)
+    _check_other_layers(p)
     if fmt in ("shp", "csv"):
         other = p.with_suffix(".csv" if fmt == "shp" else ".shp")
         if other.exists():

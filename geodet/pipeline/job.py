@@ -96,11 +96,9 @@ def check_each_scene_once(scenes: Sequence, why: str) -> None:
 
 
 def _same_file_key(path) -> str:
-    """A key equal for two names of one local file (a link, ./a.tif and a.tif); a URL as it is."""
-    p = str(path)
-    if "://" in p or p.startswith("/vsi"):
-        return p
-    return os.path.normcase(os.path.realpath(p))
+    from ..io.writers import same_file_key
+
+    return same_file_key(path)
 
 
 def _model_file(model):
