@@ -436,6 +436,31 @@ def test_an_output_never_replaces_an_input_or_a_projects_other_layers(tmp_path, 
     check_output_path(tmp_path / "out.gpkg", "gpkg")
 
 
+def test_vector_files_without_geometry_or_crs_are_one_line(tmp_path, synth, capsys):
+    """A CSV of x/y columns or a GeoPackage table holds no geometry: one line naming the file and
+    what it is to the command (not an AttributeError); a labelled area without a CRS is named as such."""
+    import sqlite3
+
+    pd.DataFrame({"label": ["car"], "x": [500010.0], "y": [4599990.0]}).to_csv(tmp_path / "xy.csv", index=False)
+    table = tmp_path / "table.gpkg"
+    gpd.read_file(synth.labels).head(2).to_file(table, layer="t")
+    with sqlite3.connect(table) as db:  # the layer made a table without geometry, as QGIS's "no geometry" export
+        db.execute("UPDATE gpkg_contents SET data_type = 'attributes' WHERE table_name = 't'")
+        db.execute("DELETE FROM gpkg_geometry_columns WHERE table_name = 't'")
+    _one_error(capsys, ["anchors", str(synth.image), "--labels", str(tmp_path / "xy.csv"), "--config", "cpu"],
+               r"xy\.csv: the labels file has no geometry .*WKT")
+    _one_error(capsys, ["evaluate", str(table), str(synth.labels)], r"table\.gpkg: .*(no geometry|without geometry)")
+    _one_error(capsys, ["evaluate", str(synth.labels), str(tmp_path / "xy.csv")], r"the labels file has no geometry")
+    _one_error(capsys, ["train", str(synth.image), "--labels", str(synth.labels), "--labelled-area", str(table),
+                        "--config", "cpu", "--max-steps", "1", "-o", str(tmp_path / "run")],
+               r"table\.gpkg: .*(no geometry|without geometry)")
+    gpd.read_file(synth.labels).head(2).set_crs(None, allow_override=True).to_file(tmp_path / "a.shp")
+    _one_error(capsys, ["train", str(synth.image), "--labels", str(synth.labels), "--labelled-area",
+                        str(tmp_path / "a.shp"), "--config", "cpu", "--max-steps", "1", "-o", str(tmp_path / "run")],
+               r"a\.shp: the labelled area has no CRS")
+    assert not (tmp_path / "run").exists()
+
+
 def test_more_bad_inputs_are_one_line_before_any_work(tmp_path, tiny_model, synth, capsys, monkeypatch):
     """Outputs named for another format, folders that cannot be written, a file that is not
     suggestions, a damaged ray output, labels that cannot check an export: each refused in one

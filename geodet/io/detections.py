@@ -31,7 +31,7 @@ def read_detections(path):
     if "|layername=" in str(path):  # one layer of a file, as QGIS names it
         from .labels import read_labels
 
-        return read_labels(path, allow_empty=True)
+        return read_labels(path, allow_empty=True, what="detections")
     p = Path(path)
     if not p.exists():
         raise GeodetError(f"detections not found: {path}")
@@ -86,8 +86,8 @@ def read_detections(path):
             return pd.concat([f.to_crs(crs) if f.crs != crs else f for f in parts], ignore_index=True).set_crs(
                 crs, allow_override=True)
         if len(layers) == 1:
-            return read_labels(p, allow_empty=True, layer=layers[0])
-    return read_labels(p, allow_empty=True)
+            return read_labels(p, allow_empty=True, layer=layers[0], what="detections")
+    return read_labels(p, allow_empty=True, what="detections")
 
 
 def only_scene(det, scene):

@@ -80,10 +80,17 @@ def read_geoparquet(path):
 
 
 def _checked(gdf, path, class_column, allow_empty, what: str = "labels"):
+    import geopandas as gpd
+
+    if not isinstance(gdf, gpd.GeoDataFrame):  # a CSV without a WKT column, a table without geometry
+        raise GeodetError(f"{path}: the {what} file has no geometry (a table, or a CSV without a WKT geometry "
+                          "column): save it with its geometry, e.g. a GeoPackage from QGIS, or a CSV with a column "
+                          "named WKT")
     if len(gdf) == 0 and not allow_empty:
         raise GeodetError(f"{path}: the {what} file holds no features")
     if gdf.crs is None and len(gdf):
-        raise GeodetError(f"{path}: the labels have no CRS: assign one (e.g. in QGIS, or ogr2ogr -a_srs EPSG:xxxx)")
+        have = "have" if what.endswith("s") else "has"
+        raise GeodetError(f"{path}: the {what} {have} no CRS: assign one (e.g. in QGIS, or ogr2ogr -a_srs EPSG:xxxx)")
     if gdf.crs is not None and gdf.crs.is_geographic and len(gdf):
         x0, y0, x1, y1 = gdf.total_bounds
         if x0 < -360 or x1 > 360 or y0 < -90.5 or y1 > 90.5:
