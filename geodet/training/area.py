@@ -16,6 +16,20 @@ from ..errors import GeodetError
 log = logging.getLogger(__name__)
 
 
+def area_polygons(gdf, path, allow_empty: bool = False) -> tuple:
+    """(geometries, which of them are polygonal) of a labelled area's frame; refused in one line
+    where none is (lines or points drawn as the area; an empty area where not ``allow_empty``)."""
+    import shapely
+
+    geoms = np.array(gdf.geometry.values, dtype=object)
+    polygonal = np.isin(shapely.get_type_id(geoms), [3, 6, 7])  # Polygon, MultiPolygon, GeometryCollection
+    if (len(geoms) or not allow_empty) and not polygonal.any():
+        kinds = ", ".join(sorted({g.geom_type for g in geoms if g is not None})) or "no geometry"
+        raise GeodetError(f"{path}: the labelled area must be polygons (it holds {kinds}): draw the area you "
+                          "labelled as one or more polygons")
+    return geoms, polygonal
+
+
 def read_labelled_area(path: str | Path, scene):
     """The polygons of ``path`` (any OGR format, any CRS) reprojected to ``scene``, repaired, merged
     and mapped to its pixel grid, clipped to the scene. Raises GeodetError when the file holds no
@@ -29,12 +43,7 @@ def read_labelled_area(path: str | Path, scene):
     if gdf.crs is not None and scene.crs is not None and gdf.crs != scene.crs:
         gdf = gdf.to_crs(scene.crs)
     gdf, counts = repair_geometries(gdf)
-    geoms = np.array(gdf.geometry.values, dtype=object)
-    polygonal = np.isin(shapely.get_type_id(geoms), [3, 6, 7])  # Polygon, MultiPolygon, GeometryCollection
-    if not polygonal.any():
-        kinds = ", ".join(sorted({g.geom_type for g in geoms if g is not None})) or "no geometry"
-        raise GeodetError(f"{path}: the labelled area must be polygons (it holds {kinds}): draw the area you "
-                          "labelled as one or more polygons")
+    geoms, polygonal = area_polygons(gdf, path)
     if counts["repaired"]:
         log.info("%s: %d invalid polygon(s) of the labelled area repaired", path, counts["repaired"])
     merged = shapely.union_all(geoms[polygonal])

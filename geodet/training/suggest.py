@@ -235,7 +235,10 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
     if labelled_area is not None:  # missing or unreadable: one line before any detection
         from ..io.labels import read_labels
 
+        from .area import area_polygons
+
         area = read_labels(labelled_area, None, what="labelled area", allow_empty=True)
+        area_polygons(area, labelled_area, allow_empty=True)  # lines or points: refused as training refuses them
         if not len(area):
             log.warning("%s holds no polygon yet: nothing counts as labelled", labelled_area)
             area = None
