@@ -99,6 +99,11 @@ def test_resume_keeps_the_runs_settings_and_needs_steps_left(tmp_path, synth, ca
     with pytest.raises(GeodetError, match=r"--resume: .* trained with tiling.tile_size 128 \(this command: 192\): "
                                           "leave those flags out"):
         train(flagged, tmp_path, resume=True, progress=False)
+    # another class column would give the head's classes to other objects (names swapped: silently remapped)
+    column = apply_overrides(tiny_config(synth.image, synth.labels, epochs=2, val_fraction=0.0),
+                             {"train.class_column": "kind"})
+    with pytest.raises(GeodetError, match=r"trained with train.class_column label \(this command: kind\)"):
+        train(column, tmp_path, resume=True, progress=False)
     with pytest.raises(GeodetError, match=r"--resume: .* is at step 6, and this command's cap ends it at step 5"):
         train(tiny_config(synth.image, synth.labels, max_steps=5, val_fraction=0.0), tmp_path, resume=True,
               progress=False)

@@ -131,7 +131,8 @@ def check_same_data(state: dict, train_scenes, out: Path) -> None:
                         "the new ones", ntpath.basename(str(n["labels"])), n["labels_used"], int(was))
 
 
-RESUMED = ("tiling.tile_size", "tiling.overlap", "tiling.overlap_m", "scene.bands", "scene.gsd_m", "scene.percentiles")
+RESUMED = ("tiling.tile_size", "tiling.overlap", "tiling.overlap_m", "scene.bands", "scene.gsd_m", "scene.percentiles",
+           "train.class_column")  # another column would give the head's classes to other objects
 
 
 def resume_settings(cfg, state: dict, out: Path) -> None:
