@@ -48,6 +48,30 @@ def test_invalid_and_empty_geometries_counted(tmp_path):
     assert np.allclose(lb.boxes[0], [10, 10, 20, 20])
 
 
+def test_a_layer_dissolved_by_class_gives_one_box_per_object(tmp_path, caplog):
+    """A MultiPolygon of cars apart (QGIS's Dissolve by class) was one box spanning them all; a
+    MultiPoint, one point box at their middle. Parts apart are objects of their own with the row's
+    class; a repaired bow-tie's touching halves stay one object."""
+    from shapely.geometry import MultiPoint, MultiPolygon
+
+    sc = _scene(tmp_path / "s.tif")
+    t = sc.transform
+
+    def px_box(x0, y0, x1, y1):
+        return box(*(t * (x0, y1)), *(t * (x1, y0)))
+
+    cars = MultiPolygon([px_box(10, 10, 20, 20), px_box(50, 30, 60, 40), px_box(60, 30, 70, 40)])  # 2 touch
+    bow = Polygon([t * (100, 10), t * (110, 20), t * (110, 10), t * (100, 20)])
+    trees = MultiPoint([t * (150, 50), t * (180, 80)])
+    g = gpd.GeoDataFrame({"label": ["car", "car", "tree"]}, geometry=[cars, bow, trees], crs="EPSG:32633")
+    with caplog.at_level("WARNING"):
+        lb = labels_to_boxes(g, sc, point_box_m=1.0)
+    got = sorted((lb.classes[c], tuple(np.round(b, 6))) for b, c in zip(lb.boxes, lb.labels))
+    assert got == [("car", (10, 10, 20, 20)), ("car", (50, 30, 70, 40)), ("car", (100, 10, 110, 20)),
+                   ("tree", (149, 49, 151, 51)), ("tree", (179, 79, 181, 81))]
+    assert lb.counts["split"] == 2 and "2 multi-part label(s) whose parts lie apart taken as 2 more" in caplog.text
+
+
 def test_labels_outside_scene_clear_error(tmp_path):
     sc = _scene(tmp_path / "s.tif")
     g = gpd.GeoDataFrame({"label": ["a"]}, geometry=[box(0, 0, 10, 10)], crs="EPSG:32633")

@@ -207,6 +207,66 @@ def without_lines(gdf, source: str = "labels"):
     return gdf[~lines], int(lines.sum())
 
 
+def _touching_groups(parts) -> list:
+    """``parts`` grouped where they touch or overlap, each group as one geometry."""
+    import shapely
+
+    n = len(parts)
+    parent = list(range(n))
+
+    def root(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    a, b = shapely.STRtree(parts).query(parts, predicate="intersects")
+    for i, j in zip(a, b):
+        parent[root(int(i))] = root(int(j))
+    groups: dict = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(parts[i])
+    out = []
+    for g in groups.values():
+        kinds = set(shapely.get_type_id(g).tolist())
+        out.append(g[0] if len(g) == 1 else shapely.multipolygons(g) if kinds == {3} else
+                   shapely.multipoints(g) if kinds == {0} else shapely.geometrycollections(g))
+    return out
+
+
+def split_parts(gdf, source: str = "labels"):
+    """One label per object: a multi-part label whose parts lie apart (a layer dissolved by class
+    holds one MultiPolygon per class; a MultiPoint, several points) becomes one label per group of
+    touching parts, each with the row's attributes; a repaired bow-tie's touching halves stay one.
+    Returns the frame and how many labels were split (said)."""
+    import shapely
+
+    geoms = np.array(gdf.geometry.values, dtype=object)
+    multi = np.isin(shapely.get_type_id(geoms), [4, 6, 7]) if len(geoms) else np.zeros(0, bool)
+    if not multi.any():
+        return gdf, 0
+    rows, out, split = [], [], 0
+    for i, g in enumerate(geoms):
+        groups = [g]
+        if multi[i]:
+            parts = shapely.get_parts(g)
+            while np.isin(shapely.get_type_id(parts), [4, 5, 6, 7]).any():  # a repaired collection nests its parts
+                parts = shapely.get_parts(parts)
+            parts = parts[~np.isin(shapely.get_type_id(parts), [1, 2, 5]) & ~shapely.is_empty(parts)]  # lines: no outline
+            if len(parts) > 1:
+                groups = _touching_groups(parts)
+        split += len(groups) > 1
+        rows += [i] * len(groups)
+        out += groups
+    if not split:
+        return gdf, 0
+    n_new = len(out) - len(geoms)
+    log.warning("%s: %d multi-part label(s) whose parts lie apart taken as %d more object(s), one per group of "
+                "touching parts (a layer dissolved by class holds every object of a class in one feature)", source,
+                split, n_new)
+    return gdf.iloc[rows].set_geometry(out, crs=gdf.crs).reset_index(drop=True), split
+
+
 def usable_geometries(gdf, class_column: str | None, source: str = "labels"):
     """The labels with a class (when classes are read), no lines, and repaired geometry, and the
     counts of those left out; an error that says why when none is left."""
@@ -214,6 +274,7 @@ def usable_geometries(gdf, class_column: str | None, source: str = "labels"):
     gdf, no_class = drop_unclassed(gdf, class_column, source)
     gdf, n_lines = without_lines(gdf, source)
     gdf, counts = repair_geometries(gdf)
+    gdf, counts["split"] = split_parts(gdf, source)
     counts["no_class"], counts["lines"] = no_class, n_lines
     if n_read and not len(gdf) and counts["empty"]:
         raise GeodetError(f"{source}: the labels hold no geometry ({counts['empty']} null or empty): draw the objects' "
