@@ -164,7 +164,7 @@ def test_detect_warns_when_tiles_hit_the_cap(tmp_path, scene, caplog):
     assert "returned the maximum of 3 detections" in caplog.text and "--detections-per-tile" in caplog.text
 
 
-def test_boxes_centred_on_nodata_are_dropped_and_counted(tmp_path):
+def test_boxes_centred_on_nodata_are_dropped_and_counted(tmp_path, caplog):
     p = tmp_path / "warped.tif"
     data = np.full((3, 100, 200), 90, np.uint8)
     data[:, :, 100:] = 0  # the right half is nodata (a warped scene's corner)
@@ -175,6 +175,21 @@ def test_boxes_centred_on_nodata_are_dropped_and_counted(tmp_path):
                            tmp_path / "d.gpkg", tile_size=256, overlap=16, progress=False)
     assert sorted(frame["px_x0"]) == [10.0, 95.0]  # centres at x 15 and 99.5 are on data; 155 is not
     assert frame.attrs["report"]["scenes"][0]["detections_on_nodata_dropped"] == 1
+    # boxes on nodata that fill the tile's cap took the places of objects beside them: said, though the tile
+    # kept none (it was silent); a scene of a few pixels has no room for an object, whatever its padding gave
+    with caplog.at_level("WARNING"):
+        detect_to_file([p], boxes_at(*[[150.0 + i, 10.0, 160.0 + i, 20.0] for i in range(3)]), tmp_path / "c.gpkg",
+                       tile_size=256, overlap=16, detections_per_tile=3, progress=False)
+    assert "1 of 1 tiles returned the maximum of 3 detections" in caplog.text
+    caplog.clear()
+    tiny = tmp_path / "tiny.tif"
+    with rasterio.open(tiny, "w", driver="GTiff", width=3, height=2, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(0, 100, 1, 1)) as dst:
+        dst.write(np.full((3, 2, 3), 90, np.uint8))
+    with caplog.at_level("WARNING"):
+        detect_to_file([tiny], boxes_at(*[[150.0 + i, 10.0, 160.0 + i, 20.0] for i in range(3)]), tmp_path / "t.gpkg",
+                       tile_size=256, overlap=16, detections_per_tile=3, progress=False)
+    assert "maximum" not in caplog.text
 
 
 def test_output_errors_are_one_line(tmp_path, scene, tiny_model, capsys):

@@ -78,6 +78,7 @@ class TileResult:
     capped: bool = False  # the detector returned its maximum number of boxes for this tile
     unreadable: dict | None = None  # a tile GDAL could not read (on_read_error="skip"): window, error
     on_nodata: int = 0  # detections dropped because their centre lies on nodata (or past the scene)
+    floor: float | None = None  # the lowest score the detector returned (before those on nodata were dropped)
 
 
 def tile_detections(scene: Scene, grid: TileGrid, detector, settings: DetectSettings, device: torch.device,
@@ -169,7 +170,8 @@ def batch_results(scene: Scene, settings: DetectSettings, tiles, skipped, failed
             b = boxes[keep]
             keep[keep] = scene.valid_at(tile, (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
         yield TileResult(tile, boxes[keep], scores[keep], labels[keep],
-                         capped=len(scores) >= settings.detections_per_tile, on_nodata=n - int(keep.sum()))
+                         capped=len(scores) >= settings.detections_per_tile, on_nodata=n - int(keep.sum()),
+                         floor=float(scores.min()) if len(scores) else None)
 
 
 def to_frame(det: SceneDetections, scene: Scene, classes: Sequence[str] | None):
@@ -234,11 +236,13 @@ def detect_tiles(scene: Scene, grid: TileGrid, detector, settings: DetectSetting
                 else:
                     counts["tiles_run"] += 1
                     counts["tiles_capped"] += r.capped
-                    # a capped tile loses objects that matter only if its lowest kept score is at or
-                    # above the operating point: below it, only boxes the model ranks as noise were cut;
-                    # a tile whose boxes all lay on nodata or padding (a scene of a few pixels) kept none
-                    counts["tiles_lost"] += r.capped and len(r.scores) > 0 and (
-                        operating_point is None or float(r.scores.min()) >= operating_point)
+                    # a capped tile loses objects that matter only if the lowest score it returned is at
+                    # or above the operating point: below it, only boxes the model ranks as noise were cut.
+                    # Boxes on nodata count: they took places under the cap from objects beside them. A
+                    # scene of a few pixels has no room for an object, whatever its padding gave.
+                    x0, y0, x1, y1 = r.tile.valid
+                    counts["tiles_lost"] += r.capped and r.floor is not None and min(x1 - x0, y1 - y0) >= 16 and (
+                        operating_point is None or r.floor >= operating_point)
                     counts["on_nodata"] += r.on_nodata
                     stitcher.add(r.tile, r.boxes, r.scores, r.labels)
                 timings["stitch"] += time.perf_counter() - t0
