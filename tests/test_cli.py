@@ -461,6 +461,24 @@ def test_vector_files_without_geometry_or_crs_are_one_line(tmp_path, synth, caps
     assert not (tmp_path / "run").exists()
 
 
+def test_a_local_crs_to_geojson_is_refused_before_any_tile(tmp_path, tiny_model, capsys, monkeypatch):
+    """An engineering (local) CRS has no way to WGS 84, which GeoJSON needs: refused before any tile
+    (it failed with a ProjError once every tile had run); a GeoPackage keeps the scene's CRS."""
+    from rasterio.crs import CRS
+
+    import geodet.pipeline.detect as detect
+
+    local = CRS.from_wkt('LOCAL_CS["site grid",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]')
+    with rasterio.open(tmp_path / "l.tif", "w", driver="GTiff", width=64, height=48, count=3, dtype="uint8",
+                       crs=local, transform=from_origin(1000, 2000, 0.3, 0.3)) as d:
+        d.write(np.full((3, 48, 64), 90, np.uint8))
+    ran = []
+    monkeypatch.setattr(detect, "batch_results", lambda *a, **k: ran.append(1) or iter(()))
+    _one_error(capsys, ["detect", str(tmp_path / "l.tif"), "-m", str(tiny_model), "-o", str(tmp_path / "o.geojson")],
+               r"l\.tif: its CRS \(site grid\) has no transformation to WGS 84 .* write \.gpkg")
+    assert not ran and not (tmp_path / "o.geojson").exists()
+
+
 def test_more_bad_inputs_are_one_line_before_any_work(tmp_path, tiny_model, synth, capsys, monkeypatch):
     """Outputs named for another format, folders that cannot be written, a file that is not
     suggestions, a damaged ray output, labels that cannot check an export: each refused in one
