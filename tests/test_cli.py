@@ -479,6 +479,23 @@ def test_a_local_crs_to_geojson_is_refused_before_any_tile(tmp_path, tiny_model,
     assert not ran and not (tmp_path / "o.geojson").exists()
 
 
+def test_a_later_scenes_bands_are_refused_before_the_first_scene_runs(tmp_path, tiny_model, synth, capsys,
+                                                                      monkeypatch):
+    """A job's second scene with fewer bands than the model reads failed after the first had run
+    (hours, in a real job): every scene's bands are checked before any tile."""
+    import geodet.pipeline.detect as detect
+
+    with rasterio.open(synth.image) as src:
+        profile, band = src.profile, src.read(1)
+    with rasterio.open(tmp_path / "b1.tif", "w", **dict(profile, count=1)) as dst:
+        dst.write(band[None])
+    ran = []
+    monkeypatch.setattr(detect, "batch_results", lambda *a, **k: ran.append(1) or iter(()))
+    _one_error(capsys, ["detect", str(synth.image), str(tmp_path / "b1.tif"), "-m", str(tiny_model), "-o",
+                        str(tmp_path / "o.gpkg")], r"model expects 3 band\(s\) .* b1\.tif has 1")
+    assert not ran and not (tmp_path / "o.gpkg").exists()
+
+
 def test_more_bad_inputs_are_one_line_before_any_work(tmp_path, tiny_model, synth, capsys, monkeypatch):
     """Outputs named for another format, folders that cannot be written, a file that is not
     suggestions, a damaged ray output, labels that cannot check an export: each refused in one

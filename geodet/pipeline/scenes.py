@@ -211,6 +211,12 @@ def detect_scenes(paths: Sequence, detector, *, per_scene: bool = False, failure
     card = getattr(detector, "card", None)
     s = resolve_detect_settings(card, kwargs.get("config"), **{k: v for k, v in kwargs.items() if k not in ("config", "progress")})
     kwargs["tta"] = False  # decided here, once: each scene runs the detector as it now is
+    if len(paths) > 1:  # a later scene's bands or GSD that cannot be: refused before the first scene runs
+        for p in paths:
+            try:
+                open_scene(p, s, card, warn=False).close()
+            except ReadError:  # unreadable: it fails alone when its turn comes
+                pass
     detector = job_detector(paths, detector, s, failures)
     frames = []
     names = scene_names(paths)
