@@ -6,7 +6,7 @@ says at load. Prints one JSON object. Used by tests/test_qgis.py; not a test mod
     python3 qgis_helper.py inspect FILE [FILE...]
     python3 qgis_helper.py render RASTER VECTOR PNG
     python3 qgis_helper.py run PLUGIN_DIR SPEC_JSON
-    python3 qgis_helper.py loaded PLUGIN_DIR
+    python3 qgis_helper.py loaded PLUGIN_DIR [CHOSEN]
 """
 
 import json
@@ -141,11 +141,37 @@ def _alive(pid) -> list:
     return found
 
 
+def _open_layers(layers) -> dict:
+    """Layers opened in the project as a user opens them: {NAME: {"uri", "provider", "raster",
+    "crs" (set on the layer in QGIS, as Layer Properties > Source does)}}; returns NAME: layer id."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject
+
+    ids = {}
+    for name, d in layers.items():
+        if d.get("raster"):
+            layer = QgsRasterLayer(d["uri"], name, d.get("provider", "gdal"))
+        else:
+            layer = QgsVectorLayer(d["uri"], name, d.get("provider", "ogr"))
+        if d.get("crs"):
+            layer.setCrs(QgsCoordinateReferenceSystem(d["crs"]))
+        QgsProject.instance().addMapLayer(layer)
+        ids[name] = layer.id()
+    return ids
+
+
+def _layer_ids(value, ids):
+    """A parameter's value with "@NAME" (alone or in a list) replaced by that layer's id."""
+    if isinstance(value, list):
+        return [_layer_ids(v, ids) for v in value]
+    return ids[value[1:]] if isinstance(value, str) and value.startswith("@") else value
+
+
 def run(plugin_dir, spec_json) -> dict:
     """Run algorithms as Processing does; ``spec``: {"runs": [{"alg", "params", "load" (through
-    processing.runAndLoadResults), "cancel_at" (a progress percentage)}]}. Per run: results or
-    error, the progress bar's values and texts, the feedback's lines, the layers it loaded, the
-    geodet processes left, Python warnings and warnings in QGIS's message log."""
+    processing.runAndLoadResults), "cancel_at" (a progress percentage), "layers" (see
+    _open_layers; a parameter "@NAME" is that layer)}]}. Per run: results or error, the progress
+    bar's values and texts, the feedback's lines, the layers it loaded, the geodet processes left,
+    Python warnings and warnings in QGIS's message log."""
     import gc
     import warnings
 
@@ -158,6 +184,7 @@ def run(plugin_dir, spec_json) -> dict:
     out = []
     for r in spec["runs"]:
         before_msgs = len(messages)
+        ids = _open_layers(r.get("layers", {}))
         before_layers = set(QgsProject.instance().mapLayers())
         record = {"progress": [], "texts": [], "infos": [], "commands": [], "debug": [], "errors": []}
         cancel_at = r.get("cancel_at")
@@ -193,7 +220,7 @@ def run(plugin_dir, spec_json) -> dict:
         feedback.progressChanged.connect(progressed)
         context = QgsProcessingContext()
         context.setProject(QgsProject.instance())
-        params = dict(r["params"])
+        params = {k: _layer_ids(v, ids) for k, v in r["params"].items()}
         alg = r["alg"]
         if r.get("model"):  # the algorithm as the one child of a Graphical Modeler model
             alg, params = _one_child_model(alg, params)
@@ -240,14 +267,20 @@ def _one_child_model(alg_id, params):
     return model, {f"{child.childId()}:result": params["OUTPUT"]}
 
 
-def loaded(plugin_dir) -> dict:
-    """What the provider says at load in QGIS's log, and the executable setting it reads."""
+def loaded(plugin_dir, chosen=None) -> dict:
+    """What the provider says at load in QGIS's log, and the executable setting it reads; ``chosen``
+    is then set in the options, as a user sets the path there."""
     logged = []
     QgsApplication.messageLog().messageReceived.connect(lambda m, tag, level: logged.append([tag, int(level), m]))
     _provider(plugin_dir)
     from processing.core.ProcessingConfig import ProcessingConfig
 
-    return {"log": [x for x in logged if x[0] == "geodet"], "setting": ProcessingConfig.getSetting("GEODET_EXECUTABLE"),
+    at_load = ProcessingConfig.getSetting("GEODET_EXECUTABLE")
+    if chosen:
+        ProcessingConfig.setSettingValue("GEODET_EXECUTABLE", chosen)
+
+    return {"log": [x for x in logged if x[0] == "geodet"], "at_load": at_load,
+            "setting": ProcessingConfig.getSetting("GEODET_EXECUTABLE"),
             "groups": sorted({(a.group(), a.id()) for a in QgsApplication.processingRegistry().providerById(
                 "geodet").algorithms()})}
 

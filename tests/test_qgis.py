@@ -176,6 +176,27 @@ def test_provider_says_which_geodet_it_runs_and_records_it_in_its_setting(provid
     assert "geodet command was not found" in seen["log"][0][2] and "geodet qgis-plugin" in seen["log"][0][2]
 
 
+def test_a_reinstall_from_another_environment_moves_the_setting_and_a_chosen_path_stays(qgis, tmp_path):
+    """The setting follows `geodet qgis-plugin` from environment A to B (the setting A was put there
+    by the provider); a path the user chose in the options survives the next reinstall."""
+    from geodet.qgis import install_plugin
+
+    exes = {}
+    for name in ("a", "b", "c", "d"):
+        exe = exes[name] = tmp_path / name / "geodet"
+        exe.parent.mkdir()
+        exe.write_text("#!/bin/sh\necho geodet 0.0.1\n")
+        exe.chmod(0o755)
+    plugins = tmp_path / "plugins"
+    install_plugin(plugins, executable=str(exes["a"]))
+    assert helper(tmp_path, "loaded", plugins)["setting"] == str(exes["a"])
+    install_plugin(plugins, executable=str(exes["b"]))
+    seen = helper(tmp_path, "loaded", plugins, exes["c"])  # then the user chooses C in the options
+    assert seen["at_load"] == str(exes["b"]) and seen["setting"] == str(exes["c"]), seen
+    install_plugin(plugins, executable=str(exes["d"]))
+    assert helper(tmp_path, "loaded", plugins)["setting"] == str(exes["c"])
+
+
 def test_provider_detects_headless_with_the_cli_rows_styled(provider, tiny_model, synth, tmp_path):
     import geopandas as gpd
 
@@ -275,6 +296,8 @@ def test_parameters_are_checked_before_the_run(provider, tiny_model, synth, tmp_
     empty = tmp_path / "empty"
     empty.mkdir()
     base = {"INPUT": str(synth.image), "MODEL": str(tiny_model)}
+    again = {"SCENE": str(synth.image), "LABELS": str(synth.labels), "CELLS": str(synth.labels),
+             "INIT": str(tiny_model), "LABELLED_AREA": str(tmp_path / "area.gpkg"), "OUTPUT_FOLDER": str(empty)}
     cases = [
         ("geodet:suggest", {**base, "OUTPUT": str(tmp_path / "n.csv")}, "geodet writes .gpkg, .geojson, .fgb, .shp"),
         ("geodet:detect", {**base, "MODEL": str(tmp_path / "notes.txt"), "OUTPUT": str(tmp_path / "d.gpkg")},
@@ -294,12 +317,57 @@ def test_parameters_are_checked_before_the_run(provider, tiny_model, synth, tmp_
         ("geodet:import", {"SOURCE": "hf://only-a-name", "OUTPUT": str(tmp_path / "i.pt")}, "reads hf://ORG/NAME"),
         ("geodet:tile", {"INPUT": str(synth.image), "TILE_SIZE": 64, "OVERLAP": 64,
                          "OUTPUT_FOLDER": str(tmp_path / "chips")}, "must be smaller than the chip side"),
+        # QGIS's own checks too, with a labelled area that the first round makes
+        ("geodet:train-again", {**again, "TIME_LIMIT": -3}, "Incorrect parameter value for TIME_LIMIT"),
+        ("geodet:train-again", {**again, "DEVICE": 7}, "Incorrect parameter value for DEVICE"),
+        ("geodet:train-again", {**again, "LABELLED_AREA": str(tmp_path / "area.txt")}, "not area.txt"),
     ]
     runs = processing(provider, *[{"alg": a, "params": p} for a, p, _ in cases])
     for (alg, _, expected), run in zip(cases, runs):
         assert run["error"] and expected in run["error"], (alg, run["error"])
         assert run["pid"] is None and run["commands"] == [], alg  # geodet never started
     assert not (tmp_path / "n.csv").exists() and sorted(os.listdir(empty)) == []
+    assert not (tmp_path / "area.gpkg").exists()
+
+
+XYZ = "type=xyz&url=http://127.0.0.1:9/%7Bz%7D/%7Bx%7D/%7By%7D.png&zmax=19&zmin=0"  # made without the network
+
+
+def test_layers_go_to_geodet_as_qgis_holds_them(provider, synth, tmp_path):
+    """A CRS set on a layer in QGIS (a shapefile without .prj, a raster without one) reaches geodet
+    in the file QGIS gives it; a layer that is no file (XYZ tiles) is refused before geodet starts,
+    alone or in a list; a .yml config is taken as a .yaml one."""
+    import geopandas as gpd
+
+    labels = tmp_path / "noprj.shp"
+    gpd.read_file(synth.labels).to_file(labels)
+    labels.with_suffix(".prj").unlink()
+    bare = tmp_path / "nocrs.tif"
+    with rasterio.open(synth.image) as src, rasterio.open(bare, "w", **{**src.profile, "crs": None}) as dst:
+        dst.write(src.read())
+    cfg = tmp_path / "tiny.yml"
+    cfg.write_text("tiling: {tile_size: 128, overlap: 16}\n")
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"never read")
+    xyz = {"xyz": {"uri": XYZ, "provider": "wms", "raster": True}}
+    runs = processing(
+        provider,
+        {"alg": "geodet:anchors", "params": {"SCENE": str(synth.image), "LABELS": "@lab", "CONFIG": str(cfg)},
+         "layers": {"lab": {"uri": str(labels), "crs": synth.crs}}},
+        {"alg": "geodet:anchors", "params": {"SCENE": "@sc", "LABELS": str(synth.labels)},
+         "layers": {"sc": {"uri": str(bare), "crs": synth.crs, "raster": True}}},
+        {"alg": "geodet:detect", "params": {"INPUT": "@xyz", "MODEL": str(model), "OUTPUT": str(tmp_path / "d.gpkg")},
+         "layers": xyz},
+        {"alg": "geodet:pretrain", "params": {"INPUT": ["@xyz"], "OUTPUT": str(tmp_path / "bb.pt")}, "layers": xyz})
+    n = len(gpd.read_file(synth.labels))
+    for run, name in zip(runs[:2], ("lab", "sc")):
+        assert run["error"] is None, run
+        assert any(f"the CRS set on {name} in QGIS ({synth.crs}) is used" in i for i in run["infos"]), run["infos"]
+        assert f"{n} boxes" in run["results"]["REPORT"], run["results"]
+    assert ".vrt" in runs[1]["commands"][0]
+    for run in runs[2:]:
+        assert run["error"] and "geodet reads raster files: save it as a GeoTIFF first" in run["error"], run
+        assert run["commands"] == [], run["commands"]
 
 
 def _torchvision_state_dict(path):
@@ -355,6 +423,39 @@ def test_provider_reports_geodets_one_line_error(provider, synth, tmp_path):
     assert r.returncode != 0
     assert "geodet: error:" in r.stdout + r.stderr and "not a" in r.stdout + r.stderr
     assert not (tmp_path / "x.gpkg").exists()
+
+
+def test_train_again_puts_the_labelled_area_back_when_training_fails(provider, synth, tmp_path):
+    """`suggest --done` extends the labelled area, then the training fails (a broken model): the
+    area is as it was before, byte for byte (a shapefile with its sidecars), or absent where it was."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    x0, y0, x1, y1 = gpd.read_file(synth.labels).total_bounds
+    cells = tmp_path / "next.gpkg"
+    gpd.GeoDataFrame({"done": [1]}, geometry=[box(x0, y0, (x0 + x1) / 2, (y0 + y1) / 2)], crs=synth.crs).to_file(cells)
+    old = tmp_path / "old"
+    old.mkdir()
+    area = gpd.GeoDataFrame({"source": ["me"]}, geometry=[box(x1 - 5, y1 - 5, x1, y1)], crs=synth.crs)
+    area.to_file(old / "area.shp")
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    assert {"area.shp", "area.dbf", "area.prj"} <= set(before)
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(os.urandom(3000))
+    cfg = tmp_path / "short.yml"
+    cfg.write_text("train: {batch_size: 2}\n")
+    params = {"SCENE": str(synth.image), "LABELS": str(synth.labels), "CELLS": str(cells), "INIT": str(bad),
+              "CONFIG": str(cfg), "TIME_LIMIT": 0.2, "OUTPUT_FOLDER": str(tmp_path / "run")}
+    first, later = processing(
+        provider, {"alg": "geodet:train-again", "params": {**params, "LABELLED_AREA": str(tmp_path / "area.gpkg")}},
+        {"alg": "geodet:train-again", "params": {**params, "LABELLED_AREA": str(old / "area.shp")}})
+    for run in (first, later):
+        assert run["error"] and run["error"].startswith("geodet: error:") and "\n" not in run["error"], run["error"]
+        assert any("suggest --done" in c for c in run["commands"]), run["commands"]  # the area was extended first
+        assert any(" train " in c for c in run["commands"]), run["commands"]
+    assert "area.gpkg, made by the run, was removed" in first["error"] and not (tmp_path / "area.gpkg").exists()
+    assert "area.shp is as it was before the run" in later["error"]
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
 
 
 def test_the_labelling_loop_runs_from_the_toolbox(provider, tiny_model, synth, tmp_path):

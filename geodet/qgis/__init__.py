@@ -34,13 +34,27 @@ def geodet_executable() -> str | None:
     return shutil.which("geodet")
 
 
-def record(executable: str | None) -> bytes:
+def record(executable: str | None, earlier: list[str] = ()) -> bytes:
+    """The record: the executable, geodet's version, and the executables earlier installs into this
+    folder recorded (the provider moves QGIS's setting off one of those to the new one)."""
     from .. import __version__
 
-    return json.dumps({"executable": executable, "version": f"geodet {__version__}"}, indent=1).encode("utf-8")
+    earlier = [e for e in dict.fromkeys(earlier) if e and e != executable]
+    return json.dumps({"executable": executable, "version": f"geodet {__version__}", "earlier": earlier},
+                      indent=1).encode("utf-8")
 
 
-def plugin_files(executable: str | None = None) -> list[tuple[str, bytes]]:
+def earlier_executables(folder: Path) -> list[str]:
+    """The executables an installed plugin's record names (its own and its earlier ones)."""
+    try:
+        old = json.loads((folder / RECORD).read_text(encoding="utf-8"))
+        names = [old.get("executable"), *(old.get("earlier") or [])]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    return [str(n) for n in names if isinstance(n, str) and n]
+
+
+def plugin_files(executable: str | None = None, earlier: list[str] = ()) -> list[tuple[str, bytes]]:
     """(path inside the plugin folder, content) of every file of the plugin, with the record of
     ``executable`` (the geodet its provider runs) where one is given."""
     root = files("geodet") / "qgis" / PLUGIN
@@ -49,7 +63,7 @@ def plugin_files(executable: str | None = None) -> list[tuple[str, bytes]]:
         if entry.is_file() and not entry.name.endswith(".pyc") and entry.name != RECORD:
             out.append((entry.name, entry.read_bytes()))
     if executable:
-        out.append((RECORD, record(executable)))
+        out.append((RECORD, record(executable, earlier)))
     return out
 
 
@@ -76,7 +90,7 @@ def install_plugin(plugins_dir: str | Path | None = None, executable: str | None
     try:
         target.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{PLUGIN}-new-", dir=target))
-        for name, data in plugin_files(executable):
+        for name, data in plugin_files(executable, earlier_executables(folder)):
             (stage / name).parent.mkdir(parents=True, exist_ok=True)
             (stage / name).write_bytes(data)
         os.chmod(stage, 0o755)  # mkdtemp's folder is the user's alone; QGIS's plugin folders are readable

@@ -61,7 +61,7 @@ class DetectAlgorithm(GeodetAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         out = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
-        args = ["detect", self.raster_path(parameters, "INPUT", context), "-m",
+        args = ["detect", self.raster_path(parameters, "INPUT", context, feedback), "-m",
                 self.parameterAsFile(parameters, "MODEL", context), "-o", out,
                 "--device", DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)]]
         self.flag(args, "--score-threshold", self.optional_number(parameters, "SCORE_THRESHOLD", context))
@@ -101,7 +101,7 @@ class ExportAlgorithm(GeodetAlgorithm):
         args = ["export", "-m", self.parameterAsFile(parameters, "MODEL", context), "-o", out]
         if self.parameterAsBoolean(parameters, "INT8", context):
             args.append("--int8")
-        scenes = [layer.source() for layer in self.parameterAsLayerList(parameters, "CALIBRATE", context)]
+        scenes = self.raster_paths(parameters, "CALIBRATE", context, feedback)
         if scenes:
             args += ["--calibrate", *scenes]
         self.run_command(args, feedback, outputs=[out])

@@ -65,7 +65,7 @@ class TileAlgorithm(GeodetAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         folder = self.parameterAsString(parameters, "OUTPUT_FOLDER", context)
-        args = ["tile", self.raster_path(parameters, "INPUT", context), "-o", folder,
+        args = ["tile", self.raster_path(parameters, "INPUT", context, feedback), "-o", folder,
                 "--config", config_argument(self, parameters, context)]
         self.flag(args, "--tile-size", self.optional_number(parameters, "TILE_SIZE", context, integer=True))
         self.flag(args, "--overlap", self.optional_number(parameters, "OVERLAP", context, integer=True))
@@ -109,7 +109,7 @@ class AnchorsAlgorithm(GeodetAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         out = self.parameterAsFileOutput(parameters, "OUTPUT", context) if not is_empty(parameters.get("OUTPUT")) else ""
-        args = ["anchors", self.raster_path(parameters, "SCENE", context),
+        args = ["anchors", self.raster_path(parameters, "SCENE", context, feedback),
                 "--labels", self.vector_path(parameters, "LABELS", context, feedback),
                 "--config", config_argument(self, parameters, context),
                 "--class-column", self.parameterAsString(parameters, "CLASS_COLUMN", context) or ""]
@@ -157,7 +157,7 @@ class SuggestAlgorithm(GeodetAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         out = self.parameterAsOutputLayer(parameters, "OUTPUT", context)
-        args = ["suggest", self.raster_path(parameters, "INPUT", context), "-m",
+        args = ["suggest", self.raster_path(parameters, "INPUT", context, feedback), "-m",
                 self.parameterAsFile(parameters, "MODEL", context), "-o", out,
                 "--count", self.parameterAsInt(parameters, "COUNT", context),
                 "--strategy", STRATEGIES[self.parameterAsEnum(parameters, "STRATEGY", context)]]
@@ -200,7 +200,7 @@ class EvaluateAlgorithm(GeodetAlgorithm):
                 "--iou", self.parameterAsDouble(parameters, "IOU", context),
                 "--class-column", self.parameterAsString(parameters, "CLASS_COLUMN", context) or ""]
         if not is_empty(parameters.get("SCENE")):
-            args += ["--scene", self.raster_path(parameters, "SCENE", context)]
+            args += ["--scene", self.raster_path(parameters, "SCENE", context, feedback)]
         self.run_command(args, feedback, outputs=[out])
         with open(out, encoding="utf-8") as f:
             m = json.load(f)

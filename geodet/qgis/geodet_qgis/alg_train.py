@@ -2,10 +2,15 @@
 labelled cells (a round of the labelling loop), pretrain a backbone."""
 
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 from qgis.core import (
     QgsProcessing,
+    QgsProcessingAlgorithm,
+    QgsProcessingException,
     QgsProcessingOutputFile,
     QgsProcessingParameterBoolean,
     QgsProcessingParameterEnum,
@@ -18,6 +23,7 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
+    QgsProcessingUtils,
 )
 
 from .base import DEVICES, PRESETS, GeodetAlgorithm, extension, is_empty
@@ -25,8 +31,10 @@ from .base import DEVICES, PRESETS, GeodetAlgorithm, extension, is_empty
 
 def preset_parameters(alg):
     alg.addParameter(QgsProcessingParameterEnum("PRESET", "Preset", PRESETS, False, 0))
+    # a file filter, not an extension: QGIS accepts only the one extension it is given
     alg.addParameter(QgsProcessingParameterFile("CONFIG", "Config file (YAML; overrides the preset)",
-                                                QgsProcessingParameterFile.File, "yaml", None, True))
+                                                QgsProcessingParameterFile.File, "", None, True,
+                                                "YAML files (*.yaml *.yml)"))
 
 
 def config_argument(alg, parameters, context):
@@ -97,7 +105,7 @@ class TrainAlgorithm(GeodetAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         folder = self.parameterAsString(parameters, "OUTPUT_FOLDER", context)
         column = self.parameterAsString(parameters, "CLASS_COLUMN", context) or ""
-        args = ["train", self.raster_path(parameters, "SCENE", context),
+        args = ["train", self.raster_path(parameters, "SCENE", context, feedback),
                 "--labels", self.vector_path(parameters, "LABELS", context, feedback),
                 "--config", config_argument(self, parameters, context), "-o", folder,
                 "--time-limit", self.parameterAsDouble(parameters, "TIME_LIMIT", context),
@@ -105,7 +113,7 @@ class TrainAlgorithm(GeodetAlgorithm):
         self.flag(args, "--labelled-area", self.vector_path(parameters, "LABELLED_AREA", context, feedback))
         self.flag(args, "--bands", self.optional_text(parameters, "BANDS", context))
         if not is_empty(parameters.get("VAL_SCENE")):
-            args += ["--val-scene", self.raster_path(parameters, "VAL_SCENE", context),
+            args += ["--val-scene", self.raster_path(parameters, "VAL_SCENE", context, feedback),
                      "--val-labels", self.vector_path(parameters, "VAL_LABELS", context, feedback)]
         if not is_empty(parameters.get("INIT")):
             self.flag(args, "--init", self.parameterAsFile(parameters, "INIT", context))
@@ -147,7 +155,7 @@ class PretrainAlgorithm(GeodetAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         out = self.parameterAsFileOutput(parameters, "OUTPUT", context)
-        scenes = [layer.source() for layer in self.parameterAsLayerList(parameters, "INPUT", context)]
+        scenes = self.raster_paths(parameters, "INPUT", context, feedback)
         args = ["pretrain", *scenes, "--config", config_argument(self, parameters, context), "-o", out,
                 "--time-limit", self.parameterAsDouble(parameters, "TIME_LIMIT", context),
                 "--device", DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)]]
@@ -155,6 +163,72 @@ class PretrainAlgorithm(GeodetAlgorithm):
         self.flag(args, "--bands", self.optional_text(parameters, "BANDS", context))
         self.run_command(args, feedback, outputs=[out])
         return {"OUTPUT": out}
+
+
+AREA_EXTENSIONS = ["gpkg", "geojson", "fgb", "shp"]  # what geodet suggest --done writes
+AREA_FILTER = f"Vector files ({' '.join('*.' + e for e in AREA_EXTENSIONS)})"
+SIDECARS = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx", ".qmd", ".shp.xml")
+
+
+def area_files(area: str) -> list:
+    """The files of the labelled-area file as they are now: a shapefile's with its sidecars."""
+    path = Path(area.split("|")[0])
+    if extension(area) != "shp":
+        return [path] if path.is_file() else []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    stem = path.stem
+    return [path.parent / n for n in names if n[:len(stem)] == stem and n[len(stem):].lower() in SIDECARS]
+
+
+class AreaCopy:
+    """A copy of the labelled-area file taken before 'geodet suggest --done' extends it, to put it
+    back (or remove it where there was none) when the training after it fails."""
+
+    def __init__(self, area: str):
+        self.area, self.folder, self.names = area, None, []
+        files = area_files(area)
+        if not files:
+            return
+        try:
+            self.folder = Path(tempfile.mkdtemp(prefix="geodet-area-", dir=QgsProcessingUtils.tempFolder()))
+            for f in files:
+                shutil.copy2(f, self.folder / f.name)
+                self.names.append(f.name)
+        except OSError as exc:
+            self.remove()
+            raise QgsProcessingException(f"cannot copy the labelled area {area} before extending it "
+                                         f"({exc.strerror or exc}): check that it can be read and that the "
+                                         "temporary folder has room") from None
+
+    def put_back(self) -> str:
+        """Put the file back as it was (remove the one made where there was none); returns what became
+        of it, a clause that starts '; ' to end the error's sentence."""
+        parent = Path(self.area.split("|")[0]).parent
+        try:
+            for f in area_files(self.area):
+                if f.name not in self.names:  # made by suggest --done
+                    f.unlink()
+            for name in self.names:  # each renamed into place whole, as geodet writes
+                tmp = parent / f".{name}.geodet-restore"
+                try:
+                    shutil.copy2(self.folder / name, tmp)
+                    os.replace(tmp, parent / name)
+                finally:
+                    if tmp.exists():
+                        tmp.unlink()
+        except OSError as exc:
+            kept, self.folder = self.folder, None  # left for the user
+            return (f"; the labelled area could not be put back as it was ({exc.strerror or exc}): copy it back from "
+                    f"{kept}" if kept else f"; the labelled area it made could not be removed ({exc.strerror or exc})")
+        name = os.path.basename(self.area.split("|")[0])
+        return f"; {name} is as it was before the run" if self.names else f"; {name}, made by the run, was removed"
+
+    def remove(self):
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class _NoProgress:
@@ -179,7 +253,8 @@ class TrainAgainAlgorithm(GeodetAlgorithm):
     HELP = ("One round of the labelling loop: the suggested cells you labelled (their 'done' field set to 1; all of "
             "them if none is set) join the labelled area, then training continues from the model on every label so "
             "far. Suggest tiles to label gives the cells; label the objects inside them in the labels layer first. "
-            "The labelled-area file is extended in place (made when missing).")
+            "The labelled-area file is extended in place (made when missing); when the training fails it is put "
+            "back as it was, and after Cancel it keeps the labelled cells.")
 
     def shortHelpString(self):  # noqa: N802
         return self.HELP + " Runs 'geodet suggest --done', then 'geodet train --init'."
@@ -193,7 +268,8 @@ class TrainAgainAlgorithm(GeodetAlgorithm):
         self.addParameter(QgsProcessingParameterFeatureSource("CELLS", "Suggested cells you labelled",
                                                               [QgsProcessing.TypeVectorPolygon]))
         self.addParameter(QgsProcessingParameterFile("LABELLED_AREA", "Labelled area file (extended; made when "
-                                                     "missing)", QgsProcessingParameterFile.File, "gpkg"))
+                                                     "missing)", QgsProcessingParameterFile.File, "", None, False,
+                                                     AREA_FILTER))
         self.addParameter(QgsProcessingParameterFile("INIT", "Model to continue from (model.pt)",
                                                      QgsProcessingParameterFile.File, "pt"))
         preset_parameters(self)  # the training settings (the model's card keeps its architecture)
@@ -204,34 +280,52 @@ class TrainAgainAlgorithm(GeodetAlgorithm):
         self.addOutput(QgsProcessingOutputFile("MODEL", "Model file"))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
-        # the labelled area may not exist yet (the first round makes it): check only what must exist
+        # these sentences first (a wrong area file gets more than QGIS's "Incorrect parameter value"),
+        # then QGIS's own checks (ranges, choices); neither asks the labelled area to exist: the first
+        # round makes it
+        problem = self.check(parameters, context)
+        if problem:
+            return False, problem
+        return QgsProcessingAlgorithm.checkParameterValues(self, parameters, context)
+
+    def check(self, parameters, context):
         area = self.parameterAsString(parameters, "LABELLED_AREA", context)
-        if area and extension(area) not in ("gpkg", "geojson", "fgb", "shp"):
-            return False, f"Labelled area file: geodet writes .gpkg, .geojson, .fgb or .shp, not {os.path.basename(area)}"
+        if area and extension(area) not in AREA_EXTENSIONS:
+            return f"Labelled area file: geodet writes .gpkg, .geojson, .fgb or .shp, not {os.path.basename(area)}"
         if not area:
-            return False, "give the labelled-area file (it is made when missing)"
+            return "give the labelled-area file (it is made when missing)"
         problem = (self.check_file(parameters, "INIT", context, ["pt"], "Model to continue from")
                    or self.check_file(parameters, "CONFIG", context, ["yaml", "yml"], "Config file"))
         if problem or is_empty(parameters.get("INIT")):
-            return False, problem or "give the model to continue from (model.pt)"
+            return problem or "give the model to continue from (model.pt)"
         if is_empty(parameters.get("SCENE")) or is_empty(parameters.get("LABELS")) or is_empty(parameters.get("CELLS")):
-            return False, "give the scene, the labels and the labelled cells"
-        return True, ""
+            return "give the scene, the labels and the labelled cells"
+        return None
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         folder = self.parameterAsString(parameters, "OUTPUT_FOLDER", context)
         area = self.parameterAsString(parameters, "LABELLED_AREA", context)
         cells = self.vector_path(parameters, "CELLS", context, feedback)
-        self.run_command(["suggest", "--done", cells, "--labelled-area", area], _NoProgress(feedback), outputs=[area])
-        if feedback.isCanceled():
-            return {}
-        args = ["train", self.raster_path(parameters, "SCENE", context),
+        args = ["train", self.raster_path(parameters, "SCENE", context, feedback),
                 "--labels", self.vector_path(parameters, "LABELS", context, feedback), "--labelled-area", area,
                 "--init", self.parameterAsFile(parameters, "INIT", context), "-o", folder, "--overwrite",
                 "--config", config_argument(self, parameters, context),
                 "--time-limit", self.parameterAsDouble(parameters, "TIME_LIMIT", context),
                 "--device", DEVICES[self.parameterAsEnum(parameters, "DEVICE", context)]]
         self.flag(args, "--class-column", self.optional_text(parameters, "CLASS_COLUMN", context))
-        since = time.time()
-        self.run_command(args, feedback, on_cancel=lambda killed: checkpoint_report(folder, since))
+        kept = AreaCopy(area)
+        try:
+            self.run_command(["suggest", "--done", cells, "--labelled-area", area], _NoProgress(feedback),
+                             outputs=[area])
+            if feedback.isCanceled():
+                return {}
+            since = time.time()
+            self.run_command(args, feedback, on_cancel=lambda killed: checkpoint_report(folder, since)
+                             + f"; {os.path.basename(area)} keeps the labelled cells")
+        except QgsProcessingException as exc:
+            if feedback.isCanceled():  # the cells were labelled: the area keeps them, as the sentence says
+                raise
+            raise QgsProcessingException(f"{exc}{kept.put_back()}") from None
+        finally:
+            kept.remove()
         return {"OUTPUT_FOLDER": folder, "MODEL": os.path.join(folder, "model.pt")}

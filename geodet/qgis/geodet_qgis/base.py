@@ -7,7 +7,8 @@ import re
 import time
 from pathlib import Path
 
-from qgis.core import QgsProcessingAlgorithm, QgsProcessingException
+from qgis.core import (QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingFeatureSourceDefinition,
+                       QgsProcessingUtils)
 
 from .runner import describe_outputs, run_geodet
 
@@ -33,6 +34,47 @@ def is_empty(value) -> bool:
 
 def extension(path: str) -> str:
     return Path(str(path).split("|")[0]).suffix.lower().lstrip(".")
+
+
+def set_crs(layer):
+    """The CRS set on ``layer`` in QGIS where it is not its file's (none, or another), else None."""
+    crs, provider = layer.crs(), layer.dataProvider()
+    if crs.isValid() and provider is not None and crs != provider.crs():
+        return crs
+    return None
+
+
+def say_crs(layer, name, feedback):
+    crs, own = layer.crs(), layer.dataProvider().crs()
+    feedback.pushInfo(f"{name}: the CRS set on {layer.name()} in QGIS ({crs.authid() or crs.description()}) is used, "
+                      f"not its file's ({own.authid() or own.description() or 'none'})")
+
+
+def raster_file(layer, name, feedback):
+    """The file geodet reads for a raster layer: its own, or a small VRT over it with the CRS set on
+    the layer in QGIS. Layers that are not files (XYZ, WMS, ...) are refused."""
+    if layer.providerType() != "gdal":
+        raise QgsProcessingException(
+            f"{name}: {layer.name()} is a {layer.providerType()} layer, not a raster file, and geodet reads raster "
+            "files: save it as a GeoTIFF first (Raster > Conversion > Translate, or Export > Save As)")
+    crs = set_crs(layer)
+    if crs is None:
+        return layer.source()
+    from osgeo import gdal
+    from qgis.core import QgsCoordinateReferenceSystem
+
+    say_crs(layer, name, feedback)
+    srs = crs.authid()
+    if not srs.startswith("EPSG:"):  # a CRS of the user's own: GDAL reads its WKT
+        srs = crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED_GDAL)
+    vrt = QgsProcessingUtils.generateTempFilename(f"{Path(layer.source().split('|')[0]).stem or 'scene'}.vrt")
+    ds = gdal.Translate(vrt, layer.source(), format="VRT", outputSRS=srs)
+    if ds is None:
+        raise QgsProcessingException(f"{name}: cannot give {layer.name()} the CRS set in QGIS "
+                                     f"({gdal.GetLastErrorMsg()}): assign it to the file instead (Raster > "
+                                     "Projections > Assign Projection)")
+    ds = None  # written on close
+    return vrt
 
 
 class GeodetAlgorithm(QgsProcessingAlgorithm):
@@ -106,19 +148,33 @@ class GeodetAlgorithm(QgsProcessingAlgorithm):
         return None
 
     # -- inputs as arguments -----------------------------------------------------------------
-    def raster_path(self, parameters, name, context):
+    def raster_path(self, parameters, name, context, feedback):
         layer = self.parameterAsRasterLayer(parameters, name, context)
         if layer is None:
             raise QgsProcessingException(f"{name}: no raster layer")
-        return layer.source()
+        return raster_file(layer, name, feedback)
+
+    def raster_paths(self, parameters, name, context, feedback):
+        """The files of a list of raster layers (see raster_file)."""
+        return [raster_file(layer, name, feedback) for layer in self.parameterAsLayerList(parameters, name, context)]
 
     def vector_path(self, parameters, name, context, feedback):
         """A file geodet reads: the layer's own file (``path|layername=NAME`` for one layer of a
-        GeoPackage), or a GeoPackage QGIS writes for memory layers, selections and other sources."""
+        GeoPackage), or a GeoPackage QGIS writes for memory layers, selections and other sources,
+        and for a layer whose CRS was set in QGIS (QGIS writes it with the layer's CRS)."""
         if is_empty(parameters.get(name)):
             return None
+        formats = VECTOR_FORMATS
+        value = parameters.get(name)
+        if isinstance(value, QgsProcessingFeatureSourceDefinition):  # selected features only, a feature limit
+            source = QgsProcessingUtils.mapLayerFromString(value.source.staticValue(), context)
+        else:
+            source = self.parameterAsVectorLayer(parameters, name, context)
+        if source is not None and set_crs(source) is not None:
+            formats = []  # no file is compatible: QGIS writes one
+            say_crs(source, name, feedback)
         path, layer = self.parameterAsCompatibleSourceLayerPathAndLayerName(
-            parameters, name, context, VECTOR_FORMATS, "gpkg", feedback)
+            parameters, name, context, formats, "gpkg", feedback)
         if not path:
             return None
         return f"{path}|layername={layer}" if layer else path

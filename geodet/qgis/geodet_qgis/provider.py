@@ -10,9 +10,11 @@ from qgis.PyQt.QtGui import QIcon
 
 from .formats import detection_extensions
 from .process import child_environment, popen_options
-from .runner import HELP, SETTING, configured_executable, find_executable, qgis_prefixes, recorded_executable, usable
+from .runner import (HELP, SETTING, configured_executable, earlier_recorded, find_executable, qgis_prefixes,
+                     recorded_executable, usable)
 
 LOG_TAG = "geodet"
+ADOPTED = "geodet/adopted_executable"  # the recorded path last put into the setting
 
 
 def describe_geodet():
@@ -31,6 +33,25 @@ def describe_geodet():
     if not version:
         return Qgis.Warning, f"{exe} did not answer 'geodet --version': {HELP}"
     return Qgis.Info, f"runs {exe} ({version}); set another in Settings > Options > Processing > Providers > geodet"
+
+
+def adopt_recorded(config):
+    """Put the geodet that ran 'geodet qgis-plugin' last into Processing's setting (shown in the
+    options) where the setting is empty, no longer usable, or still the one an earlier install put
+    there: reinstalling from another environment moves QGIS to it, as the installer says. A path
+    the user chose in the options stays, as does the GEODET_EXECUTABLE environment variable."""
+    recorded, _ = recorded_executable()
+    if not usable(recorded) or os.environ.get(SETTING):
+        return
+    from qgis.core import QgsSettings
+
+    settings = QgsSettings()
+    current = configured_executable()
+    adopted = settings.value(ADOPTED, "") or ""
+    if current != recorded and (not usable(current) or current == adopted or current in earlier_recorded()):
+        config.setSettingValue(SETTING, recorded)
+    if configured_executable() == recorded:
+        settings.setValue(ADOPTED, recorded)
 
 
 class GeodetProvider(QgsProcessingProvider):
@@ -55,11 +76,7 @@ class GeodetProvider(QgsProcessingProvider):
                                                 "that installed the plugin, else 'geodet' on PATH)", "",
                                                 valuetype=Setting.FILE))
             ProcessingConfig.readSettings()
-            recorded, _ = recorded_executable()
-            current = configured_executable()
-            if usable(recorded) and not usable(current) and not os.environ.get(SETTING):
-                # the geodet that ran 'geodet qgis-plugin': stored in the setting, shown in the options
-                ProcessingConfig.setSettingValue(SETTING, recorded)
+            adopt_recorded(ProcessingConfig)
         except ImportError:  # no Processing Python module: the environment variable, the record or PATH decide
             pass
         level, message = describe_geodet()

@@ -29,6 +29,15 @@ def recorded_executable():
         return None, None
 
 
+def earlier_recorded() -> list:
+    """The executables that earlier installs of the plugin into this folder recorded."""
+    try:
+        earlier = json.loads(RECORD.read_text(encoding="utf-8")).get("earlier") or []
+        return [e for e in earlier if isinstance(e, str)]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def usable(path) -> bool:
     return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
 
