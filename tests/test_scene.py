@@ -67,6 +67,16 @@ def test_resampled_grid_georeferencing(tmp_path):
     assert img.shape == (3, 128, 128) and frac == 1
 
 
+def test_a_gsd_finer_than_the_scene_by_far_is_refused_as_a_mistake(synth):
+    """--gsd 0.00001 on a 0.3 m scene planned a grid of billions of tiles and ended in MemoryError."""
+    from geodet.errors import GeodetError
+
+    with pytest.raises(GeodetError, match=r"from 0\.3 m to 1e-05 m per pixel would make the scene 3e\+04 times "
+                                          r"larger per side .* check the GSD"):
+        Scene(synth.image, gsd_m=0.00001)
+    assert Scene(synth.image, gsd_m=0.3 / 30).width == 30 * synth.width  # a fine but meant GSD still resamples
+
+
 def test_area_view_reads_the_scene_exactly(synth):
     """Validation detects over an area of its scene in place: the view's transform and tiles are
     exactly the scene's pixels there, scaled as the whole scene is."""

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 STATS_MAX_SIDE = 1024  # decimated read for percentile statistics
 
 
+MAX_UPSAMPLE = 32  # a GSD finer than the scene's by more than this per side is refused as a mistake
+
+
 class Scene:
     """A raster opened for windowed reads of selected bands, scaled to float32 in 0..1.
 
@@ -116,6 +119,11 @@ class Scene:
                 "reproject the scene (e.g. gdalwarp -t_srs EPSG:326xx) or unset gsd_m"
             )
         fx, fy = (gsd_m / size for size in self.native_size_xy)
+        if min(fx, fy) < 1 / MAX_UPSAMPLE:  # a GSD in the wrong unit, or a typo: a grid no machine holds
+            raise GeodetError(
+                f"{self.path}: resampling from {min(self.native_size_xy):.3g} m to {gsd_m:.3g} m per pixel would make "
+                f"the scene {1 / min(fx, fy):.3g} times larger per side (at most {MAX_UPSAMPLE} is taken as meant): "
+                "check the GSD (metres per pixel; --gsd / scene.gsd_m)")
         if abs(fx - 1.0) > 1e-6 or abs(fy - 1.0) > 1e-6:
             from rasterio.transform import Affine
 
