@@ -88,6 +88,32 @@ def test_a_scene_without_crs_tiles_and_says_so_once(tmp_path, caplog, georef):
                              "CRS either") == 1
 
 
+def test_nan_pixels_are_no_data_in_chips_as_in_detection(tmp_path):
+    """A float scene with NaN where it has no data, and no nodata declared: its NaN chips counted as
+    full of data (valid_fraction 1.0; --min-valid ignored them) where detection skips them."""
+    import geopandas as gpd
+
+    from geodet.pipeline.chips import write_chips
+
+    data = np.random.default_rng(0).random((3, 64, 128)).astype(np.float32)
+    data[:, :, 64:] = np.nan  # the right half
+    p = tmp_path / "f.tif"
+    with rasterio.open(p, "w", driver="GTiff", width=128, height=64, count=3, dtype="float32", crs="EPSG:32633",
+                       transform=from_origin(500000, 4600000, 0.3, 0.3)) as d:
+        d.write(data)
+    write_chips(p, tmp_path / "out", 64, 0, progress=False, min_valid_fraction=0.5)
+    chips = gpd.read_file(tmp_path / "out" / "chips.gpkg")
+    assert list(zip(chips["col"], chips["valid_fraction"])) == [(0, 1.0)]  # the NaN half's chip skipped
+    data[:, :, 60:] = np.nan
+    with rasterio.open(p, "r+") as d:
+        d.write(data)
+    write_chips(p, tmp_path / "out", 64, 0, progress=False)
+    chips = gpd.read_file(tmp_path / "out" / "chips.gpkg").sort_values("col")
+    assert list(chips["valid_fraction"]) == [60 / 64]  # the all-NaN chip is empty, the other partly
+    with rasterio.open(tmp_path / "out" / chips["path"].iloc[0]) as c:
+        assert (c.dataset_mask()[:, 60:] == 0).all() and (c.dataset_mask()[:, :60] == 255).all()
+
+
 def test_a_rerun_replaces_the_folder_whole_and_a_failed_one_leaves_it(tmp_path, monkeypatch):
     """Tiles of a rerun into the same folder never mix with the last run's (chips, chips.gpkg and
     annotations.json are of one run); a rerun that fails or is interrupted leaves the last run as it was."""

@@ -94,8 +94,13 @@ def _write(sc, grid, lb, out: Path, final: Path, scene_path, tile_size: int, min
             win = tile.window()
             try:
                 valid = sc.read_valid(win)
+                data = None
+                if sc.is_float:  # NaN (or inf) pixels are no data either, declared or not, as detection holds
+                    data = sc.read_raw(win)
+                    valid = sc.valid_pixels(data, valid)
                 frac = float(valid.mean()) if valid.size else 0.0
-                data = sc.read_raw(win) if frac > min_valid_fraction else None
+                if data is None and frac > min_valid_fraction:
+                    data = sc.read_raw(win)
             except READ_ERRORS() as exc:  # a damaged file: the same one-line message as detect
                 raise sc.read_error(win, exc) from None
             bar.update(1)
@@ -110,7 +115,7 @@ def _write(sc, grid, lb, out: Path, final: Path, scene_path, tile_size: int, min
                 with rasterio.open(path, "w", width=int(win.width), height=int(win.height),
                                    transform=window_transform(win, sc.transform), **profile) as dst:
                     dst.write(data)
-                    if not sc.all_valid:
+                    if not sc.all_valid or not valid.all():
                         dst.write_mask(valid.astype(np.uint8) * 255)
             written += 1
             rows.append({"row": tile.row, "col": tile.col, "path": f"chips/{name}", "valid_fraction": frac,
