@@ -45,6 +45,28 @@ def test_pixel_box_maps_to_exact_pixel_footprint(tmp_path):
     assert back.geometry[0].area == pytest.approx(0.09, rel=1e-9)
 
 
+def test_two_crss_of_one_epsg_code_get_a_layer_each(tmp_path):
+    """'+proj=utm +zone=33 +ellps=WGS84' is not EPSG:32633 but names that code: its rows were appended
+    to the other CRS's layer under that layer's declaration. Each CRS gets a layer of its own."""
+    import pyogrio
+    from rasterio.crs import CRS
+
+    from geodet.io.writers import check_output_path
+
+    t = from_origin(431234.5, 5123456.25, 0.3, 0.3)
+    a = detect_scene(_plain_scene(tmp_path / "a.tif", "EPSG:32633", t), OneBox(), tile_size=128, overlap=16,
+                     num_workers=0, progress=False)
+    other = CRS.from_proj4("+proj=utm +zone=33 +ellps=WGS84 +units=m +no_defs")
+    b = detect_scene(_plain_scene(tmp_path / "b.tif", other, t), OneBox(), tile_size=128, overlap=16,
+                     num_workers=0, progress=False)
+    assert a.crs != b.crs and b.crs.to_epsg() == 32633
+    write_detections([a, b], tmp_path / "d.gpkg")
+    layers = sorted(str(n) for n, g in pyogrio.list_layers(tmp_path / "d.gpkg") if g)
+    assert layers == ["d_32633", "d_32633_2"]
+    assert [len(gpd.read_file(tmp_path / "d.gpkg", layer=n)) for n in layers] == [1, 1]
+    check_output_path(tmp_path / "d.gpkg", "gpkg")  # geodet's own layers: a rerun replaces the file
+
+
 def test_geojson_is_lonlat_with_ccw_rings(tmp_path):
     from shapely.geometry import shape
 

@@ -86,7 +86,7 @@ def _check_other_layers(p: Path) -> None:
         return
     import re
 
-    ours = re.compile(rf"{re.escape(p.stem)}(_\d+)?|layer_styles", re.IGNORECASE)  # as geodet names its layers
+    ours = re.compile(rf"{re.escape(p.stem)}(_\d+)*|layer_styles", re.IGNORECASE)  # as geodet names its layers
     others = [n for n in names if not ours.fullmatch(n)]
     if others:
         raise GeodetError(f"{p} holds other layers ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}) and the "
@@ -358,10 +358,14 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
             _write_csv(groups, tmp, csv_geometry)
             tmp.with_suffix(".qml").write_text(qml(classes, style_min_score), encoding="utf-8")
         elif fmt == "gpkg":
+            used = set()
             for k, (crs, members) in enumerate(groups):
                 g = pd.concat(members, ignore_index=True).set_crs(crs, allow_override=True)
                 epsg = crs.to_epsg()
                 layer = path.stem if len(groups) == 1 else f"{path.stem}_{epsg if epsg else k + 1}"
+                if layer.lower() in used:  # two CRSs with one EPSG code (another datum, a custom UTM): a layer each
+                    layer = f"{layer}_{k + 1}"
+                used.add(layer.lower())
                 pyogrio.write_dataframe(g, tmp, driver=DRIVERS[fmt], layer=layer, geometry_type="Polygon",
                                         append=k > 0, dataset_options={"VERSION": GPKG_VERSION} if k == 0 else None)
                 add_gpkg_style(tmp, layer, classes, style_min_score)
