@@ -163,6 +163,11 @@ def test_tile_numbers_are_checked_and_a_small_tile_gets_a_smaller_overlap(tmp_pa
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+    # an overlap given in metres that is not smaller than the tile names the flag the user gave
+    assert main(["tile", str(p), "-o", str(tmp_path / "x"), "--tile-size", "64", "--overlap-m", "100"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lower --overlap-m (tiling.overlap_m) or raise --tile-size" in err[0], err
+    assert not (tmp_path / "x").exists()
     # the default overlap (64 px) with a tile of 80 would step 16 px: 10 px instead, said
     assert main(["tile", str(p), "-o", str(tmp_path / "t"), "--tile-size", "80", "-q"]) == 0
     assert "overlap 10 px instead" in caplog.text

@@ -210,12 +210,18 @@ class Scene:
         else the CRS's units (degrees) or pixels."""
         return pixel_size_m(self.transform) * (getattr(self, "unit_m", None) or 1.0)
 
-    def overlap_px(self, overlap_m: float) -> int:
-        """An overlap in metres as pixels of this grid (a projected CRS is needed to know them)."""
+    def overlap_px(self, overlap_m: float, tile_size: int | None = None) -> int:
+        """An overlap in metres as pixels of this grid (a projected CRS is needed to know them); with
+        ``tile_size``, one that is not smaller than the tile is refused naming --overlap-m."""
         if getattr(self, "unit_m", None) is None:
             raise GeodetError(f"{self.path}: an overlap in metres needs a projected CRS (the scene's is "
                               f"{self.crs.to_string() if self.crs else 'none'}): give it in pixels (--overlap)")
-        return overlap_pixels(overlap_m, self.pixel_gsd)
+        px = overlap_pixels(overlap_m, self.pixel_gsd)
+        if tile_size is not None and px >= tile_size:
+            raise GeodetError(f"an overlap of {overlap_m:g} m is {px} px at {Path(self.path).name}'s "
+                              f"{self.pixel_gsd:.3g} m per pixel, not smaller than the tile size ({tile_size} px): "
+                              "lower --overlap-m (tiling.overlap_m) or raise --tile-size")
+        return px
 
     def _percentile_stats(self) -> dict:
         scale = max(self.width, self.height) / STATS_MAX_SIDE

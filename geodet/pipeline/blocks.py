@@ -96,7 +96,7 @@ def plan_scene(scene, detector=None, *, block_tiles: int = 8, config=None, **set
     s = resolve_detect_settings(card, config, **settings)
     sc = open_scene(scene, s, card)
     try:
-        overlap = sc.overlap_px(s.overlap_m) if s.overlap_m is not None else s.overlap
+        overlap = sc.overlap_px(s.overlap_m, s.tile_size) if s.overlap_m is not None else s.overlap
         grid = TileGrid(sc.width, sc.height, s.tile_size, overlap)
         stats = sc.stats if sc.dtype != np.uint8 else None
         plan = ScenePlan(str(scene), s, sc.width, sc.height, overlap, stats, transform=sc.transform, crs=sc.crs)

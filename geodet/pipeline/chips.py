@@ -28,7 +28,7 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     sc = Scene(scene_path, bands=bands, gsd_m=gsd_m)  # chips keep raw values: no scaling statistics needed
     sc.skip_hint = False
     if overlap_m is not None:
-        overlap = sc.overlap_px(overlap_m)
+        overlap = sc.overlap_px(overlap_m, tile_size)
     grid = TileGrid(sc.width, sc.height, tile_size, overlap)
     from ..io.writers import check_output_folder, missing_folders, remove_partial
 

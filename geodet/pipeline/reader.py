@@ -75,7 +75,7 @@ def scene_grid(scene, settings) -> TileGrid:
     """The tile grid of an opened ``scene`` (or an area of one) with the tile size and overlap of
     ``settings``; an overlap in metres (``overlap_m``) becomes pixels at the scene's GSD."""
     if settings.overlap_m is not None:
-        overlap = scene.overlap_px(settings.overlap_m)
+        overlap = scene.overlap_px(settings.overlap_m, settings.tile_size)
     else:
         overlap = settings.overlap
     return TileGrid(scene.width, scene.height, settings.tile_size, overlap)
