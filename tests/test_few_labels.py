@@ -66,6 +66,18 @@ def test_an_epoch_cap_still_caps_a_timed_run(tmp_path, synth):
     assert rows[-1]["note"].startswith("stopped: step cap")
 
 
+def test_a_timed_runs_bar_follows_a_step_cap_that_ends_it_first():
+    """With --time-limit and --max-steps, the bar counted the clock alone: a cap reached first left
+    it at 30-50% before it jumped to the end (train and pretrain)."""
+    from geodet.training.schedule import Budget
+
+    b = Budget(total=10, seconds=600.0)
+    assert b.clock(5) == pytest.approx(300.0, abs=1.0) and b.clock(10) >= 600.0
+    assert Budget(total=None, seconds=600.0).clock(5) < 5.0  # no cap: the clock
+    resumed = Budget(total=20, seconds=600.0, start_step=10)  # a resumed run's bar starts at its own 0
+    assert resumed.clock(15) == pytest.approx(300.0, abs=1.0)
+
+
 def test_a_budget_too_short_for_the_warmup_is_refused_and_leaves_nothing(tmp_path, synth):
     from geodet.training.trainer import train
 

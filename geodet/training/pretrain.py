@@ -195,7 +195,7 @@ def _pretrain_loop(objective, data, opt, sched, budget, state, params, tc, devic
                 state["progress"] = budget.progress(step)
                 sched.step()
                 losses.append(loss.item())
-                bar.n = min(bar.total, round(budget.elapsed())) if budget.seconds else step
+                bar.n = min(bar.total, round(budget.clock(step))) if budget.seconds else step
                 bar.set_postfix(step=step, loss=f"{losses[-1]:.3f}")
                 bar.refresh()
                 if budget.stop_reason(step):

@@ -76,6 +76,14 @@ class Budget:
             p = max(p, self.elapsed() / self.train_seconds())
         return min(1.0, p)
 
+    def clock(self, step: int) -> float:
+        """Seconds of a timed run's bar done: the clock, or as far as a step cap that ends the run
+        first has gone (the bar reached 30-50% and jumped to the end where the cap came first)."""
+        done = self.elapsed()
+        if self.total is not None and self.seconds is not None:
+            done = max(done, (step - self.start_step) / max(1, self.total - self.start_step) * self.seconds)
+        return done
+
     def stop_reason(self, step: int) -> Optional[str]:
         if self.total is not None and step >= self.total:
             return "step cap"

@@ -290,7 +290,7 @@ class Trainer:
         for images, targets in torch.utils.data.DataLoader(r.data, **loader_kw):
             losses = train_step(r, images, targets, tc.grad_clip, self.warmup, self.world)
             if timed:
-                bar.n = min(bar.total, round(r.budget.elapsed()))
+                bar.n = min(bar.total, round(r.budget.clock(r.step)))
                 bar.refresh()
             else:
                 bar.update(1)
