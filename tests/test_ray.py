@@ -203,6 +203,12 @@ def test_the_cli_runs_a_model_file_on_ray_and_merges(local_ray, tiny_model, synt
     assert main(["merge", str(out), "-o", str(tmp_path / "all.geojson"), "--quiet"]) == 0
     assert len(gpd.read_file(tmp_path / "all.geojson")) == len(ref)
     assert f"{len(ref)} detections from 2 scene(s)" in capsys.readouterr().out
+    # a scene still running (no _SUCCESS.json yet) is left out and said: a half-run job is not the whole
+    (out / "scene=later").mkdir()
+    (out / "scene=later" / "part-00000.json").write_text("{}")
+    assert main(["merge", str(out), "-o", str(tmp_path / "all.geojson")]) == 0
+    said = capsys.readouterr().out
+    assert "from 2 scene(s)" in said and "1 scene(s) of" in said and "(scene=later): run the same" in said
     (empty / "_SUCCESS.json").write_text(json.dumps(dict(ok, model_sha256="0" * 64)))  # redone with another model
     assert main(["merge", str(out), "-o", str(tmp_path / "mixed.gpkg")]) == 2
     assert "detected by 2 different models" in capsys.readouterr().err and not (tmp_path / "mixed.gpkg").exists()

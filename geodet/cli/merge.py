@@ -21,4 +21,9 @@ def run(args) -> int:
 
     merged = merge_outputs(args.folder, args.out, args.format)
     print(f"{len(merged)} detections from {merged.attrs.get('scenes', 0)} scene(s) -> {args.out}")
+    left = merged.attrs.get("unfinished") or []
+    if left:
+        print(f"note: {len(left)} scene(s) of {args.folder} are not finished and were left out "
+              f"({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}): run the same geodet detect --engine ray "
+              "command again to finish them, then merge again")
     return 0

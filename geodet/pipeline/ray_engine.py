@@ -419,8 +419,11 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
         raise GeodetError(f"{out_dir}: {'not a folder' if Path(out_dir).exists() else 'not found'}: give the folder "
                           "that geodet detect --engine ray wrote (its -o)")
     dirs = finished_scenes(out_dir)
+    unfinished = sorted(d.name for d in Path(out_dir).glob("scene=*") if d.is_dir() and d not in dirs)
     if not dirs:
-        raise GeodetError(f"{out_dir}: no finished scenes (no scene=*/{SUCCESS}): run geodet detect --engine ray first")
+        some = f" ({len(unfinished)} scene folder(s) without a finished result: {', '.join(unfinished[:3])})" \
+            if unfinished else f" (no scene=*/{SUCCESS} with its {FINAL})"
+        raise GeodetError(f"{out_dir}: no finished scenes{some}: run geodet detect --engine ray (again) to finish them")
     fmt = output_format(path, fmt)
     out = check_output_path(path, fmt)
     models = {}
@@ -444,4 +447,5 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
     write_detections(frames, out, fmt)  # several CRSs: as geodet detect writes them
     merged = combine_frames(frames)
     merged.attrs["scenes"] = len(dirs)  # scenes without a detection count too
+    merged.attrs["unfinished"] = unfinished  # left out: said, so a half-run job is not taken for the whole
     return merged
