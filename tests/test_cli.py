@@ -20,6 +20,8 @@ import torch
 from rasterio.transform import from_origin
 from shapely.geometry import box
 
+from geodet.errors import GeodetError
+
 from cli_runner import run_geodet
 
 ENV = {**os.environ, "GEODET_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
@@ -477,6 +479,22 @@ def test_a_local_crs_to_geojson_is_refused_before_any_tile(tmp_path, tiny_model,
     _one_error(capsys, ["detect", str(tmp_path / "l.tif"), "-m", str(tiny_model), "-o", str(tmp_path / "o.geojson")],
                r"l\.tif: its CRS \(site grid\) has no transformation to WGS 84 .* write \.gpkg")
     assert not ran and not (tmp_path / "o.geojson").exists()
+    # two scenes in one local CRS hold one CRS: a FlatGeobuf keeps it (a review found them refused)
+    import shutil
+
+    shutil.copy(tmp_path / "l.tif", tmp_path / "m.tif")
+    monkeypatch.undo()
+    from geodet.cli import main
+
+    assert main(["detect", str(tmp_path / "l.tif"), str(tmp_path / "m.tif"), "-m", str(tiny_model), "-o",
+                 str(tmp_path / "o.fgb"), "-q", "--score-threshold", "0.0"]) == 0
+    # the writer refuses it too, before a byte (geodet merge writes through it)
+    from geodet.io.writers import write_detections
+
+    frame = gpd.read_file(tmp_path / "o.fgb")
+    with pytest.raises(GeodetError, match=r"its CRS \(site grid\) has no transformation to WGS 84"):
+        write_detections(frame, tmp_path / "w.geojson")
+    assert not (tmp_path / "w.geojson").exists()
 
 
 def test_a_later_scenes_bands_are_refused_before_the_first_scene_runs(tmp_path, tiny_model, synth, capsys,

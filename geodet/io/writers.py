@@ -274,6 +274,28 @@ def _disk_refused(exc: BaseException, tmpdir: Path) -> bool:
     return any(s in text for s in ("No space left", "Disk quota", "File too large", "Read-only file system"))
 
 
+def check_reaches_wgs84(crs, xy, fmt: str, what: str) -> None:
+    """GeoJSON is written in WGS 84 (RFC 7946), as is a one-CRS file of scenes in several CRSs:
+    ``crs`` (of ``what``, a scene) must have a way there at ``xy``; a local or engineering CRS has
+    none, refused in one line (a ProjError ended the job once every tile had run)."""
+    from pyproj import CRS, Transformer
+
+    try:
+        name = CRS.from_user_input(crs).name
+    except Exception:
+        name = str(crs)
+    try:
+        x, y = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(*xy, errcheck=True)
+        ok = bool(np.isfinite([x, y]).all())
+    except Exception:  # pyproj's CRSError, ProjError: no transformation
+        ok = False
+    if not ok:
+        why = ("GeoJSON (RFC 7946) is written in WGS 84" if fmt == "geojson" else
+               f"a .{fmt} of scenes in several CRSs is written in WGS 84")
+        raise GeodetError(f"{what}: its CRS ({name}) has no transformation to WGS 84 (a local or engineering CRS?) "
+                          f"and {why}: write .gpkg (each CRS in a layer of its own) or .csv")
+
+
 def crs_groups(frames) -> list:
     """Frames grouped by CRS, in first-seen order: ``[(crs, [frames])]``."""
     groups = []
@@ -350,6 +372,13 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
             f"the scene has no CRS, so {fmt} output cannot be georeferenced: write CSV (-o out.csv) for pixel "
             "boxes, or assign the scene a CRS (gdal_edit.py -a_srs EPSG:xxxx)"
         )
+    if fmt == "geojson" or fmt in SINGLE_CRS and len(groups) > 1:  # before anything is written (merge too)
+        for crs, members in groups:
+            b = [m.total_bounds for m in members if len(m)]
+            if crs is not None and b:
+                check_reaches_wgs84(crs, ((b[0][0] + b[0][2]) / 2, (b[0][1] + b[0][3]) / 2), fmt,
+                                    ", ".join(sorted({str(v) for m in members if "scene" in m.columns
+                                                      for v in m["scene"]}))[:200] or "the detections")
     classes = sorted({str(v) for f in frames if "label" in f.columns for v in f["label"]})
     with atomic_path(path) as tmp, warnings.catch_warnings():
         # GDAL's advice on a name that --format overrides (out.dat as gpkg) is not the user's business

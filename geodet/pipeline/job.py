@@ -140,9 +140,9 @@ def _readable_scenes(scenes: Sequence, fmt: str) -> tuple[list, list[dict]]:
     reached fails alone in a job of several; alone, it fails the job). A scene without a CRS
     fails the job unless the output is CSV (pixel boxes)."""
     from ..io.raster import georeference_advice, grid_crs, open_raster
-    from ..io.writers import distinct_crss
+    from ..io.writers import SINGLE_CRS, check_reaches_wgs84, distinct_crss
 
-    crss, failures, readable = [], [], []
+    crss, failures, readable, places = [], [], [], []
     for s in scenes:
         try:
             src = open_raster(s)
@@ -161,37 +161,15 @@ def _readable_scenes(scenes: Sequence, fmt: str) -> tuple[list, list[dict]]:
                     f"for pixel boxes, or {georeference_advice(src)}"
                 )
             crss.append(crs)
-            if crs is not None and (fmt == "geojson" or fmt in ("fgb", "shp", "parquet") and len(scenes) > 1):
-                _check_reaches_wgs84(s, crs, src.bounds, fmt)
-    if len(distinct_crss(crss)) > 1 and fmt in ("fgb", "shp", "parquet"):
+            places.append((s, crs, src.bounds))
+    several = len(distinct_crss(crss)) > 1
+    for s, crs, b in places:  # GeoJSON, and a one-CRS file of several CRSs, are written in WGS 84
+        if crs is not None and (fmt == "geojson" or fmt in SINGLE_CRS and several):
+            check_reaches_wgs84(crs, ((b.left + b.right) / 2, (b.bottom + b.top) / 2), fmt, str(s))
+    if several and fmt in SINGLE_CRS:
         log.info("the scenes are in %d CRSs and a %s file holds one: it is written in EPSG:4326, with a crs column "
                  "naming each row's scene CRS (.gpkg keeps each CRS in a layer of its own)", len(distinct_crss(crss)), fmt)
     return readable, failures
-
-
-def _check_reaches_wgs84(scene, crs, bounds, fmt: str) -> None:
-    """GeoJSON is written in WGS 84 (RFC 7946), as is a one-CRS file of scenes in several CRSs:
-    a scene whose CRS has no way there (a local or engineering CRS) is refused before any work
-    (it failed once every tile had run)."""
-    import numpy as np
-    from pyproj import CRS, Transformer
-
-    try:
-        name = CRS.from_user_input(crs).name
-    except Exception:
-        name = str(crs)
-    try:
-        t = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
-        x, y = t.transform((bounds.left + bounds.right) / 2, (bounds.bottom + bounds.top) / 2, errcheck=True)
-        ok = np.isfinite([x, y]).all()
-    except Exception:  # pyproj's CRSError, ProjError: no transformation
-        ok = False
-    if not ok:
-        why = ("GeoJSON (RFC 7946) is written in WGS 84" if fmt == "geojson" else
-               f"a .{fmt} of scenes in several CRSs is written in WGS 84")
-        raise GeodetError(f"{scene}: its CRS ({name}) has no transformation to WGS 84 "
-                          f"(a local or engineering CRS?) and {why}: write .gpkg (each CRS in a layer of its own) "
-                          "or .csv")
 
 
 def _job_report(out, fmt: str, model, scenes: Sequence, frames: list, failures: list, n_detections: int) -> dict:
