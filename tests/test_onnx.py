@@ -401,3 +401,57 @@ def test_tta_refuses_an_onnx_model_and_runs_from_the_config(fp32_onnx, tiny_mode
     report = frame.attrs["report"]
     assert report["model"]["tta"]["views"] == 8 and report["model"]["path"] == str(tiny_model)
     assert report["scenes"][0]["backend"]["backend"] == "torch" and len(frame) > 0
+
+
+def _fp32_on_the_spot(monkeypatch):
+    """Auto picks ONNX fp32 made on the spot for any job (no int8, no bf16)."""
+    monkeypatch.setattr(choice, "AUTO_ONNX_MIN_TILES", 1)
+    monkeypatch.setattr(choice, "AUTO_INT8_MIN_TILES", 10**9)
+    monkeypatch.setattr(choice, "cpu_features", lambda: {"bf16": False, "vnni": False, "isa": "AVX2"})
+    monkeypatch.setattr(choice, "_TEMP_CACHE", None)
+
+
+@pytest.mark.parametrize("text", ["{garbage", "", "[1, 2]"])
+def test_a_damaged_record_of_a_failed_check_is_ignored_and_replaced(monkeypatch, tmp_path, tiny_model, synth, text,
+                                                                     caplog):
+    monkeypatch.setenv("GEODET_CACHE", str(tmp_path / "cache"))
+    _fp32_on_the_spot(monkeypatch)
+    model = load_model(tiny_model)
+    folder = tmp_path / "cache" / "models"
+    folder.mkdir(parents=True)
+    failed = folder / f"{choice.cache_key(model.source['sha256'], 'fp32', model.card)}.failed.json"
+    failed.write_text(text)
+    r = detect_scene(synth.image, model, progress=False).attrs["report"]["backend"]
+    assert (r["backend"], r["precision"]) == ("onnx", "fp32")  # checked again, and it passes
+    assert "ignoring a damaged record" in caplog.text
+    # a check that fails again replaces the damaged record, whole (written aside, then renamed)
+    from geodet.pipeline import convert
+
+    for p in folder.glob("*.onnx"):
+        p.unlink()
+    failed.write_text(text)
+    monkeypatch.setattr(convert, "build_onnx", lambda *a, **k: (_ for _ in ()).throw(GeodetError("made to fail")))
+    replaced, real = [], os.replace
+    monkeypatch.setattr(choice.os, "replace", lambda a, b: replaced.append(Path(b)) or real(a, b))
+    r = detect_scene(synth.image, model, progress=False).attrs["report"]["backend"]
+    assert (r["backend"], r["precision"]) == ("torch", "fp32")
+    assert json.loads(failed.read_text()) == {"passed": False, "reason": "made to fail"} and replaced == [failed]
+    assert sorted(p.name for p in folder.iterdir()) == [failed.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("cache", ["a_file", "/proc/geodet-nope"])
+def test_an_unwritable_cache_makes_the_onnx_model_in_a_temporary_folder(monkeypatch, tmp_path, tiny_model, synth,
+                                                                         cache, caplog):
+    if cache == "a_file":
+        cache = tmp_path / "a_file"
+        cache.write_text("not a folder")
+    monkeypatch.setenv("GEODET_CACHE", str(cache))
+    _fp32_on_the_spot(monkeypatch)
+    model = load_model(tiny_model)
+    r = detect_scene(synth.image, model, progress=False).attrs["report"]["backend"]
+    assert (r["backend"], r["precision"]) == ("onnx", "fp32") and "geodet-models-" in r["reason"]
+    assert caplog.text.count("cannot be written") == 1 and "GEODET_CACHE" in caplog.text
+    # asked for, the same; the model made in this run is reused, and the warning is not repeated
+    r = detect_scene(synth.image, model, progress=False, backend="onnx").attrs["report"]["backend"]
+    assert (r["backend"], r["precision"]) == ("onnx", "fp32") and r["reason"].count("cached: ") == 1
+    assert caplog.text.count("cannot be written") == 1

@@ -246,26 +246,29 @@ def _derived_onnx(model, s: DetectSettings, precision: str, scenes: list, checks
     from ..model.onnx import load_onnx
 
     sha = model.source["sha256"]
-    folder = cache_dir() / "models"
     key = cache_key(sha, precision, model.card)
-    path, failed = folder / f"{key}.onnx", folder / f"{key}.failed.json"
-    if path.is_file():
-        try:
-            m = load_onnx(path)
-            checks[precision] = (m.props.get("check") or {}).get(precision if precision == "int8" else "fp32")
-            return m, f"cached: {path}"
-        except GeodetError as exc:
-            log.warning("ignoring a damaged cached model %s (%s)", path, exc)
-    if failed.is_file() and not explicit:
-        checks[precision] = json.loads(failed.read_text())
-        return None, None
+    # the cache, then this run's temporary folder where the cache could not be written
+    for folder in [cache_dir() / "models", *([_TEMP_CACHE] if _TEMP_CACHE is not None else [])]:
+        path, failed = folder / f"{key}.onnx", folder / f"{key}.failed.json"
+        if path.is_file():
+            try:
+                m = load_onnx(path)
+                checks[precision] = (m.props.get("check") or {}).get(precision if precision == "int8" else "fp32")
+                return m, f"cached: {path}"
+            except GeodetError as exc:
+                log.warning("ignoring a damaged cached model %s (%s)", path, exc)
+        record = _failed_record(failed) if not explicit else None
+        if record is not None:
+            checks[precision] = record
+            return None, None
     if not on_the_spot or (not scenes and precision == "int8"):
         return None, None
     tiles = _spot_tiles(model, s, precision, scenes, explicit)
     if tiles is None or tiles is NOTHING_TO_RUN:
         return tiles, None
     calib, check, ref, where = tiles
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _writable_models_folder()
+    path, failed = folder / f"{key}.onnx", folder / f"{key}.failed.json"
     t0 = time.perf_counter()
     try:
         from .convert import build_onnx
@@ -276,7 +279,7 @@ def _derived_onnx(model, s: DetectSettings, precision: str, scenes: list, checks
         result = build_onnx(model, path, precision, calib, check, s, extra_meta=meta, reference=ref)
     except GeodetError as exc:  # the model fails its check: remembered, not retried
         record = {"passed": False, "reason": str(exc)}
-        failed.write_text(json.dumps(record))
+        _write_atomically(failed, json.dumps(record))
         checks[precision] = record
         if explicit:
             raise
@@ -285,6 +288,72 @@ def _derived_onnx(model, s: DetectSettings, precision: str, scenes: list, checks
     log.info("made a checked %s ONNX model in %.1f s, cached at %s", precision, time.perf_counter() - t0, path)
     checks[precision] = result.get(precision if precision == "int8" else "fp32")
     return load_onnx(path), f"made and checked on tiles of {where}, cached at {path}"
+
+
+def _failed_record(failed: Path) -> dict | None:
+    """The record of a check that failed (the model is then not made again), or None where there
+    is none; a damaged one (cut short, edited) is ignored, so the check is made again and the
+    record replaced, as a damaged cached model is."""
+    try:
+        text = failed.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if not failed.exists():
+            return None
+        log.warning("ignoring an unreadable record of a failed check %s (%s)", failed, exc.strerror or exc)
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or record.get("passed") is not False:
+        log.warning("ignoring a damaged record of a failed check %s: the check is made again", failed)
+        return None
+    return record
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """``path`` written whole or not at all (a temporary file in its folder, then renamed): a run
+    stopped halfway never leaves a cut-short record that later runs would read."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# where this process makes ONNX models when the cache cannot be written (removed at exit)
+_TEMP_CACHE: Path | None = None
+
+
+def _writable_models_folder() -> Path:
+    """The cache's model folder, made where missing; where it cannot be written (a read-only home
+    on a cluster or in a container, $GEODET_CACHE naming a file), a temporary folder for this
+    run, said once: the model is made each run then, which is slower but gives the same
+    detections."""
+    global _TEMP_CACHE
+
+    folder = cache_dir() / "models"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK | os.X_OK):
+            return folder
+        why = "not writable"
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    if _TEMP_CACHE is None:
+        import atexit
+        import shutil
+
+        _TEMP_CACHE = Path(tempfile.mkdtemp(prefix="geodet-models-"))
+        atexit.register(shutil.rmtree, str(_TEMP_CACHE), True)
+        log.warning("the model cache %s cannot be written (%s): ONNX models are made in a temporary folder for this "
+                    "run and not kept; set GEODET_CACHE to a writable folder to keep them", folder, why)
+    return _TEMP_CACHE
 
 
 def _spot_tiles(model, s: DetectSettings, precision: str, scenes: list, explicit: bool):
