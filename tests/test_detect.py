@@ -210,3 +210,15 @@ def test_the_graph_bookkeeping_gives_the_eager_detections(synth, monkeypatch):
     assert len(a) > 50
     cols = ["label", "score", "tile_row", "tile_col", "px_x0", "px_y0", "px_x1", "px_y1"]
     assert a[cols].equals(b[cols])
+
+
+def test_a_batch_size_beyond_the_scenes_tiles_takes_only_the_tiles(tmp_path):
+    # a batch buffer for 10 million tiles (terabytes) was allocated up front for a scene of 20
+    boxes = packed_boxes(600, 500, 3, 24, seed=3)
+    p = write_id_scene(tmp_path / "id.tif", boxes, 600, 500)
+    ref = detect_scene(p, PerfectDetector(), tile_size=128, overlap=24, num_workers=0, progress=False)
+    key = ["px_x0", "px_y0", "px_x1", "px_y1"]
+    for workers in (0, 2):  # read in this process, and by the ring's reader processes
+        f = detect_scene(p, PerfectDetector(), tile_size=128, overlap=24, num_workers=workers, batch_size=10**7,
+                         progress=False)
+        assert np.array_equal(np.sort(f[key].to_numpy(), axis=0), np.sort(ref[key].to_numpy(), axis=0))

@@ -137,6 +137,8 @@ def read_batches(scene, grid: TileGrid, batch_size: int, min_valid_fraction: flo
 
     _check_policy(on_read_error)
     indices = list(range(len(grid))) if indices is None else list(indices)
+    # never a buffer for more tiles than run: --batch-size 100000 on a scene of 9 tiles takes 9
+    batch_size = max(1, min(int(batch_size), len(indices)))
     buf = torch.empty((batch_size, scene.count, grid.tile_size, grid.tile_size))
     arr = buf.numpy()
     for start in range(0, len(indices), batch_size):

@@ -141,6 +141,7 @@ def ring_batches(scene, grid, batch_size: int, workers: int, min_valid_fraction:
     _check_policy(on_read_error)
     scene.stats  # computed once here, not in every worker
     indices = list(range(len(grid))) if indices is None else list(indices)
+    batch_size = max(1, min(int(batch_size), len(indices)))  # slots no larger than the tiles that run
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     if not batches:
         return
