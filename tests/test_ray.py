@@ -350,3 +350,38 @@ def test_bf16_on_the_onnx_backend_is_refused_before_ray_starts(tiny_model, synth
         detect_ray([str(synth.image)], str(tiny_model), tmp_path / "run", progress=False, backend="onnx",
                    precision="bf16")
     assert ray.is_initialized() == was_running and not list((tmp_path / "run").glob("scene=*/*.parquet"))
+
+
+@pytest.mark.parametrize("flag", [["--gpus-per-worker", "-1"], ["--cpus-per-worker", "-2"],
+                                  ["--gpus-per-worker", "0.00001"], ["--cpus-per-worker", "nan"]])
+def test_negative_or_too_fine_worker_resources_are_usage_errors(tmp_path, capsys, flag):
+    from geodet.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["detect", "--engine", "ray", "x.tif", "-m", "m.pt", "-o", str(tmp_path / "rc"), *flag])
+    assert e.value.code == 2 and flag[0] in capsys.readouterr().err and not (tmp_path / "rc").exists()
+    # the API refuses them too, before anything is written or Ray starts
+    was_running = ray.is_initialized()
+    with pytest.raises(GeodetError, match="must be zero or a positive number"):
+        detect_ray(["x.tif"], PerfectDetector(), tmp_path / "rc", gpus_per_worker=-1)
+    assert not (tmp_path / "rc").exists() and ray.is_initialized() == was_running
+
+
+def test_a_worker_no_node_can_hold_is_refused_on_geodets_own_instance(local_ray, scenes, tmp_path, monkeypatch,
+                                                                    caplog):
+    # the module's instance stands in for the one geodet starts (no --address)
+    class OwnRay:
+        def __getattr__(self, name):
+            return {"is_initialized": lambda: False, "init": lambda *a, **k: None,
+                    "shutdown": lambda *a, **k: None}.get(name) or getattr(ray, name)
+
+    monkeypatch.setattr(ray_engine, "require_ray", OwnRay)
+    out = tmp_path / "new" / "rc"
+    for ask in (dict(cpus_per_worker=64), dict(gpus_per_worker=1000)):
+        with pytest.raises(GeodetError, match="the local Ray instance has 2 CPU"):
+            detect_ray([str(scenes[0][0])], PerfectDetector(), out, progress=False, **SETTINGS, **ask)
+        assert not (tmp_path / "new").exists()  # the folders it made are gone again
+    # on a cluster joined (which an autoscaler may grow) it is said, not refused
+    ray_engine.check_fits(ray, 1, 64, own=False)
+    assert "no node of the Ray cluster has the 64 CPU(s) and 1 GPU(s)" in caplog.text
+    ray_engine.check_fits(ray, 0, 2, own=True)  # fits: nothing said

@@ -69,11 +69,22 @@ def add_parser(sub, common) -> None:
     d.add_argument("--ray-workers", type=positive_int, default=2,
                    help="ray: detection actors, each loading the model once (default 2; --workers stays the "
                         "tile readers inside each)")
-    d.add_argument("--gpus-per-worker", type=finite, default=0.0, help="ray: GPUs per actor (e.g. 1, or 0.5 to share)")
-    d.add_argument("--cpus-per-worker", type=finite, default=1.0, help="ray: CPUs per actor (default 1)")
+    d.add_argument("--gpus-per-worker", type=ray_amount, default=0.0,
+                   help="ray: GPUs per actor (e.g. 1, or 0.5 to share)")
+    d.add_argument("--cpus-per-worker", type=ray_amount, default=1.0, help="ray: CPUs per actor (default 1)")
     d.add_argument("--block-tiles", type=positive_int, default=8,
                    help="ray: a work item is a K x K block of the scene's tiles (default 8)")
     d.add_argument("--retries", type=nonneg_int, default=2, help="ray: rounds that rerun failed blocks (default 2)")
+
+
+def ray_amount(text: str) -> float:
+    """An argparse type: CPUs or GPUs per Ray actor, zero or more in shares no finer than Ray's
+    0.0001; Ray refuses others only once it has started (and -1 means no limit elsewhere)."""
+    v = finite(text)
+    if v < 0 or 0 < v < 1e-4:
+        raise argparse.ArgumentTypeError(f"must be zero or positive (a share such as 0.5, or a whole number), "
+                                         f"got {v:g}")
+    return v
 
 
 def scene_list(args) -> tuple[list[str], list[str] | None]:

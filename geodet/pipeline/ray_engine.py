@@ -184,14 +184,17 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
     if settings.pop("tta", None) or (config is not None and config.detect.tta):
         raise GeodetError("test-time augmentation (tta) runs with the local engine only: detect_to_file / geodet "
                           "detect without --engine ray")
+    check_worker_resources(workers, gpus_per_worker, cpus_per_worker)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise GeodetError(f"{out} exists and is not a folder: the ray engine writes a folder of per-scene GeoParquet")
+    made = [p for p in [out, *out.parents] if not p.exists()]  # removed again, empty, if the job is refused
     out.mkdir(parents=True, exist_ok=True)
     detector, model_sha, model_arg = _job_model(model)
     if ids is not None and len(ids) != len(scenes):
         raise GeodetError(f"{len(ids)} scene ids for {len(scenes)} scenes")
     dirs = [str(out / f"scene={i}") for i in scene_ids(scenes, ids)]
+    made = [Path(d) for d in dirs if not Path(d).exists()] + made
     plans, failed = plan_scenes(scenes, detector, block_tiles, config, settings)
     chosen = _job_choice(scenes, detector, plans, config, settings, device, gpus_per_worker)
     pending, done_before = _pending_blocks(plans, dirs, model_sha)
@@ -202,6 +205,12 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  configure_logging=False)
     try:
+        if pending:
+            try:  # before any work is submitted: an actor no node can hold waits for ever
+                check_fits(ray, gpus_per_worker, cpus_per_worker, own=started and not address)
+            except GeodetError:
+                _remove_empty(made)
+                raise
         run.start_reducers(ray, workers)
         for attempt in range(retries + 1):
             if not run.pending:
@@ -226,6 +235,49 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
                **_pace(run.arrivals, run.block_seconds, workers)}
     write_json(summary, out / "_job.json")
     return summary
+
+
+def check_worker_resources(workers, gpus_per_worker, cpus_per_worker) -> None:
+    """Refuse, before anything is written or Ray starts, what Ray would refuse once started (or
+    take for something else): a pool of at least one actor, each asking for zero or more CPUs and
+    GPUs, in shares no finer than Ray's 0.0001."""
+    import math
+
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise GeodetError(f"workers must be a whole number of at least 1, got {workers!r}")
+    for name, v in (("gpus_per_worker", gpus_per_worker), ("cpus_per_worker", cpus_per_worker)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v) or v < 0 \
+                or 0 < v < 1e-4:
+            raise GeodetError(f"{name} must be zero or a positive number (a share such as 0.5 of one, or a whole "
+                              f"number), got {v!r}")
+
+
+def check_fits(ray, gpus_per_worker: float, cpus_per_worker: float, own: bool) -> None:
+    """Whether one actor fits on a node of the Ray instance: an actor asking for more CPUs or GPUs
+    than any node has waits for ever, the job showing "blocks 0/N". Refused on a local instance
+    geodet started (``own``: nothing will be added to it); on a cluster joined, which an
+    autoscaler may grow, said once and waited for."""
+    nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) >= cpus_per_worker and r.get("GPU", 0) >= gpus_per_worker for r in nodes):
+        return
+    total = ray.cluster_resources()
+    ask = f"{cpus_per_worker:g} CPU(s) and {gpus_per_worker:g} GPU(s)"
+    has = f"{total.get('CPU', 0):g} CPU(s) and {total.get('GPU', 0):g} GPU(s)"
+    if own:
+        raise GeodetError(f"each Ray worker asks for {ask}, but the local Ray instance has {has}: lower "
+                          "--cpus-per-worker / --gpus-per-worker, or join a larger cluster with --address")
+    log.warning("no node of the Ray cluster has the %s each worker asks for (it has %s in all): the job waits until "
+                "nodes are added (an autoscaler); Ctrl-C stops it, or lower --cpus-per-worker / --gpus-per-worker",
+                ask, has)
+
+
+def _remove_empty(paths) -> None:
+    """The folders a refused job made, where still empty (innermost first)."""
+    for p in paths:
+        try:
+            p.rmdir()
+        except OSError:
+            pass
 
 
 def _job_model(model):
