@@ -255,3 +255,34 @@ def test_detect_imports_a_folder_on_the_fly_and_caches_it(monkeypatch, tmp_path)
     assert len(cached) == 1
     report = json.loads((tmp_path / "a.gpkg.report.json").read_text())
     assert report["model"]["path"] == str(cached[0]) and report["model"]["classes"] == ["Tree"]
+
+
+def test_class_names_that_do_not_fit_the_head_are_refused(tmp_path, tv50):
+    # a label_dict naming more classes than the head, or an index past it, was cut or renamed class_N
+    for config in ({"label_dict": {"Tree": 0, "Snag": 1, "Bush": 2}}, {"label_dict": {"Tree": 5, "Snag": 0}},
+                   {"label_dict": {"Tree": 1}}):
+        folder = _hf_folder(tmp_path / f"l{len(str(config))}", tv50, config)
+        with pytest.raises(GeodetError, match=r"but the classification head has 2 class\(es\), indices 0 to 1"):
+            import_retinanet(str(folder))
+    folder = _hf_folder(tmp_path / "dup", tv50, {})
+    with pytest.raises(GeodetError, match="class name\\(s\\) a given twice"):
+        import_retinanet(str(folder), classes=["a", "a"])
+
+
+def test_import_checks_its_output_before_any_work(tmp_path, tv50, capsys):
+    from geodet.cli import main
+
+    sd = tmp_path / "weights.pt"
+    torch.save(tv50.state_dict(), sd)
+    before = sd.read_bytes()
+    (tmp_path / "adir").mkdir()
+    for out, said in [(tmp_path / "x.onnx", "x.onnx: this output is a PT file: name it so (e.g. x.pt)"),
+                      (tmp_path / "x.gpkg", "this output is a PT file"),
+                      (sd, "is the weights to import: writing the output there would replace it"),
+                      (tmp_path / "adir", "give a file name such as " + str(tmp_path / "adir" / "model.pt"))]:
+        assert main(["import", str(sd), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1
+    assert sd.read_bytes() == before and not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.gpkg").exists()
+    assert main(["import", str(sd), "-o", str(tmp_path / "m.pt"), "--classes", "a,a"]) == 2
+    assert "given twice" in capsys.readouterr().err and not (tmp_path / "m.pt").exists()

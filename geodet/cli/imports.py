@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .common import bands, finite, positive, positive_int
 
 
@@ -29,11 +31,12 @@ def add_parser(sub, common) -> None:
 
 
 def run(args) -> int:
-    from ..io.writers import check_output_path
+    from ..io.writers import check_not_an_input, check_output_path
     from ..model import save_model
     from ..model.imports import import_retinanet
 
-    out = check_output_path(args.out)
+    out = check_output_path(args.out, suffixes=(".pt",), example="model.pt")
+    check_not_an_input(out, [(p, "the weights to import") for p in _source_files(args.source)])
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     model = import_retinanet(args.source, gsd_m=args.gsd, tile_size=args.tile_size, min_size=args.min_size,
                              bands=args.bands, classes=classes, score_threshold=args.score_threshold,
@@ -45,3 +48,13 @@ def run(args) -> int:
     print(f"imported a {c.model.backbone} RetinaNet: classes {', '.join(c.classes)}; tiles of {c.tile_size} px at {res}; "
           f"score threshold {c.model.score_threshold:g}, NMS IoU {c.model.nms_iou:g} -> {out}")
     return 0
+
+
+def _source_files(source: str) -> list[Path]:
+    """The local files ``source`` names (a weights file, or a folder's files): the output must not
+    replace one of them."""
+    s = str(source)
+    path = Path(s[5:] if s.startswith("hf://") else s).expanduser()
+    if path.is_dir():
+        return [p for p in path.iterdir() if p.is_file()]
+    return [path] if path.is_file() else []

@@ -200,8 +200,13 @@ def _class_names(config: dict, source, n_classes: int, classes) -> list[str]:
     """The imported head's class names: given, from config.json's label_dict, or numbered."""
     if classes is None:
         by_index = _label_dict(config.get("label_dict"), source)
+        if by_index and sorted(by_index) != list(range(n_classes)):
+            # names cut off or made up (class_0) would label every detection wrongly, silently
+            raise GeodetError(f"{source}: config.json's label_dict {config['label_dict']} gives indices "
+                              f"{sorted(by_index)} but the classification head has {n_classes} class(es), indices "
+                              f"0 to {n_classes - 1}: fix config.json, or give {n_classes} name(s) with --classes")
         if by_index:
-            classes = [by_index.get(i, f"class_{i}") for i in range(n_classes)]
+            classes = [by_index[i] for i in range(n_classes)]
         else:
             classes = [f"class_{i}" for i in range(n_classes)] if n_classes > 1 else ["object"]
     classes = list(classes)
@@ -211,6 +216,10 @@ def _class_names(config: dict, source, n_classes: int, classes) -> list[str]:
     if len(classes) != n_classes:
         raise GeodetError(f"{source}: the head has {n_classes} class(es) but {len(classes)} names were given "
                           f"({', '.join(classes)}): give {n_classes} with --classes")
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:  # two of the head's outputs under one name could not be told apart in the detections
+        raise GeodetError(f"{source}: class name(s) {', '.join(twice)} given twice ({', '.join(classes)}): give each "
+                          "of the head's classes its own name (--classes)")
     return classes
 
 
