@@ -57,10 +57,11 @@ def test_overlap_in_metres_only_when_asked_at_least_as_directly(card):
 
 def test_every_setting_has_a_default_in_config():
     d = Config()
-    for name, (key, _) in SETTINGS.items():
-        obj = d
-        for part in key.split("."):
-            obj = getattr(obj, part)  # raises if the resolver names a key config.py lacks
+    for name, (keys, _) in SETTINGS.items():
+        for key in (keys,) if isinstance(keys, str) else keys:
+            obj = d
+            for part in key.split("."):
+                obj = getattr(obj, part)  # raises if the resolver names a key config.py lacks
 
 
 @pytest.mark.parametrize("kw,msg", [({"tile_size": 64, "overlap": 64}, "must be smaller"), ({"batch_size": 0}, "at least 1"),
@@ -78,3 +79,26 @@ def test_a_command_line_flag_is_reported_as_an_argument_not_the_config(card, tmp
     s = resolve_detect_settings(card, cfg)
     assert s.detections_per_tile == 5 and s.sources["detections_per_tile"] == "argument"
     assert s.sources["batch_size"] == "config" and s.sources["tile_size"] == "card"
+
+
+def test_a_config_writes_the_networks_threshold_as_it_writes_its_siblings(card, tmp_path, caplog):
+    # model.score_threshold was ignored (the card's 0.2 ran) while model.nms_iou beside it was honoured
+    from geodet.pipeline import settings
+
+    (tmp_path / "m.yaml").write_text("model:\n  score_threshold: 0.5\n  nms_iou: 0.3\n")
+    s = resolve_detect_settings(card, load_config(tmp_path / "m.yaml"))
+    assert (s.score_threshold, s.nms_iou) == (0.5, 0.3) and s.sources["score_threshold"] == "config"
+    # detect.score_threshold, the detection key, wins where both are written; a flag beats both
+    (tmp_path / "both.yaml").write_text("model:\n  score_threshold: 0.5\ndetect:\n  score_threshold: 0.7\n")
+    assert resolve_detect_settings(card, load_config(tmp_path / "both.yaml")).score_threshold == 0.7
+    cfg = load_config(tmp_path / "m.yaml", {"detect.score_threshold": 0.1})
+    s = resolve_detect_settings(card, cfg)
+    assert s.score_threshold == 0.1 and s.sources["score_threshold"] == "argument"
+    # architecture keys cannot change a trained network: said once, not silently dropped
+    caplog.set_level("WARNING")
+    (tmp_path / "arch.yaml").write_text("model:\n  levels: [3, 5]\n  anchor_sizes: [100.0, 200.0, 300.0]\n")
+    settings._IGNORED_SAID.clear()
+    for _ in range(3):  # once per scene
+        s = resolve_detect_settings(card, load_config(tmp_path / "arch.yaml"))
+    assert caplog.text.count("model.anchor_sizes, model.levels are ignored for detection") == 1
+    assert "model.nms_iou" not in caplog.text and s.tile_size == 320

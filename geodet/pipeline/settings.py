@@ -13,12 +13,14 @@ from typing import Optional
 from ..config import Config
 from ..errors import GeodetError
 
-# setting -> (config key, card attribute or None)
+# setting -> (config key, or keys with the first written winning; card attribute or None)
 SETTINGS = {
     "tile_size": ("tiling.tile_size", "tile_size"),
     "overlap": ("tiling.overlap", "overlap"),
     "overlap_m": ("tiling.overlap_m", None),
-    "score_threshold": ("detect.score_threshold", "model.score_threshold"),
+    # detect.score_threshold, else the network's own threshold where a config writes it as its siblings
+    # (model.nms_iou, model.detections_per_tile) are written
+    "score_threshold": (("detect.score_threshold", "model.score_threshold"), "model.score_threshold"),
     "nms_iou": ("model.nms_iou", "model.nms_iou"),
     "detections_per_tile": ("model.detections_per_tile", "model.detections_per_tile"),
     "bands": ("scene.bands", "bands"),
@@ -66,6 +68,33 @@ def _get(obj, dotted: str):
     return obj
 
 
+def _config_key(config: Config, keys) -> str | None:
+    """The first of ``keys`` (one key or several) that ``config`` writes, None where none is."""
+    for key in (keys,) if isinstance(keys, str) else keys:
+        if key in config.explicit and _get(config, key) is not None:
+            return key
+    return None
+
+
+_IGNORED_SAID: set = set()  # model.* keys already said to be ignored, once a process
+
+
+def _say_ignored(config: Config) -> None:
+    """Warn, once, about ``model.*`` keys a config writes that no detection setting takes: they
+    describe a network to build and train (levels, anchor sizes, ...), and a trained model's card
+    fixes them."""
+    import logging
+
+    used = {k for keys, _ in SETTINGS.values() for k in ((keys,) if isinstance(keys, str) else keys)}
+    ignored = sorted(k for k in config.explicit if k.startswith("model.") and k not in used and k not in _IGNORED_SAID)
+    if ignored:
+        _IGNORED_SAID.update(ignored)
+        one = len(ignored) == 1
+        logging.getLogger(__name__).warning(
+            "the config's %s %s ignored for detection: %s the network trained, which the model file fixes (its card)",
+            ", ".join(ignored), "is" if one else "are", "it describes" if one else "they describe")
+
+
 def resolve_detect_settings(card=None, config: Config | None = None, **explicit) -> DetectSettings:
     """Every detection setting from ``explicit`` keywords (None means not given), ``config`` (only
     keys its YAML or overrides set), the model ``card`` (a ``ModelCard``; None for a plain
@@ -74,18 +103,22 @@ def resolve_detect_settings(card=None, config: Config | None = None, **explicit)
     if unknown:
         raise TypeError(f"unknown detection setting(s): {', '.join(sorted(unknown))}")
     defaults = Config()
+    if config is not None:
+        _say_ignored(config)
     values, sources, tier = {}, {}, {}
-    for name, (key, card_attr) in SETTINGS.items():
+    for name, (keys, card_attr) in SETTINGS.items():
+        key = _config_key(config, keys) if config is not None else None
         if explicit.get(name) is not None:
             values[name], sources[name], tier[name] = explicit[name], "argument", 3
-        elif config is not None and key in config.explicit and _get(config, key) is not None:
+        elif key is not None:
             # a command-line flag is folded into the config: reported as the argument it was
             values[name], tier[name] = _get(config, key), 2
             sources[name] = "argument" if key in config.from_arguments else "config"
         elif card is not None and card_attr is not None and _get(card, card_attr) is not None:
             values[name], sources[name], tier[name] = _get(card, card_attr), "card", 1
         else:
-            values[name], sources[name], tier[name] = _get(defaults, key), "default", 0
+            default_key = keys if isinstance(keys, str) else keys[0]
+            values[name], sources[name], tier[name] = _get(defaults, default_key), "default", 0
     # an overlap in metres replaces the one in pixels when it was asked for at least as directly
     if values["overlap_m"] is not None and tier["overlap_m"] < tier["overlap"]:
         values["overlap_m"], sources["overlap_m"] = None, "default"
