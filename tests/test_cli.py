@@ -431,11 +431,18 @@ def test_an_output_never_replaces_an_input_or_a_projects_other_layers(tmp_path, 
     _one_error(capsys, ["detect", str(synth.image), "-m", str(tiny_model), "-o", str(project)],
                r"project\.gpkg holds other layers \(labels\) and the output replaces the whole file")
     assert {p: p.read_bytes() for p in before} == before
-    # a GeoPackage geodet wrote (its layers named after it) is replaced as before
-    gpd.read_file(synth.labels).to_file(tmp_path / "out.gpkg", layer="out_32633")
+    # a GeoPackage geodet wrote (layers named after it, with its columns) is replaced as before; a layer QGIS
+    # named after its file without them is the user's, and a name whose extension says nothing is no way round
     from geodet.io.writers import check_output_path
 
+    gpd.read_file(synth.labels).assign(score=0.5).to_file(tmp_path / "out.gpkg", layer="out_32633")
     check_output_path(tmp_path / "out.gpkg", "gpkg")
+    gpd.read_file(synth.labels).to_file(tmp_path / "labels.gpkg", layer="labels")
+    with pytest.raises(GeodetError, match=r"holds other layers \(labels\)"):
+        check_output_path(tmp_path / "labels.gpkg", "gpkg")
+    (tmp_path / "labels.gpkg").rename(tmp_path / "labels.dat")
+    with pytest.raises(GeodetError, match=r"holds other layers \(labels\)"):
+        check_output_path(tmp_path / "labels.dat", "gpkg")
 
 
 def test_vector_files_without_geometry_or_crs_are_one_line(tmp_path, synth, capsys):

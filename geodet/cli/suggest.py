@@ -60,9 +60,9 @@ def run(args) -> int:
     if fmt not in ("gpkg", "geojson", "fgb", "shp"):
         raise GeodetError(f"suggestions are written as .gpkg, .geojson, .fgb or .shp, not {fmt}: the cells are "
                           "polygons to label in QGIS")
-    check_output_path(args.out, fmt)
     check_not_an_input(args.out, [(args.labelled_area, "the labelled area (--labelled-area)"),
                                   (args.model, "the model"), *((s, "a scene of this job") for s in args.scenes)])
+    check_output_path(args.out, fmt)
     model = load_detector_file(args.model)
     progress.plan(len(args.scenes))  # one detection pass per scene
     frame = suggest_tiles(model, args.scenes, n=args.count, cell=args.cell_size, labelled_area=args.labelled_area,

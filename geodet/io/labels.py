@@ -242,22 +242,23 @@ def split_parts(gdf, source: str = "labels"):
     import shapely
 
     geoms = np.array(gdf.geometry.values, dtype=object)
-    multi = np.isin(shapely.get_type_id(geoms), [4, 6, 7]) if len(geoms) else np.zeros(0, bool)
+    # rows of several parts only: a file's single-part MultiPolygons (as QGIS and OGR write them) cost nothing
+    multi = (shapely.get_num_geometries(geoms) > 1) & np.isin(shapely.get_type_id(geoms), [4, 6, 7]) \
+        if len(geoms) else np.zeros(0, bool)
     if not multi.any():
         return gdf, 0
-    rows, out, split = [], [], 0
-    for i, g in enumerate(geoms):
-        groups = [g]
-        if multi[i]:
-            parts = shapely.get_parts(g)
-            while np.isin(shapely.get_type_id(parts), [4, 5, 6, 7]).any():  # a repaired collection nests its parts
-                parts = shapely.get_parts(parts)
-            parts = parts[~np.isin(shapely.get_type_id(parts), [1, 2, 5]) & ~shapely.is_empty(parts)]  # lines: no outline
-            if len(parts) > 1:
-                groups = _touching_groups(parts)
-        split += len(groups) > 1
-        rows += [i] * len(groups)
-        out += groups
+    rows, out, split = list(range(len(geoms))), list(geoms), 0
+    for i in np.flatnonzero(multi):
+        parts = shapely.get_parts(geoms[i])
+        while np.isin(shapely.get_type_id(parts), [4, 5, 6, 7]).any():  # a repaired collection nests its parts
+            parts = shapely.get_parts(parts)
+        parts = parts[~np.isin(shapely.get_type_id(parts), [1, 2, 5]) & ~shapely.is_empty(parts)]  # lines: no outline
+        groups = _touching_groups(parts) if len(parts) > 1 else []
+        if len(groups) > 1:
+            split += 1
+            out[i] = groups[0]
+            rows += [int(i)] * (len(groups) - 1)
+            out += groups[1:]
     if not split:
         return gdf, 0
     n_new = len(out) - len(geoms)

@@ -73,21 +73,24 @@ def check_not_an_input(path: str | Path, inputs) -> None:
                               "name")
 
 
-def _check_other_layers(p: Path) -> None:
+def _check_other_layers(p: Path, fmt: str | None) -> None:
     """An existing GeoPackage is replaced whole by an output: refuse one that holds layers of its own
-    (a project's labels and areas), so writing detections or cells there never deletes them."""
-    if p.suffix.lower() != ".gpkg" or not p.is_file():
+    (a project's labels and areas), so writing detections or cells there never deletes them. geodet's
+    layers are named after the file (``STEM``, ``STEM_EPSG``) and hold its columns (detections'
+    ``score``, suggestions' ``cell_row``): QGIS names a new layer after its file too."""
+    if (fmt or FORMATS.get(p.suffix.lower())) != "gpkg" or not p.is_file():
         return
+    import re
+
     try:
         import pyogrio
 
         names = [str(n) for n in pyogrio.list_layers(p)[:, 0]]
+        fields = {n: set(pyogrio.read_info(p, layer=n)["fields"]) for n in names if n != "layer_styles"}
     except Exception:  # not a readable GeoPackage: nothing of the user's can be told apart; it is replaced
         return
-    import re
-
-    ours = re.compile(rf"{re.escape(p.stem)}(_\d+)*|layer_styles", re.IGNORECASE)  # as geodet names its layers
-    others = [n for n in names if not ours.fullmatch(n)]
+    ours = re.compile(rf"{re.escape(p.stem)}(_\d+)*", re.IGNORECASE)
+    others = [n for n, f in fields.items() if not (ours.fullmatch(n) and f & {"score", "cell_row"})]
     if others:
         raise GeodetError(f"{p} holds other layers ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}) and the "
                           "output replaces the whole file: give the output a new file name")
@@ -107,7 +110,7 @@ def check_output_path(path: str | Path, fmt: str | None = None, suffixes: tuple 
         raise GeodetError(f"{p.name}: this output is a {'/'.join(s.lstrip('.').upper() for s in suffixes)} file: "
                           f"name it so (e.g. {p.with_suffix(suffixes[0]).name if p.suffix or p.name else example})")
     _check_writable_in(p.parent if str(p.parent) else Path("."), p)
-    _check_other_layers(p)
+    _check_other_layers(p, fmt)
     if fmt in ("shp", "csv"):
         other = p.with_suffix(".csv" if fmt == "shp" else ".shp")
         if other.exists():
