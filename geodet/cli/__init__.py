@@ -34,7 +34,8 @@ def build_parser() -> Parser:
         description="Find dense small objects (vehicles, trees, buildings, boats) in whole-scene GeoTIFFs.",
         epilog="Run 'geodet COMMAND --help' for a command's options. Start with 'geodet demo'. Exit codes: 0 done, "
                "2 bad input or setting (one line says what to do), 3 partial result written (detect: unreadable tiles "
-               "or scenes, listed in the report), 1 unexpected error, 130 interrupted.",
+               "or scenes, listed in the report; merge: unfinished scenes left out), 1 unexpected error, 130 "
+               "interrupted.",
     )
     from .. import __version__
 

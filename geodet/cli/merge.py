@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import FORMATS
+from .common import EXIT_PARTIAL, FORMATS
 
 
 def add_parser(sub, common) -> None:
@@ -22,8 +22,11 @@ def run(args) -> int:
     merged = merge_outputs(args.folder, args.out, args.format)
     print(f"{len(merged)} detections from {merged.attrs.get('scenes', 0)} scene(s) -> {args.out}")
     left = merged.attrs.get("unfinished") or []
-    if left:
-        print(f"note: {len(left)} scene(s) of {args.folder} are not finished and were left out "
+    if left:  # a partial result, as detect's exit code says one
+        import sys
+
+        print(f"geodet: warning: {len(left)} scene(s) of {args.folder} are not finished and were left out "
               f"({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}): run the same geodet detect --engine ray "
-              "command again to finish them, then merge again")
+              "command again to finish them, then merge again", file=sys.stderr)
+        return EXIT_PARTIAL
     return 0

@@ -471,7 +471,8 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
         raise GeodetError(f"{out_dir}: {'not a folder' if Path(out_dir).exists() else 'not found'}: give the folder "
                           "that geodet detect --engine ray wrote (its -o)")
     dirs = finished_scenes(out_dir)
-    unfinished = sorted(d.name for d in Path(out_dir).glob("scene=*") if d.is_dir() and d not in dirs)
+    done = set(dirs)
+    unfinished = sorted(d.name for d in Path(out_dir).glob("scene=*") if d.is_dir() and d not in done)
     if not dirs:
         some = f" ({len(unfinished)} scene folder(s) without a finished result: {', '.join(unfinished[:3])})" \
             if unfinished else f" (no scene=*/{SUCCESS} with its {FINAL})"
