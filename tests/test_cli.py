@@ -418,7 +418,8 @@ def test_an_output_never_replaces_an_input_or_a_projects_other_layers(tmp_path, 
     gpd.read_file(synth.labels).to_crs(4326).to_file(lab, driver="GeoJSON")
     shutil.copy(lab, det)
     before = {p: p.read_bytes() for p in (det, lab)}
-    _one_error(capsys, ["evaluate", str(det), str(lab), "-o", str(det)], r"det\.json is the detections: .*another output name")
+    _one_error(capsys, ["evaluate", str(det), str(lab), "-o", str(det)],
+               r"det\.json is the detections: .*another output name")
     _one_error(capsys, ["evaluate", str(det), str(lab), "-o", str(tmp_path / "." / "lab.json")], "is the labels")
     area = tmp_path / "area.gpkg"
     gpd.read_file(synth.labels).to_file(area, layer="area")
@@ -518,6 +519,15 @@ def test_a_later_scenes_bands_are_refused_before_the_first_scene_runs(tmp_path, 
     monkeypatch.setattr(detect, "batch_results", lambda *a, **k: ran.append(1) or iter(()))
     _one_error(capsys, ["detect", str(synth.image), str(tmp_path / "b1.tif"), "-m", str(tiny_model), "-o",
                         str(tmp_path / "o.gpkg")], r"model expects 3 band\(s\) .* b1\.tif has 1")
+    assert not ran and not (tmp_path / "o.gpkg").exists()
+    # an overlap in metres a later scene cannot take (a geographic CRS): refused before the first scene too
+    with rasterio.open(tmp_path / "geo.tif", "w", **dict(profile, crs="EPSG:4326",
+                                                        transform=from_origin(10.0, 50.0, 1e-5, 1e-5))) as dst:
+        dst.write(np.repeat(band[None], 3, 0))
+    (tmp_path / "m.yaml").write_text("tiling:\n  overlap_m: 3.0\n")
+    _one_error(capsys, ["detect", str(synth.image), str(tmp_path / "geo.tif"), "-m", str(tiny_model), "-o",
+                        str(tmp_path / "o.gpkg"), "--config", str(tmp_path / "m.yaml")],
+               r"geo\.tif: an overlap in metres needs a projected")
     assert not ran and not (tmp_path / "o.gpkg").exists()
 
 

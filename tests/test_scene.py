@@ -77,6 +77,21 @@ def test_a_gsd_finer_than_the_scene_by_far_is_refused_as_a_mistake(synth):
     assert Scene(synth.image, gsd_m=0.3 / 30).width == 30 * synth.width  # a fine but meant GSD still resamples
 
 
+def test_a_models_gsd_far_finer_than_the_scene_names_the_model(synth, tiny_model, tmp_path):
+    """The GSD came from the model's card, not from a flag the user gave: the advice says so."""
+    from geodet.errors import GeodetError
+    from geodet.model import load_model, save_model
+    from geodet.pipeline.job import detect_to_file
+
+    m = load_model(tiny_model)
+    m.card.gsd_m = 0.005
+    save_model(m, tmp_path / "m.pt")
+    with pytest.raises(GeodetError, match=r"the model works at 0\.005 m per pixel \(its card\), 60 times finer than "
+                                          r"this scene: use a model trained near"):
+        detect_to_file([synth.image], tmp_path / "m.pt", tmp_path / "o.gpkg", progress=False)
+    assert not (tmp_path / "o.gpkg").exists()
+
+
 def test_area_view_reads_the_scene_exactly(synth):
     """Validation detects over an area of its scene in place: the view's transform and tiles are
     exactly the scene's pixels there, scaled as the whole scene is."""

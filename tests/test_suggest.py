@@ -215,7 +215,8 @@ def test_suggest_refuses_what_cannot_be_meant_and_says_what_it_ranked(tiny_model
     # a labelled area drawn as lines: refused as training refuses it (it was ignored without a word)
     from shapely.geometry import LineString
 
-    gpd.GeoDataFrame(geometry=[LineString([(b.left, b.bottom), (b.right, b.top)])], crs=crs).to_file(tmp_path / "l.gpkg")
+    line = LineString([(b.left, b.bottom), (b.right, b.top)])
+    gpd.GeoDataFrame(geometry=[line], crs=crs).to_file(tmp_path / "l.gpkg")
     assert "the labelled area must be polygons (it holds LineString)" in err_of(
         [*base, str(synth.image), "--labelled-area", str(tmp_path / "l.gpkg")])
     # a project's area labelled elsewhere so far, or still empty: said, and every cell may be suggested

@@ -303,7 +303,8 @@ def labels_to_boxes(
     import shapely
 
     if scene.crs is None:
-        raise GeodetError(f"{scene.path}: the scene has no CRS, so labels cannot be placed on it")
+        raise GeodetError(f"{scene.path}: the scene has no georeferencing (no CRS, or no geotransform), so labels "
+                          "cannot be placed on it: assign them (gdal_edit.py -a_srs EPSG:xxxx -a_ullr ...)")
     if gdf.crs is not None and gdf.crs != scene.crs:
         gdf = gdf.to_crs(scene.crs)
     gdf, counts = usable_geometries(gdf, class_column, source)

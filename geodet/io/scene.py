@@ -120,10 +120,12 @@ class Scene:
             )
         fx, fy = (gsd_m / size for size in self.native_size_xy)
         if min(fx, fy) < 1 / MAX_UPSAMPLE:  # a GSD in the wrong unit, or a typo: a grid no machine holds
-            raise GeodetError(
+            exc = GeodetError(
                 f"{self.path}: resampling from {min(self.native_size_xy):.3g} m to {gsd_m:.3g} m per pixel would make "
                 f"the scene {1 / min(fx, fy):.3g} times larger per side (at most {MAX_UPSAMPLE} is taken as meant): "
                 "check the GSD (metres per pixel; --gsd / scene.gsd_m)")
+            exc.upsample = 1 / min(fx, fy)  # the reader names the model's card where the GSD came from it
+            raise exc
         if abs(fx - 1.0) > 1e-6 or abs(fy - 1.0) > 1e-6:
             from rasterio.transform import Affine
 

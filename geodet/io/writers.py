@@ -92,8 +92,9 @@ def _check_other_layers(p: Path, fmt: str | None) -> None:
     ours = re.compile(rf"{re.escape(p.stem)}(_\d+)*", re.IGNORECASE)
     others = [n for n, f in fields.items() if not (ours.fullmatch(n) and f & {"score", "cell_row"})]
     if others:
-        raise GeodetError(f"{p} holds other layers ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}) and the "
-                          "output replaces the whole file: give the output a new file name")
+        listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise GeodetError(f"{p} holds other layers ({listed}) and the output replaces the whole file: give the output "
+                          "a new file name")
 
 
 def check_output_path(path: str | Path, fmt: str | None = None, suffixes: tuple = (),

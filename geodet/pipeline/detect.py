@@ -67,6 +67,9 @@ def default_workers(device: torch.device | None = None) -> int:
     return min(8, cores // 2)
 
 
+ROOM = 16  # px: a tile whose part of the scene is narrower holds no object a capped tile could lose
+
+
 @dataclass
 class TileResult:
     """One tile's detections in tile pixels (``boxes`` is None for a skipped, empty tile)."""
@@ -241,7 +244,7 @@ def detect_tiles(scene: Scene, grid: TileGrid, detector, settings: DetectSetting
                     # Boxes on nodata count: they took places under the cap from objects beside them. A
                     # scene of a few pixels has no room for an object, whatever its padding gave.
                     x0, y0, x1, y1 = r.tile.valid
-                    counts["tiles_lost"] += r.capped and r.floor is not None and min(x1 - x0, y1 - y0) >= 16 and (
+                    counts["tiles_lost"] += r.capped and r.floor is not None and min(x1 - x0, y1 - y0) >= ROOM and (
                         operating_point is None or r.floor >= operating_point)
                     counts["on_nodata"] += r.on_nodata
                     stitcher.add(r.tile, r.boxes, r.scores, r.labels)

@@ -34,6 +34,7 @@ def open_scene(scene, settings, card=None, warn: bool = True):
         crs = grid_crs(src)  # none without a geotransform either: its GSD is unknown
         count, projected = src.count, crs is not None and crs.is_projected
         unit = metres_per_unit(crs)
+        any_crs = src.crs is not None
     bands = list(settings.bands)
     if card is not None and len(bands) == card.n_bands and max(bands) > count and settings.sources.get("bands") != "card":
         raise GeodetError(f"band {max(bands)} requested but scene {Path(path).name} has {count} band(s): pass --bands "
@@ -59,13 +60,21 @@ def open_scene(scene, settings, card=None, warn: bool = True):
         # it, so it runs at its own resolution (an explicit --gsd still fails clearly).
         if warn:
             log.warning("%s has no projected CRS%s: running at its native resolution, not the model's %.3g m", path,
-                        "" if crs is not None or src.crs is None else " placed by a geotransform", gsd_m)
+                        "" if crs is not None or not any_crs else " placed by a geotransform", gsd_m)
         gsd_m = None
     if gsd_m is not None and settings.sources.get("gsd_m") == "card" and unit not in (None, 1.0) \
             and card is not None and card.extra.get("gsd_unit") != "m":
         # a card written before GSDs were metres in every CRS holds the training scene's units
         gsd_m *= unit
-    sc = Scene(path, bands=bands, gsd_m=gsd_m, percentiles=settings.percentiles)
+    try:
+        sc = Scene(path, bands=bands, gsd_m=gsd_m, percentiles=settings.percentiles)
+    except GeodetError as exc:
+        if getattr(exc, "upsample", None) and settings.sources.get("gsd_m") == "card":
+            raise GeodetError(
+                f"{path}: the model works at {gsd_m:.3g} m per pixel (its card), {exc.upsample:.3g} times finer than "
+                "this scene: use a model trained near the scene's resolution, or give --gsd to run it at another"
+            ) from None
+        raise
     sc.skip_hint = settings.on_read_error != "skip"  # a read error's message suggests the skip only where it is not on
     sc.defer_partial_warning = not warn  # a second opening: the first (or detect_scene) says the damage
     return sc

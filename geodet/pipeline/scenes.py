@@ -211,10 +211,14 @@ def detect_scenes(paths: Sequence, detector, *, per_scene: bool = False, failure
     card = getattr(detector, "card", None)
     s = resolve_detect_settings(card, kwargs.get("config"), **{k: v for k, v in kwargs.items() if k not in ("config", "progress")})
     kwargs["tta"] = False  # decided here, once: each scene runs the detector as it now is
-    if len(paths) > 1:  # a later scene's bands or GSD that cannot be: refused before the first scene runs
+    if len(paths) > 1:  # a later scene's bands, GSD or overlap that cannot be: refused before the first scene runs
         for p in paths:
             try:
-                open_scene(p, s, card, warn=False).close()
+                sc = open_scene(p, s, card, warn=False)
+                try:
+                    scene_grid(sc, s)
+                finally:
+                    sc.close()
             except ReadError:  # unreadable: it fails alone when its turn comes
                 pass
     detector = job_detector(paths, detector, s, failures)

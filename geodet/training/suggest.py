@@ -226,7 +226,7 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
     op = float(card.operating_point)
     s = resolve_detect_settings(card, **{k: v for k, v in settings.items() if k != "config"})
     cell = int(cell or s.tile_size)
-    from ..io.scene import open_raster
+    from ..io.scene import grid_crs, open_raster
 
     from ..pipeline.job import check_each_scene_once
 
@@ -245,7 +245,7 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
     reached = []
     for path in scenes:  # before any detection: cells are polygons on a map
         with open_raster(path) as src:
-            if src.crs is None or src.transform.is_identity:
+            if grid_crs(src) is None:
                 raise GeodetError(f"{path}: the scene has no CRS or georeferencing, so the cells to label cannot be "
                                   "placed on a map: assign them (gdal_edit.py -a_srs EPSG:xxxx -a_ullr ...)")
             if area is not None:

@@ -104,7 +104,8 @@ class Trainer:
             self.keep = "last"
         self.classes = classes
         t = cfg.tiling
-        self.overlap = self.train_scenes[0].scene.overlap_px(t.overlap_m, t.tile_size) if t.overlap_m is not None else t.overlap
+        first = self.train_scenes[0].scene
+        self.overlap = first.overlap_px(t.overlap_m, t.tile_size) if t.overlap_m is not None else t.overlap
         n_labels = sum(len(s.labels) for s in self.train_scenes)
         col = cfg.train.class_column
         where = f"from the labels' '{col}' column" if col else "one class: no class column (train.class_column '')"
