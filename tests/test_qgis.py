@@ -362,7 +362,9 @@ def test_layers_go_to_geodet_as_qgis_holds_them(provider, synth, tmp_path):
     n = len(gpd.read_file(synth.labels))
     for run, name in zip(runs[:2], ("lab", "sc")):
         assert run["error"] is None, run
-        assert any(f"the CRS set on {name} in QGIS ({synth.crs}) is used" in i for i in run["infos"]), run["infos"]
+        # the files have none: QGIS may have assigned it by its own setting, so it is a warning to check it
+        assert any(f"the CRS set on {name} in QGIS ({synth.crs}) is used" in i and "if QGIS assigned it" in i
+                   for i in run["infos"]), [i for i in run["infos"] if "CRS" in i]
         assert f"{n} boxes" in run["results"]["REPORT"], run["results"]
     assert ".vrt" in runs[1]["commands"][0]
     for run in runs[2:]:

@@ -173,6 +173,9 @@ SIDECARS = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx", ".qm
 def area_files(area: str) -> list:
     """The files of the labelled-area file as they are now: a shapefile's with its sidecars."""
     path = Path(area.split("|")[0])
+    if extension(area) == "gpkg":  # with SQLite's journal where QGIS holds it open (edits not yet in the file)
+        return [p for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+                if p.is_file()]
     if extension(area) != "shp":
         return [path] if path.is_file() else []
     try:

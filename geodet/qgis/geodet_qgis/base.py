@@ -46,8 +46,12 @@ def set_crs(layer):
 
 def say_crs(layer, name, feedback):
     crs, own = layer.crs(), layer.dataProvider().crs()
-    feedback.pushInfo(f"{name}: the CRS set on {layer.name()} in QGIS ({crs.authid() or crs.description()}) is used, "
-                      f"not its file's ({own.authid() or own.description() or 'none'})")
+    text = (f"{name}: the CRS set on {layer.name()} in QGIS ({crs.authid() or crs.description()}) is used, not its "
+            f"file's ({own.authid() or own.description() or 'none'})")
+    if not own.isValid():  # the file has none: QGIS may have assigned one by its own setting (project or default)
+        text = ("warning: " + text + ": if QGIS assigned it, check that it is the layer's real CRS, or assign that "
+                "to the file (Layer Properties > Source, then save, or Assign Projection)")
+    feedback.pushInfo(text)
 
 
 def raster_file(layer, name, feedback):
