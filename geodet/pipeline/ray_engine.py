@@ -202,8 +202,7 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
                done_before, t_start)
     started = pending and not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 configure_logging=False)
+        _init_keeping_sigterm(ray, address)
     try:
         if pending:
             try:  # before any work is submitted: an actor no node can hold waits for ever
@@ -235,6 +234,20 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
                **_pace(run.arrivals, run.block_seconds, workers)}
     write_json(summary, out / "_job.json")
     return summary
+
+
+def _init_keeping_sigterm(ray, address) -> None:
+    """``ray.init``, with the process's SIGTERM handler (geodet's: stop, remove what is half-written,
+    exit 130) put back: Ray's core installs one that dumps a stack and aborts (exit 134), leaving
+    scene folders behind."""
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             configure_logging=False)
+    if before is not None:  # None: a handler Python did not install, which Python cannot put back
+        signal.signal(signal.SIGTERM, before)
 
 
 def check_worker_resources(workers, gpus_per_worker, cpus_per_worker) -> None:
