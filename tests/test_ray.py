@@ -17,7 +17,7 @@ from geodet.pipeline.scenes import detect_scene
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
-from geodet.pipeline import ray_engine  # noqa: E402
+from geodet.pipeline import ray_engine, ray_resources  # noqa: E402
 from geodet.pipeline.ray_engine import detect_ray, merge_outputs  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -382,6 +382,6 @@ def test_a_worker_no_node_can_hold_is_refused_on_geodets_own_instance(local_ray,
             detect_ray([str(scenes[0][0])], PerfectDetector(), out, progress=False, **SETTINGS, **ask)
         assert not (tmp_path / "new").exists()  # the folders it made are gone again
     # on a cluster joined (which an autoscaler may grow) it is said, not refused
-    ray_engine.check_fits(ray, 1, 64, own=False)
+    ray_resources.check_fits(ray, 1, 64, own=False)
     assert "no node of the Ray cluster has the 64 CPU(s) and 1 GPU(s)" in caplog.text
-    ray_engine.check_fits(ray, 0, 2, own=True)  # fits: nothing said
+    ray_resources.check_fits(ray, 0, 2, own=True)  # fits: nothing said

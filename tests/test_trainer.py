@@ -235,7 +235,12 @@ def test_resume_with_another_network_is_one_line_and_leaves_the_run(tmp_path, sy
 
     train(tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0), tmp_path, progress=False)
     before = (tmp_path / "last.pt").read_bytes()
-    other = tiny_config(synth.image, synth.labels, epochs=2, val_fraction=0.0, class_column="")  # one class
+    import geopandas as gpd
+
+    edited = tmp_path / "edited" / synth.labels.name  # the labels file edited since: one class left
+    edited.parent.mkdir()
+    gpd.read_file(synth.labels).assign(label="car").to_file(edited)
+    other = tiny_config(synth.image, edited, epochs=2, val_fraction=0.0)
     with pytest.raises(GeodetError, match="--resume: .*last.pt holds another network or classes"):
         train(other, tmp_path, resume=True, progress=False)
     from geodet.config import apply_overrides

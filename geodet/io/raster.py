@@ -86,6 +86,22 @@ def _gdal_warnings():
         _SAID.said = outer
 
 
+MAX_UPSAMPLE = 32  # a GSD finer than the scene's by more than this per side is refused as a mistake
+
+
+def check_upsample(path, native_m: float, gsd_m: float, factor: float) -> None:
+    """Refuse resampling ``factor`` times finer per side than MAX_UPSAMPLE: a GSD in the wrong unit, or
+    a typo, makes a grid no machine holds. The error carries ``upsample`` (the reader names the
+    model's card where the GSD came from it)."""
+    if factor > MAX_UPSAMPLE:
+        exc = GeodetError(
+            f"{path}: resampling from {native_m:.3g} m to {gsd_m:.3g} m per pixel would make the scene {factor:.3g} "
+            f"times larger per side (at most {MAX_UPSAMPLE} is taken as meant): check the GSD (metres per pixel; "
+            "--gsd / scene.gsd_m)")
+        exc.upsample = factor
+        raise exc
+
+
 def grid_crs(src):
     """The CRS of an opened raster's pixel grid: its CRS where a geotransform places the grid in it,
     else None (a CRS without a geotransform, which GDAL reads as the identity, places nothing:

@@ -18,14 +18,12 @@ import numpy as np
 
 from ..errors import GeodetError, ReadError, read_error
 from .gdal import GDAL_CACHE_MB, HTTP_RETRY, READ_ERRORS, gdal_env, gdal_message  # noqa: F401 (geodet's readers import them here)
-from .raster import grid_crs, metres_per_unit, open_raster, overlap_pixels, pixel_size_m  # noqa: F401 (and these)
+from .raster import (check_upsample, grid_crs, metres_per_unit, open_raster, overlap_pixels,  # noqa: F401
+                     pixel_size_m)
 
 log = logging.getLogger(__name__)
 
 STATS_MAX_SIDE = 1024  # decimated read for percentile statistics
-
-
-MAX_UPSAMPLE = 32  # a GSD finer than the scene's by more than this per side is refused as a mistake
 
 
 class Scene:
@@ -119,13 +117,7 @@ class Scene:
                 "reproject the scene (e.g. gdalwarp -t_srs EPSG:326xx) or unset gsd_m"
             )
         fx, fy = (gsd_m / size for size in self.native_size_xy)
-        if min(fx, fy) < 1 / MAX_UPSAMPLE:  # a GSD in the wrong unit, or a typo: a grid no machine holds
-            exc = GeodetError(
-                f"{self.path}: resampling from {min(self.native_size_xy):.3g} m to {gsd_m:.3g} m per pixel would make "
-                f"the scene {1 / min(fx, fy):.3g} times larger per side (at most {MAX_UPSAMPLE} is taken as meant): "
-                "check the GSD (metres per pixel; --gsd / scene.gsd_m)")
-            exc.upsample = 1 / min(fx, fy)  # the reader names the model's card where the GSD came from it
-            raise exc
+        check_upsample(self.path, min(self.native_size_xy), gsd_m, 1 / min(fx, fy))
         if abs(fx - 1.0) > 1e-6 or abs(fy - 1.0) > 1e-6:
             from rasterio.transform import Affine
 

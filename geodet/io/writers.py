@@ -300,6 +300,19 @@ def check_reaches_wgs84(crs, xy, fmt: str, what: str) -> None:
                           f"and {why}: write .gpkg (each CRS in a layer of its own) or .csv")
 
 
+def _check_groups_reach_wgs84(groups, fmt: str) -> None:
+    """``check_reaches_wgs84`` for each CRS group of frames, at its first detections' centre, where
+    they are written in WGS 84: GeoJSON, and a one-CRS format of several CRSs."""
+    if not (fmt == "geojson" or fmt in SINGLE_CRS and len(groups) > 1):
+        return
+    for crs, members in groups:
+        b = [m.total_bounds for m in members if len(m)]
+        if crs is not None and b:
+            scenes = sorted({str(v) for m in members if "scene" in m.columns for v in m["scene"]})
+            check_reaches_wgs84(crs, ((b[0][0] + b[0][2]) / 2, (b[0][1] + b[0][3]) / 2), fmt,
+                                ", ".join(scenes)[:200] or "the detections")
+
+
 def crs_groups(frames) -> list:
     """Frames grouped by CRS, in first-seen order: ``[(crs, [frames])]``."""
     groups = []
@@ -376,13 +389,7 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
             f"the scene has no CRS, so {fmt} output cannot be georeferenced: write CSV (-o out.csv) for pixel "
             "boxes, or assign the scene a CRS (gdal_edit.py -a_srs EPSG:xxxx)"
         )
-    if fmt == "geojson" or fmt in SINGLE_CRS and len(groups) > 1:  # before anything is written (merge too)
-        for crs, members in groups:
-            b = [m.total_bounds for m in members if len(m)]
-            if crs is not None and b:
-                check_reaches_wgs84(crs, ((b[0][0] + b[0][2]) / 2, (b[0][1] + b[0][3]) / 2), fmt,
-                                    ", ".join(sorted({str(v) for m in members if "scene" in m.columns
-                                                      for v in m["scene"]}))[:200] or "the detections")
+    _check_groups_reach_wgs84(groups, fmt)  # before anything is written (merge too)
     classes = sorted({str(v) for f in frames if "label" in f.columns for v in f["label"]})
     with atomic_path(path) as tmp, warnings.catch_warnings():
         # GDAL's advice on a name that --format overrides (out.dat as gpkg) is not the user's business
