@@ -333,7 +333,7 @@ def test_parameters_are_checked_before_the_run(provider, tiny_model, synth, tmp_
 XYZ = "type=xyz&url=http://127.0.0.1:9/%7Bz%7D/%7Bx%7D/%7By%7D.png&zmax=19&zmin=0"  # made without the network
 
 
-def test_layers_go_to_geodet_as_qgis_holds_them(provider, synth, tmp_path):
+def test_layers_go_to_geodet_as_qgis_holds_them(provider, synth, tiny_model, tmp_path):
     """A CRS set on a layer in QGIS (a shapefile without .prj, a raster without one) reaches geodet
     in the file QGIS gives it; a layer that is no file (XYZ tiles) is refused before geodet starts,
     alone or in a list; a .yml config is taken as a .yaml one."""
@@ -358,8 +358,19 @@ def test_layers_go_to_geodet_as_qgis_holds_them(provider, synth, tmp_path):
          "layers": {"sc": {"uri": str(bare), "crs": synth.crs, "raster": True}}},
         {"alg": "geodet:detect", "params": {"INPUT": "@xyz", "MODEL": str(model), "OUTPUT": str(tmp_path / "d.gpkg")},
          "layers": xyz},
-        {"alg": "geodet:pretrain", "params": {"INPUT": ["@xyz"], "OUTPUT": str(tmp_path / "bb.pt")}, "layers": xyz})
+        {"alg": "geodet:pretrain", "params": {"INPUT": ["@xyz"], "OUTPUT": str(tmp_path / "bb.pt")}, "layers": xyz},
+        # detections of the raster given its CRS in QGIS, loaded as Processing loads them: on the map where it is
+        {"alg": "geodet:detect", "params": {"INPUT": "@sc", "MODEL": str(tiny_model), "OUTPUT": str(tmp_path / "v.gpkg")},
+         "layers": {"sc": {"uri": str(bare), "crs": synth.crs, "raster": True}}, "load": True})
     n = len(gpd.read_file(synth.labels))
+    shown = runs.pop()
+    assert shown["error"] is None and len(shown["layers"]) == 1, shown
+    layer = shown["layers"][0]
+    assert layer["valid"] and layer["crs"] == synth.crs and layer["features"] > 0, layer
+    with rasterio.open(synth.image) as src:
+        b = src.bounds
+    x0, y0, x1, y1 = gpd.read_file(tmp_path / "v.gpkg").total_bounds
+    assert b.left <= x0 and b.bottom <= y0 and x1 <= b.right and y1 <= b.top  # the scene's place, not pixel numbers
     for run, name in zip(runs[:2], ("lab", "sc")):
         assert run["error"] is None, run
         # the files have none: QGIS may have assigned it by its own setting, so it is a warning to check it

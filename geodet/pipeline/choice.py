@@ -279,7 +279,9 @@ def _derived_onnx(model, s: DetectSettings, precision: str, scenes: list, checks
         result = build_onnx(model, path, precision, calib, check, s, extra_meta=meta, reference=ref)
     except GeodetError as exc:  # the model fails its check: remembered, not retried
         record = {"passed": False, "reason": str(exc)}
-        _write_atomically(failed, json.dumps(record))
+        from ..io.writers import write_json
+
+        write_json(record, failed)  # whole or not at all: a cut-short record is never read
         checks[precision] = record
         if explicit:
             raise
@@ -311,19 +313,6 @@ def _failed_record(failed: Path) -> dict | None:
         log.warning("ignoring a damaged record of a failed check %s: the check is made again", failed)
         return None
     return record
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """``path`` written whole or not at all (a temporary file in its folder, then renamed): a run
-    stopped halfway never leaves a cut-short record that later runs would read."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # where this process makes ONNX models when the cache cannot be written (removed at exit)

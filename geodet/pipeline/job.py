@@ -86,19 +86,15 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
 
 def check_each_scene_once(scenes: Sequence, why: str) -> None:
     """Refuse a scene named twice (two names of one file included), saying ``why`` it matters."""
+    from ..io.writers import same_file_key
+
     seen = {}
     for s in scenes:
-        key = _same_file_key(s)
+        key = same_file_key(s)
         if key in seen:
             also = "" if str(seen[key]) == str(s) else f" (as {seen[key]} too)"
             raise GeodetError(f"{s} is given twice{also}: {why}; name each scene once")
         seen[key] = s
-
-
-def _same_file_key(path) -> str:
-    from ..io.writers import same_file_key
-
-    return same_file_key(path)
 
 
 def _model_file(model):
@@ -113,7 +109,7 @@ def _model_file(model):
 def _check_no_overwrite(scenes: Sequence, out: Path, fmt: str, looks: list, model_file=None) -> None:
     """Refuse, before any work, an output or quicklook that would replace a scene of the job or
     one another (``-o scene.tif --format gpkg``, ``--quicklook`` named as the output)."""
-    from ..io.writers import report_path
+    from ..io.writers import report_path, same_file_key
 
     sidecars = {"csv": (".prj", ".csvt", ".qml"), "shp": (".shx", ".dbf", ".prj", ".cpg", ".qml"), "gpkg": ()}
     files = [(out, "the output"), (report_path(out), "the output's report")]
@@ -121,15 +117,15 @@ def _check_no_overwrite(scenes: Sequence, out: Path, fmt: str, looks: list, mode
     files += [(p, "a quicklook") for p in looks]
     written = {}
     for p, what in files:
-        key = _same_file_key(p)
+        key = same_file_key(p)
         if key in written:
             raise GeodetError(f"{p} would be written as {what} and as {written[key][1]}: give them different names")
         written[key] = (p, what)
-    if model_file is not None and _same_file_key(model_file) in written:
-        raise GeodetError(f"{model_file} is the model of this job: writing {written[_same_file_key(model_file)][1]} "
+    if model_file is not None and same_file_key(model_file) in written:
+        raise GeodetError(f"{model_file} is the model of this job: writing {written[same_file_key(model_file)][1]} "
                           "there would replace it; choose another output name")
     for s in scenes:
-        hit = written.get(_same_file_key(s))
+        hit = written.get(same_file_key(s))
         if hit:
             raise GeodetError(f"{s} is a scene of this job: writing {hit[1]} there would replace it; choose another "
                               "output name")

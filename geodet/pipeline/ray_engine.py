@@ -42,7 +42,7 @@ import numpy as np
 
 from ..errors import GeodetError
 from .blocks import ScenePlan, plan_scene, prepare_detector, run_block
-from .ray_resources import _init_keeping_sigterm, _remove_empty, check_fits, check_worker_resources
+from .ray_resources import init_keeping_sigterm, remove_empty, check_fits, check_worker_resources
 from .parts import (FINAL, SUCCESS, finish_scene, part_done, read_json, remove_stale_parts, scene_done, write_json,
                     write_part)
 
@@ -203,13 +203,13 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
                done_before, t_start)
     started = pending and not ray.is_initialized()
     if started:
-        _init_keeping_sigterm(ray, address)
+        init_keeping_sigterm(ray, address)
     try:
         if pending:
             try:  # before any work is submitted: an actor no node can hold waits for ever
                 check_fits(ray, gpus_per_worker, cpus_per_worker, own=started and not address)
             except GeodetError:
-                _remove_empty(made)
+                remove_empty(made)
                 raise
         run.start_reducers(ray, workers)
         for attempt in range(retries + 1):

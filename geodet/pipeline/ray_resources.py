@@ -12,7 +12,7 @@ from ..errors import GeodetError
 log = logging.getLogger(__name__)
 
 
-def _init_keeping_sigterm(ray, address) -> None:
+def init_keeping_sigterm(ray, address) -> None:
     """``ray.init``, with the process's SIGTERM handler (geodet's: stop, remove what is half-written,
     exit 130) put back: Ray's core installs one that dumps a stack and aborts (exit 134), leaving
     scene folders behind."""
@@ -60,7 +60,7 @@ def check_fits(ray, gpus_per_worker: float, cpus_per_worker: float, own: bool) -
                 ask, has)
 
 
-def _remove_empty(paths) -> None:
+def remove_empty(paths) -> None:
     """The folders a refused job made, where still empty (innermost first)."""
     for p in paths:
         try:
