@@ -431,6 +431,13 @@ def test_an_output_never_replaces_an_input_or_a_projects_other_layers(tmp_path, 
     before[project] = project.read_bytes()
     _one_error(capsys, ["detect", str(synth.image), "-m", str(tiny_model), "-o", str(project)],
                r"project\.gpkg holds other layers \(labels\) and the output replaces the whole file")
+    listing = tmp_path / "scenes.txt"
+    listing.write_text(f"{synth.image}\n")
+    before[listing] = listing.read_bytes()
+    _one_error(capsys, ["detect", "--scene-list", str(listing), "-m", str(tiny_model), "-o", str(listing),
+                        "--format", "csv"], r"scenes\.txt is the scene list \(--scene-list\)")
+    _one_error(capsys, ["detect", "--scene-list", str(listing), "-m", str(tiny_model), "-o", str(tmp_path / "d.gpkg"),
+                        "--quicklook", str(listing)], r"is the scene list")
     assert {p: p.read_bytes() for p in before} == before
     # a GeoPackage geodet wrote (layers named after it, with its columns) is replaced as before; a layer QGIS
     # named after its file without them is the user's, and a name whose extension says nothing is no way round

@@ -111,6 +111,19 @@ def scene_list(args) -> tuple[list[str], list[str] | None]:
     return scenes, ids
 
 
+def _check_lists_kept(args) -> None:
+    """Refuse, before any work, an output, report or quicklook named as a file the command reads
+    besides its scenes and model (``--scene-list``, ``--stac``, ``--config``)."""
+    from ..io.writers import check_not_an_input, report_path
+
+    inputs = [(args.scene_list, "the scene list (--scene-list)"), (args.stac, "the STAC items (--stac)"),
+              (args.config, "the config (--config)")]
+    written = [args.out, args.quicklook] + ([report_path(args.out)] if args.engine != "ray" else [])
+    for path in written:
+        if path:
+            check_not_an_input(path, inputs)
+
+
 def _run_ray(args, cfg, scenes, ids) -> int:
     from .. import progress
     from ..pipeline.ray_engine import detect_ray
@@ -168,6 +181,7 @@ def run(args) -> int:
     from ..pipeline.job import detect_to_file
 
     scenes, ids = scene_list(args)
+    _check_lists_kept(args)
     cfg = load_config(args.config, {"detect.batch_size": args.batch_size, "detect.device": args.device,
                                     "detect.num_workers": args.workers, "detect.score_threshold": args.score_threshold,
                                     "detect.backend": args.backend, "detect.precision": args.precision,
