@@ -8,9 +8,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("GEODET_NO_PROGRESS", "1")
 # derived models (ONNX exports, int8) go to a cache of the test run's own, never the user's
-os.environ["GEODET_CACHE"] = tempfile.mkdtemp(prefix="geodet-test-cache-")
+os.environ["GEODET_CACHE"] = _CACHE = tempfile.mkdtemp(prefix="geodet-test-cache-")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "trees"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The run's cache of derived models (tens of MB) goes with the run."""
+    import shutil
+
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
