@@ -58,6 +58,31 @@ def test_geojson_holds_both_in_lonlat_and_csv_names_each_crs(tmp_path, two_zones
     assert sorted(df["crs"]) == ["EPSG:32611", "EPSG:32617"] and df["wkt"].str.contains("400005").all()
 
 
+def test_csv_of_a_scene_without_crs_beside_a_mapped_one_says_so_per_row(tmp_path, two_zones):
+    """CSV holds a scene without a CRS (pixel boxes) beside a mapped one: the report says the CRS is
+    per row, the pixel rows have an empty crs; the returned frame (EPSG:4326) gives them no geometry
+    rather than pixel numbers read as degrees, and geopandas has nothing to warn about."""
+    import warnings
+
+    import pandas as pd
+
+    bare = tmp_path / "bare.tif"
+    with rasterio.open(bare, "w", driver="GTiff", width=100, height=80, count=3, dtype="uint8") as dst:
+        dst.write(np.full((3, 80, 100), 90, np.uint8))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", module="geopandas")
+        frame = detect_to_file([bare, two_zones[0]], one_box, tmp_path / "d.csv", tile_size=128, overlap=16,
+                               progress=False)
+    assert frame.attrs["report"]["output_crs"] == "per row (crs column)"
+    df = pd.read_csv(tmp_path / "d.csv")
+    from shapely import wkt
+    from shapely.geometry import box
+
+    assert df["crs"].isna().tolist() == [True, False] and wkt.loads(df["wkt"][0]).equals(box(10, 20, 30, 40))
+    assert frame.crs.to_epsg() == 4326 and frame.geometry.isna().tolist() == [True, False]
+    assert -119 < frame.geometry[1].centroid.x < -116  # zone 11
+
+
 def test_single_crs_formats_hold_both_in_lonlat_with_a_crs_column(tmp_path, two_zones):
     import geopandas as gpd
 

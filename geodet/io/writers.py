@@ -336,7 +336,9 @@ def distinct_crss(crss: list) -> list:
 
 def combine_frames(frames):
     """One frame of several scenes' detections: in their CRS when they share one, else in EPSG:4326
-    (with a ``crs`` column naming each row's scene CRS) rather than in one scene's projection."""
+    (with a ``crs`` column naming each row's scene CRS) rather than in one scene's projection; rows
+    of a scene without a CRS (CSV output) have no geometry there, their pixel boxes in ``px_*``."""
+    import geopandas as gpd
     import pandas as pd
 
     groups = crs_groups(frames)
@@ -347,8 +349,10 @@ def combine_frames(frames):
     for crs, members in groups:
         g = pd.concat(members, ignore_index=True)
         g.insert(1, "crs", crs.to_string() if crs is not None else None)
-        parts.append(g.to_crs("EPSG:4326") if crs is not None else g)
-    return pd.concat(parts, ignore_index=True).set_crs("EPSG:4326", allow_override=True)
+        if crs is None:  # pixel boxes have no place on the Earth: these rows keep them in px_x0..px_y1 only
+            g = g.set_geometry(gpd.GeoSeries([None] * len(g), index=g.index, crs="EPSG:4326"))
+        parts.append(g.to_crs("EPSG:4326"))
+    return pd.concat(parts, ignore_index=True)
 
 
 def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry: str = "wkt",

@@ -269,7 +269,7 @@ def _output_crs(fmt: str, frames) -> str | dict | None:
     for f in frames:
         if f.crs is not None and all(f.crs != c for c in crss):
             crss.append(f.crs)
-    if len(crss) <= 1:
+    if len(crss) + any(f.crs is None for f in frames) <= 1:  # pixel rows beside mapped ones: per row
         return crss[0].to_string() if crss else None
     if fmt == "gpkg":
         return {"layers": [c.to_string() for c in crss]}
