@@ -360,10 +360,17 @@ def test_negative_or_too_fine_worker_resources_are_usage_errors(tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         main(["detect", "--engine", "ray", "x.tif", "-m", "m.pt", "-o", str(tmp_path / "rc"), *flag])
     assert e.value.code == 2 and flag[0] in capsys.readouterr().err and not (tmp_path / "rc").exists()
+    with pytest.raises(SystemExit) as e:  # train's flags too
+        main(["train", "x.tif", "--labels", "l.gpkg", "--engine", "ray", "-o", str(tmp_path / "rc"), *flag])
+    assert e.value.code == 2 and flag[0] in capsys.readouterr().err and not (tmp_path / "rc").exists()
     # the API refuses them too, before anything is written or Ray starts
+    from geodet.training.ray_train import train_ray
+
     was_running = ray.is_initialized()
     with pytest.raises(GeodetError, match="must be zero or a positive number"):
         detect_ray(["x.tif"], PerfectDetector(), tmp_path / "rc", gpus_per_worker=-1)
+    with pytest.raises(GeodetError, match="must be zero or a positive number"):
+        train_ray(None, tmp_path / "rc", cpus_per_worker=float("nan"))
     assert not (tmp_path / "rc").exists() and ray.is_initialized() == was_running
 
 

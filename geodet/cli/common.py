@@ -71,6 +71,16 @@ positive = number(0, low_open=True)
 share = number(0, 1)  # a fraction from 0 to 1
 
 
+def ray_amount(text: str) -> float:
+    """An argparse type: CPUs or GPUs per Ray actor, zero or more in shares no finer than Ray's
+    0.0001; Ray refuses others only once it has started (and -1 means no limit elsewhere)."""
+    v = finite(text)
+    if v < 0 or 0 < v < 1e-4:
+        raise argparse.ArgumentTypeError(f"must be zero or positive (a share such as 0.5, or a whole number), "
+                                         f"got {v:g}")
+    return v
+
+
 DEVICE_METAVAR = "{auto,cpu,cuda,cuda:N}"
 
 

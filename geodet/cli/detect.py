@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import (EXIT_PARTIAL, FORMATS, GeodetError, add_device, bands, finite, nonneg_int, positive, positive_int,
-                     quiet_ray, share)
+from .common import (EXIT_PARTIAL, FORMATS, GeodetError, add_device, bands, nonneg_int, positive, positive_int,
+                     quiet_ray, ray_amount, share)
 
 
 def add_parser(sub, common) -> None:
@@ -75,16 +75,6 @@ def add_parser(sub, common) -> None:
     d.add_argument("--block-tiles", type=positive_int, default=8,
                    help="ray: a work item is a K x K block of the scene's tiles (default 8)")
     d.add_argument("--retries", type=nonneg_int, default=2, help="ray: rounds that rerun failed blocks (default 2)")
-
-
-def ray_amount(text: str) -> float:
-    """An argparse type: CPUs or GPUs per Ray actor, zero or more in shares no finer than Ray's
-    0.0001; Ray refuses others only once it has started (and -1 means no limit elsewhere)."""
-    v = finite(text)
-    if v < 0 or 0 < v < 1e-4:
-        raise argparse.ArgumentTypeError(f"must be zero or positive (a share such as 0.5, or a whole number), "
-                                         f"got {v:g}")
-    return v
 
 
 def scene_list(args) -> tuple[list[str], list[str] | None]:

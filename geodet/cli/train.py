@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .common import (PRESETS_HELP, GeodetError, add_device, bands, deprecated, finite, nonneg_int, positive, positive_int,
-                     quiet_ray)
+                     quiet_ray, ray_amount)
 
 PAIRING = ("scenes and labels pair by position: the first --labels file belongs to the first SCENE, the second to "
            "the second, and so on; name the scenes before the options, since an option that takes several files "
@@ -74,8 +74,8 @@ def add_parser(sub, common) -> None:
                          "the run folder must be shared storage for several machines")
     tr.add_argument("--address", help="ray: the cluster to join; default: start a local Ray instance")
     tr.add_argument("--ray-workers", type=positive_int, default=2, help="ray: training processes (default 2)")
-    tr.add_argument("--gpus-per-worker", type=finite, default=0.0, help="ray: GPUs per training process")
-    tr.add_argument("--cpus-per-worker", type=finite, default=1.0, help="ray: CPUs per training process")
+    tr.add_argument("--gpus-per-worker", type=ray_amount, default=0.0, help="ray: GPUs per training process")
+    tr.add_argument("--cpus-per-worker", type=ray_amount, default=1.0, help="ray: CPUs per training process")
     tr.add_argument("--max-failures", type=nonneg_int, default=2,
                     help="ray: restarts after a worker failure, each resuming from RUN_DIR/last.pt (default 2)")
     deprecated(tr, "--scene", "name the scenes first: geodet train SCENE... --labels LABELS...", dest="scene_flag",

@@ -50,13 +50,16 @@ def train_ray(cfg, out_dir, *, address: str | None = None, workers: int = 2, gpu
         from ray.train.torch import TorchTrainer
     except ImportError:
         raise GeodetError("geodet train --engine ray needs Ray Train: pip install 'geodet[ray]'") from None
+    from ..pipeline.ray_resources import check_fits, check_worker_resources, init_keeping_sigterm
+
+    check_worker_resources(workers, gpus_per_worker, cpus_per_worker)
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 configure_logging=False)
+        init_keeping_sigterm(ray, address)
     try:
+        check_fits(ray, gpus_per_worker, cpus_per_worker, own=started and not address)
+        out.mkdir(parents=True, exist_ok=True)
         resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
         trainer = TorchTrainer(
             _train_loop,
