@@ -307,6 +307,8 @@ def resolve_config_path(name_or_path: str | Path):
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise GeodetError(f"config {name_or_path} is a folder: give a YAML file in it (or a built-in preset's name)")
     d = config_dir()
     for candidate in (d / f"{name_or_path}.yaml", d / str(name_or_path)):
         if candidate.is_file():
@@ -316,13 +318,63 @@ def resolve_config_path(name_or_path: str | Path):
     raise GeodetError(f"config file not found: {name_or_path}{hint}")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last without
+    a word: a ``lr:`` pasted below another would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the safe loader says so itself
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(f"{key!r} is given twice (lines {first} and {key_node.start_mark.line + 1}): "
+                                    "keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _paths_beside(cfg: Config, file: Path) -> None:
+    """A config file's relative scene, label and area paths name files beside the config (as a
+    project folder is laid out), so the run is the same from any working folder; a path found
+    only from the working folder still works as before, and one that names a different file from
+    each is refused as ambiguous."""
+    import os
+
+    base = file.resolve().parent
+
+    def beside(p):
+        if not p or "://" in str(p) or str(p).startswith("/vsi") or os.path.isabs(p):
+            return p
+        here, there = Path(p), base / p
+        if not there.exists() or here.resolve() == there.resolve():
+            return p
+        if here.exists():
+            raise GeodetError(f"{file}: {p} names {here.resolve()} from the working folder and {there} beside the "
+                              "config: write the path absolute")
+        return str(there)
+
+    t = cfg.train
+    for s in [*t.scenes, *t.val_scenes]:
+        s.scene, s.labels, s.labelled_area = beside(s.scene), beside(s.labels), beside(s.labelled_area)
+    t.unlabelled = [beside(u) for u in t.unlabelled]
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (dotted keys)."""
     cfg = Config()
     if path is not None:
         file = resolve_config_path(path)
         try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+            data = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except _DuplicateKey as exc:
+            raise GeodetError(f"{file}: {exc}") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -334,6 +386,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(data, dict):
             raise GeodetError(f"{file}: the top level must be a mapping of sections (scene, tiling, model, ...)")
         _merge(cfg, data, "", str(file))
+        if isinstance(file, Path):
+            _paths_beside(cfg, file)
     if overrides:
         apply_overrides(cfg, overrides)
     return cfg

@@ -68,3 +68,42 @@ def test_every_section_is_typed():
     for f in dataclasses.fields(Config):
         assert dataclasses.is_dataclass(f.default_factory())
     assert yaml.safe_dump(Config().to_dict())
+
+
+def test_a_key_given_twice_or_a_folder_is_one_clear_error(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word (a pasted ``lr:`` would win): refused
+    with both lines; a folder given as the config is named as one, not "not found"."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.01\n  epochs: 3\n  lr: 0.5\n")
+    with pytest.raises(GeodetError, match=r"c\.yaml: 'lr' is given twice \(lines 2 and 4\): keep one"):
+        load_config(p)
+    p.write_text("train:\n  lr: 0.01\nmodel:\n  lr: 0.5\n")  # one key in two sections is no repeat
+    with pytest.raises(GeodetError, match="model.lr"):  # (an unknown key there, said as such)
+        load_config(p)
+    with pytest.raises(GeodetError, match="is a folder: give a YAML file in it"):
+        load_config(tmp_path)
+
+
+def test_a_configs_relative_paths_name_files_beside_it(tmp_path, monkeypatch):
+    """A project folder's config names its scenes relative to itself: the run is the same from any
+    working folder; a path found only from the working folder works as before; one naming two
+    different files is refused."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    for name in ("a.tif", "a.gpkg", "u.tif"):
+        (project / "data" / name).write_bytes(b"x")
+    cfg_file = project / "run.yaml"
+    cfg_file.write_text("train:\n  scenes:\n    - {scene: data/a.tif, labels: data/a.gpkg}\n  unlabelled: [data/u.tif]\n"
+                        "  val_scenes:\n    - {scene: elsewhere.tif, labels: /abs/l.gpkg}\n")
+    monkeypatch.chdir(tmp_path)
+    t = load_config(cfg_file).train
+    assert t.scenes[0].scene == str(project / "data" / "a.tif") and t.scenes[0].labels == str(project / "data" / "a.gpkg")
+    assert t.unlabelled == [str(project / "data" / "u.tif")] and t.scenes[0].labelled_area is None
+    assert t.val_scenes[0].scene == "elsewhere.tif" and t.val_scenes[0].labels == "/abs/l.gpkg"  # as given
+    monkeypatch.chdir(project)  # from the project folder: the same files
+    assert load_config("run.yaml").train.scenes[0].scene in ("data/a.tif", str(project / "data" / "a.tif"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.tif").write_bytes(b"y")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GeodetError, match=r"data/a\.tif names .* from the working folder and .* beside the config"):
+        load_config(cfg_file)
