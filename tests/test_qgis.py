@@ -369,15 +369,17 @@ def test_layers_go_to_geodet_as_qgis_holds_them(provider, synth, tiny_model, tmp
     assert layer["valid"] and layer["crs"] == synth.crs and layer["features"] > 0, layer
     with rasterio.open(synth.image) as src:
         b = src.bounds
-    x0, y0, x1, y1 = gpd.read_file(tmp_path / "v.gpkg").total_bounds
+    found = gpd.read_file(tmp_path / "v.gpkg")
+    x0, y0, x1, y1 = found.total_bounds
     assert b.left <= x0 and b.bottom <= y0 and x1 <= b.right and y1 <= b.top  # the scene's place, not pixel numbers
+    assert set(found["scene"]) == {"nocrs.tif"}  # named as the user's file, not the VRT that gave it the CRS
     for run, name in zip(runs[:2], ("lab", "sc")):
         assert run["error"] is None, run
         # the files have none: QGIS may have assigned it by its own setting, so it is a warning to check it
         assert any(f"the CRS set on {name} in QGIS ({synth.crs}) is used" in i and "if QGIS assigned it" in i
                    for i in run["infos"]), [i for i in run["infos"] if "CRS" in i]
         assert f"{n} boxes" in run["results"]["REPORT"], run["results"]
-    assert ".vrt" in runs[1]["commands"][0]
+    assert str(bare) not in runs[1]["commands"][0] and "nocrs.tif" in runs[1]["commands"][0]  # a VRT of that name
     for run in runs[2:]:
         assert run["error"] and "geodet reads raster files: save it as a GeoTIFF first" in run["error"], run
         assert run["commands"] == [], run["commands"]

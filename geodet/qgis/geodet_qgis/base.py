@@ -71,7 +71,9 @@ def raster_file(layer, name, feedback):
     srs = crs.authid()
     if not srs.startswith("EPSG:"):  # a CRS of the user's own: GDAL reads its WKT
         srs = crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED_GDAL)
-    vrt = QgsProcessingUtils.generateTempFilename(f"{Path(layer.source().split('|')[0]).stem or 'scene'}.vrt")
+    # named as the file (in a folder of its own): detections, reports and quicklooks name the scene as
+    # the user knows it, not "scene.vrt"; GDAL tells a VRT by its content, whatever its name
+    vrt = QgsProcessingUtils.generateTempFilename(Path(layer.source().split('|')[0]).name or "scene.vrt")
     ds = gdal.Translate(vrt, layer.source(), format="VRT", outputSRS=srs)
     if ds is None:
         raise QgsProcessingException(f"{name}: cannot give {layer.name()} the CRS set in QGIS "
