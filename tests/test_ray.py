@@ -107,6 +107,34 @@ def test_two_scenes_in_blocks_on_ray_equal_one_process(local_ray, scenes, tmp_pa
     assert sorted(back["scene"].unique()) == ["s0.tif", "s1.tif"]
 
 
+def test_runs_into_one_folder_keep_every_scene_of_one_name(local_ray, scenes, tmp_path, caplog):
+    """y2020/tile.tif, then y2021/tile.tif, into one output folder: both kept (the second under a
+    hashed id, said), a rerun of either finds its own folder, and merge names them apart by path,
+    with a report of full paths beside the merged file."""
+    import shutil
+
+    paths = []
+    for year, (src, _) in zip(("y2020", "y2021"), scenes):
+        (tmp_path / year).mkdir()
+        paths.append(str(shutil.copy(src, tmp_path / year / "tile.tif")))
+    out = tmp_path / "run"
+    for p in paths:
+        assert detect_ray([p], PerfectDetector(), out, workers=1, block_tiles=4, progress=False,
+                          **SETTINGS)["scenes_written"] == 1
+    folders = sorted(d.name for d in out.glob("scene=*"))
+    assert len(folders) == 2 and folders[0] == "scene=tile" and "holds the detections of another file" in caplog.text
+    for p in paths:  # each finds its own results, alone or together
+        assert detect_ray([p], PerfectDetector(), out, workers=1, block_tiles=4, progress=False,
+                          **SETTINGS)["scenes_already_done"] == 1
+    assert detect_ray(paths[::-1], PerfectDetector(), out, workers=1, block_tiles=4, progress=False,
+                      **SETTINGS)["scenes_already_done"] == 2
+    merged = merge_outputs(out, tmp_path / "all.fgb")
+    ref = [detect_scene(p, PerfectDetector(), progress=False, **SETTINGS) for p in paths]
+    assert len(merged) == sum(len(r) for r in ref) and set(merged["scene"]) == set(paths)
+    report = json.loads((tmp_path / "all.fgb.report.json").read_text())
+    assert sorted(report["inputs"]) == sorted(paths) and report["output_crs"] == "EPSG:32633"
+
+
 def test_a_block_that_fails_once_is_retried_and_the_result_is_unchanged(local_ray, scenes, tmp_path):
     scene = str(scenes[0][0])
     det = FailsOnce(tmp_path / "marker")

@@ -184,7 +184,7 @@ def _job_report(out, fmt: str, model, scenes: Sequence, frames: list, failures: 
                   "tta": (frames[0].attrs["report"].get("tta") if frames else None) or False,  # views when on
                   "adapted_to": adapted},
         "inputs": [_input(s) for s in scenes],
-        "output_crs": _output_crs(fmt, frames),
+        "output_crs": report_crs(fmt, frames),
         "scenes": [f.attrs["report"] for f in frames],
         "failed_scenes": failures,
         "tiles_unreadable": sum(f.attrs["report"].get("tiles_unreadable", 0) for f in frames),
@@ -261,7 +261,7 @@ def imported_model(source: str):
     return load_model(path)
 
 
-def _output_crs(fmt: str, frames) -> str | dict | None:
+def report_crs(fmt: str, frames) -> str | dict | None:
     """The output file's CRS as the report states it (per layer for a multi-CRS GeoPackage)."""
     if fmt == "geojson":
         return "EPSG:4326"

@@ -124,7 +124,7 @@ def read_part(scene_dir: Path, block: int) -> BlockResult:
                        list(m["unreadable"]), int(m.get("on_nodata", 0)))
 
 
-def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None) -> dict:
+def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None, operating_point: float | None = None) -> dict:
     """The reduce step of one scene whose parts are all written: stitch, write the final file,
     then ``_SUCCESS.json`` (last). Runs as a Ray task, or in the driver."""
     from ..io.writers import write_detections
@@ -135,6 +135,7 @@ def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None) -> 
     write_detections(frame, d / FINAL)
     rep = frame.attrs["report"]
     write_json({"scene": plan.scene, "model_sha256": model_sha, "fingerprint": plan.fingerprint,
+                "operating_point": operating_point,  # the style of a merged file draws from it, as detect's does
                  "settings_sha256": hashlib.sha256(json.dumps(rep["settings"], sort_keys=True, default=str)
                                                    .encode()).hexdigest(),
                  "grid": {"width": plan.width, "height": plan.height, "tile_size": plan.settings.tile_size,

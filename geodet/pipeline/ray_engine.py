@@ -71,6 +71,51 @@ def scene_ids(paths: Sequence, names: Sequence[str] | None = None) -> list[str]:
             for p, s in zip(paths, stems)]
 
 
+def _folder_owner(d: Path) -> str | None:
+    """The scene an earlier run wrote into the scene folder ``d`` (its marker's, or a part's), if any."""
+    marker = read_json(d / SUCCESS) if d.is_dir() else None
+    if isinstance(marker, dict) and marker.get("scene"):
+        return str(marker["scene"])
+    for meta in sorted(d.glob("part-*.json")) if d.is_dir() else []:
+        m = read_json(meta)
+        if isinstance(m, dict) and m.get("scene"):
+            return str(m["scene"])
+    return None
+
+
+def _unclaimed_ids(out: Path, scenes: Sequence, ids: list[str]) -> list[str]:
+    """Scene folder ids that keep every earlier run's results: a scene an earlier run wrote into
+    ``out`` gets that folder again (whatever the other scenes of this job); a scene whose id names
+    a folder written for another file that is still there (y2020/tile.tif, then y2021/tile.tif,
+    into one output folder) gets its id with a short hash of its path, so both are kept and merged;
+    a folder whose scene has gone (moved) is the new path's, and runs again."""
+    from ..io.writers import same_file_key
+
+    owners = {}  # same_file_key(scene) -> id of the folder an earlier run wrote for it
+    for d in sorted(out.glob("scene=*")):
+        owner = _folder_owner(d)
+        if owner is not None:
+            owners.setdefault(same_file_key(owner), d.name[len("scene="):])
+    taken = set(owners.values())
+    out_ids: list[str] = []
+    for p, sid in zip(scenes, ids):
+        key = same_file_key(p)
+        if key in owners:
+            out_ids.append(owners[key])
+            continue
+        owner = _folder_owner(out / f"scene={sid}")
+        if owner is not None and not ("://" in owner or owner.startswith("/vsi")) and not Path(owner).exists():
+            log.warning("%s: scene=%s held the detections of %s, which is no longer there: they are replaced", p,
+                        sid, owner)
+        elif sid in taken or sid in out_ids:
+            new = f"{sid}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+            log.warning("%s: scene=%s holds the detections of another file%s: this scene's go to scene=%s", p, sid,
+                        f" ({owner})" if owner else "", new)
+            sid = new
+        out_ids.append(sid)
+    return out_ids
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
@@ -127,8 +172,8 @@ class BlockWorker:
 class SceneReducer:
     """A Ray actor that runs ``finish_scene`` for the scenes the driver sends it."""
 
-    def finish(self, plan: ScenePlan, scene_dir, classes, model_sha):
-        return finish_scene(plan, scene_dir, classes, model_sha)
+    def finish(self, plan: ScenePlan, scene_dir, classes, model_sha, operating_point=None):
+        return finish_scene(plan, scene_dir, classes, model_sha, operating_point)
 
 
 def _run_round(ray, pending, model_arg, plans, dirs, workers, gpus_per_worker, cpus_per_worker, device, progress):
@@ -194,13 +239,14 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
     detector, model_sha, model_arg = _job_model(model)
     if ids is not None and len(ids) != len(scenes):
         raise GeodetError(f"{len(ids)} scene ids for {len(scenes)} scenes")
-    dirs = [str(out / f"scene={i}") for i in scene_ids(scenes, ids)]
+    dirs = [str(out / f"scene={i}") for i in _unclaimed_ids(out, scenes, scene_ids(scenes, ids))]
     made = [Path(d) for d in dirs if not Path(d).exists()] + made
     plans, failed = plan_scenes(scenes, detector, block_tiles, config, settings)
     chosen = _job_choice(scenes, detector, plans, config, settings, device, gpus_per_worker)
     pending, done_before = _pending_blocks(plans, dirs, model_sha)
-    run = _Run(plans, dirs, getattr(getattr(detector, "card", None), "classes", None), model_sha, pending,
-               done_before, t_start)
+    card = getattr(detector, "card", None)
+    run = _Run(plans, dirs, getattr(card, "classes", None), model_sha, pending, done_before, t_start,
+               getattr(card, "operating_point", None))
     started = pending and not ray.is_initialized()
     if started:
         init_keeping_sigterm(ray, address)
@@ -334,8 +380,9 @@ class _Run:
     """The driver's state of one job: blocks still to run, scenes reduced as soon as their last
     block is in (while other scenes' blocks run), the figures of the summary."""
 
-    def __init__(self, plans, dirs, classes, model_sha, pending, done_before, t_start):
+    def __init__(self, plans, dirs, classes, model_sha, pending, done_before, t_start, operating_point=None):
         self.plans, self.dirs, self.classes, self.model_sha = plans, dirs, classes, model_sha
+        self.operating_point = operating_point
         self.pending, self.t_start = pending, t_start
         self.todo = {si for si, p in enumerate(plans) if p is not None and str(p.scene) not in done_before}
         self.remaining = {si: set() for si in self.todo}
@@ -357,7 +404,7 @@ class _Run:
 
     def reduce_when_done(self, si: int) -> None:
         if not self.remaining[si] and si not in self.reducing:
-            args = (self.plans[si], self.dirs[si], self.classes, self.model_sha)
+            args = (self.plans[si], self.dirs[si], self.classes, self.model_sha, self.operating_point)
             self.reducing[si] = (self.reducers[len(self.reducing) % len(self.reducers)].finish.remote(*args)
                                  if self.reducers else args)
 
@@ -423,6 +470,7 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
     CRS, or EPSG:4326 with a ``crs`` column)."""
     from ..io.labels import read_geoparquet
     from ..io.writers import check_output_path, combine_frames, output_format, write_detections
+    from .scenes import scene_names
 
     if not Path(out_dir).is_dir():
         raise GeodetError(f"{out_dir}: {'not a folder' if Path(out_dir).exists() else 'not found'}: give the folder "
@@ -447,14 +495,29 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
                          for sha, names in models.items())
         raise GeodetError(f"{out_dir}: its scenes were detected by {len(models)} different models ({said}): run "
                           "geodet detect --engine ray again with one model, or merge one model's scenes")
-    frames = []
+    frames, markers = [], [read_json(d / SUCCESS) for d in dirs]
     for d in dirs:
         try:
             frames.append(read_geoparquet(d / FINAL))
         except GeodetError as exc:
             raise GeodetError(f"{exc}: run geodet detect --engine ray again on that scene (or delete its folder "
                               f"{d.name} to merge the others)") from None
-    write_detections(frames, out, fmt)  # several CRSs: as geodet detect writes them
+    # the scene column as detect's: file names, or paths where two scenes share one
+    for f, name in zip(frames, scene_names([m.get("scene") or d.name for m, d in zip(markers, dirs)])):
+        f["scene"] = name
+
+    def report():
+        from .job import report_crs
+
+        return {"merged_from": str(Path(out_dir).resolve()), "model_sha256": next(iter(models)),
+                "inputs": [m.get("scene") for m in markers], "output_crs": report_crs(fmt, frames),
+                "scenes": [{"scene": m.get("scene"), "folder": d.name, "detections": len(f), **(m.get("counts") or {}),
+                            "unreadable_tiles": m.get("unreadable_tiles") or []}
+                           for m, d, f in zip(markers, dirs, frames)],
+                "unfinished_scene_folders": unfinished}
+
+    # several CRSs as geodet detect writes them; styled from the model's operating point, as detect's
+    write_detections(frames, out, fmt, style_min_score=markers[0].get("operating_point"), report=report)
     merged = combine_frames(frames)
     merged.attrs["scenes"] = len(dirs)  # scenes without a detection count too
     merged.attrs["unfinished"] = unfinished  # left out: said, so a half-run job is not taken for the whole
