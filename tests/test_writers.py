@@ -142,3 +142,64 @@ def test_a_failed_write_removes_the_folders_it_made(tmp_path):
     with atomic_path(tmp_path / "a" / "f.json") as tmp:
         tmp.write_text("{}")
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.json"]
+
+
+def _frame(crs, x0, y0, label="car", n=1, size=2.0):
+    from shapely.geometry import box
+
+    text = lambda v: np.full(n, v, dtype=object)  # noqa: E731 (as detection makes them, empty too)
+    return gpd.GeoDataFrame({"scene": text("s.tif"), "label": text(label), "score": np.full(n, 0.9)},
+                            geometry=[box(x0, y0, x0 + size, y0 + size)] * n, crs=crs)
+
+
+def test_what_other_tools_read_is_what_was_written(tmp_path, caplog):
+    """GIS readers meet each file as it was meant: a CSV rewritten for several CRSs keeps no old
+    .prj (GDAL would read every row in it); a FlatGeobuf named x.dat is one file, and a shapefile
+    not named .shp is refused; an empty GeoParquet types its text columns; a shapefile's crs column
+    holds a CRS that parses (a WKT is 254 bytes too long for it); a box across the antimeridian is
+    split there, not 360 degrees wide; GeoJSON keeps 9 decimals; a style shared by two files of one
+    stem is said."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    import pyogrio
+    from pyproj import CRS
+
+    from geodet.errors import GeodetError
+
+    lcc = CRS.from_proj4("+proj=lcc +lat_1=33 +lat_2=45 +lat_0=40 +lon_0=-100 +ellps=GRS80 +units=m +no_defs")
+    write_detections(_frame("EPSG:32617", 400000, 4000000), tmp_path / "c.csv")
+    assert (tmp_path / "c.prj").exists()
+    write_detections([_frame("EPSG:32611", 400000, 4000000), _frame(lcc, 0, 0)], tmp_path / "c.csv")
+    assert not (tmp_path / "c.prj").exists() and pyogrio.read_info(tmp_path / "c.csv")["crs"] is None
+    write_detections(_frame("EPSG:32617", 400000, 4000000), tmp_path / "x.dat", fmt="fgb")
+    assert (tmp_path / "x.dat").is_file() and pyogrio.read_info(tmp_path / "x.dat")["features"] == 1
+    write_detections(_frame("EPSG:32617", 400000, 4000000), tmp_path / "x.dat", fmt="fgb")  # and again
+    with pytest.raises(GeodetError, match=r"a shapefile's name ends in \.shp"):
+        write_detections(_frame("EPSG:32617", 400000, 4000000), tmp_path / "y.dat", fmt="shp")
+    write_detections(_frame("EPSG:32617", 400000, 4000000, n=0), tmp_path / "e.parquet")
+    schema = pq.read_schema(tmp_path / "e.parquet")
+    assert str(schema.field("label").type) in ("string", "large_string") and str(schema.field("scene").type) != "null"
+    write_detections([_frame("EPSG:32611", 400000, 4000000), _frame(lcc, 0, 0)], tmp_path / "m.shp")
+    crs = list(gpd.read_file(tmp_path / "m.shp")["crs"])
+    assert crs[0] == "EPSG:32611" and CRS.from_user_input(crs[1]).equals(lcc)
+    with pytest.raises(GeodetError, match="longer than a shapefile's text field"):
+        write_detections(_frame("EPSG:32617", 400000, 4000000, label="x" * 300), tmp_path / "l.shp")
+    # the 180th meridian runs through this box (zone 60's central meridian is 177 E)
+    from pyproj import Transformer
+
+    x, y = Transformer.from_crs(4326, 32660, always_xy=True).transform(180.0, 0.001)
+    for ext in ("fgb", "parquet", "geojson"):
+        write_detections([_frame("EPSG:32660", x - 1, y - 1), _frame("EPSG:32611", 400000, 4000000)],
+                         tmp_path / f"a.{ext}")
+        g = gpd.read_parquet(tmp_path / "a.parquet") if ext == "parquet" else gpd.read_file(tmp_path / f"a.{ext}")
+        b = g.geometry.bounds
+        assert (b.maxx - b.minx < 1e-3).sum() == 1 or ext != "geojson", (ext, b)
+        crossing = g.geometry[g["crs"] == "EPSG:32660"].iloc[0]
+        assert crossing.geom_type == "MultiPolygon" and all(p.bounds[2] - p.bounds[0] < 1e-3 for p in crossing.geoms)
+    write_detections(_frame("EPSG:32617", 400000.123, 4000000), tmp_path / "p.geojson")
+    text = (tmp_path / "p.geojson").read_text()
+    coords = json.loads(text)["features"][0]["geometry"]["coordinates"][0]
+    assert max(len(str(c[0]).split(".")[1]) for c in coords) >= 8
+    write_detections(_frame("EPSG:32617", 400000, 4000000, label="tree"), tmp_path / "p.fgb")
+    assert "p.qml now styles p.geojson too" in caplog.text
+    assert isinstance(pd.read_csv(tmp_path / "c.csv"), pd.DataFrame)

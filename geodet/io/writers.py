@@ -10,6 +10,7 @@ import contextlib
 import errno
 import glob
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GeodetError, brief
+
+log = logging.getLogger(__name__)
 
 FORMATS = {
     ".geojson": "geojson", ".json": "geojson", ".gpkg": "gpkg", ".fgb": "fgb", ".shp": "shp", ".csv": "csv",
@@ -112,12 +115,31 @@ def check_output_path(path: str | Path, fmt: str | None = None, suffixes: tuple 
                           f"name it so (e.g. {p.with_suffix(suffixes[0]).name if p.suffix or p.name else example})")
     _check_writable_in(p.parent if str(p.parent) else Path("."), p)
     _check_other_layers(p, fmt)
+    if fmt == "shp" and p.suffix.lower() != ".shp":  # GDAL makes a folder of a shapefile named otherwise
+        raise GeodetError(f"{p.name}: a shapefile's name ends in .shp (its .shx, .dbf and .prj share the stem): "
+                          f"name it {p.with_suffix('.shp').name if p.suffix else p.name + '.shp'}")
     if fmt in ("shp", "csv"):
         other = p.with_suffix(".csv" if fmt == "shp" else ".shp")
         if other.exists():
             raise GeodetError(f"{p.name} and {other.name} would share {p.with_suffix('.prj').name} and "
                               f"{p.with_suffix('.qml').name} (the CRS and the style): give this output another name")
     return p
+
+
+def _say_shared_style(path: Path, style: str) -> None:
+    """``STEM.qml`` is QGIS's style for every file of that stem (out.geojson and out.fgb): say so
+    when this output's style replaces a different one that another file of the stem still has."""
+    q = path.with_suffix(".qml")
+    try:
+        if not q.is_file() or q.read_text(encoding="utf-8") == style:
+            return
+        others = sorted(x.name for x in path.parent.glob(f"{glob.escape(path.stem)}.*") if x.stem == path.stem
+                        and x.name != path.name and x.suffix.lower() in FORMATS and x.suffix.lower() != ".gpkg")
+    except (OSError, UnicodeDecodeError):
+        return
+    if others:
+        log.warning("%s now styles %s too, with this output's classes and threshold (QGIS loads a STEM.qml for every "
+                    "file of that stem): give outputs of different models different names", q.name, others[0])
 
 
 def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
@@ -222,6 +244,7 @@ class atomic_path:
         self.path = Path(path)
         self.tmpdir = None
         self.made: list[Path] = []  # folders made for it, removed again when the write fails
+        self.stale: list[Path] = []  # files of an earlier output that go when this one lands (unless written anew)
 
     def __enter__(self) -> Path:
         # the folder normalised (a/../b is b: "a" is neither made nor needed)
@@ -249,6 +272,10 @@ class atomic_path:
                             raise GeodetError(f"cannot write {self.path}: {brief(err)}: choose another output") from None
                         if f.name == self.path.name:
                             WRITTEN.append(self.path)
+                    names = {f.name for f in produced}
+                    for old in self.stale:
+                        if old.name not in names:
+                            old.unlink(missing_ok=True)
         except BaseException:
             failed = True
             raise
@@ -313,6 +340,16 @@ def _check_groups_reach_wgs84(groups, fmt: str) -> None:
                                 ", ".join(scenes)[:200] or "the detections")
 
 
+def crs_text(crs) -> str | None:
+    """A CRS as text that names it exactly: its authority code where one matches it exactly (rasterio's
+    ``to_string`` takes a 70 % match, naming a custom Lambert ESRI:54094), else its WKT."""
+    if crs is None:
+        return None
+    from pyproj import CRS
+
+    return CRS.from_user_input(crs).to_string()
+
+
 def crs_groups(frames) -> list:
     """Frames grouped by CRS, in first-seen order: ``[(crs, [frames])]``."""
     groups = []
@@ -351,8 +388,33 @@ def combine_frames(frames):
         g.insert(1, "crs", crs.to_string() if crs is not None else None)
         if crs is None:  # pixel boxes have no place on the Earth: these rows keep them in px_x0..px_y1 only
             g = g.set_geometry(gpd.GeoSeries([None] * len(g), index=g.index, crs="EPSG:4326"))
-        parts.append(g.to_crs("EPSG:4326"))
+        parts.append(to_wgs84(g))
     return pd.concat(parts, ignore_index=True)
+
+
+def to_wgs84(frame):
+    """``frame`` in EPSG:4326, a box that crosses the antimeridian split there into a MultiPolygon
+    (as RFC 7946 asks), not a polygon 360 degrees wide the other way round the Earth."""
+    import shapely
+    from shapely import affinity
+
+    out = frame.to_crs("EPSG:4326")
+    geoms = np.array(out.geometry.values, dtype=object)
+    b = shapely.bounds(geoms)
+    cross = np.flatnonzero(np.nan_to_num(b[:, 2] - b[:, 0]) > 180)
+    if not len(cross):
+        return out
+
+    def east_of_zero(xy):  # longitudes -180..0 as 180..360: the box is whole again
+        return np.c_[np.where(xy[:, 0] < 0, xy[:, 0] + 360, xy[:, 0]), xy[:, 1]]
+
+    for i in cross:
+        whole = shapely.transform(geoms[i], east_of_zero)
+        west = shapely.clip_by_rect(whole, -180, -90, 180, 90)
+        east = affinity.translate(shapely.clip_by_rect(whole, 180, -90, 540, 90), xoff=-360)
+        parts = [p for g in (west, east) for p in shapely.get_parts(g) if p.geom_type == "Polygon" and not p.is_empty]
+        geoms[i] = shapely.MultiPolygon(parts) if len(parts) > 1 else parts[0] if parts else geoms[i]
+    return out.set_geometry(list(geoms), crs="EPSG:4326")
 
 
 def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry: str = "wkt",
@@ -380,7 +442,7 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
     the other."""
     import pandas as pd
     import pyogrio
-    from shapely.geometry.polygon import orient
+    import shapely
 
     from .style import add_gpkg_style, qml
 
@@ -395,12 +457,19 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
         )
     _check_groups_reach_wgs84(groups, fmt)  # before anything is written (merge too)
     classes = sorted({str(v) for f in frames if "label" in f.columns for v in f["label"]})
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    if fmt == "shp" and path.suffix.lower() != ".shp":
+        raise GeodetError(f"{path.name}: a shapefile's name ends in .shp: name it {path.stem}.shp")
+    style = qml(classes, style_min_score)
+    if fmt != "gpkg":
+        _say_shared_style(path, style)
+    landing = atomic_path(path)
+    landing.stale = [path.with_suffix(".prj")] if fmt == "csv" else []  # one CRS no more: no old .prj left to lie
+    with landing as tmp, warnings.catch_warnings():
         # GDAL's advice on a name that --format overrides (out.dat as gpkg) is not the user's business
         warnings.filterwarnings("ignore", message="The filename extension should be", category=RuntimeWarning)
         if fmt == "csv":
             _write_csv(groups, tmp, csv_geometry)
-            tmp.with_suffix(".qml").write_text(qml(classes, style_min_score), encoding="utf-8")
+            tmp.with_suffix(".qml").write_text(style, encoding="utf-8")
         elif fmt == "gpkg":
             used = set()
             for k, (crs, members) in enumerate(groups):
@@ -414,17 +483,25 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
                                         append=k > 0, dataset_options={"VERSION": GPKG_VERSION} if k == 0 else None)
                 add_gpkg_style(tmp, layer, classes, style_min_score)
         elif fmt == "parquet":
-            combine_frames(frames).to_parquet(tmp, index=False)
-            tmp.with_suffix(".qml").write_text(qml(classes, style_min_score), encoding="utf-8")
+            _typed_text(combine_frames(frames)).to_parquet(tmp, index=False)
+            tmp.with_suffix(".qml").write_text(style, encoding="utf-8")
         else:
             out = combine_frames(frames)
             layer_opts = None
             if fmt == "geojson":
-                out = out.to_crs("EPSG:4326")
-                out = out.set_geometry([orient(g, sign=1.0) for g in out.geometry], crs="EPSG:4326")
-                layer_opts = {"RFC7946": "YES", "WRITE_BBOX": "NO"}
-            pyogrio.write_dataframe(out, tmp, driver=DRIVERS[fmt], layer_options=layer_opts, geometry_type="Polygon")
-            tmp.with_suffix(".qml").write_text(qml(classes, style_min_score), encoding="utf-8")
+                out = to_wgs84(out)
+                out = out.set_geometry(shapely.orient_polygons(out.geometry.values, exterior_cw=False), crs="EPSG:4326")
+                # 9 decimals (0.1 mm) keep a 2 cm drone scene's boxes where they are; GDAL's default, 7, is 1 cm
+                layer_opts = {"RFC7946": "YES", "WRITE_BBOX": "NO", "COORDINATE_PRECISION": "9"}
+            if fmt == "shp":
+                out = _shapefile_text(out)
+            multi = bool((out.geom_type == "MultiPolygon").any())  # boxes split at the antimeridian
+            target = tmp if fmt != "fgb" or tmp.suffix.lower() == ".fgb" else tmp.with_name(tmp.name + ".fgb")
+            pyogrio.write_dataframe(out, target, driver=DRIVERS[fmt], layer_options=layer_opts,
+                                    geometry_type="MultiPolygon" if multi else "Polygon", promote_to_multi=multi)
+            if target != tmp:  # GDAL makes a folder of a FlatGeobuf named otherwise
+                target.rename(tmp)
+            tmp.with_suffix(".qml").write_text(style, encoding="utf-8")
             if fmt == "shp" and tmp.suffix != ".shp":  # GDAL names a shapefile's parts in lower case: A.SHP as given
                 for part in tmp.parent.glob(f"{glob.escape(tmp.stem)}.*"):
                     if part.suffix in (".shp", ".shx", ".dbf", ".prj", ".cpg"):
@@ -435,6 +512,36 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
             (tmp.parent / report_path(path).name).write_text(
                 json.dumps(json_safe(report()), indent=2, default=str, allow_nan=False), encoding="utf-8")
     return path
+
+
+def _typed_text(frame):
+    """Text columns typed as text even when empty (an empty object column is Arrow's ``null`` type,
+    which a dataset of files with detections cannot be combined with)."""
+    for c in ("scene", "label", "crs"):
+        if c in frame.columns and frame[c].dtype == object:
+            frame[c] = frame[c].astype("str")
+    return frame
+
+
+SHP_TEXT = 254  # bytes in a shapefile's text field
+
+
+def _shapefile_text(frame):
+    """A shapefile's text fields hold 254 bytes: a ``crs`` column's WKT (a CRS without an authority
+    code) is written as its PROJ string, which fits; a class name that does not fit is refused."""
+    from pyproj import CRS
+
+    if "crs" in frame.columns:
+        long = {v for v in frame["crs"].dropna().unique() if len(str(v).encode()) > SHP_TEXT}
+        if long:
+            short = {v: CRS.from_user_input(v).to_proj4() for v in long}
+            frame = frame.assign(crs=frame["crs"].map(lambda v: short.get(v, v)))
+    if "label" in frame.columns:
+        too_long = [v for v in frame["label"].dropna().unique() if len(str(v).encode()) > SHP_TEXT]
+        if too_long:
+            raise GeodetError(f"the class name {str(too_long[0])[:40]}... is longer than a shapefile's text field "
+                              f"({SHP_TEXT} bytes): write .gpkg, .fgb or .parquet")
+    return frame
 
 
 def _rounded(frame):

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from ..errors import GeodetError, ReadError
+from ..io.writers import crs_text
 from .backends import OnnxDetector
 from .choice import choose_detector
 from .detect import ScenePass, default_workers, detect_tiles, resolve_device, to_frame
@@ -141,7 +142,7 @@ def scene_report(sc, grid, s: DetectSettings, device, done: ScenePass, timings, 
         "scene_size_px": [sc.file_width, sc.file_height],
         "grid_size_px": [sc.width, sc.height],
         "resampled_to_gsd_m": sc.gsd_m if sc.resampled else None,
-        "crs": sc.crs.to_string() if sc.crs else None,
+        "crs": crs_text(sc.crs),
         "bands": sc.bands,
         "tile_size": grid.tile_size,
         "overlap": grid.overlap,
