@@ -149,6 +149,22 @@ def test_a_rerun_replaces_the_folder_whole_and_a_failed_one_leaves_it(tmp_path, 
         write_chips(p, out, tile_size=40, overlap=0, progress=False)
     assert {f.name: f.read_bytes() for f in (out / "chips").iterdir()} == before
     assert len(gpd.read_file(out / "chips.gpkg")) == 4 and sorted(f.name for f in out.iterdir()) == ["chips", "chips.gpkg"]
+    monkeypatch.undo()
+    # what geodet did not write is never deleted: a scene, labels or notes kept in chips/ (the scene
+    # tiled may be one of them), a COCO file of the user's in a folder never tiled into; refused first
+    from geodet.errors import GeodetError
+
+    (out / "chips" / "r0_c0.tif.aux.xml").write_text("<PAMDataset/>")  # GDAL's statistics beside a chip: geodet's
+    (out / "chips" / "notes.txt").write_text("mine")
+    with pytest.raises(GeodetError, match=r"holds files that are not chips \(notes\.txt\).*move them out"):
+        write_chips(p, out, tile_size=100, overlap=0, progress=False)
+    assert (out / "chips" / "notes.txt").read_text() == "mine"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "annotations.json").write_text("{}")
+    with pytest.raises(GeodetError, match="is not from a geodet tile run"):
+        write_chips(p, mine, tile_size=100, overlap=0, progress=False)
+    assert sorted(f.name for f in mine.iterdir()) == ["annotations.json"]
 
 
 def test_tile_numbers_are_checked_and_a_small_tile_gets_a_smaller_overlap(tmp_path, capsys, caplog):

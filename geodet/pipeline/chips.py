@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import GeodetError
 from ..progress import progress_bar
 from ..io.scene import READ_ERRORS, Scene, gdal_env
 from .grid import TileGrid
@@ -33,6 +35,7 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     from ..io.writers import check_output_folder, missing_folders, remove_partial
 
     out = check_output_folder(out_dir)
+    _check_only_chips_replaced(out)
     lb = None
     if labels:
         lb = load_scene_labels(sc, labels, class_column or None, unknown="keep")
@@ -52,6 +55,25 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
         shutil.rmtree(stage, ignore_errors=True)
         if not swapped:  # a damaged scene, an interrupt: nothing of a failed run is left behind
             remove_partial([], made)
+
+
+CHIP = re.compile(r"r\d+_c\d+\.tif(\.aux\.xml)?")  # a chip (and the statistics GDAL or QGIS may write beside it)
+
+
+def _check_only_chips_replaced(out: Path) -> None:
+    """A run replaces ``OUT/chips/`` whole and ``OUT/annotations.json``: refuse, before any work,
+    where they hold what geodet did not write (a scene, labels, notes kept in chips/; a COCO file of
+    the user's in a folder geodet never tiled into)."""
+    chips = out / "chips"
+    if chips.is_dir():
+        others = sorted(p.name for p in chips.iterdir() if not CHIP.fullmatch(p.name))
+        if others:
+            listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise GeodetError(f"{chips} holds files that are not chips ({listed}), and a run replaces that folder "
+                              "whole: move them out, or give another --out")
+    if (out / "annotations.json").exists() and not (out / "chips.gpkg").exists():
+        raise GeodetError(f"{out / 'annotations.json'} is not from a geodet tile run (no chips.gpkg beside it), and a "
+                          "run replaces it: move it, or give another --out")
 
 
 def _swap_in(stage: Path, out: Path) -> None:
