@@ -455,3 +455,23 @@ def test_an_unwritable_cache_makes_the_onnx_model_in_a_temporary_folder(monkeypa
     r = detect_scene(synth.image, model, progress=False, backend="onnx").attrs["report"]["backend"]
     assert (r["backend"], r["precision"]) == ("onnx", "fp32") and r["reason"].count("cached: ") == 1
     assert caplog.text.count("cannot be written") == 1
+
+
+def test_a_full_cache_disk_runs_the_torch_model_unless_onnx_was_asked_for(monkeypatch, tmp_path, tiny_model, synth,
+                                                                         caplog):
+    """The ONNX model is a speed-up the user did not ask for: a full disk under the cache costs it,
+    not the job (said, with what to do); asked for (--backend onnx), it is one line."""
+    import errno
+
+    from geodet.pipeline import convert
+
+    monkeypatch.setenv("GEODET_CACHE", str(tmp_path / "cache"))
+    _fp32_on_the_spot(monkeypatch)
+    monkeypatch.setattr(convert, "build_onnx",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    model = load_model(tiny_model)
+    r = detect_scene(synth.image, model, progress=False).attrs["report"]["backend"]
+    assert (r["backend"], r["precision"]) == ("torch", "fp32")
+    assert "could not be written" in caplog.text and "the torch model runs instead" in caplog.text
+    with pytest.raises(GeodetError, match="No space left on device.*free some space there, or set GEODET_CACHE"):
+        detect_scene(synth.image, model, progress=False, backend="onnx")

@@ -114,6 +114,24 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
         with pytest.raises(GeodetError, match=f"cannot write .*{name}: .*No space left.*free some space"):
             write_detections(frame, tmp_path / name)
         assert list(tmp_path.iterdir()) == []
+    # GDAL's own words (SQLite's "database or disk is full"; FlatGeobuf's "Unexpected I/O failure" where
+    # the disk has nothing left) are the same one line; the same words on a disk with room are not
+    import os
+    from collections import namedtuple
+
+    real = os.statvfs
+    for fail, free, said in ((pyogrio.errors.FeatureError("failed to execute insert : database or disk is full"),
+                              10 << 30, True),
+                             (pyogrio.errors.FeatureError("Unexpected I/O failure: writing feature"), 4096, True),
+                             (pyogrio.errors.FeatureError("Unexpected I/O failure: writing feature"), 10 << 30, False)):
+        st = namedtuple("st", "f_bavail f_frsize")(free // 4096, 4096)
+        monkeypatch.setattr(os, "statvfs", lambda p, _st=st: _st)
+        monkeypatch.setattr(pyogrio, "write_dataframe", lambda *a, _f=fail, **k: (_ for _ in ()).throw(_f))
+        with pytest.raises(GeodetError if said else pyogrio.errors.FeatureError, match="free some space" if said else
+                           "Unexpected"):
+            write_detections(frame, tmp_path / "d.fgb")
+        monkeypatch.setattr(os, "statvfs", real)
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_brief_cuts_at_a_word():

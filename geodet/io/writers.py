@@ -261,6 +261,7 @@ class atomic_path:
 
     def __exit__(self, exc_type, exc, tb):
         failed = exc is not None
+        full = failed and _disk_refused(exc, self.tmpdir)  # asked while the failed write still fills the disk
         try:
             if exc_type is None:
                 produced = sorted(self.tmpdir.iterdir())
@@ -283,7 +284,7 @@ class atomic_path:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             if failed:
                 remove_partial([], self.made)
-        if exc is not None and _disk_refused(exc, self.tmpdir):  # a full disk, a quota: one line, nothing left
+        if full:  # a full disk, a quota: one line, nothing left
             raise GeodetError(f"cannot write {self.path}: {brief(exc)}: free some space there or choose another "
                               "output folder") from None
         return False
@@ -302,7 +303,21 @@ def _disk_refused(exc: BaseException, tmpdir: Path) -> bool:
     if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
         return True
     text = str(exc)
-    return any(s in text for s in ("No space left", "Disk quota", "File too large", "Read-only file system"))
+    if any(s in text for s in ("No space left", "Disk quota", "File too large", "Read-only file system",
+                               "database or disk is full")):
+        return True
+    # GDAL's drivers say it their own way ("Cannot write feature", "Unexpected I/O failure"): a
+    # write that failed where the disk has (next to) nothing left failed for that
+    if not isinstance(exc, Exception) or isinstance(exc, GeodetError):
+        return False
+    try:
+        st = os.statvfs(tmpdir)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BYTES
+
+
+FULL_BYTES = 1 << 20  # a disk with less free is full, for a writer's failure
 
 
 def check_reaches_wgs84(crs, xy, fmt: str, what: str) -> None:

@@ -277,6 +277,15 @@ def _derived_onnx(model, s: DetectSettings, precision: str, scenes: list, checks
                                 "format": "QDQ"} if precision == "int8" else None,
                 "check_tiles_from": where, "made_on_the_spot": True}
         result = build_onnx(model, path, precision, calib, check, s, extra_meta=meta, reference=ref)
+    except OSError as exc:  # a full disk, a quota: the torch model runs instead, unless ONNX was asked for
+        from ..errors import brief
+
+        said = f"the {precision} ONNX model could not be written in {folder} ({brief(exc)})"
+        if explicit:
+            raise GeodetError(f"{said}: free some space there, or set GEODET_CACHE to another folder") from None
+        log.warning("%s: the torch model runs instead; free some space there, or set GEODET_CACHE to another folder",
+                    said)
+        return None, None
     except GeodetError as exc:  # the model fails its check: remembered, not retried
         record = {"passed": False, "reason": str(exc)}
         from ..io.writers import write_json
