@@ -18,7 +18,8 @@ class ReadError(GeodetError):
         self.info = info or {}
 
 
-REMOTE_PREFIXES = ("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", "/vsiswift", "http://", "https://")
+REMOTE_PREFIXES = ("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", "/vsiswift", "http://", "https://",
+                   "s3://", "gs://", "az://")  # the last three: URLs rasterio turns into /vsis3/, /vsigs/, /vsiaz/
 
 
 def read_error(path, window: tuple, bounds: tuple | None, gdal_message: str, skip_hint: bool = True) -> ReadError:

@@ -226,3 +226,20 @@ def test_tile_command_names_the_damaged_window(tmp_path, intact, capsys):
     assert main(["-q", "tile", str(bad), "-o", str(tmp_path / "chips"), "--tile-size", str(TILE), "--overlap", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.tif: cannot read rows 0-255, columns 256-511" in err[0]
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/scene.tif", "gs://bucket/scene.tif", "az://container/scene.tif"])
+def test_an_object_store_url_that_cannot_be_opened_is_named_remote(monkeypatch, url):
+    """rasterio opens s3://, gs:// and az:// URLs through GDAL's /vsis3/, /vsigs/ and /vsiaz/: one that
+    fails is a remote scene that could not be reached (address, connection, credentials), not "not a raster"."""
+    import rasterio
+
+    from geodet.errors import ReadError
+    from geodet.io.raster import open_raster
+
+    def fails(path, *a, **k):
+        raise rasterio.errors.RasterioIOError(f"{path}: HTTP response code: 403")
+
+    monkeypatch.setattr(rasterio, "open", fails)
+    with pytest.raises(ReadError, match="cannot open the remote scene.*credentials"):
+        open_raster(url)

@@ -31,11 +31,27 @@ def test_resume_continues_from_same_step(tmp_path, synth):
     train(cfg, tmp_path, progress=False)
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 6
+    # a run killed after logging steps it never saved (7, 8): they run again, and are in the log once
+    with open(tmp_path / "metrics.csv") as f:
+        head = next(csv.reader(f))
+    with open(tmp_path / "metrics.csv", "a", newline="") as f:
+        for step in (7, 8):
+            csv.writer(f).writerow([{"step": step, "epoch": 2, "loss": 9.9}.get(k, "") for k in head])
     cfg2 = tiny_config(synth.image, synth.labels, epochs=2, val_fraction=0.0)
     train(cfg2, tmp_path, resume=True, progress=False)
-    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r["loss"]]
-    assert steps == list(range(1, 13))  # 1..6, then 7..12 after resuming
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r["loss"]]
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))  # 1..6, then 7..12 after resuming
+    assert all(float(r["loss"]) != 9.9 for r in rows)
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 12
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o666 & ~_umask()  # as the user's other files
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_a_folder_holding_a_run_is_continued_or_replaced_never_silently(tmp_path, synth, caplog):

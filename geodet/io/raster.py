@@ -21,7 +21,7 @@ def open_raster(path: str | Path):
     from rasterio.errors import NotGeoreferencedWarning
 
     p = Path(path)
-    if not str(path).startswith(("/vsi", "http://", "https://", "s3://")):
+    if not str(path).startswith(("/vsi", *REMOTE_PREFIXES)):
         if not p.exists():
             raise GeodetError(f"scene not found: {path}")
         if p.is_dir():

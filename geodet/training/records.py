@@ -25,6 +25,18 @@ CARD_METRICS = ("AP", "AP50", "AP75", "precision", "recall", "f1")
 KEPT_KEYS = CARD_METRICS + ("score_threshold", "tta_score_threshold", "step", "note")  # what a checkpoint keeps of a validation
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 def save_checkpoint(out: Path, r, cfg, kept: dict | None = None, thresholds=None) -> None:
     """``out/last.pt``: the model, optimiser and scheduler state and the step (and, once the
     validation strips were given back, the validation before: ``kept``; self-training's rounds and
@@ -39,6 +51,7 @@ def save_checkpoint(out: Path, r, cfg, kept: dict | None = None, thresholds=None
     fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".pt", dir=out)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # as any file the user makes (mkstemp's is theirs alone): a shared run folder resumes
         torch.save(state, tmp)
         os.replace(tmp, out / "last.pt")
     finally:
@@ -170,11 +183,34 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = Path(path), enabled
 
-    def start(self, resume: bool) -> None:
-        """A new file with its header, unless a resumed run continues one."""
-        if self.enabled and (not resume or not self.path.exists()):
+    def start(self, resume: bool, step: int = 0) -> None:
+        """A new file with its header, unless a resumed run continues one: then without the rows
+        past ``step``, the checkpoint's (a run killed after it logged steps it never saved runs
+        them again: they are not in the file twice)."""
+        if not self.enabled:
+            return
+        if not resume or not self.path.exists():
             with open(self.path, "w", newline="") as f:
                 csv.writer(f).writerow(METRICS_HEADER)
+            return
+        try:
+            with open(self.path, newline="") as f:
+                rows = list(csv.reader(f))
+        except (OSError, UnicodeDecodeError):
+            return
+        at = METRICS_HEADER.index("step")
+
+        def past(row):
+            try:
+                return int(row[at]) > step
+            except (IndexError, ValueError):
+                return False
+
+        if any(past(row) for row in rows[1:]):
+            from ..io.writers import atomic_path
+
+            with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([rows[0], *[row for row in rows[1:] if not past(row)]])
 
     def row(self, **values) -> None:
         if self.enabled:

@@ -255,7 +255,7 @@ class Trainer:
     def _run(self) -> Path:
         r = self.setup()
         tc = self.cfg.train
-        self.metrics.start(self.resume)
+        self.metrics.start(self.resume, r.step)
         r.data, loader_kw = self._loader(r)
         usage = CpuShare()
         timed = r.budget.seconds is not None
