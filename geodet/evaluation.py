@@ -304,6 +304,11 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     from .io.labels import class_values, geoms_to_pixel_boxes, labels_to_boxes, read_labels, usable_geometries
     from .io.scene import Scene
 
+    if not (isinstance(iou, (int, float, np.number)) and 0 < iou <= 1):
+        raise GeodetError(f"iou must be a number in (0, 1], got {iou!r}")
+    for name, v in (("detections", detections), ("labels", labels)):
+        if not isinstance(v, (gpd.GeoDataFrame, str, Path)):
+            raise GeodetError(f"{name} must be a GeoDataFrame or a vector file's path, got {type(v).__name__}")
     det = detections if isinstance(detections, gpd.GeoDataFrame) else read_detections(detections)
     if scene is not None:
         det = only_scene(det, scene if not hasattr(scene, "path") else scene.path)

@@ -461,9 +461,17 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
 
     from .style import add_gpkg_style, qml
 
+    import geopandas as gpd
+
     path = Path(path)
     fmt = output_format(path, fmt)
-    frames = [_rounded(f) for f in (list(gdf) if isinstance(gdf, (list, tuple)) else [gdf])]
+    if csv_geometry not in ("wkt", "pixel"):
+        raise GeodetError(f"csv_geometry must be wkt or pixel, got {csv_geometry!r}")
+    given = list(gdf) if isinstance(gdf, (list, tuple)) else [gdf]
+    if not given or not all(isinstance(f, gpd.GeoDataFrame) for f in given):
+        raise GeodetError("write_detections takes detections as a GeoDataFrame (what detect_scene returns) or a "
+                          "list of them")
+    frames = [_rounded(f) for f in given]
     groups = crs_groups(frames)
     if fmt in NEEDS_CRS and any(c is None for c, _ in groups):
         raise GeodetError(

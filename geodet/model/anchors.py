@@ -31,10 +31,26 @@ def _anchors(cfg: ModelConfig, tile: int) -> torch.Tensor:
     return gen(images, feats)[0]
 
 
+def _sizes(box_sizes_px) -> np.ndarray:
+    """Box sizes as an (N, 2) array of finite (width, height): (N, 4) boxes are not sizes."""
+    try:
+        sizes = np.asarray(box_sizes_px, np.float64)
+    except (TypeError, ValueError):
+        raise GeodetError("box sizes must be an (N, 2) array of (width, height) in pixels") from None
+    if sizes.size == 0:
+        return sizes.reshape(0, 2)
+    if sizes.ndim != 2 or sizes.shape[1] != 2:
+        raise GeodetError(f"box sizes must be an (N, 2) array of (width, height) in pixels, got shape {sizes.shape}"
+                          + (" (boxes x0, y0, x1, y1? give their widths and heights)" if sizes.shape[-1] == 4 else ""))
+    if not np.isfinite(sizes).all():
+        raise GeodetError("box sizes must be finite numbers of pixels")
+    return sizes
+
+
 def anchor_coverage(box_sizes_px, cfg: ModelConfig, iou: float | None = None, n_max: int = 2000, seed: int = 0) -> float:
     """Share of boxes (``[N, 2]`` widths and heights in pixels) whose best anchor has IoU >= ``iou``
     (default: the config's foreground threshold)."""
-    sizes = np.asarray(box_sizes_px, np.float64).reshape(-1, 2)
+    sizes = _sizes(box_sizes_px)
     if len(sizes) == 0:
         raise GeodetError("no label boxes to measure anchor coverage on")
     rng = np.random.default_rng(seed)
@@ -66,9 +82,12 @@ def fit_anchors(box_sizes_px, levels, scales_per_octave: int = 1, base_cfg: Mode
 
     Aspect ratios (height / width, torchvision's convention) come from quantiles of the boxes'
     ratios; the smallest anchor size is then searched on a log grid for the best coverage.
+    ``box_sizes_px``: an (N, 2) array of (width, height); ``levels``: the first and last pyramid level.
     """
-    sizes = np.asarray(box_sizes_px, np.float64).reshape(-1, 2)
+    sizes = _sizes(box_sizes_px)
     sizes = sizes[(sizes > 0).all(1)]
+    if len(levels) != 2 or int(levels[0]) > int(levels[1]):
+        raise GeodetError(f"levels must be the first and last pyramid level (e.g. [2, 5]), got {list(levels)}")
     if len(sizes) == 0:
         raise GeodetError("no label boxes with positive size to fit anchors to")
     cfg = copy.deepcopy(base_cfg or ModelConfig())

@@ -53,7 +53,10 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     from ..io.writers import combine_frames, write_detections
     from .scenes import detect_scenes
 
-    cfg = config if config is not None else load_config()
+    from .scenes import api_config, scene_paths
+
+    scenes = scene_paths(scenes)
+    cfg = api_config(config) if config is not None else load_config()
     fmt, out, looks, readable, failures = check_job(scenes, out, cfg, fmt, quicklook, settings.get("device"), model)
     if isinstance(model, (str, Path)):
         model = load_detector_file(model)

@@ -35,6 +35,7 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
     ``frame.attrs["report"]`` says what ran, with which settings, and how long each stage took.
     """
     t_start = time.perf_counter()
+    detector, config = api_inputs(detector, config)
     detector = with_tta(detector, config, settings)
     card = getattr(detector, "card", None)
     s = resolve_detect_settings(card, config, **settings)
@@ -68,6 +69,42 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
                                          getattr(runner, "choice", None))
     frame.attrs["report"]["tta"] = tta_report(runner)
     return frame
+
+
+def api_inputs(detector, config):
+    """The detector and config as a notebook may give them: a model file's path (loaded), a preset's
+    name or a YAML path (loaded), a dict of sections; anything else that cannot be one, refused."""
+    if isinstance(detector, (str, Path)):
+        from .job import load_detector_file
+
+        detector = load_detector_file(detector)
+    elif not callable(detector):
+        raise GeodetError(f"the detector must be a geodet model (geodet.load_model), a model file's path or a "
+                          f"callable of the Detector protocol, got {type(detector).__name__}")
+    return detector, api_config(config)
+
+
+def api_config(config):
+    """A config as a notebook may give it: a ``Config``, a preset's name or a YAML path, a dict of sections."""
+    from ..config import Config, config_from_dict, load_config
+
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    if config is not None and not isinstance(config, Config):
+        raise GeodetError(f"config must be a geodet Config (geodet.load_config), a preset's name or a YAML path, got "
+                          f"{type(config).__name__}")
+    return config
+
+
+def scene_paths(scenes) -> list:
+    """Scenes given to a many-scene function: a list, or one scene's path alone."""
+    if isinstance(scenes, (str, Path)):
+        return [scenes]
+    if not hasattr(scenes, "__iter__"):
+        raise GeodetError(f"scenes must be a list of scene paths, got {type(scenes).__name__}")
+    return list(scenes)
 
 
 def with_tta(detector, config, settings: dict):
@@ -206,8 +243,10 @@ def detect_scenes(paths: Sequence, detector, *, per_scene: bool = False, failure
     ``per_scene=True``, the list of per-scene frames, each in its own CRS."""
     from ..io.writers import combine_frames
 
+    paths = scene_paths(paths)
     if not paths:
         raise GeodetError("no scenes given")
+    detector, kwargs["config"] = api_inputs(detector, kwargs.get("config"))
     detector = with_tta(detector, kwargs.get("config"), kwargs)
     card = getattr(detector, "card", None)
     s = resolve_detect_settings(card, kwargs.get("config"), **{k: v for k, v in kwargs.items() if k not in ("config", "progress")})

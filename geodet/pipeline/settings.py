@@ -68,12 +68,45 @@ def _get(obj, dotted: str):
     return obj
 
 
-def _config_key(config: Config, keys) -> str | None:
-    """The first of ``keys`` (one key or several) that ``config`` writes, None where none is."""
+def _config_key(config: Config, keys, defaults: Config) -> str | None:
+    """The first of ``keys`` (one key or several) that ``config`` writes, None where none is: set by
+    its YAML or overrides, or by assignment in Python (``cfg.tiling.tile_size = 64``: a value other
+    than the default)."""
     for key in (keys,) if isinstance(keys, str) else keys:
-        if key in config.explicit and _get(config, key) is not None:
+        value = _get(config, key)
+        if value is not None and (key in config.explicit or value != _get(defaults, key)):
             return key
     return None
+
+
+def _whole(name: str, v) -> int:
+    """A whole number (5, 5.0, numpy's), refused otherwise: 128.7 px is no tile size."""
+    import math
+    import numbers
+
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v != int(v):
+        raise GeodetError(f"{name} must be a whole number, got {v!r}")
+    return int(v)
+
+
+def _real(name: str, v) -> float:
+    import math
+    import numbers
+
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise GeodetError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _numbers(name: str, v, kind) -> tuple:
+    """A list of numbers (one number is a list of one)."""
+    import numbers
+
+    if isinstance(v, numbers.Real):
+        v = [v]
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        raise GeodetError(f"{name} must be a list of numbers, got {v!r}")
+    return tuple(kind(name, x) for x in v)
 
 
 _IGNORED_SAID: set = set()  # model.* keys already said to be ignored, once a process
@@ -107,7 +140,7 @@ def resolve_detect_settings(card=None, config: Config | None = None, **explicit)
         _say_ignored(config)
     values, sources, tier = {}, {}, {}
     for name, (keys, card_attr) in SETTINGS.items():
-        key = _config_key(config, keys) if config is not None else None
+        key = _config_key(config, keys, defaults) if config is not None else None
         if explicit.get(name) is not None:
             values[name], sources[name], tier[name] = explicit[name], "argument", 3
         elif key is not None:
@@ -125,15 +158,17 @@ def resolve_detect_settings(card=None, config: Config | None = None, **explicit)
     if values["score_threshold"] is None:  # no card and no config: the network default
         values["score_threshold"] = defaults.model.score_threshold
     s = DetectSettings(
-        tile_size=int(values["tile_size"]), overlap=int(values["overlap"]),
-        overlap_m=None if values["overlap_m"] is None else float(values["overlap_m"]),
-        score_threshold=float(values["score_threshold"]), nms_iou=float(values["nms_iou"]),
-        detections_per_tile=int(values["detections_per_tile"]), bands=tuple(int(b) for b in values["bands"]),
-        gsd_m=None if values["gsd_m"] is None else float(values["gsd_m"]),
-        percentiles=tuple(float(p) for p in values["percentiles"]),
-        min_valid_fraction=float(values["min_valid_fraction"]), batch_size=int(values["batch_size"]),
-        device=str(values["device"]), num_workers=None if values["num_workers"] is None else int(values["num_workers"]),
-        match_iou=float(values["match_iou"]), backend=str(values["backend"]), precision=str(values["precision"]),
+        tile_size=_whole("tile_size", values["tile_size"]), overlap=_whole("overlap", values["overlap"]),
+        overlap_m=None if values["overlap_m"] is None else _real("overlap_m", values["overlap_m"]),
+        score_threshold=_real("score_threshold", values["score_threshold"]), nms_iou=_real("nms_iou", values["nms_iou"]),
+        detections_per_tile=_whole("detections_per_tile", values["detections_per_tile"]),
+        bands=_numbers("bands", values["bands"], _whole),
+        gsd_m=None if values["gsd_m"] is None else _real("gsd_m", values["gsd_m"]),
+        percentiles=_numbers("percentiles", values["percentiles"], _real),
+        min_valid_fraction=_real("min_valid_fraction", values["min_valid_fraction"]),
+        batch_size=_whole("batch_size", values["batch_size"]), device=str(values["device"]),
+        num_workers=None if values["num_workers"] is None else _whole("num_workers", values["num_workers"]),
+        match_iou=_real("match_iou", values["match_iou"]), backend=str(values["backend"]), precision=str(values["precision"]),
         on_read_error=str(values["on_read_error"]),
         sources=sources,
     )
@@ -163,5 +198,15 @@ def _check(s: DetectSettings) -> None:
         raise GeodetError("nms_iou and match_iou must be in (0, 1]")
     if s.detections_per_tile < 1:
         raise GeodetError(f"detections per tile must be at least 1, got {s.detections_per_tile}")
+    if not 0 <= s.min_valid_fraction <= 1:
+        raise GeodetError(f"min_valid_fraction must be a share from 0 to 1, got {s.min_valid_fraction}")
+    if s.gsd_m is not None and s.gsd_m <= 0:
+        raise GeodetError(f"gsd_m must be a positive number of metres per pixel, got {s.gsd_m}")
+    if s.overlap_m is not None and s.overlap_m < 0:
+        raise GeodetError(f"overlap_m must be zero or a positive number of metres, got {s.overlap_m}")
+    if s.num_workers is not None and s.num_workers < 0:
+        raise GeodetError(f"num_workers must be zero or more, got {s.num_workers}")
+    if any(b < 1 for b in s.bands):
+        raise GeodetError(f"bands are numbered from 1, got {list(s.bands)}")
     if len(s.percentiles) != 2 or not 0 <= s.percentiles[0] < s.percentiles[1] <= 100:
         raise GeodetError(f"percentiles must be two numbers 0 <= low < high <= 100, got {list(s.percentiles)}")

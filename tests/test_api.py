@@ -1,0 +1,81 @@
+"""The Python API as a notebook meets it: the inputs it is given the way people give them, and a
+GeodetError that says what to pass for those it cannot take (never a TypeError deep in torch)."""
+
+import numpy as np
+import pytest
+import torch
+
+import geodet
+from geodet import GeodetError
+
+
+def one_box(batch):
+    return [{"boxes": torch.tensor([[10.0, 20.0, 30.0, 40.0]]), "scores": torch.tensor([0.9]),
+             "labels": torch.tensor([0])} for _ in batch]
+
+
+def test_detection_takes_a_model_path_a_preset_name_and_one_scene_alone(tmp_path, synth, tiny_model):
+    f = geodet.detect_scene(synth.image, str(tiny_model), config="cpu", progress=False, tile_size=128, overlap=16)
+    assert f.attrs["report"]["tile_size"] == 128
+    out = geodet.detect_to_file(str(synth.image), one_box, tmp_path / "d.gpkg", tile_size=128, overlap=16,
+                                progress=False)  # one scene, not a list of its characters
+    assert set(out["scene"]) == {synth.image.name}
+    assert len(geodet.detect_scenes(synth.image, one_box, tile_size=128, overlap=16, progress=False)) == len(out)
+    for bad, match in ((None, "the detector must be a geodet model"), (3, "the detector must be")):
+        with pytest.raises(GeodetError, match=match):
+            geodet.detect_scene(synth.image, bad, progress=False)
+    with pytest.raises(GeodetError, match="config must be a geodet Config"):
+        geodet.detect_scene(synth.image, one_box, config=[("tiling.tile_size", 64)], progress=False)
+
+
+def test_a_config_set_by_assignment_is_honoured_as_one_loaded_from_yaml(synth, tiny_model):
+    """cfg.tiling.tile_size = 64 (as the README's training example sets values) beats the model
+    card, as the same value written in YAML does."""
+    model = geodet.load_model(tiny_model)
+    cfg = geodet.load_config()
+    cfg.tiling.tile_size, cfg.tiling.overlap = 96, 8
+    r = geodet.detect_scene(synth.image, model, config=cfg, progress=False).attrs["report"]
+    assert (r["tile_size"], r["overlap"]) == (96, 8) and r["settings_from"]["tile_size"] == "config"
+    r = geodet.detect_scene(synth.image, model, config=geodet.load_config(), progress=False).attrs["report"]
+    assert r["tile_size"] == model.card.tile_size  # nothing set: the card's
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"min_valid_fraction": 2.0}, "min_valid_fraction must be a share from 0 to 1"),
+    ({"gsd_m": float("nan")}, "gsd_m must be a finite number"),
+    ({"gsd_m": -1.0}, "gsd_m must be a positive number"),
+    ({"tile_size": 128.7}, "tile_size must be a whole number"),
+    ({"num_workers": -1}, "num_workers must be zero or more"),
+    ({"overlap_m": float("nan")}, "overlap_m must be a finite number"),
+    ({"bands": "1,2,3"}, "bands must be a list of numbers"),
+    ({"bands": [0]}, "bands are numbered from 1"),
+])
+def test_detection_settings_out_of_range_are_refused(synth, setting, match):
+    with pytest.raises(GeodetError, match=match):
+        geodet.detect_scene(synth.image, one_box, progress=False, **setting)
+
+
+def test_one_band_number_is_a_list_of_one(synth):
+    r = geodet.detect_scene(synth.image, one_box, progress=False, bands=1, tile_size=128, overlap=16)
+    assert r.attrs["report"]["bands"] == [1]
+
+
+def test_anchors_evaluate_and_writers_refuse_what_they_cannot_take(tmp_path, synth):
+    import pandas as pd
+
+    with pytest.raises(GeodetError, match=r"\(N, 2\) array .* \(boxes x0, y0, x1, y1\?"):
+        geodet.fit_anchors(np.array([[10, 10, 40, 40], [100, 100, 130, 150]]), [2, 5])
+    with pytest.raises(GeodetError, match="levels must be the first and last pyramid level"):
+        geodet.fit_anchors(np.array([[10, 12], [20, 30]]), [2])
+    assert geodet.fit_anchors(np.array([[10, 12], [20, 30], [14, 15]]), [2, 4]).coverage > 0
+    for iou in (1.5, 0):
+        with pytest.raises(GeodetError, match=r"iou must be a number in \(0, 1\]"):
+            geodet.evaluate(synth.labels, synth.labels, iou=iou)
+    with pytest.raises(GeodetError, match="detections must be a GeoDataFrame or a vector file's path"):
+        geodet.evaluate(pd.DataFrame({"score": [0.5]}), synth.labels)
+    f = geodet.detect_scene(synth.image, one_box, tile_size=128, overlap=16, progress=False)
+    with pytest.raises(GeodetError, match="csv_geometry must be wkt or pixel"):
+        geodet.write_detections(f, tmp_path / "d.csv", csv_geometry="bogus")
+    with pytest.raises(GeodetError, match="takes detections as a GeoDataFrame"):
+        geodet.write_detections(pd.DataFrame(f.drop(columns="geometry")), tmp_path / "d.gpkg")
+    assert list(tmp_path.iterdir()) == []
