@@ -221,3 +221,18 @@ def test_what_other_tools_read_is_what_was_written(tmp_path, caplog):
     write_detections(_frame("EPSG:32617", 400000, 4000000, label="tree"), tmp_path / "p.fgb")
     assert "p.qml now styles p.geojson too" in caplog.text
     assert isinstance(pd.read_csv(tmp_path / "c.csv"), pd.DataFrame)
+
+
+def test_names_that_cannot_be_written_beside_are_refused_before_any_work(tmp_path):
+    """A legal name whose report (OUT.report.json) would pass the file system's limit, and a
+    GeoPackage whose layer (named after the file) GDAL refuses: one line first, not a traceback
+    once the detections are made."""
+    from geodet.errors import GeodetError
+    from geodet.io.writers import check_output_path
+
+    with pytest.raises(GeodetError, match=r"the name is too long \(245 bytes\) for the report written beside it"):
+        check_output_path(tmp_path / ("b" * 240 + ".gpkg"), "gpkg")
+    with pytest.raises(GeodetError, match="GDAL refuses a GeoPackage layer name that begins with '-'"):
+        check_output_path(tmp_path / "-out.gpkg", "gpkg")
+    check_output_path(tmp_path / ("b" * 230 + ".gpkg"), "gpkg")
+    check_output_path(tmp_path / "-out.fgb", "fgb")

@@ -114,6 +114,10 @@ def check_output_path(path: str | Path, fmt: str | None = None, suffixes: tuple 
         raise GeodetError(f"{p.name}: this output is a {'/'.join(s.lstrip('.').upper() for s in suffixes)} file: "
                           f"name it so (e.g. {p.with_suffix(suffixes[0]).name if p.suffix or p.name else example})")
     _check_writable_in(p.parent if str(p.parent) else Path("."), p)
+    _check_name_fits(p)
+    if (fmt or FORMATS.get(p.suffix.lower())) == "gpkg" and p.stem.startswith("-"):
+        raise GeodetError(f"{p.name}: its layer is named after the file, and GDAL refuses a GeoPackage layer name "
+                          "that begins with '-': name the file otherwise")
     _check_other_layers(p, fmt)
     if fmt == "shp" and p.suffix.lower() != ".shp":  # GDAL makes a folder of a shapefile named otherwise
         raise GeodetError(f"{p.name}: a shapefile's name ends in .shp (its .shx, .dbf and .prj share the stem): "
@@ -140,6 +144,21 @@ def _say_shared_style(path: Path, style: str) -> None:
     if others:
         log.warning("%s now styles %s too, with this output's classes and threshold (QGIS loads a STEM.qml for every "
                     "file of that stem): give outputs of different models different names", q.name, others[0])
+
+
+def _check_name_fits(p: Path) -> None:
+    """Files are written beside the output under longer names (``OUT.report.json``; SQLite's
+    ``-journal``; the temporary folder ``.STEM.xxxxxxxx``): refuse a name they would take past the
+    file system's limit, before any work rather than after it."""
+    folder = next((a for a in (p.parent, *p.parent.parents) if a.exists()), Path("."))
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = len(report_path(p).name.encode())
+    if longest > limit:
+        raise GeodetError(f"{p.name[:40]}...: the name is too long ({len(p.name.encode())} bytes) for the report "
+                          f"written beside it ({longest} of the file system's {limit}): choose a shorter name")
 
 
 def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
