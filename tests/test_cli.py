@@ -604,3 +604,27 @@ def test_labels_with_empty_classes_tile_and_a_run_folder_detects(tmp_path, synth
     assert "5 label(s) with an empty 'label' left out" in caplog.text
     assert main(["-q", "detect", str(synth.image), "-m", str(tiny_model.parent), "-o", str(tmp_path / "d.gpkg")]) == 0
     assert len(gpd.read_file(tmp_path / "d.gpkg", layer="d")) > 0
+
+
+def test_a_picture_that_cannot_be_written_is_a_partial_result(tmp_path, synth, tiny_model, monkeypatch, capsys):
+    """The detections or metrics are written but a quicklook or plot asked for is not: exit 3 and a
+    line that says what is there, never "drawn" for a picture that is not (nor exit 0 or 2)."""
+    from geodet.cli import main
+    from geodet.io import quicklook
+
+    def no_room(*a, **k):
+        raise GeodetError("cannot write q.png: No space left on device: free some space there")
+
+    monkeypatch.setattr(quicklook, "quicklook", no_room)
+    out = tmp_path / "d.gpkg"
+    rc = main(["detect", str(synth.image), "-m", str(tiny_model), "-o", str(out), "--quicklook",
+               str(tmp_path / "q.png"), "--tile-size", "128", "--overlap", "16"])
+    err = capsys.readouterr().err
+    assert rc == 3 and out.exists() and "1 quicklook(s) not drawn (the detections are written)" in err, err
+    import geodet.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "plot_pr", no_room)
+    rc = main(["evaluate", str(out), str(synth.labels), "-o", str(tmp_path / "m.json"), "--plot",
+               str(tmp_path / "pr.png")])
+    err = capsys.readouterr().err
+    assert rc == 3 and (tmp_path / "m.json").exists() and "the metrics are written to" in err, err

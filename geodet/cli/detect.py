@@ -194,6 +194,11 @@ def run(args) -> int:
     report = frame.attrs["report"]
     skipped = sum(r["tiles_skipped"] for r in report["scenes"])
     print(f"{len(frame)} detections in {len(report['scenes'])} scene(s) ({skipped} empty tiles skipped) -> {args.out}")
+    undrawn = len(report["scenes"]) - len(report.get("quicklooks") or []) if args.quicklook else 0
+    if undrawn:  # said above (why); the detections are written
+        print(f"geodet: partial result: {undrawn} quicklook(s) not drawn (the detections are written)", file=sys.stderr)
+        if not report["partial"]:
+            return EXIT_PARTIAL
     if report["partial"]:
         parts = []
         if report["tiles_unreadable"]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .common import deprecated, number, positive
+import sys
+
+from .common import EXIT_PARTIAL, GeodetError, deprecated, number, positive
 
 
 def add_parser(sub, common) -> None:
@@ -43,5 +45,11 @@ def run(args) -> int:
     if args.out:
         write_json({k: v for k, v in m.items() if k != "pr_curve"}, args.out)
     if args.plot:
-        plot_pr(m, args.plot)
+        try:
+            plot_pr(m, args.plot)
+        except GeodetError as exc:
+            if not args.out:
+                raise
+            print(f"geodet: partial result: {exc} (the metrics are written to {args.out})", file=sys.stderr)
+            return EXIT_PARTIAL
     return 0

@@ -56,10 +56,10 @@ def quicklook(scene_path, detections, out_png, classes=None, max_side: int = MAX
     what = f"{len(detections)} boxes" + (f" with score >= {min_score:.3g}" if min_score is not None else "")
     ax.text(4, 4, what, color="white", fontsize=8, va="top", ha="left",
             bbox={"facecolor": "black", "alpha": 0.6, "pad": 2, "edgecolor": "none"})
-    logging.getLogger(__name__).info("quicklook %s: %s drawn", out_png, what)
     ax.set_axis_off()
     fig.subplots_adjust(0, 0, 1, 1)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
+    logging.getLogger(__name__).info("quicklook %s: %s drawn", out_png, what)  # once it is there
     sc.close()
     return Path(out_png)
