@@ -236,3 +236,29 @@ def test_names_that_cannot_be_written_beside_are_refused_before_any_work(tmp_pat
         check_output_path(tmp_path / "-out.gpkg", "gpkg")
     check_output_path(tmp_path / ("b" * 230 + ".gpkg"), "gpkg")
     check_output_path(tmp_path / "-out.fgb", "fgb")
+
+
+def test_a_killed_runs_temporary_folders_are_swept_by_a_later_run(tmp_path):
+    """SIGKILL leaves the temporary folder of a write (.STEM.xxxxxxxx) or a tile run (.geodet-tile-*,
+    gigabytes of chips): a later run into the same place removes those untouched for an hour, and
+    never a live run's (touched lately) or a folder of another name."""
+    import os
+    import time
+
+    from geodet.pipeline.chips import write_chips
+    from helpers import write_raster
+
+    old = time.time() - 2 * 3600
+    stale = [tmp_path / ".d.k3j2h1g0", tmp_path / ".geodet-tile-abcdefgh"]
+    live, other = tmp_path / ".d.zzzzzzzz", tmp_path / ".d.notours"
+    for d in [*stale, live, other]:
+        (d / "chips").mkdir(parents=True)
+        (d / "chips" / "x.tif").write_bytes(b"x")
+    for d in [*stale, other]:
+        for p in (d / "chips" / "x.tif", d / "chips", d):
+            os.utime(p, (old, old))
+    write_detections(_frame("EPSG:32617", 400000, 4000000), tmp_path / "d.gpkg")
+    assert not stale[0].exists() and live.exists() and other.exists() and stale[1].exists()
+    scene = write_raster(tmp_path / "s.tif", np.zeros((3, 64, 64), np.uint8) + 9)
+    write_chips(scene, tmp_path, tile_size=64, overlap=0, progress=False)
+    assert not stale[1].exists() and live.exists() and other.exists()

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -253,6 +254,36 @@ def interrupts_held():
                 os.kill(os.getpid(), sig)
 
 
+LEFTOVER_AGE_S = 3600  # a temporary folder of geodet's untouched this long belongs to a run that was killed
+
+
+def sweep_leftovers(folder: Path, pattern: str, max_age_s: float = LEFTOVER_AGE_S) -> int:
+    """Remove the temporary folders (named by ``pattern``, a regex of the whole name) that a killed
+    run left in ``folder``: none of their files was touched for ``max_age_s`` (a run still writing
+    touches one every few seconds), so no live run's is taken. Returns how many went (said)."""
+    import re as _re
+    import time
+
+    gone = 0
+    try:
+        entries = [e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False) and _re.fullmatch(pattern, e.name)]
+    except OSError:
+        return 0
+    now = time.time()
+    for e in entries:
+        try:
+            latest = max([e.stat(follow_symlinks=False).st_mtime] +
+                         [c.stat(follow_symlinks=False).st_mtime for c in os.scandir(e.path)])
+        except OSError:
+            continue
+        if now - latest > max_age_s:
+            shutil.rmtree(e.path, ignore_errors=True)
+            gone += not os.path.exists(e.path)
+    if gone:
+        log.info("removed %d temporary folder(s) a killed run left in %s", gone, folder)
+    return gone
+
+
 WRITTEN: list[Path] = []  # outputs renamed into place by this process (the command says so when interrupted)
 
 
@@ -271,6 +302,7 @@ class atomic_path:
         try:
             self.made = missing_folders(parent)
             parent.mkdir(parents=True, exist_ok=True)
+            sweep_leftovers(parent, rf"\.{re.escape(self.path.stem)}\.[a-z0-9_]{{8}}")  # of a killed run (SIGKILL)
             self.tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.stem}.", dir=parent))
         except OSError as exc:
             remove_partial([], self.made)

@@ -32,7 +32,7 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     if overlap_m is not None:
         overlap = sc.overlap_px(overlap_m, tile_size)
     grid = TileGrid(sc.width, sc.height, tile_size, overlap)
-    from ..io.writers import check_output_folder, missing_folders, remove_partial
+    from ..io.writers import check_output_folder, missing_folders, remove_partial, sweep_leftovers
 
     out = check_output_folder(out_dir)
     _check_only_chips_replaced(out)
@@ -43,6 +43,7 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     out.mkdir(parents=True, exist_ok=True)
     # the run is written beside the folder's contents and swapped in whole at the end: a previous
     # run's chips and annotations never mix with these, and a failed or interrupted run leaves them as they were
+    sweep_leftovers(out, r"\.geodet-(tile|old-chips)-.*")  # of a killed run (SIGKILL): gigabytes of chips
     stage = Path(tempfile.mkdtemp(prefix=".geodet-tile-", dir=out))
     swapped = False
     try:

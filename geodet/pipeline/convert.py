@@ -106,6 +106,9 @@ def build_onnx(model, out: str | Path, precision: str, calib: Sequence[np.ndarra
         raise GeodetError("no tile to check the export on; no file written")
     ref = reference if reference is not None else run_tiles(TorchDetector(model, torch.device("cpu"), settings), check,
                                                             settings.batch_size)
+    from ..io.writers import sweep_leftovers
+
+    sweep_leftovers(out.parent, r"geodet-export-[a-z0-9_]{8}")  # of a killed export (SIGKILL)
     with tempfile.TemporaryDirectory(prefix="geodet-export-", dir=out.parent) as tmp:
         fp32 = os.path.join(tmp, "fp32.onnx")
         export_core(model, fp32)
