@@ -156,6 +156,16 @@ def test_a_two_scene_detect_moves_a_driving_programs_bar_once(tmp_path, tiny_mod
     assert {e["stage_index"] for e in ev if e["stage"]} == {1, 2} and {e["stage_count"] for e in ev} == {2}
 
 
+def test_export_moves_a_driving_programs_bar_over_its_stages(tmp_path, tiny_model, synth):
+    from cli_runner import run_geodet
+
+    r = run_geodet("--progress", "json", "export", "-m", tiny_model, "-o", tmp_path / "m.onnx", "--calibrate",
+                   synth.image, "--calib-tiles", "2", env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    overall = [e["progress"] for e in _events(r.stderr) if "progress" in e]
+    assert overall[0] == 0.0 and overall[-1] == 1.0 and overall == sorted(overall) and len(overall) >= 3, overall
+
+
 def test_a_redirected_log_gets_lines_and_q_gets_none(tmp_path, tiny_model, synth):
     r = _detect(tmp_path, tiny_model, [synth.image])  # stderr is a pipe here, not a terminal
     assert r.returncode == 0, r.stderr

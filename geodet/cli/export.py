@@ -51,14 +51,16 @@ def run(args) -> int:
     if args.check_scene and not args.check_labels:
         raise GeodetError("--check-scene is the scene of --check-labels: give its labels too (or leave out "
                           "--check-scene)")
+    from .. import progress
     from ..model.onnx import INT8_MIN_AGREEMENT
     from ..pipeline.backends import describe_agreement
     from ..pipeline.export import export_model
 
+    progress.plan(1)
     result = export_model(model_path(args), args.out, int8=args.int8, calibrate=args.calibrate, calib_tiles=args.calib_tiles,
                           check_scene=args.check_scene, check_labels=args.check_labels,
                           min_agreement=INT8_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement,
-                          class_column=args.class_column, bands=args.bands)
+                          class_column=args.class_column, bands=args.bands, progress=not args.quiet)
     fp = result["fp32"]
     print(f"export check on {result['tiles']} tiles of {result['check_tiles_from']}: fp32 logit difference "
           f"{fp['max_relative_logit_diff']:.2g} "

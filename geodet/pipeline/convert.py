@@ -98,9 +98,11 @@ def core_difference(model, onnx_model, tiles: Sequence[np.ndarray], batch_size: 
 
 def build_onnx(model, out: str | Path, precision: str, calib: Sequence[np.ndarray], check: Sequence[np.ndarray],
                settings, min_agreement: float = INT8_MIN_AGREEMENT, extra_meta: dict | None = None,
-               reference: list[dict] | None = None) -> dict:
+               reference: list[dict] | None = None, tick=None) -> dict:
     """Export ``model`` to ``out`` at ``precision`` (fp32 or int8, calibrated on ``calib``), check
-    it on ``check`` tiles, and write it (atomically) only if it passes. Returns the check."""
+    it on ``check`` tiles, and write it (atomically) only if it passes. Returns the check.
+    ``tick(1)`` is called as each stage ends (fp32 made and checked; int8 made and checked)."""
+    tick = tick or (lambda n: None)
     out = Path(out)
     if not len(check):
         raise GeodetError("no tile to check the export on; no file written")
@@ -113,12 +115,14 @@ def build_onnx(model, out: str | Path, precision: str, calib: Sequence[np.ndarra
         fp32 = os.path.join(tmp, "fp32.onnx")
         export_core(model, fp32)
         result = _check_fp32(model, load_onnx_unchecked(fp32, model.card, "fp32"), check, ref, settings)
+        tick(1)
         path, float_nodes = fp32, []
         if precision == "int8":
             int8 = os.path.join(tmp, "int8.onnx")
             result["int8"], float_nodes = _quantize_and_check(model, fp32, int8, calib, check, ref, settings,
                                                               min_agreement)
             path = int8
+            tick(1)
         result["passed"] = True
         from .. import __version__
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), calib_tiles: int = 32,
                  check_scene=None, check_labels=None, min_agreement: float = INT8_MIN_AGREEMENT, seed: int = 0,
-                 class_column: str = "label", bands: Sequence[int] | None = None) -> dict:
+                 class_column: str = "label", bands: Sequence[int] | None = None, progress: bool = False) -> dict:
     """Export ``model`` (a geodet model or its file) to ``out`` (``.onnx``): fp32, or int8
     calibrated on ``calib_tiles`` tiles of ``calibrate`` scenes and checked on as many others.
     Without ``calibrate`` (fp32 only) the check runs on tiles of a synthetic scene (``seed``).
@@ -30,8 +30,10 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
     ``check_scene``, default the first calibration scene) it also reports AP50 of torch fp32 and
     the export there. ``bands`` reads the scenes with other bands than the model's (as
     ``detect --bands`` would). Returns the check (also stored in the file); ``check_tiles_from`` says
-    where its tiles came from."""
-    from ..io.writers import atomic_path, check_output_path
+    where its tiles came from. ``progress``: a bar over its stages (tiles read, fp32, int8, the labels'
+    check)."""
+    from ..io.writers import check_output_path
+    from ..progress import progress_bar
 
     out = check_output_path(out, suffixes=(".onnx",), example="model.onnx")
     scenes = list(calibrate)
@@ -49,6 +51,19 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
     if check_labels:  # before any work: the labels must be readable and lie on their scene, read with these bands
         _check_labels_input(check_scene, check_labels, class_column, per_class=len(model.card.classes) > 1)
         open_scene(check_scene, settings, model.card, warn=False).close()
+    bar = progress_bar(total=2 + int8 + bool(check_labels), desc="export", unit="stage", enabled=progress)
+    try:
+        return _export(model, out, int8, scenes, calib_tiles, check_scene, check_labels, min_agreement, seed,
+                       class_column, bands, settings, bar)
+    finally:
+        bar.close()
+
+
+def _export(model, out, int8, scenes, calib_tiles, check_scene, check_labels, min_agreement, seed, class_column, bands,
+            settings, bar) -> dict:
+    """``export_model``'s stages once its inputs are checked, ``bar`` ticking as each ends."""
+    from ..io.writers import atomic_path
+
     if scenes:
         calib, check, ref, names = calibration_tiles(model, scenes, calib_tiles, settings, int8=int8)
         where = ", ".join(Path(str(n)).name for n in names)
@@ -58,14 +73,17 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
                               "will run on")
         calib, ref, names, where = [], None, [], f"{SYNTHETIC}, no --calibrate scene given"
         check = synthetic_check_tiles(model, settings, 4, seed)
+    bar.update(1)
     meta = {"calibration": {"scenes": names, "bands": list(settings.bands), "tiles": len(calib), "method": "minmax",
                             "per_channel": True, "format": "QDQ"} if int8 else None,
             "check_tiles_from": names or where}
     with atomic_path(out) as tmp:  # in place only once every check, the labels' too, has run
-        result = build_onnx(model, tmp, "int8" if int8 else "fp32", calib, check, settings, min_agreement, meta, ref)
+        result = build_onnx(model, tmp, "int8" if int8 else "fp32", calib, check, settings, min_agreement, meta, ref,
+                            tick=bar.update)
         result["check_tiles_from"] = where
         if check_labels:
             result["labels_check"] = labels_check(model, tmp, check_scene, check_labels, class_column, bands=bands)
+            bar.update(1)
     return result
 
 
