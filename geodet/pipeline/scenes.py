@@ -78,7 +78,7 @@ def api_inputs(detector, config):
         from .job import load_detector_file
 
         detector = load_detector_file(detector)
-    elif not callable(detector):
+    elif not (callable(detector) or hasattr(detector, "card")):  # a geodet model (torch or ONNX), or a callable
         raise GeodetError(f"the detector must be a geodet model (geodet.load_model), a model file's path or a "
                           f"callable of the Detector protocol, got {type(detector).__name__}")
     return detector, api_config(config)
