@@ -167,7 +167,7 @@ def test_a_rerun_replaces_the_folder_whole_and_a_failed_one_leaves_it(tmp_path, 
     assert sorted(f.name for f in mine.iterdir()) == ["annotations.json"]
 
 
-def test_tile_numbers_are_checked_and_a_small_tile_gets_a_smaller_overlap(tmp_path, capsys, caplog):
+def test_tile_numbers_are_checked_and_a_small_tile_gets_a_smaller_overlap(tmp_path, capsys, caplog, monkeypatch):
     from geodet.cli import main
 
     p = write_raster(tmp_path / "s.tif", np.zeros((3, 160, 160), np.uint8))
@@ -188,3 +188,20 @@ def test_tile_numbers_are_checked_and_a_small_tile_gets_a_smaller_overlap(tmp_pa
     assert main(["tile", str(p), "-o", str(tmp_path / "t"), "--tile-size", "80", "-q"]) == 0
     assert "overlap 10 px instead" in caplog.text
     assert len(list((tmp_path / "t" / "chips").iterdir())) == 9  # 80 px tiles stepping 70 px over 160 px (36 stepping 16 px)
+    # both overlaps given: one line, not the metres silently winning
+    assert main(["tile", str(p), "-o", str(tmp_path / "y"), "--overlap", "8", "--overlap-m", "2"]) == 2
+    assert "--overlap and --overlap-m both set the overlap" in capsys.readouterr().err
+    # an overlap stepping a few pixels (a mistyped one) writes thousands of chips: said first
+    big = write_raster(tmp_path / "big.tif", np.zeros((1, 400, 400), np.uint8))
+    from geodet.pipeline import chips
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(chips, "_write", stop)  # said before the first chip is written
+    with pytest.raises(Stop):
+        chips.write_chips(big, tmp_path / "z", tile_size=32, overlap=30, progress=False)
+    assert "steps 2 px: each pixel is in about 256 chips" in caplog.text

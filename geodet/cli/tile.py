@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .common import PRESETS_HELP, bands, nonneg_int, number, positive, positive_int
+from .common import PRESETS_HELP, GeodetError, bands, nonneg_int, number, positive, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ def run(args) -> int:
     from ..config import load_config
     from ..pipeline.chips import write_chips
 
+    if args.overlap is not None and args.overlap_m is not None:
+        raise GeodetError("--overlap and --overlap-m both set the overlap: give one (pixels, or metres)")
     cfg = load_config(args.config, {"tiling.tile_size": args.tile_size, "tiling.overlap": args.overlap,
                                     "tiling.overlap_m": args.overlap_m, "scene.gsd_m": args.gsd})
     t = cfg.tiling

@@ -32,6 +32,11 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     if overlap_m is not None:
         overlap = sc.overlap_px(overlap_m, tile_size)
     grid = TileGrid(sc.width, sc.height, tile_size, overlap)
+    times = (tile_size / max(1, tile_size - overlap)) ** 2
+    if times >= 4 and len(grid) > 1000:  # each pixel in many chips: a disk's worth for a mistyped overlap
+        log.warning("an overlap of %d px on %d px tiles steps %d px: each pixel is in about %d chips, %d chips in all "
+                    "(Ctrl-C stops it; a smaller --overlap writes fewer)", overlap, tile_size, tile_size - overlap,
+                    round(times), len(grid))
     from ..io.writers import check_output_folder, missing_folders, remove_partial, sweep_leftovers
 
     out = check_output_folder(out_dir)
