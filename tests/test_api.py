@@ -79,3 +79,34 @@ def test_anchors_evaluate_and_writers_refuse_what_they_cannot_take(tmp_path, syn
     with pytest.raises(GeodetError, match="takes detections as a GeoDataFrame"):
         geodet.write_detections(pd.DataFrame(f.drop(columns="geometry")), tmp_path / "d.gpkg")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_and_model_files_take_a_notebooks_inputs_or_say_what_to_pass(tmp_path, synth):
+    from conftest import tiny_config
+
+    cfg = tiny_config(synth.image, synth.labels, epochs=1, steps_per_epoch=2, val_fraction=0.0)
+    cfg.train.scenes = [(str(synth.image), str(synth.labels))]  # a pair, as a notebook writes it
+    model = geodet.load_model(geodet.train(cfg, tmp_path / "run", progress=False))
+    assert model.card.trained_steps == 2
+    (tmp_path / "afile").write_text("x")
+    for config, out, match in ((cfg, tmp_path / "afile", "must be a folder, but .* is a file"),
+                               (None, tmp_path / "r2", "config must be a geodet Config")):
+        with pytest.raises(GeodetError, match=match):
+            geodet.train(config, out, progress=False)
+    cfg.train.scenes = [42]
+    with pytest.raises(GeodetError, match=r"train.scenes entries are SceneLabels"):
+        geodet.train(cfg, tmp_path / "r3", progress=False)
+    with pytest.raises(GeodetError, match="is a folder: give the model file's name"):
+        geodet.save_model(model, tmp_path)
+    with pytest.raises(GeodetError, match="save_model takes a geodet model"):
+        geodet.save_model(model.net, tmp_path / "m.pt")
+    with pytest.raises(GeodetError, match=r"cannot write .*m\.pt"):
+        geodet.save_model(model, tmp_path / "afile" / "m.pt")
+    c = geodet.load_config()
+    with pytest.raises(GeodetError, match=r"takes the model section of a config \(cfg.model\) \(pass its .model"):
+        geodet.build_model(c)
+    for kw, match in (({"normalisation": {"mean": [0, 0, 0]}}, "a dict with 'mean' and 'std'"),
+                      ({"bands": [0]}, "bands are numbered from 1"), ({"tile_size": 0}, "tile_size must be positive"),
+                      ({"percentiles": [99, 1]}, "percentiles must be two numbers")):
+        with pytest.raises(GeodetError, match=match):
+            geodet.build_model(c.model, load_pretrained=False, **kw)

@@ -34,6 +34,11 @@ def weights_sha256(state_dict: dict) -> str:
 def save_model(model: GeodetModel, path: str | Path) -> Path:
     """Write the model file atomically: ``{format, version, card, state_dict, weights_sha256}``."""
     path = Path(path)
+    if not (hasattr(model, "net") and hasattr(model, "card")):
+        raise GeodetError(f"save_model takes a geodet model (geodet.build_model or load_model), got "
+                          f"{type(model).__name__}")
+    if path.is_dir():
+        raise GeodetError(f"{path} is a folder: give the model file's name, e.g. {path / 'model.pt'}")
     state = {k: v.detach().cpu() for k, v in model.net.state_dict().items()}
     payload = {
         "format": MODEL_FORMAT,
@@ -42,11 +47,13 @@ def save_model(model: GeodetModel, path: str | Path) -> Path:
         "state_dict": state,
         "weights_sha256": weights_sha256(state),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(payload, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch says a failed write as a RuntimeError of its own
+        raise GeodetError(f"cannot write {path}: {brief(exc)}: choose another place (or free some space)") from None
     finally:
         if tmp.exists():
             tmp.unlink()

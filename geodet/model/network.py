@@ -183,6 +183,13 @@ class DenseRetinaNet(RetinaNet):
 
 
 def _check_model_config(cfg: ModelConfig) -> None:
+    if not isinstance(cfg, ModelConfig):
+        hint = " (pass its .model section)" if hasattr(cfg, "model") else ""
+        raise GeodetError(f"build_model takes the model section of a config (cfg.model){hint}, got {type(cfg).__name__}")
+    if len(set(cfg.classes)) != len(cfg.classes):
+        raise GeodetError(f"model.classes names a class twice: {list(cfg.classes)}")
+    if not 0 <= cfg.score_threshold <= 1 or not 0 < cfg.nms_iou <= 1:
+        raise GeodetError("model.score_threshold must be in [0, 1] and model.nms_iou in (0, 1]")
     if cfg.backbone not in BACKBONES:
         raise GeodetError(f"model.backbone '{cfg.backbone}' is not supported: use one of {', '.join(BACKBONES)}")
     if len(cfg.levels) != 2 or not 2 <= cfg.levels[0] <= 5 or cfg.levels[1] < cfg.levels[0] or cfg.levels[1] > 8:
@@ -385,11 +392,25 @@ def build_model(
     _check_model_config(cfg)
     bands = list(bands) if bands else list(SceneConfig().bands)
     tile_size = int(tile_size if tile_size is not None else TilingConfig().tile_size)
-    overlap = int(overlap if overlap is not None else TilingConfig().overlap)
+    if overlap is None:  # the default's, or an eighth of a tile too small for it (as geodet tile does)
+        overlap = TilingConfig().overlap if 4 * TilingConfig().overlap <= tile_size else tile_size // 8
+    overlap = int(overlap)
+    if any(int(b) < 1 for b in bands):
+        raise GeodetError(f"bands are numbered from 1, got {bands}")
+    if tile_size < 1 or not 0 <= overlap < tile_size:
+        raise GeodetError(f"tile_size must be positive and overlap from 0 to less than it, got {tile_size} and {overlap}")
+    if gsd_m is not None and not gsd_m > 0:
+        raise GeodetError(f"gsd_m must be a positive number of metres per pixel, got {gsd_m}")
+    if percentiles is not None and (len(percentiles) != 2 or not 0 <= percentiles[0] < percentiles[1] <= 100):
+        raise GeodetError(f"percentiles must be two numbers 0 <= low < high <= 100, got {list(percentiles)}")
     n_bands = len(bands)
     norm = normalisation or default_normalisation(cfg, n_bands)
+    if not isinstance(norm, dict) or not {"mean", "std"} <= set(norm):
+        raise GeodetError("normalisation must be a dict with 'mean' and 'std', one value per band")
     if len(norm["mean"]) != n_bands or len(norm["std"]) != n_bands:
         raise GeodetError(f"normalisation has {len(norm['mean'])} band(s) but the model has {n_bands}")
+    if not all(float(x) > 0 for x in norm["std"]):
+        raise GeodetError(f"normalisation's std must be positive for every band, got {list(norm['std'])}")
     backbone = build_backbone(cfg, n_bands, load_pretrained)
     anchors = anchor_generator(cfg)
     n_anchors = anchors.num_anchors_per_location()[0]
