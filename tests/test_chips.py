@@ -61,7 +61,7 @@ def test_coco_annotations_are_label_boxes_clipped_to_chips(tmp_path):
         assert sorted(map(tuple, np.round(got, 6))) == sorted(map(tuple, np.round(expect, 6)))
 
 
-@pytest.mark.parametrize("georef", ["transform only", "crs only"])
+@pytest.mark.parametrize("georef", ["transform only", "crs only", "gcps only"])
 def test_a_scene_without_crs_tiles_and_says_so_once(tmp_path, caplog, georef):
     """A transform without a CRS, or a CRS without a transform (GDAL's identity: pixel coordinates,
     which once went out as map coordinates of that CRS, far from the scene): chips without a CRS."""
@@ -73,8 +73,11 @@ def test_a_scene_without_crs_tiles_and_says_so_once(tmp_path, caplog, georef):
     from geodet.pipeline.chips import write_chips
 
     p = tmp_path / "nocrs.tif"
+    from rasterio.control import GroundControlPoint
+
+    gcps = [GroundControlPoint(r, c, 500000 + c * 0.3, 4600000 - r * 0.3) for r, c in ((0, 0), (0, 99), (79, 0))]
     place = ({"transform": from_origin(500000, 4600000, 0.3, 0.3)} if georef == "transform only"
-             else {"crs": "EPSG:32633"})
+             else {"crs": "EPSG:32633"} if georef == "crs only" else {"gcps": gcps, "crs": "EPSG:32633"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rasterio's NotGeoreferencedWarning
         with rasterio.open(p, "w", driver="GTiff", width=100, height=80, count=3, dtype="uint8", **place) as d:
@@ -86,6 +89,8 @@ def test_a_scene_without_crs_tiles_and_says_so_once(tmp_path, caplog, georef):
     assert pyogrio.read_info(tmp_path / "out" / "chips.gpkg")["crs"] is None
     assert caplog.text.count("nocrs.tif has no georeferencing (no CRS, or no geotransform), so chips.gpkg has no "
                              "CRS either") == 1
+    # ground control points only: warped to a grid first, not given corners by hand
+    assert ("georeferenced by 3 ground control points only: warp it" in caplog.text) == (georef == "gcps only")
 
 
 def test_nan_pixels_are_no_data_in_chips_as_in_detection(tmp_path):

@@ -628,3 +628,18 @@ def test_a_picture_that_cannot_be_written_is_a_partial_result(tmp_path, synth, t
                str(tmp_path / "pr.png")])
     err = capsys.readouterr().err
     assert rc == 3 and (tmp_path / "m.json").exists() and "the metrics are written to" in err, err
+
+
+def test_anchors_names_the_unit_of_a_geographic_scenes_pixels(tmp_path, capsys):
+    from geodet.cli import main
+
+    p = tmp_path / "geo.tif"
+    with rasterio.open(p, "w", driver="GTiff", width=200, height=200, count=3, dtype="uint8", crs="EPSG:4326",
+                       transform=from_origin(10.0, 45.0, 1e-5, 1e-5)) as d:
+        d.write(np.full((3, 200, 200), 60, np.uint8))
+    gpd.GeoDataFrame({"label": ["car", "car"]}, geometry=[box(10.0002, 44.9990, 10.0004, 44.9992),
+                                                          box(10.0010, 44.9985, 10.0013, 44.9988)],
+                     crs="EPSG:4326").to_file(tmp_path / "l.gpkg")
+    assert main(["anchors", str(p), "--labels", str(tmp_path / "l.gpkg"), "--config", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "label boxes at 1e-05 degrees/px:" in out and "m/px" not in out, out

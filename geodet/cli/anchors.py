@@ -44,7 +44,9 @@ def run(args) -> int:
     if not len(lb):
         raise GeodetError(f"{args.labels}: no usable label in {scene} ({describe_counts(lb.counts)})")
     sizes = lb.boxes[:, 2:] - lb.boxes[:, :2]
-    print(f"label boxes at {sc.pixel_gsd:.4g} m/px:")
+    unit = "m/px" if getattr(sc, "unit_m", None) else "degrees/px" if sc.crs is not None and sc.crs.is_geographic \
+        else "CRS units/px"
+    print(f"label boxes at {sc.pixel_gsd:.4g} {unit}:")
     print(size_summary(sizes))
     m = cfg.model
     cur = anchor_coverage(sizes, m)

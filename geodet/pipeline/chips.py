@@ -167,9 +167,12 @@ def _write(sc, grid, lb, out: Path, final: Path, scene_path, tile_size: int, min
         geometry=boxes_to_polygons(np.array([r["box"] for r in rows], float).reshape(-1, 4), sc.transform), crs=sc.crs,
     )
     if sc.crs is None:  # said once here, in geodet's words, rather than by pyogrio's warning
-        log.warning("%s has no georeferencing (no CRS, or no geotransform), so chips.gpkg has no CRS either: "
-                    "georeference the scene (e.g. gdal_edit.py -a_srs EPSG:xxxx -a_ullr ...) to place the chips on a "
-                    "map", Path(str(scene_path)).name)
+        from ..io.raster import georeference_advice, open_raster
+
+        with open_raster(scene_path) as src:  # ground control points only: warp it, rather than assign corners
+            advice = georeference_advice(src)
+        log.warning("%s has no georeferencing (no CRS, or no geotransform), so chips.gpkg has no CRS either: %s, to "
+                    "place the chips on a map", Path(str(scene_path)).name, advice)
     with warnings.catch_warnings():  # written into the staged run, renamed into place with the chips
         warnings.filterwarnings("ignore", message=".*'crs' was not provided", category=UserWarning)
         footprints.to_file(out / "chips.gpkg", driver="GPKG", layer="chips", engine="pyogrio", VERSION="1.2")
