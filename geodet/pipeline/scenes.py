@@ -31,7 +31,8 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
     percentiles, min_valid_fraction, batch_size, device, num_workers, match_iou) override
     ``config`` (a ``Config`` whose file set them), which overrides the model card, which overrides
     the defaults (``resolve_detect_settings``). Columns: ``label``, ``score``, ``tile_row``,
-    ``tile_col``, ``scene`` (the file name) and the pixel box ``px_x0, px_y0, px_x1, px_y1`` (pixel edges of the possibly resampled grid);
+    ``tile_col``, ``scene`` (the file name) and the pixel box ``px_x0, px_y0, px_x1, px_y1`` (pixel edges of the possibly resampled grid;
+    with ``area``, of the area's grid and tiles: add the area's x0, y0 for the scene's pixels; the geometry is on the map either way);
     ``frame.attrs["report"]`` says what ran, with which settings, and how long each stage took.
     """
     t_start = time.perf_counter()
