@@ -242,6 +242,14 @@ def test_the_sample_data_and_the_offline_hf_message(tmp_path, monkeypatch):
     for scene, p in paths.items():
         assert Scene(p["scene"]).crs is not None and len(read_labels(p["labels"], "label")) > 30
     assert "CC0" in (tmp_path / "sample" / "README.txt").read_text()
+    # written again over labels the user fixed: theirs kept (said), the untouched files as they were
+    edited = paths["osbs_029"]["labels"]
+    edited.write_text(edited.read_text().replace('"Tree"', '"tree"'))
+    mine = edited.read_bytes()
+    write_sample("trees", tmp_path / "sample")
+    assert edited.read_bytes() == mine
+    with pytest.raises(GeodetError, match="no folder given for the sample"):
+        write_sample("trees", "")
     from geodet.model.imports import _hf_folder
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

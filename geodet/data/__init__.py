@@ -10,11 +10,13 @@ California, EPSG:32611, 37 crowns, classes Alive/Dead). Crowns are about 20-100 
 
 from __future__ import annotations
 
-import shutil
+import logging
 from importlib.resources import files
 from pathlib import Path
 
 from ..errors import GeodetError
+
+log = logging.getLogger(__name__)
 
 SAMPLES = {"trees": ("osbs_029", "soap_061")}
 NOTICE = __doc__.split("\n\n", 1)[1]
@@ -26,6 +28,8 @@ def write_sample(name: str, out_dir: str | Path) -> dict[str, dict[str, Path]]:
     ``{scene: {"scene": tif, "labels": geojson}}``."""
     if name not in SAMPLES:
         raise GeodetError(f"unknown sample '{name}': choose one of {', '.join(SAMPLES)}")
+    if not str(out_dir).strip():
+        raise GeodetError("no folder given for the sample: -o FOLDER (e.g. -o sample)")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise GeodetError(f"{out} is a file: give a folder for the sample")
@@ -40,9 +44,14 @@ def write_sample(name: str, out_dir: str | Path) -> dict[str, dict[str, Path]]:
             paths[scene] = {}
             for kind, ext in (("scene", ".tif"), ("labels", ".geojson")):
                 target = out / f"{scene}{ext}"
-                with (src / f"{scene}{ext}").open("rb") as f, atomic_path(target) as tmp, open(tmp, "wb") as g:
-                    shutil.copyfileobj(f, g)
                 paths[scene][kind] = target
+                shipped = (src / f"{scene}{ext}").read_bytes()
+                if target.is_file() and target.read_bytes() != shipped:  # the user's edits (labels fixed in QGIS)
+                    log.warning("%s differs from the sample's (edited?): kept; delete it to get the sample's again",
+                                target)
+                    continue
+                with atomic_path(target) as tmp:
+                    tmp.write_bytes(shipped)
         with atomic_path(out / "README.txt") as tmp:
             tmp.write_text(f"geodet sample '{name}'\n\n{NOTICE}", encoding="utf-8")
     except OSError as exc:  # a read-only or full file system, a folder we may not write in
