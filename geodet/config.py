@@ -307,12 +307,12 @@ def resolve_config_path(name_or_path: str | Path):
     path = Path(name_or_path)
     if path.is_file():
         return path
-    if path.is_dir():
-        raise GeodetError(f"config {name_or_path} is a folder: give a YAML file in it (or a built-in preset's name)")
     d = config_dir()
     for candidate in (d / f"{name_or_path}.yaml", d / str(name_or_path)):
-        if candidate.is_file():
+        if candidate.is_file():  # a preset, even where a folder of its name is in the working folder
             return candidate
+    if path.is_dir():
+        raise GeodetError(f"config {name_or_path} is a folder: give a YAML file in it (or a built-in preset's name)")
     known = preset_names()
     hint = f" (built-in presets: {', '.join(known)})" if known else ""
     raise GeodetError(f"config file not found: {name_or_path}{hint}")
@@ -329,14 +329,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # << *anchor: merged below, its keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                if key in seen:
+                    raise _DuplicateKey(f"{key!r} is given twice (lines {seen[key]} and "
+                                        f"{key_node.start_mark.line + 1}): keep one")
+                seen[key] = key_node.start_mark.line + 1
             except TypeError:  # an unhashable key: the safe loader says so itself
                 continue
-            if first != key_node.start_mark.line + 1:
-                raise _DuplicateKey(f"{key!r} is given twice (lines {first} and {key_node.start_mark.line + 1}): "
-                                    "keep one")
         return super().construct_mapping(node, deep=deep)
 
 

@@ -82,6 +82,18 @@ def test_a_key_given_twice_or_a_folder_is_one_clear_error(tmp_path):
         load_config(p)
     with pytest.raises(GeodetError, match="is a folder: give a YAML file in it"):
         load_config(tmp_path)
+    p.write_text("train: {lr: 0.01, lr: 0.5}\n")  # on one line too
+    with pytest.raises(GeodetError, match="'lr' is given twice"):
+        load_config(p)
+    # YAML's anchors and merge keys share values between scenes: a merged key given again is no repeat
+    p.write_text("train:\n  scenes:\n    - &s {scene: a.tif, labels: a.gpkg}\n    - <<: *s\n      scene: b.tif\n")
+    assert [(x.scene, x.labels) for x in load_config(p).train.scenes] == [("a.tif", "a.gpkg"), ("b.tif", "a.gpkg")]
+
+
+def test_a_folder_named_as_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    (tmp_path / "trees").mkdir()  # a data folder named after the preset
+    monkeypatch.chdir(tmp_path)
+    assert load_config("trees").tiling.tile_size == load_config(config_dir() / "trees.yaml").tiling.tile_size
 
 
 def test_a_configs_relative_paths_name_files_beside_it(tmp_path, monkeypatch):
@@ -101,7 +113,7 @@ def test_a_configs_relative_paths_name_files_beside_it(tmp_path, monkeypatch):
     assert t.unlabelled == [str(project / "data" / "u.tif")] and t.scenes[0].labelled_area is None
     assert t.val_scenes[0].scene == "elsewhere.tif" and t.val_scenes[0].labels == "/abs/l.gpkg"  # as given
     monkeypatch.chdir(project)  # from the project folder: the same files
-    assert load_config("run.yaml").train.scenes[0].scene in ("data/a.tif", str(project / "data" / "a.tif"))
+    assert load_config("run.yaml").train.scenes[0].scene == "data/a.tif"  # one file from both: as written
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.tif").write_bytes(b"y")
     monkeypatch.chdir(tmp_path)
