@@ -160,6 +160,8 @@ def test_a_rerun_replaces_the_folder_whole_and_a_failed_one_leaves_it(tmp_path, 
     from geodet.errors import GeodetError
 
     (out / "chips" / "r0_c0.tif.aux.xml").write_text("<PAMDataset/>")  # GDAL's statistics beside a chip: geodet's
+    for junk in (".DS_Store", "._r0_c0.tif", "r0_c0.tif.ovr"):  # a file browser's, QGIS's overviews: not the user's
+        (out / "chips" / junk).write_bytes(b"x")
     (out / "chips" / "notes.txt").write_text("mine")
     with pytest.raises(GeodetError, match=r"holds files that are not chips \(notes\.txt\).*move them out"):
         write_chips(p, out, tile_size=100, overlap=0, progress=False)

@@ -420,3 +420,15 @@ def test_a_worker_no_node_can_hold_is_refused_on_geodets_own_instance(local_ray,
     ray_resources.check_fits(ray, 1, 64, own=False)
     assert "no node of the Ray cluster has the 64 CPU(s) and 1 GPU(s)" in caplog.text
     ray_resources.check_fits(ray, 0, 2, own=True)  # fits: nothing said
+
+
+def test_a_signed_url_that_changed_still_finds_its_scenes_folder(tmp_path):
+    """A remote scene's folder is known by its address without the query (a signed URL's token
+    changes between runs): no second folder, so merge never holds it twice; another address is
+    another scene."""
+    d = tmp_path / "scene=tile"
+    d.mkdir()
+    (d / "_SUCCESS.json").write_text(json.dumps({"scene": "/vsicurl/https://x.org/a/tile.tif?sig=A"}))
+    assert ray_engine._unclaimed_ids(tmp_path, ["/vsicurl/https://x.org/a/tile.tif?sig=B"], ["tile"]) == ["tile"]
+    other = ray_engine._unclaimed_ids(tmp_path, ["/vsicurl/https://x.org/b/tile.tif"], ["tile"])
+    assert other[0].startswith("tile-") and len(other[0]) == len("tile-") + 8

@@ -64,6 +64,8 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
 
 
 CHIP = re.compile(r"r\d+_c\d+\.tif(\.aux\.xml)?")  # a chip (and the statistics GDAL or QGIS may write beside it)
+# what file browsers and GIS leave beside files (.DS_Store, AppleDouble ._x, overviews, masks): not the user's work
+SIDE = re.compile(r"\..*|r\d+_c\d+\.tif\.(ovr|msk)")
 
 
 def _check_only_chips_replaced(out: Path) -> None:
@@ -72,7 +74,7 @@ def _check_only_chips_replaced(out: Path) -> None:
     the user's in a folder geodet never tiled into)."""
     chips = out / "chips"
     if chips.is_dir():
-        others = sorted(p.name for p in chips.iterdir() if not CHIP.fullmatch(p.name))
+        others = sorted(p.name for p in chips.iterdir() if not CHIP.fullmatch(p.name) and not SIDE.fullmatch(p.name))
         if others:
             listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             raise GeodetError(f"{chips} holds files that are not chips ({listed}), and a run replaces that folder "

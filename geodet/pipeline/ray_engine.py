@@ -89,7 +89,10 @@ def _unclaimed_ids(out: Path, scenes: Sequence, ids: list[str]) -> list[str]:
     a folder written for another file that is still there (y2020/tile.tif, then y2021/tile.tif,
     into one output folder) gets its id with a short hash of its path, so both are kept and merged;
     a folder whose scene has gone (moved) is the new path's, and runs again."""
-    from ..io.writers import same_file_key
+    from ..io.writers import same_file_key as file_key
+
+    def same_file_key(p):  # a remote scene's address without its query (a signed URL's token changes)
+        return file_key(str(p).split("?", 1)[0] if "://" in str(p) or str(p).startswith("/vsi") else p)
 
     owners = {}  # same_file_key(scene) -> id of the folder an earlier run wrote for it
     for d in sorted(out.glob("scene=*")):
@@ -239,7 +242,9 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
     detector, model_sha, model_arg = _job_model(model)
     if ids is not None and len(ids) != len(scenes):
         raise GeodetError(f"{len(ids)} scene ids for {len(scenes)} scenes")
-    dirs = [str(out / f"scene={i}") for i in _unclaimed_ids(out, scenes, scene_ids(scenes, ids))]
+    # ids the user gave (STAC item ids) name their folders as they are; file stems are checked
+    dirs = [str(out / f"scene={i}") for i in (scene_ids(scenes, ids) if ids is not None else
+                                              _unclaimed_ids(out, scenes, scene_ids(scenes)))]
     made = [Path(d) for d in dirs if not Path(d).exists()] + made
     plans, failed = plan_scenes(scenes, detector, block_tiles, config, settings)
     chosen = _job_choice(scenes, detector, plans, config, settings, device, gpus_per_worker)
