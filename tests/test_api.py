@@ -38,6 +38,10 @@ def test_a_config_set_by_assignment_is_honoured_as_one_loaded_from_yaml(synth, t
     assert (r["tile_size"], r["overlap"]) == (96, 8) and r["settings_from"]["tile_size"] == "config"
     r = geodet.detect_scene(synth.image, model, config=geodet.load_config(), progress=False).attrs["report"]
     assert r["tile_size"] == model.card.tile_size  # nothing set: the card's
+    cfg = geodet.load_config()
+    cfg.scene.bands = np.array([3, 2, 1])  # numpy, as a notebook may assign it
+    r = geodet.detect_scene(synth.image, model, config=cfg, progress=False).attrs["report"]
+    assert r["bands"] == [3, 2, 1]
 
 
 @pytest.mark.parametrize("setting, match", [

@@ -47,9 +47,12 @@ def run(args) -> int:
     if args.plot:
         try:
             plot_pr(m, args.plot)
-        except GeodetError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever stopped the picture, the metrics are written
             if not args.out:
                 raise
-            print(f"geodet: partial result: {exc} (the metrics are written to {args.out})", file=sys.stderr)
+            from ..errors import brief
+
+            why = str(exc) if isinstance(exc, GeodetError) else f"the plot was not drawn: {brief(exc)}"
+            print(f"geodet: partial result: {why} (the metrics are written to {args.out})", file=sys.stderr)
             return EXIT_PARTIAL
     return 0

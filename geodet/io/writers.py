@@ -131,6 +131,15 @@ def check_output_path(path: str | Path, fmt: str | None = None, suffixes: tuple 
     return p
 
 
+def _stem_files(path: Path, suffixes) -> list:
+    """Files beside ``path`` of its stem with one of ``suffixes`` (any case)."""
+    try:
+        return [x for x in path.parent.glob(f"{glob.escape(path.stem)}.*") if x.stem == path.stem
+                and x.suffix.lower() in suffixes]
+    except OSError:
+        return []
+
+
 def _say_shared_style(path: Path, style: str) -> None:
     """``STEM.qml`` is QGIS's style for every file of that stem (out.geojson and out.fgb): say so
     when this output's style replaces a different one that another file of the stem still has."""
@@ -156,9 +165,9 @@ def _check_name_fits(p: Path) -> None:
         limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
-    longest = len(report_path(p).name.encode())
+    longest = max(len(report_path(p).name.encode()), len(f".{p.stem}.geodet-xxxxxxxx".encode()))
     if longest > limit:
-        raise GeodetError(f"{p.name[:40]}...: the name is too long ({len(p.name.encode())} bytes) for the report "
+        raise GeodetError(f"{p.name[:40]}...: the name is too long ({len(p.name.encode())} bytes) for the files "
                           f"written beside it ({longest} of the file system's {limit}): choose a shorter name")
 
 
@@ -254,7 +263,8 @@ def interrupts_held():
                 os.kill(os.getpid(), sig)
 
 
-LEFTOVER_AGE_S = 3600  # a temporary folder of geodet's untouched this long belongs to a run that was killed
+LEFTOVER_AGE_S = 6 * 3600  # a temporary folder of geodet's untouched this long belongs to a run that was killed
+_SWEPT: set = set()  # (folder, pattern) swept by this process: once each
 
 
 def sweep_leftovers(folder: Path, pattern: str, max_age_s: float = LEFTOVER_AGE_S) -> int:
@@ -264,6 +274,9 @@ def sweep_leftovers(folder: Path, pattern: str, max_age_s: float = LEFTOVER_AGE_
     import re as _re
     import time
 
+    if (str(folder), pattern) in _SWEPT:
+        return 0
+    _SWEPT.add((str(folder), pattern))
     gone = 0
     try:
         entries = [e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False) and _re.fullmatch(pattern, e.name)]
@@ -302,8 +315,8 @@ class atomic_path:
         try:
             self.made = missing_folders(parent)
             parent.mkdir(parents=True, exist_ok=True)
-            sweep_leftovers(parent, rf"\.{re.escape(self.path.stem)}\.[a-z0-9_]{{8}}")  # of a killed run (SIGKILL)
-            self.tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.stem}.", dir=parent))
+            sweep_leftovers(parent, rf"\.{re.escape(self.path.stem)}\.geodet-[a-z0-9_]{{8}}")  # a killed run's
+            self.tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.stem}.geodet-", dir=parent))
         except OSError as exc:
             remove_partial([], self.made)
             todo = "free some space there or choose" if exc.errno in _WRITE_ERRNOS else "choose"
@@ -358,8 +371,9 @@ def _disk_refused(exc: BaseException, tmpdir: Path) -> bool:
                                "database or disk is full")):
         return True
     # GDAL's drivers say it their own way ("Cannot write feature", "Unexpected I/O failure"): a
-    # write that failed where the disk has (next to) nothing left failed for that
-    if not isinstance(exc, Exception) or isinstance(exc, GeodetError):
+    # writer's failure (GDAL's, SQLite's, Arrow's) where the disk has (next to) nothing left failed for that
+    writer = type(exc).__module__.split(".")[0] in ("pyogrio", "sqlite3", "pyarrow", "rasterio", "fiona")
+    if not writer:
         return False
     try:
         st = os.statvfs(tmpdir)
@@ -537,7 +551,8 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
     if fmt != "gpkg":
         _say_shared_style(path, style)
     landing = atomic_path(path)
-    landing.stale = [path.with_suffix(".prj")] if fmt == "csv" else []  # one CRS no more: no old .prj left to lie
+    # one CRS no more: no old .prj left to lie (unless it is a shapefile's, beside: that is not the CSV's)
+    landing.stale = [path.with_suffix(".prj")] if fmt == "csv" and not _stem_files(path, (".shp",)) else []
     with landing as tmp, warnings.catch_warnings():
         # GDAL's advice on a name that --format overrides (out.dat as gpkg) is not the user's business
         warnings.filterwarnings("ignore", message="The filename extension should be", category=RuntimeWarning)
@@ -589,11 +604,21 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
 
 
 def _typed_text(frame):
-    """Text columns typed as text even when empty (an empty object column is Arrow's ``null`` type,
-    which a dataset of files with detections cannot be combined with)."""
+    """Text columns typed as text when there are no rows (an empty object column is Arrow's ``null``
+    type, which a dataset of files with detections cannot be combined with): the type pandas gives
+    a column of text (pandas 3's ``str``, Arrow's string on pandas 2)."""
+    if len(frame):
+        return frame
+    import pandas as pd
+
+    text = pd.Series(["x"]).dtype
+    if text == object:  # pandas 2
+        import pyarrow as pa
+
+        text = pd.ArrowDtype(pa.string())
     for c in ("scene", "label", "crs"):
         if c in frame.columns and frame[c].dtype == object:
-            frame[c] = frame[c].astype("str")
+            frame[c] = frame[c].astype(text)
     return frame
 
 
@@ -608,7 +633,9 @@ def _shapefile_text(frame):
     if "crs" in frame.columns:
         long = {v for v in frame["crs"].dropna().unique() if len(str(v).encode()) > SHP_TEXT}
         if long:
-            short = {v: CRS.from_user_input(v).to_proj4() for v in long}
+            with warnings.catch_warnings():  # pyproj's note that a PROJ string is not the whole WKT: said here
+                warnings.simplefilter("ignore", UserWarning)
+                short = {v: CRS.from_user_input(v).to_proj4() for v in long}
             frame = frame.assign(crs=frame["crs"].map(lambda v: short.get(v, v)))
     if "label" in frame.columns:
         too_long = [v for v in frame["label"].dropna().unique() if len(str(v).encode()) > SHP_TEXT]

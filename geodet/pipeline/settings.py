@@ -74,7 +74,11 @@ def _config_key(config: Config, keys, defaults: Config) -> str | None:
     than the default)."""
     for key in (keys,) if isinstance(keys, str) else keys:
         value = _get(config, key)
-        if value is not None and (key in config.explicit or value != _get(defaults, key)):
+        if hasattr(value, "tolist"):  # a numpy array or number assigned in Python
+            value = value.tolist()
+        default = _get(defaults, key)
+        if value is not None and (key in config.explicit or
+                                  (list(value) if isinstance(value, tuple) else value) != default):
             return key
     return None
 

@@ -198,7 +198,9 @@ class MetricsLog:
                 rows = list(csv.reader(f))
         except (OSError, UnicodeDecodeError):
             return
-        at = METRICS_HEADER.index("step")
+        if not rows or "step" not in rows[0]:
+            return
+        at = rows[0].index("step")  # the file's own header (an older run's may differ)
 
         def past(row):
             try:

@@ -73,7 +73,7 @@ def raster_file(layer, name, feedback):
         srs = crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED_GDAL)
     # named as the file (in a folder of its own): detections, reports and quicklooks name the scene as
     # the user knows it, not "scene.vrt"; GDAL tells a VRT by its content, whatever its name
-    vrt = QgsProcessingUtils.generateTempFilename(Path(layer.source().split('|')[0]).name or "scene.vrt")
+    vrt = QgsProcessingUtils.generateTempFilename(Path(layer.source().split('|')[0].split("?")[0]).name or "scene.vrt")
     ds = gdal.Translate(vrt, layer.source(), format="VRT", outputSRS=srs)
     if ds is None:
         raise QgsProcessingException(f"{name}: cannot give {layer.name()} the CRS set in QGIS "
