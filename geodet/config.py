@@ -225,6 +225,28 @@ class Config:
         a value the user wrote beats the model card's, a default does not."""
         return self.__dict__.setdefault("_explicit", set())
 
+    def written(self) -> set:
+        """``explicit``, and the keys whose value differs from the default: set by assignment in
+        Python (``cfg.tiling.tile_size = 64``, as a notebook does), which beats a model card as a
+        value in a YAML file does."""
+        keys = set(self.explicit)
+        defaults = Config()
+        for section in dataclasses.fields(self):
+            mine, base = getattr(self, section.name), getattr(defaults, section.name)
+            for f in dataclasses.fields(mine):
+                value = getattr(mine, f.name)
+                if hasattr(value, "tolist"):  # numpy
+                    value = value.tolist()
+                if isinstance(value, tuple):
+                    value = list(value)
+                try:
+                    differs = bool(value != getattr(base, f.name))
+                except (TypeError, ValueError):
+                    differs = True
+                if differs:
+                    keys.add(f"{section.name}.{f.name}")
+        return keys
+
     @property
     def from_arguments(self) -> set:
         """Of ``explicit``, the keys the command line (or an API argument) set, not a file: the

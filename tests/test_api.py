@@ -106,6 +106,11 @@ def test_training_and_model_files_take_a_notebooks_inputs_or_say_what_to_pass(tm
         geodet.save_model(model.net, tmp_path / "m.pt")
     with pytest.raises(GeodetError, match=r"cannot write .*m\.pt"):
         geodet.save_model(model, tmp_path / "afile" / "m.pt")
+    # starting from that model with a tile size assigned in Python: this run's, not the start model's card's
+    cfg = tiny_config(synth.image, synth.labels, epochs=1, steps_per_epoch=1, val_fraction=0.0)
+    cfg.train.init = str(tmp_path / "run" / "model.pt")
+    cfg.tiling.tile_size = 96
+    assert geodet.load_model(geodet.train(cfg, tmp_path / "again", progress=False)).card.tile_size == 96
     c = geodet.load_config()
     with pytest.raises(GeodetError, match=r"takes the model section of a config \(cfg.model\) \(pass its .model"):
         geodet.build_model(c)

@@ -68,17 +68,12 @@ def _get(obj, dotted: str):
     return obj
 
 
-def _config_key(config: Config, keys, defaults: Config) -> str | None:
-    """The first of ``keys`` (one key or several) that ``config`` writes, None where none is: set by
-    its YAML or overrides, or by assignment in Python (``cfg.tiling.tile_size = 64``: a value other
-    than the default)."""
+def _config_key(config: Config, keys, written: set) -> str | None:
+    """The first of ``keys`` (one key or several) that ``config`` writes (``written``: set by its
+    YAML or overrides, or by assignment in Python), None where none is."""
     for key in (keys,) if isinstance(keys, str) else keys:
         value = _get(config, key)
-        if hasattr(value, "tolist"):  # a numpy array or number assigned in Python
-            value = value.tolist()
-        default = _get(defaults, key)
-        if value is not None and (key in config.explicit or
-                                  (list(value) if isinstance(value, tuple) else value) != default):
+        if value is not None and key in written:
             return key
     return None
 
@@ -140,11 +135,12 @@ def resolve_detect_settings(card=None, config: Config | None = None, **explicit)
     if unknown:
         raise TypeError(f"unknown detection setting(s): {', '.join(sorted(unknown))}")
     defaults = Config()
+    written = config.written() if config is not None else set()
     if config is not None:
         _say_ignored(config)
     values, sources, tier = {}, {}, {}
     for name, (keys, card_attr) in SETTINGS.items():
-        key = _config_key(config, keys, defaults) if config is not None else None
+        key = _config_key(config, keys, written) if config is not None else None
         if explicit.get(name) is not None:
             values[name], sources[name], tier[name] = explicit[name], "argument", 3
         elif key is not None:

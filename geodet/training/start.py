@@ -43,15 +43,16 @@ def apply_init(cfg) -> tuple[dict, ModelCard]:
         cfg.train.init = str(run / "model.pt")
     payload = read_model_file(cfg.train.init)
     card = ModelCard.from_dict(payload["card"], source=f"{cfg.train.init} card")
-    if "scene.bands" in cfg.explicit and len(cfg.scene.bands) != len(card.bands):
+    written = cfg.written() - {"train.init"}  # YAML, flags, or assigned in Python: this run's, not the card's
+    if "scene.bands" in written and len(cfg.scene.bands) != len(card.bands):
         raise GeodetError(f"--init {cfg.train.init} was trained on {len(card.bands)} band(s) ({card.bands}) but this "
                           f"run reads {len(cfg.scene.bands)} ({cfg.scene.bands}): use the same number of bands, or "
                           "train from scratch")
-    classes = cfg.model.classes if "model.classes" in cfg.explicit else None
+    classes = cfg.model.classes if "model.classes" in written else None
     col = card.extra.get("class_column")
-    if col is not None and "train.class_column" not in cfg.explicit:
+    if col is not None and "train.class_column" not in written:
         cfg.train.class_column = col  # the start model's classes came from this column: so do these
-    loss = {k: getattr(cfg.model, k) for k in LOSS_SETTINGS if f"model.{k}" in cfg.explicit}
+    loss = {k: getattr(cfg.model, k) for k in LOSS_SETTINGS if f"model.{k}" in written}
     cfg.model = copy.deepcopy(card.model)
     for k, v in loss.items():  # how to learn is this run's; what the network is, the start model's
         setattr(cfg.model, k, v)
@@ -60,7 +61,7 @@ def apply_init(cfg) -> tuple[dict, ModelCard]:
     for key, value in (("tiling.tile_size", card.tile_size), ("tiling.overlap", card.overlap),
                        ("scene.gsd_m", card.gsd_m), ("scene.bands", list(card.bands)),
                        ("scene.percentiles", list(card.percentiles))):
-        if key not in cfg.explicit and value is not None:
+        if key not in written and value is not None:
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, value)
     log.info("starting from %s (%s, %d classes, %d px tiles%s)", cfg.train.init, card.model.backbone,
