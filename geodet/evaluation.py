@@ -292,6 +292,16 @@ def _class_names(det, gt, labels, class_column: str):
     return gt, det_names, gt_names, class_column_gt, agnostic, mismatch
 
 
+def _check_inputs(detections, labels, iou) -> None:
+    import geopandas as gpd
+
+    if not (isinstance(iou, (int, float, np.number)) and 0 < iou <= 1):
+        raise GeodetError(f"iou must be a number in (0, 1], got {iou!r}")
+    for name, v in (("detections", detections), ("labels", labels)):
+        if not isinstance(v, (gpd.GeoDataFrame, str, Path)):
+            raise GeodetError(f"{name} must be a GeoDataFrame or a vector file's path, got {type(v).__name__}")
+
+
 def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str = "label", bands=None,
              point_box_m: float = 1.0) -> dict:
     """Evaluate detections (a frame or any file geodet writes) against labels (a frame or any
@@ -304,11 +314,7 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     from .io.labels import class_values, geoms_to_pixel_boxes, labels_to_boxes, read_labels, usable_geometries
     from .io.scene import Scene
 
-    if not (isinstance(iou, (int, float, np.number)) and 0 < iou <= 1):
-        raise GeodetError(f"iou must be a number in (0, 1], got {iou!r}")
-    for name, v in (("detections", detections), ("labels", labels)):
-        if not isinstance(v, (gpd.GeoDataFrame, str, Path)):
-            raise GeodetError(f"{name} must be a GeoDataFrame or a vector file's path, got {type(v).__name__}")
+    _check_inputs(detections, labels, iou)
     det = detections if isinstance(detections, gpd.GeoDataFrame) else read_detections(detections)
     if scene is not None:
         det = only_scene(det, scene if not hasattr(scene, "path") else scene.path)

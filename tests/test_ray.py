@@ -17,7 +17,7 @@ from geodet.pipeline.scenes import detect_scene
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
-from geodet.pipeline import ray_engine, ray_resources  # noqa: E402
+from geodet.pipeline import parts, ray_engine, ray_resources  # noqa: E402
 from geodet.pipeline.ray_engine import detect_ray, merge_outputs  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -429,6 +429,6 @@ def test_a_signed_url_that_changed_still_finds_its_scenes_folder(tmp_path):
     d = tmp_path / "scene=tile"
     d.mkdir()
     (d / "_SUCCESS.json").write_text(json.dumps({"scene": "/vsicurl/https://x.org/a/tile.tif?sig=A"}))
-    assert ray_engine._unclaimed_ids(tmp_path, ["/vsicurl/https://x.org/a/tile.tif?sig=B"], ["tile"]) == ["tile"]
-    other = ray_engine._unclaimed_ids(tmp_path, ["/vsicurl/https://x.org/b/tile.tif"], ["tile"])
+    assert parts.unclaimed_ids(tmp_path, ["/vsicurl/https://x.org/a/tile.tif?sig=B"], ["tile"]) == ["tile"]
+    other = parts.unclaimed_ids(tmp_path, ["/vsicurl/https://x.org/b/tile.tif"], ["tile"])
     assert other[0].startswith("tile-") and len(other[0]) == len("tile-") + 8

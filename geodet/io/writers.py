@@ -6,31 +6,24 @@ interrupted run never leaves a half-written output and never touches a previous 
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import glob
 import json
 import logging
 import math
-import os
-import re
-import shutil
-import signal
-import tempfile
-import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import GeodetError, brief
+from ..errors import GeodetError
+# where outputs go and how they land: modules of their own, whose names are geodet.io.writers' too
+from .atomic import (FULL_BYTES, LEFTOVER_AGE_S, WRITTEN, atomic_path, interrupts_held,  # noqa: F401
+                     missing_folders, remove_partial, sweep_leftovers)
+from .outputs import (FORMATS, check_not_an_input, check_output_folder, check_output_path,  # noqa: F401
+                      report_path, same_file_key, say_shared_style, stem_files)
 
 log = logging.getLogger(__name__)
 
-FORMATS = {
-    ".geojson": "geojson", ".json": "geojson", ".gpkg": "gpkg", ".fgb": "fgb", ".shp": "shp", ".csv": "csv",
-    ".parquet": "parquet",
-}
 SINGLE_CRS = ("fgb", "shp", "parquet")  # formats that hold one CRS per file: EPSG:4326 for scenes in several
 SCORE_DECIMALS = 4  # scores are float32 sigmoids: 4 decimals say all a user can act on
 GPKG_VERSION = "1.2"  # 1.4 warns in GDAL 3.6 / QGIS 3.22 (Debian 12, Ubuntu 22.04); 1.2 has all we use
@@ -58,163 +51,6 @@ def output_format(path: str | Path, fmt: str | None = None) -> str:
     return FORMATS[suffix]
 
 
-def same_file_key(path) -> str:
-    """A key equal for two names of one local file (a link, ./a.tif and a.tif; a layer's
-    ``file|layername=...`` names its file); a URL or /vsi path as it is."""
-    p = str(path)
-    if "://" in p or p.startswith("/vsi"):
-        return p
-    return os.path.normcase(os.path.realpath(p.split("|")[0]))
-
-
-def check_not_an_input(path: str | Path, inputs) -> None:
-    """Refuse, before any work, an output that names one of the command's input files:
-    ``inputs`` is (file or None, what it is to the user), e.g. (labels, "the labels")."""
-    key = same_file_key(path)
-    for source, what in inputs:
-        if source and same_file_key(source) == key:
-            raise GeodetError(f"{path} is {what}: writing the output there would replace it; choose another output "
-                              "name")
-
-
-def _check_other_layers(p: Path, fmt: str | None) -> None:
-    """An existing GeoPackage is replaced whole by an output: refuse one that holds layers of its own
-    (a project's labels and areas), so writing detections or cells there never deletes them. geodet's
-    layers are named after the file (``STEM``, ``STEM_EPSG``) and hold its columns (detections'
-    ``score``, suggestions' ``cell_row``): QGIS names a new layer after its file too."""
-    if (fmt or FORMATS.get(p.suffix.lower())) != "gpkg" or not p.is_file():
-        return
-    import re
-
-    try:
-        import pyogrio
-
-        names = [str(n) for n in pyogrio.list_layers(p)[:, 0]]
-        fields = {n: set(pyogrio.read_info(p, layer=n)["fields"]) for n in names if n != "layer_styles"}
-    except Exception:  # not a readable GeoPackage: nothing of the user's can be told apart; it is replaced
-        return
-    ours = re.compile(rf"{re.escape(p.stem)}(_\d+)*", re.IGNORECASE)
-    others = [n for n, f in fields.items() if not (ours.fullmatch(n) and f & {"score", "cell_row"})]
-    if others:
-        listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        raise GeodetError(f"{p} holds other layers ({listed}) and the output replaces the whole file: give the output "
-                          "a new file name")
-
-
-def check_output_path(path: str | Path, fmt: str | None = None, suffixes: tuple = (),
-                      example: str = "detections.gpkg") -> Path:
-    """Fail before any work starts if the output cannot be written there: the nearest existing
-    folder on its path must take a new file (missing folders are made when the output is written),
-    with ``suffixes`` its name must end in one of them (what is written is ``example``'s kind),
-    and, with ``fmt``, no other output may own its sidecar files (a shapefile's and a CSV's ``.prj``
-    and ``.qml`` share the stem)."""
-    p = Path(path)
-    if p.is_dir():
-        raise GeodetError(f"output path is a folder: {p}; give a file name such as {p / example}")
-    if suffixes and p.suffix.lower() not in suffixes:
-        raise GeodetError(f"{p.name}: this output is a {'/'.join(s.lstrip('.').upper() for s in suffixes)} file: "
-                          f"name it so (e.g. {p.with_suffix(suffixes[0]).name if p.suffix or p.name else example})")
-    _check_writable_in(p.parent if str(p.parent) else Path("."), p)
-    _check_name_fits(p)
-    if (fmt or FORMATS.get(p.suffix.lower())) == "gpkg" and p.stem.startswith("-"):
-        raise GeodetError(f"{p.name}: its layer is named after the file, and GDAL refuses a GeoPackage layer name "
-                          "that begins with '-': name the file otherwise")
-    _check_other_layers(p, fmt)
-    if fmt == "shp" and p.suffix.lower() != ".shp":  # GDAL makes a folder of a shapefile named otherwise
-        raise GeodetError(f"{p.name}: a shapefile's name ends in .shp (its .shx, .dbf and .prj share the stem): "
-                          f"name it {p.with_suffix('.shp').name if p.suffix else p.name + '.shp'}")
-    if fmt in ("shp", "csv"):
-        other = p.with_suffix(".csv" if fmt == "shp" else ".shp")
-        if other.exists():
-            raise GeodetError(f"{p.name} and {other.name} would share {p.with_suffix('.prj').name} and "
-                              f"{p.with_suffix('.qml').name} (the CRS and the style): give this output another name")
-    return p
-
-
-def _stem_files(path: Path, suffixes) -> list:
-    """Files beside ``path`` of its stem with one of ``suffixes`` (any case)."""
-    try:
-        return [x for x in path.parent.glob(f"{glob.escape(path.stem)}.*") if x.stem == path.stem
-                and x.suffix.lower() in suffixes]
-    except OSError:
-        return []
-
-
-def _say_shared_style(path: Path, style: str) -> None:
-    """``STEM.qml`` is QGIS's style for every file of that stem (out.geojson and out.fgb): say so
-    when this output's style replaces a different one that another file of the stem still has."""
-    q = path.with_suffix(".qml")
-    try:
-        if not q.is_file() or q.read_text(encoding="utf-8") == style:
-            return
-        others = sorted(x.name for x in path.parent.glob(f"{glob.escape(path.stem)}.*") if x.stem == path.stem
-                        and x.name != path.name and x.suffix.lower() in FORMATS and x.suffix.lower() != ".gpkg")
-    except (OSError, UnicodeDecodeError):
-        return
-    if others:
-        log.warning("%s now styles %s too, with this output's classes and threshold (QGIS loads a STEM.qml for every "
-                    "file of that stem): give outputs of different models different names", q.name, others[0])
-
-
-def _check_name_fits(p: Path) -> None:
-    """Files are written beside the output under longer names (``OUT.report.json``; SQLite's
-    ``-journal``; the temporary folder ``.STEM.xxxxxxxx``): refuse a name they would take past the
-    file system's limit, before any work rather than after it."""
-    folder = next((a for a in (p.parent, *p.parent.parents) if a.exists()), Path("."))
-    try:
-        limit = os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
-    longest = max(len(report_path(p).name.encode()), len(f".{p.stem}.geodet-xxxxxxxx".encode()))
-    if longest > limit:
-        raise GeodetError(f"{p.name[:40]}...: the name is too long ({len(p.name.encode())} bytes) for the files "
-                          f"written beside it ({longest} of the file system's {limit}): choose a shorter name")
-
-
-def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
-    """Fail before any work starts if ``path`` cannot be the run's output folder: it must be a
-    folder or not exist yet, and the nearest existing folder on its path must take new files."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise GeodetError(f"{flag} must be a folder, but {p} is a file")
-    _check_writable_in(p, p)
-    return p
-
-
-def _check_writable_in(folder: Path, target: Path) -> None:
-    """The nearest existing folder on ``folder``'s path must take a new file (for ``target``)."""
-    existing = next((a for a in (folder, *folder.parents) if a.exists()), Path("."))
-    if not existing.is_dir():
-        raise GeodetError(f"cannot write {target}: {existing} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".geodet-write-test.", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise GeodetError(f"cannot write in {existing} ({exc.strerror or exc}): choose another output folder") from None
-
-
-def missing_folders(path: str | Path) -> list[Path]:
-    """``path`` and its parents that do not exist yet, deepest first (what a run will make)."""
-    p = Path(os.path.abspath(path))  # normalised: a/../b names b, never a folder of the user's
-    return [d for d in (p, *p.parents) if not d.exists()]
-
-
-def remove_partial(files, folders) -> None:
-    """Undo a failed run: remove ``files`` it wrote, then the ``folders`` it made (deepest first)
-    while they are empty."""
-    gone = set()
-    for f in files:
-        Path(f).unlink(missing_ok=True)
-        gone.add(Path(f))
-    WRITTEN[:] = [p for p in WRITTEN if p not in gone]  # an interrupt then names only what is still there
-    for d in folders:
-        try:
-            Path(d).rmdir()
-        except OSError:
-            break
-
-
 def boxes_to_polygons(boxes: np.ndarray, transform):
     """Pixel-edge boxes [N, 4] to polygons in the CRS of ``transform`` (exact affine of the corners)."""
     import shapely
@@ -228,161 +64,6 @@ def boxes_to_polygons(boxes: np.ndarray, transform):
     ys = d * cols + e * rows + f
     coords = np.stack([xs, ys], axis=2)
     return shapely.polygons(coords)
-
-
-@contextlib.contextmanager
-def interrupts_held():
-    """Ctrl+C (SIGINT) and SIGTERM that arrive inside are acted on as the block ends, so the
-    renames of one output's files are not cut between two of them (main thread only: signal
-    handlers are set there; elsewhere the block runs as it is)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held, previous = [], {}
-    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
-    try:
-        for sig in signals:
-            if signal.getsignal(sig) is None:  # a handler set outside Python: it cannot be put back, so not held
-                continue
-            previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
-    except (ValueError, OSError):  # not the main interpreter (an embedding host): as it is
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(held):
-            handler = previous[sig]
-            if callable(handler):
-                handler(sig, None)
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), sig)
-
-
-LEFTOVER_AGE_S = 6 * 3600  # a temporary folder of geodet's untouched this long belongs to a run that was killed
-_SWEPT: set = set()  # (folder, pattern) swept by this process: once each
-
-
-def sweep_leftovers(folder: Path, pattern: str, max_age_s: float = LEFTOVER_AGE_S) -> int:
-    """Remove the temporary folders (named by ``pattern``, a regex of the whole name) that a killed
-    run left in ``folder``: none of their files was touched for ``max_age_s`` (a run still writing
-    touches one every few seconds), so no live run's is taken. Returns how many went (said)."""
-    import re as _re
-    import time
-
-    if (str(folder), pattern) in _SWEPT:
-        return 0
-    _SWEPT.add((str(folder), pattern))
-    gone = 0
-    try:
-        entries = [e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False) and _re.fullmatch(pattern, e.name)]
-    except OSError:
-        return 0
-    now = time.time()
-    for e in entries:
-        try:
-            latest = max([e.stat(follow_symlinks=False).st_mtime] +
-                         [c.stat(follow_symlinks=False).st_mtime for c in os.scandir(e.path)])
-        except OSError:
-            continue
-        if now - latest > max_age_s:
-            shutil.rmtree(e.path, ignore_errors=True)
-            gone += not os.path.exists(e.path)
-    if gone:
-        log.info("removed %d temporary folder(s) a killed run left in %s", gone, folder)
-    return gone
-
-
-WRITTEN: list[Path] = []  # outputs renamed into place by this process (the command says so when interrupted)
-
-
-class atomic_path:
-    """``with atomic_path(out) as tmp:`` write to ``tmp``; it replaces ``out`` only on success."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.tmpdir = None
-        self.made: list[Path] = []  # folders made for it, removed again when the write fails
-        self.stale: list[Path] = []  # files of an earlier output that go when this one lands (unless written anew)
-
-    def __enter__(self) -> Path:
-        # the folder normalised (a/../b is b: "a" is neither made nor needed)
-        parent = self.parent = Path(os.path.abspath(self.path.parent if str(self.path.parent) else "."))
-        try:
-            self.made = missing_folders(parent)
-            parent.mkdir(parents=True, exist_ok=True)
-            sweep_leftovers(parent, rf"\.{re.escape(self.path.stem)}\.geodet-[a-z0-9_]{{8}}")  # a killed run's
-            self.tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.stem}.geodet-", dir=parent))
-        except OSError as exc:
-            remove_partial([], self.made)
-            todo = "free some space there or choose" if exc.errno in _WRITE_ERRNOS else "choose"
-            raise GeodetError(f"cannot write {self.path} ({exc.strerror or exc}): {todo} another output folder") from None
-        return self.tmpdir / self.path.name
-
-    def __exit__(self, exc_type, exc, tb):
-        failed = exc is not None
-        full = failed and _disk_refused(exc, self.tmpdir)  # asked while the failed write still fills the disk
-        try:
-            if exc_type is None:
-                produced = sorted(self.tmpdir.iterdir())
-                with interrupts_held():  # the output and its report land together, or neither does
-                    for f in produced:  # a shapefile is several files with one stem
-                        try:
-                            os.replace(f, self.parent / f.name)
-                        except OSError as err:
-                            raise GeodetError(f"cannot write {self.path}: {brief(err)}: choose another output") from None
-                        if f.name == self.path.name:
-                            WRITTEN.append(self.path)
-                    names = {f.name for f in produced}
-                    for old in self.stale:
-                        if old.name not in names:
-                            old.unlink(missing_ok=True)
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            if failed:
-                remove_partial([], self.made)
-        if full:  # a full disk, a quota: one line, nothing left
-            raise GeodetError(f"cannot write {self.path}: {brief(exc)}: free some space there or choose another "
-                              "output folder") from None
-        return False
-
-
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
-
-
-def _disk_refused(exc: BaseException, tmpdir: Path) -> bool:
-    """Whether ``exc`` (an OSError, or a writer's error wrapping GDAL's) says the disk refused
-    the write into ``tmpdir`` (the output's folder): no space, a quota, a file too large, a
-    read-only file system. Elsewhere (a temporary file of a library in /tmp) it is not the output's."""
-    name = getattr(exc, "filename", None)
-    if name and not Path(os.path.abspath(os.fsdecode(name))).is_relative_to(os.path.abspath(tmpdir)):
-        return False
-    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
-        return True
-    text = str(exc)
-    if any(s in text for s in ("No space left", "Disk quota", "File too large", "Read-only file system",
-                               "database or disk is full")):
-        return True
-    # GDAL's drivers say it their own way ("Cannot write feature", "Unexpected I/O failure"): a
-    # writer's failure (GDAL's, SQLite's, Arrow's) where the disk has (next to) nothing left failed for that
-    writer = type(exc).__module__.split(".")[0] in ("pyogrio", "sqlite3", "pyarrow", "rasterio", "fiona")
-    if not writer:
-        return False
-    try:
-        st = os.statvfs(tmpdir)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < FULL_BYTES
-
-
-FULL_BYTES = 1 << 20  # a disk with less free is full, for a writer's failure
 
 
 def check_reaches_wgs84(crs, xy, fmt: str, what: str) -> None:
@@ -520,23 +201,11 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
     ``report`` (a function returning a dict, called once the detections are written): the JSON
     report ``OUT.report.json``, renamed into place with the output, so neither lands without
     the other."""
-    import pandas as pd
-    import pyogrio
-    import shapely
-
-    from .style import add_gpkg_style, qml
-
-    import geopandas as gpd
+    from .style import qml
 
     path = Path(path)
     fmt = output_format(path, fmt)
-    if csv_geometry not in ("wkt", "pixel"):
-        raise GeodetError(f"csv_geometry must be wkt or pixel, got {csv_geometry!r}")
-    given = list(gdf) if isinstance(gdf, (list, tuple)) else [gdf]
-    if not given or not all(isinstance(f, gpd.GeoDataFrame) for f in given):
-        raise GeodetError("write_detections takes detections as a GeoDataFrame (what detect_scene returns) or a "
-                          "list of them")
-    frames = [_rounded(f) for f in given]
+    frames = [_rounded(f) for f in _checked_frames(gdf, path, fmt, csv_geometry)]
     groups = crs_groups(frames)
     if fmt in NEEDS_CRS and any(c is None for c, _ in groups):
         raise GeodetError(
@@ -545,62 +214,91 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
         )
     _check_groups_reach_wgs84(groups, fmt)  # before anything is written (merge too)
     classes = sorted({str(v) for f in frames if "label" in f.columns for v in f["label"]})
-    if fmt == "shp" and path.suffix.lower() != ".shp":
-        raise GeodetError(f"{path.name}: a shapefile's name ends in .shp: name it {path.stem}.shp")
     style = qml(classes, style_min_score)
     if fmt != "gpkg":
-        _say_shared_style(path, style)
+        say_shared_style(path, style)
     landing = atomic_path(path)
     # one CRS no more: no old .prj left to lie (unless it is a shapefile's, beside: that is not the CSV's)
-    landing.stale = [path.with_suffix(".prj")] if fmt == "csv" and not _stem_files(path, (".shp",)) else []
+    landing.stale = [path.with_suffix(".prj")] if fmt == "csv" and not stem_files(path, (".shp",)) else []
     with landing as tmp, warnings.catch_warnings():
         # GDAL's advice on a name that --format overrides (out.dat as gpkg) is not the user's business
         warnings.filterwarnings("ignore", message="The filename extension should be", category=RuntimeWarning)
         if fmt == "csv":
             _write_csv(groups, tmp, csv_geometry)
-            tmp.with_suffix(".qml").write_text(style, encoding="utf-8")
         elif fmt == "gpkg":
-            used = set()
-            for k, (crs, members) in enumerate(groups):
-                g = pd.concat(members, ignore_index=True).set_crs(crs, allow_override=True)
-                epsg = crs.to_epsg()
-                layer = path.stem if len(groups) == 1 else f"{path.stem}_{epsg if epsg else k + 1}"
-                if layer.lower() in used:  # two CRSs with one EPSG code (another datum, a custom UTM): a layer each
-                    layer = f"{layer}_{k + 1}"
-                used.add(layer.lower())
-                pyogrio.write_dataframe(g, tmp, driver=DRIVERS[fmt], layer=layer, geometry_type="Polygon",
-                                        append=k > 0, dataset_options={"VERSION": GPKG_VERSION} if k == 0 else None)
-                add_gpkg_style(tmp, layer, classes, style_min_score)
+            _write_gpkg(groups, tmp, path.stem, classes, style_min_score)
         elif fmt == "parquet":
             _typed_text(combine_frames(frames)).to_parquet(tmp, index=False)
-            tmp.with_suffix(".qml").write_text(style, encoding="utf-8")
         else:
-            out = combine_frames(frames)
-            layer_opts = None
-            if fmt == "geojson":
-                out = to_wgs84(out)
-                out = out.set_geometry(shapely.orient_polygons(out.geometry.values, exterior_cw=False), crs="EPSG:4326")
-                # 9 decimals (0.1 mm) keep a 2 cm drone scene's boxes where they are; GDAL's default, 7, is 1 cm
-                layer_opts = {"RFC7946": "YES", "WRITE_BBOX": "NO", "COORDINATE_PRECISION": "9"}
-            if fmt == "shp":
-                out = _shapefile_text(out)
-            multi = bool((out.geom_type == "MultiPolygon").any())  # boxes split at the antimeridian
-            target = tmp if fmt != "fgb" or tmp.suffix.lower() == ".fgb" else tmp.with_name(tmp.name + ".fgb")
-            pyogrio.write_dataframe(out, target, driver=DRIVERS[fmt], layer_options=layer_opts,
-                                    geometry_type="MultiPolygon" if multi else "Polygon", promote_to_multi=multi)
-            if target != tmp:  # GDAL makes a folder of a FlatGeobuf named otherwise
-                target.rename(tmp)
+            _write_ogr(combine_frames(frames), tmp, fmt)
+        if fmt != "gpkg":  # its style is in its layer_styles table
             tmp.with_suffix(".qml").write_text(style, encoding="utf-8")
-            if fmt == "shp" and tmp.suffix != ".shp":  # GDAL names a shapefile's parts in lower case: A.SHP as given
-                for part in tmp.parent.glob(f"{glob.escape(tmp.stem)}.*"):
-                    if part.suffix in (".shp", ".shx", ".dbf", ".prj", ".cpg"):
-                        part.rename(part.with_suffix(part.suffix.upper() if tmp.suffix.isupper() else part.suffix))
-                if not tmp.exists():
-                    tmp.with_suffix(".shp").rename(tmp)
         if report is not None:
             (tmp.parent / report_path(path).name).write_text(
                 json.dumps(json_safe(report()), indent=2, default=str, allow_nan=False), encoding="utf-8")
     return path
+
+
+def _checked_frames(gdf, path: Path, fmt: str, csv_geometry: str) -> list:
+    """``write_detections``' frames as a list, and what it cannot write refused first."""
+    import geopandas as gpd
+
+    if csv_geometry not in ("wkt", "pixel"):
+        raise GeodetError(f"csv_geometry must be wkt or pixel, got {csv_geometry!r}")
+    given = list(gdf) if isinstance(gdf, (list, tuple)) else [gdf]
+    if not given or not all(isinstance(f, gpd.GeoDataFrame) for f in given):
+        raise GeodetError("write_detections takes detections as a GeoDataFrame (what detect_scene returns) or a "
+                          "list of them")
+    if fmt == "shp" and path.suffix.lower() != ".shp":
+        raise GeodetError(f"{path.name}: a shapefile's name ends in .shp: name it {path.stem}.shp")
+    return given
+
+
+def _write_gpkg(groups, tmp: Path, stem: str, classes, style_min_score) -> None:
+    """A layer per CRS (``STEM``, or ``STEM_EPSG`` for several), each styled in ``layer_styles``."""
+    import pandas as pd
+    import pyogrio
+
+    from .style import add_gpkg_style
+
+    used = set()
+    for k, (crs, members) in enumerate(groups):
+        g = pd.concat(members, ignore_index=True).set_crs(crs, allow_override=True)
+        epsg = crs.to_epsg()
+        layer = stem if len(groups) == 1 else f"{stem}_{epsg if epsg else k + 1}"
+        if layer.lower() in used:  # two CRSs with one EPSG code (another datum, a custom UTM): a layer each
+            layer = f"{layer}_{k + 1}"
+        used.add(layer.lower())
+        pyogrio.write_dataframe(g, tmp, driver=DRIVERS["gpkg"], layer=layer, geometry_type="Polygon",
+                                append=k > 0, dataset_options={"VERSION": GPKG_VERSION} if k == 0 else None)
+        add_gpkg_style(tmp, layer, classes, style_min_score)
+
+
+def _write_ogr(out, tmp: Path, fmt: str) -> None:
+    """GeoJSON (RFC 7946: WGS 84, counter-clockwise, 9 decimals), FlatGeobuf or a shapefile."""
+    import pyogrio
+    import shapely
+
+    layer_opts = None
+    if fmt == "geojson":
+        out = to_wgs84(out)
+        out = out.set_geometry(shapely.orient_polygons(out.geometry.values, exterior_cw=False), crs="EPSG:4326")
+        # 9 decimals (0.1 mm) keep a 2 cm drone scene's boxes where they are; GDAL's default, 7, is 1 cm
+        layer_opts = {"RFC7946": "YES", "WRITE_BBOX": "NO", "COORDINATE_PRECISION": "9"}
+    if fmt == "shp":
+        out = _shapefile_text(out)
+    multi = bool((out.geom_type == "MultiPolygon").any())  # boxes split at the antimeridian
+    target = tmp if fmt != "fgb" or tmp.suffix.lower() == ".fgb" else tmp.with_name(tmp.name + ".fgb")
+    pyogrio.write_dataframe(out, target, driver=DRIVERS[fmt], layer_options=layer_opts,
+                            geometry_type="MultiPolygon" if multi else "Polygon", promote_to_multi=multi)
+    if target != tmp:  # GDAL makes a folder of a FlatGeobuf named otherwise
+        target.rename(tmp)
+    if fmt == "shp" and tmp.suffix != ".shp":  # GDAL names a shapefile's parts in lower case: A.SHP as given
+        for part in tmp.parent.glob(f"{glob.escape(tmp.stem)}.*"):
+            if part.suffix in (".shp", ".shx", ".dbf", ".prj", ".cpg"):
+                part.rename(part.with_suffix(part.suffix.upper() if tmp.suffix.isupper() else part.suffix))
+        if not tmp.exists():
+            tmp.with_suffix(".shp").rename(tmp)
 
 
 def _typed_text(frame):
@@ -697,10 +395,3 @@ def json_safe(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
-
-
-def report_path(output: str | Path) -> Path:
-    """``out.gpkg`` -> ``out.gpkg.report.json``: named after the whole output name, so outputs that
-    differ only in format never share a report."""
-    p = Path(output)
-    return p.with_name(p.name + ".report.json")

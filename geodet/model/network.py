@@ -209,6 +209,24 @@ def _check_model_config(cfg: ModelConfig) -> None:
         raise GeodetError(f"model.box_loss must be one of {', '.join(BOX_LOSSES)}, got '{cfg.box_loss}'")
 
 
+def _check_build_args(bands, tile_size, overlap, gsd_m, percentiles, norm) -> None:
+    """``build_model``'s scene settings, refused in one line where no model can have them."""
+    if any(int(b) < 1 for b in bands):
+        raise GeodetError(f"bands are numbered from 1, got {bands}")
+    if tile_size < 1 or not 0 <= overlap < tile_size:
+        raise GeodetError(f"tile_size must be positive and overlap from 0 to less than it, got {tile_size} and {overlap}")
+    if gsd_m is not None and not gsd_m > 0:
+        raise GeodetError(f"gsd_m must be a positive number of metres per pixel, got {gsd_m}")
+    if percentiles is not None and (len(percentiles) != 2 or not 0 <= percentiles[0] < percentiles[1] <= 100):
+        raise GeodetError(f"percentiles must be two numbers 0 <= low < high <= 100, got {list(percentiles)}")
+    if not isinstance(norm, dict) or not {"mean", "std"} <= set(norm):
+        raise GeodetError("normalisation must be a dict with 'mean' and 'std', one value per band")
+    if len(norm["mean"]) != len(bands) or len(norm["std"]) != len(bands):
+        raise GeodetError(f"normalisation has {len(norm['mean'])} band(s) but the model has {len(bands)}")
+    if not all(float(x) > 0 for x in norm["std"]):
+        raise GeodetError(f"normalisation's std must be positive for every band, got {list(norm['std'])}")
+
+
 def imagenet_url(backbone: str) -> str:
     """The address of torchvision's ImageNet weights for ``backbone`` (its file name carries the
     first hex digits of the file's SHA-256)."""
@@ -395,22 +413,9 @@ def build_model(
     if overlap is None:  # the default's, or an eighth of a tile too small for it (as geodet tile does)
         overlap = TilingConfig().overlap if 4 * TilingConfig().overlap <= tile_size else tile_size // 8
     overlap = int(overlap)
-    if any(int(b) < 1 for b in bands):
-        raise GeodetError(f"bands are numbered from 1, got {bands}")
-    if tile_size < 1 or not 0 <= overlap < tile_size:
-        raise GeodetError(f"tile_size must be positive and overlap from 0 to less than it, got {tile_size} and {overlap}")
-    if gsd_m is not None and not gsd_m > 0:
-        raise GeodetError(f"gsd_m must be a positive number of metres per pixel, got {gsd_m}")
-    if percentiles is not None and (len(percentiles) != 2 or not 0 <= percentiles[0] < percentiles[1] <= 100):
-        raise GeodetError(f"percentiles must be two numbers 0 <= low < high <= 100, got {list(percentiles)}")
     n_bands = len(bands)
     norm = normalisation or default_normalisation(cfg, n_bands)
-    if not isinstance(norm, dict) or not {"mean", "std"} <= set(norm):
-        raise GeodetError("normalisation must be a dict with 'mean' and 'std', one value per band")
-    if len(norm["mean"]) != n_bands or len(norm["std"]) != n_bands:
-        raise GeodetError(f"normalisation has {len(norm['mean'])} band(s) but the model has {n_bands}")
-    if not all(float(x) > 0 for x in norm["std"]):
-        raise GeodetError(f"normalisation's std must be positive for every band, got {list(norm['std'])}")
+    _check_build_args(bands, tile_size, overlap, gsd_m, percentiles, norm)
     backbone = build_backbone(cfg, n_bands, load_pretrained)
     anchors = anchor_generator(cfg)
     n_anchors = anchors.num_anchors_per_location()[0]

@@ -84,6 +84,15 @@ def _check_only_chips_replaced(out: Path) -> None:
                           "run replaces it: move it, or give another --out")
 
 
+def _say_no_crs(scene_path) -> None:
+    from ..io.raster import georeference_advice, open_raster
+
+    with open_raster(scene_path) as src:  # ground control points only: warp it, rather than assign corners
+        advice = georeference_advice(src)
+    log.warning("%s has no georeferencing (no CRS, or no geotransform), so chips.gpkg has no CRS either: %s, to "
+                "place the chips on a map", Path(str(scene_path)).name, advice)
+
+
 def _swap_in(stage: Path, out: Path) -> None:
     """The staged run's ``chips/``, ``chips.gpkg`` and ``annotations.json`` (or none) in place of
     the folder's, every rename done before an interrupt is acted on."""
@@ -169,12 +178,7 @@ def _write(sc, grid, lb, out: Path, final: Path, scene_path, tile_size: int, min
         geometry=boxes_to_polygons(np.array([r["box"] for r in rows], float).reshape(-1, 4), sc.transform), crs=sc.crs,
     )
     if sc.crs is None:  # said once here, in geodet's words, rather than by pyogrio's warning
-        from ..io.raster import georeference_advice, open_raster
-
-        with open_raster(scene_path) as src:  # ground control points only: warp it, rather than assign corners
-            advice = georeference_advice(src)
-        log.warning("%s has no georeferencing (no CRS, or no geotransform), so chips.gpkg has no CRS either: %s, to "
-                    "place the chips on a map", Path(str(scene_path)).name, advice)
+        _say_no_crs(scene_path)
     with warnings.catch_warnings():  # written into the staged run, renamed into place with the chips
         warnings.filterwarnings("ignore", message=".*'crs' was not provided", category=UserWarning)
         footprints.to_file(out / "chips.gpkg", driver="GPKG", layer="chips", engine="pyogrio", VERSION="1.2")

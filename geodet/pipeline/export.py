@@ -41,7 +41,7 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
     if isinstance(model, (str, Path)):
         if str(model).lower().endswith(".onnx"):
             raise GeodetError(f"{model} is ONNX already: export the model.pt it came from")
-        from .job import load_detector_file
+        from .model_files import load_detector_file
 
         model = load_detector_file(model)  # a run's folder too; a pretrained backbone is refused
     settings = resolve_detect_settings(model.card, device="cpu", bands=bands)

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from .blocks import BlockResult, ScenePlan, reduce_scene
+
+log = logging.getLogger("geodet.pipeline.ray_engine")
 
 PART_COLUMNS = ["kind", "key", "px_x0", "px_y0", "px_x1", "px_y1", "score", "label", "tile_row", "tile_col",
                 "whole", "owned"]
@@ -146,3 +150,51 @@ def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None, ope
                  "unreadable_tiles": rep["unreadable_tiles"], "reduce_seconds": round(time.perf_counter() - t0, 3),
                  "output": FINAL}, d / SUCCESS)
     return {"scene": plan.scene, "id": d.name, "detections": rep["detections"]}
+
+
+def folder_owner(d: Path) -> str | None:
+    """The scene an earlier run wrote into the scene folder ``d`` (its marker's, or a part's), if any."""
+    marker = read_json(d / SUCCESS) if d.is_dir() else None
+    if isinstance(marker, dict) and marker.get("scene"):
+        return str(marker["scene"])
+    for meta in sorted(d.glob("part-*.json")) if d.is_dir() else []:
+        m = read_json(meta)
+        if isinstance(m, dict) and m.get("scene"):
+            return str(m["scene"])
+    return None
+
+
+def unclaimed_ids(out: Path, scenes: Sequence, ids: list[str]) -> list[str]:
+    """Scene folder ids that keep every earlier run's results: a scene an earlier run wrote into
+    ``out`` gets that folder again (whatever the other scenes of this job); a scene whose id names
+    a folder written for another file that is still there (y2020/tile.tif, then y2021/tile.tif,
+    into one output folder) gets its id with a short hash of its path, so both are kept and merged;
+    a folder whose scene has gone (moved) is the new path's, and runs again."""
+    from ..io.writers import same_file_key as file_key
+
+    def same_file_key(p):  # a remote scene's address without its query (a signed URL's token changes)
+        return file_key(str(p).split("?", 1)[0] if "://" in str(p) or str(p).startswith("/vsi") else p)
+
+    owners = {}  # same_file_key(scene) -> id of the folder an earlier run wrote for it
+    for d in sorted(out.glob("scene=*")):
+        owner = folder_owner(d)
+        if owner is not None:
+            owners.setdefault(same_file_key(owner), d.name[len("scene="):])
+    taken = set(owners.values())
+    out_ids: list[str] = []
+    for p, sid in zip(scenes, ids):
+        key = same_file_key(p)
+        if key in owners:
+            out_ids.append(owners[key])
+            continue
+        owner = folder_owner(out / f"scene={sid}")
+        if owner is not None and not ("://" in owner or owner.startswith("/vsi")) and not Path(owner).exists():
+            log.warning("%s: scene=%s held the detections of %s, which is no longer there: they are replaced", p,
+                        sid, owner)
+        elif sid in taken or sid in out_ids:
+            new = f"{sid}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+            log.warning("%s: scene=%s holds the detections of another file%s: this scene's go to scene=%s", p, sid,
+                        f" ({owner})" if owner else "", new)
+            sid = new
+        out_ids.append(sid)
+    return out_ids

@@ -43,8 +43,8 @@ import numpy as np
 from ..errors import GeodetError
 from .blocks import ScenePlan, plan_scene, prepare_detector, run_block
 from .ray_resources import init_keeping_sigterm, remove_empty, check_fits, check_worker_resources
-from .parts import (FINAL, SUCCESS, finish_scene, part_done, read_json, remove_stale_parts, scene_done, write_json,
-                    write_part)
+from .parts import (FINAL, SUCCESS, finish_scene, part_done, read_json, remove_stale_parts, scene_done, unclaimed_ids,
+                    write_json, write_part)
 
 log = logging.getLogger(__name__)
 
@@ -71,54 +71,6 @@ def scene_ids(paths: Sequence, names: Sequence[str] | None = None) -> list[str]:
             for p, s in zip(paths, stems)]
 
 
-def _folder_owner(d: Path) -> str | None:
-    """The scene an earlier run wrote into the scene folder ``d`` (its marker's, or a part's), if any."""
-    marker = read_json(d / SUCCESS) if d.is_dir() else None
-    if isinstance(marker, dict) and marker.get("scene"):
-        return str(marker["scene"])
-    for meta in sorted(d.glob("part-*.json")) if d.is_dir() else []:
-        m = read_json(meta)
-        if isinstance(m, dict) and m.get("scene"):
-            return str(m["scene"])
-    return None
-
-
-def _unclaimed_ids(out: Path, scenes: Sequence, ids: list[str]) -> list[str]:
-    """Scene folder ids that keep every earlier run's results: a scene an earlier run wrote into
-    ``out`` gets that folder again (whatever the other scenes of this job); a scene whose id names
-    a folder written for another file that is still there (y2020/tile.tif, then y2021/tile.tif,
-    into one output folder) gets its id with a short hash of its path, so both are kept and merged;
-    a folder whose scene has gone (moved) is the new path's, and runs again."""
-    from ..io.writers import same_file_key as file_key
-
-    def same_file_key(p):  # a remote scene's address without its query (a signed URL's token changes)
-        return file_key(str(p).split("?", 1)[0] if "://" in str(p) or str(p).startswith("/vsi") else p)
-
-    owners = {}  # same_file_key(scene) -> id of the folder an earlier run wrote for it
-    for d in sorted(out.glob("scene=*")):
-        owner = _folder_owner(d)
-        if owner is not None:
-            owners.setdefault(same_file_key(owner), d.name[len("scene="):])
-    taken = set(owners.values())
-    out_ids: list[str] = []
-    for p, sid in zip(scenes, ids):
-        key = same_file_key(p)
-        if key in owners:
-            out_ids.append(owners[key])
-            continue
-        owner = _folder_owner(out / f"scene={sid}")
-        if owner is not None and not ("://" in owner or owner.startswith("/vsi")) and not Path(owner).exists():
-            log.warning("%s: scene=%s held the detections of %s, which is no longer there: they are replaced", p,
-                        sid, owner)
-        elif sid in taken or sid in out_ids:
-            new = f"{sid}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
-            log.warning("%s: scene=%s holds the detections of another file%s: this scene's go to scene=%s", p, sid,
-                        f" ({owner})" if owner else "", new)
-            sid = new
-        out_ids.append(sid)
-    return out_ids
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
@@ -130,7 +82,7 @@ class BlockWorker:
     def __init__(self, shared: list, device=None):
         import ray
 
-        from .job import load_detector_file
+        from .model_files import load_detector_file
 
         # the model (a file path or an object) and the plans, put in the object store once by the
         # driver, which holds them for the whole run (so a restarted actor finds them too)
@@ -244,7 +196,7 @@ def detect_ray(scenes: Sequence, model, out_dir, *, address: str | None = None, 
         raise GeodetError(f"{len(ids)} scene ids for {len(scenes)} scenes")
     # ids the user gave (STAC item ids) name their folders as they are; file stems are checked
     dirs = [str(out / f"scene={i}") for i in (scene_ids(scenes, ids) if ids is not None else
-                                              _unclaimed_ids(out, scenes, scene_ids(scenes)))]
+                                              unclaimed_ids(out, scenes, scene_ids(scenes)))]
     made = [Path(d) for d in dirs if not Path(d).exists()] + made
     plans, failed = plan_scenes(scenes, detector, block_tiles, config, settings)
     chosen = _job_choice(scenes, detector, plans, config, settings, device, gpus_per_worker)
@@ -292,7 +244,7 @@ def _job_model(model):
     """``(the detector on the driver, the model file's SHA-256, what the actors get)``: a model
     file goes to them as its absolute path (each loads it), an object as itself."""
     from ..hashing import file_sha256
-    from .job import load_detector_file
+    from .model_files import load_detector_file
 
     is_file = isinstance(model, (str, Path))
     detector = load_detector_file(model) if is_file else model

@@ -76,7 +76,7 @@ def api_inputs(detector, config):
     """The detector and config as a notebook may give them: a model file's path (loaded), a preset's
     name or a YAML path (loaded), a dict of sections; anything else that cannot be one, refused."""
     if isinstance(detector, (str, Path)):
-        from .job import load_detector_file
+        from .model_files import load_detector_file
 
         detector = load_detector_file(detector)
     elif not (callable(detector) or hasattr(detector, "card")):  # a geodet model (torch or ONNX), or a callable

@@ -6,6 +6,7 @@ Everything is read and checked here, before the run folder is made."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -188,3 +189,34 @@ def give_back(val_sets) -> int:
         n += labels_inside(ts, strip)
         ts.area, ts.held_out = ts.full_area, None
     return n
+
+
+def training_config(config, out_dir):
+    """``train``'s config as a notebook gives it (a ``Config``, a dict, a YAML path or preset name),
+    its ``train.scenes`` and ``val_scenes`` entries as ``SceneLabels`` ((scene, labels[, area])
+    pairs and dicts taken), and ``out_dir`` checked: anything else refused before any work."""
+    from ..config import Config, SceneLabels, config_from_dict, load_config
+    from ..io.writers import check_output_folder
+
+    if isinstance(config, (str, Path)):
+        config = load_config(config)
+    elif isinstance(config, dict):
+        config = config_from_dict(config)
+    elif not isinstance(config, Config):
+        raise GeodetError(f"config must be a geodet Config (geodet.load_config), a dict or a YAML path, got "
+                          f"{type(config).__name__}")
+    check_output_folder(out_dir, "out_dir")
+    t = config.train
+    for name in ("scenes", "val_scenes"):
+        entries = []
+        for e in getattr(t, name):
+            if isinstance(e, (tuple, list)) and 2 <= len(e) <= 3:
+                e = SceneLabels(*map(str, e))
+            elif isinstance(e, dict):
+                e = getattr(config_from_dict({"train": {name: [e]}}).train, name)[0]
+            elif not isinstance(e, SceneLabels):
+                raise GeodetError(f"train.{name} entries are SceneLabels(scene, labels[, labelled_area]), (scene, "
+                                  f"labels) pairs or dicts, got {type(e).__name__}")
+            entries.append(e)
+        setattr(t, name, entries)
+    return config

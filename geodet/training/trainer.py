@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import Config, check_run_values, config_from_dict
+from ..config import Config, check_run_values
 from ..errors import GeodetError
 from ..io.scene import gdal_env
 from ..progress import progress_bar
@@ -491,30 +491,5 @@ def train(config: Config | dict | str | Path, out_dir: str | Path = "runs/geodet
           overwrite: bool = False) -> Path:
     """Train a model from a config (object, dict or YAML path); returns the path of ``model.pt``.
     A folder that holds a run is continued (``resume``) or replaced (``overwrite``), never silently."""
-    from ..config import load_config
-
-    from ..config import SceneLabels
-    from ..io.writers import check_output_folder
-
-    if isinstance(config, (str, Path)):
-        config = load_config(config)
-    elif isinstance(config, dict):
-        config = config_from_dict(config)
-    elif not isinstance(config, Config):
-        raise GeodetError(f"config must be a geodet Config (geodet.load_config), a dict or a YAML path, got "
-                          f"{type(config).__name__}")
-    check_output_folder(out_dir, "out_dir")
-    t = config.train
-    for name in ("scenes", "val_scenes"):  # entries as a notebook writes them: (scene, labels[, area]) or a dict
-        entries = []
-        for e in getattr(t, name):
-            if isinstance(e, (tuple, list)) and 2 <= len(e) <= 3:
-                e = SceneLabels(*map(str, e))
-            elif isinstance(e, dict):
-                e = getattr(config_from_dict({"train": {name: [e]}}).train, name)[0]
-            elif not isinstance(e, SceneLabels):
-                raise GeodetError(f"train.{name} entries are SceneLabels(scene, labels[, labelled_area]), (scene, "
-                                  f"labels) pairs or dicts, got {type(e).__name__}")
-            entries.append(e)
-        setattr(t, name, entries)
+    config = inputs.training_config(config, out_dir)
     return Trainer(config, out_dir, resume=resume, progress=progress, overwrite=overwrite).run()
