@@ -460,7 +460,10 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
             raise GeodetError(f"{exc}: run geodet detect --engine ray again on that scene (or delete its folder "
                               f"{d.name} to merge the others)") from None
     # the scene column as detect's: file names, or paths where two scenes share one
-    for f, name in zip(frames, scene_names([m.get("scene") or d.name for m, d in zip(markers, dirs)])):
+    # (a marker without its scene's path, of an older run: the frame's own name for it)
+    paths = [m.get("scene") or (str(f["scene"].iloc[0]) if len(f) and "scene" in f.columns else d.name)
+             for m, f, d in zip(markers, frames, dirs)]
+    for f, name in zip(frames, scene_names(paths)):
         f["scene"] = name
 
     def report():
