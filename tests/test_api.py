@@ -119,3 +119,15 @@ def test_training_and_model_files_take_a_notebooks_inputs_or_say_what_to_pass(tm
                       ({"percentiles": [99, 1]}, "percentiles must be two numbers")):
         with pytest.raises(GeodetError, match=match):
             geodet.build_model(c.model, load_pretrained=False, **kw)
+
+
+def test_a_class_name_a_shapefile_cannot_hold_is_refused_before_detection(tmp_path, synth, monkeypatch):
+    from geodet.pipeline import scenes
+
+    c = geodet.load_config("cpu")
+    c.model.classes = ["a" * 300]
+    model = geodet.build_model(c.model, load_pretrained=False, tile_size=128, overlap=16)
+    monkeypatch.setattr(scenes, "detect_scene", lambda *a, **k: pytest.fail("detection ran"))
+    with pytest.raises(GeodetError, match="longer than a shapefile's text field"):
+        geodet.detect_to_file([synth.image], model, tmp_path / "d.shp", progress=False)
+    assert list(tmp_path.iterdir()) == []

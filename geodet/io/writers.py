@@ -336,11 +336,16 @@ def _shapefile_text(frame):
                 short = {v: CRS.from_user_input(v).to_proj4() for v in long}
             frame = frame.assign(crs=frame["crs"].map(lambda v: short.get(v, v)))
     if "label" in frame.columns:
-        too_long = [v for v in frame["label"].dropna().unique() if len(str(v).encode()) > SHP_TEXT]
-        if too_long:
-            raise GeodetError(f"the class name {str(too_long[0])[:40]}... is longer than a shapefile's text field "
-                              f"({SHP_TEXT} bytes): write .gpkg, .fgb or .parquet")
+        check_shapefile_classes(frame["label"].dropna().unique())
     return frame
+
+
+def check_shapefile_classes(classes) -> None:
+    """Class names a shapefile's 254-byte text field holds whole (a cut one no longer meets its style)."""
+    too_long = [v for v in classes if len(str(v).encode()) > SHP_TEXT]
+    if too_long:
+        raise GeodetError(f"the class name {str(too_long[0])[:40]}... is longer than a shapefile's text field "
+                          f"({SHP_TEXT} bytes): write .gpkg, .fgb or .parquet")
 
 
 def _rounded(frame):

@@ -50,16 +50,16 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
     listed; in a job of several scenes, a scene that cannot be read fails alone (listed in the
     report's ``failed_scenes``) and the others are written. ``report["partial"]`` says so."""
     from ..config import load_config
-    from ..io.writers import combine_frames, write_detections
-    from .scenes import detect_scenes
-
-    from .scenes import api_config, scene_paths
+    from ..io.writers import check_shapefile_classes, combine_frames, write_detections
+    from .scenes import api_config, detect_scenes, scene_paths
 
     scenes = scene_paths(scenes)
     cfg = api_config(config) if config is not None else load_config()
     fmt, out, looks, readable, failures = check_job(scenes, out, cfg, fmt, quicklook, settings.get("device"), model)
     if isinstance(model, (str, Path)):
         model = load_detector_file(model)
+    if fmt == "shp" and getattr(model, "card", None) is not None:  # before the work, not once it is done
+        check_shapefile_classes(model.card.classes)
     t0 = time.perf_counter()
     frames = detect_scenes(readable, model, config=cfg, progress=progress, per_scene=True,
                            failures=failures if len(scenes) > 1 else None, **settings) if readable else []
