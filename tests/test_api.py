@@ -111,6 +111,9 @@ def test_training_and_model_files_take_a_notebooks_inputs_or_say_what_to_pass(tm
     cfg.train.init = str(tmp_path / "run" / "model.pt")
     cfg.tiling.tile_size = 96
     assert geodet.load_model(geodet.train(cfg, tmp_path / "again", progress=False)).card.tile_size == 96
+    # the run fills in its start model's card on its own copy: the caller's Config is as it was written
+    assert cfg.tiling.tile_size == 96 and cfg.train.init == str(tmp_path / "run" / "model.pt")
+    assert cfg.model.classes == geodet.load_config().model.classes
     c = geodet.load_config()
     with pytest.raises(GeodetError, match=r"takes the model section of a config \(cfg.model\) \(pass its .model"):
         geodet.build_model(c)

@@ -70,6 +70,13 @@ def test_evaluate_and_merge_read_every_format_detect_writes(tmp_path, scene, ext
 
     back = read_detections(merged)
     assert len(back) == 4 and sorted(set(back["scene"])) == ["a.tif", "b.tif"]
+    if ext == "gpkg":  # older markers of two scenes of one file name (STAC items' visual.tif): told apart
+        for name in ("a", "b"):
+            f = read_detections(folder / f"scene={name}" / "detections.parquet")
+            f.assign(scene="visual.tif").to_parquet(folder / f"scene={name}" / "detections.parquet")
+        merge_outputs(folder, tmp_path / "m2.gpkg")
+        back = read_detections(tmp_path / "m2.gpkg")
+        assert sorted(set(back["scene"])) == ["scene=a", "scene=b"]
 
 
 def test_evaluate_refuses_a_multi_scene_file_without_scene(tmp_path, scene, capsys):

@@ -461,8 +461,8 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
                               f"{d.name} to merge the others)") from None
     # the scene column as detect's: file names, or paths where two scenes share one
     # (a marker without its scene's path, of an older run: the frame's own name for it)
-    paths = [m.get("scene") or (str(f["scene"].iloc[0]) if len(f) and "scene" in f.columns else d.name)
-             for m, f, d in zip(markers, frames, dirs)]
+    own = [str(f["scene"].iloc[0]) if len(f) and "scene" in f.columns else None for f in frames]
+    paths = [m.get("scene") or (o if o and own.count(o) == 1 else d.name) for m, o, d in zip(markers, own, dirs)]
     for f, name in zip(frames, scene_names(paths)):
         f["scene"] = name
 

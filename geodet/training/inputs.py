@@ -205,6 +205,10 @@ def training_config(config, out_dir):
     elif not isinstance(config, Config):
         raise GeodetError(f"config must be a geodet Config (geodet.load_config), a dict or a YAML path, got "
                           f"{type(config).__name__}")
+    else:  # the run fills in its start model's card and classes: on its own copy, so the caller's Config
+        import copy  # trains a second run (another train.init) as it was written
+
+        config = copy.deepcopy(config)
     check_output_folder(out_dir, "out_dir")
     t = config.train
     for name in ("scenes", "val_scenes"):
