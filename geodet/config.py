@@ -438,6 +438,18 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     return _merge(Config(), copy.deepcopy(data), "", source)
 
 
+def as_config(config) -> Config:
+    """A config as the API takes it: a ``Config``, a preset's name or a YAML path, a dict of sections."""
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    if not isinstance(config, Config):
+        raise GeodetError(f"config must be a geodet Config (geodet.load_config), a preset's name, a YAML path or a "
+                          f"dict, got {type(config).__name__}")
+    return config
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 

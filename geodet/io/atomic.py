@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import GeodetError, brief
 
-log = logging.getLogger("geodet.io.writers")
+log = logging.getLogger(__name__)
 
 
 def missing_folders(path: str | Path) -> list[Path]:

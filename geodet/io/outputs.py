@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import GeodetError
 
-log = logging.getLogger("geodet.io.writers")
+log = logging.getLogger(__name__)
 
 FORMATS = {
     ".geojson": "geojson", ".json": "geojson", ".gpkg": "gpkg", ".fgb": "fgb", ".shp": "shp", ".csv": "csv",

@@ -18,7 +18,7 @@ import numpy as np
 
 from .blocks import BlockResult, ScenePlan, reduce_scene
 
-log = logging.getLogger("geodet.pipeline.ray_engine")
+log = logging.getLogger(__name__)
 
 PART_COLUMNS = ["kind", "key", "px_x0", "px_y0", "px_x1", "px_y1", "score", "label", "tile_row", "tile_col",
                 "whole", "owned"]

@@ -86,17 +86,10 @@ def api_inputs(detector, config):
 
 
 def api_config(config):
-    """A config as a notebook may give it: a ``Config``, a preset's name or a YAML path, a dict of sections."""
-    from ..config import Config, config_from_dict, load_config
+    """A config as a notebook may give it (``config.as_config``), or None."""
+    from ..config import as_config
 
-    if isinstance(config, (str, Path)):
-        return load_config(config)
-    if isinstance(config, dict):
-        return config_from_dict(config)
-    if config is not None and not isinstance(config, Config):
-        raise GeodetError(f"config must be a geodet Config (geodet.load_config), a preset's name or a YAML path, got "
-                          f"{type(config).__name__}")
-    return config
+    return None if config is None else as_config(config)
 
 
 def scene_paths(scenes) -> list:

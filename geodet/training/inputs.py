@@ -6,7 +6,6 @@ Everything is read and checked here, before the run folder is made."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -195,20 +194,14 @@ def training_config(config, out_dir):
     """``train``'s config as a notebook gives it (a ``Config``, a dict, a YAML path or preset name),
     its ``train.scenes`` and ``val_scenes`` entries as ``SceneLabels`` ((scene, labels[, area])
     pairs and dicts taken), and ``out_dir`` checked: anything else refused before any work."""
-    from ..config import Config, SceneLabels, config_from_dict, load_config
+    import copy
+
+    from ..config import SceneLabels, as_config, config_from_dict
     from ..io.writers import check_output_folder
 
-    if isinstance(config, (str, Path)):
-        config = load_config(config)
-    elif isinstance(config, dict):
-        config = config_from_dict(config)
-    elif not isinstance(config, Config):
-        raise GeodetError(f"config must be a geodet Config (geodet.load_config), a dict or a YAML path, got "
-                          f"{type(config).__name__}")
-    else:  # the run fills in its start model's card and classes: on its own copy, so the caller's Config
-        import copy  # trains a second run (another train.init) as it was written
-
-        config = copy.deepcopy(config)
+    # the run fills in its start model's card and classes: on its own copy, so the caller's Config
+    # trains a second run (another train.init) as it was written
+    config = copy.deepcopy(as_config(config))
     check_output_folder(out_dir, "out_dir")
     t = config.train
     for name in ("scenes", "val_scenes"):
