@@ -93,6 +93,7 @@ def test_two_scenes_in_blocks_on_ray_equal_one_process(local_ray, scenes, tmp_pa
         assert got.crs == ref.crs
         assert match_counts(got[COLS[:4]].to_numpy(), boxes) == (0, 0)  # no duplicates or misses at block seams
         ok = json.loads((d / "_SUCCESS.json").read_text())
+        assert ok["scene_path"] == os.path.abspath(scene)  # found again from any folder
         assert ok["counts"]["detections"] == len(ref) and ok["grid"]["blocks"] == len(list(d.glob("part-*.parquet")))
         part = gpd.read_parquet(sorted(d.glob("part-*.parquet"))[0])  # parts are GeoParquet in the scene CRS
         assert part.crs == ref.crs
@@ -432,3 +433,23 @@ def test_a_signed_url_that_changed_still_finds_its_scenes_folder(tmp_path):
     assert parts.unclaimed_ids(tmp_path, ["/vsicurl/https://x.org/a/tile.tif?sig=B"], ["tile"]) == ["tile"]
     other = parts.unclaimed_ids(tmp_path, ["/vsicurl/https://x.org/b/tile.tif"], ["tile"])
     assert other[0].startswith("tile-") and len(other[0]) == len("tile-") + 8
+
+
+def test_a_scene_given_relative_is_found_from_another_folder(tmp_path, monkeypatch, caplog):
+    """A run started in one folder with a relative scene path, then another started elsewhere
+    with the same file: the scene's folder is its own, with no false "no longer there"."""
+    (tmp_path / "a" / "data").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    scene = tmp_path / "a" / "data" / "tile.tif"
+    scene.write_bytes(b"")
+    out = tmp_path / "run"
+    (out / "scene=tile").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    marker = {"scene": "data/tile.tif", "scene_path": parts.scene_path("data/tile.tif")}
+    assert marker["scene_path"] == str(scene)
+    (out / "scene=tile" / "_SUCCESS.json").write_text(json.dumps(marker))
+    monkeypatch.chdir(tmp_path / "b")
+    with caplog.at_level("WARNING"):
+        assert parts.unclaimed_ids(out, ["../a/data/tile.tif"], ["tile"]) == ["tile"]
+    assert "no longer there" not in caplog.text
+    assert parts.scene_path("/vsicurl/https://x.org/t.tif") == "/vsicurl/https://x.org/t.tif"

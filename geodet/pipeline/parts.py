@@ -95,7 +95,8 @@ def write_part(scene_dir: Path, plan: ScenePlan, result: BlockResult, transform,
     tmp = data.with_name(f".{data.name}.{os.getpid()}.tmp")
     frame.to_parquet(tmp, index=False)
     os.replace(tmp, data)
-    write_json({"fingerprint": plan.fingerprint, "scene": plan.scene, "block": result.block,
+    write_json({"fingerprint": plan.fingerprint, "scene": plan.scene, "scene_path": scene_path(plan.scene),
+                "block": result.block,
                  "tiles_run": result.tiles_run, "tiles_capped": result.tiles_capped, "skipped": result.skipped,
                  "unreadable": list(result.unreadable), "on_nodata": int(result.on_nodata),
                  "detections_in": int(st.n_in),
@@ -138,7 +139,8 @@ def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None, ope
     frame = reduce_scene(plan, [read_part(d, b.index) for b in plan.blocks], classes=classes)
     write_detections(frame, d / FINAL)
     rep = frame.attrs["report"]
-    write_json({"scene": plan.scene, "model_sha256": model_sha, "fingerprint": plan.fingerprint,
+    write_json({"scene": plan.scene, "scene_path": scene_path(plan.scene), "model_sha256": model_sha,
+                "fingerprint": plan.fingerprint,
                 "operating_point": operating_point,  # the style of a merged file draws from it, as detect's does
                  "settings_sha256": hashlib.sha256(json.dumps(rep["settings"], sort_keys=True, default=str)
                                                    .encode()).hexdigest(),
@@ -152,15 +154,21 @@ def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None, ope
     return {"scene": plan.scene, "id": d.name, "detections": rep["detections"]}
 
 
+def scene_path(scene: str) -> str:
+    """Where ``scene`` is, whatever folder a later run starts in: a local path made absolute, a
+    remote address as given."""
+    s = str(scene)
+    return s if "://" in s or s.startswith("/vsi") else os.path.abspath(s)
+
+
 def folder_owner(d: Path) -> str | None:
-    """The scene an earlier run wrote into the scene folder ``d`` (its marker's, or a part's), if any."""
-    marker = read_json(d / SUCCESS) if d.is_dir() else None
-    if isinstance(marker, dict) and marker.get("scene"):
-        return str(marker["scene"])
-    for meta in sorted(d.glob("part-*.json")) if d.is_dir() else []:
-        m = read_json(meta)
-        if isinstance(m, dict) and m.get("scene"):
-            return str(m["scene"])
+    """The scene an earlier run wrote into the scene folder ``d`` (its marker's, or a part's), if
+    any: its absolute path where the run stored one (older runs stored the path as given)."""
+    records = [d / SUCCESS, *sorted(d.glob("part-*.json"))] if d.is_dir() else []
+    for path in records:
+        m = read_json(path)
+        if isinstance(m, dict) and (m.get("scene_path") or m.get("scene")):
+            return str(m.get("scene_path") or m["scene"])
     return None
 
 
