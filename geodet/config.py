@@ -365,29 +365,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _paths_beside(cfg: Config, file: Path) -> None:
-    """A config file's relative scene, label and area paths name files beside the config (as a
-    project folder is laid out), so the run is the same from any working folder; a path found
-    only from the working folder still works as before, and one that names a different file from
-    each is refused as ambiguous."""
-    import os
+    """A config file's relative scene, label and area paths name files beside the config
+    (``textfiles.beside``), so the run is the same from any working folder."""
+    from .textfiles import beside
 
-    base = file.resolve().parent
-
-    def beside(p):
-        if not p or "://" in str(p) or str(p).startswith("/vsi") or os.path.isabs(p):
-            return p
-        here, there = Path(p), base / p
-        if not there.exists() or here.resolve() == there.resolve():
-            return p
-        if here.exists():
-            raise GeodetError(f"{file}: {p} names {here.resolve()} from the working folder and {there} beside the "
-                              "config: write the path absolute")
-        return str(there)
+    def near(p):
+        return beside(p, file, "the config")
 
     t = cfg.train
     for s in [*t.scenes, *t.val_scenes]:
-        s.scene, s.labels, s.labelled_area = beside(s.scene), beside(s.labels), beside(s.labelled_area)
-    t.unlabelled = [beside(u) for u in t.unlabelled]
+        s.scene, s.labels, s.labelled_area = near(s.scene), near(s.labels), near(s.labelled_area)
+    t.unlabelled = [near(u) for u in t.unlabelled]
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

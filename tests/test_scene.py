@@ -299,3 +299,37 @@ def test_holds_data_finds_a_valid_area_narrower_than_a_decimated_read_steps_over
     sliver = Scene(write_raster(tmp_path / "sliver.tif", data, nodata=nodata))
     assert not sliver.holds_data(max_side=512)  # between the decimated read's samples
     assert sliver.holds_data(max_side=512, exact=True)
+
+
+def test_a_geopackage_raster_layer_as_qgis_names_it_is_a_scene(synth, tiny_model, tmp_path, capsys):
+    """QGIS gives a GeoPackage raster layer as ``GPKG:file:table``: detected as the GeoTIFF is, an output over its file refused, a missing one named, and a STAC JSON given
+    as a scene pointed to --stac."""
+    import json
+
+    from geodet.cli import main
+
+    gpkg = tmp_path / "r é.gpkg"
+    with rasterio.open(synth.image) as src:
+        profile = dict(src.profile, driver="GPKG", RASTER_TABLE="scene_tbl")
+        profile.pop("tiled", None), profile.pop("blockxsize", None), profile.pop("blockysize", None)
+        profile.pop("compress", None), profile.pop("interleave", None), profile.pop("nodata", None)
+        with rasterio.open(gpkg, "w", **profile) as dst:
+            dst.write(src.read())
+    source = f"GPKG:{gpkg}:scene_tbl"
+    assert main(["-q", "detect", source, "-m", str(tiny_model), "-o", str(tmp_path / "a.csv")]) == 0
+    assert main(["-q", "detect", str(synth.image), "-m", str(tiny_model), "-o", str(tmp_path / "b.csv")]) == 0
+    got, want = ((tmp_path / n).read_text().splitlines() for n in ("a.csv", "b.csv"))
+    # the same pixels (GeoPackage tiles are lossless PNG), less the GeoTIFF's nodata, which the table lacks
+    assert len(want) > 1 and abs(len(got) - len(want)) <= 0.01 * len(want)
+    capsys.readouterr()
+    before = gpkg.read_bytes()
+    assert main(["detect", source, "-m", str(tiny_model), "-o", str(gpkg)]) == 2
+    assert "is a scene of this job" in capsys.readouterr().err and gpkg.read_bytes() == before
+    assert main(["detect", f"GPKG:{tmp_path / 'gone.gpkg'}:scene_tbl", "-m", str(tiny_model), "-o",
+                 str(tmp_path / "c.gpkg")]) == 2
+    assert f"scene not found: {tmp_path / 'gone.gpkg'}" in capsys.readouterr().err
+    item = tmp_path / "item.json"
+    item.write_text(json.dumps({"type": "Feature", "stac_version": "1.0.0", "id": "a",
+                                "assets": {"image": {"href": str(synth.image)}}}))
+    assert main(["detect", str(item), "-m", str(tiny_model), "-o", str(tmp_path / "c.gpkg")]) == 2
+    assert "it is STAC JSON, so give it with --stac" in capsys.readouterr().err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .common import (EXIT_PARTIAL, FORMATS, GeodetError, add_device, bands, nonneg_int, positive, positive_int,
                      quiet_ray, ray_amount, share)
@@ -57,9 +56,11 @@ def add_parser(sub, common) -> None:
                         "the best-F1 score at validation)")
     d.add_argument("--config", help="YAML config for detect/output settings")
     d.add_argument("--scene-list", help="a text file of scene paths (local, shared or GDAL virtual paths such as "
-                                        "/vsicurl/https://...), one per line, added to SCENE...")
-    d.add_argument("--stac", help="a STAC ItemCollection (JSON): one scene per item, from the asset --asset names (or "
-                                  "each item's one GeoTIFF asset); https/s3/gs/az hrefs are read through GDAL")
+                                        "/vsicurl/https://...), one per line, added to SCENE...; a relative path "
+                                        "names a file beside the list")
+    d.add_argument("--stac", help="a STAC ItemCollection or Item (a local JSON file): one scene per item, from the "
+                                  "asset --asset names (or each item's one GeoTIFF asset); https/s3/gs/az hrefs are "
+                                  "read through GDAL")
     d.add_argument("--asset", help="--stac: the asset key to read (e.g. visual, image)")
     d.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local (default): this process; ray: blocks of tiles over a Ray cluster's actor pool "
@@ -91,11 +92,12 @@ def scene_list(args) -> tuple[list[str], list[str] | None]:
     elif args.asset:
         raise GeodetError("--asset picks an asset of --stac items: give --stac ITEMS.json too")
     if args.scene_list:
-        try:
-            lines = Path(args.scene_list).read_text().splitlines()
-        except OSError as exc:
-            raise GeodetError(f"--scene-list {args.scene_list}: cannot be read ({exc.strerror})") from None
-        scenes += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        from ..textfiles import beside, read_user_text
+
+        lines = read_user_text(args.scene_list, f"--scene-list {args.scene_list}").splitlines()
+        # a relative entry names a file beside the list, as a config's paths do
+        scenes += [beside(ln.strip(), args.scene_list, "the list") for ln in lines
+                   if ln.strip() and not ln.lstrip().startswith("#")]
     if not scenes:
         raise GeodetError("no scenes given: name them, or give --scene-list FILE or --stac ITEMS.json")
     return scenes, ids

@@ -21,11 +21,14 @@ FORMATS = {
 
 def same_file_key(path) -> str:
     """A key equal for two names of one local file (a link, ./a.tif and a.tif; a layer's
-    ``file|layername=...`` names its file); a URL or /vsi path as it is."""
+    ``file|layername=...`` and a GDAL ``GPKG:file:table`` name their file); a URL or /vsi path
+    as it is."""
+    from .raster import connection_file
+
     p = str(path)
     if "://" in p or p.startswith("/vsi"):
         return p
-    return os.path.normcase(os.path.realpath(p.split("|")[0]))
+    return os.path.normcase(os.path.realpath(connection_file(p) or p.split("|")[0]))
 
 
 def check_not_an_input(path: str | Path, inputs) -> None:

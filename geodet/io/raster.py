@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -20,10 +21,10 @@ def open_raster(path: str | Path):
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
 
-    p = Path(path)
+    p = Path(connection_file(path) or path)
     if not str(path).startswith(("/vsi", *REMOTE_PREFIXES)):
         if not p.exists():
-            raise GeodetError(f"scene not found: {path}")
+            raise GeodetError(f"scene not found: {p}")
         if p.is_dir():
             raise GeodetError(f"scene is a folder, not a raster file: {path}")
     try:
@@ -43,9 +44,38 @@ def open_raster(path: str | Path):
             raise ReadError(f"{path}: cannot open the remote scene: the reads kept failing after retries; GDAL says: "
                             f"{gdal_message(exc)}. Check the address, the connection or the object store's "
                             "credentials", {"error": gdal_message(exc)}) from None
+        hint = ""
+        if p.suffix.lower() == ".json" and _looks_like_stac(p):
+            hint = ": it is STAC JSON, so give it with --stac"
         raise GeodetError(
-            f"{path}: not a raster that GDAL can read (expected a GeoTIFF or another georeferenced raster)"
+            f"{path}: not a raster that GDAL can read (expected a GeoTIFF or another georeferenced raster){hint}"
         ) from None
+
+
+def connection_file(path) -> str | None:
+    """The file of a GDAL connection string naming a raster inside a container
+    (``GPKG:/data/x.gpkg:table``, ``NETCDF:"x.nc":var``, as QGIS gives a GeoPackage raster layer's
+    source), or None for a plain path. A Windows drive (``C:``) is a path."""
+    import re
+
+    m = re.match(r"^([A-Z][A-Z0-9_]+):(.+)$", str(path))
+    if m is None or "://" in str(path):
+        return None
+    rest = m.group(2)
+    for candidate in (rest.rsplit(":", 1)[0], rest):
+        candidate = candidate.strip('"')
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    return rest.rsplit(":", 1)[0].strip('"') if ":" in rest else rest.strip('"')
+
+
+def _looks_like_stac(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return b'"stac_version"' in head or b'"assets"' in head
 
 
 # libtiff on a file cut inside its header ("TIFFFetchNormalTag:IO error during reading of \"GeoKeyDirectory\""); its other
