@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GeodetError
-from .io.detections import only_scene, pixel_columns, points_as_squares, read_detections, with_geometry
+from .io.detections import (only_scene, pixel_columns, pixel_grid_scale, points_as_squares, read_detections,
+                            with_geometry, with_scores)
 from .io.writers import json_safe
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,7 @@ def _class_names(det, gt, labels, class_column: str):
     # An empty class column means class-agnostic: every label and detection is one class.
     agnostic = not class_column
     class_column_gt = None if agnostic or class_column not in gt.columns else class_column
-    det_names = det["label"].astype(str).to_numpy() if "label" in det.columns else np.full(len(det), "object", dtype=object)
+    det_names = det["label"].fillna("").astype(str).to_numpy() if "label" in det.columns else np.full(len(det), "object", dtype=object)
     gt_names = class_values(gt[class_column_gt]) if class_column_gt else np.full(len(gt), "object")
     named = {n for n in gt_names if n is not None}  # labels with an empty class name none
     # a model trained before integer classes kept their names read 1.0 where the labels now read 1
@@ -309,20 +310,20 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
     otherwise labels are reprojected to the detections' CRS. ``class_column=""`` ignores classes.
     Point labels are squares of ``point_box_m`` metres (as training's ``train.point_box_m``)."""
     import geopandas as gpd
-    import shapely
 
-    from .io.labels import class_values, geoms_to_pixel_boxes, labels_to_boxes, read_labels, usable_geometries
-    from .io.scene import Scene
+    from .io.labels import read_labels
 
     _check_inputs(detections, labels, iou)
     det = detections if isinstance(detections, gpd.GeoDataFrame) else read_detections(detections)
+    # a CSV of pixel boxes alone (no map geometry), and whether a .prj beside it says its scene had a place
+    pixel_only, placed = bool(det.attrs.get("pixel_boxes")), bool(det.attrs.get("prj"))
     if scene is not None:
         det = only_scene(det, scene if not hasattr(scene, "path") else scene.path)
     elif "scene" in det.columns and det["scene"].nunique() > 1:
-        names = ", ".join(sorted(det["scene"].astype(str).unique())[:5])
+        names = ", ".join(sorted(det["scene"].fillna("").astype(str).unique())[:5])
         raise GeodetError(f"the detections come from {det['scene'].nunique()} scenes ({names}): pass --scene with the "
                           "one the labels are drawn on, so other scenes' detections do not count as false positives")
-    det = with_geometry(det, detections)
+    det = with_scores(with_geometry(det, detections), detections)
     gt = labels if isinstance(labels, gpd.GeoDataFrame) else read_labels(labels, class_column)
     gt, det_names, gt_names, class_column_gt, agnostic, mismatch = _class_names(det, gt, labels, class_column)
     classes = sorted(set(gt_names) | set(det_names))
@@ -333,55 +334,102 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
                     "set (is it a labels file?)", detections if isinstance(detections, (str, Path)) else "detections")
     area_scale = 1.0
     if scene is not None:
-        sc = scene if isinstance(scene, Scene) else Scene(scene, bands=None)
-        lb = labels_to_boxes(gt, sc, class_column_gt, classes=classes, unknown="keep", point_box_m=point_box_m)
-        gt_boxes, gt_labels = lb.boxes, lb.labels
-        if len(det):
-            px = pixel_columns(det)
-            if det.crs is None and not px and sc.crs is not None:
-                log.warning("the detections have no CRS: taken to be in the scene's (%s)", sc.crs.to_string())
-                det = det.set_crs(sc.crs)
-            if det.crs is not None and sc.crs is not None and det.crs != sc.crs:
-                det = det.to_crs(sc.crs)
-            det_boxes = (geoms_to_pixel_boxes(det.geometry.values, sc.transform) if det.crs is not None
-                         else np.array(det[px], dtype=np.float64))  # a copy: clipped in place below
-            # in the scene's grid, as the labels are: a box past its edge is judged by what lies in it
-            np.clip(det_boxes[:, 0::2], 0, sc.width, out=det_boxes[:, 0::2])
-            np.clip(det_boxes[:, 1::2], 0, sc.height, out=det_boxes[:, 1::2])
-        else:
-            det_boxes = np.zeros((0, 4))
+        gt_boxes, gt_labels, det_boxes, det_names, scores = _in_scene_grid(
+            det, gt, scene, detections, classes, class_column_gt, det_names, scores, point_box_m, placed)
     else:
-        if det.crs is None and gt.crs is not None and len(det):
-            log.warning("the detections have no CRS: taken to be in the labels' (%s)", gt.crs.to_string())
-        if det.crs is not None and gt.crs is not None and det.crs != gt.crs:
-            gt = gt.to_crs(det.crs)
-        gt, _ = usable_geometries(gt, None, str(labels) if isinstance(labels, (str, Path)) else "labels")
-        gt = points_as_squares(gt, point_box_m)
-        b = gt.geometry.bounds.to_numpy() if len(gt) else np.zeros((0, 4))
-        flat = ~((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))  # no area (repaired into a line): as in a scene's grid
-        if flat.any():
-            log.info("%d label(s) without an area left out", int(flat.sum()))
-            gt = gt[~flat]
-        gt_names = class_values(gt[class_column_gt]) if class_column_gt else np.full(len(gt), "object")
-        gt_boxes = shapely.bounds(np.array(gt.geometry.values, dtype=object)).reshape(-1, 4)
+        if det.crs is None and gt.crs is not None and len(det) and pixel_only:
+            raise GeodetError("the detections are pixel boxes and the labels are on a map: pass --scene with the "
+                              "scene they were detected on")
+        gt_boxes, gt_names, det_boxes, area_scale = _on_the_map(det, gt, labels, class_column_gt, point_box_m)
         gt_labels = np.array([lookup[n] for n in gt_names], np.int64)
-        det_boxes = shapely.bounds(np.array(det.geometry.values, dtype=object)).reshape(-1, 4) if len(det) else np.zeros((0, 4))
-        if len(gt_boxes) and len(det_boxes) and not _extents_meet(gt_boxes, det_boxes):
-            log.warning("no label lies within the detections' extent (labels %s, detections %s%s): check that they "
-                        "cover the same place, or pass the scene (--scene)", _extent(gt_boxes), _extent(det_boxes),
-                        f" in {det.crs.to_string()}" if det.crs is not None else "")
-        if det.crs is not None and det.crs.is_geographic:
-            log.warning("evaluating in degrees: pass the scene (--scene) for pixel-based IoU and size ranges")
-        px = pixel_columns(det)
-        if px and len(det) and det.crs is not None and det.crs.is_projected:
-            # geodet output carries pixel boxes: their ratio to the map boxes gives the pixel size.
-            gsd = np.median((det_boxes[:, 2] - det_boxes[:, 0]) / np.maximum(det[px[2]] - det[px[0]], 1e-12))
-            area_scale = 1.0 / float(gsd) ** 2
     det_labels = np.array([lookup[n] for n in det_names], np.int64)
     m = coco_metrics(det_boxes, scores, det_labels, gt_boxes, gt_labels, classes, iou=iou, area_scale=area_scale)
     if mismatch:
         m["warning" if not agnostic else "note"] = mismatch
     return m
+
+
+def _in_scene_grid(det, gt, scene, source, classes, class_column_gt, det_names, scores, point_box_m, placed):
+    """Labels and detections as boxes in ``scene``'s pixel grid: (label boxes, label class
+    indices, detection boxes, detection names, scores), detections wholly outside left out."""
+    from .io.labels import geoms_to_pixel_boxes, labels_to_boxes
+    from .io.scene import Scene
+
+    sc = scene if isinstance(scene, Scene) else Scene(scene, bands=None)
+    lb = labels_to_boxes(gt, sc, class_column_gt, classes=classes, unknown="keep", point_box_m=point_box_m)
+    if not len(det):
+        return lb.boxes, lb.labels, np.zeros((0, 4)), det_names, scores
+    px = pixel_columns(det)
+    if det.crs is None and not px and sc.crs is not None:
+        log.warning("the detections have no CRS: taken to be in the scene's (%s)", sc.crs.to_string())
+        det = det.set_crs(sc.crs)
+    if det.crs is not None and sc.crs is not None and det.crs != sc.crs:
+        det = det.to_crs(sc.crs)
+    if det.crs is not None:
+        det_boxes = geoms_to_pixel_boxes(det.geometry.values, sc.transform)
+    else:  # pixel boxes alone: in the grid they were detected in (the model's GSD), made the scene's
+        det_boxes = np.array(det[px], dtype=np.float64)
+        scale = pixel_grid_scale(source, sc.path)
+        if scale is None and placed:
+            log.warning("%s: pixel boxes without the report geodet wrote beside them: taken to be in the scene's "
+                        "own grid (wrong if the model ran at another GSD)", source)
+        fx, fy = scale or (1.0, 1.0)
+        det_boxes *= np.array([fx, fy, fx, fy])
+    det, det_names, scores, det_boxes = _inside_scene(det, det_names, scores, det_boxes, sc)
+    return lb.boxes, lb.labels, det_boxes, det_names, scores
+
+
+def _on_the_map(det, gt, labels, class_column_gt, point_box_m):
+    """Labels and detections as boxes in the detections' CRS (the labels reprojected): (label
+    boxes, label class names, detection boxes, the pixels per map unit squared of the size ranges)."""
+    import shapely
+
+    from .io.labels import class_values, usable_geometries
+
+    if det.crs is None and gt.crs is not None and len(det):
+        log.warning("the detections have no CRS: taken to be in the labels' (%s)", gt.crs.to_string())
+    if det.crs is not None and gt.crs is not None and det.crs != gt.crs:
+        gt = gt.to_crs(det.crs)
+    gt, _ = usable_geometries(gt, None, str(labels) if isinstance(labels, (str, Path)) else "labels")
+    gt = points_as_squares(gt, point_box_m)
+    b = gt.geometry.bounds.to_numpy() if len(gt) else np.zeros((0, 4))
+    flat = ~((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))  # no area (repaired into a line): as in a scene's grid
+    if flat.any():
+        log.info("%d label(s) without an area left out", int(flat.sum()))
+        gt = gt[~flat]
+    gt_names = class_values(gt[class_column_gt]) if class_column_gt else np.full(len(gt), "object")
+    gt_boxes = shapely.bounds(np.array(gt.geometry.values, dtype=object)).reshape(-1, 4)
+    det_boxes = shapely.bounds(np.array(det.geometry.values, dtype=object)).reshape(-1, 4) if len(det) else np.zeros((0, 4))
+    if len(gt_boxes) and len(det_boxes) and not _extents_meet(gt_boxes, det_boxes):
+        log.warning("no label lies within the detections' extent (labels %s, detections %s%s): check that they "
+                    "cover the same place, or pass the scene (--scene)", _extent(gt_boxes), _extent(det_boxes),
+                    f" in {det.crs.to_string()}" if det.crs is not None else "")
+    if det.crs is not None and det.crs.is_geographic:
+        log.warning("evaluating in degrees: pass the scene (--scene) for pixel-based IoU and size ranges")
+    area_scale, px = 1.0, pixel_columns(det)
+    if px and len(det) and det.crs is not None:
+        # geodet output carries pixel boxes: their areas over the map boxes' give the size ranges in pixels
+        # (in metres or in degrees, as a GeoJSON file's)
+        px_area = (det[px[2]] - det[px[0]]).to_numpy(np.float64) * (det[px[3]] - det[px[1]]).to_numpy(np.float64)
+        map_area = (det_boxes[:, 2] - det_boxes[:, 0]) * (det_boxes[:, 3] - det_boxes[:, 1])
+        ok = (px_area > 0) & (map_area > 0)
+        if ok.any():
+            area_scale = float(np.median(px_area[ok] / map_area[ok]))
+    return gt_boxes, gt_names, det_boxes, area_scale
+
+
+def _inside_scene(det, det_names, scores, boxes: np.ndarray, sc):
+    """Detections in ``sc``'s pixel grid as the labels are: a box wholly outside the scene is left
+    out and counted, as labels outside it are (no false positive for what nobody could label);
+    one past its edge is clipped to the part in it."""
+    out = (boxes[:, 2] <= 0) | (boxes[:, 0] >= sc.width) | (boxes[:, 3] <= 0) | (boxes[:, 1] >= sc.height)
+    if out.any():
+        log.warning("%d detection(s) lie wholly outside %s: left out", int(out.sum()), Path(str(sc.path)).name)
+        keep = ~out
+        det, det_names, scores, boxes = det[keep], det_names[keep], scores[keep], boxes[keep]
+    np.clip(boxes[:, 0::2], 0, sc.width, out=boxes[:, 0::2])
+    np.clip(boxes[:, 1::2], 0, sc.height, out=boxes[:, 1::2])
+    return det, det_names, scores, boxes
 
 
 def _extent(boxes: np.ndarray) -> str:

@@ -273,3 +273,77 @@ def test_detection_files_that_cannot_be_what_they_are_said_to_be(tmp_path, caplo
     with caplog.at_level("WARNING"):
         evaluate(det, gt)
     assert "extent" not in caplog.text
+
+
+def test_a_pixel_csv_is_scored_in_the_grid_it_was_detected_in(synth, tiny_model, tmp_path):
+    """Pixel boxes of a model run at another GSD are in its resampled grid: with the report beside
+    them they score as the same detections with map geometry do; without a scene they are refused,
+    not compared with map coordinates."""
+    from geodet.errors import GeodetError
+    from geodet.pipeline.job import detect_to_file
+
+    for name, geometry in (("wkt.csv", None), ("px.csv", "pixel")):
+        detect_to_file([synth.image], str(tiny_model), tmp_path / name, csv_geometry=geometry, progress=False,
+                       gsd_m=0.6)
+    report = json.loads((tmp_path / "px.csv.report.json").read_text())["scenes"][0]
+    assert report["grid_size_px"][0] * 2 == pytest.approx(report["scene_size_px"][0], abs=1)
+    want = evaluate(str(tmp_path / "wkt.csv"), synth.labels, scene=str(synth.image), class_column="")
+    got = evaluate(str(tmp_path / "px.csv"), synth.labels, scene=str(synth.image), class_column="")
+    assert want["n_detections"] > 10 and want["AP50"] > 0
+    for k in ("AP", "AP50", "AP_small", "precision", "recall", "n_detections"):
+        assert got[k] == pytest.approx(want[k], abs=1e-6), k
+    with pytest.raises(GeodetError, match="pixel boxes and the labels are on a map: pass --scene"):
+        evaluate(str(tmp_path / "px.csv"), synth.labels)
+
+
+def test_detections_outside_the_scene_and_odd_columns(tmp_path, caplog):
+    """In a scene's grid, detections wholly outside it are left out as labels there are (not
+    slivers counted as false positives); a detection without a label, scene or score is handled
+    or left out and counted; a score column of words is one line, not a traceback."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from geodet.errors import GeodetError
+
+    scene = tmp_path / "s.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=100, height=40, count=1, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(500000, 4600000, 0.5, 0.5)) as d:
+        d.write(np.zeros((1, 40, 100), np.uint8))
+    inside = [(500000 + 10 * i, 4600000 - 6, 500000 + 10 * i + 4, 4600000 - 2) for i in range(5)]
+    outside = [(500100 + 10 * i, 4600000 - 6, 500100 + 10 * i + 4, 4600000 - 2) for i in range(5)]
+    both = _frame(inside + outside, scores=[0.5] * 5 + [0.9] * 5)
+    m = evaluate(both, both, scene=str(scene))
+    assert m["AP50"] == 1 and m["precision"] == 1 and m["n_detections"] == m["n_labels"] == 5
+    assert "5 detection(s) lie wholly outside s.tif: left out" in caplog.text
+    odd = _frame(inside, scores=[0.9, 0.8, 0.7, 0.6, 0.5])
+    odd["label"], odd["scene"] = [None, "car", "car", "car", "car"], [None, "s.tif", "s.tif", "s.tif", "s.tif"]
+    assert evaluate(odd, _frame(inside), class_column="")["AP50"] == 1
+    assert evaluate(odd, _frame(inside), scene=str(scene), class_column="")["n_detections"] == 4
+    nan = _frame(inside, scores=[0.9, np.nan, 0.7, 0.6, 0.5])
+    m = evaluate(nan, _frame(inside))
+    assert m["n_detections"] == 4 and m["recall"] == pytest.approx(0.8) and m["score_threshold"] == 0.5
+    assert "1 detection(s) without a score left out" in caplog.text
+    words = _frame(inside).astype({"score": object})
+    words.loc[2, "score"] = "high"
+    with pytest.raises(GeodetError, match="the score column holds 'high', not a number"):
+        evaluate(words, _frame(inside))
+
+
+def test_size_ranges_from_a_geojson_in_degrees_are_in_pixels(tmp_path):
+    """geodet's GeoJSON (EPSG:4326) carries pixel boxes: AP by size is that of the same boxes in
+    the scene's CRS, not every box 'small' in square degrees."""
+    from geodet.io.writers import write_detections
+
+    sizes = [10, 40, 120]  # pixels at 0.5 m: one small, one medium, one large
+    boxes, px = [], []
+    for i, n in enumerate(sizes):
+        x0, y0 = 500000 + 100 * i, 4600000 - 80
+        boxes.append((x0, y0, x0 + n * 0.5, y0 + n * 0.5))
+        px.append((200 * i, 0, 200 * i + n, n))
+    det = _frame(boxes, scores=[0.9, 0.8, 0.7])
+    det["px_x0"], det["px_y0"], det["px_x1"], det["px_y1"] = (np.array(px, float)[:, k] for k in range(4))
+    write_detections(det, tmp_path / "d.gpkg")
+    write_detections(det, tmp_path / "d.geojson")
+    a, b = (evaluate(str(tmp_path / f), _frame(boxes)) for f in ("d.gpkg", "d.geojson"))
+    assert a["AP_small"] == a["AP_medium"] == a["AP_large"] == 1
+    assert [b[k] for k in ("AP_small", "AP_medium", "AP_large")] == [1, 1, 1]

@@ -61,7 +61,10 @@ def read_detections(path):
         cols = pixel_columns(df)
         if cols:
             geom = shapely.box(*(df[c] for c in cols))
-            return gpd.GeoDataFrame(df, geometry=geom, crs=None)
+            frame = gpd.GeoDataFrame(df, geometry=geom, crs=None)
+            # pixel boxes alone: scored only in a scene's grid; a .prj beside says the scene had a place
+            frame.attrs.update(pixel_boxes=True, prj=p.with_suffix(".prj").exists())
+            return frame
         raise GeodetError(f"{path}: a CSV of detections needs a wkt column or px_x0, px_y0, px_x1, px_y1 pixel boxes")
     from .labels import read_geoparquet, read_labels
 
@@ -94,7 +97,7 @@ def only_scene(det, scene):
     """The detections of ``scene`` from a file of several scenes (its ``scene`` column)."""
     if "scene" not in det.columns or scene is None or len(det) == 0:
         return det
-    names = det["scene"].astype(str)
+    names = det["scene"].fillna("").astype(str)
     want = str(scene)
     sel = (names == want) | (names.map(lambda n: Path(n).name) == Path(want).name)
     if not sel.any():
@@ -114,6 +117,31 @@ def with_geometry(det, source):
         name = source if isinstance(source, (str, Path)) else "detections"
         log.warning("%s: %d detection(s) without a geometry left out", name, int(missing.sum()))
         det = det[~missing]
+    return det
+
+
+def with_scores(det, source):
+    """The detections with a score to rank them by: a score column that is not numbers is refused
+    (naming a value), and rows without a score (NaN, empty) are left out and counted."""
+    import pandas as pd
+
+    if "score" not in det.columns or not len(det):
+        return det
+    raw = det["score"]
+    num = pd.to_numeric(raw, errors="coerce")
+    text = raw.astype(str).str.strip().str.lower()
+    bad = num.isna() & raw.notna() & ~text.isin(["", "nan", "none", "null"])
+    name = source if isinstance(source, (str, Path)) else "detections"
+    if bad.any():
+        raise GeodetError(f"{name}: the score column holds {str(raw[bad].iloc[0])!r}, not a number: give the "
+                          "detections' scores as numbers from 0 to 1")
+    values = num.to_numpy(np.float64, na_value=np.nan)
+    missing = ~np.isfinite(values)
+    if missing.any():
+        log.warning("%s: %d detection(s) without a score left out (they cannot be ranked)", name, int(missing.sum()))
+    if missing.any() or raw.dtype != np.float64:
+        det = det[~missing].copy()
+        det["score"] = values[~missing]
     return det
 
 
@@ -140,3 +168,27 @@ def points_as_squares(gt, point_box_m: float = 1.0):
         squares = squares.to_crs(crs)
     geoms[is_point] = np.array(squares.values, dtype=object)
     return gt.set_geometry(list(geoms), crs=crs)
+
+
+def pixel_grid_scale(source, scene) -> tuple[float, float] | None:
+    """For pixel boxes read from ``source`` (a CSV geodet wrote without geometry): the factors
+    from the grid they were detected in to ``scene``'s own pixels, from the report beside the
+    file (a model run at its own GSD resamples the scene); None where no report names the scene."""
+    import json
+
+    if not isinstance(source, (str, Path)) or "|" in str(source):
+        return None
+    try:
+        report = json.loads(Path(f"{source}.report.json").read_text(encoding="utf-8"))
+        scenes = [s for s in report.get("scenes") or [] if isinstance(s, dict)]
+    except (OSError, ValueError, AttributeError):
+        return None
+    want = Path(str(scene))
+    for s in scenes:
+        if str(s.get("scene")) == str(scene) or Path(str(s.get("scene"))).name == want.name:
+            (fw, fh), (gw, gh) = s.get("scene_size_px"), s.get("grid_size_px")
+            if s.get("area_px"):
+                raise GeodetError(f"{source}: the pixel boxes are relative to an area of {want.name}, not the whole "
+                                  "scene: write the detections with geometry (not --csv-geometry pixel) to evaluate")
+            return fw / gw, fh / gh
+    return None
