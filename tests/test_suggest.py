@@ -241,3 +241,30 @@ def test_suggest_refuses_what_cannot_be_meant_and_says_what_it_ranked(tiny_model
         assert main(["suggest", "--done", str(spaced), "--labelled-area", str(area), "-q"]) == 0
         assert f"added {added} labelled cell(s)" in capsys.readouterr().out
     assert len(gpd.read_file(area)) == 4
+
+
+def test_done_refuses_its_own_file_and_keeps_the_areas_whole_numbers(tmp_path):
+    """--done naming the suggestions file as the labelled area would rewrite the suggestions:
+    refused, the file unchanged; an area's integer field stays whole numbers (null for the cells)."""
+    import geopandas as gpd
+    import pyogrio
+    from shapely.geometry import box
+
+    from geodet.errors import GeodetError
+    from geodet.training.suggest import add_done_cells
+
+    x0, y0 = 500000.0, 4000000.0
+    cells = gpd.GeoDataFrame({"rank": [1, 2], "done": [1, 0]},
+                             geometry=[box(x0, y0, x0 + 30, y0 + 30), box(x0 + 30, y0, x0 + 60, y0 + 30)],
+                             crs="EPSG:32633")
+    cells.to_file(tmp_path / "next.gpkg", layer="next")
+    before = (tmp_path / "next.gpkg").read_bytes()
+    with pytest.raises(GeodetError, match="is the suggestions file"):
+        add_done_cells(tmp_path / "next.gpkg", f"{tmp_path / 'next.gpkg'}|layername=next")
+    assert (tmp_path / "next.gpkg").read_bytes() == before
+    area = tmp_path / "area.gpkg"
+    gpd.GeoDataFrame({"plot": [7]}, geometry=[box(x0, y0 + 100, x0 + 30, y0 + 130)], crs="EPSG:32633").to_file(area)
+    assert add_done_cells(tmp_path / "next.gpkg", area) == (1, 2)
+    assert pyogrio.read_info(area)["dtypes"][list(pyogrio.read_info(area)["fields"]).index("plot")] == "int64"
+    got = gpd.read_file(area)
+    assert got["plot"].iloc[0] == 7 and got["plot"].isna().iloc[1]

@@ -367,6 +367,15 @@ def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
     from ..io.labels import read_labels
     from ..io.writers import GPKG_VERSION, atomic_path, output_format
 
+    from ..io.writers import same_file_key
+
+    def layer(p):
+        return str(p).split("|layername=", 1)[1].split("|", 1)[0] if "|layername=" in str(p) else None
+
+    layers_named = {layer(suggestions), layer(labelled_area)} - {None}  # none named: the file's one
+    if same_file_key(suggestions) == same_file_key(labelled_area) and len(layers_named) < 2:
+        raise GeodetError(f"{labelled_area} is the suggestions file (--done): the labelled area is another file, which "
+                          "the done cells are added to")
     cells = read_labels(suggestions, None, what="suggestions file")
     done = _done_rows(cells)
     if done is None:  # not suggestions: a labels file's objects would become labelled cells
@@ -375,8 +384,9 @@ def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
                           "file itself")
     if done is not None and done.any():
         cells = cells[done]
-    else:
-        log.info("%s: no cell is marked done (its 'done' field): adding every cell", suggestions)
+    else:  # e.g. a selection of the cells labelled, passed alone from QGIS
+        log.warning("%s: no cell is marked done (its 'done' field), so all %d are added as labelled: an object left "
+                    "unlabelled in one will be taught as background", suggestions, len(cells))
     path = Path(str(labelled_area).split("|layername=")[0])
     fmt = output_format(path)
     if fmt not in ("gpkg", "geojson", "fgb", "shp"):
@@ -401,6 +411,9 @@ def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
         added = len(new)
         keep = [c for c in old.columns if c != old.geometry.name]
         old = gpd.GeoDataFrame(old[keep], geometry=old.geometry.values, crs=old.crs)
+        for c in keep:  # the cells have no value there: whole numbers stay whole, with nulls (not floats)
+            if pd.api.types.is_integer_dtype(old[c].dtype) and c not in new.columns:
+                old[c] = old[c].astype("Int64")
         new = gpd.GeoDataFrame(pd.concat([old, new], ignore_index=True), geometry="geometry",
                                crs=old.crs if old.crs is not None else new.crs)
     drivers = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf", "shp": "ESRI Shapefile"}
