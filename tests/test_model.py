@@ -256,3 +256,30 @@ def test_imagenet_weights_from_a_filled_cache_are_hash_checked_and_loaded(monkey
 def test_imagenet_weights_refuse_other_band_counts():
     with pytest.raises(GeodetError, match="3-band RGB.*4 band"):
         build_model(ModelConfig(**{**TINY, "pretrained": "imagenet"}), bands=[1, 2, 3, 4])
+
+
+def test_anchor_coverage_without_making_the_anchors_is_exact():
+    """The best IoU of each box is that of every anchor torchvision makes on the tile (the nearest
+    grid positions decide it), for random levels, scales, ratios and box sizes; so a label as large
+    as the scene costs no more to measure than a small one."""
+    import numpy as np
+    from torchvision.ops import box_iou
+
+    from geodet.config import ModelConfig
+    from geodet.model.anchors import _anchors, _best_iou, anchor_coverage
+
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        cfg = ModelConfig()
+        lo = int(rng.integers(1, 4))
+        cfg.levels = [lo, lo + int(rng.integers(0, 3))]
+        cfg.scales_per_octave = int(rng.integers(1, 4))
+        cfg.aspect_ratios = [float(r) for r in np.round(rng.uniform(0.3, 3, size=int(rng.integers(1, 4))), 2)]
+        cfg.anchor_sizes = [float(rng.uniform(5, 12) * 2**i) for i in range(cfg.levels[1] - lo + 1)]
+        tile = int(2 ** rng.integers(7, 9))
+        sizes = np.exp(rng.uniform(np.log(2), np.log(tile / 3), size=(200, 2)))
+        c = rng.uniform(tile / 2 - 2 ** cfg.levels[1], tile / 2 + 2 ** cfg.levels[1], size=(200, 2))
+        boxes = torch.tensor(np.concatenate([c - sizes / 2, c + sizes / 2], 1), dtype=torch.float32)
+        assert torch.equal(_best_iou(boxes, cfg, tile), box_iou(boxes, _anchors(cfg, tile)).max(1).values)
+    # a label the size of a scene: its tile (16384 px) would hold 150 million anchors
+    assert anchor_coverage(np.array([[20.0, 24.0]] * 50 + [[6000.0, 6000.0]]), ModelConfig()) < 1
