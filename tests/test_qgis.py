@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -239,8 +240,11 @@ def test_outputs_load_styled_and_named_the_way_processing_loads_them(provider, t
                                              "CELL_SIZE": 128, "BANDS": "3,2,1", "OUTPUT": str(tmp_path / "next.gpkg")},
          "load": True},
         {"alg": "geodet:detect", "params": {"INPUT": str(synth.image), "MODEL": str(tiny_model),
-                                            "OUTPUT": str(tmp_path / "in_a_model.gpkg")}, "load": True, "model": True})
-    for run, name in zip(runs, ("cars_a", "cars_b", "next", "in_a_model")):
+                                            "OUTPUT": str(tmp_path / "in_a_model.gpkg")}, "load": True, "model": True},
+        {"alg": "geodet:detect", "params": {"INPUT": str(synth.image), "MODEL": str(tiny_model),
+                                            "OUTPUT": "TEMPORARY_OUTPUT"}, "load": True})
+    # a temporary output is named as Processing names every algorithm's (the output's description)
+    for run, name in zip(runs, ("cars_a", "cars_b", "next", "in_a_model", "Detections")):
         assert run["error"] is None, run
         (layer,) = run["layers"]
         assert layer["name"] == name and layer["valid"], layer
@@ -250,7 +254,7 @@ def test_outputs_load_styled_and_named_the_way_processing_loads_them(provider, t
         bar = run["progress"]
         assert bar == sorted(bar) and bar[-1] == 100.0, bar  # once from 0 to 100, never back
         assert len(run["texts"]) == len(set(run["texts"])), run["texts"]  # each stage named once
-    for run in runs[:2] + runs[3:]:
+    for run in runs[:2] + runs[3:]:  # detections
         layer = run["layers"][0]
         assert layer["renderer"] == "RuleRenderer" and len(layer["rules"]) == 2 and layer["label_min_scale"] == 2500
     assert '"rank"' in runs[2]["layers"][0]["label_field"]  # suggestions: the rank as a label
@@ -504,3 +508,24 @@ def test_the_labelling_loop_runs_from_the_toolbox(provider, tiny_model, synth, t
     bar = again["progress"]
     assert bar == sorted(bar) and bar[-1] == 100.0, bar  # one bar for both steps, never back
     assert detect["error"] is None and detect["layers"][0]["valid"], detect
+
+
+def test_a_recorded_geodet_that_is_gone_is_named(qgis, tmp_path):
+    """The geodet that installed the plugin was removed (its virtual environment deleted) and none
+    is on PATH: the message names the path that is gone, not only "not found"."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT / 'geodet' / 'qgis')!r})
+        from geodet_qgis import runner
+        runner.RECORD = __import__("pathlib").Path({str(tmp_path / 'geodet.json')!r})
+        runner.RECORD.write_text(json.dumps({{"executable": "/gone/venv/bin/geodet", "version": "0"}}))
+        runner.configured_executable = lambda: None
+        try:
+            runner.find_executable()
+        except Exception as exc:
+            print("ERR:" + str(exc))
+    """)
+    env = {**_qgis_env(tmp_path), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    r = subprocess.run([QGIS_PYTHON, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    err = next((ln for ln in r.stdout.splitlines() if ln.startswith("ERR:")), "")
+    assert "/gone/venv/bin/geodet, is no longer there" in err, r.stdout + r.stderr

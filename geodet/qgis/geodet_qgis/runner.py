@@ -66,6 +66,9 @@ def find_executable() -> str:
         return recorded
     found = shutil.which("geodet")
     if not found:
+        if recorded:
+            raise QgsProcessingException(f"the geodet that installed this plugin, {recorded}, is no longer there (was "
+                                         f"its environment removed or moved?), and none is on PATH: {HELP}")
         raise QgsProcessingException(f"the geodet command was not found: {HELP}")
     return found
 

@@ -38,13 +38,28 @@ class GeodetStyle(QgsProcessingLayerPostProcessorInterface):
         layer.triggerRepaint()
 
 
+def _temporary(output: str) -> bool:
+    """Whether ``output`` is a file Processing made for a temporary output (TEMPORARY_OUTPUT)."""
+    import os
+
+    try:
+        from qgis.core import QgsProcessingUtils
+
+        folder = QgsProcessingUtils.tempFolder()
+    except Exception:  # an older QGIS, or none running
+        return False
+    return bool(folder) and os.path.abspath(output).startswith(os.path.abspath(folder) + os.sep)
+
+
 def load_styled(context, output: str, name: str = "") -> None:
     """If Processing will load ``output`` (a vector file geodet wrote), load it with geodet's
     style and name it after the file (or ``name``)."""
     if not output or not context.willLoadLayerOnCompletion(output):
         return
     details = context.layerToLoadOnCompletionDetails(output)
-    details.name = name or Path(output).stem
+    # a temporary output's file is named after the parameter (OUTPUT.gpkg): the layer keeps the
+    # name Processing gives it (the output's description), as every algorithm's temporary layer does
+    details.name = name or (details.name if details.name and _temporary(output) else Path(output).stem)
     details.forceName = True
     details.setPostProcessor(GeodetStyle.create(output, details.name))
 
