@@ -54,7 +54,7 @@ def _umask():
     return mask
 
 
-def test_a_folder_holding_a_run_is_continued_or_replaced_never_silently(tmp_path, synth, caplog):
+def test_a_folder_holding_a_run_is_continued_or_replaced_never_silently(tmp_path, synth, caplog, monkeypatch):
     """A second run into a run's folder is refused unless --resume or --overwrite says what to do
     with it; --overwrite replaces it only once the new inputs are read; --resume with other scenes
     is refused (a new run starts from the model with --init); a run without validation says so."""
@@ -95,8 +95,40 @@ def test_a_folder_holding_a_run_is_continued_or_replaced_never_silently(tmp_path
     with pytest.raises(GeodetError, match=r"--resume: .*last.pt was trained on s.tif \(s.gpkg\), this run names "
                                           r"other.tif \(s.gpkg\).*--init"):
         train(tiny_config(other, synth.labels, epochs=2, val_fraction=0.0), run, resume=True, progress=False)
+    # a replacement refused once it trains (a time limit too short for the warm-up): the old run as it was
+    short = tiny_config(synth.image, synth.labels, epochs=100, val_fraction=0.0, warmup_steps=50, time_limit_min=0.002)
+    with pytest.raises(GeodetError, match="is too short"):
+        train(short, run, overwrite=True, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == sorted(before)
+    assert {n: (run / n).read_bytes() for n in before} == before
+    # Ctrl+C before its first checkpoint: the same; after it (and its first model.pt), the new run's files
+    import geodet.training.trainer as trainer_module
+
+    real_step, calls = trainer_module.train_step, []
+
+    def stop_at(n):
+        def step(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real_step(*a, **k)
+        return step
+
+    for n in (3, 9):
+        calls.clear()
+        monkeypatch.setattr(trainer_module, "train_step", stop_at(n))
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(synth.image, synth.labels, epochs=2, val_fraction=0.0, seed=7), run, overwrite=True,
+                  progress=False)
+        assert sorted(p.name for p in run.iterdir()) == sorted(before)  # nothing set aside is left behind
+        if n == 3:
+            assert {n: (run / n).read_bytes() for n in before} == before
+        else:
+            assert (run / "model.pt").read_bytes() != before["model.pt"]
+    monkeypatch.setattr(trainer_module, "train_step", real_step)
     train(tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0, seed=5), run, overwrite=True,
           progress=False)
+    assert sorted(p.name for p in run.iterdir()) == sorted(before)  # nothing set aside is left
     steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv")) if r["loss"]]
     assert steps == list(range(1, 7))  # a new run, not appended to the old one's rows
     assert (run / "model.pt").read_bytes() != before["model.pt"]

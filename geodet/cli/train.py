@@ -153,17 +153,26 @@ def run(args) -> int:
     progress.plan(1)
     if args.engine == "ray":
         from ..training.ray_train import train_ray
-        from ..training.records import check_run_folder, remove_replaced
+        import shutil
 
-        replaced = check_run_folder(out, args.resume, args.overwrite)
-        if replaced:  # as in one process, the old run goes once this run's inputs are read (before Ray starts)
+        from ..training.records import check_run_folder, put_back, set_aside
+
+        replaced, aside = check_run_folder(out, args.resume, args.overwrite), None
+        if replaced:  # as in one process, the old run steps aside once this run's inputs are read (before Ray starts)
             import copy
 
             Trainer(copy.deepcopy(cfg), out).prepare()
-            remove_replaced(replaced, out)
+            aside = set_aside(replaced, out)
         quiet_ray()
-        res = train_ray(cfg, out, address=args.address, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
-                        cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, resume=args.resume)
+        try:
+            res = train_ray(cfg, out, address=args.address, workers=args.ray_workers,
+                            gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                            max_failures=args.max_failures, resume=args.resume)
+        except BaseException:
+            put_back(aside, out)  # the old run as it was where this one left no file of its own
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         print(f"model: {res.get('model', out / 'model.pt')} (trained by {res.get('world_size', '?')} Ray workers)\n"
               f"last checkpoint: {out / 'last.pt'}\nmetrics: {out / 'metrics.csv'}")
         return 0

@@ -90,12 +90,35 @@ def check_run_folder(out: str | Path, resume: bool, overwrite: bool) -> list[Pat
     return found if overwrite else []
 
 
-def remove_replaced(paths: list[Path], out: Path) -> None:
-    """``--overwrite``: remove the old run's files (``check_run_folder``'s list), saying so."""
+def set_aside(paths: list[Path], out: Path) -> Path | None:
+    """``--overwrite``: move the old run's files (``check_run_folder``'s list) into a hidden folder
+    of ``out``, where they stay until this run has its model (``put_back`` otherwise)."""
+    if not paths:
+        return None
+    aside = out / f".replaced.geodet-{os.getpid()}"
+    aside.mkdir(exist_ok=True)
     for path in paths:
-        path.unlink(missing_ok=True)
-    if paths:
-        log.info("--overwrite: the run in %s (%s) is replaced", out, ", ".join(p.name for p in paths))
+        os.replace(path, aside / path.name)
+    log.info("--overwrite: the run in %s (%s) is replaced once this one has its model", out,
+             ", ".join(p.name for p in paths))
+    return aside
+
+
+def put_back(aside: Path | None, out: Path) -> list[str]:
+    """The old run's files set aside go back where this run left none of its own (a failed run
+    leaves the old run as it was; an interrupted one keeps its ``last.pt`` for --resume, and the
+    old ``model.pt`` until it has its own); the rest are removed. Returns the names put back."""
+    import shutil
+
+    back = []
+    if aside is None or not aside.is_dir():
+        return back
+    for f in sorted(aside.iterdir()):
+        if not (out / f.name).exists():
+            os.replace(f, out / f.name)
+            back.append(f.name)
+    shutil.rmtree(aside, ignore_errors=True)
+    return back
 
 
 def resumed_best(state: dict, val_areas) -> float:

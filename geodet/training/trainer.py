@@ -36,7 +36,7 @@ from ..progress import progress_bar
 from . import inputs
 from .loop import STOPS, CpuShare, Run, StopSignals, train_step, training_precision
 from .records import (KEPT_KEYS, MetricsLog, check_resumed_cap, check_run_folder, check_same_data, load_checkpoint,
-                      remove_replaced, resume_settings, resumed_best, save_checkpoint, save_kept_model)
+                      put_back, resume_settings, set_aside, resumed_best, save_checkpoint, save_kept_model)
 from .sampler import ChipDataset, collate_chips
 from .schedule import DECAY_SHARE, Budget, lr_factor, make_optimizer, step_cap
 from .start import apply_init, build_start_model, freeze_stages
@@ -173,9 +173,10 @@ class Trainer:
         self.prepare()
         device = self._device()
         model = build_start_model(self.cfg, self.train_scenes, self.classes, self.overlap, state, self.init).to(device)
-        remove_replaced(replaced, self.out)  # every input read and the start model built: the old run goes now
-        self.before -= {p.name for p in replaced}
         self.out.mkdir(parents=True, exist_ok=True)
+        # every input read and the start model built: the old run steps aside until this one has its model
+        self.aside = set_aside(replaced, self.out)
+        self.before -= {p.name for p in replaced}
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -245,12 +246,26 @@ class Trainer:
         if self.main:  # a refusal here leaves the folder's run as it is
             self.replaced = check_run_folder(self.out, self.resume, self.overwrite)
         self.before = {n for n in ("metrics.csv", "last.pt") if (self.out / n).exists()}  # not this run's to remove
+        self.aside = None
         try:
-            return self._run()
-        except Exception as exc:
-            if not isinstance(exc, Interrupted) and self.main and not self.resume and not (self.out / "model.pt").exists():
-                remove_partial([self.out / n for n in ("metrics.csv", "last.pt") if n not in self.before], made)
+            path = self._run()
+        except BaseException as exc:
+            failed = not isinstance(exc, (Interrupted, KeyboardInterrupt))
+            # stopped before a checkpoint of its own, a replacement leaves the old run whole, as a failure does
+            resumable = (self.out / "last.pt").exists() and "last.pt" not in self.before
+            failed = failed or self.aside is not None and not resumable
+            if failed and self.main and not self.resume and not (self.out / "model.pt").exists():
+                remove_partial([self.out / n for n in ("metrics.csv", "last.pt") if n not in self.before],
+                               made if self.aside is None else [])
+            back = put_back(self.aside, self.out)  # --overwrite: the old run as it was, or its model until ours
+            if back:
+                log.warning("--overwrite: %s of the run this one was to replace kept in %s", ", ".join(back), self.out)
             raise
+        if self.aside is not None:
+            import shutil
+
+            shutil.rmtree(self.aside, ignore_errors=True)  # this run has its model: the old run goes
+        return path
 
     def _run(self) -> Path:
         r = self.setup()
