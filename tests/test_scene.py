@@ -333,3 +333,22 @@ def test_a_geopackage_raster_layer_as_qgis_names_it_is_a_scene(synth, tiny_model
                                 "assets": {"image": {"href": str(synth.image)}}}))
     assert main(["detect", str(item), "-m", str(tiny_model), "-o", str(tmp_path / "c.gpkg")]) == 2
     assert "it is STAC JSON, so give it with --stac" in capsys.readouterr().err
+
+
+def test_a_model_trained_on_8_bit_scenes_says_so_on_a_16_bit_one(synth, tiny_model, tmp_path, caplog):
+    """The card keeps the training scenes' pixel type; a scene of another kind (scaled by its
+    percentiles, not 0-255) is said, once, and one of the same kind is not."""
+    from geodet.model import load_model
+    from geodet.pipeline.scenes import detect_scene
+
+    model = load_model(tiny_model)
+    assert model.card.extra["scene_dtypes"] == ["uint8"]
+    wide = tmp_path / "s16.tif"
+    with rasterio.open(synth.image) as src:
+        with rasterio.open(wide, "w", **dict(src.profile, dtype="uint16", nodata=None)) as dst:
+            dst.write(src.read().astype(np.uint16) * 64)
+    caplog.set_level("WARNING", logger="geodet")
+    detect_scene(str(synth.image), model, progress=False)
+    assert "model was trained on" not in caplog.text
+    detect_scene(str(wide), model, progress=False)
+    assert caplog.text.count("s16.tif is uint16 and the model was trained on uint8 scenes") == 1

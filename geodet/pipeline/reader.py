@@ -75,9 +75,28 @@ def open_scene(scene, settings, card=None, warn: bool = True):
                 "this scene: use a model trained near the scene's resolution, or give --gsd to run it at another"
             ) from None
         raise
+    _say_other_dtype(sc, card, warn)
     sc.skip_hint = settings.on_read_error != "skip"  # a read error's message suggests the skip only where it is not on
     sc.defer_partial_warning = not warn  # a second opening: the first (or detect_scene) says the damage
     return sc
+
+
+def _say_other_dtype(sc, card, warn: bool) -> None:
+    """Say (once per scene) that a model trained on 8-bit scenes runs on a 16-bit or float one,
+    or the other way round: the pixels reach it scaled another way (0-255 against the scene's
+    percentiles), so its detections may differ from what it learned."""
+    trained = (card.extra.get("scene_dtypes") or []) if card is not None else []
+    now = str(sc.dtype)
+    if not warn or not trained or (now == "uint8") in {t == "uint8" for t in trained}:  # scaled as it learned
+        return
+    key = ("dtype", sc.path, now)
+    if key in _BANDS_SAID:
+        return
+    _BANDS_SAID.add(key)
+    how = "0-255" if now == "uint8" else f"its {sc.percentiles[0]:g}-{sc.percentiles[1]:g} percentiles"
+    log.warning("%s is %s and the model was trained on %s scenes: its pixels are scaled by %s, not as the model "
+                "learned, so detections may be fewer or wrong: fine-tune on scenes like it (train --init), or convert it",
+                Path(sc.path).name, now, "/".join(trained), how)
 
 
 def scene_grid(scene, settings) -> TileGrid:

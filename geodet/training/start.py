@@ -91,6 +91,8 @@ def build_start_model(cfg, train_scenes, classes, overlap: int, state: dict | No
     native = float(sc0.pixel_gsd) if sc0.crs is not None and sc0.crs.is_projected else None
     card.gsd_m = cfg.scene.gsd_m if cfg.scene.gsd_m else native
     card.extra["class_column"] = cfg.train.class_column  # --init from this model reads its classes the same way
+    # how the pixels it learned from were stored (uint8 scaled 0-255, others by percentiles): detection says a change
+    card.extra["scene_dtypes"] = sorted({str(ts.scene.dtype) for ts in train_scenes})
     if init is not None and state is None:
         load_init(model, init[0], init[1], cfg.train.init)
     freeze_stages(model, cfg.train.freeze_backbone_stages)
