@@ -134,3 +134,15 @@ def test_a_class_name_a_shapefile_cannot_hold_is_refused_before_detection(tmp_pa
     with pytest.raises(GeodetError, match="longer than a shapefile's text field"):
         geodet.detect_to_file([synth.image], model, tmp_path / "d.shp", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pretrained_backbone_loaded_in_python_is_refused_as_a_detector(synth, tiny_model):
+    """geodet.load_model reads a `geodet pretrain` backbone (train --init takes it), but its head
+    never learned objects: detection refuses it, as the command line does, rather than 0 boxes."""
+    import geodet
+    from geodet.errors import GeodetError
+
+    model = geodet.load_model(tiny_model)
+    model.card.extra["pretrain_only"] = True  # as geodet pretrain writes its backbones
+    with pytest.raises(GeodetError, match="is a pretrained backbone .* not a detector"):
+        geodet.detect_scene(str(synth.image), model, progress=False)

@@ -310,3 +310,29 @@ def test_resume_with_another_network_is_one_line_and_leaves_the_run(tmp_path, sy
     with pytest.raises(GeodetError, match="tiling.overlap must be zero or more and smaller than the tile size"):
         train(cfg, tmp_path / "new", progress=False)
     assert not (tmp_path / "new").exists()
+
+
+def test_frozen_stages_keep_their_statistics_and_a_resume_keeps_the_optimiser(tmp_path, synth, tiny_model, caplog):
+    """--freeze-stages keeps the frozen stages exactly as the start model had them, batch-norm
+    statistics included; --resume restores the frozen stages and the optimiser (kind, learning
+    rate) with the run, and refuses another learning rate from the command line."""
+    from geodet.config import apply_overrides
+    from geodet.training.trainer import train
+
+    cfg = tiny_config(synth.image, synth.labels, epochs=1, val_fraction=0.0, init=str(tiny_model),
+                      freeze_backbone_stages=2)
+    train(cfg, tmp_path, progress=False)
+    before, after = (torch.load(p, weights_only=True)["state_dict"] for p in (tiny_model, tmp_path / "model.pt"))
+    frozen = [k for k in before if k.startswith(("backbone.body.conv1", "backbone.body.bn1", "backbone.body.layer1"))]
+    assert any("running_mean" in k for k in frozen)
+    assert all(torch.equal(before[k], after[k]) for k in frozen), [k for k in frozen if not torch.equal(before[k], after[k])]
+    assert not torch.equal(before["backbone.body.layer2.0.bn1.running_mean"], after["backbone.body.layer2.0.bn1.running_mean"])
+    caplog.set_level("INFO", logger="geodet")
+    again = tiny_config(synth.image, synth.labels, epochs=2, val_fraction=0.0, optimizer="sgd")
+    train(again, tmp_path, resume=True, progress=False)  # the run's own freezing and optimiser, said
+    assert "train.optimizer adamw" in caplog.text and "train.freeze_backbone_stages 2" in caplog.text
+    resumed = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(before[k], resumed[k]) for k in frozen)
+    flagged = apply_overrides(tiny_config(synth.image, synth.labels, epochs=3, val_fraction=0.0), {"train.lr": 0.05})
+    with pytest.raises(GeodetError, match=r"trained with train.lr .* \(this command: 0.05\): leave those flags out"):
+        train(flagged, tmp_path, resume=True, progress=False)

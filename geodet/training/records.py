@@ -168,7 +168,9 @@ def check_same_data(state: dict, train_scenes, out: Path) -> None:
 
 
 RESUMED = ("tiling.tile_size", "tiling.overlap", "tiling.overlap_m", "scene.bands", "scene.gsd_m", "scene.percentiles",
-           "train.class_column")  # another column would give the head's classes to other objects
+           "train.class_column",  # another column would give the head's classes to other objects
+           # the optimiser's state holds its kind, learning rate and decay, and which weights it moves
+           "train.optimizer", "train.lr", "train.weight_decay", "train.freeze_backbone_stages")
 
 
 def resume_settings(cfg, state: dict, out: Path) -> None:
@@ -176,8 +178,8 @@ def resume_settings(cfg, state: dict, out: Path) -> None:
     ``last.pt``) replace a config file's or a default (said); a command-line value that differs is
     refused. The budget (epochs, steps, minutes) is this command's."""
     old = state.get("config") or {}
-    # (the classes come from the labels; model.pretrained only chose the first weights)
-    keys = list(RESUMED) + [f"model.{k}" for k in (old.get("model") or {}) if k not in ("classes", "pretrained")]
+    # (the classes come from the labels; model.pretrained chose the first weights, and which batch norms are frozen)
+    keys = list(RESUMED) + [f"model.{k}" for k in (old.get("model") or {}) if k != "classes"]
     kept, refused = [], []
     for key in keys:
         section, name = key.split(".", 1)

@@ -8,6 +8,8 @@ import copy
 import logging
 from pathlib import Path
 
+import torch
+
 from ..config import ModelConfig
 from ..errors import GeodetError, brief
 from ..io.labels import integer_name
@@ -29,6 +31,18 @@ def freeze_stages(model: GeodetModel, n: int | None) -> None:
     frozen = tuple(p for stage in STAGES[: int(n)] for p in stage)
     for name, p in model.net.backbone.body.named_parameters():
         p.requires_grad_(not name.startswith(frozen))
+    for name, m in model.net.backbone.body.named_modules():  # their batch norms keep the statistics they came with
+        if name.startswith(frozen) and type(m) is torch.nn.BatchNorm2d:
+            m.__class__ = FrozenStatsBatchNorm2d
+            m.eval()
+
+
+class FrozenStatsBatchNorm2d(torch.nn.BatchNorm2d):
+    """A batch norm of a frozen stage: always in eval mode (its running statistics, never a
+    batch's), whatever ``model.train()`` says; its state is a ``BatchNorm2d``'s, key for key."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
 
 
 def apply_init(cfg) -> tuple[dict, ModelCard]:
