@@ -153,8 +153,6 @@ def run(args) -> int:
     progress.plan(1)
     if args.engine == "ray":
         from ..training.ray_train import train_ray
-        import shutil
-
         from ..training.records import check_run_folder, put_back, set_aside
 
         replaced, aside = check_run_folder(out, args.resume, args.overwrite), None
@@ -171,8 +169,7 @@ def run(args) -> int:
         except BaseException:
             put_back(aside, out)  # the old run as it was where this one left no file of its own
             raise
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        put_back(aside, out, done=True)
         print(f"model: {res.get('model', out / 'model.pt')} (trained by {res.get('world_size', '?')} Ray workers)\n"
               f"last checkpoint: {out / 'last.pt'}\nmetrics: {out / 'metrics.csv'}")
         return 0

@@ -104,21 +104,36 @@ def set_aside(paths: list[Path], out: Path) -> Path | None:
     return aside
 
 
-def put_back(aside: Path | None, out: Path) -> list[str]:
+def put_back(aside: Path | None, out: Path, done: bool = False) -> list[str]:
     """The old run's files set aside go back where this run left none of its own (a failed run
     leaves the old run as it was; an interrupted one keeps its ``last.pt`` for --resume, and the
-    old ``model.pt`` until it has its own); the rest are removed. Returns the names put back."""
+    old ``model.pt`` until it has its own); the rest, and all of them when this run is ``done``,
+    are removed. Returns the names put back."""
     import shutil
 
     back = []
     if aside is None or not aside.is_dir():
         return back
     for f in sorted(aside.iterdir()):
-        if not (out / f.name).exists():
+        if not done and not (out / f.name).exists():
             os.replace(f, out / f.name)
             back.append(f.name)
     shutil.rmtree(aside, ignore_errors=True)
+    if back:
+        log.warning("--overwrite: %s of the run this one was to replace kept in %s", ", ".join(back), out)
     return back
+
+
+def undo_run(out: Path, before: set, made: list, aside: Path | None, stopped: bool) -> None:
+    """A new run (not resumed) that failed, or was ``stopped`` (a signal) before a checkpoint of
+    its own while replacing another, leaves no file of its own unless it has a model (``before``:
+    the names that were not its own; ``made``: the folders it made); the run it replaced is put back."""
+    from ..io.writers import remove_partial
+
+    resumable = (out / "last.pt").exists() and "last.pt" not in before
+    if (not stopped or aside is not None and not resumable) and not (out / "model.pt").exists():
+        remove_partial([out / n for n in ("metrics.csv", "last.pt") if n not in before], made if aside is None else [])
+    put_back(aside, out)
 
 
 def resumed_best(state: dict, val_areas) -> float:

@@ -36,7 +36,8 @@ from ..progress import progress_bar
 from . import inputs
 from .loop import STOPS, CpuShare, Run, StopSignals, train_step, training_precision
 from .records import (KEPT_KEYS, MetricsLog, check_resumed_cap, check_run_folder, check_same_data, load_checkpoint,
-                      put_back, resume_settings, set_aside, resumed_best, save_checkpoint, save_kept_model)
+                      put_back, resume_settings, set_aside,
+                      undo_run, resumed_best, save_checkpoint, save_kept_model)
 from .sampler import ChipDataset, collate_chips
 from .schedule import DECAY_SHARE, Budget, lr_factor, make_optimizer, step_cap
 from .start import apply_init, build_start_model, freeze_stages
@@ -240,7 +241,7 @@ class Trainer:
         """Train; returns the path of ``model.pt``. A failure before the first model is saved (a
         bad input or setting found late, a damaged chip) leaves nothing behind: the files and
         folders this run made are removed. An interrupted run keeps ``last.pt`` for --resume."""
-        from ..io.writers import missing_folders, remove_partial
+        from ..io.writers import missing_folders
 
         made = missing_folders(self.out)
         if self.main:  # a refusal here leaves the folder's run as it is
@@ -250,21 +251,10 @@ class Trainer:
         try:
             path = self._run()
         except BaseException as exc:
-            failed = not isinstance(exc, (Interrupted, KeyboardInterrupt))
-            # stopped before a checkpoint of its own, a replacement leaves the old run whole, as a failure does
-            resumable = (self.out / "last.pt").exists() and "last.pt" not in self.before
-            failed = failed or self.aside is not None and not resumable
-            if failed and self.main and not self.resume and not (self.out / "model.pt").exists():
-                remove_partial([self.out / n for n in ("metrics.csv", "last.pt") if n not in self.before],
-                               made if self.aside is None else [])
-            back = put_back(self.aside, self.out)  # --overwrite: the old run as it was, or its model until ours
-            if back:
-                log.warning("--overwrite: %s of the run this one was to replace kept in %s", ", ".join(back), self.out)
+            if self.main and not self.resume:
+                undo_run(self.out, self.before, made, self.aside, stopped=isinstance(exc, (Interrupted, KeyboardInterrupt)))
             raise
-        if self.aside is not None:
-            import shutil
-
-            shutil.rmtree(self.aside, ignore_errors=True)  # this run has its model: the old run goes
+        put_back(self.aside, self.out, done=True)  # this run has its model: the run it replaces goes
         return path
 
     def _run(self) -> Path:
