@@ -164,7 +164,7 @@ def test_refused_checkpoints(tmp_path, tv50):
             import_retinanet(str(folder))
     # files that need no import: one line saying how to use them
     (tmp_path / "m.onnx").write_bytes(b"\x08\x07\x12\x07pytorch onnx graph")
-    with pytest.raises(GeodetError, match="is an ONNX model: geodet runs a geodet export as it is"):
+    with pytest.raises(GeodetError, match="is an ONNX model: geodet runs its own exports as they are"):
         import_retinanet(str(tmp_path / "m.onnx"))
     torch.save({"format": "geodet-model", "version": 1, "card": {}, "state_dict": {"w": torch.zeros(1)}},
                tmp_path / "geodet.pt")
@@ -286,3 +286,29 @@ def test_import_checks_its_output_before_any_work(tmp_path, tv50, capsys):
     assert sd.read_bytes() == before and not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.gpkg").exists()
     assert main(["import", str(sd), "-o", str(tmp_path / "m.pt"), "--classes", "a,a"]) == 2
     assert "given twice" in capsys.readouterr().err and not (tmp_path / "m.pt").exists()
+
+
+def test_files_that_are_not_what_import_or_detect_take_say_what_to_do(tmp_path):
+    """A raster or text file is not called a pickle payload; a training checkpoint is not sent to
+    detect (which refuses it); a torchvision state_dict given to detect is pointed to import."""
+    from geodet.model.file import read_model_file
+    from geodet.model.imports import read_state_dict
+
+    text = tmp_path / "notes.pt"
+    text.write_text("garbage\n")
+    with pytest.raises(GeodetError, match="not a PyTorch weights file"):
+        read_state_dict(text, str(text))
+    ckpt = tmp_path / "last.pt"
+    torch.save({"format": "geodet-checkpoint", "step": 3}, ckpt)
+    with pytest.raises(GeodetError, match="training checkpoint: train --resume continues its run, and the run's "
+                                          "model.pt is its model"):
+        read_state_dict(ckpt, str(ckpt))
+    tv = tmp_path / "tv.pt"
+    torch.save({"head.weight": torch.zeros(2)}, tv)
+    with pytest.raises(GeodetError, match="geodet import tv.pt -o MODEL.pt"):
+        read_model_file(tv)
+    cut = tmp_path / "cut.pt"
+    torch.save({"format": "geodet-model", "w": torch.zeros(1000)}, cut)
+    cut.write_bytes(cut.read_bytes()[:2000])
+    with pytest.raises(GeodetError, match=r"\(it looks damaged or incomplete\)$"):
+        read_model_file(cut)

@@ -336,3 +336,19 @@ def test_frozen_stages_keep_their_statistics_and_a_resume_keeps_the_optimiser(tm
     flagged = apply_overrides(tiny_config(synth.image, synth.labels, epochs=3, val_fraction=0.0), {"train.lr": 0.05})
     with pytest.raises(GeodetError, match=r"trained with train.lr .* \(this command: 0.05\): leave those flags out"):
         train(flagged, tmp_path, resume=True, progress=False)
+
+
+def test_init_from_a_model_of_more_bands_than_the_scene_says_what_can_be_done(tmp_path, synth):
+    """A 4-band start model on 3-band scenes cannot be fixed with --bands: said so, before any
+    work; one trained on bands 4,3,2 of a 4-band scene can take a 3-band scene's 1,2,3."""
+    from geodet.config import ModelConfig
+    from geodet.model import build_model, save_model
+    from geodet.training.start import apply_init
+
+    cfg_model = ModelConfig(backbone="resnet18", channels=16, head_depth=1, pretrained="none")
+    for bands, says in (([1, 2, 3, 4], r"has 3: start from a model of 3-band scenes, or train from scratch"),
+                        ([4, 3, 2], r"has 3: pass --bands with 3 numbers from 1 to 3")):
+        path = save_model(build_model(cfg_model, bands=bands, tile_size=128, overlap=16), tmp_path / "m.pt")
+        cfg = tiny_config(synth.image, synth.labels, init=str(path))
+        with pytest.raises(GeodetError, match=says):
+            apply_init(cfg)

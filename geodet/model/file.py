@@ -77,8 +77,8 @@ def read_model_file(path: str | Path) -> dict:
             payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files; none of them run code
         reason = brief(exc)
-        todo = "copy it again (it looks damaged or incomplete), or use the run's last.pt"
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        todo = "copy it again (it looks damaged or incomplete)"
+        if "Unsupported global" in str(exc) or "Unsupported operand" in str(exc):
             reason = "it holds Python objects that a safe load refuses"
             todo = "give a model.pt that geodet train wrote, or import other checkpoints first (geodet import)"
         raise GeodetError(f"{path}: not a readable geodet model file ({reason}): {todo}") from None
@@ -86,7 +86,8 @@ def read_model_file(path: str | Path) -> dict:
         raise GeodetError(f"{path} is a training checkpoint (what train --resume reads), not a model: give the run's "
                           "model.pt, or its folder")
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise GeodetError(f"{path}: not a geodet model file (no '{MODEL_FORMAT}' format tag)")
+        raise GeodetError(f"{path}: not a geodet model file (no '{MODEL_FORMAT}' format tag): a torchvision RetinaNet's "
+                          f"weights become one with geodet import {p.name} -o MODEL.pt")
     if payload.get("version") != MODEL_VERSION:
         raise GeodetError(
             f"{path}: model file version {payload.get('version')!r} is not supported by this geodet "

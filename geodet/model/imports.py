@@ -53,19 +53,24 @@ def read_state_dict(path: Path, source) -> dict:
     with open(path, "rb") as f:
         head = f.read(64)
     if path.suffix.lower() == ".onnx" or (not head.startswith(b"PK") and b"onnx" in head.lower()):
-        raise GeodetError(f"{source} is an ONNX model: geodet runs a geodet export as it is (geodet detect -m "
-                          f"{path.name}); import reads torchvision RetinaNet weights (.pt, .pth, .safetensors)")
+        raise GeodetError(f"{source} is an ONNX model: geodet runs its own exports as they are (geodet detect -m "
+                          f"{path.name}, for a file geodet export wrote) and imports torchvision RetinaNet weights "
+                          "(.pt, .pth, .safetensors), not ONNX")
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # a torch file: a zip, or a legacy pickle
+        _refuse(source, "not a PyTorch weights file (.pt, .pth) or a .safetensors file")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        why = ("it holds Python objects (a pickle payload) that a safe load refuses" if "weights_only" in text
-               or "Unsupported global" in text else f"not a readable torch file ({brief(exc, 120)})")
+        why = ("it holds Python objects (a pickle payload) that a safe load refuses" if "Unsupported global" in text
+               or "Unsupported operand" in text else f"not a readable torch file ({brief(exc, 120)})")
         _refuse(source, why)
-    if isinstance(sd, dict) and sd.get("format") in ("geodet-model", "geodet-checkpoint"):
-        raise GeodetError(f"{source} is a geodet {'model' if sd['format'] == 'geodet-model' else 'training checkpoint'} "
-                          "already: detect with it as it is (-m), or train from it with --init; import reads "
-                          "torchvision RetinaNet weights")
+    if isinstance(sd, dict) and sd.get("format") == "geodet-model":
+        raise GeodetError(f"{source} is a geodet model already: detect with it as it is (-m), or train from it with "
+                          "--init; import reads torchvision RetinaNet weights")
+    if isinstance(sd, dict) and sd.get("format") == "geodet-checkpoint":
+        raise GeodetError(f"{source} is a geodet training checkpoint: train --resume continues its run, and the run's "
+                          "model.pt is its model (detect -m, train --init); import reads torchvision RetinaNet weights")
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -175,8 +180,8 @@ def _label_dict(value, source) -> dict[int, str]:
     """DeepForest's ``label_dict`` ({name: index}; {index: name} read too) as {index: name}."""
     if not value:
         return {}
-    fix = ("fix config.json: label_dict maps each class name to its index, e.g. {\"Tree\": 0, \"Bird\": 1}, or give "
-           "the names with --classes")
+    fix = ("fix config.json: label_dict maps each class name to its index, e.g. {\"Tree\": 0, \"Bird\": 1}, or import it "
+           "naming them (geodet import SOURCE --classes Tree,Bird -o MODEL.pt)")
     if not isinstance(value, dict):
         raise GeodetError(f"{source}: config.json's label_dict is a {type(value).__name__}, not a mapping: {fix}")
 
@@ -204,7 +209,8 @@ def _class_names(config: dict, source, n_classes: int, classes) -> list[str]:
             # names cut off or made up (class_0) would label every detection wrongly, silently
             raise GeodetError(f"{source}: config.json's label_dict {config['label_dict']} gives indices "
                               f"{sorted(by_index)} but the classification head has {n_classes} class(es), indices "
-                              f"0 to {n_classes - 1}: fix config.json, or give {n_classes} name(s) with --classes")
+                              f"0 to {n_classes - 1}: fix config.json, or import it naming its {n_classes} class(es) "
+                              "(geodet import SOURCE --classes A,B,... -o MODEL.pt)")
         if by_index:
             classes = [by_index[i] for i in range(n_classes)]
         else:

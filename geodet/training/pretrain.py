@@ -263,8 +263,9 @@ def _write_backbone(model, backbone, out, scenes, step, losses, budget, size, sh
     card.extra["pretrained"] = {
         "method": "dense VICReg on every FPN level (point by point), lightly's loss",
         "scenes": [str(p) for p in scenes], "minutes": round(budget.elapsed() / 60, 2), "steps": step,
-        "loss_first": round(float(np.mean(losses[:10])), 4) if losses else None,
-        "loss_last": round(float(np.mean(losses[-10:])), 4) if losses else None,
+        # the mean of the first and of the last steps, apart (a tenth, 1 to 10 steps, of a short run each)
+        "loss_first": round(float(np.mean(losses[:_ends(losses)])), 4) if losses else None,
+        "loss_last": round(float(np.mean(losses[-_ends(losses):])), 4) if losses else None,
         "view_size": size, "cpu_share": None if share is None else round(share, 2),
     }
     card.extra["pretrain_only"] = True  # a backbone, not a detector: its head is untrained
@@ -277,3 +278,9 @@ def _write_backbone(model, backbone, out, scenes, step, losses, budget, size, sh
 
 def is_pretrain_only(card) -> bool:
     return bool(card.extra.get("pretrain_only"))
+
+
+def _ends(losses) -> int:
+    """How many steps at each end of a run its first and last losses average: up to 10, never
+    overlapping (a run of 6 steps: its first 3 and its last 3)."""
+    return max(1, min(10, len(losses) // 2))

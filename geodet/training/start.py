@@ -78,9 +78,29 @@ def apply_init(cfg) -> tuple[dict, ModelCard]:
         if key not in written and value is not None:
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, value)
+    if "scene.bands" not in written:
+        _check_init_bands(cfg, card)
     log.info("starting from %s (%s, %d classes, %d px tiles%s)", cfg.train.init, card.model.backbone,
              len(card.classes), card.tile_size, f" at {card.gsd_m:g} m" if card.gsd_m else "")
     return payload, card
+
+
+def _check_init_bands(cfg, card: ModelCard) -> None:
+    """A start model's bands that a training scene lacks: said as such (not as a --bands to pass,
+    since another number of bands cannot start from this model)."""
+    from ..io.raster import open_raster
+
+    for s in [*cfg.train.scenes, *cfg.train.val_scenes]:
+        try:
+            with open_raster(s.scene) as src:
+                count = src.count
+        except Exception:  # unreadable: its own error comes when it is read
+            continue
+        if count < max(card.bands):
+            todo = (f"pass --bands with {len(card.bands)} numbers from 1 to {count}" if count >= len(card.bands) else
+                    f"start from a model of {count}-band scenes, or train from scratch (leave out --init)")
+            raise GeodetError(f"--init {cfg.train.init} was trained on {len(card.bands)} band(s) ({card.bands}) and "
+                              f"{Path(str(s.scene)).name} has {count}: {todo}")
 
 
 def build_start_model(cfg, train_scenes, classes, overlap: int, state: dict | None, init) -> GeodetModel:
