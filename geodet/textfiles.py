@@ -4,10 +4,13 @@ wrote them, and their relative paths taken as naming files beside them."""
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 from pathlib import Path
 
 from .errors import GeodetError
+
+log = logging.getLogger(__name__)
 
 REMOTE = ("http://", "https://", "s3://", "gs://", "az://", "ftp://")
 
@@ -32,7 +35,19 @@ def read_user_text(path, what: str) -> str:
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise GeodetError(f"{what}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+        first = exc.start
+    import locale
+
+    local = locale.getpreferredencoding(False)  # Windows' ANSI code page (cp1252), as Notepad saved it once
+    if codecs.lookup(local).name != "utf-8":
+        try:
+            text = raw.decode(local)
+        except UnicodeDecodeError:
+            pass
+        else:
+            log.warning("%s: not UTF-8: read as %s, this system's encoding", what, local)
+            return text
+    raise GeodetError(f"{what}: not UTF-8 text (byte {first}): save it as UTF-8")
 
 
 def beside(p, file, what: str):
@@ -42,6 +57,12 @@ def beside(p, file, what: str):
     each is refused as ambiguous. Absolute paths, addresses and GDAL paths stay as written."""
     if not p or "://" in str(p) or str(p).startswith("/vsi") or os.path.isabs(p):
         return p
+    from .io.raster import split_connection
+
+    parts = split_connection(p)
+    if parts is not None:  # GPKG:file:table: its file, found as any path is
+        near = beside(parts[1], file, what)
+        return p if near == parts[1] else f"{parts[0]}:{near}" + (f":{parts[2]}" if parts[2] else "")
     here, there = Path(p), Path(file).resolve().parent / p
     if not there.exists() or here.resolve() == there.resolve():
         return p

@@ -322,7 +322,7 @@ def test_detections_outside_the_scene_and_odd_columns(tmp_path, caplog):
     nan = _frame(inside, scores=[0.9, np.nan, 0.7, 0.6, 0.5])
     m = evaluate(nan, _frame(inside))
     assert m["n_detections"] == 4 and m["recall"] == pytest.approx(0.8) and m["score_threshold"] == 0.5
-    assert "1 detection(s) without a score left out" in caplog.text
+    assert "1 detection(s) without a finite score left out" in caplog.text
     words = _frame(inside).astype({"score": object})
     words.loc[2, "score"] = "high"
     with pytest.raises(GeodetError, match="the score column holds 'high', not a number"):
@@ -347,3 +347,19 @@ def test_size_ranges_from_a_geojson_in_degrees_are_in_pixels(tmp_path):
     a, b = (evaluate(str(tmp_path / f), _frame(boxes)) for f in ("d.gpkg", "d.geojson"))
     assert a["AP_small"] == a["AP_medium"] == a["AP_large"] == 1
     assert [b[k] for k in ("AP_small", "AP_medium", "AP_large")] == [1, 1, 1]
+
+
+def test_pixel_grids_of_two_scenes_of_one_name_are_not_guessed(tmp_path):
+    """A report of a/x.tif and b/x.tif (one job, two folders): each scene's own factors by its
+    path; by its name alone neither; a report without the sizes gives none, not a traceback."""
+    from geodet.io.detections import pixel_grid_scale
+
+    rows = [{"scene": str(tmp_path / "a" / "x.tif"), "scene_size_px": [200, 200], "grid_size_px": [100, 100]},
+            {"scene": str(tmp_path / "b" / "x.tif"), "scene_size_px": [200, 200], "grid_size_px": [200, 200]}]
+    (tmp_path / "d.csv.report.json").write_text(json.dumps({"scenes": rows}))
+    csv = tmp_path / "d.csv"
+    assert pixel_grid_scale(csv, tmp_path / "a" / "x.tif") == (2.0, 2.0)
+    assert pixel_grid_scale(csv, tmp_path / "b" / "x.tif") == (1.0, 1.0)
+    assert pixel_grid_scale(csv, tmp_path / "c" / "x.tif") is None
+    (tmp_path / "d.csv.report.json").write_text(json.dumps({"scenes": [{"scene": "x.tif"}]}))
+    assert pixel_grid_scale(csv, tmp_path / "x.tif") is None

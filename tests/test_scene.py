@@ -352,3 +352,25 @@ def test_a_model_trained_on_8_bit_scenes_says_so_on_a_16_bit_one(synth, tiny_mod
     assert "model was trained on" not in caplog.text
     detect_scene(str(wide), model, progress=False)
     assert caplog.text.count("s16.tif is uint16 and the model was trained on uint8 scenes") == 1
+
+
+def test_names_with_colons_are_files_and_tables_of_one_geopackage_are_scenes(synth, tmp_path, monkeypatch):
+    """A file named like a timestamp (T10:30.tif) is a path, not a GDAL connection string; two
+    raster tables of one GeoPackage are two scenes (not one given twice); a relative connection
+    string is made absolute in its file, as a run's marker stores it."""
+    import shutil
+
+    from geodet.io.raster import open_raster, split_connection
+    from geodet.pipeline import parts
+    from geodet.pipeline.job import check_each_scene_once
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(synth.image, "T10:30.tif")
+    with open_raster("T10:30.tif") as src:
+        assert src.count == 3
+    assert split_connection("T10:30.tif") is None and split_connection("ABC:x.tif") is None
+    assert split_connection("GPKG:C:\\d\\x.gpkg:t") == ("GPKG", "C:\\d\\x.gpkg", "t")
+    check_each_scene_once(["GPKG:x.gpkg:a", "GPKG:x.gpkg:b"], "why")
+    with pytest.raises(Exception, match="given twice"):
+        check_each_scene_once(["GPKG:x.gpkg:a", f"GPKG:{tmp_path / 'x.gpkg'}:a"], "why")
+    assert parts.scene_path("GPKG:x.gpkg:a") == f"GPKG:{tmp_path / 'x.gpkg'}:a"

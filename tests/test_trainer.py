@@ -352,3 +352,33 @@ def test_init_from_a_model_of_more_bands_than_the_scene_says_what_can_be_done(tm
         cfg = tiny_config(synth.image, synth.labels, init=str(path))
         with pytest.raises(GeodetError, match=says):
             apply_init(cfg)
+
+
+def test_a_run_set_aside_is_all_or_nothing_and_found_again_after_a_kill(tmp_path, monkeypatch):
+    """--overwrite moves the old run aside whole or not at all (a file held open elsewhere); a run
+    an --overwrite killed by SIGKILL left aside comes back when the folder is next used."""
+    from geodet.training import records
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for n in records.RUN_FILES:
+        (out / n).write_text(n)
+    files = [out / n for n in records.RUN_FILES]
+    real = os.replace
+
+    def busy(src, dst):
+        if str(src).endswith("metrics.csv"):
+            raise PermissionError(13, "in use")
+        return real(src, dst)
+
+    monkeypatch.setattr(records.os, "replace", busy)
+    with pytest.raises(GeodetError, match="metrics.csv cannot be moved aside .*close the program"):
+        records.set_aside(files, out)
+    monkeypatch.setattr(records.os, "replace", real)
+    assert sorted(p.name for p in out.iterdir()) == sorted(records.RUN_FILES)
+    aside = records.set_aside(files, out)
+    assert aside.name.startswith(".replaced.geodet-") and sorted(p.name for p in out.iterdir()) == [aside.name]
+    (out / "metrics.csv").write_text("the killed run's")  # killed before its model: no model.pt of its own
+    with pytest.raises(GeodetError, match="holds a run"):
+        records.check_run_folder(out, resume=False, overwrite=False)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {n: n for n in records.RUN_FILES}

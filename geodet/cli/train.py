@@ -63,8 +63,9 @@ def add_parser(sub, common) -> None:
     tr.add_argument("--seed", type=int, help="random seed (default: the config's train.seed)")
     tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     tr.add_argument("--overwrite", action="store_true",
-                    help="replace the run RUN_DIR holds (its model.pt, last.pt and metrics.csv), once every input has "
-                         "been read (a folder holding a run is otherwise refused)")
+                    help="replace the run RUN_DIR holds (its model.pt, last.pt and metrics.csv): it is set aside once "
+                         "every input has been read, and goes once this run has its model (a failure or a stop before "
+                         "then puts it back); a folder holding a run is otherwise refused")
     tr.add_argument("--init", help="start from this model file (geodet train, import or pretrain): its architecture, "
                                    "weights, tile size and GSD; new classes re-initialise only the last classification conv")
     tr.add_argument("--freeze-stages", type=nonneg_int, help="freeze the backbone's first N stages (1 stem, 2 +layer1, "

@@ -138,7 +138,8 @@ def with_scores(det, source):
     values = num.to_numpy(np.float64, na_value=np.nan)
     missing = ~np.isfinite(values)
     if missing.any():
-        log.warning("%s: %d detection(s) without a score left out (they cannot be ranked)", name, int(missing.sum()))
+        log.warning("%s: %d detection(s) without a finite score left out (they cannot be ranked)", name,
+                    int(missing.sum()))
     if missing.any() or raw.dtype != np.float64:
         det = det[~missing].copy()
         det["score"] = values[~missing]
@@ -183,12 +184,20 @@ def pixel_grid_scale(source, scene) -> tuple[float, float] | None:
         scenes = [s for s in report.get("scenes") or [] if isinstance(s, dict)]
     except (OSError, ValueError, AttributeError):
         return None
+    from .outputs import scene_key
+
     want = Path(str(scene))
-    for s in scenes:
-        if str(s.get("scene")) == str(scene) or Path(str(s.get("scene"))).name == want.name:
-            (fw, fh), (gw, gh) = s.get("scene_size_px"), s.get("grid_size_px")
-            if s.get("area_px"):
-                raise GeodetError(f"{source}: the pixel boxes are relative to an area of {want.name}, not the whole "
-                                  "scene: write the detections with geometry (not --csv-geometry pixel) to evaluate")
-            return fw / gw, fh / gh
-    return None
+    exact = [s for s in scenes if scene_key(str(s.get("scene"))) == scene_key(str(scene))]
+    named = [s for s in scenes if Path(str(s.get("scene"))).name == want.name]
+    found = exact or (named if len(named) == 1 else [])  # two scenes of one name elsewhere: neither is guessed
+    if not found:
+        return None
+    s = found[0]
+    if s.get("area_px"):
+        raise GeodetError(f"{source}: the pixel boxes are relative to an area of {want.name}, not the whole "
+                          "scene: write the detections with geometry (not --csv-geometry pixel) to evaluate")
+    try:
+        (fw, fh), (gw, gh) = s["scene_size_px"], s["grid_size_px"]
+        return float(fw) / float(gw), float(fh) / float(gh)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None

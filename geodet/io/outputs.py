@@ -31,6 +31,15 @@ def same_file_key(path) -> str:
     return os.path.normcase(os.path.realpath(connection_file(p) or p.split("|")[0]))
 
 
+def scene_key(path) -> str:
+    """A key equal for two names of one scene: ``same_file_key``, except that the rasters of one
+    container (two tables of a GeoPackage, ``GPKG:x.gpkg:a`` and ``GPKG:x.gpkg:b``) are two scenes."""
+    from .raster import split_connection
+
+    parts = split_connection(path)
+    return same_file_key(path) if parts is None else f"{parts[0]}:{same_file_key(parts[1])}:{parts[2]}"
+
+
 def check_not_an_input(path: str | Path, inputs) -> None:
     """Refuse, before any work, an output that names one of the command's input files:
     ``inputs`` is (file or None, what it is to the user), e.g. (labels, "the labels")."""

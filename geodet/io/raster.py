@@ -52,21 +52,28 @@ def open_raster(path: str | Path):
         ) from None
 
 
-def connection_file(path) -> str | None:
-    """The file of a GDAL connection string naming a raster inside a container
-    (``GPKG:/data/x.gpkg:table``, ``NETCDF:"x.nc":var``, as QGIS gives a GeoPackage raster layer's
-    source), or None for a plain path. A Windows drive (``C:``) is a path."""
+# GDAL drivers whose connection strings name a raster inside a container file: DRIVER:file:name
+CONTAINER_DRIVERS = ("GPKG", "NETCDF", "HDF5", "HDF4", "HDF4_EOS", "NITF_IM", "GTIFF_DIR", "SENTINEL2", "ZARR")
+
+
+def split_connection(path) -> tuple[str, str, str] | None:
+    """``(driver, file, name)`` of a GDAL connection string naming a raster inside a container
+    (``GPKG:/data/x.gpkg:table``, ``NETCDF:"x.nc":var``, ``GPKG:C:\\d\\x.gpkg:t``, as QGIS gives a
+    GeoPackage raster layer's source); None for a plain path, also one whose name holds a colon
+    (``T10:30.tif`` that exists) or a Windows drive."""
     import re
 
-    m = re.match(r"^([A-Z][A-Z0-9_]+):(.+)$", str(path))
-    if m is None or "://" in str(path):
+    text = str(path)
+    m = re.match(r'^([A-Z][A-Z0-9_]+):("[^"]+"|(?:[A-Za-z]:[\\/])?[^:]*)(?::(.*))?$', text)
+    if m is None or m.group(1) not in CONTAINER_DRIVERS or os.path.exists(text):
         return None
-    rest = m.group(2)
-    for candidate in (rest.rsplit(":", 1)[0], rest):
-        candidate = candidate.strip('"')
-        if candidate and os.path.isfile(candidate):
-            return candidate
-    return rest.rsplit(":", 1)[0].strip('"') if ":" in rest else rest.strip('"')
+    return m.group(1), m.group(2).strip('"'), m.group(3) or ""
+
+
+def connection_file(path) -> str | None:
+    """The container file of a GDAL connection string (``split_connection``), or None."""
+    parts = split_connection(path)
+    return parts[1] if parts else None
 
 
 def _looks_like_stac(p: Path) -> bool:

@@ -60,6 +60,17 @@ def save_model(model: GeodetModel, path: str | Path) -> Path:
     return path
 
 
+def is_pickle_refusal(exc: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` refused a file for the Python objects it holds
+    (not for damage): its words across torch 2.1 to 2.14."""
+    import pickle
+
+    text = str(exc)
+    return isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text and any(
+        k in text for k in ("Unsupported global", "Unsupported class", "unsupported GLOBAL", "Unsupported operand",
+                            "is blocked")) or "Unsupported global" in text
+
+
 def read_model_file(path: str | Path) -> dict:
     """The checked payload of a model file; nothing in it is executed."""
     p = Path(path)
@@ -78,7 +89,7 @@ def read_model_file(path: str | Path) -> dict:
     except Exception as exc:  # torch raises many types for bad files; none of them run code
         reason = brief(exc)
         todo = "copy it again (it looks damaged or incomplete)"
-        if "Unsupported global" in str(exc) or "Unsupported operand" in str(exc):
+        if is_pickle_refusal(exc):
             reason = "it holds Python objects that a safe load refuses"
             todo = "give a model.pt that geodet train wrote, or import other checkpoints first (geodet import)"
         raise GeodetError(f"{path}: not a readable geodet model file ({reason}): {todo}") from None

@@ -26,6 +26,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import GeodetError, brief
+from .file import is_pickle_refusal
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ def read_state_dict(path: Path, source) -> dict:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        why = ("it holds Python objects (a pickle payload) that a safe load refuses" if "Unsupported global" in text
-               or "Unsupported operand" in text else f"not a readable torch file ({brief(exc, 120)})")
+        why = ("it holds Python objects (a pickle payload) that a safe load refuses" if is_pickle_refusal(exc)
+               else f"not a readable torch file ({brief(exc, 120)})")
         _refuse(source, why)
     if isinstance(sd, dict) and sd.get("format") == "geodet-model":
         raise GeodetError(f"{source} is a geodet model already: detect with it as it is (-m), or train from it with "

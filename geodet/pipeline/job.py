@@ -89,11 +89,11 @@ def detect_to_file(scenes: Sequence, model, out, *, config=None, fmt: str | None
 
 def check_each_scene_once(scenes: Sequence, why: str) -> None:
     """Refuse a scene named twice (two names of one file included), saying ``why`` it matters."""
-    from ..io.writers import same_file_key
+    from ..io.outputs import scene_key
 
     seen = {}
     for s in scenes:
-        key = same_file_key(s)
+        key = scene_key(s)
         if key in seen:
             also = "" if str(seen[key]) == str(s) else f" (as {seen[key]} too)"
             raise GeodetError(f"{s} is given twice{also}: {why}; name each scene once")

@@ -157,7 +157,12 @@ def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None, ope
 def scene_path(scene: str) -> str:
     """Where ``scene`` is, whatever folder a later run starts in: a local path made absolute, a
     remote address as given."""
+    from ..io.raster import split_connection
+
     s = str(scene)
+    parts = split_connection(s)
+    if parts is not None:  # GPKG:file:table: the file absolute, in its place
+        return f"{parts[0]}:{os.path.abspath(parts[1])}" + (f":{parts[2]}" if parts[2] else "")
     return s if "://" in s or s.startswith("/vsi") else os.path.abspath(s)
 
 
@@ -178,10 +183,11 @@ def unclaimed_ids(out: Path, scenes: Sequence, ids: list[str]) -> list[str]:
     a folder written for another file that is still there (y2020/tile.tif, then y2021/tile.tif,
     into one output folder) gets its id with a short hash of its path, so both are kept and merged;
     a folder whose scene has gone (moved) is the new path's, and runs again."""
-    from ..io.writers import same_file_key as file_key
+    from ..io.outputs import scene_key
+    from ..io.raster import connection_file
 
     def same_file_key(p):  # a remote scene's address without its query (a signed URL's token changes)
-        return file_key(str(p).split("?", 1)[0] if "://" in str(p) or str(p).startswith("/vsi") else p)
+        return scene_key(str(p).split("?", 1)[0] if "://" in str(p) or str(p).startswith("/vsi") else p)
 
     owners = {}  # same_file_key(scene) -> id of the folder an earlier run wrote for it
     for d in sorted(out.glob("scene=*")):
@@ -196,7 +202,8 @@ def unclaimed_ids(out: Path, scenes: Sequence, ids: list[str]) -> list[str]:
             out_ids.append(owners[key])
             continue
         owner = folder_owner(out / f"scene={sid}")
-        if owner is not None and not ("://" in owner or owner.startswith("/vsi")) and not Path(owner).exists():
+        if owner is not None and not ("://" in owner or owner.startswith("/vsi")) and \
+                not Path(connection_file(owner) or owner).exists():
             log.warning("%s: scene=%s held the detections of %s, which is no longer there: they are replaced", p,
                         sid, owner)
         elif sid in taken or sid in out_ids:

@@ -76,12 +76,23 @@ def load_checkpoint(out: Path) -> dict:
 RUN_FILES = ("model.pt", "last.pt", "metrics.csv")  # what a run writes in its folder
 
 
+ASIDE = ".replaced.geodet-"  # the hidden folder an --overwrite run keeps the run it replaces in
+
+
 def check_run_folder(out: str | Path, resume: bool, overwrite: bool) -> list[Path]:
     """The run files already in ``out`` that this run will replace (``overwrite``); a one-line
-    error where ``out`` holds a run and neither ``resume`` nor ``overwrite`` says what to do with it."""
+    error where ``out`` holds a run and neither ``resume`` nor ``overwrite`` says what to do with it.
+    A run an ``--overwrite`` that was killed set aside is put back first (or, beside a model of
+    the killed run's own, said)."""
     out = Path(out)
     if resume and overwrite:
         raise GeodetError(f"--resume continues the run in {out} and --overwrite replaces it: give one of them")
+    for stale in sorted(out.glob(ASIDE + "*")) if out.is_dir() else []:
+        if (out / "model.pt").exists():
+            log.warning("%s holds a run an earlier --overwrite set aside and never finished replacing: delete it, or "
+                        "move its files back by hand", stale)
+        else:  # killed before its model: the run it was to replace is the folder's run
+            put_back(stale, out, newer=False)
     found = [out / n for n in RUN_FILES if (out / n).exists()]
     if found and not resume and not overwrite:
         go_on = "continue it with --resume, " if (out / "last.pt").exists() else ""
@@ -92,48 +103,58 @@ def check_run_folder(out: str | Path, resume: bool, overwrite: bool) -> list[Pat
 
 def set_aside(paths: list[Path], out: Path) -> Path | None:
     """``--overwrite``: move the old run's files (``check_run_folder``'s list) into a hidden folder
-    of ``out``, where they stay until this run has its model (``put_back`` otherwise)."""
+    of ``out``, where they stay until this run has its model (``put_back`` otherwise). All or
+    nothing: a file that cannot be moved (open in another program) leaves them all in place."""
+    import tempfile
+
     if not paths:
         return None
-    aside = out / f".replaced.geodet-{os.getpid()}"
-    aside.mkdir(exist_ok=True)
-    for path in paths:
-        os.replace(path, aside / path.name)
+    aside = Path(tempfile.mkdtemp(prefix=ASIDE, dir=out))
+    moved = []
+    try:
+        for path in paths:
+            os.replace(path, aside / path.name)
+            moved.append(path)
+    except OSError as exc:
+        for done in moved:
+            os.replace(aside / done.name, done)
+        aside.rmdir()
+        raise GeodetError(f"--overwrite: {path} cannot be moved aside ({exc.strerror}): close the program that holds "
+                          "it, or train into a new folder") from None
     log.info("--overwrite: the run in %s (%s) is replaced once this one has its model", out,
              ", ".join(p.name for p in paths))
     return aside
 
 
-def put_back(aside: Path | None, out: Path, done: bool = False) -> list[str]:
-    """The old run's files set aside go back where this run left none of its own (a failed run
-    leaves the old run as it was; an interrupted one keeps its ``last.pt`` for --resume, and the
-    old ``model.pt`` until it has its own); the rest, and all of them when this run is ``done``,
-    are removed. Returns the names put back."""
+def put_back(aside: Path | None, out: Path, done: bool = False, newer: bool = True) -> list[str]:
+    """The old run's files set aside go back (a run that failed, or stopped before its model,
+    leaves the run it was to replace as it was); when this run is ``done``, they are removed.
+    With ``newer`` False they replace what is there. Returns the names put back."""
     import shutil
 
     back = []
     if aside is None or not aside.is_dir():
         return back
-    for f in sorted(aside.iterdir()):
-        if not done and not (out / f.name).exists():
+    for f in sorted(aside.iterdir()) if not done else []:
+        if not newer or not (out / f.name).exists():
             os.replace(f, out / f.name)
             back.append(f.name)
     shutil.rmtree(aside, ignore_errors=True)
     if back:
-        log.warning("--overwrite: %s of the run this one was to replace kept in %s", ", ".join(back), out)
+        log.warning("--overwrite: the run this one was to replace is kept in %s as it was (%s)", out, ", ".join(back))
     return back
 
 
-def undo_run(out: Path, before: set, made: list, aside: Path | None, stopped: bool) -> None:
-    """A new run (not resumed) that failed, or was ``stopped`` (a signal) before a checkpoint of
-    its own while replacing another, leaves no file of its own unless it has a model (``before``:
-    the names that were not its own; ``made``: the folders it made); the run it replaced is put back."""
+def undo_run(out: Path, before: set, made: list, aside: Path | None, stopped: bool) -> bool:
+    """A new run (not resumed) that failed leaves no file of its own unless it has a model
+    (``before``: the names that were not its own; ``made``: the folders it made); one ``stopped``
+    (a signal) keeps its ``last.pt`` for --resume, unless it was replacing a run: then, without a
+    model of its own, it goes and the run it replaced is put back. Returns whether it was."""
     from ..io.writers import remove_partial
 
-    resumable = (out / "last.pt").exists() and "last.pt" not in before
-    if (not stopped or aside is not None and not resumable) and not (out / "model.pt").exists():
+    if (not stopped or aside is not None) and not (out / "model.pt").exists():
         remove_partial([out / n for n in ("metrics.csv", "last.pt") if n not in before], made if aside is None else [])
-    put_back(aside, out)
+    return bool(put_back(aside, out))
 
 
 def resumed_best(state: dict, val_areas) -> float:

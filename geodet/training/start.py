@@ -21,9 +21,10 @@ LOSS_SETTINGS = ("matcher", "box_loss", "fg_iou", "bg_iou", "focal_alpha", "foca
 STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 
 
-def freeze_stages(model: GeodetModel, n: int | None) -> None:
+def freeze_stages(model: GeodetModel, n: int | None, keep_statistics: bool = True) -> None:
     """Freeze the backbone body's first ``n`` stages (stem, layer1, ...) and train the rest of
-    the body; None leaves the model as built."""
+    the body; None leaves the model as built. With ``keep_statistics`` their batch norms keep
+    the statistics they came with (off for random weights: theirs mean nothing)."""
     if n is None:
         return
     if not 0 <= int(n) <= len(STAGES):
@@ -31,7 +32,7 @@ def freeze_stages(model: GeodetModel, n: int | None) -> None:
     frozen = tuple(p for stage in STAGES[: int(n)] for p in stage)
     for name, p in model.net.backbone.body.named_parameters():
         p.requires_grad_(not name.startswith(frozen))
-    for name, m in model.net.backbone.body.named_modules():  # their batch norms keep the statistics they came with
+    for name, m in model.net.backbone.body.named_modules() if keep_statistics else ():
         if name.startswith(frozen) and type(m) is torch.nn.BatchNorm2d:
             m.__class__ = FrozenStatsBatchNorm2d
             m.eval()
@@ -129,7 +130,10 @@ def build_start_model(cfg, train_scenes, classes, overlap: int, state: dict | No
     card.extra["scene_dtypes"] = sorted({str(ts.scene.dtype) for ts in train_scenes})
     if init is not None and state is None:
         load_init(model, init[0], init[1], cfg.train.init)
-    freeze_stages(model, cfg.train.freeze_backbone_stages)
+    # batch-norm statistics worth keeping came with the weights: a start model's, or downloaded ones
+    started = init is not None or cfg.model.pretrained != "none" or bool(
+        (((state or {}).get("config") or {}).get("train") or {}).get("init"))
+    freeze_stages(model, cfg.train.freeze_backbone_stages, keep_statistics=started)
     return model
 
 

@@ -36,8 +36,7 @@ from ..progress import progress_bar
 from . import inputs
 from .loop import STOPS, CpuShare, Run, StopSignals, train_step, training_precision
 from .records import (KEPT_KEYS, MetricsLog, check_resumed_cap, check_run_folder, check_same_data, load_checkpoint,
-                      put_back, resume_settings, set_aside,
-                      undo_run, resumed_best, save_checkpoint, save_kept_model)
+                      put_back, resume_settings, resumed_best, save_checkpoint, save_kept_model, set_aside, undo_run)
 from .sampler import ChipDataset, collate_chips
 from .schedule import DECAY_SHARE, Budget, lr_factor, make_optimizer, step_cap
 from .start import apply_init, build_start_model, freeze_stages
@@ -238,21 +237,22 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> Path:
-        """Train; returns the path of ``model.pt``. A failure before the first model is saved (a
-        bad input or setting found late, a damaged chip) leaves nothing behind: the files and
-        folders this run made are removed. An interrupted run keeps ``last.pt`` for --resume."""
+        """Train; returns ``model.pt``'s path. A failure before the first model (a bad input found
+        late, a damaged chip) leaves nothing behind (``records.undo_run``); an interrupted run keeps
+        ``last.pt`` for --resume, unless it was replacing a run (which is put back)."""
         from ..io.writers import missing_folders
 
         made = missing_folders(self.out)
         if self.main:  # a refusal here leaves the folder's run as it is
             self.replaced = check_run_folder(self.out, self.resume, self.overwrite)
-        self.before = {n for n in ("metrics.csv", "last.pt") if (self.out / n).exists()}  # not this run's to remove
-        self.aside = None
+        self.before, self.aside = {n for n in ("metrics.csv", "last.pt") if (self.out / n).exists()}, None
         try:
             path = self._run()
         except BaseException as exc:
-            if self.main and not self.resume:
-                undo_run(self.out, self.before, made, self.aside, stopped=isinstance(exc, (Interrupted, KeyboardInterrupt)))
+            undone = self.main and not self.resume and undo_run(self.out, self.before, made, self.aside,
+                                                                isinstance(exc, (Interrupted, KeyboardInterrupt)))
+            if undone and isinstance(exc, Interrupted):
+                raise Interrupted(f"stopped before its first model: the run in {self.out} is kept as it was") from None
             raise
         put_back(self.aside, self.out, done=True)  # this run has its model: the run it replaces goes
         return path
