@@ -62,7 +62,6 @@ def read_state_dict(path: Path, source) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        text = str(exc)
         why = ("it holds Python objects (a pickle payload) that a safe load refuses" if is_pickle_refusal(exc)
                else f"not a readable torch file ({brief(exc, 120)})")
         _refuse(source, why)
