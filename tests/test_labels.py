@@ -227,3 +227,29 @@ def test_a_model_whose_integer_classes_read_as_floats_still_meets_its_labels(tmp
     det = g.assign(label=["1.0", "2.0", "2.0"], score=0.9)
     m = evaluate(det, g)
     assert m["AP50"] == 1 and "warning" not in m
+
+
+def test_labels_as_users_draw_them_train_what_they_mean(tmp_path, caplog):
+    """A label mostly past the scene's edge is a place to ignore in training, not a sliver taught
+    as a whole object; one drawn twice counts once; 'car ' is car, and car/Car are said; a polygon
+    collapsed onto a diagonal (repaired into a line) has no box."""
+    from geodet.training.sampler import TrainScene
+
+    sc = _scene(tmp_path / "s.tif")  # 200 x 100 px at 0.5 m from (500000, 4600000)
+    x0, y0 = 500000, 4600000
+    geoms = [box(x0 + 10, y0 - 20, x0 + 14, y0 - 16),                       # a car inside
+             box(x0 + 10, y0 - 20, x0 + 14, y0 - 16),                       # the same car again
+             box(x0 - 9, y0 - 40, x0 + 1, y0 - 36),                         # 90 % past the left edge
+             box(x0 - 1, y0 - 46, x0 + 9, y0 - 42),                         # 90 % inside
+             Polygon([(x0 + 30, y0 - 30), (x0 + 34, y0 - 34), (x0 + 30, y0 - 30)]),  # no area
+             box(x0 + 50, y0 - 20, x0 + 54, y0 - 16)]
+    gdf = gpd.GeoDataFrame({"label": ["car", "car", "car", "car ", "car", "Car"]}, geometry=geoms, crs="EPSG:32633")
+    caplog.set_level("INFO", logger="geodet")
+    lb = labels_to_boxes(gdf, sc, "label", min_visible=0.5)
+    assert lb.classes == ["Car", "car"] and "classes 'Car' and 'car' differ only in case" in caplog.text
+    assert lb.counts["duplicate"] == 1 and lb.counts["no_area"] == 1 and len(lb) == 4
+    assert lb.cut.tolist() == [False, True, False, False]
+    assert lb.boxes[1].tolist() == [0.0, 72.0, 2.0, 80.0]  # its visible part: where training looks away
+    ts = TrainScene(sc, lb, (0, 0, 200, 100), "l.gpkg")
+    assert ts.training_boxes().tolist() == [True, False, True, True]
+    assert len(labels_to_boxes(gdf, sc, "label")) == 4  # evaluation scores every label it holds

@@ -22,6 +22,7 @@ class LabelBoxes:
     labels: np.ndarray  # [N] int64 class indices
     classes: list[str]
     counts: dict = field(default_factory=dict)  # repaired, empty, outside, unknown, points, used
+    cut: np.ndarray | None = None  # [N] bool: mostly outside the scene (min_visible), a place to ignore, not teach
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -161,9 +162,9 @@ def class_values(column) -> np.ndarray:
     if present.dtype.kind == "f" and len(present) and bool((present == np.round(present)).all()):
         # an integer column with a null reads as floats: its classes are still 1 and 2, not 1.0 and 2.0
         present = present.astype(np.int64)
-    text = present.astype(str)
+    text = present.astype(str).str.strip()  # "car " is car: a trailing space is never meant as a class of its own
     vals = np.asarray(text.to_numpy(), dtype=object)
-    vals[(text.str.strip() == "").to_numpy()] = None  # names are kept as written; blank ones name nothing
+    vals[(text == "").to_numpy()] = None  # names are kept as written otherwise; blank ones name nothing
     values[~missing] = vals
     return values
 
@@ -192,7 +193,14 @@ def integer_name(name: str) -> str:
 def class_names(gdf, class_column: str | None) -> list[str]:
     if not class_column:
         return ["object"]
-    return sorted({v for v in class_values(gdf[class_column]) if v is not None})
+    names = sorted({v for v in class_values(gdf[class_column]) if v is not None})
+    folded: dict = {}
+    for n in names:
+        folded.setdefault(n.casefold(), []).append(n)
+    for same in (v for v in folded.values() if len(v) > 1):  # each is taught as "not" the other
+        log.warning("classes %s differ only in case: they are different classes; if they are one, write them alike "
+                    "in '%s'", " and ".join(repr(n) for n in same), class_column)
+    return names
 
 
 def without_lines(gdf, source: str = "labels"):
@@ -271,10 +279,15 @@ def split_parts(gdf, source: str = "labels"):
 def usable_geometries(gdf, class_column: str | None, source: str = "labels"):
     """The labels with a class (when classes are read), no lines, and repaired geometry, and the
     counts of those left out; an error that says why when none is left."""
+    import shapely
+
     n_read = len(gdf)
     gdf, no_class = drop_unclassed(gdf, class_column, source)
     gdf, n_lines = without_lines(gdf, source)
     gdf, counts = repair_geometries(gdf)
+    kind = shapely.get_type_id(np.array(gdf.geometry.values, dtype=object)) if len(gdf) else np.zeros(0, int)
+    collapsed = np.isin(kind, [1, 2, 5])  # polygons without an area that repair made lines: no object's box
+    gdf, counts["no_area"] = gdf[~collapsed], int(collapsed.sum())
     gdf, counts["split"] = split_parts(gdf, source)
     counts["no_class"], counts["lines"] = no_class, n_lines
     if n_read and not len(gdf) and counts["empty"]:
@@ -293,12 +306,15 @@ def labels_to_boxes(
     unknown: str = "drop",
     point_box_m: float = 1.0,
     source: str = "labels",
+    min_visible: float | None = None,
 ) -> LabelBoxes:
     """Reproject labels to the scene, repair them, and turn each into a pixel box.
 
     Polygons become their bounding boxes; points become squares of ``point_box_m``. Classes not in
-    ``classes`` are dropped (``unknown='drop'``) or added (``'keep'``). Raises GeodetError when
-    no label falls inside the scene.
+    ``classes`` are dropped (``unknown='drop'``) or added (``'keep'``). A label drawn twice (the
+    same box and class) counts once. With ``min_visible``, a box less than that share inside the
+    scene is marked ``cut`` (training ignores its place, as at a chip's edge, rather than teach a
+    sliver). Raises GeodetError when no label falls inside the scene.
     """
     import shapely
 
@@ -346,8 +362,15 @@ def labels_to_boxes(
     np.clip(clipped[:, 0::2], 0, w, out=clipped[:, 0::2])
     np.clip(clipped[:, 1::2], 0, h, out=clipped[:, 1::2])
     flat = ~((clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1]))
-    counts["no_area"] = int((inside & (idx >= 0) & flat).sum())
+    counts["no_area"] = counts.get("no_area", 0) + int((inside & (idx >= 0) & flat).sum())
     keep = inside & (idx >= 0) & ~flat
+    _, first = np.unique(np.column_stack([np.round(boxes, 3), idx]), axis=0, return_index=True)
+    again = np.ones(len(boxes), bool)
+    again[first] = False
+    counts["duplicate"] = int((keep & again).sum())
+    if counts["duplicate"]:
+        log.warning("%s: %d label(s) drawn twice (the same box and class) counted once", source, counts["duplicate"])
+    keep &= ~again
     if not inside.any():
         lb = gdf.total_bounds
         sb = scene.bounds()
@@ -357,14 +380,21 @@ def labels_to_boxes(
             f"{sb[2]:.2f}, {sb[3]:.2f}) in {scene.crs.to_string()}: check that they cover the same area"
         )
     counts["used"] = int(keep.sum())
-    if any(counts[k] for k in ("repaired", "empty", "outside", "unknown", "no_class", "lines", "no_area")):
+    cut = None
+    if min_visible is not None:
+        area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+        cut = area(clipped[keep]) < float(min_visible) * area(boxes[keep])
+        counts["cut_by_scene_edge"] = int(cut.sum())
+    if any(counts.get(k) for k in ("repaired", "empty", "outside", "unknown", "no_class", "lines", "no_area",
+                                   "duplicate", "cut_by_scene_edge")):
         log.info("%s: %s", source, ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return LabelBoxes(clipped[keep], idx[keep], names, counts)
+    return LabelBoxes(clipped[keep], idx[keep], names, counts, cut)
 
 
 LEFT_OUT = {"empty": "null or empty", "no_class": "without a class", "lines": "lines (draw polygons or points)",
             "outside": "outside the scene", "unknown": "of classes not in the model",
-            "no_area": "without an area in the scene's pixels", "outside_labelled_area": "outside the labelled area"}
+            "no_area": "without an area in the scene's pixels", "outside_labelled_area": "outside the labelled area",
+            "duplicate": "drawn twice"}
 
 
 def describe_counts(counts: dict) -> str:

@@ -91,7 +91,7 @@ def open_labelled(pairs, cfg, classes: list[str] | None) -> tuple[list[TrainScen
     out = []
     for sc, gdf, pair in opened:
         lb = labels_to_boxes(gdf, sc, col, classes, cfg.train.unknown_classes, cfg.train.point_box_m,
-                             source=str(pair.labels))
+                             source=str(pair.labels), min_visible=cfg.train.min_visibility)
         if len(lb) == 0:
             raise GeodetError(f"{pair.labels}: no usable label inside {sc.path} ({describe_counts(lb.counts)})")
         classes = lb.classes

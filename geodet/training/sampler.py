@@ -51,11 +51,13 @@ class TrainScene:
         return geom
 
     def training_boxes(self) -> np.ndarray:
-        """Which labels a chip may hold: all but those centred in the held-out strip."""
+        """Which labels a chip may hold: all but those centred in the held-out strip, and those
+        mostly outside the scene (their place is ignored, as a box a chip's edge cuts)."""
         b = self.labels.boxes
+        ok = np.ones(len(b), bool) if self.labels.cut is None else ~self.labels.cut
         if self.held_out is None:
-            return np.ones(len(b), bool)
-        return ~within_centres(b, self.held_out)
+            return ok
+        return ok & ~within_centres(b, self.held_out)
 
 
 def within_centres(boxes: np.ndarray, rect) -> np.ndarray:
