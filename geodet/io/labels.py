@@ -298,6 +298,27 @@ def usable_geometries(gdf, class_column: str | None, source: str = "labels"):
     return gdf, counts
 
 
+def _class_indices(gdf, class_column, classes, unknown: str, source: str) -> tuple[list, np.ndarray]:
+    """The class names and each label's index among them (-1: a class not in ``classes``, dropped)."""
+    names = list(classes) if classes else class_names(gdf, class_column)
+    if class_column:
+        values = class_values(gdf[class_column])
+    else:
+        values = np.full(len(gdf), names[0], dtype=object)
+    lookup = {n: i for i, n in enumerate(names)}
+    for n in [n for n in lookup if integer_name(n) != n]:  # a model trained when an integer column's 1 read as 1.0
+        lookup.setdefault(integer_name(n), lookup[n])
+    unknown_values = sorted(set(values) - set(lookup))
+    if unknown_values:
+        if unknown == "keep":
+            for v in unknown_values:
+                lookup[v] = len(names)
+                names.append(v)
+        else:
+            log.warning("%s: dropping labels of classes not in the model: %s", source, ", ".join(unknown_values[:10]))
+    return names, np.array([lookup.get(v, -1) for v in values], np.int64)
+
+
 def labels_to_boxes(
     gdf,
     scene,
@@ -334,24 +355,7 @@ def labels_to_boxes(
         c = boxes[is_point]
         cx, cy = (c[:, 0] + c[:, 2]) / 2, (c[:, 1] + c[:, 3]) / 2
         boxes[is_point] = np.stack([cx - hx, cy - hy, cx + hx, cy + hy], 1)
-    # Class mapping.
-    names = list(classes) if classes else class_names(gdf, class_column)
-    if class_column:
-        values = class_values(gdf[class_column])
-    else:
-        values = np.full(len(gdf), names[0], dtype=object)
-    lookup = {n: i for i, n in enumerate(names)}
-    for n in [n for n in lookup if integer_name(n) != n]:  # a model trained when an integer column's 1 read as 1.0
-        lookup.setdefault(integer_name(n), lookup[n])
-    unknown_values = sorted(set(values) - set(lookup))
-    if unknown_values:
-        if unknown == "keep":
-            for v in unknown_values:
-                lookup[v] = len(names)
-                names.append(v)
-        else:
-            log.warning("%s: dropping labels of classes not in the model: %s", source, ", ".join(unknown_values[:10]))
-    idx = np.array([lookup.get(v, -1) for v in values], np.int64)
+    names, idx = _class_indices(gdf, class_column, classes, unknown, source)
     # Clip to the scene; count the ones entirely outside, then (inside) of an unknown class, then
     # without an area (a point-thin polygon), so each label left out is counted once.
     w, h = scene.width, scene.height
