@@ -28,6 +28,16 @@ class LabelBoxes:
         return len(self.labels)
 
 
+def layer_source(path) -> tuple[str, str | None]:
+    """``(file, layer)`` of a vector source as QGIS names one layer of a file
+    (``file.gpkg|layername=NAME``); the layer is None where none is named."""
+    path = str(path)
+    if "|layername=" not in path:
+        return path, None
+    path, layer = path.split("|layername=", 1)
+    return path, layer.split("|", 1)[0]
+
+
 def read_labels(path: str | Path, class_column: str | None = None, allow_empty: bool = False, layer: str | None = None,
                 what: str = "labels"):
     """Read a vector file with pyogrio (``path|layername=NAME`` picks a layer, as QGIS writes it;
@@ -36,10 +46,8 @@ def read_labels(path: str | Path, class_column: str | None = None, allow_empty: 
     import geopandas as gpd
     import pyogrio
 
-    path = str(path)
-    if "|layername=" in path and layer is None:  # QGIS's way of naming one layer of a file
-        path, layer = path.split("|layername=", 1)
-        layer = layer.split("|", 1)[0]
+    path, named = layer_source(path)  # QGIS's way of naming one layer of a file
+    layer = layer if layer is not None else named
     p = Path(path)
     if not p.exists():
         raise GeodetError(f"{what} not found: {path}")

@@ -364,15 +364,10 @@ def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
     import pyogrio
     import shapely
 
-    from ..io.labels import read_labels
-    from ..io.writers import GPKG_VERSION, atomic_path, output_format
+    from ..io.labels import layer_source, read_labels
+    from ..io.writers import GPKG_VERSION, atomic_path, output_format, same_file_key
 
-    from ..io.writers import same_file_key
-
-    def layer(p):
-        return str(p).split("|layername=", 1)[1].split("|", 1)[0] if "|layername=" in str(p) else None
-
-    layers_named = {layer(suggestions), layer(labelled_area)} - {None}  # none named: the file's one
+    layers_named = {layer_source(suggestions)[1], layer_source(labelled_area)[1]} - {None}  # none: the file's one
     if same_file_key(suggestions) == same_file_key(labelled_area) and len(layers_named) < 2:
         raise GeodetError(f"{labelled_area} is the suggestions file (--done): the labelled area is another file, which "
                           "the done cells are added to")
@@ -387,14 +382,14 @@ def add_done_cells(suggestions, labelled_area) -> tuple[int, int]:
     else:  # e.g. a selection of the cells labelled, passed alone from QGIS
         log.warning("%s: no cell is marked done (its 'done' field), so all %d are added as labelled: an object left "
                     "unlabelled in one will be taught as background", suggestions, len(cells))
-    path = Path(str(labelled_area).split("|layername=")[0])
+    file, named = layer_source(labelled_area)
+    path = Path(file)
     fmt = output_format(path)
     if fmt not in ("gpkg", "geojson", "fgb", "shp"):
         raise GeodetError(f"the labelled area is written as .gpkg, .geojson, .fgb or .shp, not {fmt}")
     new = gpd.GeoDataFrame({"source": [Path(str(suggestions)).name] * len(cells)}, geometry=cells.geometry.values,
                            crs=cells.crs)
     added = len(new)
-    named = str(labelled_area).split("|layername=", 1)[1].split("|", 1)[0] if "|layername=" in str(labelled_area) else None
     layer = named or path.stem
     if path.exists():
         old = read_labels(labelled_area, None, what="labelled area", allow_empty=True)
