@@ -34,10 +34,17 @@ def load_detector_file(path):
     if model is None and (str(path).startswith("hf://") or folder.is_dir()):
         return imported_model(str(path))
     model = model or load_model(path)
-    if model.card.extra.get("pretrain_only"):
-        raise GeodetError(f"{path} is a pretrained backbone (geodet pretrain), not a detector: train it on labels first "
-                          f"(geodet train --init {path} ...)")
+    refuse_backbone(model, str(path))
     return model
+
+
+def refuse_backbone(model, name: str = "the model") -> None:
+    """A ``geodet pretrain`` backbone is no detector (its head never learned objects): refused
+    wherever detection is given one, a file or a model loaded in Python."""
+    extra = getattr(getattr(model, "card", None), "extra", None) or {}
+    if extra.get("pretrain_only"):
+        raise GeodetError(f"{name} is a pretrained backbone (geodet pretrain), not a detector: train it on labels "
+                          f"first (geodet train --init {name if name != 'the model' else 'BACKBONE.pt'} ...)")
 
 
 def imported_model(source: str):

@@ -82,10 +82,9 @@ def api_inputs(detector, config):
     elif not (callable(detector) or hasattr(detector, "card")):  # a geodet model (torch or ONNX), or a callable
         raise GeodetError(f"the detector must be a geodet model (geodet.load_model), a model file's path or a "
                           f"callable of the Detector protocol, got {type(detector).__name__}")
-    card = getattr(detector, "card", None)
-    if card is not None and (getattr(card, "extra", None) or {}).get("pretrain_only"):  # loaded by load_model
-        raise GeodetError("the model is a pretrained backbone (geodet pretrain), not a detector: its head never "
-                          "learned objects; train it on labels first (geodet train --init BACKBONE.pt ...)")
+    from .model_files import refuse_backbone
+
+    refuse_backbone(detector)  # one loaded in Python (geodet.load_model) too
     return detector, api_config(config)
 
 
