@@ -261,6 +261,39 @@ def test_sigterm_during_detect_leaves_previous_output(tmp_path, tiny_model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.gpkg", "big.tif", "o.gpkg"]
 
 
+def test_interrupt_inside_code_run_from_a_string_still_exits_130(tmp_path):
+    """A stop that lands in code run from a string (exec: dataclasses, torch.fx, the ONNX export of
+    a .pt on its first CPU run) and is caught by geodet still ends ``python -m geodet.cli`` with 130,
+    not killed by SIGINT (CI met -2 when SIGTERM came during that export)."""
+    (tmp_path / "run_stopped.py").write_text(
+        "import sys\n"
+        "import geodet.cli as cli\n"
+        "def stopped(args):\n"
+        "    exec('raise KeyboardInterrupt')\n"
+        "cli.COMMANDS['anchors'] = stopped\n"
+        "sys.exit(cli.main(['anchors', '--labels', 'x.gpkg']))\n")
+    r = subprocess.run([sys.executable, "-m", "run_stopped"], cwd=tmp_path, env={**ENV, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr == "geodet: interrupted; no partial output was written\n"
+
+
+def test_the_command_prints_its_own_info_lines_and_other_libraries_only_from_warning():
+    """torch, the ONNX quantizer and others log at INFO (torch's fake-tensor statistics at exit, after
+    an interrupted ONNX export): the command shows geodet's lines, and theirs only with --verbose."""
+    code = ("import logging, sys\n"
+            "from geodet.cli.common import setup_logging\n"
+            "setup_logging(sys.argv[1] == 'v')\n"
+            "logging.getLogger('torch._subclasses.fake_tensor').info('FakeTensor cache stats:')\n"
+            "logging.info('a bias copied')\n"
+            "logging.getLogger('onnxruntime').warning('a warning of theirs')\n"
+            "logging.getLogger('geodet.pipeline').info('12 detections')\n")
+    quiet = subprocess.run([sys.executable, "-c", code, "q"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert quiet.stderr.splitlines() == ["a warning of theirs", "12 detections"], quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", code, "v"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert "FakeTensor cache stats:" in loud.stderr and "a bias copied" in loud.stderr, loud.stderr
+
+
 def test_sigterm_during_train_then_resume(tmp_path, synth):
     run = tmp_path / "runs" / "a"  # parents that do not exist yet: the command creates its run folder
     args = ("train", synth.image, "--labels", synth.labels, "--config", "cpu", "--out", run,

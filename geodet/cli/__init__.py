@@ -50,6 +50,14 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _forget_caught_interrupt() -> None:
+    """Clear CPython's note of an unhandled KeyboardInterrupt. Code run from a string (``exec``,
+    ``eval``: dataclasses, torch.fx, the ONNX exporter) that a Ctrl-C or SIGTERM stops leaves the
+    note set even when geodet catches the interrupt, and ``python -m geodet.cli`` then ends by
+    SIGINT (exit -2) rather than with 130. Evaluating a string clears it again."""
+    eval("None")  # noqa: S307  (a constant: it runs nothing of anyone's)
+
+
 def _stop_when_stdin_closes() -> None:
     """GEODET_STOP_ON_EOF=1 (set by programs that drive geodet, such as its QGIS provider): when
     standard input closes (the driver cancelled, or went away), stop as on Ctrl+C. It works the
@@ -156,6 +164,7 @@ def main(argv=None) -> int:
     finally:
         progress.finish(done=False)
         signal.signal(signal.SIGTERM, previous)
+        _forget_caught_interrupt()
 
 
 if __name__ == "__main__":

@@ -155,8 +155,11 @@ def common_flags() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    # geodet's own lines at INFO; other libraries' only from WARNING (torch, the ONNX quantizer and
+    # others log at INFO, some at exit), unless --verbose
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
                         if verbose else "%(message)s", stream=sys.stderr)
+    logging.getLogger("geodet").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("pyogrio", "rasterio", "fiona", "matplotlib", "PIL", "faster_coco_eval"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
