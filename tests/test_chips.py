@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import rasterio
+from pathlib import Path
 from helpers import write_raster
 from rasterio.transform import from_origin
 from rasterio.windows import Window
@@ -212,3 +213,60 @@ def test_tile_numbers_are_checked_and_a_small_tile_gets_a_smaller_overlap(tmp_pa
     with pytest.raises(Stop):
         chips.write_chips(big, tmp_path / "z", tile_size=32, overlap=30, progress=False)
     assert "steps 2 px: each pixel is in about 256 chips" in caplog.text
+
+
+def test_a_run_never_replaces_its_own_inputs_or_what_is_not_its_own_and_a_failed_swap_undoes_itself(tmp_path,
+                                                                                                    monkeypatch):
+    """The labels or scene of the run kept where a run writes (OUT/chips.gpkg, a chip in OUT/chips/),
+    a chips.gpkg of the user's, a folder named chips.gpkg or a file named chips: refused before any
+    work. A rename that fails while the run is swapped in puts the folder's last run back whole."""
+    import os
+    import shutil
+
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from geodet.errors import GeodetError
+    from geodet.pipeline.chips import write_chips
+
+    data = np.random.default_rng(4).integers(0, 255, (3, 200, 200)).astype(np.uint8)
+    p = write_raster(tmp_path / "s.tif", data)
+    x0, y0 = 300000, 5000000
+    labels = gpd.GeoDataFrame({"label": ["car"]}, geometry=[box(x0 + 5, y0 - 15, x0 + 15, y0 - 5)], crs="EPSG:32633")
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    labels.to_file(proj / "chips.gpkg")
+    with pytest.raises(GeodetError, match="chips.gpkg is the labels of this run, and the run replaces"):
+        write_chips(p, proj, tile_size=100, overlap=0, labels=proj / "chips.gpkg", progress=False)
+    with pytest.raises(GeodetError, match="chips.gpkg is not the chip footprints of a geodet tile run"):
+        write_chips(p, proj, tile_size=100, overlap=0, labels=None, progress=False)
+    assert len(gpd.read_file(proj / "chips.gpkg")) == 1 and sorted(os.listdir(proj)) == ["chips.gpkg"]
+    out = tmp_path / "out"
+    write_chips(p, out, tile_size=100, overlap=0, progress=False)
+    chip = out / "chips" / "r1_c1.tif"
+    before = chip.read_bytes()
+    with pytest.raises(GeodetError, match="r1_c1.tif is the scene of this run"):
+        write_chips(chip, out, tile_size=50, overlap=0, progress=False)
+    assert chip.read_bytes() == before and len(os.listdir(out / "chips")) == 4
+    for name, make in (("chips.gpkg", os.mkdir), ("chips", lambda q: q.write_text("x"))):
+        odd = tmp_path / f"odd_{name}"
+        odd.mkdir()
+        make(odd / name)
+        with pytest.raises(GeodetError, match=f"{name} is (a folder|not a folder), where a run writes"):
+            write_chips(p, odd, tile_size=100, overlap=0, progress=False)
+    labels.to_file(tmp_path / "l.gpkg")
+    write_chips(p, out, tile_size=100, overlap=0, labels=tmp_path / "l.gpkg", progress=False)
+    last = {q.relative_to(out): q.read_bytes() for q in sorted(out.rglob("*")) if q.is_file()}
+    real = os.replace
+
+    def failing(src, dst):
+        if str(dst).endswith("annotations.json") and Path(src).parent.name.startswith(".geodet-tile-"):  # the new run's
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="No space"):
+        write_chips(p, out, tile_size=50, overlap=0, labels=tmp_path / "l.gpkg", progress=False)
+    monkeypatch.undo()
+    assert {q.relative_to(out): q.read_bytes() for q in sorted(out.rglob("*")) if q.is_file()} == last
+    shutil.rmtree(out)

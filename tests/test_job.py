@@ -142,6 +142,18 @@ def test_outputs_never_replace_a_scene_or_one_another(tmp_path, two_zones):
     assert looks == [str(tmp_path / "q_x_1.png"), str(tmp_path / "q_x_2.png")] and all(map(os.path.exists, looks))
 
 
+def test_quicklook_names_of_a_job_never_collide():
+    """A scene named s_1 beside two scenes named s, or S.tif beside s.tif (one name on macOS and
+    Windows): every scene still gets a quicklook of its own."""
+    from geodet.pipeline.job import _quicklook_paths
+
+    for scenes in (["a/s.tif", "s_1.tif", "b/s.tif"], ["s_1.tif", "a/s.tif", "b/s.tif"], ["a/S.tif", "b/s.tif"],
+                   ["a/s.tif", "b/s.tif", "s_1.tif", "s_1_2.tif", "c/s_1.tif"]):
+        names = [p.name.casefold() for p in _quicklook_paths("out/q.png", scenes)]
+        assert len(set(names)) == len(scenes), (scenes, names)
+    assert [p.name for p in _quicklook_paths("q.png", ["a.tif", "b.tif"])] == ["q_a.png", "q_b.png"]
+
+
 def test_the_report_lands_with_its_output(tmp_path, two_zones, monkeypatch):
     """The report is renamed into place with the output (an interrupt there is acted on once both
     are in place), so a new output never sits beside the previous run's report; an uppercase .SHP

@@ -134,6 +134,13 @@ def test_runs_into_one_folder_keep_every_scene_of_one_name(local_ray, scenes, tm
     assert len(merged) == sum(len(r) for r in ref) and set(merged["scene"]) == set(paths)
     report = json.loads((tmp_path / "all.fgb.report.json").read_text())
     assert sorted(report["inputs"]) == sorted(paths) and report["output_crs"] == "EPSG:32633"
+    own = out / "scene=tile" / "detections.parquet"  # the merged file in a scene's folder: it would replace its result
+    before = own.read_bytes()
+    for inside in (own, out / "scene=tile" / "all.gpkg"):
+        with pytest.raises(GeodetError, match=r"is inside scene=tile/ of .*: write the merged file elsewhere"):
+            merge_outputs(out, inside)
+    assert own.read_bytes() == before and not (out / "scene=tile" / "all.gpkg").exists()
+    assert len(merge_outputs(out, out / "all.gpkg")) == len(merged)  # beside the scene folders: fine
 
 
 def test_a_block_that_fails_once_is_retried_and_the_result_is_unchanged(local_ray, scenes, tmp_path):

@@ -1,3 +1,4 @@
+import warnings
 import json
 
 import geopandas as gpd
@@ -65,6 +66,11 @@ def test_two_crss_of_one_epsg_code_get_a_layer_each(tmp_path):
     assert layers == ["d_32633", "d_32633_2"]
     assert [len(gpd.read_file(tmp_path / "d.gpkg", layer=n)) for n in layers] == [1, 1]
     check_output_path(tmp_path / "d.gpkg", "gpkg")  # geodet's own layers: a rerun replaces the file
+    with warnings.catch_warnings(record=True) as said:  # a name without .gpkg (--format gpkg): no GDAL advice
+        warnings.simplefilter("always")  # on the temporary file
+        write_detections([a, b], tmp_path / "all", "gpkg")
+    assert [str(w.message) for w in said] == []
+    assert sorted(str(n) for n, g in pyogrio.list_layers(tmp_path / "all") if g) == ["all_32633", "all_32633_2"]
 
 
 def test_geojson_is_lonlat_with_ccw_rings(tmp_path):

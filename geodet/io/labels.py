@@ -96,7 +96,8 @@ def _checked(gdf, path, class_column, allow_empty, what: str = "labels"):
                           "column): save it with its geometry, e.g. a GeoPackage from QGIS, or a CSV with a column "
                           "named WKT")
     if len(gdf) == 0 and not allow_empty:
-        raise GeodetError(f"{path}: the {what} file holds no features")
+        raise GeodetError(f"{path}: the {what} file holds no features: give the file (or its |layername=) that holds "
+                          f"them{', or leave --labels out' if what == 'labels' else ''}")
     if gdf.crs is None and len(gdf):
         have = "have" if what.endswith("s") else "has"
         raise GeodetError(f"{path}: the {what} {have} no CRS: assign one (e.g. in QGIS, or ogr2ogr -a_srs EPSG:xxxx)")

@@ -223,6 +223,7 @@ def write_detections(gdf, path: str | Path, fmt: str | None = None, csv_geometry
     with landing as tmp, warnings.catch_warnings():
         # GDAL's advice on a name that --format overrides (out.dat as gpkg) is not the user's business
         warnings.filterwarnings("ignore", message="The filename extension should be", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*non conformant file extension", category=RuntimeWarning)
         if fmt == "csv":
             _write_csv(groups, tmp, csv_geometry)
         elif fmt == "gpkg":

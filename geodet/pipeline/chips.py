@@ -40,7 +40,7 @@ def write_chips(scene_path, out_dir, tile_size: int, overlap: int, overlap_m=Non
     from ..io.writers import check_output_folder, missing_folders, remove_partial, sweep_leftovers
 
     out = check_output_folder(out_dir)
-    _check_only_chips_replaced(out)
+    _check_only_chips_replaced(out, [(scene_path, "the scene"), (labels, "the labels")])
     lb = None
     if labels:
         lb = load_scene_labels(sc, labels, class_column or None, unknown="keep")
@@ -68,20 +68,55 @@ CHIP = re.compile(r"r\d+_c\d+\.tif(\.aux\.xml)?")  # a chip (and the statistics 
 SIDE = re.compile(r"\..*|r\d+_c\d+\.tif\.(ovr|msk)")
 
 
-def _check_only_chips_replaced(out: Path) -> None:
-    """A run replaces ``OUT/chips/`` whole and ``OUT/annotations.json``: refuse, before any work,
-    where they hold what geodet did not write (a scene, labels, notes kept in chips/; a COCO file of
-    the user's in a folder geodet never tiled into)."""
+REPLACED = ("chips", "chips.gpkg", "annotations.json")  # what a run puts in OUT, replacing the last run's
+FOOTPRINT_FIELDS = {"row", "col", "path", "valid_fraction"}
+
+
+def _check_only_chips_replaced(out: Path, inputs=()) -> None:
+    """A run replaces ``OUT/chips/`` whole, ``OUT/chips.gpkg`` and ``OUT/annotations.json``: refuse,
+    before any work, where they hold what geodet did not write (a scene, labels, notes kept in
+    chips/; a chips.gpkg or COCO file of the user's in a folder geodet never tiled into), where one
+    is the scene or labels of this run (``inputs``: (path, what it is)), or where one is of a kind
+    it cannot replace (a file named chips, a folder named chips.gpkg)."""
+    from ..io.outputs import same_file_key
+
     chips = out / "chips"
+    for source, what in inputs:
+        if not source:
+            continue
+        key = Path(same_file_key(source))
+        if key in {Path(same_file_key(out / n)) for n in REPLACED[1:]} or Path(same_file_key(chips)) in key.parents:
+            raise GeodetError(f"{source} is {what} of this run, and the run replaces {chips}/, {out / 'chips.gpkg'} and "
+                              f"{out / 'annotations.json'}: move it out of there, or give another --out")
+    for name in REPLACED:
+        p = out / name
+        if p.exists() and p.is_dir() != (name == "chips"):
+            raise GeodetError(f"{p} is {'a folder' if p.is_dir() else 'not a folder'}, where a run writes its {name}: "
+                              "move it, or give another --out")
     if chips.is_dir():
         others = sorted(p.name for p in chips.iterdir() if not CHIP.fullmatch(p.name) and not SIDE.fullmatch(p.name))
         if others:
             listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             raise GeodetError(f"{chips} holds files that are not chips ({listed}), and a run replaces that folder "
                               "whole: move them out, or give another --out")
+    if (out / "chips.gpkg").is_file() and not _is_footprints(out / "chips.gpkg"):
+        raise GeodetError(f"{out / 'chips.gpkg'} is not the chip footprints of a geodet tile run, and a run replaces "
+                          "it: move it, or give another --out")
     if (out / "annotations.json").exists() and not (out / "chips.gpkg").exists():
         raise GeodetError(f"{out / 'annotations.json'} is not from a geodet tile run (no chips.gpkg beside it), and a "
                           "run replaces it: move it, or give another --out")
+
+
+def _is_footprints(path: Path) -> bool:
+    """Whether ``path`` holds what a run writes there: one layer, ``chips``, of footprint fields
+    (QGIS may add its ``layer_styles`` table)."""
+    try:
+        import pyogrio
+
+        layers = [str(n) for n in pyogrio.list_layers(path)[:, 0] if n != "layer_styles"]
+        return layers == ["chips"] and FOOTPRINT_FIELDS <= set(pyogrio.read_info(path, layer="chips")["fields"])
+    except Exception:  # not a GeoPackage geodet can read: not one it wrote
+        return False
 
 
 def _say_no_crs(scene_path) -> None:
@@ -95,21 +130,40 @@ def _say_no_crs(scene_path) -> None:
 
 def _swap_in(stage: Path, out: Path) -> None:
     """The staged run's ``chips/``, ``chips.gpkg`` and ``annotations.json`` (or none) in place of
-    the folder's, every rename done before an interrupt is acted on."""
+    the folder's, every rename done before an interrupt is acted on; where a rename fails, the
+    folder's own are put back, so a run's chips never sit beside another run's annotations."""
     from ..io.writers import WRITTEN, interrupts_held
 
     old = out / f".geodet-old-chips-{stage.name}"
     with interrupts_held():
-        if (out / "chips").is_dir():
-            os.replace(out / "chips", old)
-        os.replace(stage / "chips", out / "chips")
-        os.replace(stage / "chips.gpkg", out / "chips.gpkg")
-        if (stage / "annotations.json").exists():
-            os.replace(stage / "annotations.json", out / "annotations.json")
-        else:  # a run without labels: an earlier run's annotations would name other chips
-            (out / "annotations.json").unlink(missing_ok=True)
+        old.mkdir()
+        moved, placed = [], []
+        try:
+            for name in REPLACED:
+                if (out / name).exists() or (out / name).is_symlink():
+                    os.replace(out / name, old / name)
+                    moved.append(name)
+            for name in REPLACED:  # a run without labels has no annotations: the last run's named other chips
+                if (stage / name).exists():
+                    os.replace(stage / name, out / name)
+                    placed.append(name)
+        except BaseException:
+            for name in placed:
+                _put(out / name, stage / name)
+            for name in moved:
+                _put(old / name, out / name)
+            if not any(old.iterdir()):  # all back: nothing of this run stays
+                old.rmdir()
+            raise
         WRITTEN.append(out / "chips.gpkg")
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _put(src: Path, dst: Path) -> None:
+    try:
+        os.replace(src, dst)
+    except OSError as exc:  # the undo of a failed swap: what cannot go back stays where it was, said
+        log.warning("could not move %s back to %s (%s)", src, dst, exc)
 
 
 def _write(sc, grid, lb, out: Path, final: Path, scene_path, tile_size: int, min_visibility, min_valid_fraction,

@@ -233,8 +233,17 @@ def _quicklook_paths(path, scenes) -> list[Path]:
     if len(scenes) == 1:
         return [path]
     stems = [Path(str(s).split("?", 1)[0]).stem for s in scenes]
-    return [path.with_name(f"{path.stem}_{stem}{f'_{i + 1}' if stems.count(stem) > 1 else ''}{path.suffix or '.png'}")
-            for i, stem in enumerate(stems)]
+    folded = [s.casefold() for s in stems]  # S.tif and s.tif are one name on macOS and Windows
+    names, taken = [], set()
+    for i, stem in enumerate(stems):
+        name = f"{path.stem}_{stem}{f'_{i + 1}' if folded.count(stem.casefold()) > 1 else ''}"
+        unique, n = name, 1
+        while unique.casefold() in taken:  # a scene named s_1 beside the first of two named s
+            n += 1
+            unique = f"{name}_{n}"
+        taken.add(unique.casefold())
+        names.append(path.with_name(unique + (path.suffix or ".png")))
+    return names
 
 
 def _input(s) -> dict:

@@ -420,6 +420,19 @@ def finished_scenes(out_dir) -> list[Path]:
     return sorted(d for d in Path(out_dir).glob("scene=*") if (d / SUCCESS).is_file() and (d / FINAL).is_file())
 
 
+def _check_not_in_scene_folders(out, out_dir) -> None:
+    """Refuse a merged file written inside a scene's folder of the run (``scene=*/``): it would
+    replace that scene's own result (``-o FOLDER/scene=x/detections.parquet``), which the run's
+    marker still vouches for, or lie among its parts."""
+    import os
+
+    root = Path(os.path.realpath(out_dir))
+    for parent in Path(os.path.realpath(out)).parents:
+        if parent.parent == root and parent.name.startswith("scene="):
+            raise GeodetError(f"{out} is inside {parent.name}/ of {out_dir}, which holds that scene's own result: write "
+                              f"the merged file elsewhere, e.g. {Path(out_dir) / ('merged' + (Path(out).suffix or '.gpkg'))}")
+
+
 def merge_outputs(out_dir, path, fmt: str | None = None):
     """Every finished scene of a ray run's ``out_dir`` in one file (``geodet merge``), with a
     ``scene`` column naming each feature's scene; scenes in several CRSs are written as
@@ -441,6 +454,7 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
         raise GeodetError(f"{out_dir}: no finished scenes{some}: run geodet detect --engine ray (again) to finish them")
     fmt = output_format(path, fmt)
     out = check_output_path(path, fmt)
+    _check_not_in_scene_folders(out, out_dir)
     models = {}
     for d in dirs:  # one file of one model's detections: scenes redone with another model are not mixed in
         marker = read_json(d / SUCCESS)
@@ -476,9 +490,9 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
                            for m, d, f in zip(markers, dirs, frames)],
                 "unfinished_scene_folders": unfinished}
 
+    merged = combine_frames(frames)  # first: a failure here leaves no output written
     # several CRSs as geodet detect writes them; styled from the model's operating point, as detect's
     write_detections(frames, out, fmt, style_min_score=markers[0].get("operating_point"), report=report)
-    merged = combine_frames(frames)
     merged.attrs["scenes"] = len(dirs)  # scenes without a detection count too
     merged.attrs["unfinished"] = unfinished  # left out: said, so a half-run job is not taken for the whole
     return merged
