@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -381,6 +382,9 @@ def _paths_beside(cfg: Config, file: Path) -> None:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (dotted keys)."""
     cfg = Config()
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise GeodetError(f"load_config takes a preset name or a YAML file's path (str or pathlib.Path), not "
+                          f"{type(path).__name__}")
     if path is not None:
         file = resolve_config_path(path)
         try:

@@ -19,6 +19,44 @@ def _steps_made(metrics_csv) -> int:
     return max(steps, default=0)
 
 
+MIN_SIZE = 64  # px: room for a score of vehicles in each scene (a 16 px scene often has none)
+MARK = ".geodet-demo"  # in a folder the demo writes: its files there are the demo's to replace
+WRITES = ("data/train.tif", "data/train.gpkg", "data/test.tif", "data/test.gpkg", "run", "detections.geojson",
+          "detections.gpkg", "quicklook.png", "metrics.json")
+
+
+def _is_demo_folder(out: Path) -> bool:
+    if (out / MARK).is_file():
+        return True
+    try:  # a demo's before the mark: its metrics say so
+        import json
+
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        return isinstance(metrics, dict) and {"train_steps", "detection_backend"} <= set(metrics)
+    except (OSError, ValueError):
+        return False
+
+
+def _check_demo_folder(out: Path, minutes: float, size: int) -> None:
+    """Refuse, before any work, a budget or scene size that cannot make a demo, and a folder holding
+    files of the demo's names (scenes, a training run, outputs) that no demo wrote: the demo replaces
+    them."""
+    from .errors import GeodetError
+
+    if not minutes > 0:
+        raise GeodetError(f"--time-limit must be a positive number of minutes, got {minutes:g}")
+    if int(size) < MIN_SIZE:
+        raise GeodetError(f"--size {size} is too small for the demo's scenes: give at least {MIN_SIZE} px (1024 by default)")
+    if _is_demo_folder(out):
+        return
+    theirs = [name for name in WRITES if (out / name).exists() and not (name == "run" and (out / name).is_dir()
+                                                                         and not any((out / name).iterdir()))]
+    if theirs:
+        listed = ", ".join(theirs[:4]) + (", ..." if len(theirs) > 4 else "")
+        raise GeodetError(f"{out} holds {listed}, which no geodet demo wrote, and the demo replaces them: give another "
+                          "--out (a new folder, or demo_out)")
+
+
 def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: int = 0, progress: bool = True,
              max_steps: int | None = None) -> dict:
     """Make train/test scenes, train the CPU preset for ``minutes``, detect, evaluate, write files."""
@@ -32,14 +70,16 @@ def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: i
 
     out = Path(out_dir)
     check_output_path(out / "metrics.json")
+    _check_demo_folder(out, minutes, size)
     made = missing_folders(out / "data")  # removed again, with the scenes, if no model comes of the run
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = out / "data"
     data.mkdir(exist_ok=True)
-    scenes = [p for p in (data / f"{split}{ext}" for split in ("train", "test") for ext in (".tif", ".gpkg"))
-              if not p.exists()]  # made by this run (an earlier demo's stay)
+    scenes = [p for p in [*(data / f"{split}{ext}" for split in ("train", "test") for ext in (".tif", ".gpkg")),
+                          out / MARK] if not p.exists()]  # made by this run (an earlier demo's stay)
     try:
+        (out / MARK).write_text("geodet demo: the files of its names here are the demo's to replace\n", encoding="utf-8")
         log.info("making synthetic scenes (%d px, 0.3 m, vehicles) in %s", size, data)
         train_s = make_scene(data / "train.tif", data / "train.gpkg", size=size, seed=seed * 2 + 1)
         test_s = make_scene(data / "test.tif", data / "test.gpkg", size=size, seed=seed * 2 + 2)

@@ -26,6 +26,26 @@ def test_detection_takes_a_model_path_a_preset_name_and_one_scene_alone(tmp_path
             geodet.detect_scene(synth.image, bad, progress=False)
     with pytest.raises(GeodetError, match="config must be a geodet Config"):
         geodet.detect_scene(synth.image, one_box, config=[("tiling.tile_size", 64)], progress=False)
+    # what a notebook may pass by mistake: one line that says what goes there
+    import numpy as np
+
+    for scene, said in ((np.zeros((3, 64, 64), np.float32), "a scene is a raster file's path .*not ndarray: write"),
+                        (None, "not NoneType"), ([synth.image, synth.image], "use detect_scenes for several")):
+        with pytest.raises(GeodetError, match=said):
+            geodet.detect_scene(scene, one_box, progress=False)
+    for area in ((10, 10), (0, 0, 64.5, 64), "0,0,64,64"):
+        with pytest.raises(GeodetError, match="area must be four whole pixel numbers"):
+            geodet.detect_scene(synth.image, one_box, progress=False, area=area)
+    with pytest.raises(GeodetError, match=r"unknown detection setting\(s\): tile_sise \(did you mean tile_size\?\)"):
+        geodet.detect_scene(synth.image, one_box, progress=False, tile_sise=64)
+    model = geodet.load_model(tiny_model.parent)  # a training run's folder, as -m takes it
+    assert model.source["path"] == str(tiny_model)
+    for bad, said in ((None, "takes a model file's path .*not NoneType"), (3, "not int"),
+                      (model, "already loaded: use it as it is"), (tmp_path, "is a folder without a model.pt")):
+        with pytest.raises(GeodetError, match=said):
+            geodet.load_model(bad)
+    with pytest.raises(GeodetError, match="load_config takes a preset name or a YAML file's path"):
+        geodet.load_config(3)
 
 
 def test_a_config_set_by_assignment_is_honoured_as_one_loaded_from_yaml(synth, tiny_model):

@@ -1,6 +1,8 @@
 """Self-supervised pretraining: the two views' ground points really are the same ground, the
 pretrained backbone is what --init starts from, and it is never taken for a detector."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +67,23 @@ def test_pretrain_writes_a_backbone_that_train_starts_from_and_detect_refuses(tm
     with pytest.raises(GeodetError, match="pretrained backbone"):  # nor exported to run as one
         export_model(out, tmp_path / "bb.onnx")
     assert not (tmp_path / "bb.onnx").exists()
+    # a backbone is never written over a trained detector, a run's model.pt or a scene of the run
+    import shutil
+
+    from geodet.config import load_config
+    from geodet.training.pretrain import pretrain
+
+    detector = shutil.copy(run / "model.pt", tmp_path / "detector.pt")
+    scene = shutil.copy(synth.image, tmp_path / "scene.pt")
+    before = {p: p.read_bytes() for p in map(Path, (run / "model.pt", detector, scene))}
+    for target, said in ((run / "model.pt", "is the model of the training run in"),
+                         (detector, "is a trained detector: a backbone written there would replace it"),
+                         (scene, "is a scene of this run: writing the output there would replace it")):
+        with pytest.raises(GeodetError, match=said):
+            pretrain([str(synth.image), str(scene)], target, load_config(str(cfg)), None, progress=False, max_steps=1)
+    assert {p: p.read_bytes() for p in before} == before
+    assert main(["pretrain", str(synth.image), "--config", str(cfg), "-o", str(out), "--max-steps", "1", "-q"]) == 0
+    assert read_model_file(out)["card"]["pretrained"]["steps"] == 1  # an earlier backbone is replaced
 
 
 def test_every_fpn_level_learns_and_the_vicreg_batch_is_the_points(tmp_path, synth):

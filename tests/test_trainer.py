@@ -338,7 +338,7 @@ def test_frozen_stages_keep_their_statistics_and_a_resume_keeps_the_optimiser(tm
         train(flagged, tmp_path, resume=True, progress=False)
 
 
-def test_init_from_a_model_of_more_bands_than_the_scene_says_what_can_be_done(tmp_path, synth):
+def test_init_from_a_model_of_more_bands_than_the_scene_says_what_can_be_done(tmp_path, synth, caplog):
     """A 4-band start model on 3-band scenes cannot be fixed with --bands: said so, before any
     work; one trained on bands 4,3,2 of a 4-band scene can take a 3-band scene's 1,2,3."""
     from geodet.config import ModelConfig
@@ -352,6 +352,14 @@ def test_init_from_a_model_of_more_bands_than_the_scene_says_what_can_be_done(tm
         cfg = tiny_config(synth.image, synth.labels, init=str(path))
         with pytest.raises(GeodetError, match=says):
             apply_init(cfg)
+    # a start model of one band read three times (pretrained on grey scenes) on an RGB scene: it reads
+    # band 1 of it, as it was trained; said, since bands 2 and 3 then go unused
+    path = save_model(build_model(cfg_model, bands=[1, 1, 1], tile_size=128, overlap=16), tmp_path / "grey.pt")
+    cfg = tiny_config(synth.image, synth.labels, init=str(path))
+    apply_init(cfg)
+    assert cfg.scene.bands == [1, 1, 1]
+    assert "reads band(s) 1,1,1 of each scene, as it was trained: s.tif has 3, and band(s) 2,3 go unused; pass " \
+           "--bands" in caplog.text
 
 
 def test_a_run_set_aside_is_all_or_nothing_and_found_again_after_a_kill(tmp_path, monkeypatch):

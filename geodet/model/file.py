@@ -71,6 +71,9 @@ def is_pickle_refusal(exc: BaseException) -> bool:
 def read_model_file(path: str | Path) -> dict:
     """The checked payload of a model file; nothing in it is executed."""
     p = Path(path)
+    if p.is_dir():
+        raise GeodetError(f"{path} is a folder without a model.pt: give the model file (the model.pt that geodet train "
+                          "wrote, or a .pt of geodet import)")
     if not p.is_file():
         raise GeodetError(f"model file not found: {path}")
     with open(p, "rb") as f:
@@ -124,10 +127,16 @@ def model_from_payload(payload: dict, source: str = "model") -> GeodetModel:
 
 
 def load_model(path: str | Path) -> GeodetModel:
-    """Load a model file with ``torch.load(weights_only=True)``; ``model.card`` describes it and
-    ``model.source`` names the file and its SHA-256."""
+    """Load a model file with ``torch.load(weights_only=True)`` (or a training run's folder: its
+    ``model.pt``); ``model.card`` describes it and ``model.source`` names the file and its SHA-256."""
     from ..hashing import file_sha256
 
+    if isinstance(path, GeodetModel):
+        raise GeodetError("load_model was given a model that is already loaded: use it as it is")
+    if not isinstance(path, (str, os.PathLike)):
+        raise GeodetError(f"load_model takes a model file's path (str or pathlib.Path), not {type(path).__name__}")
+    if Path(path).is_dir() and (Path(path) / "model.pt").is_file():  # a training run's folder, as -m takes it
+        path = Path(path) / "model.pt"
     model = model_from_payload(read_model_file(path), source=str(path))
     model.source = {"path": str(path), "sha256": file_sha256(path)}
     return model

@@ -10,6 +10,7 @@ A tile that GDAL cannot read (a damaged block, a failed remote read) raises ``Re
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from .grid import TileGrid
@@ -29,6 +30,12 @@ def open_scene(scene, settings, card=None, warn: bool = True):
 
     if isinstance(scene, Scene):
         return scene
+    if isinstance(scene, (list, tuple)):
+        raise GeodetError("a list of scenes was given where one scene goes: give one path, or use detect_scenes for "
+                          "several")
+    if not isinstance(scene, (str, os.PathLike)):  # an array, None: geodet reads scenes from files
+        raise GeodetError(f"a scene is a raster file's path (str or pathlib.Path), not {type(scene).__name__}: write "
+                          "an array to a GeoTIFF first (rasterio), with its transform and CRS")
     path = str(scene)
     with open_raster(path) as src:
         crs = grid_crs(src)  # none without a geotransform either: its GSD is unknown

@@ -22,6 +22,17 @@ from .settings import DetectSettings, resolve_detect_settings
 log = logging.getLogger(__name__)
 
 
+def _pixel_area(area) -> tuple:
+    """``area`` as four whole pixel numbers (x0, y0, x1, y1), or a one-line refusal."""
+    try:
+        values = tuple(float(v) for v in area)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 4 or not all(v == int(v) for v in values):
+        raise GeodetError(f"area must be four whole pixel numbers (x0, y0, x1, y1) of the scene's grid, got {area!r}")
+    return tuple(int(v) for v in values)
+
+
 def detect_scene(scene, detector, *, config=None, progress: bool = True, area=None, **settings):
     """Detect objects over a whole scene (or the pixel ``area`` (x0, y0, x1, y1) of it); returns a
     GeoDataFrame in the scene's CRS. The caller's detector is never changed.
@@ -45,7 +56,7 @@ def detect_scene(scene, detector, *, config=None, progress: bool = True, area=No
     if sc is not scene:
         sc.defer_partial_warning = True  # said below, once the tiles have run
     try:
-        view = sc.area(*area) if area is not None else sc
+        view = sc.area(*_pixel_area(area)) if area is not None else sc
         grid = scene_grid(view, s)
         runner = choose_detector(detector, device, s, scene=sc, n_tiles=len(grid))
         if isinstance(runner, OnnxDetector):  # ONNX Runtime runs on the CPU

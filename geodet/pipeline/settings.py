@@ -133,7 +133,11 @@ def resolve_detect_settings(card=None, config: Config | None = None, **explicit)
     detector), then the defaults of ``geodet.config``."""
     unknown = set(explicit) - set(SETTINGS)
     if unknown:
-        raise TypeError(f"unknown detection setting(s): {', '.join(sorted(unknown))}")
+        import difflib
+
+        near = [m for u in sorted(unknown) for m in difflib.get_close_matches(u, SETTINGS, n=1)]
+        raise GeodetError(f"unknown detection setting(s): {', '.join(sorted(unknown))}"
+                          + (f" (did you mean {', '.join(near)}?)" if near else f"; they are {', '.join(SETTINGS)}"))
     defaults = Config()
     written = config.written() if config is not None else set()
     if config is not None:

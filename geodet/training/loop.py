@@ -149,7 +149,8 @@ def train_step(r: Run, images, targets, grad_clip: float, warmup: int, world: in
         losses = r.train_model(images, targets)
         loss = losses["classification"] + losses["bbox_regression"]
     if not torch.isfinite(loss):
-        raise GeodetError(f"training diverged at step {r.step} (loss {loss.item()}): lower train.lr")
+        raise GeodetError(f"training diverged at step {r.step} (loss {loss.item()}): lower the learning rate (--lr, "
+                          "or train.lr in a config)")
     r.opt.zero_grad(set_to_none=True)
     r.scaler.scale(loss).backward()
     r.scaler.unscale_(r.opt)

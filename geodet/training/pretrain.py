@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +185,8 @@ def _pretrain_loop(objective, data, opt, sched, budget, state, params, tc, devic
             for a, b, ga, gb in torch.utils.data.DataLoader(data, batch_size=tc.batch_size, shuffle=False):
                 loss = objective(*(t.to(device) for t in (a, b, ga, gb)), autocast)
                 if not torch.isfinite(loss):
-                    raise GeodetError(f"pretraining diverged at step {step}: lower train.lr")
+                    raise GeodetError(f"pretraining diverged at step {step} (learning rate {tc.lr:g}): lower it (--lr, or "
+                                      "train.lr in a config)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
@@ -200,6 +202,27 @@ def _pretrain_loop(objective, data, opt, sched, budget, state, params, tc, devic
                 bar.refresh()
                 if budget.stop_reason(step):
                     return step, losses
+
+
+def _check_replaces_no_detector(out: Path, scenes) -> None:
+    """Refuse, before any work, a backbone written over one of the run's scenes, a training run's
+    model.pt, or a trained detector (a backbone file of an earlier pretrain is replaced)."""
+    from ..io.outputs import check_not_an_input
+    from ..model.card import ModelCard
+    from ..model.file import read_model_file
+
+    check_not_an_input(out, [(s, "a scene of this run") for s in scenes if isinstance(s, (str, os.PathLike))])
+    if out.name == "model.pt" and any((out.parent / n).exists() for n in ("last.pt", "metrics.csv")):
+        raise GeodetError(f"{out} is the model of the training run in {out.parent}: a backbone written there would "
+                          f"replace it; give another name, e.g. {out.parent.parent / 'backbone.pt'}")
+    if out.is_file():
+        try:
+            card = ModelCard.from_dict(read_model_file(out)["card"], source=str(out))
+        except GeodetError:  # not a geodet model file: the name given is replaced, as any output's
+            return
+        if not is_pretrain_only(card):
+            raise GeodetError(f"{out} is a trained detector: a backbone written there would replace it; give another "
+                              "name, e.g. backbone.pt")
 
 
 def pretrain(scenes, out, cfg, minutes: float | None, progress: bool = True, max_steps: int | None = None) -> Path:
@@ -218,6 +241,7 @@ def pretrain(scenes, out, cfg, minutes: float | None, progress: bool = True, max
     VICRegLoss = require_lightly()
     check_run_values(cfg)
     out = check_output_path(out, suffixes=(".pt",), example="backbone.pt")
+    _check_replaces_no_detector(out, scenes)
     if minutes is not None and minutes <= 0:
         raise GeodetError("--time-limit must be a positive number of minutes")
     if max_steps is not None and max_steps <= 0:

@@ -91,12 +91,19 @@ def _check_init_bands(cfg, card: ModelCard) -> None:
     since another number of bands cannot start from this model)."""
     from ..io.raster import open_raster
 
+    said = set()
     for s in [*cfg.train.scenes, *cfg.train.val_scenes]:
         try:
             with open_raster(s.scene) as src:
                 count = src.count
         except Exception:  # unreadable: its own error comes when it is read
             continue
+        unused = sorted(set(range(1, count + 1)) - set(card.bands))
+        if unused and count >= max(card.bands) and count not in said:  # (a 1-band model's 1,1,1 of an RGB scene)
+            said.add(count)
+            log.warning("--init %s reads band(s) %s of each scene, as it was trained: %s has %d, and band(s) %s go "
+                        "unused; pass --bands to read others", cfg.train.init, ",".join(map(str, card.bands)),
+                        Path(str(s.scene)).name, count, ",".join(map(str, unused)))
         if count < max(card.bands):
             todo = (f"pass --bands with {len(card.bands)} numbers from 1 to {count}" if count >= len(card.bands) else
                     f"start from a model of {count}-band scenes, or train from scratch (leave out --init)")
