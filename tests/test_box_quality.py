@@ -181,6 +181,11 @@ def test_models_changed_in_memory_never_run_a_files_cached_onnx(tiny_model, synt
     model = load_model(tiny_model)
     adapted = adapt_batch_norm(model, [synth.image], tiles=4)
     assert model.source and adapted.source is None
+    alone = adapt_batch_norm(model, synth.image, tiles=4)  # one scene's path alone: that scene, not its characters
+    assert alone.card.extra["adapted_to"]["scenes"] == [str(synth.image)]
+    for other in (str(tiny_model), TtaModel(model)):
+        with pytest.raises(GeodetError, match="adapts a geodet torch model"):
+            adapt_batch_norm(other, [synth.image], tiles=4)
     for m in (adapted, TtaModel(model)):
         with pytest.raises(GeodetError, match="not loaded from one"):
             detect_scene(synth.image, m, progress=False, device="cpu", backend="onnx")

@@ -294,6 +294,18 @@ def test_the_command_prints_its_own_info_lines_and_other_libraries_only_from_war
     assert "FakeTensor cache stats:" in loud.stderr and "a bias copied" in loud.stderr, loud.stderr
 
 
+def test_names_too_long_for_the_file_system_are_one_line(tmp_path, tiny_model, synth):
+    """An output or a model named past the file system's limit (255 bytes a name): one line, exit 2."""
+    long = "a" * 300
+    for args in (("export", "-m", tiny_model, "-o", tmp_path / f"{long}.onnx"),
+                 ("detect", synth.image, "-m", tiny_model, "-o", tmp_path / f"{long}.gpkg"),
+                 ("detect", synth.image, "-m", tmp_path / f"{long}.pt", "-o", tmp_path / "d.gpkg"),
+                 ("detect", synth.image, "-m", tmp_path / f"{long}.onnx", "-o", tmp_path / "d.gpkg")):
+        r = geodet(*args)
+        assert_clean_error(r, r"a{20}.*(too long|choose a shorter name)")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_sigterm_during_train_then_resume(tmp_path, synth):
     run = tmp_path / "runs" / "a"  # parents that do not exist yet: the command creates its run folder
     args = ("train", synth.image, "--labels", synth.labels, "--config", "cpu", "--out", run,

@@ -131,11 +131,29 @@ def test_a_model_damaged_on_disk_is_refused_not_run(tmp_path, tiny_model, fp32_o
     assert "the ONNX graph is damaged or was changed by another tool" in _refused(damaged(fp32_onnx[0], "d.onnx"))
     with pytest.raises(GeodetError, match="model's weights are damaged.*copy the file again"):
         read_model_file(damaged(tiny_model, "d.pt"))
+    # one byte of the card (its resolution 0.3 m read as 0.9 m: every scene resampled 3x, exit 0)
+    data = bytearray(Path(fp32_onnx[0]).read_bytes())
+    at = data.index(b'\\"gsd_m\\": 0.') if b'\\"gsd_m\\": 0.' in data else data.index(b'"gsd_m": 0.')
+    at = data.index(b"0.", at) + 2
+    data[at] = ord("9") if data[at] != ord("9") else ord("8")
+    (tmp_path / "card.onnx").write_bytes(bytes(data))
+    assert "the model's card (its settings" in _refused(tmp_path / "card.onnx")
+    import struct
+
+    data = bytearray(Path(tiny_model).read_bytes())
+    at = data.index(b"G", data.index(b"gsd_m"))  # the pickled float that follows the key
+    data[at + 1:at + 9] = struct.pack(">d", 0.9)
+    (tmp_path / "card.pt").write_bytes(bytes(data))
+    with pytest.raises(GeodetError, match=r"model's card \(its settings.*is damaged"):
+        read_model_file(tmp_path / "card.pt")
     assert load_onnx(fp32_onnx[0]).card.classes == load_model(tiny_model).card.classes  # the intact files load
 
 
 def test_int8_export_check_runs_and_is_stored(tmp_path, tiny_model, synth):
     out = tmp_path / "q.onnx"
+    with pytest.raises(GeodetError, match="is given twice.*both calibrated on and checked on"):  # "checked on
+        export_model(tiny_model, out, int8=True, calibrate=[synth.image, Path(".") / synth.image])  # other tiles"
+    assert not out.exists()
     result = export_model(tiny_model, out, int8=True, calibrate=[synth.image], calib_tiles=6, min_agreement=0.0)
     m = load_onnx(out)
     assert m.precision == "int8"
@@ -384,6 +402,27 @@ def test_int8_asked_for_calibrates_on_the_first_scene_with_data_and_an_empty_sce
     assert (r["backend"], r["precision"]) == ("onnx", "int8"), r
     assert f"made and checked on tiles of {Path(synth.image).name}" in r["reason"]
     assert len(frame) > 0 and set(frame["scene"]) == {Path(synth.image).name}
+
+
+def test_an_int8_check_that_cannot_compare_is_not_held_against_the_model(monkeypatch, tmp_path, tiny_model, synth):
+    """A scene without objects gives the int8 check nothing to compare: refused when asked for,
+    but not remembered as the model's failure, so a later job on scenes with objects gets int8;
+    a job that then runs the cached int8 model says which scene it was calibrated on."""
+    from rasterio.transform import from_origin
+
+    from helpers import write_raster
+
+    monkeypatch.setenv("GEODET_CACHE", str(tmp_path / "cache"))
+    model = load_model(tiny_model)
+    grey = write_raster(tmp_path / "grey.tif", np.full((3, 600, 600), 120, np.uint8),
+                        transform=from_origin(300000, 5000000, model.card.gsd_m, model.card.gsd_m))
+    with pytest.raises(GeodetError, match="export check inconclusive.*give more tiles"):
+        detect_scene(grey, model, progress=False, precision="int8")
+    assert not list((tmp_path / "cache").rglob("*.failed.json"))
+    r = detect_scene(synth.image, model, progress=False, precision="int8").attrs["report"]["backend"]
+    assert (r["backend"], r["precision"]) == ("onnx", "int8"), r
+    r = detect_scene(grey, model, progress=False, precision="int8").attrs["report"]["backend"]
+    assert "(cached: " in r["reason"] and r["reason"].endswith(f"calibrated on {synth.image.name})"), r
 
 
 def test_tta_refuses_an_onnx_model_and_runs_from_the_config(fp32_onnx, tiny_model, synth, tmp_path):

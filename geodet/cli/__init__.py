@@ -9,6 +9,7 @@ skipped with ``--on-read-error skip``, or scenes of a multi-scene job that could
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -105,6 +106,15 @@ def _stdout_gone() -> int:
     return 128 + signal.SIGPIPE
 
 
+def _unexpected(exc: BaseException, verbose: bool) -> int:
+    """One line for an error geodet did not expect (exit 1); the traceback with --verbose."""
+    if verbose:
+        log.error("unexpected error", exc_info=exc)
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    print(f"geodet: unexpected error: {type(exc).__name__}: {msg} (rerun with --verbose for details)", file=sys.stderr)
+    return 1
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -146,6 +156,13 @@ def main(argv=None) -> int:
         return 2
     except BrokenPipeError:
         return _stdout_gone()
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            return _unexpected(exc, args.verbose)
+        name = os.path.basename(str(exc.filename or "a file name").rstrip("/"))
+        print(f"geodet: error: {name[:40]}{'...' if len(name) > 40 else ''}: the name is too long for the file "
+              "system: choose a shorter one", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         from ..io.writers import WRITTEN
 
@@ -156,11 +173,7 @@ def main(argv=None) -> int:
             print("geodet: interrupted; no partial output was written", file=sys.stderr)
         return 130
     except Exception as exc:  # unexpected: one line, details with --verbose
-        if args.verbose:
-            log.exception("unexpected error")
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"geodet: unexpected error: {type(exc).__name__}: {msg} (rerun with --verbose for details)", file=sys.stderr)
-        return 1
+        return _unexpected(exc, args.verbose)
     finally:
         progress.finish(done=False)
         signal.signal(signal.SIGTERM, previous)

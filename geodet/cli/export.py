@@ -13,8 +13,9 @@ def add_parser(sub, common) -> None:
                                    "core with the model card in its metadata; boxes are decoded by geodet exactly as "
                                    "for the torch model. The export is checked against the torch model on tiles of the "
                                    "calibration scenes (int8: tiles other than those it is calibrated on; without "
-                                   "scenes, a synthetic scene) and refused (no file written) when it differs, or when the "
-                                   "check tiles hold no detection to compare.")
+                                   "scenes, a synthetic scene) and refused (no file written) when it differs, or, for int8, "
+                                   "when the check tiles hold no detection to compare (fp32 is then checked on its "
+                                   "outputs alone, said).")
     x.add_argument("--model", "-m", help="model.pt from geodet train or import (required)")
     x.add_argument("--out", "-o", required=True, help="output .onnx file")
     # the model was positional before -m/--model (a hidden positional; run() warns when it is used)

@@ -97,7 +97,7 @@ def _checked(gdf, path, class_column, allow_empty, what: str = "labels"):
                           "named WKT")
     if len(gdf) == 0 and not allow_empty:
         raise GeodetError(f"{path}: the {what} file holds no features: give the file (or its |layername=) that holds "
-                          f"them{', or leave --labels out' if what == 'labels' else ''}")
+                          "them")
     if gdf.crs is None and len(gdf):
         have = "have" if what.endswith("s") else "has"
         raise GeodetError(f"{path}: the {what} {have} no CRS: assign one (e.g. in QGIS, or ogr2ogr -a_srs EPSG:xxxx)")

@@ -82,7 +82,11 @@ def check_output_path(path: str | Path, fmt: str | None = None, suffixes: tuple 
     and, with ``fmt``, no other output may own its sidecar files (a shapefile's and a CSV's ``.prj``
     and ``.qml`` share the stem)."""
     p = Path(path)
-    if p.is_dir():
+    try:
+        is_dir = p.is_dir()
+    except OSError as exc:  # a name past the file system's limit (ENAMETOOLONG), before anything else
+        raise GeodetError(f"{p.name[:40]}...: {exc.strerror or exc}: choose a shorter name") from None
+    if is_dir:
         raise GeodetError(f"output path is a folder: {p}; give a file name such as {p / example}")
     if suffixes and p.suffix.lower() not in suffixes:
         raise GeodetError(f"{p.name}: this output is a {'/'.join(s.lstrip('.').upper() for s in suffixes)} file: "

@@ -31,8 +31,18 @@ def weights_sha256(state_dict: dict) -> str:
     return h.hexdigest()
 
 
+def card_sha256(card: dict) -> str:
+    """The SHA-256 of a model card as a file holds it (its JSON with sorted keys): a card damaged on
+    disk (a GSD, a class name, a threshold) would change every detection without a word."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(card, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def save_model(model: GeodetModel, path: str | Path) -> Path:
-    """Write the model file atomically: ``{format, version, card, state_dict, weights_sha256}``."""
+    """Write the model file atomically: ``{format, version, card, state_dict, weights_sha256,
+    card_sha256}``."""
     path = Path(path)
     if not (hasattr(model, "net") and hasattr(model, "card")):
         raise GeodetError(f"save_model takes a geodet model (geodet.build_model or load_model), got "
@@ -47,6 +57,7 @@ def save_model(model: GeodetModel, path: str | Path) -> Path:
         "state_dict": state,
         "weights_sha256": weights_sha256(state),
     }
+    payload["card_sha256"] = card_sha256(payload["card"])
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +122,10 @@ def read_model_file(path: str | Path) -> dict:
                                or weights_sha256(payload["state_dict"]) != digest):
         raise GeodetError(f"{path}: the model's weights are damaged or were changed outside geodet (they no longer "
                           "match the digest written with them): copy the file again, or use the run's model.pt")
+    digest = payload.get("card_sha256")  # (files written before it have none)
+    if digest is not None and card_sha256(payload["card"]) != digest:
+        raise GeodetError(f"{path}: the model's card (its settings: bands, resolution, classes, thresholds) is damaged "
+                          "or was changed outside geodet: copy the file again, or use the run's model.pt")
     return payload
 
 

@@ -164,6 +164,19 @@ def graph_sha256(model_proto) -> str:
     return hashlib.sha256(model_proto.graph.SerializeToString()).hexdigest()
 
 
+METADATA_DIGEST = "metadata_sha256"
+
+
+def metadata_sha256(meta: dict) -> str:
+    """The SHA-256 of a file's ``geodet.*`` metadata (the card, precision, checks) but its own
+    digest: a card damaged on disk would change every detection without a word."""
+    import hashlib
+
+    text = "\n".join(f"{k}={v}" for k, v in sorted(meta.items())
+                     if k.startswith("geodet.") and k != f"geodet.{METADATA_DIGEST}")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def write_metadata(path: str | Path, card: ModelCard, props: dict) -> None:
     """Store the card and ``props`` (JSON-able) as ``geodet.*`` metadata_props, in place, with the
     graph's digest (``graph_sha256``)."""
@@ -173,7 +186,8 @@ def write_metadata(path: str | Path, card: ModelCard, props: dict) -> None:
     del m.metadata_props[:]
     entries = {"geodet.format": ONNX_FORMAT, "geodet.version": str(ONNX_VERSION), "geodet.card": json.dumps(card.to_dict()),
                "geodet.graph_sha256": json.dumps(graph_sha256(m))}
-    entries.update({f"geodet.{k}": json.dumps(v) for k, v in props.items() if k != "graph_sha256"})
+    entries.update({f"geodet.{k}": json.dumps(v) for k, v in props.items() if k not in ("graph_sha256", METADATA_DIGEST)})
+    entries[f"geodet.{METADATA_DIGEST}"] = json.dumps(metadata_sha256(entries))
     for k, v in entries.items():
         p = m.metadata_props.add()
         p.key, p.value = k, v
@@ -189,10 +203,15 @@ def read_metadata(meta: dict, source: str) -> tuple[ModelCard, dict]:
     if meta.get("geodet.version") != str(ONNX_VERSION):
         raise GeodetError(f"{source}: geodet ONNX metadata version {meta.get('geodet.version')!r} is not supported by "
                           f"this geodet (it reads version {ONNX_VERSION}): re-export the model with this geodet")
+    digest = meta.get(f"geodet.{METADATA_DIGEST}")  # (files exported before it have none)
+    if digest is not None and digest != json.dumps(metadata_sha256(meta)):
+        raise GeodetError(f"{source}: the model's card (its settings: bands, resolution, classes, thresholds) is "
+                          "damaged or was changed by another tool: copy the file again, or export the model again")
     try:
         card = ModelCard.from_dict(json.loads(meta["geodet.card"]), source=f"{source} card")
         props = {k[len("geodet."):]: json.loads(v) for k, v in meta.items()
-                 if k.startswith("geodet.") and k not in ("geodet.format", "geodet.version", "geodet.card")}
+                 if k.startswith("geodet.") and k not in ("geodet.format", "geodet.version", "geodet.card",
+                                                          f"geodet.{METADATA_DIGEST}")}
     except (KeyError, ValueError) as exc:
         raise GeodetError(f"{source}: damaged geodet metadata ({exc}): re-export the model") from None
     return card, props

@@ -154,8 +154,10 @@ def choose_detector(detector, device: torch.device, settings: DetectSettings, sc
         if backend == "torch":
             raise GeodetError("an .onnx model runs on the onnx backend: drop --backend torch, or give the model.pt")
         if precision not in ("auto", detector.precision):
-            raise GeodetError(f"this .onnx file is {detector.precision}; for {precision} export the model.pt again "
-                              f"({'geodet export MODEL.pt -o OUT.onnx --int8 --calibrate SCENE' if precision == 'int8' else 'or run the model.pt'})")
+            how = {"int8": "export the model.pt again (geodet export -m MODEL.pt -o OUT.onnx --int8 --calibrate SCENE)",
+                   "fp32": "export the model.pt again without --int8, or run the model.pt"}.get(
+                precision, "run the model.pt it came from (an ONNX file holds fp32 or int8)")
+            raise GeodetError(f"this .onnx file is {detector.precision}; for {precision} {how}")
         det = OnnxDetector(detector, settings)
         det.choice = Choice("onnx", detector.precision, "the model is an ONNX file", {"export": detector.props.get("check")})
         return det
@@ -254,7 +256,10 @@ def _derived_onnx(model, s: DetectSettings, precision: str, scenes: list, checks
             try:
                 m = load_onnx(path)
                 checks[precision] = (m.props.get("check") or {}).get(precision if precision == "int8" else "fp32")
-                return m, f"cached: {path}"
+                made_on = ((m.props.get("calibration") or {}).get("scenes") or [None])[0]
+                if precision == "int8" and made_on and scenes and str(made_on) != str(scenes[0]):
+                    log.info("int8: the cached model calibrated on %s runs (%s)", made_on, path)
+                return m, f"cached: {path}" + (f", calibrated on {made_on}" if precision == "int8" and made_on else "")
             except GeodetError as exc:
                 log.warning("ignoring a damaged cached model %s (%s)", path, exc)
         record = _failed_record(failed) if not explicit else None
@@ -287,10 +292,15 @@ def _derived_onnx(model, s: DetectSettings, precision: str, scenes: list, checks
                     said)
         return None, None
     except GeodetError as exc:  # the model fails its check: remembered, not retried
-        record = {"passed": False, "reason": str(exc)}
-        from ..io.writers import write_json
+        from .convert import CheckInconclusive
 
-        write_json(record, failed)  # whole or not at all: a cut-short record is never read
+        record = {"passed": False, "reason": str(exc)}
+        if isinstance(exc, CheckInconclusive):  # these tiles could not tell: other scenes may; nothing remembered
+            record["passed"] = None
+        else:
+            from ..io.writers import write_json
+
+            write_json(record, failed)  # whole or not at all: a cut-short record is never read
         checks[precision] = record
         if explicit:
             raise

@@ -29,6 +29,11 @@ from .backends import OnnxDetector, TorchDetector, agreement, check_score, run_t
 
 log = logging.getLogger(__name__)
 
+
+class CheckInconclusive(GeodetError):
+    """An int8 check that could not compare (no detection on the check tiles): a fault of the tiles,
+    not of the model, so not remembered as the model's failure."""
+
 # int8 calibrates on some tiles and is checked on others: at least one of each
 MIN_INT8_TILES = 2
 SYNTHETIC = "a synthetic scene (geodet.synthetic)"
@@ -168,10 +173,11 @@ def _quantize_and_check(model, fp32: str, int8: str, calib, check, ref, settings
                           settings.batch_size)
     agree = agreement(ref, int8_dets, min_score)
     if agree["f1"] is None:
-        raise GeodetError(
+        raise CheckInconclusive(
             f"export check inconclusive: neither fp32 nor int8 finds an object at score >= {min_score:.3g} on "
-            f"the {len(check)} check tiles, so int8's accuracy cannot be checked. Calibrate on scenes with the "
-            "objects in them, or use fp32 (export without --int8, or detect without --precision int8)")
+            f"the {len(check)} check tile(s), so int8's accuracy cannot be checked: give more tiles (--calib-tiles) "
+            "of scenes with the objects in them, or use fp32 (export without --int8, or detect without --precision "
+            "int8)")
     if agree["f1"] < min_agreement:
         raise GeodetError(
             f"export check failed: int8 keeps only F1 {agree['f1']:.3f} of the fp32 detections at score "

@@ -35,8 +35,12 @@ def export_model(model, out, *, int8: bool = False, calibrate: Sequence = (), ca
     from ..io.writers import check_output_path
     from ..progress import progress_bar
 
+    from .job import check_each_scene_once
+    from .scenes import scene_paths
+
     out = check_output_path(out, suffixes=(".onnx",), example="model.onnx")
-    scenes = list(calibrate)
+    scenes = scene_paths(calibrate) if calibrate is not None else []  # one scene's path alone is one scene
+    check_each_scene_once(scenes, "its tiles would be both calibrated on and checked on")
     check_scene = check_scene or (scenes[0] if scenes else None)
     if isinstance(model, (str, Path)):
         if str(model).lower().endswith(".onnx"):

@@ -34,15 +34,16 @@ def _sample_tiles(paths, card, n: int, seed: int, settings) -> tuple[list[torch.
     rng = np.random.default_rng(seed)
     size = int(settings.tile_size)
     out = []
-    scenes, error = [], None
+    scenes, errors = [], []
     for p in paths:
         try:
             scenes.append(open_scene(p, settings, card, warn=False))
         except GeodetError as e:
-            log.warning("not adapting to %s: %s", p, e)
-            error = e
-    if not scenes:
-        raise error if error is not None else GeodetError("no scene to adapt to")
+            errors.append((p, e))
+    if not scenes:  # the error says it, once
+        raise errors[-1][1] if errors else GeodetError("no scene to adapt to")
+    for p, e in errors:  # the others are adapted to
+        log.warning("not adapting to %s: %s", p, e)
     used = set()
     try:
         with gdal_env():
@@ -73,6 +74,13 @@ def adapt_batch_norm(model, scenes, tiles: int = 64, batch_size: int = 4, seed: 
     model is not changed), read as detection with ``settings`` (``DetectSettings``; default: the
     model card's) will read them. Models without BatchNorm layers (frozen or group norm) are
     refused."""
+    from ..model.network import GeodetModel
+    from ..pipeline.scenes import scene_paths
+
+    if not isinstance(model, GeodetModel):  # an ONNX model, a path: their statistics are not torch's to change
+        raise GeodetError(f"adapt_batch_norm adapts a geodet torch model (geodet.load_model('model.pt')), not "
+                          f"{type(model).__name__}")
+    scenes = scene_paths(scenes)  # one scene's path alone is one scene, not its characters
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         raise GeodetError("this model has no trainable batch-norm layers (frozen or group norm): there are no "
