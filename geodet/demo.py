@@ -92,7 +92,8 @@ def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: i
         trainer = Trainer(cfg, out / "run", progress=progress, overwrite=True)  # the demo's own run folder
         model_path = trainer.run()
     except BaseException:  # a refused budget, an interrupt: the demo's scenes go with it (exit 2 writes nothing)
-        remove_partial(scenes, made)
+        run_left = (out / "run").is_dir() and any((out / "run").iterdir())  # stopped training keeps its checkpoint
+        remove_partial([p for p in scenes if not (run_left and p == out / MARK)], made)  # the mark then stays with it
         raise
     share = trainer.cpu_share  # the trainer warns when other work took the CPU
     model = load_model(model_path)

@@ -67,6 +67,10 @@ def test_malformed_card_refused_in_one_line(tmp_path):
     save_model(m, tmp_path / "m.pt")
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     del payload["card"]["classes"]
+    torch.save(payload, tmp_path / "edited.pt")  # its digest no longer matches: refused as damaged
+    with pytest.raises(GeodetError, match="model's card .* is damaged or was changed outside geodet"):
+        load_model(tmp_path / "edited.pt")
+    del payload["card_sha256"]  # a file of a geodet before the card's digest: its card is checked field by field
     torch.save(payload, tmp_path / "bad.pt")
     with pytest.raises(GeodetError, match="lacks 'classes'"):
         load_model(tmp_path / "bad.pt")

@@ -40,3 +40,23 @@ def test_demo_refuses_what_it_cannot_do_or_would_replace_before_any_work(tmp_pat
             run_demo(tmp_path / "new", minutes=minutes, size=size, progress=False, max_steps=2)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert (tmp_path / "data" / "train.tif").read_text() == "precious"
+
+
+def test_a_demo_stopped_while_training_runs_again_in_its_folder(tmp_path, monkeypatch):
+    """Ctrl-C while the demo trains keeps the run's checkpoint in run/: the folder is still the
+    demo's, so the same command runs again rather than being refused."""
+    import pytest
+
+    from geodet.demo import MARK, _check_demo_folder, run_demo
+    from geodet.training import trainer
+
+    def stopped(self):
+        (tmp_path / "run").mkdir(exist_ok=True)
+        (tmp_path / "run" / "last.pt").write_bytes(b"a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.Trainer, "run", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path, minutes=0.1, size=320, progress=False, max_steps=2)
+    assert (tmp_path / MARK).is_file() and not (tmp_path / "data" / "train.tif").exists()
+    _check_demo_folder(tmp_path, 0.1, 320)  # not refused

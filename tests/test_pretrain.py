@@ -75,8 +75,9 @@ def test_pretrain_writes_a_backbone_that_train_starts_from_and_detect_refuses(tm
 
     detector = shutil.copy(run / "model.pt", tmp_path / "detector.pt")
     scene = shutil.copy(synth.image, tmp_path / "scene.pt")
-    before = {p: p.read_bytes() for p in map(Path, (run / "model.pt", detector, scene))}
+    before = {p: p.read_bytes() for p in map(Path, (run / "model.pt", run / "last.pt", detector, scene))}
     for target, said in ((run / "model.pt", "is the model of the training run in"),
+                         (run / "last.pt", "exists and is not a backbone of an earlier geodet pretrain"),
                          (detector, "is a trained detector: a backbone written there would replace it"),
                          (scene, "is a scene of this run: writing the output there would replace it")):
         with pytest.raises(GeodetError, match=said):

@@ -3,6 +3,7 @@ or other file of the user's is replaced), and the names of what is written besid
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -84,7 +85,9 @@ def check_output_path(path: str | Path, fmt: str | None = None, suffixes: tuple 
     p = Path(path)
     try:
         is_dir = p.is_dir()
-    except OSError as exc:  # a name past the file system's limit (ENAMETOOLONG), before anything else
+    except OSError as exc:  # a name past the file system's limit, before anything else
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
         raise GeodetError(f"{p.name[:40]}...: {exc.strerror or exc}: choose a shorter name") from None
     if is_dir:
         raise GeodetError(f"output path is a folder: {p}; give a file name such as {p / example}")

@@ -490,9 +490,9 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
                            for m, d, f in zip(markers, dirs, frames)],
                 "unfinished_scene_folders": unfinished}
 
-    merged = combine_frames(frames)  # first: a failure here leaves no output written
     # several CRSs as geodet detect writes them; styled from the model's operating point, as detect's
     write_detections(frames, out, fmt, style_min_score=markers[0].get("operating_point"), report=report)
+    merged = combine_frames(frames)
     merged.attrs["scenes"] = len(dirs)  # scenes without a detection count too
     merged.attrs["unfinished"] = unfinished  # left out: said, so a half-run job is not taken for the whole
     return merged

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import GeodetError
+from ..errors import GeodetError, brief
 from . import augment as aug
 
 log = logging.getLogger(__name__)
@@ -218,8 +218,9 @@ def _check_replaces_no_detector(out: Path, scenes) -> None:
     if out.is_file():
         try:
             card = ModelCard.from_dict(read_model_file(out)["card"], source=str(out))
-        except GeodetError:  # not a geodet model file: the name given is replaced, as any output's
-            return
+        except GeodetError as exc:  # a checkpoint, a damaged or newer model, anything else: not ours to replace
+            raise GeodetError(f"{out} exists and is not a backbone of an earlier geodet pretrain ({brief(exc, 100)}); "
+                              "pretrain replaces only those: give another name, e.g. backbone.pt") from None
         if not is_pretrain_only(card):
             raise GeodetError(f"{out} is a trained detector: a backbone written there would replace it; give another "
                               "name, e.g. backbone.pt")
