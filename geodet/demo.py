@@ -21,8 +21,8 @@ def _steps_made(metrics_csv) -> int:
 
 MIN_SIZE = 64  # px: room for a score of vehicles in each scene (a 16 px scene often has none)
 MARK = ".geodet-demo"  # in a folder the demo writes: its files there are the demo's to replace
-WRITES = ("data/train.tif", "data/train.gpkg", "data/test.tif", "data/test.gpkg", "run", "detections.geojson",
-          "detections.gpkg", "quicklook.png", "metrics.json")
+SCENES = ("data/train.tif", "data/train.gpkg", "data/test.tif", "data/test.gpkg")  # made by make_scene
+WRITES = (*SCENES, "run", "detections.geojson", "detections.gpkg", "quicklook.png", "metrics.json")
 
 
 def _is_demo_folder(out: Path) -> bool:
@@ -76,8 +76,7 @@ def run_demo(out_dir="demo_out", minutes: float = 4.0, size: int = 1024, seed: i
     t0 = time.perf_counter()
     data = out / "data"
     data.mkdir(exist_ok=True)
-    scenes = [p for p in [*(data / f"{split}{ext}" for split in ("train", "test") for ext in (".tif", ".gpkg")),
-                          out / MARK] if not p.exists()]  # made by this run (an earlier demo's stay)
+    scenes = [out / n for n in (*SCENES, MARK) if not (out / n).exists()]  # made by this run (an earlier demo's stay)
     try:
         (out / MARK).write_text("geodet demo: the files of its names here are the demo's to replace\n", encoding="utf-8")
         log.info("making synthetic scenes (%d px, 0.3 m, vehicles) in %s", size, data)

@@ -81,11 +81,12 @@ def _check_only_chips_replaced(out: Path, inputs=()) -> None:
     from ..io.outputs import same_file_key
 
     chips = out / "chips"
+    files, folder = {Path(same_file_key(out / n)) for n in REPLACED[1:]}, Path(same_file_key(chips))
     for source, what in inputs:
         if not source:
             continue
         key = Path(same_file_key(source))
-        if key in {Path(same_file_key(out / n)) for n in REPLACED[1:]} or Path(same_file_key(chips)) in key.parents:
+        if key in files or folder in key.parents:
             raise GeodetError(f"{source} is {what} of this run, and the run replaces {chips}/, {out / 'chips.gpkg'} and "
                               f"{out / 'annotations.json'}: move it out of there, or give another --out")
     for name in REPLACED:
