@@ -5,6 +5,7 @@ it calls."""
 import json
 import sqlite3
 
+import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
@@ -77,6 +78,29 @@ def test_evaluate_and_merge_read_every_format_detect_writes(tmp_path, scene, ext
         merge_outputs(folder, tmp_path / "m2.gpkg")
         back = read_detections(tmp_path / "m2.gpkg")
         assert sorted(set(back["scene"])) == ["scene=a", "scene=b"]
+
+
+def test_merge_refuses_scenes_detected_with_other_settings(tmp_path, scene, capsys):
+    """Two runs into one folder with other thresholds: merged as one file they would mix two
+    operating points silently; refused in one line naming the setting, before any output."""
+    folder = tmp_path / "ray"
+    frame = detect_to_file([scene], boxes_at([10.0, 20.0, 30.0, 40.0]), tmp_path / "d.parquet", tile_size=256,
+                           overlap=16, progress=False)
+    settings = {"tile_size": 256, "overlap": 16, "score_threshold": 0.5, "bands": [1, 2, 3]}
+    for name, threshold in (("a", 0.5), ("b", 0.5), ("c", 0.2)):
+        d = folder / f"scene={name}"
+        d.mkdir(parents=True)
+        frame.assign(scene=f"{name}.tif").to_parquet(d / "detections.parquet")
+        marker = {"model_sha256": "m", "settings": {**settings, "score_threshold": threshold}}
+        (d / "_SUCCESS.json").write_text(json.dumps(marker))
+    assert main(["merge", str(folder), "-o", str(tmp_path / "all.gpkg")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "different score_threshold (0.5 in scene=a, scene=b; 0.2 in scene=c)" in err, err
+    assert not (tmp_path / "all.gpkg").exists()
+    # the same settings, or a marker of an older run without them: merged
+    (folder / "scene=c" / "_SUCCESS.json").write_text(json.dumps({"model_sha256": "m"}))
+    assert main(["merge", str(folder), "-o", str(tmp_path / "all.gpkg")]) == 0
+    assert len(gpd.read_file(tmp_path / "all.gpkg", layer="all")) == 3
 
 
 def test_evaluate_refuses_a_multi_scene_file_without_scene(tmp_path, scene, capsys):

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import GeodetError
 from .blocks import BlockResult, ScenePlan, reduce_scene
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,11 @@ def read_part(scene_dir: Path, block: int) -> BlockResult:
                        list(m["unreadable"]), int(m.get("on_nodata", 0)))
 
 
+# the detection settings that change a scene's detections (not where or how fast they run)
+RESULT_SETTINGS = ("tile_size", "overlap", "overlap_m", "score_threshold", "nms_iou", "detections_per_tile", "bands",
+                   "gsd_m", "percentiles", "min_valid_fraction", "match_iou")
+
+
 def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None, operating_point: float | None = None) -> dict:
     """The reduce step of one scene whose parts are all written: stitch, write the final file,
     then ``_SUCCESS.json`` (last). Runs as a Ray task, or in the driver."""
@@ -144,6 +150,7 @@ def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None, ope
                 "operating_point": operating_point,  # the style of a merged file draws from it, as detect's does
                  "settings_sha256": hashlib.sha256(json.dumps(rep["settings"], sort_keys=True, default=str)
                                                    .encode()).hexdigest(),
+                 "settings": {k: rep["settings"].get(k) for k in RESULT_SETTINGS},  # merge compares them
                  "grid": {"width": plan.width, "height": plan.height, "tile_size": plan.settings.tile_size,
                           "overlap": plan.overlap, "tiles": rep["tiles_total"], "blocks": len(plan.blocks)},
                  "counts": {k: rep[k] for k in ("tiles_run", "tiles_skipped", "tiles_capped", "detections",
@@ -152,6 +159,20 @@ def finish_scene(plan: ScenePlan, scene_dir, classes, model_sha: str | None, ope
                  "unreadable_tiles": rep["unreadable_tiles"], "reduce_seconds": round(time.perf_counter() - t0, 3),
                  "output": FINAL}, d / SUCCESS)
     return {"scene": plan.scene, "id": d.name, "detections": rep["detections"]}
+
+
+def check_one_setting(out_dir, dirs, markers):
+    """Scenes detected with other thresholds, tiles or bands (runs into one folder with other
+    flags) are not merged into one file as if alike; markers of older runs hold no settings."""
+    for key in RESULT_SETTINGS:
+        seen = {}
+        for d, m in zip(dirs, markers):
+            if isinstance(m.get("settings"), dict) and key in m["settings"]:
+                seen.setdefault(json.dumps(m["settings"][key]), []).append(d.name)
+        if len(seen) > 1:
+            said = "; ".join(f"{v} in {', '.join(n[:2])}{' ...' if len(n) > 2 else ''}" for v, n in seen.items())
+            raise GeodetError(f"{out_dir}: its scenes were detected with different {key} ({said}): run geodet detect "
+                              f"--engine ray again on the scenes of the {key} you do not want, with the one you do")
 
 
 def scene_path(scene: str) -> str:

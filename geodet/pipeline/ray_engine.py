@@ -43,8 +43,8 @@ import numpy as np
 from ..errors import GeodetError
 from .blocks import ScenePlan, plan_scene, prepare_detector, run_block
 from .ray_resources import init_keeping_sigterm, remove_empty, check_fits, check_worker_resources
-from .parts import (FINAL, SUCCESS, finish_scene, part_done, read_json, remove_stale_parts, scene_done, unclaimed_ids,
-                    write_json, write_part)
+from .parts import (FINAL, SUCCESS, check_one_setting, finish_scene, part_done, read_json, remove_stale_parts,
+                    scene_done, unclaimed_ids, write_json, write_part)
 
 log = logging.getLogger(__name__)
 
@@ -467,6 +467,7 @@ def merge_outputs(out_dir, path, fmt: str | None = None):
         raise GeodetError(f"{out_dir}: its scenes were detected by {len(models)} different models ({said}): run "
                           "geodet detect --engine ray again with one model, or merge one model's scenes")
     frames, markers = [], [read_json(d / SUCCESS) for d in dirs]
+    check_one_setting(out_dir, dirs, markers)
     for d in dirs:
         try:
             frames.append(read_geoparquet(d / FINAL))
