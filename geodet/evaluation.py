@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GeodetError
-from .io.detections import (only_scene, pixel_columns, pixel_grid_scale, points_as_squares, read_detections,
-                            with_geometry, with_scores)
+from .io.detections import only_scene, read_detections, with_geometry, with_scores
+from .io.placement import in_scene_grid, on_the_map
 from .io.writers import json_safe
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ def _class_names(det, gt, labels, class_column: str):
                         f"({', '.join(sorted(named)[:5]) or 'every class empty'}): scored class-agnostically")
             agnostic = True
             log.info(mismatch)
-        else:
+        elif named:  # (with every label's class empty, drop_unclassed below says so)
             mismatch = (f"no detection class ({', '.join(sorted(set(det_names))[:5])}) matches a label class "
                         f"({', '.join(sorted(named)[:5]) or 'every class empty'}), so every AP is 0: pass --class-column '' to "
                         "evaluate class-agnostically")
@@ -324,7 +324,9 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
         raise GeodetError(f"the detections come from {det['scene'].nunique()} scenes ({names}): pass --scene with the "
                           "one the labels are drawn on, so other scenes' detections do not count as false positives")
     det = with_scores(with_geometry(det, detections), detections)
-    gt = labels if isinstance(labels, gpd.GeoDataFrame) else read_labels(labels, class_column)
+    gt = labels if isinstance(labels, gpd.GeoDataFrame) else read_labels(labels, class_column, allow_empty=True)
+    if not len(gt):  # a scene without objects: every detection is a false positive
+        return _without_labels(det, labels, iou)
     gt, det_names, gt_names, class_column_gt, agnostic, mismatch = _class_names(det, gt, labels, class_column)
     classes = sorted(set(gt_names) | set(det_names))
     lookup = {n: i for i, n in enumerate(classes)}
@@ -334,113 +336,34 @@ def evaluate(detections, labels, scene=None, iou: float = 0.5, class_column: str
                     "set (is it a labels file?)", detections if isinstance(detections, (str, Path)) else "detections")
     area_scale = 1.0
     if scene is not None:
-        gt_boxes, gt_labels, det_boxes, det_names, scores = _in_scene_grid(
+        gt_boxes, gt_labels, det_boxes, det_names, scores = in_scene_grid(
             det, gt, scene, detections, classes, class_column_gt, det_names, scores, point_box_m, placed)
     else:
         if det.crs is None and gt.crs is not None and len(det) and pixel_only:
             raise GeodetError("the detections are pixel boxes and the labels are on a map: pass --scene with the "
                               "scene they were detected on")
-        gt_boxes, gt_names, det_boxes, area_scale = _on_the_map(det, gt, labels, class_column_gt, point_box_m)
+        gt_boxes, gt_names, det_boxes, area_scale = on_the_map(det, gt, labels, class_column_gt, point_box_m)
         gt_labels = np.array([lookup[n] for n in gt_names], np.int64)
     det_labels = np.array([lookup[n] for n in det_names], np.int64)
-    m = coco_metrics(det_boxes, scores, det_labels, gt_boxes, gt_labels, classes, iou=iou, area_scale=area_scale)
+    m = coco_metrics(det_boxes, scores, det_labels, gt_boxes, gt_labels, classes, iou=iou,
+                     area_scale=1.0 if area_scale is None else area_scale)
+    if area_scale is None:  # boxes on the map with no pixel size: COCO's size ranges (in pixels) unknown
+        m.update(AP_small=None, AP_medium=None, AP_large=None)
+        m["size_ranges"] = "not measured: the detections have no pixel boxes (px_x0 ...); pass --scene"
     if mismatch:
         m["warning" if not agnostic else "note"] = mismatch
     return m
 
 
-def _in_scene_grid(det, gt, scene, source, classes, class_column_gt, det_names, scores, point_box_m, placed):
-    """Labels and detections as boxes in ``scene``'s pixel grid: (label boxes, label class
-    indices, detection boxes, detection names, scores), detections wholly outside left out."""
-    from .io.labels import geoms_to_pixel_boxes, labels_to_boxes
-    from .io.scene import Scene
-
-    sc = scene if isinstance(scene, Scene) else Scene(scene, bands=None)
-    lb = labels_to_boxes(gt, sc, class_column_gt, classes=classes, unknown="keep", point_box_m=point_box_m)
-    if not len(det):
-        return lb.boxes, lb.labels, np.zeros((0, 4)), det_names, scores
-    px = pixel_columns(det)
-    if det.crs is None and not px and sc.crs is not None:
-        log.warning("the detections have no CRS: taken to be in the scene's (%s)", sc.crs.to_string())
-        det = det.set_crs(sc.crs)
-    if det.crs is not None and sc.crs is not None and det.crs != sc.crs:
-        det = det.to_crs(sc.crs)
-    if det.crs is not None:
-        det_boxes = geoms_to_pixel_boxes(det.geometry.values, sc.transform)
-    else:  # pixel boxes alone: in the grid they were detected in (the model's GSD), made the scene's
-        det_boxes = np.array(det[px], dtype=np.float64)
-        scale = pixel_grid_scale(source, sc.path)
-        if scale is None and placed:
-            log.warning("%s: pixel boxes without the report geodet wrote beside them: taken to be in the scene's "
-                        "own grid (wrong if the model ran at another GSD)", source)
-        fx, fy = scale or (1.0, 1.0)
-        det_boxes *= np.array([fx, fy, fx, fy])
-    det, det_names, scores, det_boxes = _inside_scene(det, det_names, scores, det_boxes, sc)
-    return lb.boxes, lb.labels, det_boxes, det_names, scores
-
-
-def _on_the_map(det, gt, labels, class_column_gt, point_box_m):
-    """Labels and detections as boxes in the detections' CRS (the labels reprojected): (label
-    boxes, label class names, detection boxes, the pixels per map unit squared of the size ranges)."""
-    import shapely
-
-    from .io.labels import class_values, usable_geometries
-
-    if det.crs is None and gt.crs is not None and len(det):
-        log.warning("the detections have no CRS: taken to be in the labels' (%s)", gt.crs.to_string())
-    if det.crs is not None and gt.crs is not None and det.crs != gt.crs:
-        gt = gt.to_crs(det.crs)
-    gt, _ = usable_geometries(gt, None, str(labels) if isinstance(labels, (str, Path)) else "labels")
-    gt = points_as_squares(gt, point_box_m)
-    b = gt.geometry.bounds.to_numpy() if len(gt) else np.zeros((0, 4))
-    flat = ~((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))  # no area (repaired into a line): as in a scene's grid
-    if flat.any():
-        log.info("%d label(s) without an area left out", int(flat.sum()))
-        gt = gt[~flat]
-    gt_names = class_values(gt[class_column_gt]) if class_column_gt else np.full(len(gt), "object")
-    gt_boxes = shapely.bounds(np.array(gt.geometry.values, dtype=object)).reshape(-1, 4)
-    det_boxes = shapely.bounds(np.array(det.geometry.values, dtype=object)).reshape(-1, 4) if len(det) else np.zeros((0, 4))
-    if len(gt_boxes) and len(det_boxes) and not _extents_meet(gt_boxes, det_boxes):
-        log.warning("no label lies within the detections' extent (labels %s, detections %s%s): check that they "
-                    "cover the same place, or pass the scene (--scene)", _extent(gt_boxes), _extent(det_boxes),
-                    f" in {det.crs.to_string()}" if det.crs is not None else "")
-    if det.crs is not None and det.crs.is_geographic:
-        log.warning("evaluating in degrees: pass the scene (--scene) for pixel-based IoU and size ranges")
-    area_scale, px = 1.0, pixel_columns(det)
-    if px and len(det) and det.crs is not None:
-        # geodet output carries pixel boxes: their areas over the map boxes' give the size ranges in pixels
-        # (in metres or in degrees, as a GeoJSON file's)
-        px_area = (det[px[2]] - det[px[0]]).to_numpy(np.float64) * (det[px[3]] - det[px[1]]).to_numpy(np.float64)
-        map_area = (det_boxes[:, 2] - det_boxes[:, 0]) * (det_boxes[:, 3] - det_boxes[:, 1])
-        ok = (px_area > 0) & (map_area > 0)
-        if ok.any():
-            area_scale = float(np.median(px_area[ok] / map_area[ok]))
-    return gt_boxes, gt_names, det_boxes, area_scale
-
-
-def _inside_scene(det, det_names, scores, boxes: np.ndarray, sc):
-    """Detections in ``sc``'s pixel grid as the labels are: a box wholly outside the scene is left
-    out and counted, as labels outside it are (no false positive for what nobody could label);
-    one past its edge is clipped to the part in it."""
-    out = (boxes[:, 2] <= 0) | (boxes[:, 0] >= sc.width) | (boxes[:, 3] <= 0) | (boxes[:, 1] >= sc.height)
-    if out.any():
-        log.warning("%d detection(s) lie wholly outside %s: left out", int(out.sum()), Path(str(sc.path)).name)
-        keep = ~out
-        det, det_names, scores, boxes = det[keep], det_names[keep], scores[keep], boxes[keep]
-    np.clip(boxes[:, 0::2], 0, sc.width, out=boxes[:, 0::2])
-    np.clip(boxes[:, 1::2], 0, sc.height, out=boxes[:, 1::2])
-    return det, det_names, scores, boxes
-
-
-def _extent(boxes: np.ndarray) -> str:
-    return "({:.2f}, {:.2f}, {:.2f}, {:.2f})".format(*boxes[:, :2].min(0), *boxes[:, 2:].max(0))
-
-
-def _extents_meet(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether the extents of box sets ``a`` and ``b`` [N, 4] overlap."""
-    (ax0, ay0), (ax1, ay1) = a[:, :2].min(0), a[:, 2:].max(0)
-    (bx0, by0), (bx1, by1) = b[:, :2].min(0), b[:, 2:].max(0)
-    return bool(ax0 <= bx1 and bx0 <= ax1 and ay0 <= by1 and by0 <= ay1)
+def _without_labels(det, labels, iou: float) -> dict:
+    """Metrics against labels that hold no object: AP and recall are undefined (None), precision
+    is 0 where there is a detection (each a false positive)."""
+    name = labels if isinstance(labels, (str, Path)) else "labels"
+    log.warning("%s: no labels, so every detection counts as a false positive (AP and recall are undefined)", name)
+    m = {"n_detections": int(len(det)), "n_labels": 0, "iou": iou, "false_positives": int(len(det))}
+    m.update({k: None for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "recall", "f1")})
+    m["precision"] = 0.0 if len(det) else None
+    return Metrics(m)
 
 
 def format_table(m: dict) -> str:

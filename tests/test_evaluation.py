@@ -363,3 +363,61 @@ def test_pixel_grids_of_two_scenes_of_one_name_are_not_guessed(tmp_path):
     assert pixel_grid_scale(csv, tmp_path / "c" / "x.tif") is None
     (tmp_path / "d.csv.report.json").write_text(json.dumps({"scenes": [{"scene": "x.tif"}]}))
     assert pixel_grid_scale(csv, tmp_path / "x.tif") is None
+
+
+def test_a_scene_named_by_two_folders_is_scored_alone_and_a_name_alone_is_not_guessed(tmp_path):
+    """Two scenes of one file name (dupA/s.tif, dupB/s.tif in the scene column, as detect names
+    them): --scene dupA/s.tif scores dupA's detections only; a path that names neither folder is
+    refused rather than scoring both."""
+    from geodet.cli import main
+
+    good = _frame(BOXES).assign(scene="dupA/s.tif")
+    bad = _frame([(x0 + 100, y0, x1 + 100, y1) for x0, y0, x1, y1 in BOXES]).assign(scene="dupB/s.tif")
+    both = gpd.GeoDataFrame(pd.concat([good, bad]), crs=good.crs)
+    both.to_file(tmp_path / "d.gpkg")
+    _frame(BOXES).to_file(tmp_path / "l.gpkg")
+    for folder in ("dupA", "dupB"):
+        (tmp_path / folder).mkdir()
+        with open(tmp_path / folder / "s.tif", "wb"):
+            pass
+    from geodet.io.detections import only_scene
+
+    assert len(only_scene(both, str(tmp_path / "dupA" / "s.tif"))) == 5
+    assert set(only_scene(both, "elsewhere/dupB/s.tif")["scene"]) == {"dupB/s.tif"}
+    with pytest.raises(Exception, match="2 scenes named s.tif .*pass --scene as the path that names one"):
+        only_scene(both, str(tmp_path / "dupC" / "s.tif"))
+    assert main(["evaluate", str(tmp_path / "d.gpkg"), str(tmp_path / "l.gpkg"), "--scene",
+                 str(tmp_path / "dupC" / "s.tif")]) == 2
+
+
+def test_labels_drawn_twice_count_once_on_the_map_as_in_a_scene(caplog):
+    twice = gpd.GeoDataFrame(pd.concat([_frame(BOXES), _frame(BOXES)]), crs="EPSG:32633")
+    m = evaluate(_frame(BOXES), twice)
+    assert m["n_labels"] == 5 and m["AP"] == 1 and m["recall"] == 1
+    assert "5 label(s) drawn twice" in caplog.text
+    # boxes a hair apart are one box drawn twice; a class of its own is another label
+    near = twice.copy()
+    near.geometry = near.geometry.translate(1e-6, 0)
+    other = _frame(BOXES).assign(label="truck")
+    m = evaluate(_frame(BOXES), gpd.GeoDataFrame(pd.concat([_frame(BOXES), near.iloc[:5], other]), crs=twice.crs))
+    assert m["n_labels"] == 10 and m["per_class"]["car"]["n_labels"] == 5
+
+
+def test_labels_of_a_scene_without_objects_make_every_detection_a_false_positive(tmp_path, caplog):
+    from geodet.cli import main
+
+    _frame(BOXES).iloc[:0].to_file(tmp_path / "none.gpkg")
+    m = evaluate(_frame(BOXES), tmp_path / "none.gpkg")
+    assert m["n_labels"] == 0 and m["false_positives"] == 5 and m["precision"] == 0
+    assert m["AP"] is None and m["recall"] is None
+    _frame(BOXES).to_file(tmp_path / "d.gpkg")
+    assert main(["evaluate", str(tmp_path / "d.gpkg"), str(tmp_path / "none.gpkg"), "-o", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["false_positives"] == 5
+    assert "every detection counts as a false positive" in caplog.text
+
+
+def test_size_ranges_need_pixel_sizes():
+    """Boxes on a map without pixel columns: COCO's small/medium/large (in pixels) are not
+    measured in square metres as if they were pixels."""
+    m = evaluate(_frame(BOXES), _frame(BOXES))
+    assert m["AP"] == 1 and m["AP_small"] is None and m["AP_large"] is None and "--scene" in m["size_ranges"]

@@ -4,6 +4,7 @@ back for evaluation: pixel columns, one scene of several, rows without a geometr
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -94,17 +95,41 @@ def read_detections(path):
 
 
 def only_scene(det, scene):
-    """The detections of ``scene`` from a file of several scenes (its ``scene`` column)."""
+    """The detections of ``scene`` from a file of several scenes (its ``scene`` column, which names
+    a scene by its file name, or by the end of its path where two scenes share a file name): the
+    name that matches the most of ``scene``'s path, refused where that is several scenes."""
+    from pathlib import PurePath
+
     if "scene" not in det.columns or scene is None or len(det) == 0:
         return det
     names = det["scene"].fillna("").astype(str)
     want = str(scene)
-    sel = (names == want) | (names.map(lambda n: Path(n).name) == Path(want).name)
-    if not sel.any():
-        listed = ", ".join(sorted(set(names.map(lambda n: Path(n).name)))[:5])
-        raise GeodetError(f"none of the detections come from {Path(want).name} (scenes in the file: {listed}): "
+    local = "://" not in want and not want.startswith("/vsi")
+    tails = [PurePath(want).parts] + ([PurePath(os.path.abspath(want)).parts] if local else [])
+
+    def matched(name: str) -> float:  # how many of ``want``'s last path components ``name`` ends with
+        if name == want:
+            return float("inf")
+        parts = PurePath(name).parts if name else ()
+        best = 0
+        for tail in tails:
+            n = 0
+            while n < min(len(parts), len(tail)) and parts[-1 - n] == tail[-1 - n]:
+                n += 1
+            best = max(best, n)
+        return best
+
+    score = {n: matched(n) for n in names.unique()}
+    best = max(score.values())
+    if not best:
+        listed = ", ".join(sorted(set(names))[:5])
+        raise GeodetError(f"none of the detections come from {PurePath(want).name} (scenes in the file: {listed}): "
                           "pass the --scene the detections were made on")
-    return det[sel.to_numpy()]
+    chosen = [n for n, v in score.items() if v == best]
+    if len(chosen) > 1:
+        raise GeodetError(f"the detections come from {len(chosen)} scenes named {PurePath(want).name} "
+                          f"({', '.join(sorted(chosen)[:4])}): pass --scene as the path that names one of them")
+    return det[(names == chosen[0]).to_numpy()]
 
 
 def with_geometry(det, source):
