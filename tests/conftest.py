@@ -6,11 +6,29 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# pytest-xdist runs the suite in one process per core (pyproject's addopts: -n auto): each process,
+# and every geodet it starts, computes on its share of the cores, never more (two processes of two
+# OpenMP threads each on two cores made an 8-second training take minutes, threads spinning at
+# barriers for cores the other process held); set before torch is imported
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores() // _WORKERS))
 os.environ.setdefault("GEODET_NO_PROGRESS", "1")
 # derived models (ONNX exports, int8) go to a cache of the test run's own, never the user's
 os.environ["GEODET_CACHE"] = _CACHE = tempfile.mkdtemp(prefix="geodet-test-cache-")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "trees"
+
+
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: one process per core, at most 4 (each holds torch, about 0.5 GB)."""
+    return max(1, min(4, _cores()))
 
 
 def pytest_sessionfinish(session, exitstatus):

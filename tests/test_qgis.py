@@ -26,6 +26,8 @@ from geodet.pipeline.job import detect_to_file
 HELPER = Path(__file__).with_name("qgis_helper.py")
 QGIS_PYTHON = "/usr/bin/python3"
 ROOT = Path(__file__).resolve().parents[1]
+# one process runs them all (one QGIS profile with the plugin enabled), first: see test_ray.py
+pytestmark = pytest.mark.xdist_group("qgis")
 
 
 def _qgis_env(tmp_path):
@@ -402,28 +404,33 @@ def _torchvision_state_dict(path):
 
 
 def test_every_algorithm_runs_headless(provider, tiny_model, synth, tmp_path):
+    """Every algorithm not run by the tests above, as Processing runs it headless, in one QGIS
+    process (qgis_process itself runs detect above and reports an error below)."""
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("tiling: {tile_size: 128, overlap: 16}\nmodel: {channels: 16, head_depth: 1, levels: [2, 4], "
                    "anchor_sizes: [8.0, 16.0, 32.0]}\ntrain: {batch_size: 2, warmup_steps: 2}\n")
     det = tmp_path / "d.gpkg"
     detect_to_file([synth.image], str(tiny_model), det, progress=False)
     runs = {
-        "tile": [f"INPUT={synth.image}", "TILE_SIZE=128", "OVERLAP=16", f"LABELS={synth.labels}", "CLASS_COLUMN=",
-                 f"OUTPUT_FOLDER={tmp_path / 'chips'}"],
-        "anchors": [f"SCENE={synth.image}", f"LABELS={synth.labels}", f"CONFIG={cfg}", f"OUTPUT={tmp_path / 'a.yaml'}"],
-        "evaluate": [f"DETECTIONS={det}", f"LABELS={synth.labels}", f"SCENE={synth.image}",
-                     f"OUTPUT={tmp_path / 'm.json'}"],
-        "export": [f"MODEL={tiny_model}", f"OUTPUT={tmp_path / 'm.onnx'}"],
-        "import": [f"SOURCE={_torchvision_state_dict(tmp_path / 'tv.pt')}", "GSD=0.3", "TILE_SIZE=256",
-                   "CLASSES=car,truck", f"OUTPUT={tmp_path / 'imported.pt'}"],
-        "pretrain": [f"INPUT={synth.image}", f"CONFIG={cfg}", "TIME_LIMIT=1", "MAX_STEPS=2", "BANDS=",
-                     f"OUTPUT={tmp_path / 'bb.pt'}"],
-        "detect": [f"INPUT={synth.image}", f"MODEL={tiny_model}", "ADAPT=true", f"OUTPUT={tmp_path / 'adapted.gpkg'}"],
+        "tile": {"INPUT": str(synth.image), "TILE_SIZE": 128, "OVERLAP": 16, "LABELS": str(synth.labels),
+                 "CLASS_COLUMN": "", "OUTPUT_FOLDER": str(tmp_path / "chips")},
+        "anchors": {"SCENE": str(synth.image), "LABELS": str(synth.labels), "CONFIG": str(cfg),
+                    "OUTPUT": str(tmp_path / "a.yaml")},
+        "evaluate": {"DETECTIONS": str(det), "LABELS": str(synth.labels), "SCENE": str(synth.image),
+                     "OUTPUT": str(tmp_path / "m.json")},
+        "export": {"MODEL": str(tiny_model), "OUTPUT": str(tmp_path / "m.onnx")},
+        "import": {"SOURCE": str(_torchvision_state_dict(tmp_path / "tv.pt")), "GSD": 0.3, "TILE_SIZE": 256,
+                   "CLASSES": "car,truck", "OUTPUT": str(tmp_path / "imported.pt")},
+        "pretrain": {"INPUT": [str(synth.image)], "CONFIG": str(cfg), "TIME_LIMIT": 1, "MAX_STEPS": 2, "BANDS": "",
+                     "OUTPUT": str(tmp_path / "bb.pt")},
+        "detect": {"INPUT": str(synth.image), "MODEL": str(tiny_model), "ADAPT": True,
+                   "OUTPUT": str(tmp_path / "adapted.gpkg")},
     }
-    for alg, params in runs.items():
-        r = qgis_process(provider, "run", f"geodet:{alg}", "--", *params)
-        assert r.returncode == 0, (alg, r.stdout[-2000:] + r.stderr[-2000:])
-        assert "Traceback" not in r.stdout + r.stderr, alg
+    done = processing(provider, *[{"alg": f"geodet:{alg}", "params": p} for alg, p in runs.items()])
+    for alg, run in zip(runs, done):
+        assert run["error"] is None and run["errors"] == [], (alg, run["error"], run["errors"])
+        assert run["commands"] and run["warnings"] == [], (alg, run["warnings"])
+        assert not any("Traceback" in line for line in run["infos"] + run["debug"]), alg
     coco = json.loads((tmp_path / "chips" / "annotations.json").read_text())
     assert [c["name"] for c in coco["categories"]] == ["object"]  # CLASS_COLUMN empty: one class
     assert "anchor_sizes" in (tmp_path / "a.yaml").read_text()

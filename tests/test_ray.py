@@ -20,7 +20,9 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 from geodet.pipeline import parts, ray_engine, ray_resources  # noqa: E402
 from geodet.pipeline.ray_engine import detect_ray, merge_outputs  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# one process runs them all (one Ray instance), first: pytest-xdist's loadgroup hands out the
+# largest group first, so the single tests fill the other processes around it
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 COLS = ["px_x0", "px_y0", "px_x1", "px_y1", "score", "label", "tile_row", "tile_col"]
 SETTINGS = dict(tile_size=128, overlap=24, score_threshold=0.5)
 TESTS = Path(__file__).resolve().parent
@@ -94,6 +96,7 @@ def test_two_scenes_in_blocks_on_ray_equal_one_process(local_ray, scenes, tmp_pa
         assert match_counts(got[COLS[:4]].to_numpy(), boxes) == (0, 0)  # no duplicates or misses at block seams
         ok = json.loads((d / "_SUCCESS.json").read_text())
         assert ok["scene_path"] == os.path.abspath(scene)  # found again from any folder
+        assert ok["settings"]["score_threshold"] == 0.5 and ok["settings"]["tile_size"] == 128  # merge compares them
         assert ok["counts"]["detections"] == len(ref) and ok["grid"]["blocks"] == len(list(d.glob("part-*.parquet")))
         part = gpd.read_parquet(sorted(d.glob("part-*.parquet"))[0])  # parts are GeoParquet in the scene CRS
         assert part.crs == ref.crs
