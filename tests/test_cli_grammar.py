@@ -134,6 +134,24 @@ def test_bad_device_is_a_one_line_usage_error(capsys):
     assert len(err) == 1 and err[0].startswith("geodet: error: argument --device") and "cuda:N" in err[0]
 
 
+def test_repeated_scene_lists_add_up_and_seeds_are_numpys(capsys):
+    """--unlabelled twice (as --labels) keeps both lists, not the last; a seed numpy cannot take
+    is a one-line usage error, not a traceback after the scenes were read."""
+    p = build_parser()
+    a = p.parse_args(["train", "a.tif", "--labels", "a.gpkg", "-o", "r", "--unlabelled", "b.tif", "--unlabelled", "c.tif"])
+    assert a.unlabelled == ["b.tif", "c.tif"]
+    a = p.parse_args(["export", "-m", "m.pt", "-o", "m.onnx", "--int8", "--calibrate", "a.tif", "--calibrate", "b.tif"])
+    assert a.calibrate == ["a.tif", "b.tif"]
+    assert p.parse_args(["train", "a.tif", "--labels", "a.gpkg", "-o", "r", "--seed", "4294967295"]).seed == 2**32 - 1
+    for cmd in (["train", "a.tif", "--labels", "a.gpkg", "-o", "r"], ["pretrain", "a.tif", "-o", "b.pt"], ["demo"]):
+        for bad in ("-1", "99999999999999999999999", "1.5"):
+            with pytest.raises(SystemExit) as e:
+                p.parse_args([*cmd, "--seed", bad])
+            assert e.value.code == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "argument --seed" in err[0], err
+
+
 @pytest.fixture
 def fresh_warnings(monkeypatch):
     monkeypatch.setattr(common, "_WARNED", set())

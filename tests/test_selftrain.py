@@ -148,3 +148,43 @@ def test_unlabelled_scenes_that_do_not_fit_are_refused(tmp_path, synth):
     cfg = tiny_config(synth.image, synth.labels, unlabelled=[str(synth.image)], val_fraction=0.0)
     with pytest.raises(GeodetError, match="validation"):
         Trainer(cfg, tmp_path / "run", progress=False).prepare()
+
+
+def test_a_labelled_or_validation_scene_given_as_unlabelled_is_refused(tmp_path, synth):
+    """Pseudo-labelled whole, a labelled scene would have its labels and validation strip taught
+    from the teacher's boxes, and a validation scene would be trained on."""
+    from geodet.config import SceneLabels
+    from geodet.synthetic import make_scene
+    from geodet.training.trainer import Trainer
+
+    cfg = tiny_config(synth.image, synth.labels, unlabelled=[str(synth.image)])
+    with pytest.raises(GeodetError, match="is a labelled training scene: .*--labelled-area and --self-training"):
+        Trainer(cfg, tmp_path / "run", progress=False).prepare()
+    v = make_scene(tmp_path / "v.tif", tmp_path / "v.gpkg", size=160, seed=5)
+    cfg = tiny_config(synth.image, synth.labels, unlabelled=[str(v.image)])
+    cfg.train.val_scenes = [SceneLabels(str(v.image), str(v.labels))]
+    with pytest.raises(GeodetError, match="is a validation scene"):
+        Trainer(cfg, tmp_path / "run", progress=False).prepare()
+
+
+def test_scenes_of_another_ground_resolution_are_read_at_the_first_ones(tmp_path, synth, caplog):
+    """The model learns one pixel size (the first scene's, which its card and detect use): a
+    second training scene and a validation scene at 0.6 m are read at 0.3 m, and said."""
+    from geodet.config import SceneLabels
+    from geodet.synthetic import make_scene
+    from geodet.training.trainer import Trainer
+
+    coarse = make_scene(tmp_path / "c.tif", tmp_path / "c.gpkg", size=256, gsd_m=0.6, seed=6)
+    val = make_scene(tmp_path / "v.tif", tmp_path / "v.gpkg", size=256, gsd_m=0.6, seed=7)
+    cfg = tiny_config(synth.image, synth.labels)
+    cfg.train.scenes.append(SceneLabels(str(coarse.image), str(coarse.labels)))
+    cfg.train.val_scenes = [SceneLabels(str(val.image), str(val.labels))]
+    with caplog.at_level("INFO"):
+        t = Trainer(cfg, tmp_path / "run", progress=False)
+        t.prepare()
+    first = t.train_scenes[0].scene.pixel_gsd
+    assert first == pytest.approx(0.3)
+    assert [ts.scene.pixel_gsd for ts in t.train_scenes[1:]] == [pytest.approx(first)]
+    assert [ts.scene.pixel_gsd for ts, _ in t.val_sets] == [pytest.approx(first)]
+    assert t.train_scenes[1].scene.width == 512  # 256 px at 0.6 m
+    assert "resampled from 0.6 m to the first training scene's 0.3 m" in caplog.text

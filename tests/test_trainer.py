@@ -209,6 +209,14 @@ def test_a_resumed_runs_data_is_matched_by_name_and_its_best_by_the_same_strip(c
     assert "a.gpkg now has 6 usable labels (5 when the run began)" in caplog.text and "b.gpkg" not in caplog.text
     with pytest.raises(GeodetError, match="was trained on a.tif"):
         check_same_data(state, [scene("c.tif", "a.gpkg", 5), scene("b.tif", "b.gpkg", 7)], Path("run"))
+    # the same number of classes, other names (truck renamed bus: the head's outputs would swap)
+    state["card"]["classes"] = ["car", "truck"]
+    two = [scene("a.tif", "a.gpkg", 5), scene("b.tif", "b.gpkg", 7)]
+    check_same_data(state, two, Path("run"), ["car", "truck"])
+    with pytest.raises(GeodetError, match=r"trained on the classes \['car', 'truck'\], these labels name \['bus', 'car'\]"):
+        check_same_data(state, two, Path("run"), ["bus", "car"])
+    state["card"]["classes"] = ["1.0", "2.0"]  # an older geodet's names of integer classes
+    check_same_data(state, two, Path("run"), ["1", "2"])
     assert resumed_best(state, [[0, 0, 10, 10]]) == 0.4
     with caplog.at_level("WARNING"):
         assert resumed_best(state, [[0, 0, 12, 10]]) == -1.0

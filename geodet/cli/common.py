@@ -45,6 +45,14 @@ positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
 
 
+def seed(text: str) -> int:
+    """An argparse type: a random seed, a whole number from 0 to 2**32 - 1 (numpy's range)."""
+    v = nonneg_int(text)
+    if v > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"must be at most {2**32 - 1}, got {v}")
+    return v
+
+
 def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
     """An argparse type: a finite number (never nan or inf) in the range given, with a one-line
     message otherwise."""

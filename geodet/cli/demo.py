@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import GeodetError, deprecated, finite, positive_int
+from .common import GeodetError, deprecated, finite, positive_int, seed
 
 DETECT_SECONDS = 20.0  # about what the demo's detection takes on 2 cores: its share of the progress
 
@@ -14,7 +14,7 @@ def add_parser(sub, common) -> None:
     m.add_argument("--out", "-o", default="demo_out", help="output folder (demo_out)")
     m.add_argument("--time-limit", type=finite, default=4.0, metavar="MINUTES", help="training budget in minutes (4)")
     m.add_argument("--size", type=positive_int, default=1024, help="synthetic scene side in pixels (1024; at least 64)")
-    m.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes and of training (0)")
+    m.add_argument("--seed", type=seed, default=0, help="seed of the synthetic scenes and of training (0)")
     deprecated(m, "--minutes", "use --time-limit", dest="time_limit", type=finite)
 
 

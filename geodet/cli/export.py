@@ -21,7 +21,7 @@ def add_parser(sub, common) -> None:
     # the model was positional before -m/--model (a hidden positional; run() warns when it is used)
     x.add_argument("model_positional", nargs="?", metavar="MODEL", help=argparse.SUPPRESS)
     x.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ, per-channel weights)")
-    x.add_argument("--calibrate", nargs="+", default=[], metavar="SCENE",
+    x.add_argument("--calibrate", action="extend", nargs="+", default=[], metavar="SCENE",
                    help="scenes to read calibration and check tiles from (required with --int8)")
     x.add_argument("--calib-tiles", type=positive_int, default=32,
                    help="calibration tiles (32, as many again to check; fewer where the scenes have fewer tiles)")

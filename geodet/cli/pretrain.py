@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import PRESETS_HELP, add_device, bands, finite, positive, positive_int
+from .common import PRESETS_HELP, add_device, bands, finite, positive, positive_int, seed
 
 
 def add_parser(sub, common) -> None:
@@ -23,7 +23,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--batch-size", type=positive_int, help="chips per step (default: the config's train.batch_size)")
     p.add_argument("--lr", type=finite, help="peak learning rate (default: the config's train.lr)")
     add_device(p)
-    p.add_argument("--seed", type=int, help="random seed (default: the config's train.seed)")
+    p.add_argument("--seed", type=seed, help="random seed (default: the config's train.seed)")
 
 
 def run(args) -> int:

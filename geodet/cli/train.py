@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .common import (PRESETS_HELP, GeodetError, add_device, bands, deprecated, finite, nonneg_int, positive, positive_int,
-                     quiet_ray, ray_amount)
+                     quiet_ray, ray_amount, seed)
 
 PAIRING = ("scenes and labels pair by position: the first --labels file belongs to the first SCENE, the second to "
            "the second, and so on; name the scenes before the options, since an option that takes several files "
@@ -30,7 +30,7 @@ def add_parser(sub, common) -> None:
                     help="polygons of where the labels are complete (any vector format and CRS): one file for every "
                          "scene, or one per SCENE in order; chips are drawn inside, the loss ignores the rest (never "
                          "taught as background) and the validation strip is cut from it (default: the whole scene)")
-    tr.add_argument("--unlabelled", nargs="+", default=[], metavar="SCENE",
+    tr.add_argument("--unlabelled", action="extend", nargs="+", default=[], metavar="SCENE",
                     help="scenes without labels to learn from (self-training: a teacher model labels them, and the rest "
                          "of each labelled scene outside --labelled-area, in rounds after a burn-in on the labels)")
     tr.add_argument("--self-training", action="store_true",
@@ -60,7 +60,7 @@ def add_parser(sub, common) -> None:
     tr.add_argument("--gsd", type=positive, help="train at this ground resolution (scenes resampled on read)")
     add_device(tr)
     tr.add_argument("--workers", type=nonneg_int, help="DataLoader workers for chip reading (default: the config's)")
-    tr.add_argument("--seed", type=int, help="random seed (default: the config's train.seed)")
+    tr.add_argument("--seed", type=seed, help="random seed (default: the config's train.seed)")
     tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     tr.add_argument("--overwrite", action="store_true",
                     help="replace the run RUN_DIR holds (its model.pt, last.pt and metrics.csv): it is set aside once "

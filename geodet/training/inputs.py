@@ -78,10 +78,13 @@ def _labelled_part(pair, sc, lb):
     return labelled, area
 
 
-def open_labelled(pairs, cfg, classes: list[str] | None) -> tuple[list[TrainScene], list[str]]:
+def open_labelled(pairs, cfg, classes: list[str] | None, ref=None) -> tuple[list[TrainScene], list[str]]:
     """The labelled scenes of ``pairs`` (``SceneLabels``) as ``TrainScene`` objects, and the
-    classes: ``classes`` when given, else every class name in the labels, sorted."""
+    classes: ``classes`` when given, else every class name in the labels, sorted. Each is read at
+    the ground resolution of ``ref`` (a Scene; default: the first of ``pairs``)."""
     opened = [(*_open_pair(pair, cfg), pair) for pair in pairs]
+    ref = ref if ref is not None else opened[0][0] if opened else None
+    opened = [(at_gsd_of(sc, cfg, ref, str(pair.scene)), gdf, pair) for sc, gdf, pair in opened]
     col = cfg.train.class_column or None
     if classes is None:
         names = set()
@@ -145,25 +148,53 @@ def check_validation_scenes(val_scenes: list[TrainScene], train_scenes: list[Tra
             log.warning("--val-scene %s holds no valid pixel (all nodata): its validation AP will be 0", v.scene.path)
 
 
+def check_unlabelled(paths, train_scenes: list[TrainScene], val_sets) -> None:
+    """An --unlabelled scene is pseudo-labelled whole: a labelled scene there would have its labels
+    (and its validation strip) taught from the teacher's boxes, a validation scene would be
+    trained on; both refused."""
+    import os
+
+    trained = {os.path.realpath(ts.scene.path) for ts in train_scenes}
+    validating = {os.path.realpath(ts.scene.path) for ts, _ in val_sets} - trained
+    for p in paths:
+        real = os.path.realpath(str(p))
+        if real in trained:
+            raise GeodetError(f"--unlabelled {p} is a labelled training scene: it would be pseudo-labelled whole, "
+                              "its labels and validation strip included; to self-train on the part of it you did not "
+                              "label, give that part with --labelled-area and --self-training instead")
+        if real in validating:
+            raise GeodetError(f"--unlabelled {p} is a validation scene: training on it would make its validation AP "
+                              "measure the fit to the training data; give another scene to one of them")
+
+
 def open_unlabelled(path: str, cfg, ref):
     """An unlabelled scene read as the labelled ones (``ref``, a Scene) are: same bands, resampled
     to their GSD."""
-    from ..io.scene import Scene
-
     sc = scene_from_config(path, cfg.scene)
     sc.skip_hint = False
     if sc.count != ref.count:
         raise GeodetError(f"--unlabelled {path}: {sc.count} band(s) where the labelled scenes have {ref.count}: "
                           "give scenes of the same sensor, or pick the same bands with --bands")
-    if cfg.scene.gsd_m is None and abs(sc.pixel_gsd / ref.pixel_gsd - 1) > 0.05:
-        if not (sc.has_georef and sc.crs.is_projected and ref.crs is not None and ref.crs.is_projected):
-            raise GeodetError(f"--unlabelled {path}: {sc.pixel_gsd:.3g} units/px where the labelled scenes have "
-                              f"{ref.pixel_gsd:.3g}, and it cannot be resampled (no projected CRS): give scenes "
-                              "at the same ground resolution")
-        log.info("%s: resampled from %.3g m to the labelled scenes' %.3g m", path, sc.pixel_gsd, ref.pixel_gsd)
-        sc = Scene(path, bands=cfg.scene.bands, gsd_m=ref.pixel_gsd, percentiles=cfg.scene.percentiles)
-        sc.skip_hint = False
-    return sc
+    return at_gsd_of(sc, cfg, ref, f"--unlabelled {path}")
+
+
+def at_gsd_of(sc, cfg, ref, what: str):
+    """``sc`` read at ``ref``'s ground resolution where the config sets none and theirs differ (a
+    model learns one pixel size, the first training scene's, which its card and detection use);
+    refused where it cannot be resampled (no projected CRS)."""
+    from ..io.scene import Scene
+
+    if cfg.scene.gsd_m is not None or sc is ref or abs(sc.pixel_gsd / ref.pixel_gsd - 1) <= 0.05:
+        return sc
+    if not (sc.has_georef and sc.crs.is_projected and ref.crs is not None and ref.crs.is_projected):
+        raise GeodetError(f"{what}: {sc.pixel_gsd:.3g} units/px where the first training scene has "
+                          f"{ref.pixel_gsd:.3g}, and it cannot be resampled (no projected CRS): give scenes "
+                          "at the same ground resolution, or set one with --gsd")
+    log.info("%s: resampled from %.3g m to the first training scene's %.3g m (--gsd sets another)", sc.path,
+             sc.pixel_gsd, ref.pixel_gsd)
+    out = Scene(sc.path, bands=cfg.scene.bands, gsd_m=ref.pixel_gsd, percentiles=cfg.scene.percentiles)
+    out.skip_hint = False
+    return out
 
 
 def check_self_training(tc, world: int, has_validation: bool) -> None:

@@ -176,9 +176,18 @@ def check_resumed_cap(out: Path, step: int, total: int | None) -> None:
                           f"{total} (--max-steps, or --epochs x steps per epoch): give a larger cap")
 
 
-def check_same_data(state: dict, train_scenes, out: Path) -> None:
+def check_same_data(state: dict, train_scenes, out: Path, classes=None) -> None:
     """``--resume`` trains on the checkpoint's (``state``) scenes and labels: other files are refused (a new
-    run starts from the model with --init); changed labels in the same files are said."""
+    run starts from the model with --init); changed labels in the same files are said. Other class
+    names (``classes``, the labels' now) are refused even where their number is the same: the
+    head's outputs would silently change meaning (a class renamed or recased sorts elsewhere)."""
+    from ..io.labels import integer_name  # (a run of an older geodet read an integer class 1 as '1.0')
+
+    was = [str(c) for c in (state["card"].get("classes") or [])]
+    if classes is not None and was and [integer_name(c) for c in was] != [integer_name(str(c)) for c in classes]:
+        raise GeodetError(f"--resume: {out / 'last.pt'} was trained on the classes {was}, these labels name "
+                          f"{[str(c) for c in classes]}: resume with the run's class names, or start a new run from "
+                          f"its model (--init {out / 'model.pt'} -o NEW_FOLDER)")
     def key(e):  # by name; ntpath splits a checkpoint's Windows paths too
         return ntpath.basename(str(e.get("scene"))), ntpath.basename(str(e.get("labels")))
 

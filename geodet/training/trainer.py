@@ -88,7 +88,7 @@ class Trainer:
         self.train_scenes, classes = inputs.open_labelled(cfg.train.scenes, cfg, user_classes)
         self.val_sets = []  # [(TrainScene, area)]
         if cfg.train.val_scenes:
-            vs, classes = inputs.open_labelled(cfg.train.val_scenes, cfg, classes)
+            vs, classes = inputs.open_labelled(cfg.train.val_scenes, cfg, classes, self.train_scenes[0].scene)
             self.val_sets = [(v, v.area) for v in vs]
             inputs.check_validation_scenes(vs, self.train_scenes)
         elif cfg.train.val_fraction > 0:
@@ -120,8 +120,8 @@ class Trainer:
         if not (tc.self_training or tc.unlabelled):
             return
         inputs.check_self_training(tc, self.world, bool(self.val_sets))
-        ref = self.train_scenes[0].scene
-        scenes = [inputs.open_unlabelled(p, self.cfg, ref) for p in tc.unlabelled]
+        inputs.check_unlabelled(tc.unlabelled, self.train_scenes, self.val_sets)
+        scenes = [inputs.open_unlabelled(p, self.cfg, self.train_scenes[0].scene) for p in tc.unlabelled]
         self.pseudo_areas = unlabelled_areas(self.train_scenes, self.val_sets, scenes)
         if not self.pseudo_areas:
             log.warning("self-training: nothing is unlabelled (no --unlabelled scene, and the labelled area covers "
@@ -192,7 +192,7 @@ class Trainer:
         # the schedule reads the run's progress, which the budget sets before each scheduler step
         r.sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, r.progress))
         if state is not None:
-            check_same_data(state, self.train_scenes, self.out)
+            check_same_data(state, self.train_scenes, self.out, model.card.classes)
             try:
                 model.net.load_state_dict(state["model"])
                 opt.load_state_dict(state["optimizer"])
