@@ -288,6 +288,31 @@ def test_import_checks_its_output_before_any_work(tmp_path, tv50, capsys):
     assert "given twice" in capsys.readouterr().err and not (tmp_path / "m.pt").exists()
 
 
+def test_import_replaces_only_an_earlier_import(tmp_path, tv50, tiny_model, capsys):
+    """A training run's model.pt or last.pt, a trained detector or any other file: refused before
+    any work, byte for byte as it was; an earlier import is replaced (import again with new flags)."""
+    import shutil
+
+    from geodet.cli import main
+
+    sd = tmp_path / "weights.pt"
+    torch.save(tv50.state_dict(), sd)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model.parent, run)
+    trained = tmp_path / "trained.pt"
+    shutil.copy(tiny_model, trained)
+    (tmp_path / "notes.pt").write_text("my notes")
+    for out, said in [(run / "model.pt", "belongs to the training run in"), (run / "last.pt", "belongs to the training run"),
+                      (trained, "is a model trained with geodet"), (tmp_path / "notes.pt", "is not a model of an earlier")]:
+        before = out.read_bytes()
+        assert main(["import", str(sd), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+        assert out.read_bytes() == before
+    assert main(["import", str(sd), "-o", str(tmp_path / "m.pt")]) == 0
+    assert main(["import", str(sd), "-o", str(tmp_path / "m.pt"), "--gsd", "0.1"]) == 0
+
+
 def test_files_that_are_not_what_import_or_detect_take_say_what_to_do(tmp_path):
     """A raster or text file is not called a pickle payload; a training checkpoint is not sent to
     detect (which refuses it); a torchvision state_dict given to detect is pointed to import."""

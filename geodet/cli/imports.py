@@ -37,6 +37,7 @@ def run(args) -> int:
 
     out = check_output_path(args.out, suffixes=(".pt",), example="model.pt")
     check_not_an_input(out, [(p, "the weights to import") for p in _source_files(args.source)])
+    _check_replaces_only_an_import(out)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     model = import_retinanet(args.source, gsd_m=args.gsd, tile_size=args.tile_size, min_size=args.min_size,
                              bands=args.bands, classes=classes, score_threshold=args.score_threshold,
@@ -58,3 +59,27 @@ def _source_files(source: str) -> list[Path]:
     if path.is_dir():
         return [p for p in path.iterdir() if p.is_file()]
     return [path] if path.is_file() else []
+
+
+def _check_replaces_only_an_import(out: Path) -> None:
+    """Refuse, before any work, an import written over a training run's model.pt or checkpoint, or
+    over any file but a model an earlier import wrote (and nobody trained since)."""
+    from ..errors import GeodetError, brief
+    from ..model.card import ModelCard
+    from ..model.file import read_model_file
+
+    run = out.parent
+    if out.name in ("model.pt", "last.pt") and any((run / n).exists() for n in ("last.pt", "metrics.csv")):
+        raise GeodetError(f"{out} belongs to the training run in {run}: an import written there would replace it; "
+                          f"give another name, e.g. {run.parent / 'imported.pt'}")
+    if not out.is_file():
+        return
+    try:
+        card = ModelCard.from_dict(read_model_file(out)["card"], source=str(out))
+    except GeodetError as exc:  # a checkpoint, a damaged or newer model, anything else: not ours to replace
+        raise GeodetError(f"{out} exists and is not a model of an earlier geodet import ({brief(exc, 100)}); import "
+                          "replaces only those: give another name, e.g. imported.pt") from None
+    trained = [t for t in card.trained_on if not (isinstance(t, dict) and "imported_from" in t)]
+    if not card.extra.get("imported") or trained:
+        raise GeodetError(f"{out} is a model trained with geodet: an import written there would replace it; give "
+                          "another name, e.g. imported.pt")
