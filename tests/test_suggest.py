@@ -268,3 +268,30 @@ def test_done_refuses_its_own_file_and_keeps_the_areas_whole_numbers(tmp_path):
     assert pyogrio.read_info(area)["dtypes"][list(pyogrio.read_info(area)["fields"]).index("plot")] == "int64"
     got = gpd.read_file(area)
     assert got["plot"].iloc[0] == 7 and got["plot"].isna().iloc[1]
+
+
+def test_per_object_ranks_by_doubt_per_object_and_scenes_of_one_name_are_told_apart(tiny_model, tmp_path):
+    """per-object's ranks follow its own priority (doubt per expected object), not the summed
+    doubt; two scenes named s.tif in two folders are named apart, as detect names them."""
+    import shutil
+
+    import rasterio
+
+    from geodet.model import load_model
+    from geodet.synthetic import make_scene
+    from geodet.training.suggest import suggest_tiles
+
+    model = load_model(tiny_model)
+    scene = make_scene(tmp_path / "new.tif", tmp_path / "new.gpkg", size=512, seed=21)
+    out = suggest_tiles(model, [scene.image], n=10, cell=64, strategy="per-object", progress=False)
+    priority = (out["uncertainty"] / (1 + out["confident"])).to_numpy()
+    assert len(out) == 10 and (np.diff(priority) <= 1e-3).all(), out[["uncertainty", "confident"]]
+    for folder, dx in (("a", 0), ("b", 1000)):
+        (tmp_path / folder).mkdir()
+        shutil.copy(scene.image, tmp_path / folder / "s.tif")
+        with rasterio.open(tmp_path / folder / "s.tif", "r+") as dst:
+            t = dst.transform
+            dst.transform = rasterio.Affine(t.a, t.b, t.c + dx, t.d, t.e, t.f)
+    paths = [tmp_path / "a" / "s.tif", tmp_path / "b" / "s.tif"]
+    two = suggest_tiles(model, paths, n=6, cell=64, progress=False)
+    assert set(two["scene"]) == set(map(str, paths))  # the paths as given, as detect's scene column

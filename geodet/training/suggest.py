@@ -229,6 +229,7 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
     from ..io.scene import grid_crs, open_raster
 
     from ..pipeline.job import check_each_scene_once
+    from ..pipeline.scenes import scene_names
 
     check_each_scene_once(scenes, "a scene named twice would have its cells suggested twice")
     area = None
@@ -255,6 +256,8 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
                     "check the area's CRS)", labelled_area)
     scenes_cells = [scene_cells(model, path, s, cell, op, labelled_area, progress,
                                 strategy in ("coreset", "hybrid"), settings) for path in scenes]
+    for c, name in zip(scenes_cells, scene_names(scenes)):  # named as detect names them: apart where names repeat
+        c.name = name
     # one ranking over every scene: a scene with more doubt gets more of the n suggestions
     flat = sorted(((float(cell_priority(c, strategy)[i]), k) for k, c in enumerate(scenes_cells)
                    for i in np.flatnonzero(c.allowed)), key=lambda t: -t[0])
@@ -263,8 +266,8 @@ def suggest_tiles(model, scenes: Sequence, n: int = 20, cell: int | None = None,
                 for i in rank_scene(c, m, strategy)]
     if not rows_out:
         raise GeodetError("no cell to suggest: every cell is already labelled or holds no valid pixels")
-    if strategy in ("uncertainty", "per-object"):
-        rows_out.sort(key=lambda d: -d["uncertainty"])
+    if strategy in ("uncertainty", "per-object"):  # ranked by the strategy's own priority, across scenes
+        rows_out.sort(key=lambda d: -d["_priority"])
     return _suggestions_frame(rows_out, op, cell, strategy)
 
 
@@ -289,7 +292,8 @@ def _suggestion(cells: SceneCells, i: int, op: float, strategy: str = "uncertain
     if strategy in ("coreset", "hybrid"):
         reason = f"unlike the labelled cells to the network; {reason}"
     return {"scene": cells.name, "cell_row": r, "cell_col": c, "uncertainty": round(u, 3), "uncertain": near,
-            "confident": sure, "reason": reason, "geometry": cells.polys[i], "_crs": cells.crs}
+            "confident": sure, "reason": reason, "geometry": cells.polys[i], "_crs": cells.crs,
+            "_priority": float(cell_priority(cells, strategy)[i])}
 
 
 def _suggestions_frame(rows_out: list[dict], op: float, cell: int, strategy: str):
@@ -300,7 +304,8 @@ def _suggestions_frame(rows_out: list[dict], op: float, cell: int, strategy: str
         d["rank"] = i + 1
     crss = {str(d["_crs"]) for d in rows_out}
     crs = rows_out[0]["_crs"] if len(crss) == 1 else "EPSG:4326"
-    parts = [gpd.GeoDataFrame([{k: v for k, v in d.items() if k != "_crs"}], geometry=[d["geometry"]], crs=d["_crs"])
+    parts = [gpd.GeoDataFrame([{k: v for k, v in d.items() if not k.startswith("_")}], geometry=[d["geometry"]],
+                              crs=d["_crs"])
              .to_crs(crs) for d in rows_out]
     out = pd.concat(parts, ignore_index=True)
     out["done"] = 0  # the user sets it to 1 on the cells labelled (geodet suggest --done adds those)
