@@ -688,3 +688,29 @@ def test_anchors_names_the_unit_of_a_geographic_scenes_pixels(tmp_path, capsys):
     assert main(["anchors", str(p), "--labels", str(tmp_path / "l.gpkg"), "--config", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "label boxes at 1e-05 degrees/px:" in out and "m/px" not in out, out
+
+
+def test_anchors_of_a_resizing_config_or_an_anchor_list_are_the_networks(tmp_path, capsys, synth):
+    """A config whose network resizes its tiles 4x meets the boxes 4x larger; a config with
+    model.anchor_size_list is scored with that list, and the written fit is what training uses."""
+    import yaml
+
+    from geodet.cli import main
+    from geodet.config import load_config
+
+    cfg = tmp_path / "resize.yaml"
+    cfg.write_text("tiling: {tile_size: 256}\nmodel: {levels: [2, 5], anchor_sizes: [12, 24, 48, 96], "
+                   "scales_per_octave: 1, resize_min_size: 1024}\n")
+    assert main(["anchors", str(synth.image), "--labels", str(synth.labels), "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "resized x4 to model.resize_min_size" in out, out
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("model: {levels: [2, 5], anchor_sizes: [12, 24, 48, 96], scales_per_octave: 1, "
+                      "anchor_size_list: [1000, 2000, 4000, 8000]}\n")
+    assert main(["anchors", str(synth.image), "--labels", str(synth.labels), "--config", str(listed),
+                 "-o", str(tmp_path / "fit.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "(model.anchor_size_list)" in out and "coverage 0.000 (IoU" in out, out
+    fitted = load_config(tmp_path / "fit.yaml").model
+    assert fitted.anchor_size_list is None and yaml.safe_load((tmp_path / "fit.yaml").read_text())
+    assert float(out.split("fitted anchors:")[1].split("coverage ")[1].split()[0]) > 0.5

@@ -62,6 +62,18 @@ def test_anchor_coverage_small_preset_beats_stock():
     assert fit.coverage >= 0.95 and len(fit.anchor_sizes) == 3
 
 
+def test_fitted_anchors_of_thin_boxes_and_of_a_config_with_an_anchor_list():
+    """300 x 1 px boxes (a fence): ratios stay positive (two decimals made 1/300 a 0, refused);
+    a config's anchor_size_list does not stand in for the sizes being fitted."""
+    fit = fit_anchors(np.array([[300.0, 1.0]] * 5), [2, 5])
+    assert all(r > 0 for r in fit.aspect_ratios) and min(fit.aspect_ratios) == pytest.approx(1 / 300, rel=0.05)
+    sizes = np.array([[12.0, 12.0], [20.0, 18.0], [40.0, 44.0]] * 10)
+    listed = ModelConfig(levels=[2, 5], anchor_sizes=[12.0, 24.0, 48.0, 96.0], scales_per_octave=1,
+                         anchor_size_list=[100.0, 200.0, 400.0, 800.0])
+    assert anchor_coverage(sizes, listed) == 0  # the list's anchors meet none of these boxes
+    assert fit_anchors(sizes, [2, 5], 1, base_cfg=listed).coverage >= 0.9
+
+
 def _tile_with_objects(seed=0, n=12, size=128):
     rng = np.random.default_rng(seed)
     img = np.full((3, size, size), 0.35, np.float32) + rng.normal(0, 0.02, (3, size, size)).astype(np.float32)

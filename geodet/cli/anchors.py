@@ -49,13 +49,21 @@ def run(args) -> int:
     print(f"label boxes at {sc.pixel_gsd:.4g} {unit}:")
     print(size_summary(sizes))
     m = cfg.model
+    if m.resize_min_size:  # torchvision's resize of each tile: anchors meet the boxes at the network's scale
+        side = cfg.tiling.tile_size
+        f = min(m.resize_min_size / side, max(1333, m.resize_min_size) / side)
+        sizes = sizes * f
+        print(f"as the network sees them (each {side} px tile resized x{f:.3g} to model.resize_min_size):")
+        print(size_summary(sizes))
     cur = anchor_coverage(sizes, m)
-    print(f"\nconfig anchors: levels P{m.levels[0]}-P{m.levels[1]}, sizes {m.anchor_sizes}, ratios {m.aspect_ratios}, "
+    used = f"sizes {m.anchor_size_list} (model.anchor_size_list)" if m.anchor_size_list else f"sizes {m.anchor_sizes}"
+    print(f"\nconfig anchors: levels P{m.levels[0]}-P{m.levels[1]}, {used}, ratios {m.aspect_ratios}, "
           f"{m.scales_per_octave} scale(s)/octave: coverage {cur:.3f} (IoU >= {m.fg_iou})")
     fit = fit_anchors(sizes, m.levels, m.scales_per_octave, base_cfg=m)
     print(f"fitted anchors: sizes {fit.anchor_sizes}, ratios {fit.aspect_ratios}: coverage {fit.coverage:.3f}")
     if args.out:
         cfg.model.anchor_sizes, cfg.model.aspect_ratios = fit.anchor_sizes, fit.aspect_ratios
+        cfg.model.anchor_size_list = None  # else the list, not the fitted sizes, would make the anchors
         from ..io.writers import atomic_path
 
         with atomic_path(args.out) as tmp:  # a temporary file renamed into place, missing folders made

@@ -115,6 +115,7 @@ def fit_anchors(box_sizes_px, levels, scales_per_octave: int = 1, base_cfg: Mode
     if len(sizes) == 0:
         raise GeodetError("no label boxes with positive size to fit anchors to")
     cfg = copy.deepcopy(base_cfg or ModelConfig())
+    cfg.anchor_size_list = None  # the fit is sizes per level (an explicit list would stand in for them)
     cfg.levels = list(levels)
     cfg.scales_per_octave = scales_per_octave
     n_levels = levels[1] - levels[0] + 1
@@ -123,7 +124,8 @@ def fit_anchors(box_sizes_px, levels, scales_per_octave: int = 1, base_cfg: Mode
         ratio_sets = [[1.0]]
     else:
         q = np.quantile(np.log(ratio), np.linspace(0.1, 0.9, n_ratios))
-        ratio_sets = [sorted({float(np.round(np.exp(v), 2)) for v in q}), [0.5, 1.0, 2.0]]
+        # two significant digits: a fence's 0.0033 stays a ratio (two decimals made it 0, refused)
+        ratio_sets = [sorted({float(f"{np.exp(v):.2g}") for v in q}), [0.5, 1.0, 2.0]]
     scale = np.sqrt(sizes[:, 0] * sizes[:, 1])
     lo = max(2.0, float(np.quantile(scale, 0.02)) / 2)
     best = None
