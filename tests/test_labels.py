@@ -1,6 +1,7 @@
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 from rasterio.transform import from_origin
@@ -160,7 +161,24 @@ def test_an_integer_class_column_with_a_null_keeps_integer_names(tmp_path):
     assert g["label"].dtype.kind == "f"  # the reader's doing
     lb = labels_to_boxes(g, sc)
     assert lb.classes == ["1", "2"] and lb.counts["no_class"] == 1 and list(lb.labels) == [0, 1, 1]
-    assert list(class_values(g["label"].astype(float) / 2)) == ["0.5", "1.0", "1.0", None]  # real fractions stay
+    # real fractions stay; a whole number is that number in every file, whatever else the file holds (a
+    # file of 1.0 and 2.5 and one of 1 and 2 share class 1), and in a GeoJSON's mixed column
+    assert list(class_values(g["label"].astype(float) / 2)) == ["0.5", "1", "1", None]
+    assert list(class_values(pd.Series([1, "1", 1.0, "car", 2.0], dtype=object))) == ["1", "1", "1", "car", "2"]
+
+
+def test_a_column_that_names_no_class_is_refused(tmp_path):
+    """--class-column naming a measurement (every label its own class) or the geometry: one line
+    that says what to pass, not a model of 109 classes."""
+    from geodet.io.labels import class_names
+
+    g = gpd.GeoDataFrame({"label": ["a", "b"] * 30, "area": np.linspace(1, 2, 60), "species": [f"s{i % 25}" for i in range(60)]},
+                         geometry=[box(i, 0, i + 1, 1) for i in range(60)], crs="EPSG:32633")
+    assert class_names(g, "label") == ["a", "b"] and len(class_names(g, "species")) == 25  # 25 classes of 60: kept
+    with pytest.raises(GeodetError, match="'area' gives 60 classes to 60 labels .*it is not a class column"):
+        class_names(g, "area")
+    with pytest.raises(GeodetError, match="'geometry' is the labels' geometry"):
+        class_names(g, "geometry")
 
 
 def test_a_file_of_several_layers_needs_one_named(tmp_path):

@@ -165,12 +165,16 @@ def geoms_to_pixel_boxes(geoms, transform) -> np.ndarray:
 def class_values(column) -> np.ndarray:
     """A class column's values as strings (object array), None where a label has no class (null,
     NaN or blank): such labels name no class, they are not a class of their own."""
+    import pandas as pd
+
     values = np.empty(len(column), dtype=object)
     missing = column.isna().to_numpy()
     present = column[~missing]
-    if present.dtype.kind == "f" and len(present) and bool((present == np.round(present)).all()):
-        # an integer column with a null reads as floats: its classes are still 1 and 2, not 1.0 and 2.0
-        present = present.astype(np.int64)
+    if present.dtype.kind in "fO" and len(present):
+        # a whole number read as a float (an integer column with a null, a float column, a GeoJSON's mixed
+        # values) is that number: class 1 whether a file holds 1, 1.0 or '1', in every file alike
+        whole = [int(v) if isinstance(v, (float, np.floating)) and float(v).is_integer() else v for v in present]
+        present = pd.Series(np.array(whole + [None], dtype=object)[:-1], index=present.index, dtype=object)
     text = present.astype(str).str.strip()  # "car " is car: a trailing space is never meant as a class of its own
     vals = np.asarray(text.to_numpy(), dtype=object)
     vals[(text == "").to_numpy()] = None  # names are kept as written otherwise; blank ones name nothing
@@ -202,7 +206,15 @@ def integer_name(name: str) -> str:
 def class_names(gdf, class_column: str | None) -> list[str]:
     if not class_column:
         return ["object"]
-    names = sorted({v for v in class_values(gdf[class_column]) if v is not None})
+    if class_column == getattr(gdf, "_geometry_column_name", None):
+        raise GeodetError(f"'{class_column}' is the labels' geometry, not a class column: pass --class-column with "
+                          "the column that names each label's class, or '' for one class")
+    values = [v for v in class_values(gdf[class_column]) if v is not None]
+    names = sorted(set(values))
+    if len(names) > 20 and len(names) > 0.8 * len(values):  # a measurement or an id, not class names
+        raise GeodetError(f"'{class_column}' gives {len(names)} classes to {len(values)} labels ({', '.join(names[:3])}, "
+                          "...): it is not a class column; pass --class-column with the column that names each "
+                          "label's class, or '' for one class")
     folded: dict = {}
     for n in names:
         folded.setdefault(n.casefold(), []).append(n)
