@@ -130,6 +130,32 @@ def test_self_training_runs_its_rounds_and_logs_them(tmp_path, synth):
     notes = [r["note"] for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["note"]]
     rounds = [n for n in notes if n.startswith("pseudo-labels round")]
     assert len(rounds) == 2 and "thresholds" in rounds[0]
+    # --resume: the checkpoint holds the rounds' count, not their boxes: the last round's are made again
+    cfg.train.max_steps = 15
+    train(cfg, tmp_path / "run", resume=True, progress=False)
+    notes = [r["note"] for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["note"]]
+    assert any(n.startswith("pseudo-labels round 2 made again after --resume") for n in notes), notes
+
+
+def test_a_run_too_short_for_its_rounds_says_how_many_ran(tmp_path, synth, caplog):
+    import geopandas as gpd
+    import rasterio
+    from shapely.geometry import box
+
+    from geodet.config import SceneLabels
+    from geodet.training.trainer import train
+
+    with rasterio.open(synth.image) as src:
+        b = src.bounds
+    gpd.GeoDataFrame(geometry=[box(b.left, b.bottom, (b.left + b.right) / 2, b.top)], crs=synth.crs).to_file(tmp_path / "a.gpkg")
+    cfg = tiny_config(synth.image, synth.labels, epochs=None, max_steps=6, steps_per_epoch=3, self_training=True,
+                      burn_in=0.3, pseudo_rounds=3)
+    cfg.train.scenes = [SceneLabels(str(synth.image), str(synth.labels), str(tmp_path / "a.gpkg"))]
+    train(cfg, tmp_path / "run", progress=False)
+    said = "self-training ran 1 of its 3 pseudo-label round(s) in 2 epoch(s)"
+    assert said in caplog.text
+    notes = [r["note"] for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["note"]]
+    assert any(n.startswith(said) for n in notes), notes
 
 
 def test_unlabelled_scenes_that_do_not_fit_are_refused(tmp_path, synth):

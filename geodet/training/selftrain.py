@@ -288,3 +288,49 @@ def _pseudo_window(teacher, area: PseudoArea, win, thresholds, classes, overlap,
     lb = LabelBoxes(boxes, labels, list(classes), {"pseudo": int(sure.sum()), "user": len(ub)})
     ts = TrainScene(area.scene, lb, tuple(int(v) for v in win), "pseudo-labels", teach, kind="pseudo")
     return ts, int(sure.sum()), int(doubt.sum())
+
+
+def pseudo_round(tr, r, again: bool = False) -> None:
+    """Self-training (``tr``: the Trainer, ``r``: its Run): when the run's progress reaches the next
+    round, the teacher labels the unlabelled areas again and the chips draw from its boxes from then
+    on. ``again``: a resumed run makes its last round's chips again (the checkpoint keeps the round
+    count and thresholds, not the boxes), from the resumed model (its EMA teacher is not kept)."""
+    import time
+
+    tc = tr.cfg.train
+    if r.teacher is None or (r.rounds_done >= tc.pseudo_rounds and not again):
+        return
+    due = tc.burn_in + r.rounds_done * (1 - tc.burn_in) / tc.pseudo_rounds
+    if r.progress < due and not again:
+        return
+    t0 = time.perf_counter()
+    if r.rounds_done == 0 or again:
+        r.teacher.reset(r.model)
+    teacher = r.teacher.model
+    # after the strips are given back, the thresholds measured before on them stay
+    thr = tr.thresholds if r.given_back or (again and tr.thresholds is not None) else tr._thresholds(r, teacher)
+    tr.thresholds = thr
+    rng = np.random.default_rng([tc.seed, 99, r.rounds_done - 1 if again else r.rounds_done])
+    scenes, n_sure, n_doubt = pseudo_scenes(teacher, tr.pseudo_areas, thr, tr.classes, tr.overlap,
+                                            tr.cfg.tiling.tile_size, r.device, tr.cfg.detect.batch_size, rng,
+                                            tc.pseudo_doubt)
+    r.data.set_scenes(tr.train_scenes + [s for s in scenes if len(s.labels)], tc.pseudo_share)
+    if not again:
+        r.rounds_done += 1
+    r.model.train()
+    what = f"round {r.rounds_done} made again after --resume, from the resumed model" if again else f"round {r.rounds_done}"
+    note = (f"pseudo-labels {what}: {n_sure} boxes, {n_doubt} below their threshold ignored; thresholds "
+            f"(small/large, split at {thr.split:.0f} px) {thr.describe(tr.classes)} ({time.perf_counter() - t0:.1f} s)")
+    log.info(note)
+    tr.metrics.note(r, r.budget.elapsed(), note)
+
+
+def too_few_rounds(tr, r) -> None:
+    """Say (log and metrics.csv) that a run ended before all its pseudo-label rounds: they come at
+    epoch ends once the run's progress reaches them, never at its last."""
+    tc = tr.cfg.train
+    note = (f"self-training ran {r.rounds_done} of its {tc.pseudo_rounds} pseudo-label round(s) in {r.epoch} epoch(s): "
+            f"rounds come at epoch ends after the burn-in ({round(100 * tc.burn_in)}% of the run); give the run more "
+            "epochs (more steps or minutes, or fewer --steps-per-epoch)")
+    log.warning(note)
+    tr.metrics.note(r, r.budget.elapsed(), note)

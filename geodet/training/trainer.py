@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from ..config import Config, check_run_values
@@ -268,6 +267,8 @@ class Trainer:
                            unit="s" if timed else "step", enabled=self.progress and self.main,
                            desc=f"train ({tc.time_limit_min:g} min)" if timed else "train")
         self._describe_run(r)
+        if r.teacher is not None and r.rounds_done:  # --resume: the chips of the rounds done, made again
+            self._pseudo_round(r, again=True)
         r.model.train()
         stopped = None
         try:
@@ -332,6 +333,10 @@ class Trainer:
             why = f"step cap: {r.step} steps in {minutes:.1f} min"
         self.cpu_share = share
         self.metrics.note(r, b.elapsed(), f"stopped: {why}")
+        if self.main and r.teacher is not None and r.rounds_done < self.cfg.train.pseudo_rounds:
+            from .selftrain import too_few_rounds
+
+            too_few_rounds(self, r)
         if self.main and not self.val_sets:
             log.info("training stopped at step %d (%s); no validation (train.val_fraction 0 and no --val-scene): "
                      "model.pt is the last model", r.step, why)
@@ -461,35 +466,10 @@ class Trainer:
         return thresholds_from_validation(teacher, self.val_sets, self.classes, self.overlap, r.device,
                                           self.cfg.detect.batch_size, tc.min_visibility, op)
 
-    def _pseudo_round(self, r: Run) -> None:
-        """Self-training: when the run's progress reaches the next round, the teacher labels the
-        unlabelled areas again and the chips draw from its boxes from then on."""
-        from .selftrain import pseudo_scenes
+    def _pseudo_round(self, r: Run, again: bool = False) -> None:
+        from .selftrain import pseudo_round
 
-        tc = self.cfg.train
-        if r.teacher is None or r.rounds_done >= tc.pseudo_rounds:
-            return
-        due = tc.burn_in + r.rounds_done * (1 - tc.burn_in) / tc.pseudo_rounds
-        if r.progress < due:
-            return
-        t0 = time.perf_counter()
-        if r.rounds_done == 0:
-            r.teacher.reset(r.model)
-        teacher = r.teacher.model
-        # after the strips are given back, the thresholds measured before on them stay
-        thr = self.thresholds if r.given_back else self._thresholds(r, teacher)
-        self.thresholds = thr
-        rng = np.random.default_rng([tc.seed, 99, r.rounds_done])
-        scenes, n_sure, n_doubt = pseudo_scenes(teacher, self.pseudo_areas, thr, self.classes, self.overlap,
-                                                self.cfg.tiling.tile_size, r.device, self.cfg.detect.batch_size, rng,
-                                                tc.pseudo_doubt)
-        r.data.set_scenes(self.train_scenes + [s for s in scenes if len(s.labels)], tc.pseudo_share)
-        r.rounds_done += 1
-        r.model.train()
-        note = (f"pseudo-labels round {r.rounds_done}: {n_sure} boxes, {n_doubt} below their threshold ignored; thresholds "
-                f"(small/large, split at {thr.split:.0f} px) {thr.describe(self.classes)} ({time.perf_counter() - t0:.1f} s)")
-        log.info(note)
-        self.metrics.note(r, r.budget.elapsed(), note)
+        pseudo_round(self, r, again)
 
 
 def train(config: Config | dict | str | Path, out_dir: str | Path = "runs/geodet", resume: bool = False, progress: bool = True,
