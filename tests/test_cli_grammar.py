@@ -143,6 +143,9 @@ def test_repeated_scene_lists_add_up_and_seeds_are_numpys(capsys):
     a = p.parse_args(["export", "-m", "m.pt", "-o", "m.onnx", "--int8", "--calibrate", "a.tif", "--calibrate", "b.tif"])
     assert a.calibrate == ["a.tif", "b.tif"]
     assert p.parse_args(["train", "a.tif", "--labels", "a.gpkg", "-o", "r", "--seed", "4294967295"]).seed == 2**32 - 1
+    with pytest.raises(SystemExit):  # import's threshold is a score: named as the flag, not model.score_threshold
+        p.parse_args(["import", "w.pt", "-o", "m.pt", "--score-threshold", "5"])
+    assert "argument --score-threshold: must be at least 0 and at most 1" in capsys.readouterr().err
     for cmd in (["train", "a.tif", "--labels", "a.gpkg", "-o", "r"], ["pretrain", "a.tif", "-o", "b.pt"], ["demo"]):
         for bad in ("-1", "99999999999999999999999", "1.5"):
             with pytest.raises(SystemExit) as e:

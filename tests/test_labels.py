@@ -271,3 +271,10 @@ def test_labels_as_users_draw_them_train_what_they_mean(tmp_path, caplog):
     ts = TrainScene(sc, lb, (0, 0, 200, 100), "l.gpkg")
     assert ts.training_boxes().tolist() == [True, False, True, True]
     assert len(labels_to_boxes(gdf, sc, "label")) == 4  # evaluation scores every label it holds
+
+
+def test_labels_beside_a_small_scene_in_degrees_show_extents_that_are_not_points(tmp_path):
+    sc = _scene(tmp_path / "g.tif", 400, 400, from_origin(-82.0, 29.7, 1e-6, 1e-6), "EPSG:4326")
+    far = gpd.GeoDataFrame({"label": ["tree"]}, geometry=[box(-81.99, 29.69, -81.9899, 29.6901)], crs="EPSG:4326")
+    with pytest.raises(GeodetError, match=r"scene extent \(-82.000000, 29.699600, -81.999600, 29.700000\)"):
+        labels_to_boxes(far, sc)

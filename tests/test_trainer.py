@@ -398,3 +398,19 @@ def test_a_run_set_aside_is_all_or_nothing_and_found_again_after_a_kill(tmp_path
     with pytest.raises(GeodetError, match="holds a run"):
         records.check_run_folder(out, resume=False, overwrite=False)
     assert {p.name: p.read_text() for p in out.iterdir()} == {n: n for n in records.RUN_FILES}
+
+
+def test_a_scene_too_small_for_a_validation_strip_is_said_so(tmp_path, caplog):
+    """val_fraction 0.2 of a 72 px scene is narrower than a strip can be: the log says that, not
+    that val_fraction is 0."""
+    from conftest import tiny_config
+
+    from geodet.synthetic import make_scene
+    from geodet.training.trainer import train
+
+    s = make_scene(tmp_path / "t.tif", tmp_path / "t.gpkg", size=72, seed=1)
+    cfg = tiny_config(s.image, s.labels, epochs=None, max_steps=1, val_fraction=0.2)
+    cfg.tiling.tile_size = 64
+    with caplog.at_level("INFO"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert "no validation (the labelled scenes are too small to hold out a strip" in caplog.text, caplog.text[-800:]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import bands, finite, positive, positive_int
+from .common import bands, positive, positive_int, share
 
 
 def add_parser(sub, common) -> None:
@@ -25,7 +25,7 @@ def add_parser(sub, common) -> None:
     im.add_argument("--bands", type=bands, help="scene bands for the network's inputs (default 1,2,3)")
     im.add_argument("--classes", help="class names, comma-separated, in the head's order (default: config.json's "
                                       "label_dict)")
-    im.add_argument("--score-threshold", type=finite, help="the network's output threshold (default: config.json's, "
+    im.add_argument("--score-threshold", type=share, help="the network's output threshold (default: config.json's, "
                                                            "else torchvision's 0.05)")
     im.add_argument("--detections-per-tile", type=positive_int, help="default 300, as torchvision")
 

@@ -399,10 +399,11 @@ def labels_to_boxes(
     if not inside.any():
         lb = gdf.total_bounds
         sb = scene.bounds()
+        d = 6 if scene.crs.is_geographic else 2  # degrees: a scene of 400 px at 1e-6 deg/px is not a point
         raise GeodetError(
             f"{source}: no label falls inside scene {Path(scene.path).name}: labels extent "
-            f"({lb[0]:.2f}, {lb[1]:.2f}, {lb[2]:.2f}, {lb[3]:.2f}) vs scene extent ({sb[0]:.2f}, {sb[1]:.2f}, "
-            f"{sb[2]:.2f}, {sb[3]:.2f}) in {scene.crs.to_string()}: check that they cover the same area"
+            f"({lb[0]:.{d}f}, {lb[1]:.{d}f}, {lb[2]:.{d}f}, {lb[3]:.{d}f}) vs scene extent ({sb[0]:.{d}f}, "
+            f"{sb[1]:.{d}f}, {sb[2]:.{d}f}, {sb[3]:.{d}f}) in {scene.crs.to_string()}: check that they cover the same area"
         )
     counts["used"] = int(keep.sum())
     cut = None

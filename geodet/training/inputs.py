@@ -206,7 +206,8 @@ def check_self_training(tc, world: int, has_validation: bool) -> None:
                           "train.pseudo_share < 1 and 0 < train.ema_decay < 1")
     if not has_validation:
         raise GeodetError("self-training chooses the teacher's thresholds on validation: keep a validation strip "
-                          "(train.val_fraction > 0) or give --val-scene")
+                          f"(train.val_fraction > 0, now {tc.val_fraction:g}, on labelled scenes large enough to hold "
+                          "out 16 px or more) or give --val-scene")
 
 
 def give_back(val_sets) -> int:

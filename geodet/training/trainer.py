@@ -338,8 +338,9 @@ class Trainer:
 
             too_few_rounds(self, r)
         if self.main and not self.val_sets:
-            log.info("training stopped at step %d (%s); no validation (train.val_fraction 0 and no --val-scene): "
-                     "model.pt is the last model", r.step, why)
+            log.info("training stopped at step %d (%s); no validation (%s and no --val-scene): model.pt is the last "
+                     "model", r.step, why, "train.val_fraction 0" if not self.cfg.train.val_fraction else
+                     "the labelled scenes are too small to hold out a strip of 16 px or more")
         elif self.main:
             log.info("training stopped at step %d (%s); validation AP50 %.3f (best seen %.3f); model.pt is the %s "
                      "model", r.step, why, r.last_ap50, max(r.best, 0.0),
