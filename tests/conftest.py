@@ -17,8 +17,8 @@ def _cores() -> int:
 
 
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
-if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores() // _WORKERS))
+if _WORKERS > 1:  # an inherited OMP_NUM_THREADS (of one process's share) would oversubscribe the cores again
+    os.environ["OMP_NUM_THREADS"] = str(max(1, min(4, _cores() // _WORKERS)))
 os.environ.setdefault("GEODET_NO_PROGRESS", "1")
 # derived models (ONNX exports, int8) go to a cache of the test run's own, never the user's
 os.environ["GEODET_CACHE"] = _CACHE = tempfile.mkdtemp(prefix="geodet-test-cache-")

@@ -365,7 +365,7 @@ def test_pixel_grids_of_two_scenes_of_one_name_are_not_guessed(tmp_path):
     assert pixel_grid_scale(csv, tmp_path / "x.tif") is None
 
 
-def test_a_scene_named_by_two_folders_is_scored_alone_and_a_name_alone_is_not_guessed(tmp_path):
+def test_a_scene_named_by_two_folders_is_scored_alone_and_a_name_alone_is_not_guessed(tmp_path, capsys):
     """Two scenes of one file name (dupA/s.tif, dupB/s.tif in the scene column, as detect names
     them): --scene dupA/s.tif scores dupA's detections only; a path that names neither folder is
     refused rather than scoring both."""
@@ -388,6 +388,11 @@ def test_a_scene_named_by_two_folders_is_scored_alone_and_a_name_alone_is_not_gu
         only_scene(both, str(tmp_path / "dupC" / "s.tif"))
     assert main(["evaluate", str(tmp_path / "d.gpkg"), str(tmp_path / "l.gpkg"), "--scene",
                  str(tmp_path / "dupC" / "s.tif")]) == 2
+    assert "come from 2 scenes named s.tif" in capsys.readouterr().err
+    # ./dupA/s.tif is dupA/s.tif
+    assert set(only_scene(both, "./dupA/s.tif")["scene"]) == {"dupA/s.tif"}
+    also = gpd.GeoDataFrame(pd.concat([good, bad.assign(scene="x/dupA/s.tif")]), crs=good.crs)
+    assert set(only_scene(also, "./dupA/s.tif")["scene"]) == {"dupA/s.tif"}
 
 
 def test_labels_drawn_twice_count_once_on_the_map_as_in_a_scene(caplog):

@@ -52,9 +52,9 @@ def qgis(tmp_path_factory):
     return tmp_path_factory.mktemp("qgis")
 
 
-def helper(tmp_path, *args):
+def helper(tmp_path, *args, timeout=300):
     r = subprocess.run([QGIS_PYTHON, str(HELPER), *map(str, args)], capture_output=True, text=True,
-                       env=_qgis_env(tmp_path), timeout=300)
+                       env=_qgis_env(tmp_path), timeout=timeout)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("JSON:")), None)
     assert line, r.stdout[-2000:] + r.stderr[-2000:]
     return json.loads(line[5:])
@@ -120,9 +120,9 @@ def qgis_process(provider, *args):
     return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, env=_qgis_env(base), timeout=600)
 
 
-def processing(provider, *runs):
+def processing(provider, *runs, timeout=300):
     """Algorithms run in QGIS's Python the way Processing runs them (see qgis_helper.run)."""
-    return helper(provider[0], "run", plugins_dir(provider), json.dumps({"runs": list(runs)}))["runs"]
+    return helper(provider[0], "run", plugins_dir(provider), json.dumps({"runs": list(runs)}), timeout=timeout)["runs"]
 
 
 def test_metadata_is_complete_for_the_plugin_repository():
@@ -426,7 +426,7 @@ def test_every_algorithm_runs_headless(provider, tiny_model, synth, tmp_path):
         "detect": {"INPUT": str(synth.image), "MODEL": str(tiny_model), "ADAPT": True,
                    "OUTPUT": str(tmp_path / "adapted.gpkg")},
     }
-    done = processing(provider, *[{"alg": f"geodet:{alg}", "params": p} for alg, p in runs.items()])
+    done = processing(provider, *[{"alg": f"geodet:{alg}", "params": p} for alg, p in runs.items()], timeout=900)
     for alg, run in zip(runs, done):
         assert run["error"] is None and run["errors"] == [], (alg, run["error"], run["errors"])
         assert run["commands"] and run["warnings"] == [], (alg, run["warnings"])

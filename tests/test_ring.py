@@ -165,7 +165,7 @@ def test_leaving_early_stops_busy_readers_at_once_even_with_the_clis_sigterm_han
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert multiprocessing.active_children() == []
-    assert took < 1.5, took
+    assert took < 3.0, took  # (the batches given would take 5 s; other tests may run beside this one)
 
 
 def test_readers_die_with_the_process_that_started_them(tmp_path):

@@ -214,3 +214,25 @@ def test_scenes_of_another_ground_resolution_are_read_at_the_first_ones(tmp_path
     assert [ts.scene.pixel_gsd for ts, _ in t.val_sets] == [pytest.approx(first)]
     assert t.train_scenes[1].scene.width == 512  # 256 px at 0.6 m
     assert "resampled from 0.6 m to the first training scene's 0.3 m" in caplog.text
+
+
+def test_scenes_without_a_projected_crs_keep_their_own_resolution(tmp_path, synth, caplog):
+    """A geographic first scene gives the card no ground resolution (detect runs each scene at its
+    own): nothing to match; a geographic other scene cannot be resampled: said, as detect says it."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from geodet.io.scene import Scene
+    from geodet.training.inputs import at_gsd_of
+
+    def geo(name, res):
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8",
+                           crs="EPSG:4326", transform=from_origin(10.0, 45.0, res, res)) as dst:
+            dst.write(np.full((3, 64, 64), 90, np.uint8))
+        return Scene(tmp_path / name)
+
+    cfg = tiny_config(synth.image, synth.labels)
+    a, b = geo("a.tif", 3e-6), geo("b.tif", 4e-6)
+    assert at_gsd_of(b, cfg, a, "b.tif") is b and not caplog.text
+    assert at_gsd_of(b, cfg, Scene(synth.image), "b.tif") is b
+    assert "cannot be resampled (no projected CRS): trained at its own resolution" in caplog.text

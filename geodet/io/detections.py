@@ -104,13 +104,17 @@ def only_scene(det, scene):
         return det
     names = det["scene"].fillna("").astype(str)
     want = str(scene)
-    local = "://" not in want and not want.startswith("/vsi")
-    tails = [PurePath(want).parts] + ([PurePath(os.path.abspath(want)).parts] if local else [])
+
+    def norm(p: str) -> str:  # ./a/s.tif is a/s.tif; an address is as written
+        return os.path.normpath(p) if p and "://" not in p and not p.startswith("/vsi") else p
+
+    local = norm(want) != want or ("://" not in want and not want.startswith("/vsi"))
+    tails = [PurePath(norm(want)).parts] + ([PurePath(os.path.abspath(want)).parts] if local else [])
 
     def matched(name: str) -> float:  # how many of ``want``'s last path components ``name`` ends with
-        if name == want:
+        if name == want or norm(name) == norm(want):
             return float("inf")
-        parts = PurePath(name).parts if name else ()
+        parts = PurePath(norm(name)).parts if name else ()
         best = 0
         for tail in tails:
             n = 0

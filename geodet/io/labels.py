@@ -211,7 +211,9 @@ def class_names(gdf, class_column: str | None) -> list[str]:
                           "the column that names each label's class, or '' for one class")
     values = [v for v in class_values(gdf[class_column]) if v is not None]
     names = sorted(set(values))
-    if len(names) > 20 and len(names) > 0.8 * len(values):  # a measurement or an id, not class names
+    raw = gdf[class_column].dropna()
+    measured = raw.dtype.kind == "f" and float((raw != np.round(raw)).mean() if len(raw) else 0) > 0.5
+    if measured and len(names) > 20:  # fractions, most labels' their own: a measurement, not class names
         raise GeodetError(f"'{class_column}' gives {len(names)} classes to {len(values)} labels ({', '.join(names[:3])}, "
                           "...): it is not a class column; pass --class-column with the column that names each "
                           "label's class, or '' for one class")

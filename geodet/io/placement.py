@@ -73,7 +73,8 @@ def on_the_map(det, gt, labels, class_column_gt, point_box_m):
     if det.crs is not None and det.crs.is_geographic:
         log.warning("evaluating in degrees: pass the scene (--scene) for pixel-based IoU and size ranges")
     px = pixel_columns(det)
-    area_scale = None if det.crs is not None and not px else 1.0  # no pixel size: no size ranges
+    # pixel boxes are their own pixel size; boxes on a map carry theirs in pixel columns, else none: no size ranges
+    area_scale = 1.0 if det.crs is None and det.attrs.get("pixel_boxes") else None
     if px and len(det) and det.crs is not None:
         # geodet output carries pixel boxes: their areas over the map boxes' give the size ranges in pixels
         # (in metres or in degrees, as a GeoJSON file's)

@@ -180,18 +180,25 @@ def open_unlabelled(path: str, cfg, ref):
 
 def at_gsd_of(sc, cfg, ref, what: str):
     """``sc`` read at ``ref``'s ground resolution where the config sets none and theirs differ (a
-    model learns one pixel size, the first training scene's, which its card and detection use);
-    refused where it cannot be resampled (no projected CRS)."""
+    model learns one pixel size, the first training scene's, which its card and detection use).
+    Scenes without a projected CRS stay at their own: a geographic first scene gives the card no
+    ground resolution (detect runs every scene at its own, so training does), and a geographic
+    other scene cannot be resampled (said, as detect says it)."""
     from ..io.scene import Scene
 
     if cfg.scene.gsd_m is not None or sc is ref or abs(sc.pixel_gsd / ref.pixel_gsd - 1) <= 0.05:
         return sc
-    if not (sc.has_georef and sc.crs.is_projected and ref.crs is not None and ref.crs.is_projected):
-        raise GeodetError(f"{what}: {sc.pixel_gsd:.3g} units/px where the first training scene has "
-                          f"{ref.pixel_gsd:.3g}, and it cannot be resampled (no projected CRS): give scenes "
-                          "at the same ground resolution, or set one with --gsd")
-    log.info("%s: resampled from %.3g m to the first training scene's %.3g m (--gsd sets another)", sc.path,
-             sc.pixel_gsd, ref.pixel_gsd)
+    if ref.crs is None or not ref.crs.is_projected:
+        return sc
+    if not (sc.has_georef and sc.crs.is_projected):
+        log.warning("%s: %.3g units/px where the first training scene has %.3g m, and it cannot be resampled (no "
+                    "projected CRS): trained at its own resolution, which the model will not meet again (reproject "
+                    "it, e.g. gdalwarp -t_srs EPSG:xxxx)", what, sc.pixel_gsd, ref.pixel_gsd)
+        return sc
+    factor = max(sc.pixel_gsd / ref.pixel_gsd, ref.pixel_gsd / sc.pixel_gsd)
+    (log.warning if factor > 1.5 else log.info)(
+        "%s: resampled from %.3g m to the first training scene's %.3g m (--gsd sets another)", sc.path, sc.pixel_gsd,
+        ref.pixel_gsd)
     out = Scene(sc.path, bands=cfg.scene.bands, gsd_m=ref.pixel_gsd, percentiles=cfg.scene.percentiles)
     out.skip_hint = False
     return out

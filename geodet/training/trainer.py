@@ -267,12 +267,12 @@ class Trainer:
                            unit="s" if timed else "step", enabled=self.progress and self.main,
                            desc=f"train ({tc.time_limit_min:g} min)" if timed else "train")
         self._describe_run(r)
-        if r.teacher is not None and r.rounds_done:  # --resume: the chips of the rounds done, made again
-            self._pseudo_round(r, again=True)
         r.model.train()
         stopped = None
         try:
             with gdal_env(), StopSignals() as signals:  # GDAL's block cache capped while chips stream in
+                if r.teacher is not None and r.rounds_done:  # --resume: the chips of the rounds done, made again
+                    self._pseudo_round(r, again=True)
                 while stopped is None:
                     stopped = self._epoch(r, loader_kw, bar, signals)
         finally:
