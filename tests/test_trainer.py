@@ -297,7 +297,8 @@ def test_resume_with_another_network_is_one_line_and_leaves_the_run(tmp_path, sy
     edited.parent.mkdir()
     gpd.read_file(synth.labels).assign(label="car").to_file(edited)
     other = tiny_config(synth.image, edited, epochs=2, val_fraction=0.0)
-    with pytest.raises(GeodetError, match="--resume: .*last.pt holds another network or classes"):
+    with pytest.raises(GeodetError, match=r"--resume: .*last.pt was trained on the classes \['car', 'truck'\], "
+                                          r"these labels name \['car'\]: resume with the run's class names"):
         train(other, tmp_path, resume=True, progress=False)
     from geodet.config import apply_overrides
 
