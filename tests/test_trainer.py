@@ -188,6 +188,12 @@ def test_validation_scenes_that_cannot_tell_are_said_and_init_takes_a_run_folder
     t = Trainer(cfg, tmp_path / "run", progress=False)
     t.prepare()
     assert cfg.train.init == str(tiny_model) and t.init[1].classes == ["car", "truck"]
+    caplog.clear()  # --pretrained beside --init: said to be unused (the start model gives every weight)
+    cfg = tiny_config(synth.image, synth.labels, init=str(tiny_model))
+    cfg.model.pretrained = "imagenet"
+    with caplog.at_level("WARNING"):
+        Trainer(cfg, tmp_path / "run", progress=False).prepare()
+    assert "--pretrained imagenet is not used: the start model (--init" in caplog.text
 
 
 def test_a_resumed_runs_data_is_matched_by_name_and_its_best_by_the_same_strip(caplog):

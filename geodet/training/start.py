@@ -67,6 +67,9 @@ def apply_init(cfg) -> tuple[dict, ModelCard]:
     col = card.extra.get("class_column")
     if col is not None and "train.class_column" not in written:
         cfg.train.class_column = col  # the start model's classes came from this column: so do these
+    if "model.pretrained" in written and str(cfg.model.pretrained).lower() not in ("none", ""):
+        log.warning("--pretrained %s is not used: the start model (--init %s) gives every weight", cfg.model.pretrained,
+                    cfg.train.init)
     loss = {k: getattr(cfg.model, k) for k in LOSS_SETTINGS if f"model.{k}" in written}
     cfg.model = copy.deepcopy(card.model)
     for k, v in loss.items():  # how to learn is this run's; what the network is, the start model's
