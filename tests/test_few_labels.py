@@ -66,6 +66,20 @@ def test_an_epoch_cap_still_caps_a_timed_run(tmp_path, synth):
     assert rows[-1]["note"].startswith("stopped: step cap")
 
 
+def test_epochs_and_max_steps_both_cap_a_run():
+    """--epochs 1 --steps-per-epoch 2 --max-steps 6 stops at step 2: both are caps (the help says
+    so), the max_steps alone did not win."""
+    from types import SimpleNamespace
+
+    from geodet.training.schedule import step_cap
+
+    tc = SimpleNamespace(max_steps=6, epochs=1, steps_per_epoch=2, time_limit_min=None)
+    assert step_cap(tc) == 2
+    assert step_cap(SimpleNamespace(max_steps=6, epochs=None, steps_per_epoch=2, time_limit_min=None)) == 6
+    assert step_cap(SimpleNamespace(max_steps=6, epochs=9, steps_per_epoch=2, time_limit_min=None)) == 6
+    assert step_cap(SimpleNamespace(max_steps=None, epochs=3, steps_per_epoch=2, time_limit_min=None)) == 6
+
+
 def test_a_timed_runs_bar_follows_a_step_cap_that_ends_it_first():
     """With --time-limit and --max-steps, the bar counted the clock alone: a cap reached first left
     it at 30-50% before it jumped to the end (train and pretrain)."""

@@ -141,11 +141,11 @@ def make_optimizer(params, tc) -> torch.optim.Optimizer:
 
 
 def step_cap(tc) -> Optional[int]:
-    """The steps a run (``TrainConfig`` ``tc``) may take: max_steps, else epochs x steps_per_epoch
-    when epochs is set; none with a time limit (the clock ends the run); else the default number
-    of epochs."""
+    """The steps a run (``TrainConfig`` ``tc``) may take: the smaller of max_steps and epochs x
+    steps_per_epoch where set (both are caps); none with a time limit (the clock ends the run);
+    else the default number of epochs."""
     if tc.max_steps is not None:
-        return tc.max_steps
+        return tc.max_steps if tc.epochs is None else min(tc.max_steps, tc.epochs * tc.steps_per_epoch)
     if tc.epochs is not None:
         return tc.epochs * tc.steps_per_epoch
     if tc.time_limit_min is not None:
