@@ -421,3 +421,19 @@ def test_a_scene_too_small_for_a_validation_strip_is_said_so(tmp_path, caplog):
     with caplog.at_level("INFO"):
         train(cfg, tmp_path / "run", progress=False)
     assert "no validation (the labelled scenes are too small to hold out a strip" in caplog.text, caplog.text[-800:]
+
+
+def test_the_card_names_what_it_was_validated_on(tmp_path, synth, tiny_model):
+    from conftest import tiny_config
+
+    from geodet.config import SceneLabels
+    from geodet.model import load_model
+    from geodet.synthetic import make_scene
+    from geodet.training.trainer import train
+
+    assert load_model(tiny_model).card.metrics["validation"] == "held-out area"
+    v = make_scene(tmp_path / "v.tif", tmp_path / "v.gpkg", size=160, seed=5)
+    cfg = tiny_config(synth.image, synth.labels, epochs=None, max_steps=2)
+    cfg.train.val_scenes = [SceneLabels(str(v.image), str(v.labels))]
+    path = train(cfg, tmp_path / "run", progress=False)
+    assert load_model(path).card.metrics["validation"] == "validation scene(s): v.tif"

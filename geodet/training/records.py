@@ -302,7 +302,10 @@ def save_kept_model(r, metrics: dict, path: Path, val_sets, batch_size: int) -> 
     it), its operating point and, on CPUs with native bf16, how bf16 detection agrees with fp32."""
     card = r.model.card
     card.metrics = {k: metrics[k] for k in CARD_METRICS if k in metrics}
-    card.metrics.update({"step": r.step, "epoch": r.epoch, "validation": "held-out area" if metrics else "none"})
+    # a strip cut from a training scene keeps that scene's full area (also once given back); a --val-scene has none
+    scenes = [ntpath.basename(str(ts.scene.path)) for ts, _ in val_sets if getattr(ts, "full_area", None) is None]
+    kind = "held-out area" if len(scenes) < len(val_sets) else f"validation scene(s): {', '.join(scenes)}"
+    card.metrics.update({"step": r.step, "epoch": r.epoch, "validation": kind if metrics else "none"})
     if metrics.get("note"):  # validated earlier than this step (the strip was given back to training since)
         card.metrics.update(validated_at_step=int(metrics["step"]), validation_note=metrics["note"])
     card.operating_point = metrics.get("score_threshold") if metrics else None
