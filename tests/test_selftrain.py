@@ -112,20 +112,26 @@ def test_joined_validation_areas_are_ranked_as_one():
     assert _threshold(s, t, n, 0.3) == pytest.approx(0.5)
 
 
-def test_self_training_runs_its_rounds_and_logs_them(tmp_path, synth):
+def _left_half_labelled(tmp_path, synth, **train):
+    """A self-training config whose labelled area is the scene's left half (3 steps an epoch)."""
     import geopandas as gpd
     import rasterio
     from shapely.geometry import box
 
     from geodet.config import SceneLabels
-    from geodet.training.trainer import train
 
     with rasterio.open(synth.image) as src:
         b = src.bounds
     gpd.GeoDataFrame(geometry=[box(b.left, b.bottom, (b.left + b.right) / 2, b.top)], crs=synth.crs).to_file(tmp_path / "a.gpkg")
-    cfg = tiny_config(synth.image, synth.labels, epochs=None, max_steps=12, steps_per_epoch=3, self_training=True,
-                      burn_in=0.3, pseudo_rounds=2)
+    cfg = tiny_config(synth.image, synth.labels, epochs=None, steps_per_epoch=3, self_training=True, burn_in=0.3, **train)
     cfg.train.scenes = [SceneLabels(str(synth.image), str(synth.labels), str(tmp_path / "a.gpkg"))]
+    return cfg
+
+
+def test_self_training_runs_its_rounds_and_logs_them(tmp_path, synth):
+    from geodet.training.trainer import train
+
+    cfg = _left_half_labelled(tmp_path, synth, max_steps=12, pseudo_rounds=2)
     train(cfg, tmp_path / "run", progress=False)
     notes = [r["note"] for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["note"]]
     rounds = [n for n in notes if n.startswith("pseudo-labels round")]
@@ -138,19 +144,9 @@ def test_self_training_runs_its_rounds_and_logs_them(tmp_path, synth):
 
 
 def test_a_run_too_short_for_its_rounds_says_how_many_ran(tmp_path, synth, caplog):
-    import geopandas as gpd
-    import rasterio
-    from shapely.geometry import box
-
-    from geodet.config import SceneLabels
     from geodet.training.trainer import train
 
-    with rasterio.open(synth.image) as src:
-        b = src.bounds
-    gpd.GeoDataFrame(geometry=[box(b.left, b.bottom, (b.left + b.right) / 2, b.top)], crs=synth.crs).to_file(tmp_path / "a.gpkg")
-    cfg = tiny_config(synth.image, synth.labels, epochs=None, max_steps=6, steps_per_epoch=3, self_training=True,
-                      burn_in=0.3, pseudo_rounds=3)
-    cfg.train.scenes = [SceneLabels(str(synth.image), str(synth.labels), str(tmp_path / "a.gpkg"))]
+    cfg = _left_half_labelled(tmp_path, synth, max_steps=6, pseudo_rounds=3)
     train(cfg, tmp_path / "run", progress=False)
     said = "self-training ran 1 of its 3 pseudo-label round(s) in 2 epoch(s)"
     assert said in caplog.text

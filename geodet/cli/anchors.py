@@ -50,8 +50,10 @@ def run(args) -> int:
     print(size_summary(sizes))
     m = cfg.model
     if m.resize_min_size:  # torchvision's resize of each tile: anchors meet the boxes at the network's scale
+        from ..model.network import resize_factor
+
         side = cfg.tiling.tile_size
-        f = min(m.resize_min_size / side, max(1333, m.resize_min_size) / side)
+        f = resize_factor(m.resize_min_size, side)
         sizes = sizes * f
         print(f"as the network sees them (each {side} px tile resized x{f:.3g} to model.resize_min_size):")
         print(size_summary(sizes))

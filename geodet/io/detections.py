@@ -105,11 +105,13 @@ def only_scene(det, scene):
     names = det["scene"].fillna("").astype(str)
     want = str(scene)
 
-    def norm(p: str) -> str:  # ./a/s.tif is a/s.tif; an address is as written
-        return os.path.normpath(p) if p and "://" not in p and not p.startswith("/vsi") else p
+    def local(p: str) -> bool:
+        return bool(p) and "://" not in p and not p.startswith("/vsi")
 
-    local = norm(want) != want or ("://" not in want and not want.startswith("/vsi"))
-    tails = [PurePath(norm(want)).parts] + ([PurePath(os.path.abspath(want)).parts] if local else [])
+    def norm(p: str) -> str:  # ./a/s.tif is a/s.tif; an address is as written
+        return os.path.normpath(p) if local(p) else p
+
+    tails = [PurePath(norm(want)).parts] + ([PurePath(os.path.abspath(want)).parts] if local(want) else [])
 
     def matched(name: str) -> float:  # how many of ``want``'s last path components ``name`` ends with
         if name == want or norm(name) == norm(want):

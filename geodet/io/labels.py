@@ -173,8 +173,8 @@ def class_values(column) -> np.ndarray:
     if present.dtype.kind in "fO" and len(present):
         # a whole number read as a float (an integer column with a null, a float column, a GeoJSON's mixed
         # values) is that number: class 1 whether a file holds 1, 1.0 or '1', in every file alike
-        whole = [int(v) if isinstance(v, (float, np.floating)) and float(v).is_integer() else v for v in present]
-        present = pd.Series(np.array(whole + [None], dtype=object)[:-1], index=present.index, dtype=object)
+        present = pd.Series([int(v) if isinstance(v, (float, np.floating)) and float(v).is_integer() else v
+                             for v in present], index=present.index, dtype=object)
     text = present.astype(str).str.strip()  # "car " is car: a trailing space is never meant as a class of its own
     vals = np.asarray(text.to_numpy(), dtype=object)
     vals[(text == "").to_numpy()] = None  # names are kept as written otherwise; blank ones name nothing
@@ -342,6 +342,18 @@ def _class_indices(gdf, class_column, classes, unknown: str, source: str) -> tup
     return names, np.array([lookup.get(v, -1) for v in values], np.int64)
 
 
+DRAWN_TWICE = "%s: %d label(s) drawn twice (the same box and class) counted once"
+
+
+def drawn_again(boxes: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """For each label (its box, rounded as its frame needs, and class index), whether an earlier
+    one is the same: a label drawn twice counts once, in a scene's grid as on a map."""
+    _, first = np.unique(np.column_stack([boxes, classes]), axis=0, return_index=True)
+    again = np.ones(len(boxes), bool)
+    again[first] = False
+    return again
+
+
 def labels_to_boxes(
     gdf,
     scene,
@@ -391,12 +403,10 @@ def labels_to_boxes(
     flat = ~((clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1]))
     counts["no_area"] = counts.get("no_area", 0) + int((inside & (idx >= 0) & flat).sum())
     keep = inside & (idx >= 0) & ~flat
-    _, first = np.unique(np.column_stack([np.round(boxes, 3), idx]), axis=0, return_index=True)
-    again = np.ones(len(boxes), bool)
-    again[first] = False
+    again = drawn_again(np.round(boxes, 3), idx)
     counts["duplicate"] = int((keep & again).sum())
     if counts["duplicate"]:
-        log.warning("%s: %d label(s) drawn twice (the same box and class) counted once", source, counts["duplicate"])
+        log.warning(DRAWN_TWICE, source, counts["duplicate"])
     keep &= ~again
     if not inside.any():
         lb = gdf.total_bounds

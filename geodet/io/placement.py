@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .detections import pixel_columns, pixel_grid_scale, points_as_squares
+from .labels import DRAWN_TWICE, drawn_again
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +93,11 @@ def _drawn_once(boxes: np.ndarray, names: np.ndarray, counts: dict, source: str)
     repaired is said."""
     if len(boxes):
         side = float(np.median(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]))) or 1.0
-        key = np.column_stack([np.round(boxes / (side * 1e-4)), np.unique(names.astype(str), return_inverse=True)[1]])
-        _, first = np.unique(key, axis=0, return_index=True)
-        first = np.sort(first)
-        counts["duplicate"] = len(boxes) - len(first)
+        again = drawn_again(np.round(boxes / (side * 1e-4)), np.unique(names.astype(str), return_inverse=True)[1])
+        counts["duplicate"] = int(again.sum())
         if counts["duplicate"]:
-            log.warning("%s: %d label(s) drawn twice (the same box and class) counted once", source, counts["duplicate"])
-        boxes, names = boxes[first], names[first]
+            log.warning(DRAWN_TWICE, source, counts["duplicate"])
+        boxes, names = boxes[~again], names[~again]
     if any(counts.get(k) for k in ("repaired", "empty", "no_class", "lines", "no_area", "duplicate", "split")):
         log.info("%s: %s", source, ", ".join(f"{k} {v}" for k, v in counts.items()))
     return boxes, names

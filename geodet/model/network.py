@@ -78,6 +78,18 @@ class NativeSizeTransform(GeneralizedRCNNTransform):
         return image, target
 
 
+def resize_limits(min_size: int) -> tuple[int, int]:
+    """torchvision's resize of a ``stock`` tile: its short side to ``min_size``, its long side at
+    most the larger of 1333 and that."""
+    return min_size, max(1333, min_size)
+
+
+def resize_factor(min_size: int, side: int) -> float:
+    """How much a square tile of ``side`` px is scaled by the resize of ``resize_limits``."""
+    low, high = resize_limits(min_size)
+    return min(low / side, high / side)
+
+
 class ResizingTransform(GeneralizedRCNNTransform):
     """torchvision's resizing transform (the ``stock`` preset), which also brings a chip's
     unlabelled mask to the resized image, as it does the boxes."""
@@ -444,7 +456,7 @@ def build_model(
     net.matcher = cfg.matcher
     if cfg.resize_min_size:
         # torchvision's stock transform (resizes tiles); only for comparisons with stock settings
-        net.transform = ResizingTransform(cfg.resize_min_size, max(1333, cfg.resize_min_size), norm["mean"], norm["std"])
+        net.transform = ResizingTransform(*resize_limits(cfg.resize_min_size), norm["mean"], norm["std"])
     else:
         net.transform = NativeSizeTransform(tile_size, tile_size, norm["mean"], norm["std"])
     card = ModelCard(
